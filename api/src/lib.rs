@@ -1,0 +1,476 @@
+//! The infermesh configuration contract: the YAML resource kinds that the
+//! proxy and the control plane both read, their defaults, and the validation
+//! that turns a set of YAML files into one consistent [`Config`], or into
+//! [`Diagnostics`] that name the file, line, column and field of every
+//! problem.
+//!
+//! Config files hold Kubernetes-style documents, several per file:
+//!
+//! ```yaml
+//! apiVersion: infermesh.io/v1alpha1
+//! kind: Backend
+//! metadata:
+//!   name: llama
+//! spec:
+//!   endpoints:
+//!     - address: 127.0.0.1:8000
+//! ```
+//!
+//! This crate does no I/O: callers hand in each file's name and text.
+
+#![forbid(unsafe_code)]
+
+pub mod backend;
+mod check;
+mod diagnostic;
+pub mod duration;
+pub mod listener;
+mod path;
+pub mod route;
+mod yaml;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub use backend::{BackendSpec, EndpointSpec, EndpointTarget, PoolSpec, UpstreamProtocol};
+pub use diagnostic::{Diagnostic, Diagnostics};
+pub use duration::Duration;
+pub use listener::{ListenerProtocol, ListenerSpec};
+pub use path::FieldPath;
+pub use route::{BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts};
+pub use yaml::Position;
+
+use check::Checker;
+use yaml::Locations;
+
+/// The `apiVersion` every document must carry.
+pub const API_VERSION: &str = "infermesh.io/v1alpha1";
+
+/// The text of one config file.
+#[derive(Clone, Copy, Debug)]
+pub struct Source<'a> {
+    /// How errors name the file (usually its path).
+    pub name: &'a str,
+    /// The file's contents.
+    pub text: &'a str,
+}
+
+/// The kinds of resource a config may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// An address to accept traffic on: [`ListenerSpec`].
+    Listener,
+    /// A set of model-server endpoints: [`BackendSpec`].
+    Backend,
+    /// Which requests go to which backends: [`RouteSpec`].
+    Route,
+}
+
+impl Kind {
+    /// Every kind, in the order documents of a config dump are written.
+    pub const ALL: [Kind; 3] = [Kind::Listener, Kind::Backend, Kind::Route];
+
+    /// The name written in `kind:`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Listener => "Listener",
+            Kind::Backend => "Backend",
+            Kind::Route => "Route",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a resource was written, so that errors found later (at load or at
+/// run time) can point at it.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// The file, as its [`Source`] named it.
+    pub file: Arc<str>,
+    /// Where the document starts.
+    pub position: Position,
+    locations: Arc<Locations>,
+}
+
+impl Origin {
+    /// Where the field at `path` of this document was written.
+    pub fn position_of(&self, path: &FieldPath) -> Position {
+        self.locations.find(path)
+    }
+
+    /// A diagnostic about the field at `path` of this document.
+    pub fn diagnostic(&self, resource: Option<String>, path: &FieldPath, message: String) -> Diagnostic {
+        let pos = self.position_of(path);
+        Diagnostic {
+            file: self.file.to_string(),
+            line: pos.line,
+            column: pos.column,
+            resource,
+            field: path.as_str().to_owned(),
+            message,
+        }
+    }
+}
+
+/// One named resource of a config.
+#[derive(Clone, Debug)]
+pub struct Resource<S> {
+    /// `metadata.name`, unique among resources of its kind.
+    pub name: String,
+    /// The resource's spec, with defaults filled in.
+    pub spec: S,
+    /// Where it was written.
+    pub origin: Origin,
+}
+
+/// A whole, validated configuration: every reference resolves and every
+/// value is in range. Built only by [`Config::load`].
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// `Listener` resources, in file order.
+    pub listeners: Vec<Resource<ListenerSpec>>,
+    /// `Backend` resources, in file order.
+    pub backends: Vec<Resource<BackendSpec>>,
+    /// `Route` resources, in file order.
+    pub routes: Vec<Resource<RouteSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    spec: Value,
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    name: String,
+}
+
+impl Config {
+    /// Parses and validates every document of every source as one snapshot.
+    ///
+    /// Either the whole config is valid, or every problem found is returned,
+    /// each with its file, line, column and field path.
+    pub fn load(sources: &[Source<'_>]) -> Result<Config, Diagnostics> {
+        let mut diagnostics = Vec::new();
+        let mut config = Config::default();
+        // Names of every document whose envelope parsed, even when its spec
+        // did not, so one typo does not also report each reference to it.
+        let mut defined: HashMap<(Kind, String), Origin> = HashMap::new();
+
+        for source in sources {
+            let file: Arc<str> = Arc::from(source.name);
+            let documents = match yaml::documents(source.text) {
+                Ok(documents) => documents,
+                Err(e) => {
+                    diagnostics.push(Diagnostic {
+                        file: source.name.to_owned(),
+                        line: e.position.line,
+                        column: e.position.column,
+                        resource: None,
+                        field: e.path.as_str().to_owned(),
+                        message: e.message,
+                    });
+                    continue;
+                }
+            };
+            for document in documents {
+                let origin = Origin {
+                    file: file.clone(),
+                    position: document.locations.document(),
+                    locations: Arc::new(document.locations),
+                };
+                load_document(document.value, origin, &mut config, &mut defined, &mut diagnostics);
+            }
+        }
+
+        config.check_references(&defined, &mut diagnostics);
+        if diagnostics.is_empty() {
+            Ok(config)
+        } else {
+            let order: HashMap<&str, usize> =
+                sources.iter().enumerate().map(|(i, s)| (s.name, i)).collect();
+            diagnostics.sort_by_key(|d| (order.get(d.file.as_str()).copied(), d.line, d.column));
+            Err(Diagnostics(diagnostics))
+        }
+    }
+
+    /// A short fingerprint of the config's meaning (not its formatting or
+    /// comments): equal configs have equal versions.
+    pub fn version(&self) -> String {
+        let canonical = serde_json::to_vec(self).expect("config serializes to JSON");
+        let digest = Sha256::digest(&canonical);
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<&Resource<ListenerSpec>> {
+        self.listeners.iter().find(|r| r.name == name)
+    }
+
+    /// The backend named `name`.
+    pub fn backend(&self, name: &str) -> Option<&Resource<BackendSpec>> {
+        self.backends.iter().find(|r| r.name == name)
+    }
+
+    /// The route named `name`.
+    pub fn route(&self, name: &str) -> Option<&Resource<RouteSpec>> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    fn check_references(&self, defined: &HashMap<(Kind, String), Origin>, out: &mut Vec<Diagnostic>) {
+        let names = |kind: Kind| {
+            let mut names: Vec<&str> = defined
+                .keys()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, n)| n.as_str())
+                .collect();
+            names.sort_unstable();
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        };
+
+        let mut bound = HashMap::new();
+        for listener in &self.listeners {
+            let addr = listener.spec.address;
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some(first) = bound.insert(addr, &listener.name) {
+                Checker::new(&listener.origin, resource_label(Kind::Listener, &listener.name), out)
+                    .error(
+                        FieldPath::root().key("spec").key("address"),
+                        format!("address {addr} is already used by listener {first:?}"),
+                    );
+            }
+        }
+
+        for route in &self.routes {
+            let mut checker =
+                Checker::new(&route.origin, resource_label(Kind::Route, &route.name), out);
+            let spec = FieldPath::root().key("spec");
+            for (i, listener) in route.spec.listeners.iter().enumerate() {
+                if !defined.contains_key(&(Kind::Listener, listener.clone())) {
+                    checker.error(
+                        spec.key("listeners").index(i),
+                        format!(
+                            "listener {listener:?} is not defined (defined listeners: {})",
+                            names(Kind::Listener)
+                        ),
+                    );
+                }
+            }
+            for (r, rule) in route.spec.rules.iter().enumerate() {
+                for (b, backend) in rule.backends.iter().enumerate() {
+                    if !defined.contains_key(&(Kind::Backend, backend.name.clone())) {
+                        checker.error(
+                            spec.key("rules").index(r).key("backends").index(b).key("name"),
+                            format!(
+                                "backend {:?} is not defined (defined backends: {})",
+                                backend.name,
+                                names(Kind::Backend)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn resource_label(kind: Kind, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+/// Parses one document into `config`, recording every problem found.
+fn load_document(
+    value: Value,
+    origin: Origin,
+    config: &mut Config,
+    defined: &mut HashMap<(Kind, String), Origin>,
+    out: &mut Vec<Diagnostic>,
+) {
+    let root = FieldPath::root();
+    if !value.is_object() {
+        out.push(origin.diagnostic(
+            None,
+            &root,
+            "a document must be a mapping with apiVersion, kind, metadata and spec".into(),
+        ));
+        return;
+    }
+    let Some(envelope) = deserialize_located::<Envelope>(value, &root, &origin, None, out) else {
+        return;
+    };
+    let mut problems = Vec::new();
+    if envelope.api_version != API_VERSION {
+        problems.push((
+            root.key("apiVersion"),
+            format!("unsupported apiVersion {:?}; expected {API_VERSION:?}", envelope.api_version),
+        ));
+    }
+    let kind = Kind::parse(&envelope.kind);
+    if kind.is_none() {
+        let known: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        problems.push((
+            root.key("kind"),
+            format!("unknown kind {:?}; expected one of {}", envelope.kind, known.join(", ")),
+        ));
+    }
+    let name = envelope.metadata.name;
+    if let Err(e) = check_name(&name) {
+        problems.push((root.key("metadata").key("name"), e));
+    }
+    let label = kind.map(|k| resource_label(k, &name));
+    for (path, message) in problems {
+        out.push(origin.diagnostic(label.clone(), &path, message));
+    }
+    let Some(kind) = kind else { return };
+
+    if let Some(first) = defined.get(&(kind, name.clone())) {
+        out.push(origin.diagnostic(
+            label.clone(),
+            &root.key("metadata").key("name"),
+            format!(
+                "{kind} {name:?} is already defined at {}:{}",
+                first.file, first.position.line
+            ),
+        ));
+        return;
+    }
+    defined.insert((kind, name.clone()), origin.clone());
+
+    let spec_path = root.key("spec");
+    let label = label.expect("kind is known");
+    match kind {
+        Kind::Listener => {
+            if let Some(spec) = deserialize_located::<ListenerSpec>(envelope.spec, &spec_path, &origin, Some(&label), out) {
+                config.listeners.push(Resource { name, spec, origin });
+            }
+        }
+        Kind::Backend => {
+            if let Some(spec) = deserialize_located::<BackendSpec>(envelope.spec, &spec_path, &origin, Some(&label), out) {
+                spec.check(&mut Checker::new(&origin, label, out));
+                config.backends.push(Resource { name, spec, origin });
+            }
+        }
+        Kind::Route => {
+            if let Some(spec) = deserialize_located::<RouteSpec>(envelope.spec, &spec_path, &origin, Some(&label), out) {
+                spec.check(&mut Checker::new(&origin, label, out));
+                config.routes.push(Resource { name, spec, origin });
+            }
+        }
+    }
+}
+
+/// Deserializes `value` (found at `base` in its document), reporting every
+/// unknown field and the first type error, each at its own location.
+/// Returns the value only when there was no problem at all.
+fn deserialize_located<T: DeserializeOwned>(
+    value: Value,
+    base: &FieldPath,
+    origin: &Origin,
+    resource: Option<&str>,
+    out: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let mut unknown = Vec::new();
+    let result = {
+        let mut record = |path: serde_ignored::Path<'_>| {
+            unknown.push(FieldPath::from_ignored(base, &path));
+        };
+        let ignored = serde_ignored::Deserializer::new(value, &mut record);
+        serde_path_to_error::deserialize::<_, T>(ignored)
+    };
+    let resource = resource.map(str::to_owned);
+    for path in &unknown {
+        let field = path.as_str().rsplit(['.', '[']).next().unwrap_or_default();
+        out.push(origin.diagnostic(resource.clone(), path, format!("unknown field `{field}`")));
+    }
+    match result {
+        Ok(v) if unknown.is_empty() => Some(v),
+        Ok(_) => None,
+        Err(e) => {
+            let path = FieldPath::from_serde(base, e.path());
+            out.push(origin.diagnostic(resource, &path, e.inner().to_string()));
+            None
+        }
+    }
+}
+
+/// Names follow Kubernetes object names (RFC 1123 sub-domains): lower-case
+/// letters, digits, `-` and `.`, starting and ending with a letter or digit.
+fn check_name(name: &str) -> Result<(), String> {
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if name.is_empty() || name.len() > 253 || !valid_chars || !alnum(name.as_bytes().first()) || !alnum(name.as_bytes().last()) {
+        return Err(format!(
+            "{name:?} is not a valid name: use lower-case letters, digits, '-' and '.', starting and ending with a letter or digit (at most 253)"
+        ));
+    }
+    Ok(())
+}
+
+/// One document of a config dump.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DocumentRef<'a, S> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: MetadataRef<'a>,
+    spec: &'a S,
+}
+
+#[derive(Serialize)]
+struct MetadataRef<'a> {
+    name: &'a str,
+}
+
+impl Serialize for Config {
+    /// A config serializes as the list of its documents, defaults filled in.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        fn doc<'a, T>(kind: Kind, r: &'a Resource<T>) -> DocumentRef<'a, T> {
+            DocumentRef {
+                api_version: API_VERSION,
+                kind: kind.as_str(),
+                metadata: MetadataRef { name: &r.name },
+                spec: &r.spec,
+            }
+        }
+        let mut seq = serializer
+            .serialize_seq(Some(self.listeners.len() + self.backends.len() + self.routes.len()))?;
+        for r in &self.listeners {
+            seq.serialize_element(&doc(Kind::Listener, r))?;
+        }
+        for r in &self.backends {
+            seq.serialize_element(&doc(Kind::Backend, r))?;
+        }
+        for r in &self.routes {
+            seq.serialize_element(&doc(Kind::Route, r))?;
+        }
+        seq.end()
+    }
+}

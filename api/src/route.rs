@@ -1,0 +1,288 @@
+//! `Route`: which requests go where. A route attaches to listeners, may be
+//! limited to host names, and holds rules; each rule matches requests and
+//! forwards them to weighted backends within its timeouts.
+//!
+//! Precedence follows the Kubernetes Gateway API, so a request's route does
+//! not depend on the order of files or documents: see [`RouteMatch`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::check::Checker;
+use crate::duration::Duration;
+use crate::path::FieldPath;
+
+/// The spec of a `Route` resource.
+///
+/// ```yaml
+/// kind: Route
+/// metadata: { name: chat }
+/// spec:
+///   hostnames: [models.example.com]
+///   rules:
+///     - matches:
+///         - path: { prefix: /v1/chat }
+///           method: POST
+///       backends:
+///         - { name: llama, weight: 90 }
+///         - { name: mistral, weight: 10 }
+///       timeouts: { responseHeaders: 120s }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// Names of the listeners this route serves. Empty: every listener.
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    /// Host names (from `Host` or `:authority`, port ignored) this route
+    /// serves: exact (`api.example.com`) or a leading wildcard
+    /// (`*.example.com`, which matches any sub-domain but not
+    /// `example.com` itself). Empty: any host.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// The rules, at least one.
+    pub rules: Vec<RouteRule>,
+}
+
+/// One rule of a route: the requests it matches and what happens to them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRule {
+    /// A request matches the rule when it matches any of these. Empty:
+    /// every request (the same as one match on path prefix `/`).
+    #[serde(default)]
+    pub matches: Vec<RouteMatch>,
+    /// Backends to forward to, one picked per request by weight.
+    pub backends: Vec<BackendRef>,
+    /// Time limits for requests on this rule.
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+}
+
+/// Conditions on a request; all given conditions must hold.
+///
+/// When several rules match a request, the most specific wins, as in the
+/// Gateway API: the most specific host name (exact, then the longest
+/// wildcard, then any host), then an exact path, then the longest path
+/// prefix, then a regex path, then rules for every path (prefix `/` or no
+/// path), then a method match, then the most header matches. A remaining
+/// tie goes to the rule written first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatch {
+    /// The request path (without the query) must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    /// The request method must be this one (case-sensitive, e.g. `POST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Every header condition must hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// How a request path is matched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PathMatch {
+    /// The path equals this.
+    Exact(String),
+    /// The path starts with these whole segments: `/v1` matches `/v1` and
+    /// `/v1/models` but not `/v10` (a trailing `/` is ignored).
+    Prefix(String),
+    /// The whole path matches this regular expression (Rust `regex` syntax).
+    Regex(String),
+}
+
+/// A condition on one request header. Exactly one of `exact`, `regex` and
+/// `present` is given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Header name, case-insensitive.
+    pub name: String,
+    /// The header's value equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// The header's whole value matches this regular expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// `true`: the header is present; `false`: it is absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// A weighted reference to a `Backend`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRef {
+    /// The backend's `metadata.name`.
+    pub name: String,
+    /// Relative share of the rule's requests. 0 sends none, which lets a
+    /// canary be switched off without removing it.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Time limits for a request. `0s` disables a limit.
+///
+/// The defaults never cut off a long generation: a model may think for
+/// minutes before its first byte, and a streamed answer may run for as long
+/// as tokens keep coming.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RouteTimeouts {
+    /// From forwarding the request until the backend's response headers
+    /// arrive (time to first byte). Past it: 504 `response_headers_timeout`.
+    pub response_headers: Duration,
+    /// Longest quiet time between two body frames, in either direction. Past
+    /// it the stream is cut (504 `idle_timeout` if no response was sent yet).
+    pub idle: Duration,
+    /// The whole exchange, from the request's arrival to the response's
+    /// last byte. Off by default; past it: 504 `request_timeout`, or the
+    /// stream is cut.
+    pub total: Duration,
+}
+
+impl RouteTimeouts {
+    /// Default for [`RouteTimeouts::response_headers`].
+    pub const DEFAULT_RESPONSE_HEADERS: Duration = Duration::from_secs(300);
+    /// Default for [`RouteTimeouts::idle`]: Envoy's stream idle timeout.
+    pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+    /// Default for [`RouteTimeouts::total`]: off.
+    pub const DEFAULT_TOTAL: Duration = Duration::ZERO;
+}
+
+impl Default for RouteTimeouts {
+    fn default() -> Self {
+        RouteTimeouts {
+            response_headers: Self::DEFAULT_RESPONSE_HEADERS,
+            idle: Self::DEFAULT_IDLE,
+            total: Self::DEFAULT_TOTAL,
+        }
+    }
+}
+
+impl RouteSpec {
+    pub(crate) fn check(&self, checker: &mut Checker<'_>) {
+        let spec = FieldPath::root().key("spec");
+        for (i, host) in self.hostnames.iter().enumerate() {
+            if let Err(e) = check_hostname(host) {
+                checker.error(spec.key("hostnames").index(i), e);
+            }
+        }
+        if self.rules.is_empty() {
+            checker.error(spec.key("rules"), "a route needs at least one rule");
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            rule.check(&spec.key("rules").index(i), checker);
+        }
+    }
+}
+
+impl RouteRule {
+    fn check(&self, at: &FieldPath, checker: &mut Checker<'_>) {
+        for (i, m) in self.matches.iter().enumerate() {
+            m.check(&at.key("matches").index(i), checker);
+        }
+        let backends = at.key("backends");
+        if self.backends.is_empty() {
+            checker.error(backends.clone(), "a rule needs at least one backend");
+        } else if self.backends.iter().all(|b| b.weight == 0) {
+            checker.error(
+                backends.clone(),
+                "every backend has weight 0, so the rule could serve nothing; give one a weight",
+            );
+        }
+        for (i, b) in self.backends.iter().enumerate() {
+            if self.backends[..i].iter().any(|earlier| earlier.name == b.name) {
+                checker.error(
+                    backends.index(i).key("name"),
+                    format!("backend {:?} is listed twice in this rule", b.name),
+                );
+            }
+        }
+        let timeouts = at.key("timeouts");
+        let day = Duration::from_secs(86_400);
+        for (field, value) in [
+            ("responseHeaders", self.timeouts.response_headers),
+            ("idle", self.timeouts.idle),
+            ("total", self.timeouts.total),
+        ] {
+            checker.duration_within(timeouts.key(field), value, Duration::ZERO, day);
+        }
+    }
+}
+
+impl RouteMatch {
+    fn check(&self, at: &FieldPath, checker: &mut Checker<'_>) {
+        match &self.path {
+            Some(PathMatch::Exact(p)) | Some(PathMatch::Prefix(p)) if !p.starts_with('/') => {
+                let kind = if matches!(self.path, Some(PathMatch::Exact(_))) { "exact" } else { "prefix" };
+                checker.error(
+                    at.key("path").key(kind),
+                    format!("path {p:?} must start with '/'"),
+                );
+            }
+            Some(PathMatch::Regex(r)) => {
+                if let Err(e) = regex::Regex::new(r) {
+                    checker.error(at.key("path").key("regex"), regex_error(&e));
+                }
+            }
+            _ => {}
+        }
+        if let Some(method) = &self.method {
+            if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
+                checker.error(at.key("method"), format!("{method:?} is not a valid HTTP method"));
+            }
+        }
+        for (i, h) in self.headers.iter().enumerate() {
+            let at = at.key("headers").index(i);
+            if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
+                checker.error(at.key("name"), format!("{:?} is not a valid header name", h.name));
+            }
+            let given = [h.exact.is_some(), h.regex.is_some(), h.present.is_some()];
+            if given.iter().filter(|g| **g).count() != 1 {
+                checker.error(at.clone(), "give exactly one of exact, regex or present");
+            }
+            if let Some(r) = &h.regex {
+                if let Err(e) = regex::Regex::new(r) {
+                    checker.error(at.key("regex"), regex_error(&e));
+                }
+            }
+            if let Some(v) = &h.exact {
+                if http::HeaderValue::from_str(v).is_err() {
+                    checker.error(at.key("exact"), format!("{v:?} cannot be a header value"));
+                }
+            }
+        }
+    }
+}
+
+/// The regex crate explains syntax errors over several lines, drawing a
+/// caret under the pattern; a diagnostic is one line, so keep the reason.
+fn regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let reason = text.lines().last().unwrap_or_default();
+    format!("invalid regex: {}", reason.trim_start_matches("error: "))
+}
+
+fn check_hostname(host: &str) -> Result<(), String> {
+    if host.contains(':') {
+        return Err(format!("{host:?}: write host names without a port"));
+    }
+    if host.chars().any(|c| c.is_ascii_uppercase()) {
+        return Err(format!("{host:?}: write host names in lower case"));
+    }
+    let bare = host.strip_prefix("*.").unwrap_or(host);
+    if bare.contains('*') {
+        return Err(format!("{host:?}: a wildcard is only allowed as a leading `*.`"));
+    }
+    if !crate::backend::is_dns_name(bare) {
+        return Err(format!("{host:?} is not a valid host name"));
+    }
+    Ok(())
+}

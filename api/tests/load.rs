@@ -1,0 +1,242 @@
+//! Loading whole config files: the valid shape, defaults, and located errors.
+
+use infermesh_api::{Config, Duration, EndpointTarget, ListenerProtocol, PathMatch, Source, UpstreamProtocol};
+
+const VALID: &str = r#"
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata:
+  name: public
+spec:
+  address: 127.0.0.1:8080
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata:
+  name: llama
+spec:
+  protocol: http2
+  endpoints:
+    - address: 127.0.0.1:9001
+    - address: llama.models.svc:8000
+      weight: 3
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata:
+  name: chat
+spec:
+  listeners: [public]
+  hostnames: ["*.example.com"]
+  rules:
+    - matches:
+        - path: { prefix: /v1 }
+          method: POST
+          headers:
+            - { name: x-tenant, exact: blue }
+      backends:
+        - name: llama
+      timeouts:
+        total: 10m
+"#;
+
+fn load(text: &str) -> Result<Config, Vec<String>> {
+    Config::load(&[Source { name: "gw.yaml", text }])
+        .map_err(|d| d.iter().map(|d| d.to_string()).collect())
+}
+
+#[test]
+fn a_valid_file_loads_with_defaults_filled_in() {
+    let config = load(VALID).expect("valid");
+    let listener = config.listener("public").expect("listener");
+    assert_eq!(listener.spec.protocol, ListenerProtocol::Http);
+    assert_eq!(listener.origin.position.line, 2);
+
+    let backend = config.backend("llama").expect("backend");
+    assert_eq!(backend.spec.protocol, UpstreamProtocol::Http2);
+    assert_eq!(backend.spec.connect_timeout, Duration::from_secs(5));
+    assert_eq!(backend.spec.endpoints[0].weight, 1);
+    assert_eq!(
+        backend.spec.endpoints[1].target(),
+        Ok(EndpointTarget::Dns { host: "llama.models.svc".into(), port: 8000 })
+    );
+
+    let rule = &config.route("chat").expect("route").spec.rules[0];
+    assert_eq!(rule.matches[0].path, Some(PathMatch::Prefix("/v1".into())));
+    assert_eq!(rule.timeouts.total, Duration::from_secs(600));
+    assert_eq!(rule.timeouts.response_headers, Duration::from_secs(300));
+}
+
+#[test]
+fn version_follows_meaning_not_formatting() {
+    let a = load(VALID).unwrap();
+    let reformatted = VALID.replace("  address: 127.0.0.1:8080", "  address: \"127.0.0.1:8080\"  # same");
+    let b = load(&reformatted).unwrap();
+    assert_eq!(a.version(), b.version());
+    let changed = load(&VALID.replace("total: 10m", "total: 11m")).unwrap();
+    assert_ne!(a.version(), changed.version());
+}
+
+#[test]
+fn the_dump_loads_back_to_the_same_config() {
+    let config = load(VALID).unwrap();
+    let docs: Vec<serde_json::Value> = serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+    let text: String = docs.iter().map(|d| format!("---\n{}\n", serde_json::to_string(d).unwrap())).collect();
+    let again = load(&text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+    assert_eq!(config.version(), again.version());
+}
+
+#[test]
+fn every_problem_is_reported_with_file_line_column_and_field() {
+    let text = r#"apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata:
+  name: llama
+spec:
+  endpoints:
+    - address: 127.0.0.1:9001
+      wieght: 2
+  connectTimeout: 5
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata:
+  name: chat
+spec:
+  rules:
+    - backends:
+        - name: llamma
+      matches:
+        - path: { prefix: v1 }
+"#;
+    let errors = load(text).unwrap_err();
+    assert_eq!(
+        errors,
+        vec![
+            "gw.yaml:8:7: Backend/llama: spec.endpoints[0].wieght: unknown field `wieght`",
+            "gw.yaml:9:3: Backend/llama: spec.connectTimeout: a bare number (5) is ambiguous; add a unit, e.g. 5s or 5ms",
+            "gw.yaml:18:11: Route/chat: spec.rules[0].backends[0].name: backend \"llamma\" is not defined (defined backends: llama)",
+            "gw.yaml:20:19: Route/chat: spec.rules[0].matches[0].path.prefix: path \"v1\" must start with '/'",
+        ]
+    );
+}
+
+#[test]
+fn envelope_problems() {
+    let text = r#"apiVersion: infermesh.io/v2
+kind: Gateway
+metadata: { name: x }
+spec: {}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: { name: Public_1 }
+spec: { address: 127.0.0.1:1 }
+---
+kind: Listener
+metadata: { name: a }
+spec: { address: 127.0.0.1:2 }
+status: {}
+---
+- not a mapping
+"#;
+    let errors = load(text).unwrap_err();
+    let joined = errors.join("\n");
+    for e in [
+        "gw.yaml:1:1: apiVersion: unsupported apiVersion \"infermesh.io/v2\"",
+        "gw.yaml:2:1: kind: unknown kind \"Gateway\"; expected one of Listener, Backend, Route",
+        "gw.yaml:8:13: Listener/Public_1: metadata.name: \"Public_1\" is not a valid name",
+    ] {
+        assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
+    }
+    assert!(joined.contains("gw.yaml:11:1: missing field `apiVersion`"), "{joined}");
+    assert!(joined.contains("gw.yaml:14:1: status: unknown field `status`"), "{joined}");
+    assert!(joined.contains("gw.yaml:16:1: a document must be a mapping"), "{joined}");
+}
+
+#[test]
+fn duplicates_and_clashes() {
+    let doc = |kind: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: infermesh.io/v1alpha1\nkind: {kind}\nmetadata: {{ name: {name} }}\nspec: {spec}\n")
+    };
+    let text = [
+        doc("Listener", "a", "{ address: 127.0.0.1:8080 }"),
+        doc("Listener", "b", "{ address: 127.0.0.1:8080 }"),
+        doc("Backend", "m", "{ endpoints: [{ address: 127.0.0.1:1 }] }"),
+        doc("Backend", "m", "{}"),
+        doc("Route", "r", "{ listeners: [c], rules: [{ backends: [{ name: m, weight: 0 }] }] }"),
+    ]
+    .concat();
+    let joined = load(&text).unwrap_err().join("\n");
+    for e in [
+        "Listener/b: spec.address: address 127.0.0.1:8080 is already used by listener \"a\"",
+        "Backend/m: metadata.name: Backend \"m\" is already defined at gw.yaml:",
+        "Route/r: spec.listeners[0]: listener \"c\" is not defined (defined listeners: a, b)",
+        "Route/r: spec.rules[0].backends: every backend has weight 0",
+    ] {
+        assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
+    }
+}
+
+#[test]
+fn values_out_of_range() {
+    let text = r#"apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: m }
+spec:
+  connectTimeout: 0s
+  dnsRefreshInterval: 10ms
+  endpoints:
+    - { address: "model:0" }
+    - { address: "127.0.0.1:1", weight: 0 }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: { name: r }
+spec:
+  hostnames: ["Example.com", "a.*.com", "x.com:80"]
+  rules:
+    - backends: [{ name: m }]
+      timeouts: { idle: 400h }
+      matches:
+        - method: "GET POST"
+          headers:
+            - { name: "bad header", exact: a, present: true }
+            - { name: x, regex: "(" }
+"#;
+    let joined = load(text).unwrap_err().join("\n");
+    for e in [
+        "spec.connectTimeout: 0s is too short",
+        "spec.dnsRefreshInterval: 10ms is too short; the minimum is 1s",
+        "spec.endpoints[0].address: \"model:0\" has an invalid port",
+        "spec.endpoints[1].weight: weight must be at least 1",
+        "spec.hostnames[0]: \"Example.com\": write host names in lower case",
+        "spec.hostnames[1]: \"a.*.com\": a wildcard is only allowed as a leading `*.`",
+        "spec.hostnames[2]: \"x.com:80\": write host names without a port",
+        "spec.rules[0].timeouts.idle: 400h is too long; the maximum is 24h",
+        "spec.rules[0].matches[0].method: \"GET POST\" is not a valid HTTP method",
+        "spec.rules[0].matches[0].headers[0].name: \"bad header\" is not a valid header name",
+        "spec.rules[0].matches[0].headers[0]: give exactly one of exact, regex or present",
+        "spec.rules[0].matches[0].headers[1].regex: invalid regex",
+    ] {
+        assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
+    }
+}
+
+#[test]
+fn errors_name_the_file_they_are_in() {
+    let a = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec: {}\n";
+    let b = "apiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: { name: r }\nspec:\n  rules: [{ backends: [{ name: nope }] }]\n";
+    let errors = Config::load(&[Source { name: "a.yaml", text: a }, Source { name: "b.yaml", text: b }]).unwrap_err();
+    let d = errors.iter().next().unwrap();
+    assert_eq!((d.file.as_str(), d.line), ("b.yaml", 5));
+    assert_eq!(errors.len(), 1);
+}
+
+#[test]
+fn syntax_errors_are_located() {
+    let errors = load("apiVersion: infermesh.io/v1alpha1\nkind: [Backend\n").unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].starts_with("gw.yaml:"), "{}", errors[0]);
+    assert!(errors[0].contains("invalid YAML"), "{}", errors[0]);
+}

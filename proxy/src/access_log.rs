@@ -1,0 +1,226 @@
+//! Observing each request once its response has ended: one access-log line
+//! (target `infermesh::access`) and the request metrics.
+//!
+//! The response body is wrapped so that the record is written when the last
+//! frame goes out, when the body fails (a timeout or a backend reset
+//! mid-stream), or when the client goes away first.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::balance::Upstream;
+use crate::body::{BoxError, ProxyBody, boxed};
+use crate::error::{ErrorKind, ProxyError, find_source};
+use crate::metrics::Metrics;
+use crate::timeout::TimeoutError;
+
+/// What is known about one request, filled in as it goes through the
+/// phases and written out when its response ends.
+#[derive(Debug)]
+pub struct RequestRecord {
+    started: Instant,
+    method: Method,
+    path: String,
+    authority: Option<String>,
+    version: Version,
+    client: SocketAddr,
+    listener: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    backend: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    first_byte: Option<Duration>,
+    status: StatusCode,
+    error: Option<&'static str>,
+    detail: Option<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl RequestRecord {
+    /// Starts the record of `request`, which arrived at `started`.
+    pub fn start<B>(
+        request: &Request<B>,
+        started: Instant,
+        client: SocketAddr,
+        listener: Option<Arc<str>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        RequestRecord {
+            started,
+            method: request.method().clone(),
+            path: request
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            authority: crate::router::request_host(request).map(str::to_owned),
+            version: request.version(),
+            client,
+            listener,
+            route: None,
+            backend: None,
+            endpoint: None,
+            first_byte: None,
+            status: StatusCode::OK,
+            error: None,
+            detail: None,
+            metrics,
+        }
+    }
+
+    /// Notes the route that matched.
+    pub fn set_route(&mut self, route: Arc<str>) {
+        self.route = Some(route);
+    }
+
+    /// Notes a response that came from a backend.
+    pub fn responded(&mut self, response: &Response<ProxyBody>) {
+        let first_byte = self.started.elapsed();
+        self.first_byte = Some(first_byte);
+        if let Some(upstream) = response.extensions().get::<Upstream>() {
+            self.backend = Some(upstream.backend.clone());
+            self.endpoint = Some(upstream.endpoint);
+        }
+        self.metrics
+            .response_first_byte
+            .with_label_values(&[self.route_label(), self.backend_label()])
+            .observe(first_byte.as_secs_f64());
+    }
+
+    /// Notes a failure the proxy answers itself.
+    pub fn failed(&mut self, error: &ProxyError) {
+        self.backend = error.backend().cloned();
+        self.endpoint = error.endpoint();
+        self.error = Some(error.kind().reason());
+        self.detail = Some(error.to_string());
+    }
+
+    /// Wraps the response body so the record is written when it ends.
+    pub fn observe(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        self.status = response.status();
+        response.map(|inner| {
+            boxed(ObservedBody {
+                inner,
+                record: Some(self),
+                bytes: 0,
+            })
+        })
+    }
+
+    fn route_label(&self) -> &str {
+        self.route.as_deref().unwrap_or("")
+    }
+
+    fn backend_label(&self) -> &str {
+        self.backend.as_deref().unwrap_or("")
+    }
+
+    fn finish(mut self, bytes: u64, body_error: Option<&'static str>) {
+        if self.error.is_none() {
+            self.error = body_error;
+        }
+        let duration = self.started.elapsed();
+        let route = self.route_label();
+        let backend = self.backend_label();
+        self.metrics
+            .requests
+            .with_label_values(&[route, backend, self.status.as_str()])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[route, backend])
+            .observe(duration.as_secs_f64());
+        tracing::info!(
+            target: "infermesh::access",
+            method = %self.method,
+            path = %self.path,
+            authority = self.authority.as_deref().unwrap_or(""),
+            protocol = ?self.version,
+            status = self.status.as_u16(),
+            duration_ms = millis(duration),
+            first_byte_ms = self.first_byte.map(millis),
+            response_bytes = bytes,
+            route,
+            backend,
+            endpoint = self.endpoint.map(|e| e.to_string()),
+            error = self.error,
+            detail = self.detail.as_deref(),
+            client = %self.client,
+            listener = self.listener.as_deref().unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// The reason a response body failed mid-stream.
+fn body_error_reason(error: &BoxError) -> &'static str {
+    match find_source::<TimeoutError>(error.as_ref()) {
+        Some(timeout) => ErrorKind::from(timeout).reason(),
+        None => "upstream_reset",
+    }
+}
+
+/// A response body that writes its request's record when it ends.
+struct ObservedBody {
+    inner: ProxyBody,
+    record: Option<RequestRecord>,
+    bytes: u64,
+}
+
+impl ObservedBody {
+    fn finish(&mut self, error: Option<&'static str>) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.bytes, error);
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(None);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reason = body_error_reason(e);
+                self.finish(Some(reason));
+            }
+            Poll::Ready(None) => self.finish(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let error = (!self.inner.is_end_stream()).then_some("client_disconnected");
+        self.finish(error);
+    }
+}

@@ -1,0 +1,234 @@
+//! A backend at run time: its current endpoints (DNS names resolved and
+//! re-resolved in the background), each endpoint's connections and
+//! counters, and the upkeep task that closes expired idle connections.
+//!
+//! The endpoint set is an immutable snapshot swapped atomically; requests
+//! read it without a lock. An endpoint that survives a DNS refresh keeps
+//! its connections and counters.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use infermesh_api::{BackendSpec, EndpointTarget};
+use tokio::task::AbortHandle;
+
+use crate::metrics::Metrics;
+use crate::pool::{Connections, PoolSettings};
+
+/// How long the first DNS resolution of a new backend may delay applying a
+/// config; past it the backend starts empty and fills in when DNS answers.
+const FIRST_RESOLUTION_WAIT: Duration = Duration::from_secs(5);
+
+/// One address requests can be sent to.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Relative share of the backend's traffic.
+    pub weight: u32,
+    /// The DNS name this address was resolved from, if any.
+    pub hostname: Option<Arc<str>>,
+    /// Requests sent, failed, and in flight.
+    pub stats: EndpointStats,
+    /// Open and idle connections.
+    pub connections: Arc<Connections>,
+}
+
+/// Counters of one endpoint, shown on the admin `/endpoints` page.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Requests sent to the endpoint.
+    pub requests: AtomicU64,
+    /// Requests that failed before a response (connect or reset).
+    pub failures: AtomicU64,
+    /// Requests whose response has not finished yet.
+    pub in_flight: AtomicU64,
+}
+
+/// The endpoints of a backend at one moment.
+#[derive(Debug, Default)]
+pub struct EndpointSet {
+    /// The endpoints, in config order.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Sum of the endpoints' weights.
+    pub total_weight: u64,
+}
+
+impl EndpointSet {
+    fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let total_weight = endpoints.iter().map(|e| u64::from(e.weight)).sum();
+        EndpointSet {
+            endpoints,
+            total_weight,
+        }
+    }
+}
+
+/// A named backend: its spec, its live endpoints and connection settings.
+#[derive(Debug)]
+pub struct Backend {
+    /// `metadata.name`.
+    pub name: Arc<str>,
+    /// The spec it was built from; a reload with an equal spec keeps this
+    /// backend, with its endpoints and connections.
+    pub spec: BackendSpec,
+    endpoints: Arc<ArcSwap<EndpointSet>>,
+    /// Connection settings shared by every endpoint.
+    pub pool: Arc<PoolSettings>,
+    upkeep: AbortHandle,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.upkeep.abort();
+    }
+}
+
+/// An endpoint as configured: where it is and its weight.
+#[derive(Clone, Debug)]
+struct Target {
+    target: EndpointTarget,
+    weight: u32,
+}
+
+impl Backend {
+    /// Builds the backend, resolving its DNS names once (waiting at most a
+    /// few seconds), and starts its upkeep task.
+    pub async fn new(name: &str, spec: BackendSpec, metrics: &Metrics) -> Arc<Backend> {
+        let name: Arc<str> = Arc::from(name);
+        let targets: Vec<Target> = spec
+            .endpoints
+            .iter()
+            .map(|e| Target {
+                target: e.target().expect("validated endpoint address"),
+                weight: e.weight,
+            })
+            .collect();
+        let pool = Arc::new(PoolSettings {
+            protocol: spec.protocol,
+            connect_timeout: spec.connect_timeout.get(),
+            idle_timeout: spec.pool.idle_timeout.get(),
+            max_idle: spec.pool.max_idle_per_endpoint,
+            open_gauge: metrics.upstream_connections.with_label_values(&[&*name]),
+        });
+        let endpoints = Arc::new(ArcSwap::from_pointee(EndpointSet::default()));
+        let first = tokio::time::timeout(FIRST_RESOLUTION_WAIT, resolve(&name, &targets, &EndpointSet::default())).await;
+        match first {
+            Ok(set) => endpoints.store(Arc::new(set)),
+            Err(_) => tracing::warn!(backend = %name, "DNS did not answer in time; the backend starts without endpoints"),
+        }
+        let upkeep = tokio::spawn(upkeep(
+            name.clone(),
+            targets,
+            Arc::downgrade(&endpoints),
+            spec.dns_refresh_interval.get(),
+            pool.idle_timeout,
+        ))
+        .abort_handle();
+        Arc::new(Backend {
+            name,
+            spec,
+            endpoints,
+            pool,
+            upkeep,
+        })
+    }
+
+    /// The endpoints right now.
+    pub fn endpoints(&self) -> Arc<EndpointSet> {
+        self.endpoints.load_full()
+    }
+
+    /// Reads the endpoints without taking a reference count; for the
+    /// request path.
+    pub(crate) fn with_endpoints<R>(&self, f: impl FnOnce(&EndpointSet) -> R) -> R {
+        f(&self.endpoints.load())
+    }
+}
+
+/// Resolves every target, reusing endpoints of `current` that are still
+/// listed so they keep their connections and counters.
+async fn resolve(backend: &str, targets: &[Target], current: &EndpointSet) -> EndpointSet {
+    let existing: HashMap<SocketAddr, &Arc<Endpoint>> =
+        current.endpoints.iter().map(|e| (e.addr, e)).collect();
+    let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+    for t in targets {
+        let (addrs, hostname): (Vec<SocketAddr>, Option<Arc<str>>) = match &t.target {
+            EndpointTarget::Socket(addr) => (vec![*addr], None),
+            EndpointTarget::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(addrs) => (addrs.collect(), Some(Arc::from(host.as_str()))),
+                Err(e) => {
+                    // Keep what this name resolved to before, as Envoy does.
+                    tracing::warn!(backend, host = %host, error = %e, "DNS resolution failed; keeping the last known addresses");
+                    let kept = current
+                        .endpoints
+                        .iter()
+                        .filter(|ep| ep.hostname.as_deref() == Some(host.as_str()))
+                        .map(|ep| ep.addr)
+                        .collect();
+                    (kept, Some(Arc::from(host.as_str())))
+                }
+            },
+        };
+        for addr in addrs {
+            if endpoints.iter().any(|e| e.addr == addr) {
+                continue;
+            }
+            let endpoint = match existing.get(&addr) {
+                Some(e) if e.weight == t.weight => Arc::clone(e),
+                _ => Arc::new(Endpoint {
+                    addr,
+                    weight: t.weight,
+                    hostname: hostname.clone(),
+                    stats: EndpointStats::default(),
+                    connections: Arc::default(),
+                }),
+            };
+            endpoints.push(endpoint);
+        }
+    }
+    EndpointSet::new(endpoints)
+}
+
+/// Re-resolves DNS names every `refresh` and closes expired idle
+/// connections. Ends when the backend is dropped.
+async fn upkeep(
+    name: Arc<str>,
+    targets: Vec<Target>,
+    endpoints: Weak<ArcSwap<EndpointSet>>,
+    refresh: Duration,
+    idle_timeout: Duration,
+) {
+    let has_dns = targets.iter().any(|t| matches!(t.target, EndpointTarget::Dns { .. }));
+    let mut dns = tokio::time::interval(refresh);
+    dns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    dns.tick().await;
+    let mut sweep = tokio::time::interval((idle_timeout / 2).max(Duration::from_millis(100)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = dns.tick(), if has_dns => {
+                let Some(endpoints) = endpoints.upgrade() else { return };
+                let current = endpoints.load_full();
+                let next = resolve(&name, &targets, &current).await;
+                let changed = next.endpoints.len() != current.endpoints.len()
+                    || next.endpoints.iter().zip(&current.endpoints).any(|(a, b)| !Arc::ptr_eq(a, b));
+                if changed {
+                    let addrs: Vec<String> = next.endpoints.iter().map(|e| e.addr.to_string()).collect();
+                    tracing::info!(backend = %name, endpoints = ?addrs, "backend endpoints changed");
+                    endpoints.store(Arc::new(next));
+                }
+            }
+            _ = sweep.tick() => {
+                let Some(endpoints) = endpoints.upgrade() else { return };
+                for endpoint in &endpoints.load().endpoints {
+                    endpoint.connections.close_expired(idle_timeout);
+                }
+            }
+        }
+    }
+}

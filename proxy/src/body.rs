@@ -1,0 +1,35 @@
+//! The one body type that flows through the proxy: a boxed stream of
+//! `Bytes` frames (data and trailers), forwarded as they arrive.
+
+use bytes::Bytes;
+use http_body::Body;
+use http_body_util::{BodyExt, Empty, Full};
+
+/// The error type of every body and of hyper's service boundary.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A boxed, sendable future: what the proxy's services return.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// A request or response body as it passes through the proxy's layers.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Boxes any body into a [`ProxyBody`]. Frames are passed on unchanged,
+/// never collected.
+pub fn boxed<B>(body: B) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A body holding `bytes`, sent in one frame.
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    boxed(Full::new(bytes.into()))
+}
+
+/// An empty body.
+pub fn empty() -> ProxyBody {
+    boxed(Empty::new())
+}

@@ -1,0 +1,235 @@
+//! Failures the proxy itself produces, as opposed to a model's own error
+//! responses: the status and reason each maps to, and the response a client
+//! gets for them, which carries `x-infermesh-error: <reason>` and a small
+//! JSON body so a proxy timeout is never mistaken for a model failure.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{BoxError, ProxyBody, full};
+use crate::timeout::TimeoutError;
+
+/// The header naming the reason of a proxy-made error response.
+pub const ERROR_HEADER: &str = "x-infermesh-error";
+
+/// What went wrong, without where.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    /// No route rule matched the request.
+    #[error("no route matches this request")]
+    NoRoute,
+    /// The chosen backend has no endpoint to send to.
+    #[error("the backend has no endpoints")]
+    NoEndpoint,
+    /// The TCP connect to the endpoint failed.
+    #[error("connecting to the endpoint failed: {0}")]
+    ConnectFailed(#[source] std::io::Error),
+    /// The TCP connect to the endpoint did not finish in time.
+    #[error("connecting to the endpoint took longer than {0:?}")]
+    ConnectTimeout(Duration),
+    /// The upstream connection closed or failed before response headers.
+    #[error("the upstream connection failed before a response arrived: {0}")]
+    UpstreamReset(#[source] hyper::Error),
+    /// The response headers did not arrive within the route's limit.
+    #[error("no response headers within {0:?}")]
+    ResponseHeadersTimeout(Duration),
+    /// The whole exchange ran past the route's total timeout.
+    #[error("the request ran past its total timeout of {0:?}")]
+    RequestTimeout(Duration),
+    /// The client stopped sending its request body.
+    #[error("the client sent no request body data for {0:?}")]
+    RequestBodyIdle(Duration),
+    /// The backend stopped sending its response body mid-stream.
+    #[error("the backend sent no response data for {0:?}")]
+    ResponseBodyIdle(Duration),
+    /// Reading the request body from the client failed.
+    #[error("reading the request body failed: {0}")]
+    RequestBody(#[source] BoxError),
+}
+
+impl ErrorKind {
+    /// The short, stable reason written in `x-infermesh-error`, the JSON
+    /// body, the access log and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ErrorKind::NoRoute => "no_route",
+            ErrorKind::NoEndpoint => "no_endpoint",
+            ErrorKind::ConnectFailed(_) => "connect_failed",
+            ErrorKind::ConnectTimeout(_) => "connect_timeout",
+            ErrorKind::UpstreamReset(_) => "upstream_reset",
+            ErrorKind::ResponseHeadersTimeout(_) => "response_headers_timeout",
+            ErrorKind::RequestTimeout(_) => "request_timeout",
+            ErrorKind::RequestBodyIdle(_) => "request_body_idle_timeout",
+            ErrorKind::ResponseBodyIdle(_) => "idle_timeout",
+            ErrorKind::RequestBody(_) => "request_body_error",
+        }
+    }
+
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ErrorKind::NoRoute => StatusCode::NOT_FOUND,
+            ErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::ConnectFailed(_)
+            | ErrorKind::ConnectTimeout(_)
+            | ErrorKind::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
+            ErrorKind::ResponseHeadersTimeout(_)
+            | ErrorKind::RequestTimeout(_)
+            | ErrorKind::ResponseBodyIdle(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ErrorKind::RequestBodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::RequestBody(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Classifies a failed upstream exchange. hyper reports a failure of the
+    /// request body (ours to send) as a user error whose source is the
+    /// body's own error, so timeouts of the request body are found there.
+    pub fn from_upstream(error: hyper::Error) -> Self {
+        if let Some(timeout) = find_source::<TimeoutError>(&error) {
+            return timeout.into();
+        }
+        if error.is_user() {
+            return ErrorKind::RequestBody(Box::new(error));
+        }
+        ErrorKind::UpstreamReset(error)
+    }
+}
+
+impl From<&TimeoutError> for ErrorKind {
+    fn from(e: &TimeoutError) -> Self {
+        match *e {
+            TimeoutError::RequestIdle(after) => ErrorKind::RequestBodyIdle(after),
+            TimeoutError::ResponseIdle(after) => ErrorKind::ResponseBodyIdle(after),
+            TimeoutError::Total(after) => ErrorKind::RequestTimeout(after),
+        }
+    }
+}
+
+/// Finds an error of type `E` in `error`'s chain of sources.
+pub(crate) fn find_source<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// A failure made by the proxy, with the backend and endpoint it happened
+/// at when known.
+#[derive(Debug)]
+pub struct ProxyError {
+    kind: ErrorKind,
+    backend: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+}
+
+impl ProxyError {
+    /// The failure, without a location yet.
+    pub fn new(kind: ErrorKind) -> Self {
+        ProxyError {
+            kind,
+            backend: None,
+            endpoint: None,
+        }
+    }
+
+    /// Notes the backend the failure happened at.
+    pub fn at_backend(mut self, backend: &Arc<str>) -> Self {
+        self.backend.get_or_insert_with(|| backend.clone());
+        self
+    }
+
+    /// Notes the endpoint the failure happened at.
+    pub fn at_endpoint(mut self, endpoint: SocketAddr) -> Self {
+        self.endpoint.get_or_insert(endpoint);
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> &ErrorKind {
+        &self.kind
+    }
+
+    /// The backend, when the failure happened after one was chosen.
+    pub fn backend(&self) -> Option<&Arc<str>> {
+        self.backend.as_ref()
+    }
+
+    /// The endpoint, when the failure happened after one was chosen.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.endpoint
+    }
+
+    /// The response the client gets: the kind's status, the reason in
+    /// `x-infermesh-error`, and `{"error", "reason", "route"}` as JSON.
+    pub fn to_response(&self, route: Option<&str>) -> Response<ProxyBody> {
+        let reason = self.kind.reason();
+        let body = serde_json::json!({
+            "error": self.to_string(),
+            "reason": reason,
+            "route": route,
+        });
+        let mut bytes = serde_json::to_vec(&body).expect("a JSON value serializes");
+        bytes.push(b'\n');
+        let mut response = Response::new(full(bytes));
+        *response.status_mut() = self.kind.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+        response
+    }
+}
+
+impl From<ErrorKind> for ProxyError {
+    fn from(kind: ErrorKind) -> Self {
+        ProxyError::new(kind)
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.kind, f)?;
+        match (&self.backend, &self.endpoint) {
+            (Some(b), Some(e)) => write!(f, " (backend {b}, endpoint {e})"),
+            (Some(b), None) => write!(f, " (backend {b})"),
+            (None, Some(e)) => write!(f, " (endpoint {e})"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.kind.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn error_responses_carry_reason_header_and_json() {
+        let err = ProxyError::new(ErrorKind::NoEndpoint).at_backend(&Arc::from("llama"));
+        let response = err.to_response(Some("chat"));
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[ERROR_HEADER], "no_endpoint");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["reason"], "no_endpoint");
+        assert_eq!(json["route"], "chat");
+        assert_eq!(json["error"], "the backend has no endpoints (backend llama)");
+    }
+}

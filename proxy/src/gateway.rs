@@ -1,0 +1,212 @@
+//! Gateway mode: one process, one YAML file. Loads the file, binds its
+//! listeners and the operator servers, and then applies changes to the file
+//! (seen by a watch, or on SIGHUP) without dropping a request, until SIGTERM
+//! or `POST /drain` drains it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::config_file::{self, ConfigFileError, FileText};
+use crate::lifecycle::Lifecycle;
+use crate::listener::Listeners;
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
+use crate::ops::{self, Ops};
+use crate::proxy::Shared;
+use crate::snapshot::Snapshot;
+
+/// How the gateway is started.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// The YAML file with the gateway's listeners, backends and routes.
+    pub config: PathBuf,
+    /// Admin server address (keep it on loopback).
+    pub admin_address: SocketAddr,
+    /// Health and metrics server address.
+    pub health_address: SocketAddr,
+    /// How long in-flight requests may take to finish once a shutdown begins.
+    pub shutdown_grace_period: Duration,
+}
+
+/// Why a reload was attempted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    FileChanged,
+    Signal,
+}
+
+/// Runs the gateway until it has been shut down.
+pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let (config, text) = config_file::load(&options.config).map_err(|e| match e {
+        ConfigFileError::Invalid(d) => anyhow::anyhow!("refusing to start: {d}"),
+        other => anyhow::anyhow!(other),
+    })?;
+
+    let health_socket = ops::bind("health", options.health_address).await?;
+    let admin_socket = ops::bind("admin", options.admin_address).await?;
+
+    let mut listeners = Listeners::new();
+    let plan = listeners.prepare(&config).await?;
+    let snapshot = Snapshot::build(config, &plan.ids, None, &metrics).await;
+    let shared = Arc::new(Shared {
+        snapshot: ArcSwap::from_pointee(snapshot),
+        metrics: metrics.clone(),
+        lifecycle: Lifecycle::default(),
+    });
+    listeners.commit(plan, &shared);
+
+    let ops = Arc::new(Ops {
+        shared: shared.clone(),
+        log,
+        config_file: options.config.clone(),
+    });
+    ops::spawn_health(health_socket, ops.clone());
+    ops::spawn_admin(admin_socket, ops);
+
+    let mut gateway = Gateway {
+        options,
+        shared,
+        listeners,
+        text,
+    };
+    gateway.record_applied();
+    gateway.shared.lifecycle.set_serving();
+    tracing::info!(version = %gateway.shared.snapshot.load().version, "gateway serving");
+    gateway.serve_until_shutdown().await
+}
+
+struct Gateway {
+    options: GatewayOptions,
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    /// The text of the config file as last read.
+    text: FileText,
+}
+
+impl Gateway {
+    async fn serve_until_shutdown(&mut self) -> anyhow::Result<()> {
+        let (file_changed, mut changes) = mpsc::channel(1);
+        let _watcher = match config_file::watch(&self.options.config, file_changed) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the config file; reload it with SIGHUP");
+                None
+            }
+        };
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                Some(()) = changes.recv() => {
+                    // Let a burst of writes settle, then read once.
+                    tokio::time::sleep(config_file::SETTLE).await;
+                    while changes.try_recv().is_ok() {}
+                    self.reload(Trigger::FileChanged).await;
+                }
+                _ = hangup.recv() => self.reload(Trigger::Signal).await,
+                _ = self.shared.lifecycle.drain_requested() => {
+                    self.drain().await;
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        self.shared.lifecycle.begin_drain();
+        tracing::info!(grace_period = ?self.options.shutdown_grace_period, "shutting down");
+        self.drain().await;
+        tracing::info!("shut down");
+        Ok(())
+    }
+
+    /// Stops accepting and waits, at most the grace period, for open
+    /// connections to finish their requests.
+    async fn drain(&mut self) {
+        let grace = self.options.shutdown_grace_period;
+        if tokio::time::timeout(grace, self.listeners.drain()).await.is_err() {
+            tracing::warn!(grace_period = ?grace, "connections still open after the grace period; closing them");
+        } else {
+            tracing::info!("all connections drained");
+        }
+    }
+
+    async fn reload(&mut self, trigger: Trigger) {
+        if self.shared.lifecycle.is_draining() {
+            tracing::info!("draining; config changes are no longer applied");
+            return;
+        }
+        let path = &self.options.config;
+        let text = match config_file::read(path) {
+            Ok(text) => text,
+            Err(e) => return self.refuse(&e),
+        };
+        if text == self.text {
+            if trigger == Trigger::Signal {
+                tracing::info!(version = %self.shared.snapshot.load().version, "config file unchanged");
+            }
+            return;
+        }
+        let config = match config_file::parse(path, &text) {
+            Ok(config) => config,
+            Err(e) => return self.refuse(&e),
+        };
+        self.text = text;
+        let current = self.shared.snapshot.load_full();
+        if config.version() == current.version {
+            tracing::info!(version = %current.version, "config file changed, but not its meaning");
+            return;
+        }
+        let plan = match self.listeners.prepare(&config).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                tracing::error!(error = %e, version = %current.version, "config refused; still serving the previous version");
+                return self.count_failure();
+            }
+        };
+        let snapshot = Snapshot::build(config, &plan.ids, Some(&current), &self.shared.metrics).await;
+        let version = snapshot.version.clone();
+        self.shared.snapshot.store(Arc::new(snapshot));
+        self.listeners.commit(plan, &self.shared);
+        self.shared.metrics.config_reloads.with_label_values(&["success"]).inc();
+        self.record_applied();
+        tracing::info!(version = %version, previous = %current.version, "config applied");
+    }
+
+    fn refuse(&self, error: &ConfigFileError) {
+        let version = self.shared.snapshot.load().version.clone();
+        match error {
+            ConfigFileError::Invalid(diagnostics) => {
+                for d in diagnostics.iter() {
+                    tracing::error!(target: "infermesh::config", "{d}");
+                }
+                tracing::error!(errors = diagnostics.len(), version = %version, "config refused; still serving the previous version");
+            }
+            other => tracing::error!(error = %other, version = %version, "config refused; still serving the previous version"),
+        }
+        self.count_failure();
+    }
+
+    fn count_failure(&self) {
+        let metrics = &self.shared.metrics;
+        metrics.config_reloads.with_label_values(&["failure"]).inc();
+        metrics.config_last_reload_successful.set(0);
+    }
+
+    /// Publishes the serving version in the config metrics.
+    fn record_applied(&self) {
+        let metrics = &self.shared.metrics;
+        let snapshot = self.shared.snapshot.load();
+        metrics.config_info.reset();
+        metrics.config_info.with_label_values(&[&snapshot.version]).set(1);
+        metrics.config_last_reload_successful.set(1);
+        let applied = snapshot.applied_at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        metrics.config_last_reload_success_timestamp.set(applied.as_secs_f64());
+    }
+}

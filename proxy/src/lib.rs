@@ -1,0 +1,33 @@
+//! The infermesh data plane: a streaming HTTP/1.1 and HTTP/2 proxy for
+//! model serving, run as a standalone gateway from one YAML file (and, in
+//! later work, as a mesh sidecar).
+//!
+//! A request goes through named phases ([`proxy`]): it is routed
+//! ([`router`]), forwarded through the rule's service stack ([`forward`]:
+//! [`timeout`] → [`headers`] → [`upgrade`] → backend split → [`balance`] →
+//! [`pool`]), answered, and observed ([`access_log`], [`metrics`]). The
+//! configuration is one immutable [`snapshot::Snapshot`] swapped atomically
+//! on reload; bodies are streamed frame by frame and never collected.
+
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod backend;
+pub mod balance;
+pub mod body;
+pub mod config_file;
+pub mod error;
+pub mod forward;
+pub mod gateway;
+pub mod headers;
+pub mod lifecycle;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod ops;
+pub mod pool;
+pub mod proxy;
+pub mod router;
+pub mod snapshot;
+pub mod timeout;
+pub mod upgrade;

@@ -1,0 +1,270 @@
+//! Listeners: binding sockets, accepting connections and serving HTTP on
+//! them, and keeping the set of bound sockets in line with the config
+//! across reloads. A listener whose address did not change keeps its
+//! socket, so a reload never refuses a connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use infermesh_api::{Config, ListenerProtocol};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::proxy::{ProxyService, Shared};
+use crate::snapshot::ListenerId;
+
+/// What a request knows about the connection it came on.
+#[derive(Debug)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The listener socket that accepted it.
+    pub listener: ListenerId,
+    /// The scheme the client used (`http`).
+    pub scheme: &'static str,
+}
+
+/// A listener socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address} for listener {name:?}: {source}")]
+pub struct BindError {
+    name: String,
+    address: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+struct Running {
+    id: ListenerId,
+    name: String,
+    configured: SocketAddr,
+    local: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The changes a config makes to the bound listeners, prepared (sockets
+/// already bound) but not yet applied.
+pub struct ListenerPlan {
+    /// The socket each listener name will use.
+    pub ids: HashMap<String, ListenerId>,
+    bind: Vec<(ListenerId, String, SocketAddr, TcpListener)>,
+    renamed: Vec<(ListenerId, String)>,
+    remove: Vec<ListenerId>,
+}
+
+/// The bound listeners and their accept loops.
+pub struct Listeners {
+    running: Vec<Running>,
+    next_id: ListenerId,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Listeners {
+    /// No listeners yet.
+    pub fn new() -> Self {
+        Listeners {
+            running: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Works out which sockets `config` needs, binding the new ones. On a
+    /// bind failure nothing changes (the new sockets are closed again).
+    pub async fn prepare(&mut self, config: &Config) -> Result<ListenerPlan, BindError> {
+        let mut claimed: Vec<ListenerId> = Vec::new();
+        let mut plan = ListenerPlan {
+            ids: HashMap::new(),
+            bind: Vec::new(),
+            renamed: Vec::new(),
+            remove: Vec::new(),
+        };
+        for listener in &config.listeners {
+            let address = listener.spec.address;
+            let same_name = self
+                .running
+                .iter()
+                .find(|r| r.name == listener.name && r.configured == address && !claimed.contains(&r.id));
+            let same_address = || {
+                self.running
+                    .iter()
+                    .find(|r| address.port() != 0 && r.configured == address && !claimed.contains(&r.id))
+            };
+            if let Some(running) = same_name.or_else(same_address) {
+                claimed.push(running.id);
+                plan.ids.insert(listener.name.clone(), running.id);
+                if running.name != listener.name {
+                    plan.renamed.push((running.id, listener.name.clone()));
+                }
+                continue;
+            }
+            let socket = TcpListener::bind(address).await.map_err(|source| BindError {
+                name: listener.name.clone(),
+                address,
+                source,
+            })?;
+            let id = self.next_id;
+            self.next_id += 1;
+            plan.ids.insert(listener.name.clone(), id);
+            plan.bind.push((id, listener.name.clone(), address, socket));
+        }
+        plan.remove = self
+            .running
+            .iter()
+            .map(|r| r.id)
+            .filter(|id| !claimed.contains(id))
+            .collect();
+        Ok(plan)
+    }
+
+    /// Applies `plan` once the snapshot that uses it is serving: starts
+    /// accepting on new sockets and drains the ones no longer configured.
+    pub fn commit(&mut self, plan: ListenerPlan, shared: &Arc<Shared>) {
+        for (id, name) in plan.renamed {
+            if let Some(r) = self.running.iter_mut().find(|r| r.id == id) {
+                r.name = name;
+            }
+        }
+        for (id, name, configured, socket) in plan.bind {
+            let local = socket.local_addr().unwrap_or(configured);
+            tracing::info!(listener = %name, address = %local, "listening");
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(accept_loop(id, socket, shared.clone(), stopped));
+            self.running.push(Running {
+                id,
+                name,
+                configured,
+                local,
+                stop,
+                task,
+            });
+        }
+        for id in plan.remove {
+            if let Some(pos) = self.running.iter().position(|r| r.id == id) {
+                let removed = self.running.remove(pos);
+                tracing::info!(listener = %removed.name, address = %removed.local, "listener removed; draining its connections");
+                let _ = removed.stop.send(true);
+            }
+        }
+    }
+
+    /// The bound listeners: name and local address.
+    pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.running.iter().map(|r| (r.name.clone(), r.local)).collect()
+    }
+
+    /// Stops accepting on every listener and lets open connections finish
+    /// (HTTP/2 clients get GOAWAY, idle keep-alive connections close).
+    /// Resolves when every connection has closed.
+    pub async fn drain(&mut self) {
+        for r in &self.running {
+            let _ = r.stop.send(true);
+        }
+        for r in self.running.drain(..) {
+            let _ = r.task.await;
+        }
+    }
+}
+
+async fn accept_loop(id: ListenerId, socket: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let graceful = GracefulShutdown::new();
+    let builders = ServerBuilders::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            accepted = socket.accept() => match accepted {
+                Ok((stream, client)) => serve(stream, client, id, &shared, &builders, &graceful),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(socket);
+    graceful.shutdown().await;
+}
+
+fn serve(
+    stream: TcpStream,
+    client: SocketAddr,
+    id: ListenerId,
+    shared: &Arc<Shared>,
+    builders: &ServerBuilders,
+    graceful: &GracefulShutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let (name, protocol) = shared
+        .snapshot
+        .load()
+        .listener(id)
+        .map(|l| (l.name.clone(), l.protocol))
+        .unwrap_or_else(|| (Arc::from(""), ListenerProtocol::Http));
+    let info = Arc::new(ConnectionInfo {
+        client,
+        listener: id,
+        scheme: "http",
+    });
+    let service = ProxyService::new(shared.clone(), info);
+    let connection = builders
+        .for_protocol(protocol)
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .into_owned();
+    let connection = graceful.watch(connection);
+    let gauge = shared.metrics.downstream_connections.with_label_values(&[&*name]);
+    gauge.inc();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(client = %client, error = %e, "client connection ended with an error");
+        }
+        gauge.dec();
+    });
+}
+
+/// hyper server settings for each listener protocol.
+struct ServerBuilders {
+    http: auto::Builder<TokioExecutor>,
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+impl ServerBuilders {
+    fn new() -> Self {
+        let base = || {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+            b.http2().timer(TokioTimer::new()).adaptive_window(true);
+            b
+        };
+        let mut http1 = base();
+        http1 = http1.http1_only();
+        let mut http2 = base();
+        http2 = http2.http2_only();
+        ServerBuilders {
+            http: base(),
+            http1,
+            http2,
+        }
+    }
+
+    fn for_protocol(&self, protocol: ListenerProtocol) -> &auto::Builder<TokioExecutor> {
+        match protocol {
+            ListenerProtocol::Http => &self.http,
+            ListenerProtocol::Http1 => &self.http1,
+            ListenerProtocol::Http2 => &self.http2,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Logs through `tracing`: human-readable lines by default, or one JSON
+//! object per line (fields at the top level, as ELK and Loki ingest them),
+//! with a filter the admin `/log-level` endpoint changes at run time.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines, coloured on a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Changes the log filter of the running process.
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    current: Mutex<String>,
+}
+
+impl LogControl {
+    /// The filter in force, in `RUST_LOG` syntax.
+    pub fn filter(&self) -> String {
+        self.current.lock().expect("log filter lock").clone()
+    }
+
+    /// Replaces the filter, e.g. `debug` or `info,infermesh::access=off`.
+    pub fn set_filter(&self, directives: &str) -> Result<(), String> {
+        let filter = EnvFilter::try_new(directives).map_err(|e| format!("invalid log filter {directives:?}: {e}"))?;
+        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        *self.current.lock().expect("log filter lock") = directives.to_owned();
+        Ok(())
+    }
+}
+
+/// Installs the global subscriber writing to standard output.
+pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
+    let filter = EnvFilter::try_new(directives)
+        .map_err(|e| anyhow::anyhow!("invalid log filter {directives:?}: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let output = match format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stdout().is_terminal())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(output).try_init()?;
+    Ok(LogControl {
+        handle,
+        current: Mutex::new(directives.to_owned()),
+    })
+}

@@ -1,0 +1,117 @@
+//! `infermesh-proxy`: the infermesh data plane binary.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use infermesh_proxy::config_file::{self, ConfigFileError};
+use infermesh_proxy::gateway::{self, GatewayOptions};
+use infermesh_proxy::logging::{self, LogFormat};
+
+/// infermesh's proxy for model-serving traffic.
+#[derive(Parser, Debug)]
+#[command(name = "infermesh-proxy", version, about)]
+struct Cli {
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "INFERMESH_LOG_FORMAT", global = true)]
+    log_format: LogFormat,
+    /// Log filter, in RUST_LOG syntax (e.g. `info`, `debug,hyper=info`,
+    /// `info,infermesh::access=off` to silence the access log).
+    #[arg(long, default_value = "info", env = "INFERMESH_LOG", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a gateway in front of model servers, from one YAML file.
+    Gateway {
+        /// The config file (Listener, Backend and Route documents).
+        #[arg(long, short, env = "INFERMESH_CONFIG")]
+        config: PathBuf,
+        /// Admin server address: /config, /endpoints, /drain, /log-level.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_address: SocketAddr,
+        /// Health and metrics server address: /live, /ready, /metrics.
+        #[arg(long, default_value = "0.0.0.0:15020")]
+        health_address: SocketAddr,
+        /// How long in-flight requests may take to finish after SIGTERM.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        shutdown_grace_period: std::time::Duration,
+    },
+    /// Validate a config file without starting; prints every problem with
+    /// its file, line, column and field.
+    Check {
+        /// The config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Gateway {
+            config,
+            admin_address,
+            health_address,
+            shutdown_grace_period,
+        } => {
+            let log = match logging::init(cli.log_format, &cli.log_level) {
+                Ok(log) => Arc::new(log),
+                Err(e) => {
+                    eprintln!("infermesh-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let options = GatewayOptions {
+                config,
+                admin_address,
+                health_address,
+                shutdown_grace_period,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("the tokio runtime starts");
+            match runtime.block_on(gateway::run(options, log)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("infermesh-proxy: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match config_file::load(path) {
+        Ok((config, _)) => {
+            println!(
+                "{}: ok ({} listeners, {} backends, {} routes; version {})",
+                path.display(),
+                config.listeners.len(),
+                config.backends.len(),
+                config.routes.len(),
+                config.version()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ConfigFileError::Invalid(diagnostics)) => {
+            eprint!("{diagnostics}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

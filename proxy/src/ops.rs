@@ -1,0 +1,220 @@
+//! The two small HTTP servers operators talk to.
+//!
+//! - **health** (default `0.0.0.0:15020`): `/live`, `/ready` and `/metrics`,
+//!   for the kubelet and Prometheus.
+//! - **admin** (default `127.0.0.1:15000`, local only): `/config`,
+//!   `/endpoints`, `POST /drain` and `/log-level`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::body::{ProxyBody, full};
+use crate::logging::LogControl;
+use crate::proxy::Shared;
+
+/// What the operator servers read and act on.
+pub struct Ops {
+    /// The proxy's shared state.
+    pub shared: Arc<Shared>,
+    /// The log filter.
+    pub log: Arc<LogControl>,
+    /// The config file being served.
+    pub config_file: PathBuf,
+}
+
+type Handler = fn(Arc<Ops>, Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+
+/// Binds an operator server's socket.
+pub async fn bind(what: &str, address: SocketAddr) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {address} for the {what} server: {e}"))?;
+    tracing::info!(server = what, address = %listener.local_addr()?, "listening");
+    Ok(listener)
+}
+
+/// Serves `/live`, `/ready` and `/metrics` on `listener`.
+pub fn spawn_health(listener: TcpListener, ops: Arc<Ops>) {
+    tokio::spawn(serve(listener, ops, |ops, request| Box::pin(health(ops, request))));
+}
+
+/// Serves the admin endpoints on `listener`.
+pub fn spawn_admin(listener: TcpListener, ops: Arc<Ops>) {
+    tokio::spawn(serve(listener, ops, |ops, request| Box::pin(admin(ops, request))));
+}
+
+async fn serve(listener: TcpListener, ops: Arc<Ops>, handler: Handler) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = handler(ops.clone(), request);
+                async move { Ok::<_, std::convert::Infallible>(response.await) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn health(ops: Arc<Ops>, request: Request<Incoming>) -> Response<ProxyBody> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match request.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            let lifecycle = &ops.shared.lifecycle;
+            if lifecycle.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else if lifecycle.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+            }
+        }
+        "/metrics" => {
+            let mut response = Response::new(full(ops.shared.metrics.encode()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready or /metrics\n"),
+    }
+}
+
+async fn admin(ops: Arc<Ops>, request: Request<Incoming>) -> Response<ProxyBody> {
+    let method = request.method().clone();
+    match (request.uri().path(), method) {
+        ("/", Method::GET) => text(
+            StatusCode::OK,
+            "infermesh-proxy admin\n  GET  /config      the running config and its version\n  GET  /endpoints   every backend endpoint and its state\n  POST /drain       stop accepting, finish in-flight requests\n  GET  /log-level   the log filter\n  POST /log-level?filter=DIRECTIVES   change it\n",
+        ),
+        ("/config", Method::GET) => config(&ops),
+        ("/endpoints", Method::GET) => endpoints(&ops),
+        ("/drain", Method::POST) => {
+            let lifecycle = &ops.shared.lifecycle;
+            if lifecycle.begin_drain() {
+                tracing::info!("drain requested through the admin endpoint");
+                lifecycle.request_drain();
+            }
+            json_response(StatusCode::ACCEPTED, &json!({ "draining": true }))
+        }
+        ("/log-level", Method::GET) => json_response(StatusCode::OK, &json!({ "filter": ops.log.filter() })),
+        ("/log-level", Method::POST | Method::PUT) => set_log_level(&ops, request).await,
+        ("/" | "/config" | "/endpoints" | "/drain" | "/log-level", _) => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here; see GET /\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; see GET / for the admin endpoints\n"),
+    }
+}
+
+fn config(ops: &Ops) -> Response<ProxyBody> {
+    let snapshot = ops.shared.snapshot.load();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "version": snapshot.version,
+            "appliedAt": humantime::format_rfc3339_seconds(snapshot.applied_at).to_string(),
+            "file": ops.config_file.display().to_string(),
+            "documents": &*snapshot.config,
+        }),
+    )
+}
+
+fn endpoints(ops: &Ops) -> Response<ProxyBody> {
+    let snapshot = ops.shared.snapshot.load();
+    let backends: Vec<_> = snapshot
+        .backends()
+        .map(|backend| {
+            let set = backend.endpoints();
+            let endpoints: Vec<_> = set
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.addr.to_string(),
+                        "hostname": e.hostname.as_deref(),
+                        "weight": e.weight,
+                        "inFlight": e.stats.in_flight.load(Ordering::Relaxed),
+                        "requests": e.stats.requests.load(Ordering::Relaxed),
+                        "failures": e.stats.failures.load(Ordering::Relaxed),
+                        "connections": { "open": e.connections.open(), "idle": e.connections.idle() },
+                    })
+                })
+                .collect();
+            json!({
+                "name": &*backend.name,
+                "protocol": backend.spec.protocol,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "version": snapshot.version, "backends": backends }))
+}
+
+async fn set_log_level(ops: &Ops, request: Request<Incoming>) -> Response<ProxyBody> {
+    let from_query = request.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(key, _)| key == "filter")
+            .map(|(_, value)| value.into_owned())
+    });
+    let directives = match from_query {
+        Some(d) => d,
+        None => match Limited::new(request.into_body(), 4096).collect().await {
+            Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
+            Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "a log filter is at most 4 KiB\n"),
+        },
+    };
+    if directives.is_empty() {
+        return text(StatusCode::BAD_REQUEST, "give the filter as ?filter=DIRECTIVES or as the body, e.g. debug\n");
+    }
+    match ops.log.set_filter(&directives) {
+        Ok(()) => {
+            tracing::info!(filter = %directives, "log filter changed");
+            json_response(StatusCode::OK, &json!({ "filter": directives }))
+        }
+        Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({ "error": e })),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("JSON values serialize");
+    bytes.push(b'\n');
+    let mut response = Response::new(full(bytes));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response
+}

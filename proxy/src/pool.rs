@@ -1,0 +1,347 @@
+//! Upstream connections to one endpoint: connect within the backend's
+//! connect timeout, then speak HTTP/1.1 (one exchange per connection at a
+//! time; idle connections kept for reuse, newest first) or HTTP/2 (one
+//! shared, multiplexed connection). Requests are adapted to the upstream's
+//! HTTP version here, whatever version the client spoke.
+//!
+//! A request that a reused connection refused before sending a byte (the
+//! server closed it while idle) is sent again on another connection; this is
+//! safe for any method, as nothing reached the server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use infermesh_api::UpstreamProtocol;
+use prometheus::IntGauge;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::ProxyBody;
+use crate::error::ErrorKind;
+
+/// How a backend's connections are made and kept.
+#[derive(Debug)]
+pub struct PoolSettings {
+    /// The HTTP version spoken upstream.
+    pub protocol: UpstreamProtocol,
+    /// Limit on each TCP connect.
+    pub connect_timeout: Duration,
+    /// Idle HTTP/1.1 connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    pub max_idle: usize,
+    /// `infermesh_upstream_connections{backend}`.
+    pub open_gauge: IntGauge,
+}
+
+/// One endpoint's connections.
+#[derive(Debug, Default)]
+pub struct Connections {
+    idle: Mutex<Vec<IdleConnection>>,
+    shared: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    connecting: tokio::sync::Mutex<()>,
+    open: Arc<AtomicI64>,
+}
+
+#[derive(Debug)]
+struct IdleConnection {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+impl Connections {
+    /// Connections currently open to this endpoint.
+    pub fn open(&self) -> i64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Idle HTTP/1.1 connections waiting for reuse.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().expect("idle list lock").len()
+    }
+
+    /// Closes idle connections that outlived `idle_timeout` or that the
+    /// server has closed.
+    pub fn close_expired(&self, idle_timeout: Duration) {
+        let now = Instant::now();
+        self.idle
+            .lock()
+            .expect("idle list lock")
+            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
+    }
+
+    fn checkout(&self, idle_timeout: Duration) -> Option<http1::SendRequest<ProxyBody>> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("idle list lock");
+        while let Some(c) = idle.pop() {
+            if c.sender.is_ready() && now.duration_since(c.since) < idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, max_idle: usize) {
+        let mut idle = self.idle.lock().expect("idle list lock");
+        if idle.len() < max_idle {
+            idle.push(IdleConnection {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// Sends `request` to the endpoint at `addr` and returns its response head
+/// (the body streams on).
+pub async fn send(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    adapt_request(&mut request, settings.protocol, addr);
+    match settings.protocol {
+        UpstreamProtocol::Http1 => send_http1(connections, addr, settings, request).await,
+        UpstreamProtocol::Http2 => send_http2(connections, addr, settings, request).await,
+    }
+}
+
+async fn send_http1(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    while let Some(mut sender) = connections.checkout(settings.idle_timeout) {
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                return_when_ready(connections.clone(), settings.max_idle, sender);
+                return Ok(response);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => request = unsent,
+                None => return Err(ErrorKind::from_upstream(e.into_error())),
+            },
+        }
+    }
+    let io = connect(addr, settings.connect_timeout).await?;
+    let (mut sender, connection) = http1::Builder::new()
+        .handshake::<_, ProxyBody>(io)
+        .await
+        .map_err(ErrorKind::UpstreamReset)?;
+    let guard = OpenConnection::new(connections, settings);
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
+        }
+        drop(guard);
+    });
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(ErrorKind::from_upstream)?;
+    return_when_ready(connections.clone(), settings.max_idle, sender);
+    Ok(response)
+}
+
+/// An HTTP/1.1 connection can take the next request once the current
+/// response body has been read to its end; park it until then. It is
+/// dropped (and closed) instead if the exchange broke it or it upgraded.
+fn return_when_ready(connections: Arc<Connections>, max_idle: usize, mut sender: http1::SendRequest<ProxyBody>) {
+    tokio::spawn(async move {
+        if sender.ready().await.is_ok() {
+            connections.put_back(sender, max_idle);
+        }
+    });
+}
+
+async fn send_http2(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    let mut reconnected = false;
+    loop {
+        let mut sender = match connections.shared.load_full() {
+            Some(s) if !s.is_closed() => (*s).clone(),
+            _ => {
+                reconnected = true;
+                connect_http2(connections, addr, settings).await?
+            }
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok(response),
+            Err(mut e) => match e.take_message() {
+                // The shared connection was closing (GOAWAY); one fresh try.
+                Some(unsent) if !reconnected => {
+                    connections.shared.store(None);
+                    request = unsent;
+                }
+                _ => return Err(ErrorKind::from_upstream(e.into_error())),
+            },
+        }
+    }
+}
+
+/// Returns the shared HTTP/2 connection, making it if none is open. One
+/// caller connects while the others wait for its result.
+async fn connect_http2(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+) -> Result<http2::SendRequest<ProxyBody>, ErrorKind> {
+    let _one_at_a_time = connections.connecting.lock().await;
+    if let Some(s) = connections.shared.load_full() {
+        if !s.is_closed() {
+            return Ok((*s).clone());
+        }
+    }
+    let io = connect(addr, settings.connect_timeout).await?;
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .handshake::<_, ProxyBody>(io)
+        .await
+        .map_err(ErrorKind::UpstreamReset)?;
+    let guard = OpenConnection::new(connections, settings);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
+        }
+        drop(guard);
+    });
+    connections.shared.store(Some(Arc::new(sender.clone())));
+    Ok(sender)
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TokioIo<TcpStream>, ErrorKind> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ErrorKind::ConnectTimeout(timeout)),
+        Ok(Err(e)) => return Err(ErrorKind::ConnectFailed(e)),
+        Ok(Ok(stream)) => stream,
+    };
+    // Model responses stream token by token: send each write at once.
+    let _ = stream.set_nodelay(true);
+    Ok(TokioIo::new(stream))
+}
+
+/// Counts one open upstream connection for as long as it lives.
+struct OpenConnection {
+    open: Arc<AtomicI64>,
+    gauge: IntGauge,
+}
+
+impl OpenConnection {
+    fn new(connections: &Connections, settings: &PoolSettings) -> Self {
+        connections.open.fetch_add(1, Ordering::Relaxed);
+        settings.open_gauge.inc();
+        OpenConnection {
+            open: connections.open.clone(),
+            gauge: settings.open_gauge.clone(),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// Rewrites the request line for the upstream's HTTP version, keeping the
+/// host the client asked for: HTTP/1.1 gets an origin-form target and a
+/// `Host` header; HTTP/2 gets an absolute URI whose authority becomes
+/// `:authority`.
+pub fn adapt_request<B>(request: &mut Request<B>, protocol: UpstreamProtocol, endpoint: SocketAddr) {
+    let authority = request
+        .uri()
+        .authority()
+        .cloned()
+        .or_else(|| {
+            request
+                .headers()
+                .get(HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        })
+        .unwrap_or_else(|| Authority::try_from(endpoint.to_string()).expect("a socket address is an authority"));
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            *request.version_mut() = Version::HTTP_11;
+            if !request.headers().contains_key(HOST) {
+                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                    request.headers_mut().insert(HOST, host);
+                }
+            }
+            *request.uri_mut() = Uri::from(path);
+        }
+        UpstreamProtocol::Http2 => {
+            *request.version_mut() = Version::HTTP_2;
+            request.headers_mut().remove(HOST);
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path);
+            *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> SocketAddr {
+        "10.0.0.1:8000".parse().unwrap()
+    }
+
+    #[test]
+    fn http2_client_to_http1_upstream_keeps_the_host() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://models.example.com/v1/chat?x=1")
+            .body(())
+            .unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
+        assert_eq!(req.uri(), "/v1/chat?x=1");
+        assert_eq!(req.headers()[HOST], "models.example.com");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn http1_client_to_http2_upstream_moves_host_to_authority() {
+        let mut req = Request::builder()
+            .uri("/v2/models/m/infer")
+            .header(HOST, "models.example.com:8080")
+            .body(())
+            .unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http2, endpoint());
+        assert_eq!(req.uri(), "http://models.example.com:8080/v2/models/m/infer");
+        assert!(!req.headers().contains_key(HOST));
+        assert_eq!(req.version(), Version::HTTP_2);
+    }
+
+    #[test]
+    fn a_request_without_host_names_the_endpoint() {
+        let mut req = Request::builder().version(Version::HTTP_10).uri("/").body(()).unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
+        assert_eq!(req.headers()[HOST], "10.0.0.1:8000");
+    }
+}

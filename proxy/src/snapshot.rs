@@ -1,0 +1,138 @@
+//! The running configuration as one immutable value: the config it came
+//! from, each listener's router, and the backends. A new config becomes a
+//! new snapshot that is swapped in atomically; requests in flight keep the
+//! snapshot they started with, and nothing on the request path takes a lock
+//! that applying a config takes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use infermesh_api::{Config, ListenerProtocol};
+
+use crate::backend::Backend;
+use crate::forward::{RuleService, rule_service};
+use crate::metrics::Metrics;
+use crate::router::Router;
+
+/// Identifies a bound listener socket; it stays the same across reloads
+/// that keep the listener's address.
+pub type ListenerId = u64;
+
+/// One immutable version of the running configuration.
+pub struct Snapshot {
+    /// The config's version ([`Config::version`]).
+    pub version: String,
+    /// The config, defaults filled in.
+    pub config: Arc<Config>,
+    /// When this snapshot started serving.
+    pub applied_at: SystemTime,
+    listeners: HashMap<ListenerId, ListenerEntry>,
+    backends: BTreeMap<String, Arc<Backend>>,
+}
+
+/// What a listener serves.
+pub struct ListenerEntry {
+    /// The listener's `metadata.name`.
+    pub name: Arc<str>,
+    /// The HTTP versions it accepts.
+    pub protocol: ListenerProtocol,
+    /// Its rules, in precedence order.
+    pub router: Router<Arc<RuleTarget>>,
+}
+
+/// Where a matched request goes: the rule's route name (for logs and
+/// metrics) and its service stack.
+pub struct RuleTarget {
+    /// The route's `metadata.name`.
+    pub route: Arc<str>,
+    /// The rule's service stack.
+    pub service: RuleService,
+}
+
+impl Snapshot {
+    /// Builds the snapshot of `config`. `listener_ids` gives the socket of
+    /// each listener name. Backends whose spec did not change are taken
+    /// from `previous` with their endpoints and open connections.
+    pub async fn build(
+        config: Config,
+        listener_ids: &HashMap<String, ListenerId>,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+    ) -> Snapshot {
+        let mut backends = BTreeMap::new();
+        for resource in &config.backends {
+            let unchanged = previous
+                .and_then(|p| p.backends.get(&resource.name))
+                .filter(|b| b.spec == resource.spec)
+                .cloned();
+            let backend = match unchanged {
+                Some(backend) => backend,
+                None => Backend::new(&resource.name, resource.spec.clone(), metrics).await,
+            };
+            backends.insert(resource.name.clone(), backend);
+        }
+
+        let targets: Vec<Vec<Arc<RuleTarget>>> = config
+            .routes
+            .iter()
+            .map(|route| {
+                let name: Arc<str> = Arc::from(route.name.as_str());
+                route
+                    .spec
+                    .rules
+                    .iter()
+                    .map(|rule| {
+                        Arc::new(RuleTarget {
+                            route: name.clone(),
+                            service: rule_service(rule, &backends),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+
+        let mut listeners = HashMap::new();
+        for listener in &config.listeners {
+            let mut router = Router::builder();
+            for (route, targets) in config.routes.iter().zip(&targets) {
+                let attached = route.spec.listeners.is_empty() || route.spec.listeners.contains(&listener.name);
+                if !attached {
+                    continue;
+                }
+                for (rule, target) in route.spec.rules.iter().zip(targets) {
+                    router
+                        .add(&route.spec.hostnames, &rule.matches, target.clone())
+                        .expect("validated route matches compile");
+                }
+            }
+            let id = listener_ids[&listener.name];
+            listeners.insert(
+                id,
+                ListenerEntry {
+                    name: Arc::from(listener.name.as_str()),
+                    protocol: listener.spec.protocol,
+                    router: router.build(),
+                },
+            );
+        }
+
+        Snapshot {
+            version: config.version(),
+            config: Arc::new(config),
+            applied_at: SystemTime::now(),
+            listeners,
+            backends,
+        }
+    }
+
+    /// What the listener with socket `id` serves.
+    pub fn listener(&self, id: ListenerId) -> Option<&ListenerEntry> {
+        self.listeners.get(&id)
+    }
+
+    /// The backends, by name.
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.backends.values()
+    }
+}

@@ -1,0 +1,211 @@
+//! A route's time limits: how long the backend may take to send response
+//! headers, how long either side may go quiet mid-body, and how long the
+//! whole exchange may last.
+//!
+//! The idle limit only counts time spent waiting on the sender: while the
+//! receiving side is slow to read (backpressure), the clock does not run.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+use crate::body::{BoxError, BoxFuture, ProxyBody, boxed};
+use crate::error::{ErrorKind, ProxyError};
+
+/// A body's time limit ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TimeoutError {
+    /// The client sent no request body data for this long.
+    #[error("request body idle for {0:?}")]
+    RequestIdle(Duration),
+    /// The backend sent no response body data for this long.
+    #[error("response body idle for {0:?}")]
+    ResponseIdle(Duration),
+    /// The exchange ran past its total limit.
+    #[error("total timeout of {0:?} reached")]
+    Total(Duration),
+}
+
+/// A route rule's limits; `None` disables one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Until response headers arrive.
+    pub response_headers: Option<Duration>,
+    /// Quiet time between body frames, either direction.
+    pub idle: Option<Duration>,
+    /// The whole exchange.
+    pub total: Option<Duration>,
+}
+
+impl Limits {
+    /// The limits configured on a route rule (`0s` disables).
+    pub fn from_config(t: &infermesh_api::RouteTimeouts) -> Self {
+        Limits {
+            response_headers: t.response_headers.non_zero(),
+            idle: t.idle.non_zero(),
+            total: t.total.non_zero(),
+        }
+    }
+}
+
+/// Applies [`Limits`] around an inner service.
+#[derive(Clone, Copy, Debug)]
+pub struct TimeoutLayer(Limits);
+
+impl TimeoutLayer {
+    /// A layer enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        TimeoutLayer(limits)
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeouts<S>;
+    fn layer(&self, inner: S) -> Timeouts<S> {
+        Timeouts {
+            inner,
+            limits: self.0,
+        }
+    }
+}
+
+/// See [`TimeoutLayer`].
+#[derive(Clone, Debug)]
+pub struct Timeouts<S> {
+    inner: S,
+    limits: Limits,
+}
+
+impl<S> Service<Request<ProxyBody>> for Timeouts<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+        let limits = self.limits;
+        let started = Instant::now();
+        let deadline = limits.total.map(|total| (started + total, total));
+        let request = if limits.idle.is_some() || deadline.is_some() {
+            request.map(|body| {
+                boxed(TimedBody::new(body, limits.idle.map(TimeoutError::RequestIdle), deadline))
+            })
+        } else {
+            request
+        };
+        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(self.inner.call(request));
+        Box::pin(async move {
+            // Whichever of the headers limit and the total deadline ends first applies.
+            let headers_limit = limits
+                .response_headers
+                .map(|after| (started + after, ErrorKind::ResponseHeadersTimeout(after)));
+            let total_limit = deadline.map(|(at, total)| (at, ErrorKind::RequestTimeout(total)));
+            let limit = match (headers_limit, total_limit) {
+                (Some(h), Some(t)) => Some(if t.0 < h.0 { t } else { h }),
+                (h, t) => h.or(t),
+            };
+            let response = match limit {
+                None => response.await?,
+                Some((at, kind)) => match tokio::time::timeout_at(at, response).await {
+                    Ok(result) => result?,
+                    Err(_) => return Err(ProxyError::new(kind)),
+                },
+            };
+            if limits.idle.is_none() && deadline.is_none() {
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                boxed(TimedBody::new(body, limits.idle.map(TimeoutError::ResponseIdle), deadline))
+            }))
+        })
+    }
+}
+
+/// A body that fails with a [`TimeoutError`] when its sender goes quiet for
+/// too long or its deadline passes.
+pub struct TimedBody {
+    inner: ProxyBody,
+    idle: Option<(TimeoutError, Pin<Box<Sleep>>)>,
+    /// Whether the idle clock is running: it starts when the reader asks for
+    /// a frame, and stops when one is handed over.
+    waiting: bool,
+    deadline: Option<(TimeoutError, Pin<Box<Sleep>>)>,
+}
+
+impl TimedBody {
+    /// Wraps `inner`. `idle` is the error raised after its limit passes
+    /// without a frame; `deadline` is when the total limit (given for the
+    /// error) runs out.
+    pub fn new(
+        inner: ProxyBody,
+        idle: Option<TimeoutError>,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Self {
+        TimedBody {
+            inner,
+            idle: idle.map(|error| (error, Box::pin(tokio::time::sleep(error.limit())))),
+            waiting: false,
+            deadline: deadline
+                .map(|(at, total)| (TimeoutError::Total(total), Box::pin(tokio::time::sleep_until(at)))),
+        }
+    }
+}
+
+impl TimeoutError {
+    /// The limit that ran out.
+    pub fn limit(self) -> Duration {
+        match self {
+            TimeoutError::RequestIdle(d) | TimeoutError::ResponseIdle(d) | TimeoutError::Total(d) => d,
+        }
+    }
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if !this.waiting {
+            this.waiting = true;
+            if let Some((error, sleep)) = &mut this.idle {
+                sleep.as_mut().reset(Instant::now() + error.limit());
+            }
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame);
+        }
+        for (error, sleep) in [&mut this.deadline, &mut this.idle].into_iter().flatten() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(Box::new(*error))));
+            }
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,2 @@
+//! Support for infermesh's end-to-end tests.
+#![forbid(unsafe_code)]
