@@ -98,12 +98,16 @@ impl EndpointTarget {
     pub fn parse(text: &str) -> Result<Self, String> {
         if let Ok(addr) = text.parse::<SocketAddr>() {
             if addr.port() == 0 {
-                return Err(format!("{text:?} has port 0; give the port the model server listens on"));
+                return Err(format!(
+                    "{text:?} has port 0; give the port the model server listens on"
+                ));
             }
             return Ok(EndpointTarget::Socket(addr));
         }
         let Some((host, port)) = text.rsplit_once(':') else {
-            return Err(format!("{text:?} has no port; write it as host:port, e.g. {text}:8000"));
+            return Err(format!(
+                "{text:?} has no port; write it as host:port, e.g. {text}:8000"
+            ));
         };
         let port: u16 = match port.parse() {
             Ok(0) | Err(_) => {
@@ -112,7 +116,9 @@ impl EndpointTarget {
             Ok(p) => p,
         };
         if host.contains(':') || host.starts_with('[') {
-            return Err(format!("{text:?} is not a valid address; write IPv6 as [addr]:port"));
+            return Err(format!(
+                "{text:?} is not a valid address; write IPv6 as [addr]:port"
+            ));
         }
         if !is_dns_name(host) {
             return Err(format!("{host:?} is not a valid IP address or DNS name"));
@@ -132,7 +138,9 @@ pub(crate) fn is_dns_name(host: &str) -> bool {
         && host.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -198,7 +206,10 @@ impl BackendSpec {
             if let Some(first) = seen.insert(endpoint.address.as_str(), i) {
                 checker.error(
                     at.key("address"),
-                    format!("endpoint {:?} is already listed at endpoints[{first}]", endpoint.address),
+                    format!(
+                        "endpoint {:?} is already listed at endpoints[{first}]",
+                        endpoint.address
+                    ),
                 );
             }
         }
@@ -244,8 +255,18 @@ mod tests {
                 port: 8000
             })
         );
-        for bad in ["llama", "llama:0", "llama:http", "::1:80", "bad_name:80", "10.0.0.1:0"] {
-            assert!(EndpointTarget::parse(bad).is_err(), "{bad} should be refused");
+        for bad in [
+            "llama",
+            "llama:0",
+            "llama:http",
+            "::1:80",
+            "bad_name:80",
+            "10.0.0.1:0",
+        ] {
+            assert!(
+                EndpointTarget::parse(bad).is_err(),
+                "{bad} should be refused"
+            );
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Collecting located validation errors for one resource.
 
+use crate::Origin;
 use crate::diagnostic::Diagnostic;
 use crate::duration::Duration;
 use crate::path::FieldPath;
-use crate::Origin;
 
 /// Records problems found in one resource, each at a field path that the
 /// resource's [`Origin`] turns into a file, line and column.
@@ -24,8 +24,10 @@ impl<'a> Checker<'a> {
 
     /// Records that the field at `path` is wrong.
     pub(crate) fn error(&mut self, path: FieldPath, message: impl Into<String>) {
-        self.out
-            .push(self.origin.diagnostic(Some(self.resource.clone()), &path, message.into()));
+        self.out.push(
+            self.origin
+                .diagnostic(Some(self.resource.clone()), &path, message.into()),
+        );
     }
 
     /// Records an error unless `min <= value <= max`.

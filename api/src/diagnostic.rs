@@ -58,11 +58,7 @@ impl Diagnostics {
 impl fmt::Display for Diagnostics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0.len();
-        writeln!(
-            f,
-            "config has {n} error{}:",
-            if n == 1 { "" } else { "s" }
-        )?;
+        writeln!(f, "config has {n} error{}:", if n == 1 { "" } else { "s" })?;
         for d in &self.0 {
             writeln!(f, "  {d}")?;
         }

@@ -80,9 +80,11 @@ impl std::str::FromStr for Duration {
         if trimmed == "0" {
             return Ok(Duration::ZERO);
         }
-        humantime::parse_duration(trimmed).map(Duration).map_err(|e| {
-            format!("invalid duration {s:?} ({e}); write it like 250ms, 30s, 5m or 1h30m")
-        })
+        humantime::parse_duration(trimmed)
+            .map(Duration)
+            .map_err(|e| {
+                format!("invalid duration {s:?} ({e}); write it like 250ms, 30s, 5m or 1h30m")
+            })
     }
 }
 

@@ -43,7 +43,9 @@ pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
 pub use listener::{ListenerProtocol, ListenerSpec};
 pub use path::FieldPath;
-pub use route::{BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts};
+pub use route::{
+    BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts,
+};
 pub use yaml::Position;
 
 use check::Checker;
@@ -114,7 +116,12 @@ impl Origin {
     }
 
     /// A diagnostic about the field at `path` of this document.
-    pub fn diagnostic(&self, resource: Option<String>, path: &FieldPath, message: String) -> Diagnostic {
+    pub fn diagnostic(
+        &self,
+        resource: Option<String>,
+        path: &FieldPath,
+        message: String,
+    ) -> Diagnostic {
         let pos = self.position_of(path);
         Diagnostic {
             file: self.file.to_string(),
@@ -198,7 +205,13 @@ impl Config {
                     position: document.locations.document(),
                     locations: Arc::new(document.locations),
                 };
-                load_document(document.value, origin, &mut config, &mut defined, &mut diagnostics);
+                load_document(
+                    document.value,
+                    origin,
+                    &mut config,
+                    &mut defined,
+                    &mut diagnostics,
+                );
             }
         }
 
@@ -206,8 +219,11 @@ impl Config {
         if diagnostics.is_empty() {
             Ok(config)
         } else {
-            let order: HashMap<&str, usize> =
-                sources.iter().enumerate().map(|(i, s)| (s.name, i)).collect();
+            let order: HashMap<&str, usize> = sources
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.name, i))
+                .collect();
             diagnostics.sort_by_key(|d| (order.get(d.file.as_str()).copied(), d.line, d.column));
             Err(Diagnostics(diagnostics))
         }
@@ -236,7 +252,11 @@ impl Config {
         self.routes.iter().find(|r| r.name == name)
     }
 
-    fn check_references(&self, defined: &HashMap<(Kind, String), Origin>, out: &mut Vec<Diagnostic>) {
+    fn check_references(
+        &self,
+        defined: &HashMap<(Kind, String), Origin>,
+        out: &mut Vec<Diagnostic>,
+    ) {
         let names = |kind: Kind| {
             let mut names: Vec<&str> = defined
                 .keys()
@@ -258,11 +278,15 @@ impl Config {
                 continue;
             }
             if let Some(first) = bound.insert(addr, &listener.name) {
-                Checker::new(&listener.origin, resource_label(Kind::Listener, &listener.name), out)
-                    .error(
-                        FieldPath::root().key("spec").key("address"),
-                        format!("address {addr} is already used by listener {first:?}"),
-                    );
+                Checker::new(
+                    &listener.origin,
+                    resource_label(Kind::Listener, &listener.name),
+                    out,
+                )
+                .error(
+                    FieldPath::root().key("spec").key("address"),
+                    format!("address {addr} is already used by listener {first:?}"),
+                );
             }
         }
 
@@ -285,7 +309,11 @@ impl Config {
                 for (b, backend) in rule.backends.iter().enumerate() {
                     if !defined.contains_key(&(Kind::Backend, backend.name.clone())) {
                         checker.error(
-                            spec.key("rules").index(r).key("backends").index(b).key("name"),
+                            spec.key("rules")
+                                .index(r)
+                                .key("backends")
+                                .index(b)
+                                .key("name"),
                             format!(
                                 "backend {:?} is not defined (defined backends: {})",
                                 backend.name,
@@ -327,7 +355,10 @@ fn load_document(
     if envelope.api_version != API_VERSION {
         problems.push((
             root.key("apiVersion"),
-            format!("unsupported apiVersion {:?}; expected {API_VERSION:?}", envelope.api_version),
+            format!(
+                "unsupported apiVersion {:?}; expected {API_VERSION:?}",
+                envelope.api_version
+            ),
         ));
     }
     let kind = Kind::parse(&envelope.kind);
@@ -335,7 +366,11 @@ fn load_document(
         let known: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
         problems.push((
             root.key("kind"),
-            format!("unknown kind {:?}; expected one of {}", envelope.kind, known.join(", ")),
+            format!(
+                "unknown kind {:?}; expected one of {}",
+                envelope.kind,
+                known.join(", ")
+            ),
         ));
     }
     let name = envelope.metadata.name;
@@ -365,18 +400,36 @@ fn load_document(
     let label = label.expect("kind is known");
     match kind {
         Kind::Listener => {
-            if let Some(spec) = deserialize_located::<ListenerSpec>(envelope.spec, &spec_path, &origin, Some(&label), out) {
+            if let Some(spec) = deserialize_located::<ListenerSpec>(
+                envelope.spec,
+                &spec_path,
+                &origin,
+                Some(&label),
+                out,
+            ) {
                 config.listeners.push(Resource { name, spec, origin });
             }
         }
         Kind::Backend => {
-            if let Some(spec) = deserialize_located::<BackendSpec>(envelope.spec, &spec_path, &origin, Some(&label), out) {
+            if let Some(spec) = deserialize_located::<BackendSpec>(
+                envelope.spec,
+                &spec_path,
+                &origin,
+                Some(&label),
+                out,
+            ) {
                 spec.check(&mut Checker::new(&origin, label, out));
                 config.backends.push(Resource { name, spec, origin });
             }
         }
         Kind::Route => {
-            if let Some(spec) = deserialize_located::<RouteSpec>(envelope.spec, &spec_path, &origin, Some(&label), out) {
+            if let Some(spec) = deserialize_located::<RouteSpec>(
+                envelope.spec,
+                &spec_path,
+                &origin,
+                Some(&label),
+                out,
+            ) {
                 spec.check(&mut Checker::new(&origin, label, out));
                 config.routes.push(Resource { name, spec, origin });
             }
@@ -386,7 +439,8 @@ fn load_document(
 
 /// Deserializes `value` (found at `base` in its document), reporting every
 /// unknown field and the first type error, each at its own location.
-/// Returns the value only when there was no problem at all.
+/// Returns the value whenever it could be built, so that it is checked
+/// further; an unknown field has already been reported.
 fn deserialize_located<T: DeserializeOwned>(
     value: Value,
     base: &FieldPath,
@@ -408,8 +462,7 @@ fn deserialize_located<T: DeserializeOwned>(
         out.push(origin.diagnostic(resource.clone(), path, format!("unknown field `{field}`")));
     }
     match result {
-        Ok(v) if unknown.is_empty() => Some(v),
-        Ok(_) => None,
+        Ok(v) => Some(v),
         Err(e) => {
             let path = FieldPath::from_serde(base, e.path());
             out.push(origin.diagnostic(resource, &path, e.inner().to_string()));
@@ -425,7 +478,12 @@ fn check_name(name: &str) -> Result<(), String> {
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
     let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if name.is_empty() || name.len() > 253 || !valid_chars || !alnum(name.as_bytes().first()) || !alnum(name.as_bytes().last()) {
+    if name.is_empty()
+        || name.len() > 253
+        || !valid_chars
+        || !alnum(name.as_bytes().first())
+        || !alnum(name.as_bytes().last())
+    {
         return Err(format!(
             "{name:?} is not a valid name: use lower-case letters, digits, '-' and '.', starting and ending with a letter or digit (at most 253)"
         ));
@@ -460,8 +518,9 @@ impl Serialize for Config {
                 spec: &r.spec,
             }
         }
-        let mut seq = serializer
-            .serialize_seq(Some(self.listeners.len() + self.backends.len() + self.routes.len()))?;
+        let mut seq = serializer.serialize_seq(Some(
+            self.listeners.len() + self.backends.len() + self.routes.len(),
+        ))?;
         for r in &self.listeners {
             seq.serialize_element(&doc(Kind::Listener, r))?;
         }

@@ -92,11 +92,24 @@ mod tests {
 
     #[test]
     fn builds_and_walks_up() {
-        let p = FieldPath::root().key("spec").key("rules").index(2).key("name");
+        let p = FieldPath::root()
+            .key("spec")
+            .key("rules")
+            .index(2)
+            .key("name");
         assert_eq!(p.as_str(), "spec.rules[2].name");
         let up: Vec<String> = std::iter::successors(Some(p), |p| p.parent())
             .map(|p| p.as_str().to_owned())
             .collect();
-        assert_eq!(up, ["spec.rules[2].name", "spec.rules[2]", "spec.rules", "spec", ""]);
+        assert_eq!(
+            up,
+            [
+                "spec.rules[2].name",
+                "spec.rules[2]",
+                "spec.rules",
+                "spec",
+                ""
+            ]
+        );
     }
 }

@@ -198,7 +198,10 @@ impl RouteRule {
             );
         }
         for (i, b) in self.backends.iter().enumerate() {
-            if self.backends[..i].iter().any(|earlier| earlier.name == b.name) {
+            if self.backends[..i]
+                .iter()
+                .any(|earlier| earlier.name == b.name)
+            {
                 checker.error(
                     backends.index(i).key("name"),
                     format!("backend {:?} is listed twice in this rule", b.name),
@@ -221,7 +224,11 @@ impl RouteMatch {
     fn check(&self, at: &FieldPath, checker: &mut Checker<'_>) {
         match &self.path {
             Some(PathMatch::Exact(p)) | Some(PathMatch::Prefix(p)) if !p.starts_with('/') => {
-                let kind = if matches!(self.path, Some(PathMatch::Exact(_))) { "exact" } else { "prefix" };
+                let kind = if matches!(self.path, Some(PathMatch::Exact(_))) {
+                    "exact"
+                } else {
+                    "prefix"
+                };
                 checker.error(
                     at.key("path").key(kind),
                     format!("path {p:?} must start with '/'"),
@@ -236,13 +243,19 @@ impl RouteMatch {
         }
         if let Some(method) = &self.method {
             if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
-                checker.error(at.key("method"), format!("{method:?} is not a valid HTTP method"));
+                checker.error(
+                    at.key("method"),
+                    format!("{method:?} is not a valid HTTP method"),
+                );
             }
         }
         for (i, h) in self.headers.iter().enumerate() {
             let at = at.key("headers").index(i);
             if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
-                checker.error(at.key("name"), format!("{:?} is not a valid header name", h.name));
+                checker.error(
+                    at.key("name"),
+                    format!("{:?} is not a valid header name", h.name),
+                );
             }
             let given = [h.exact.is_some(), h.regex.is_some(), h.present.is_some()];
             if given.iter().filter(|g| **g).count() != 1 {
@@ -279,7 +292,9 @@ fn check_hostname(host: &str) -> Result<(), String> {
     }
     let bare = host.strip_prefix("*.").unwrap_or(host);
     if bare.contains('*') {
-        return Err(format!("{host:?}: a wildcard is only allowed as a leading `*.`"));
+        return Err(format!(
+            "{host:?}: a wildcard is only allowed as a leading `*.`"
+        ));
     }
     if !crate::backend::is_dns_name(bare) {
         return Err(format!("{host:?} is not a valid host name"));

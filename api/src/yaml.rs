@@ -108,9 +108,10 @@ fn convert(
             let mut out = Vec::with_capacity(items.len());
             for (index, item) in items.iter().enumerate() {
                 let item_path = path.index(index);
-                locations
-                    .by_path
-                    .insert(item_path.as_str().to_owned(), Position::of(&item.span.start));
+                locations.by_path.insert(
+                    item_path.as_str().to_owned(),
+                    Position::of(&item.span.start),
+                );
                 out.push(convert(item, &item_path, locations)?);
             }
             Value::Array(out)
@@ -133,9 +134,10 @@ fn convert(
                     }
                 };
                 let field_path = path.key(&key_text);
-                locations
-                    .by_path
-                    .insert(field_path.as_str().to_owned(), Position::of(&key.span.start));
+                locations.by_path.insert(
+                    field_path.as_str().to_owned(),
+                    Position::of(&key.span.start),
+                );
                 let converted = convert(value, &field_path, locations)?;
                 out.insert(key_text, converted);
             }

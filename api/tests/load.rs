@@ -1,6 +1,8 @@
 //! Loading whole config files: the valid shape, defaults, and located errors.
 
-use infermesh_api::{Config, Duration, EndpointTarget, ListenerProtocol, PathMatch, Source, UpstreamProtocol};
+use infermesh_api::{
+    Config, Duration, EndpointTarget, ListenerProtocol, PathMatch, Source, UpstreamProtocol,
+};
 
 const VALID: &str = r#"
 apiVersion: infermesh.io/v1alpha1
@@ -41,8 +43,11 @@ spec:
 "#;
 
 fn load(text: &str) -> Result<Config, Vec<String>> {
-    Config::load(&[Source { name: "gw.yaml", text }])
-        .map_err(|d| d.iter().map(|d| d.to_string()).collect())
+    Config::load(&[Source {
+        name: "gw.yaml",
+        text,
+    }])
+    .map_err(|d| d.iter().map(|d| d.to_string()).collect())
 }
 
 #[test]
@@ -58,7 +63,10 @@ fn a_valid_file_loads_with_defaults_filled_in() {
     assert_eq!(backend.spec.endpoints[0].weight, 1);
     assert_eq!(
         backend.spec.endpoints[1].target(),
-        Ok(EndpointTarget::Dns { host: "llama.models.svc".into(), port: 8000 })
+        Ok(EndpointTarget::Dns {
+            host: "llama.models.svc".into(),
+            port: 8000
+        })
     );
 
     let rule = &config.route("chat").expect("route").spec.rules[0];
@@ -70,7 +78,10 @@ fn a_valid_file_loads_with_defaults_filled_in() {
 #[test]
 fn version_follows_meaning_not_formatting() {
     let a = load(VALID).unwrap();
-    let reformatted = VALID.replace("  address: 127.0.0.1:8080", "  address: \"127.0.0.1:8080\"  # same");
+    let reformatted = VALID.replace(
+        "  address: 127.0.0.1:8080",
+        "  address: \"127.0.0.1:8080\"  # same",
+    );
     let b = load(&reformatted).unwrap();
     assert_eq!(a.version(), b.version());
     let changed = load(&VALID.replace("total: 10m", "total: 11m")).unwrap();
@@ -80,8 +91,12 @@ fn version_follows_meaning_not_formatting() {
 #[test]
 fn the_dump_loads_back_to_the_same_config() {
     let config = load(VALID).unwrap();
-    let docs: Vec<serde_json::Value> = serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
-    let text: String = docs.iter().map(|d| format!("---\n{}\n", serde_json::to_string(d).unwrap())).collect();
+    let docs: Vec<serde_json::Value> =
+        serde_json::from_value(serde_json::to_value(&config).unwrap()).unwrap();
+    let text: String = docs
+        .iter()
+        .map(|d| format!("---\n{}\n", serde_json::to_string(d).unwrap()))
+        .collect();
     let again = load(&text).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
     assert_eq!(config.version(), again.version());
 }
@@ -149,22 +164,37 @@ status: {}
     ] {
         assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
     }
-    assert!(joined.contains("gw.yaml:11:1: missing field `apiVersion`"), "{joined}");
-    assert!(joined.contains("gw.yaml:14:1: status: unknown field `status`"), "{joined}");
-    assert!(joined.contains("gw.yaml:16:1: a document must be a mapping"), "{joined}");
+    assert!(
+        joined.contains("gw.yaml:11:1: missing field `apiVersion`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("gw.yaml:14:1: status: unknown field `status`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("gw.yaml:16:1: a document must be a mapping"),
+        "{joined}"
+    );
 }
 
 #[test]
 fn duplicates_and_clashes() {
     let doc = |kind: &str, name: &str, spec: &str| {
-        format!("---\napiVersion: infermesh.io/v1alpha1\nkind: {kind}\nmetadata: {{ name: {name} }}\nspec: {spec}\n")
+        format!(
+            "---\napiVersion: infermesh.io/v1alpha1\nkind: {kind}\nmetadata: {{ name: {name} }}\nspec: {spec}\n"
+        )
     };
     let text = [
         doc("Listener", "a", "{ address: 127.0.0.1:8080 }"),
         doc("Listener", "b", "{ address: 127.0.0.1:8080 }"),
         doc("Backend", "m", "{ endpoints: [{ address: 127.0.0.1:1 }] }"),
         doc("Backend", "m", "{}"),
-        doc("Route", "r", "{ listeners: [c], rules: [{ backends: [{ name: m, weight: 0 }] }] }"),
+        doc(
+            "Route",
+            "r",
+            "{ listeners: [c], rules: [{ backends: [{ name: m, weight: 0 }] }] }",
+        ),
     ]
     .concat();
     let joined = load(&text).unwrap_err().join("\n");
@@ -227,7 +257,17 @@ spec:
 fn errors_name_the_file_they_are_in() {
     let a = "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec: {}\n";
     let b = "apiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: { name: r }\nspec:\n  rules: [{ backends: [{ name: nope }] }]\n";
-    let errors = Config::load(&[Source { name: "a.yaml", text: a }, Source { name: "b.yaml", text: b }]).unwrap_err();
+    let errors = Config::load(&[
+        Source {
+            name: "a.yaml",
+            text: a,
+        },
+        Source {
+            name: "b.yaml",
+            text: b,
+        },
+    ])
+    .unwrap_err();
     let d = errors.iter().next().unwrap();
     assert_eq!((d.file.as_str(), d.line), ("b.yaml", 5));
     assert_eq!(errors.len(), 1);

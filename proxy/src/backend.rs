@@ -116,10 +116,16 @@ impl Backend {
             open_gauge: metrics.upstream_connections.with_label_values(&[&*name]),
         });
         let endpoints = Arc::new(ArcSwap::from_pointee(EndpointSet::default()));
-        let first = tokio::time::timeout(FIRST_RESOLUTION_WAIT, resolve(&name, &targets, &EndpointSet::default())).await;
+        let first = tokio::time::timeout(
+            FIRST_RESOLUTION_WAIT,
+            resolve(&name, &targets, &EndpointSet::default()),
+        )
+        .await;
         match first {
             Ok(set) => endpoints.store(Arc::new(set)),
-            Err(_) => tracing::warn!(backend = %name, "DNS did not answer in time; the backend starts without endpoints"),
+            Err(_) => {
+                tracing::warn!(backend = %name, "DNS did not answer in time; the backend starts without endpoints")
+            }
         }
         let upkeep = tokio::spawn(upkeep(
             name.clone(),
@@ -159,20 +165,22 @@ async fn resolve(backend: &str, targets: &[Target], current: &EndpointSet) -> En
     for t in targets {
         let (addrs, hostname): (Vec<SocketAddr>, Option<Arc<str>>) = match &t.target {
             EndpointTarget::Socket(addr) => (vec![*addr], None),
-            EndpointTarget::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                Ok(addrs) => (addrs.collect(), Some(Arc::from(host.as_str()))),
-                Err(e) => {
-                    // Keep what this name resolved to before, as Envoy does.
-                    tracing::warn!(backend, host = %host, error = %e, "DNS resolution failed; keeping the last known addresses");
-                    let kept = current
-                        .endpoints
-                        .iter()
-                        .filter(|ep| ep.hostname.as_deref() == Some(host.as_str()))
-                        .map(|ep| ep.addr)
-                        .collect();
-                    (kept, Some(Arc::from(host.as_str())))
+            EndpointTarget::Dns { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => (addrs.collect(), Some(Arc::from(host.as_str()))),
+                    Err(e) => {
+                        // Keep what this name resolved to before, as Envoy does.
+                        tracing::warn!(backend, host = %host, error = %e, "DNS resolution failed; keeping the last known addresses");
+                        let kept = current
+                            .endpoints
+                            .iter()
+                            .filter(|ep| ep.hostname.as_deref() == Some(host.as_str()))
+                            .map(|ep| ep.addr)
+                            .collect();
+                        (kept, Some(Arc::from(host.as_str())))
+                    }
                 }
-            },
+            }
         };
         for addr in addrs {
             if endpoints.iter().any(|e| e.addr == addr) {
@@ -203,7 +211,9 @@ async fn upkeep(
     refresh: Duration,
     idle_timeout: Duration,
 ) {
-    let has_dns = targets.iter().any(|t| matches!(t.target, EndpointTarget::Dns { .. }));
+    let has_dns = targets
+        .iter()
+        .any(|t| matches!(t.target, EndpointTarget::Dns { .. }));
     let mut dns = tokio::time::interval(refresh);
     dns.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     dns.tick().await;

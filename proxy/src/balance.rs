@@ -99,7 +99,9 @@ impl Service<Request<ProxyBody>> for Balance {
                 Err(kind) => {
                     if matches!(
                         kind,
-                        ErrorKind::ConnectFailed(_) | ErrorKind::ConnectTimeout(_) | ErrorKind::UpstreamReset(_)
+                        ErrorKind::ConnectFailed(_)
+                            | ErrorKind::ConnectTimeout(_)
+                            | ErrorKind::UpstreamReset(_)
                     ) {
                         endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);
                     }
@@ -142,7 +144,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

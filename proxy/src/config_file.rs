@@ -44,7 +44,11 @@ pub fn read(path: &Path) -> Result<FileText, ConfigFileError> {
 /// Validates text read from `path`.
 pub fn parse(path: &Path, text: &FileText) -> Result<Config, ConfigFileError> {
     let name = path.display().to_string();
-    Config::load(&[Source { name: &name, text: &text.0 }]).map_err(ConfigFileError::Invalid)
+    Config::load(&[Source {
+        name: &name,
+        text: &text.0,
+    }])
+    .map_err(ConfigFileError::Invalid)
 }
 
 /// Reads and validates the file.

@@ -79,9 +79,7 @@ impl ErrorKind {
             | ErrorKind::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ErrorKind::ResponseHeadersTimeout(_)
             | ErrorKind::RequestTimeout(_)
-            | ErrorKind::ResponseBodyIdle(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            | ErrorKind::ResponseBodyIdle(_) => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RequestBodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::RequestBody(_) => StatusCode::BAD_REQUEST,
         }
@@ -185,7 +183,10 @@ impl ProxyError {
         let mut response = Response::new(full(bytes));
         *response.status_mut() = self.kind.status();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
         response
     }
@@ -230,6 +231,9 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["reason"], "no_endpoint");
         assert_eq!(json["route"], "chat");
-        assert_eq!(json["error"], "the backend has no endpoints (backend llama)");
+        assert_eq!(
+            json["error"],
+            "the backend has no endpoints (backend llama)"
+        );
     }
 }

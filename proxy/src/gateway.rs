@@ -75,6 +75,7 @@ pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Resul
         shared,
         listeners,
         text,
+        refused: None,
     };
     gateway.record_applied();
     gateway.shared.lifecycle.set_serving();
@@ -86,8 +87,10 @@ struct Gateway {
     options: GatewayOptions,
     shared: Arc<Shared>,
     listeners: Listeners,
-    /// The text of the config file as last read.
+    /// The text of the config file that is serving.
     text: FileText,
+    /// The text of the file as last refused, until it changes.
+    refused: Option<FileText>,
 }
 
 impl Gateway {
@@ -130,7 +133,10 @@ impl Gateway {
     /// connections to finish their requests.
     async fn drain(&mut self) {
         let grace = self.options.shutdown_grace_period;
-        if tokio::time::timeout(grace, self.listeners.drain()).await.is_err() {
+        if tokio::time::timeout(grace, self.listeners.drain())
+            .await
+            .is_err()
+        {
             tracing::warn!(grace_period = ?grace, "connections still open after the grace period; closing them");
         } else {
             tracing::info!("all connections drained");
@@ -148,35 +154,60 @@ impl Gateway {
             Err(e) => return self.refuse(&e),
         };
         if text == self.text {
-            if trigger == Trigger::Signal {
+            if self.refused.is_some() {
+                tracing::info!(version = %self.shared.snapshot.load().version, "config file is back to the serving version");
+                self.accept(text);
+            } else if trigger == Trigger::Signal {
                 tracing::info!(version = %self.shared.snapshot.load().version, "config file unchanged");
             }
             return;
         }
+        // A change elsewhere in the directory is no reason to refuse the
+        // same broken file again; SIGHUP asks for it explicitly.
+        if trigger == Trigger::FileChanged && self.refused.as_ref() == Some(&text) {
+            return;
+        }
         let config = match config_file::parse(path, &text) {
             Ok(config) => config,
-            Err(e) => return self.refuse(&e),
+            Err(e) => {
+                self.refused = Some(text);
+                return self.refuse(&e);
+            }
         };
-        self.text = text;
         let current = self.shared.snapshot.load_full();
         if config.version() == current.version {
             tracing::info!(version = %current.version, "config file changed, but not its meaning");
+            self.accept(text);
             return;
         }
         let plan = match self.listeners.prepare(&config).await {
             Ok(plan) => plan,
             Err(e) => {
+                self.refused = Some(text);
                 tracing::error!(error = %e, version = %current.version, "config refused; still serving the previous version");
                 return self.count_failure();
             }
         };
-        let snapshot = Snapshot::build(config, &plan.ids, Some(&current), &self.shared.metrics).await;
+        let snapshot =
+            Snapshot::build(config, &plan.ids, Some(&current), &self.shared.metrics).await;
         let version = snapshot.version.clone();
         self.shared.snapshot.store(Arc::new(snapshot));
         self.listeners.commit(plan, &self.shared);
-        self.shared.metrics.config_reloads.with_label_values(&["success"]).inc();
+        self.shared
+            .metrics
+            .config_reloads
+            .with_label_values(&["success"])
+            .inc();
+        self.accept(text);
         self.record_applied();
         tracing::info!(version = %version, previous = %current.version, "config applied");
+    }
+
+    /// Remembers `text` as the file content being served.
+    fn accept(&mut self, text: FileText) {
+        self.text = text;
+        self.refused = None;
+        self.shared.metrics.config_last_reload_successful.set(1);
     }
 
     fn refuse(&self, error: &ConfigFileError) {
@@ -188,7 +219,9 @@ impl Gateway {
                 }
                 tracing::error!(errors = diagnostics.len(), version = %version, "config refused; still serving the previous version");
             }
-            other => tracing::error!(error = %other, version = %version, "config refused; still serving the previous version"),
+            other => {
+                tracing::error!(error = %other, version = %version, "config refused; still serving the previous version")
+            }
         }
         self.count_failure();
     }
@@ -204,9 +237,17 @@ impl Gateway {
         let metrics = &self.shared.metrics;
         let snapshot = self.shared.snapshot.load();
         metrics.config_info.reset();
-        metrics.config_info.with_label_values(&[&snapshot.version]).set(1);
+        metrics
+            .config_info
+            .with_label_values(&[&snapshot.version])
+            .set(1);
         metrics.config_last_reload_successful.set(1);
-        let applied = snapshot.applied_at.duration_since(UNIX_EPOCH).unwrap_or_default();
-        metrics.config_last_reload_success_timestamp.set(applied.as_secs_f64());
+        let applied = snapshot
+            .applied_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        metrics
+            .config_last_reload_success_timestamp
+            .set(applied.as_secs_f64());
     }
 }

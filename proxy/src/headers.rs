@@ -10,8 +10,8 @@ use http::header::{CONNECTION, HeaderName, HeaderValue, TE, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use tower::{Layer, Service};
 
-use crate::body::ProxyBody;
 use crate::body::BoxFuture;
+use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::listener::ConnectionInfo;
 
@@ -22,7 +22,12 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 
 /// Headers that describe one connection, not the message. `te` is handled
 /// apart, since `te: trailers` must reach gRPC servers.
-const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [&str; 4] = [
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+];
 
 /// Whether `request` asks to switch protocols on its connection (an
 /// HTTP/1.1 `Connection: upgrade` with an `Upgrade` header, as WebSocket
@@ -71,7 +76,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if let Some(te) = headers.get(TE) {
         let wants_trailers = te
             .to_str()
-            .map(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+            .map(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
             .unwrap_or(false);
         if wants_trailers {
             headers.insert(TE, HeaderValue::from_static("trailers"));
@@ -133,7 +141,8 @@ where
         if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned() {
             add_forwarded(request.headers_mut(), conn.client.ip(), conn.scheme);
         }
-        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(self.inner.call(request));
+        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
+            Box::pin(self.inner.call(request));
         Box::pin(async move {
             let mut response = response.await?;
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -150,7 +159,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
-            map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         map
     }
@@ -180,7 +192,10 @@ mod tests {
 
     #[test]
     fn keeps_upgrade_when_forwarding_a_protocol_switch() {
-        let mut h = headers(&[("connection", "Upgrade, keep-alive"), ("upgrade", "websocket")]);
+        let mut h = headers(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("upgrade", "websocket"),
+        ]);
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[UPGRADE], "websocket");
         assert_eq!(h[CONNECTION], "upgrade");
@@ -194,13 +209,19 @@ mod tests {
             .body(())
             .unwrap();
         assert!(is_upgrade(&req));
-        let plain = Request::builder().header("upgrade", "websocket").body(()).unwrap();
+        let plain = Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
         assert!(!is_upgrade(&plain));
     }
 
     #[test]
     fn forwarded_for_appends_and_proto_overwrites() {
-        let mut h = headers(&[("x-forwarded-for", "203.0.113.9"), ("x-forwarded-proto", "https")]);
+        let mut h = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
         add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");

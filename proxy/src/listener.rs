@@ -92,14 +92,13 @@ impl Listeners {
         };
         for listener in &config.listeners {
             let address = listener.spec.address;
-            let same_name = self
-                .running
-                .iter()
-                .find(|r| r.name == listener.name && r.configured == address && !claimed.contains(&r.id));
+            let same_name = self.running.iter().find(|r| {
+                r.name == listener.name && r.configured == address && !claimed.contains(&r.id)
+            });
             let same_address = || {
-                self.running
-                    .iter()
-                    .find(|r| address.port() != 0 && r.configured == address && !claimed.contains(&r.id))
+                self.running.iter().find(|r| {
+                    address.port() != 0 && r.configured == address && !claimed.contains(&r.id)
+                })
             };
             if let Some(running) = same_name.or_else(same_address) {
                 claimed.push(running.id);
@@ -109,11 +108,13 @@ impl Listeners {
                 }
                 continue;
             }
-            let socket = TcpListener::bind(address).await.map_err(|source| BindError {
-                name: listener.name.clone(),
-                address,
-                source,
-            })?;
+            let socket = TcpListener::bind(address)
+                .await
+                .map_err(|source| BindError {
+                    name: listener.name.clone(),
+                    address,
+                    source,
+                })?;
             let id = self.next_id;
             self.next_id += 1;
             plan.ids.insert(listener.name.clone(), id);
@@ -161,7 +162,10 @@ impl Listeners {
 
     /// The bound listeners: name and local address.
     pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
-        self.running.iter().map(|r| (r.name.clone(), r.local)).collect()
+        self.running
+            .iter()
+            .map(|r| (r.name.clone(), r.local))
+            .collect()
     }
 
     /// Stops accepting on every listener and lets open connections finish
@@ -177,7 +181,12 @@ impl Listeners {
     }
 }
 
-async fn accept_loop(id: ListenerId, socket: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    id: ListenerId,
+    socket: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
     let builders = ServerBuilders::new();
     loop {
@@ -224,7 +233,10 @@ fn serve(
         .serve_connection_with_upgrades(TokioIo::new(stream), service)
         .into_owned();
     let connection = graceful.watch(connection);
-    let gauge = shared.metrics.downstream_connections.with_label_values(&[&*name]);
+    let gauge = shared
+        .metrics
+        .downstream_connections
+        .with_label_values(&[&*name]);
     gauge.inc();
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -245,7 +257,9 @@ impl ServerBuilders {
     fn new() -> Self {
         let base = || {
             let mut b = auto::Builder::new(TokioExecutor::new());
-            b.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
             b.http2().timer(TokioTimer::new()).adaptive_window(true);
             b
         };

@@ -33,7 +33,8 @@ impl LogControl {
 
     /// Replaces the filter, e.g. `debug` or `info,infermesh::access=off`.
     pub fn set_filter(&self, directives: &str) -> Result<(), String> {
-        let filter = EnvFilter::try_new(directives).map_err(|e| format!("invalid log filter {directives:?}: {e}"))?;
+        let filter = EnvFilter::try_new(directives)
+            .map_err(|e| format!("invalid log filter {directives:?}: {e}"))?;
         self.handle.reload(filter).map_err(|e| e.to_string())?;
         *self.current.lock().expect("log filter lock") = directives.to_owned();
         Ok(())
@@ -56,7 +57,10 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
             .with_span_list(false)
             .boxed(),
     };
-    tracing_subscriber::registry().with(filter).with(output).try_init()?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()?;
     Ok(LogControl {
         handle,
         current: Mutex::new(directives.to_owned()),

@@ -57,7 +57,10 @@ impl Metrics {
         };
         let metrics = Metrics {
             requests: IntCounterVec::new(
-                Opts::new("infermesh_requests_total", "Requests finished, by route, backend and status code."),
+                Opts::new(
+                    "infermesh_requests_total",
+                    "Requests finished, by route, backend and status code.",
+                ),
                 &["route", "backend", "code"],
             )
             .expect("valid counter"),
@@ -70,22 +73,34 @@ impl Metrics {
                 "Time from request arrival to the backend's response headers.",
             ),
             upstream_connections: IntGaugeVec::new(
-                Opts::new("infermesh_upstream_connections", "Open connections to backend endpoints."),
+                Opts::new(
+                    "infermesh_upstream_connections",
+                    "Open connections to backend endpoints.",
+                ),
                 &["backend"],
             )
             .expect("valid gauge"),
             downstream_connections: IntGaugeVec::new(
-                Opts::new("infermesh_downstream_connections", "Open client connections, by listener."),
+                Opts::new(
+                    "infermesh_downstream_connections",
+                    "Open client connections, by listener.",
+                ),
                 &["listener"],
             )
             .expect("valid gauge"),
             config_reloads: IntCounterVec::new(
-                Opts::new("infermesh_config_reloads_total", "Config reload attempts, by result."),
+                Opts::new(
+                    "infermesh_config_reloads_total",
+                    "Config reload attempts, by result.",
+                ),
                 &["result"],
             )
             .expect("valid counter"),
             config_info: IntGaugeVec::new(
-                Opts::new("infermesh_config_info", "The version of the config being served (value 1)."),
+                Opts::new(
+                    "infermesh_config_info",
+                    "The version of the config being served (value 1).",
+                ),
                 &["version"],
             )
             .expect("valid gauge"),
@@ -113,12 +128,17 @@ impl Metrics {
             Box::new(metrics.config_last_reload_success_timestamp.clone()),
         ];
         for collector in collectors {
-            metrics.registry.register(collector).expect("metric names are unique");
+            metrics
+                .registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         #[cfg(target_os = "linux")]
         metrics
             .registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("process metrics register once");
         metrics
     }

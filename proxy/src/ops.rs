@@ -34,7 +34,8 @@ pub struct Ops {
     pub config_file: PathBuf,
 }
 
-type Handler = fn(Arc<Ops>, Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
+type Handler =
+    fn(Arc<Ops>, Request<Incoming>) -> Pin<Box<dyn Future<Output = Response<ProxyBody>> + Send>>;
 
 /// Binds an operator server's socket.
 pub async fn bind(what: &str, address: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -47,12 +48,16 @@ pub async fn bind(what: &str, address: SocketAddr) -> anyhow::Result<TcpListener
 
 /// Serves `/live`, `/ready` and `/metrics` on `listener`.
 pub fn spawn_health(listener: TcpListener, ops: Arc<Ops>) {
-    tokio::spawn(serve(listener, ops, |ops, request| Box::pin(health(ops, request))));
+    tokio::spawn(serve(listener, ops, |ops, request| {
+        Box::pin(health(ops, request))
+    }));
 }
 
 /// Serves the admin endpoints on `listener`.
 pub fn spawn_admin(listener: TcpListener, ops: Arc<Ops>) {
-    tokio::spawn(serve(listener, ops, |ops, request| Box::pin(admin(ops, request))));
+    tokio::spawn(serve(listener, ops, |ops, request| {
+        Box::pin(admin(ops, request))
+    }));
 }
 
 async fn serve(listener: TcpListener, ops: Arc<Ops>, handler: Handler) {
@@ -71,7 +76,9 @@ async fn serve(listener: TcpListener, ops: Arc<Ops>, handler: Handler) {
                 let response = handler(ops.clone(), request);
                 async move { Ok::<_, std::convert::Infallible>(response.await) }
             });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
 }
@@ -100,7 +107,10 @@ async fn health(ops: Arc<Ops>, request: Request<Incoming>) -> Response<ProxyBody
             );
             response
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; try /live, /ready or /metrics\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /live, /ready or /metrics\n",
+        ),
     }
 }
 
@@ -121,12 +131,18 @@ async fn admin(ops: Arc<Ops>, request: Request<Incoming>) -> Response<ProxyBody>
             }
             json_response(StatusCode::ACCEPTED, &json!({ "draining": true }))
         }
-        ("/log-level", Method::GET) => json_response(StatusCode::OK, &json!({ "filter": ops.log.filter() })),
-        ("/log-level", Method::POST | Method::PUT) => set_log_level(&ops, request).await,
-        ("/" | "/config" | "/endpoints" | "/drain" | "/log-level", _) => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here; see GET /\n")
+        ("/log-level", Method::GET) => {
+            json_response(StatusCode::OK, &json!({ "filter": ops.log.filter() }))
         }
-        _ => text(StatusCode::NOT_FOUND, "not found; see GET / for the admin endpoints\n"),
+        ("/log-level", Method::POST | Method::PUT) => set_log_level(&ops, request).await,
+        ("/" | "/config" | "/endpoints" | "/drain" | "/log-level", _) => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed here; see GET /\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; see GET / for the admin endpoints\n",
+        ),
     }
 }
 
@@ -171,7 +187,10 @@ fn endpoints(ops: &Ops) -> Response<ProxyBody> {
             })
         })
         .collect();
-    json_response(StatusCode::OK, &json!({ "version": snapshot.version, "backends": backends }))
+    json_response(
+        StatusCode::OK,
+        &json!({ "version": snapshot.version, "backends": backends }),
+    )
 }
 
 async fn set_log_level(ops: &Ops, request: Request<Incoming>) -> Response<ProxyBody> {
@@ -184,11 +203,19 @@ async fn set_log_level(ops: &Ops, request: Request<Incoming>) -> Response<ProxyB
         Some(d) => d,
         None => match Limited::new(request.into_body(), 4096).collect().await {
             Ok(body) => String::from_utf8_lossy(&body.to_bytes()).trim().to_owned(),
-            Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "a log filter is at most 4 KiB\n"),
+            Err(_) => {
+                return text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "a log filter is at most 4 KiB\n",
+                );
+            }
         },
     };
     if directives.is_empty() {
-        return text(StatusCode::BAD_REQUEST, "give the filter as ?filter=DIRECTIVES or as the body, e.g. debug\n");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "give the filter as ?filter=DIRECTIVES or as the body, e.g. debug\n",
+        );
     }
     match ops.log.set_filter(&directives) {
         Ok(()) => {
@@ -202,9 +229,10 @@ async fn set_log_level(ops: &Ops, request: Request<Incoming>) -> Response<ProxyB
 fn text(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut response = Response::new(full(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 
@@ -213,8 +241,9 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Prox
     bytes.push(b'\n');
     let mut response = Response::new(full(bytes));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     response
 }

@@ -111,10 +111,14 @@ pub async fn send(
     mut request: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ErrorKind> {
     adapt_request(&mut request, settings.protocol, addr);
-    match settings.protocol {
+    let mut response = match settings.protocol {
         UpstreamProtocol::Http1 => send_http1(connections, addr, settings, request).await,
         UpstreamProtocol::Http2 => send_http2(connections, addr, settings, request).await,
-    }
+    }?;
+    // The version belongs to the upstream hop; the client's connection
+    // answers in its own (an HTTP/1.0 server must not make it HTTP/1.0).
+    *response.version_mut() = Version::default();
+    Ok(response)
 }
 
 async fn send_http1(
@@ -158,7 +162,11 @@ async fn send_http1(
 /// An HTTP/1.1 connection can take the next request once the current
 /// response body has been read to its end; park it until then. It is
 /// dropped (and closed) instead if the exchange broke it or it upgraded.
-fn return_when_ready(connections: Arc<Connections>, max_idle: usize, mut sender: http1::SendRequest<ProxyBody>) {
+fn return_when_ready(
+    connections: Arc<Connections>,
+    max_idle: usize,
+    mut sender: http1::SendRequest<ProxyBody>,
+) {
     tokio::spawn(async move {
         if sender.ready().await.is_ok() {
             connections.put_back(sender, max_idle);
@@ -265,7 +273,11 @@ impl Drop for OpenConnection {
 /// host the client asked for: HTTP/1.1 gets an origin-form target and a
 /// `Host` header; HTTP/2 gets an absolute URI whose authority becomes
 /// `:authority`.
-pub fn adapt_request<B>(request: &mut Request<B>, protocol: UpstreamProtocol, endpoint: SocketAddr) {
+pub fn adapt_request<B>(
+    request: &mut Request<B>,
+    protocol: UpstreamProtocol,
+    endpoint: SocketAddr,
+) {
     let authority = request
         .uri()
         .authority()
@@ -276,7 +288,9 @@ pub fn adapt_request<B>(request: &mut Request<B>, protocol: UpstreamProtocol, en
                 .get(HOST)
                 .and_then(|h| Authority::try_from(h.as_bytes()).ok())
         })
-        .unwrap_or_else(|| Authority::try_from(endpoint.to_string()).expect("a socket address is an authority"));
+        .unwrap_or_else(|| {
+            Authority::try_from(endpoint.to_string()).expect("a socket address is an authority")
+        });
     let path = request
         .uri()
         .path_and_query()
@@ -299,7 +313,8 @@ pub fn adapt_request<B>(request: &mut Request<B>, protocol: UpstreamProtocol, en
             parts.scheme = Some(Scheme::HTTP);
             parts.authority = Some(authority);
             parts.path_and_query = Some(path);
-            *request.uri_mut() = Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+            *request.uri_mut() =
+                Uri::from_parts(parts).expect("scheme, authority and path make a URI");
         }
     }
 }
@@ -333,14 +348,21 @@ mod tests {
             .body(())
             .unwrap();
         adapt_request(&mut req, UpstreamProtocol::Http2, endpoint());
-        assert_eq!(req.uri(), "http://models.example.com:8080/v2/models/m/infer");
+        assert_eq!(
+            req.uri(),
+            "http://models.example.com:8080/v2/models/m/infer"
+        );
         assert!(!req.headers().contains_key(HOST));
         assert_eq!(req.version(), Version::HTTP_2);
     }
 
     #[test]
     fn a_request_without_host_names_the_endpoint() {
-        let mut req = Request::builder().version(Version::HTTP_10).uri("/").body(()).unwrap();
+        let mut req = Request::builder()
+            .version(Version::HTTP_10)
+            .uri("/")
+            .body(())
+            .unwrap();
         adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
         assert_eq!(req.headers()[HOST], "10.0.0.1:8000");
     }

@@ -73,25 +73,25 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         // Phase: route.
         let target = listener.and_then(|l| l.router.route(&request)).cloned();
         // Phase: forward.
-        let forwarded = target.as_ref().map(|target| -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
-            record.set_route(target.route.clone());
-            Box::pin(target.service.clone().oneshot(request))
-        });
+        let forwarded = target.as_ref().map(
+            |target| -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
+                record.set_route(target.route.clone());
+                Box::pin(target.service.clone().oneshot(request))
+            },
+        );
         Box::pin(async move {
             // Phase: respond.
             let response = match (target, forwarded) {
-                (Some(target), Some(forwarded)) => {
-                    match forwarded.await {
-                        Ok(response) => {
-                            record.responded(&response);
-                            response
-                        }
-                        Err(error) => {
-                            record.failed(&error);
-                            error.to_response(Some(&target.route))
-                        }
+                (Some(target), Some(forwarded)) => match forwarded.await {
+                    Ok(response) => {
+                        record.responded(&response);
+                        response
                     }
-                }
+                    Err(error) => {
+                        record.failed(&error);
+                        error.to_response(Some(&target.route))
+                    }
+                },
                 _ => {
                     let error = ProxyError::new(ErrorKind::NoRoute);
                     record.failed(&error);

@@ -68,7 +68,12 @@ pub struct InvalidMatch(String);
 impl<T: Clone> RouterBuilder<T> {
     /// Adds a rule of a route that serves `hostnames` (empty: any host),
     /// matching any of `matches` (empty: every request), leading to `target`.
-    pub fn add(&mut self, hostnames: &[String], matches: &[RouteMatch], target: T) -> Result<(), InvalidMatch> {
+    pub fn add(
+        &mut self,
+        hostnames: &[String],
+        matches: &[RouteMatch],
+        target: T,
+    ) -> Result<(), InvalidMatch> {
         let any_host = [None];
         let hosts: Vec<Option<&String>> = if hostnames.is_empty() {
             any_host.to_vec()
@@ -76,7 +81,11 @@ impl<T: Clone> RouterBuilder<T> {
             hostnames.iter().map(Some).collect()
         };
         let every_request = [RouteMatch::default()];
-        let matches = if matches.is_empty() { &every_request[..] } else { matches };
+        let matches = if matches.is_empty() {
+            &every_request[..]
+        } else {
+            matches
+        };
         for host in hosts {
             for m in matches {
                 let (host, host_rank) = match host {
@@ -93,20 +102,31 @@ impl<T: Clone> RouterBuilder<T> {
                     Some(PathMatch::Exact(p)) => (PathMatcher::Exact(p.clone()), (4, p.len())),
                     Some(PathMatch::Prefix(p)) => {
                         let trimmed = p.trim_end_matches('/');
-                        let rank = if trimmed.is_empty() { (1, 0) } else { (3, trimmed.len()) };
+                        let rank = if trimmed.is_empty() {
+                            (1, 0)
+                        } else {
+                            (3, trimmed.len())
+                        };
                         (PathMatcher::Prefix(trimmed.to_owned()), rank)
                     }
                     Some(PathMatch::Regex(r)) => {
-                        let regex = Regex::new(&format!("^(?:{r})$")).map_err(|e| InvalidMatch(e.to_string()))?;
+                        let regex = Regex::new(&format!("^(?:{r})$"))
+                            .map_err(|e| InvalidMatch(e.to_string()))?;
                         (PathMatcher::Regex(regex), (2, r.len()))
                     }
                 };
                 let method = m
                     .method
                     .as_deref()
-                    .map(|s| Method::from_bytes(s.as_bytes()).map_err(|e| InvalidMatch(e.to_string())))
+                    .map(|s| {
+                        Method::from_bytes(s.as_bytes()).map_err(|e| InvalidMatch(e.to_string()))
+                    })
                     .transpose()?;
-                let headers = m.headers.iter().map(header_matcher).collect::<Result<Vec<_>, _>>()?;
+                let headers = m
+                    .headers
+                    .iter()
+                    .map(header_matcher)
+                    .collect::<Result<Vec<_>, _>>()?;
                 let rank = (host_rank, path_rank, method.is_some(), headers.len());
                 self.entries.push((
                     rank,
@@ -133,24 +153,33 @@ impl<T: Clone> RouterBuilder<T> {
 }
 
 fn header_matcher(h: &HeaderMatch) -> Result<HeaderMatcher, InvalidMatch> {
-    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| InvalidMatch(e.to_string()))?;
+    let name =
+        HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| InvalidMatch(e.to_string()))?;
     Ok(match (&h.exact, &h.regex, h.present) {
-        (Some(v), None, None) => {
-            HeaderMatcher::Exact(name, HeaderValue::from_str(v).map_err(|e| InvalidMatch(e.to_string()))?)
-        }
+        (Some(v), None, None) => HeaderMatcher::Exact(
+            name,
+            HeaderValue::from_str(v).map_err(|e| InvalidMatch(e.to_string()))?,
+        ),
         (None, Some(r), None) => HeaderMatcher::Regex(
             name,
             Regex::new(&format!("^(?:{r})$")).map_err(|e| InvalidMatch(e.to_string()))?,
         ),
         (None, None, Some(p)) => HeaderMatcher::Present(name, p),
-        _ => return Err(InvalidMatch(format!("header {}: give one of exact, regex, present", h.name))),
+        _ => {
+            return Err(InvalidMatch(format!(
+                "header {}: give one of exact, regex, present",
+                h.name
+            )));
+        }
     })
 }
 
 impl<T> Router<T> {
     /// A router to fill with [`RouterBuilder::add`].
     pub fn builder() -> RouterBuilder<T> {
-        RouterBuilder { entries: Vec::new() }
+        RouterBuilder {
+            entries: Vec::new(),
+        }
     }
 
     /// The target of the most specific rule matching `request`.
@@ -248,7 +277,10 @@ mod tests {
     }
 
     fn req(method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
-        let mut b = Request::builder().method(method).uri(path).header("host", host);
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", host);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -258,56 +290,145 @@ mod tests {
     fn router() -> Router<&'static str> {
         let mut b = Router::builder();
         b.add(&[], &[], "fallback").unwrap();
-        b.add(&[], &[m(Some(PathMatch::Prefix("/v1/".into())), None, vec![])], "v1").unwrap();
-        b.add(&[], &[m(Some(PathMatch::Prefix("/v1/chat".into())), None, vec![])], "chat").unwrap();
-        b.add(&[], &[m(Some(PathMatch::Exact("/v1/chat/completions".into())), None, vec![])], "exact").unwrap();
-        b.add(&[], &[m(Some(PathMatch::Prefix("/v1/chat".into())), Some("POST"), vec![])], "chat-post").unwrap();
+        b.add(
+            &[],
+            &[m(Some(PathMatch::Prefix("/v1/".into())), None, vec![])],
+            "v1",
+        )
+        .unwrap();
+        b.add(
+            &[],
+            &[m(Some(PathMatch::Prefix("/v1/chat".into())), None, vec![])],
+            "chat",
+        )
+        .unwrap();
+        b.add(
+            &[],
+            &[m(
+                Some(PathMatch::Exact("/v1/chat/completions".into())),
+                None,
+                vec![],
+            )],
+            "exact",
+        )
+        .unwrap();
         b.add(
             &[],
             &[m(
                 Some(PathMatch::Prefix("/v1/chat".into())),
                 Some("POST"),
-                vec![HeaderMatch { name: "x-tenant".into(), exact: Some("blue".into()), regex: None, present: None }],
+                vec![],
+            )],
+            "chat-post",
+        )
+        .unwrap();
+        b.add(
+            &[],
+            &[m(
+                Some(PathMatch::Prefix("/v1/chat".into())),
+                Some("POST"),
+                vec![HeaderMatch {
+                    name: "x-tenant".into(),
+                    exact: Some("blue".into()),
+                    regex: None,
+                    present: None,
+                }],
             )],
             "chat-post-blue",
         )
         .unwrap();
         b.add(&["*.example.com".into()], &[], "wild").unwrap();
         b.add(&["api.example.com".into()], &[], "api").unwrap();
-        b.add(&[], &[m(Some(PathMatch::Regex("/v2/models/[^/]+/infer".into())), None, vec![])], "kserve").unwrap();
+        b.add(
+            &[],
+            &[m(
+                Some(PathMatch::Regex("/v2/models/[^/]+/infer".into())),
+                None,
+                vec![],
+            )],
+            "kserve",
+        )
+        .unwrap();
         b.build()
     }
 
     #[test]
     fn gateway_api_precedence() {
         let r = router();
-        let route = |method, host, path, headers: &[(&str, &str)]| *r.route(&req(method, host, path, headers)).unwrap();
+        let route = |method, host, path, headers: &[(&str, &str)]| {
+            *r.route(&req(method, host, path, headers)).unwrap()
+        };
         assert_eq!(route("GET", "x", "/", &[]), "fallback");
-        assert_eq!(route("GET", "x", "/v1", &[]), "v1", "prefix /v1/ matches /v1 (trailing slash ignored)");
-        assert_eq!(route("GET", "x", "/v10", &[]), "fallback", "prefixes match whole segments");
+        assert_eq!(
+            route("GET", "x", "/v1", &[]),
+            "v1",
+            "prefix /v1/ matches /v1 (trailing slash ignored)"
+        );
+        assert_eq!(
+            route("GET", "x", "/v10", &[]),
+            "fallback",
+            "prefixes match whole segments"
+        );
         assert_eq!(route("GET", "x", "/v1/models", &[]), "v1");
-        assert_eq!(route("GET", "x", "/v1/chat/x", &[]), "chat", "longest prefix wins");
-        assert_eq!(route("POST", "x", "/v1/chat/x", &[]), "chat-post", "method match beats none");
-        assert_eq!(route("POST", "x", "/v1/chat/x", &[("x-tenant", "blue")]), "chat-post-blue");
-        assert_eq!(route("POST", "x", "/v1/chat/x", &[("x-tenant", "red")]), "chat-post");
-        assert_eq!(route("POST", "x", "/v1/chat/completions", &[]), "exact", "exact path beats prefix");
+        assert_eq!(
+            route("GET", "x", "/v1/chat/x", &[]),
+            "chat",
+            "longest prefix wins"
+        );
+        assert_eq!(
+            route("POST", "x", "/v1/chat/x", &[]),
+            "chat-post",
+            "method match beats none"
+        );
+        assert_eq!(
+            route("POST", "x", "/v1/chat/x", &[("x-tenant", "blue")]),
+            "chat-post-blue"
+        );
+        assert_eq!(
+            route("POST", "x", "/v1/chat/x", &[("x-tenant", "red")]),
+            "chat-post"
+        );
+        assert_eq!(
+            route("POST", "x", "/v1/chat/completions", &[]),
+            "exact",
+            "exact path beats prefix"
+        );
         assert_eq!(route("GET", "x", "/v2/models/llama/infer", &[]), "kserve");
-        assert_eq!(route("GET", "x", "/v2/models/llama/infer/x", &[]), "fallback", "regex matches the whole path");
+        assert_eq!(
+            route("GET", "x", "/v2/models/llama/infer/x", &[]),
+            "fallback",
+            "regex matches the whole path"
+        );
     }
 
     #[test]
     fn hosts_outrank_paths() {
         let r = router();
         let route = |host, path| *r.route(&req("GET", host, path, &[])).unwrap();
-        assert_eq!(route("api.example.com", "/v1/chat"), "api", "exact host wins first");
-        assert_eq!(route("API.Example.com:8443", "/"), "api", "case and port are ignored");
+        assert_eq!(
+            route("api.example.com", "/v1/chat"),
+            "api",
+            "exact host wins first"
+        );
+        assert_eq!(
+            route("API.Example.com:8443", "/"),
+            "api",
+            "case and port are ignored"
+        );
         assert_eq!(route("a.b.example.com", "/v1/chat"), "wild");
-        assert_eq!(route("example.com", "/"), "fallback", "a wildcard needs a sub-domain");
+        assert_eq!(
+            route("example.com", "/"),
+            "fallback",
+            "a wildcard needs a sub-domain"
+        );
     }
 
     #[test]
     fn host_from_authority_or_header() {
-        let h2 = Request::builder().uri("http://Models.local:8080/x").body(()).unwrap();
+        let h2 = Request::builder()
+            .uri("http://Models.local:8080/x")
+            .body(())
+            .unwrap();
         assert_eq!(request_host(&h2), Some("Models.local"));
         let v6 = req("GET", "[::1]:80", "/", &[]);
         assert_eq!(request_host(&v6), Some("[::1]"));
@@ -318,18 +439,46 @@ mod tests {
     #[test]
     fn header_presence_and_regex() {
         let mut b = Router::builder();
-        let present = |name: &str, p| HeaderMatch { name: name.into(), exact: None, regex: None, present: Some(p) };
-        b.add(&[], &[m(None, None, vec![present("x-debug", true)])], "debug").unwrap();
+        let present = |name: &str, p| HeaderMatch {
+            name: name.into(),
+            exact: None,
+            regex: None,
+            present: Some(p),
+        };
         b.add(
             &[],
-            &[m(None, None, vec![HeaderMatch { name: "x-model".into(), exact: None, regex: Some("llama-.*".into()), present: None }])],
+            &[m(None, None, vec![present("x-debug", true)])],
+            "debug",
+        )
+        .unwrap();
+        b.add(
+            &[],
+            &[m(
+                None,
+                None,
+                vec![HeaderMatch {
+                    name: "x-model".into(),
+                    exact: None,
+                    regex: Some("llama-.*".into()),
+                    present: None,
+                }],
+            )],
             "llama",
         )
         .unwrap();
         let r = b.build();
-        assert_eq!(r.route(&req("GET", "h", "/", &[("x-debug", "")])), Some(&"debug"));
-        assert_eq!(r.route(&req("GET", "h", "/", &[("x-model", "llama-3")])), Some(&"llama"));
-        assert_eq!(r.route(&req("GET", "h", "/", &[("x-model", "my-llama-3")])), None);
+        assert_eq!(
+            r.route(&req("GET", "h", "/", &[("x-debug", "")])),
+            Some(&"debug")
+        );
+        assert_eq!(
+            r.route(&req("GET", "h", "/", &[("x-model", "llama-3")])),
+            Some(&"llama")
+        );
+        assert_eq!(
+            r.route(&req("GET", "h", "/", &[("x-model", "my-llama-3")])),
+            None
+        );
         assert_eq!(r.route(&req("GET", "h", "/", &[])), None);
     }
 }

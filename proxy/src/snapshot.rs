@@ -96,7 +96,8 @@ impl Snapshot {
         for listener in &config.listeners {
             let mut router = Router::builder();
             for (route, targets) in config.routes.iter().zip(&targets) {
-                let attached = route.spec.listeners.is_empty() || route.spec.listeners.contains(&listener.name);
+                let attached = route.spec.listeners.is_empty()
+                    || route.spec.listeners.contains(&listener.name);
                 if !attached {
                     continue;
                 }

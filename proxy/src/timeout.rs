@@ -102,12 +102,17 @@ where
         let deadline = limits.total.map(|total| (started + total, total));
         let request = if limits.idle.is_some() || deadline.is_some() {
             request.map(|body| {
-                boxed(TimedBody::new(body, limits.idle.map(TimeoutError::RequestIdle), deadline))
+                boxed(TimedBody::new(
+                    body,
+                    limits.idle.map(TimeoutError::RequestIdle),
+                    deadline,
+                ))
             })
         } else {
             request
         };
-        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(self.inner.call(request));
+        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
+            Box::pin(self.inner.call(request));
         Box::pin(async move {
             // Whichever of the headers limit and the total deadline ends first applies.
             let headers_limit = limits
@@ -129,7 +134,11 @@ where
                 return Ok(response);
             }
             Ok(response.map(|body| {
-                boxed(TimedBody::new(body, limits.idle.map(TimeoutError::ResponseIdle), deadline))
+                boxed(TimedBody::new(
+                    body,
+                    limits.idle.map(TimeoutError::ResponseIdle),
+                    deadline,
+                ))
             }))
         })
     }
@@ -159,8 +168,12 @@ impl TimedBody {
             inner,
             idle: idle.map(|error| (error, Box::pin(tokio::time::sleep(error.limit())))),
             waiting: false,
-            deadline: deadline
-                .map(|(at, total)| (TimeoutError::Total(total), Box::pin(tokio::time::sleep_until(at)))),
+            deadline: deadline.map(|(at, total)| {
+                (
+                    TimeoutError::Total(total),
+                    Box::pin(tokio::time::sleep_until(at)),
+                )
+            }),
         }
     }
 }
@@ -169,7 +182,9 @@ impl TimeoutError {
     /// The limit that ran out.
     pub fn limit(self) -> Duration {
         match self {
-            TimeoutError::RequestIdle(d) | TimeoutError::ResponseIdle(d) | TimeoutError::Total(d) => d,
+            TimeoutError::RequestIdle(d)
+            | TimeoutError::ResponseIdle(d)
+            | TimeoutError::Total(d) => d,
         }
     }
 }

@@ -10,8 +10,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tower::{Layer, Service};
 
-use crate::body::ProxyBody;
 use crate::body::BoxFuture;
+use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::headers::is_upgrade;
 
@@ -47,7 +47,8 @@ where
 
     fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
         let client_side = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(self.inner.call(request));
+        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
+            Box::pin(self.inner.call(request));
         Box::pin(async move {
             let mut response = response.await?;
             if let Some(client_side) = client_side {
@@ -72,7 +73,11 @@ async fn tunnel(client: OnUpgrade, backend: OnUpgrade) {
     let mut client = TokioIo::new(client);
     let mut backend = TokioIo::new(backend);
     match tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        Ok((up, down)) => tracing::debug!(bytes_to_backend = up, bytes_to_client = down, "tunnel closed"),
+        Ok((up, down)) => tracing::debug!(
+            bytes_to_backend = up,
+            bytes_to_client = down,
+            "tunnel closed"
+        ),
         Err(e) => tracing::debug!(error = %e, "tunnel ended with an error"),
     }
 }

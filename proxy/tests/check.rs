@@ -1,0 +1,58 @@
+//! `infermesh-proxy check`: validating a config file without starting.
+
+use std::process::Command;
+
+fn check(text: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_infermesh-proxy"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr)
+        .unwrap()
+        .replace(&path.display().to_string(), "gateway.yaml");
+    (out.status.success(), stdout, stderr)
+}
+
+#[test]
+fn a_valid_config_passes() {
+    let (ok, stdout, _) = check(
+        "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec:\n  endpoints: [{ address: 127.0.0.1:9000 }]\n",
+    );
+    assert!(ok);
+    assert!(
+        stdout.contains("ok (0 listeners, 1 backends, 0 routes; version "),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn every_error_is_printed_with_its_location_and_the_exit_code_is_nonzero() {
+    let (ok, _, stderr) = check(
+        "apiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - backends: [{ name: missing }]\n      timeout: 5s\n",
+    );
+    assert!(!ok);
+    assert_eq!(
+        stderr,
+        "config has 2 errors:\n  gateway.yaml:6:20: Route/r: spec.rules[0].backends[0].name: backend \"missing\" is not defined (defined backends: none)\n  gateway.yaml:7:7: Route/r: spec.rules[0].timeout: unknown field `timeout`\n"
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_infermesh-proxy"))
+        .args(["check", "--config", "/nonexistent/gateway.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/gateway.yaml"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,83 @@
+//! HTTP/1.1 and HTTP/2 clients for the end-to-end tests.
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// A pooling client speaking one HTTP version.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A client speaking HTTP/1.1.
+pub fn http1() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A client speaking HTTP/2 over cleartext with prior knowledge.
+pub fn http2() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A whole response.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status.
+    pub status: StatusCode,
+    /// Version the proxy answered in.
+    pub version: Version,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// The body, read to its end.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends `request` and reads the whole response.
+pub async fn send(client: &HttpClient, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        version: parts.version,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// `GET url`.
+pub async fn get(client: &HttpClient, url: &str) -> Reply {
+    let request = Request::get(url)
+        .body(Full::default())
+        .expect("valid request");
+    send(client, request)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}

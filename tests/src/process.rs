@@ -1,0 +1,275 @@
+//! Starting `infermesh-proxy gateway` on ephemeral ports, talking to it
+//! through its config file and signals, and reading its JSON log lines.
+//! Every process started is killed when its handle drops.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// A running `infermesh-proxy gateway`.
+pub struct Gateway {
+    child: Child,
+    exited: Option<ExitStatus>,
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    logs: Arc<Mutex<Vec<Value>>>,
+    /// The admin server.
+    pub admin: SocketAddr,
+    /// The health and metrics server.
+    pub health: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts a gateway serving `config` (listeners should bind
+    /// `127.0.0.1:0`) and waits until it serves.
+    pub fn start(config: &str) -> Gateway {
+        Self::start_with_args(config, &[])
+    }
+
+    /// Starts a gateway with extra command-line arguments.
+    pub fn start_with_args(config: &str, args: &[&str]) -> Gateway {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, config).expect("write the config");
+        let mut child = Command::new(crate::binary("infermesh-proxy"))
+            .args(["--log-format", "json", "--log-level", "info"])
+            .arg("gateway")
+            .arg("--config")
+            .arg(&path)
+            .args([
+                "--admin-address",
+                "127.0.0.1:0",
+                "--health-address",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start infermesh-proxy");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stdout.take().expect("piped stdout"), logs.clone());
+        collect(child.stderr.take().expect("piped stderr"), logs.clone());
+        let mut gateway = Gateway {
+            child,
+            exited: None,
+            _dir: dir,
+            config: path,
+            logs,
+            admin: "0.0.0.0:0".parse().expect("address"),
+            health: "0.0.0.0:0".parse().expect("address"),
+        };
+        gateway.wait_for_log(
+            |l| l["message"] == "gateway serving",
+            Duration::from_secs(30),
+        );
+        gateway.admin = gateway.server_address("admin");
+        gateway.health = gateway.server_address("health");
+        gateway
+    }
+
+    fn server_address(&self, server: &str) -> SocketAddr {
+        let line = self.wait_for_log(
+            |l| l["message"] == "listening" && l["server"] == server,
+            Duration::from_secs(5),
+        );
+        parse_address(&line)
+    }
+
+    /// The address listener `name` is bound to (its latest binding).
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.wait_for_log(
+            |l| l["message"] == "listening" && l["listener"] == name,
+            Duration::from_secs(10),
+        );
+        let logs = self.logs.lock().expect("log lock");
+        let line = logs
+            .iter()
+            .rev()
+            .find(|l| l["message"] == "listening" && l["listener"] == name)
+            .expect("found above");
+        parse_address(line)
+    }
+
+    /// `http://<listener address><path>`.
+    pub fn url(&self, listener: &str, path: &str) -> String {
+        format!("http://{}{path}", self.listener(listener))
+    }
+
+    /// Replaces the config file the way editors and `kubectl` do: write a
+    /// new file, then rename it over the old one.
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.config.with_extension("yaml.tmp");
+        std::fs::write(&tmp, text).expect("write the new config");
+        std::fs::rename(&tmp, &self.config).expect("replace the config");
+    }
+
+    /// The config file's path.
+    pub fn config_path(&self) -> &PathBuf {
+        &self.config
+    }
+
+    /// Sends `signal` to the gateway.
+    pub fn signal(&self, signal: Signal) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits i32");
+        kill(Pid::from_raw(pid), signal).expect("signal the gateway");
+    }
+
+    /// Every log line so far, parsed (lines that are not JSON are kept as
+    /// `{"raw": line}`).
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs.lock().expect("log lock").clone()
+    }
+
+    /// Log lines matching `predicate`.
+    pub fn logs_matching(&self, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
+        self.logs().into_iter().filter(|l| predicate(l)).collect()
+    }
+
+    /// Waits for a log line matching `predicate`, panicking with the log
+    /// after `timeout`.
+    pub fn wait_for_log(&self, predicate: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        blocking(|| {
+            loop {
+                if let Some(line) = self
+                    .logs
+                    .lock()
+                    .expect("log lock")
+                    .iter()
+                    .find(|l| predicate(l))
+                {
+                    return line.clone();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no matching log line within {timeout:?}; log:\n{}",
+                    self.dump()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    }
+
+    /// Counts log lines matching `predicate`, waiting until there are at
+    /// least `n` (or panicking after `timeout`).
+    pub fn wait_for_logs(
+        &self,
+        n: usize,
+        predicate: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        blocking(|| {
+            loop {
+                let found = self.logs_matching(&predicate);
+                if found.len() >= n {
+                    return found;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "fewer than {n} matching log lines within {timeout:?}; log:\n{}",
+                    self.dump()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    }
+
+    /// The log as text, for failure messages.
+    pub fn dump(&self) -> String {
+        self.logs().iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    /// Waits for the process to exit, panicking after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let status = blocking(|| {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("poll the gateway") {
+                    return status;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the gateway did not exit within {timeout:?}; log:\n{}",
+                    self.dump()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        self.exited = Some(status);
+        status
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a waiting loop without stalling the tokio worker it is called on
+/// (tests run mock backends on the same runtime).
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn parse_address(line: &Value) -> SocketAddr {
+    line["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("log line without an address: {line}"))
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static, logs: Arc<Mutex<Vec<Value>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            let value =
+                serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+            logs.lock().expect("log lock").push(value);
+        }
+    });
+}
+
+/// Builds a config from documents, adding `apiVersion` to each.
+pub fn config(documents: &[&str]) -> String {
+    documents
+        .iter()
+        .map(|d| format!("---\napiVersion: infermesh.io/v1alpha1\n{}\n", d.trim()))
+        .collect()
+}
+
+/// A `Listener` document named `name` on an ephemeral loopback port.
+pub fn listener(name: &str, protocol: &str) -> String {
+    format!(
+        "kind: Listener\nmetadata: {{ name: {name} }}\nspec: {{ address: 127.0.0.1:0, protocol: {protocol} }}"
+    )
+}
+
+/// A `Backend` document with the given endpoints.
+pub fn backend(name: &str, protocol: &str, endpoints: &[SocketAddr]) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{ address: \"{e}\" }}"))
+        .collect();
+    format!(
+        "kind: Backend\nmetadata: {{ name: {name} }}\nspec: {{ protocol: {protocol}, endpoints: [{}] }}",
+        endpoints.join(", ")
+    )
+}

@@ -1,0 +1,293 @@
+//! Routing through a real gateway: by host, path, method and header, with
+//! weighted splits, and the proxy's own error answers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use infermesh_tests::backend::{MockBackend, Protocol};
+use infermesh_tests::client::{self, HttpClient, Reply};
+use infermesh_tests::process::{Gateway, backend, config, listener};
+
+async fn request(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("host", host);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    client::send(client, builder.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_go_to_the_most_specific_rule() {
+    let names = ["host", "exact", "prefix", "post", "tenant", "fallback"];
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(MockBackend::echo(name, Protocol::Http1).await);
+    }
+    let mut docs = vec![listener("web", "http")];
+    for (name, b) in names.iter().zip(&backends) {
+        docs.push(backend(name, "http1", &[b.addr]));
+    }
+    docs.push(
+        r#"kind: Route
+metadata: { name: models }
+spec:
+  rules:
+    - backends: [{ name: fallback }]
+    - matches: [{ path: { exact: /v1/models } }]
+      backends: [{ name: exact }]
+    - matches: [{ path: { prefix: /v1/chat } }]
+      backends: [{ name: prefix }]
+    - matches: [{ path: { prefix: /v1/chat }, method: POST }]
+      backends: [{ name: post }]
+    - matches:
+        - path: { prefix: /v1/chat }
+          method: POST
+          headers: [{ name: x-tenant, exact: blue }]
+      backends: [{ name: tenant }]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: { name: api-host }
+spec:
+  hostnames: [api.example.com]
+  rules:
+    - backends: [{ name: host }]"#
+            .to_owned(),
+    );
+    let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let gateway = Gateway::start(&config(&docs));
+    let client = client::http1();
+    let base = gateway.url("web", "");
+    let cases: [(&str, &str, &str, &[(&str, &str)], &str); 9] = [
+        ("GET", "/", "models.local", &[], "fallback"),
+        ("GET", "/v1/models", "models.local", &[], "exact"),
+        ("GET", "/v1/models/llama", "models.local", &[], "fallback"),
+        ("GET", "/v1/chat/completions", "models.local", &[], "prefix"),
+        ("GET", "/v1/chatty", "models.local", &[], "fallback"),
+        ("POST", "/v1/chat/completions", "models.local", &[], "post"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            "models.local",
+            &[("x-tenant", "blue")],
+            "tenant",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            "models.local",
+            &[("x-tenant", "red")],
+            "post",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            "api.example.com:8080",
+            &[("x-tenant", "blue")],
+            "host",
+        ),
+    ];
+    for (method, path, host, headers, expected) in cases {
+        let reply = request(&client, method, &format!("{base}{path}"), host, headers).await;
+        assert_eq!(reply.status, 200, "{method} {path}: {reply:?}");
+        assert_eq!(
+            reply.header("x-backend"),
+            Some(expected),
+            "{method} {host}{path} {headers:?}"
+        );
+        assert_eq!(
+            reply.json()["path"],
+            path,
+            "the path reaches the backend unchanged"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn weighted_backends_split_traffic_within_statistical_bounds() {
+    let stable = MockBackend::echo("stable", Protocol::Http1).await;
+    let canary = MockBackend::echo("canary", Protocol::Http1).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("stable", "http1", &[stable.addr]),
+        &backend("canary", "http1", &[canary.addr]),
+        "kind: Route\nmetadata: { name: split }\nspec:\n  rules:\n    - backends: [{ name: stable, weight: 80 }, { name: canary, weight: 20 }]",
+    ]));
+    let client = client::http1();
+    let url = gateway.url("web", "/v1/completions");
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    let total = 1000;
+    for _ in 0..total {
+        let reply = client::get(&client, &url).await;
+        *counts
+            .entry(reply.header("x-backend").unwrap().to_owned())
+            .or_default() += 1;
+    }
+    // Binomial(1000, 0.2): mean 200, standard deviation 12.6; allow 5 of them.
+    let canary_share = counts.get("canary").copied().unwrap_or(0);
+    assert!((137..=263).contains(&canary_share), "{counts:?}");
+    assert_eq!(counts.values().sum::<u32>(), total);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoint_weights_split_traffic_within_a_backend() {
+    let heavy = MockBackend::echo("heavy", Protocol::Http1).await;
+    let light = MockBackend::echo("light", Protocol::Http1).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &format!(
+            "kind: Backend\nmetadata: {{ name: pool }}\nspec:\n  endpoints:\n    - {{ address: \"{}\", weight: 3 }}\n    - {{ address: \"{}\", weight: 1 }}",
+            heavy.addr, light.addr
+        ),
+        "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - backends: [{ name: pool }]",
+    ]));
+    let client = client::http1();
+    let url = gateway.url("web", "/");
+    for _ in 0..800 {
+        client::get(&client, &url).await;
+    }
+    // Binomial(800, 0.25): mean 200, standard deviation 12.2; allow 5 of them.
+    assert!(
+        (139..=261).contains(&light.requests()),
+        "light got {}",
+        light.requests()
+    );
+    assert_eq!(heavy.requests() + light.requests(), 800);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hop_by_hop_headers_are_dropped_and_forwarded_headers_added() {
+    let echo = MockBackend::echo("echo", Protocol::Http1).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("echo", "http1", &[echo.addr]),
+        "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - backends: [{ name: echo }]",
+    ]));
+    let client = client::http1();
+    let reply = request(
+        &client,
+        "GET",
+        &gateway.url("web", "/x?y=1"),
+        "models.local",
+        &[
+            ("connection", "keep-alive, x-session"),
+            ("x-session", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("x-model", "llama"),
+        ],
+    )
+    .await;
+    let seen = reply.json();
+    let headers = &seen["headers"];
+    for dropped in ["x-session", "keep-alive", "proxy-connection", "te"] {
+        assert!(
+            headers.get(dropped).is_none(),
+            "{dropped} crossed the proxy: {headers}"
+        );
+    }
+    assert_eq!(headers["x-model"], "llama");
+    assert_eq!(headers["host"], "models.local");
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(seen["path"], "/x?y=1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_answers_its_own_failures_with_a_reason() {
+    // An address nothing listens on: bind a port, then free it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("down", "http1", &[closed]),
+        "kind: Backend\nmetadata: { name: empty }\nspec: { endpoints: [] }",
+        "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - matches: [{ path: { prefix: /down } }]\n      backends: [{ name: down }]\n    - matches: [{ path: { prefix: /empty } }]\n      backends: [{ name: empty }]",
+    ]));
+    let client = client::http1();
+    let cases = [
+        ("/down", 502, "connect_failed", Some("r")),
+        ("/empty", 503, "no_endpoint", Some("r")),
+        ("/other", 404, "no_route", None),
+    ];
+    for (path, status, reason, route) in cases {
+        let reply = client::get(&client, &gateway.url("web", path)).await;
+        assert_eq!(reply.status, status, "{path}");
+        assert_eq!(reply.header("x-infermesh-error"), Some(reason), "{path}");
+        assert_eq!(reply.header("content-type"), Some("application/json"));
+        let body = reply.json();
+        assert_eq!(body["reason"], reason);
+        assert_eq!(body["route"], serde_json::json!(route));
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}"
+        );
+    }
+    let logged = gateway.wait_for_log(
+        |l| l["target"] == "infermesh::access" && l["path"] == "/down",
+        Duration::from_secs(5),
+    );
+    assert_eq!(logged["error"], "connect_failed");
+    assert_eq!(logged["status"], 502);
+    assert_eq!(logged["endpoint"], closed.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_gets_one_access_log_line_with_its_fields_at_the_top_level() {
+    let echo = MockBackend::echo("echo", Protocol::Http1).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("echo", "http1", &[echo.addr]),
+        "kind: Route\nmetadata: { name: chat }\nspec:\n  rules:\n    - backends: [{ name: echo }]",
+    ]));
+    let client = client::http1();
+    let reply = client::get(&client, &gateway.url("web", "/v1/models?limit=2")).await;
+    assert_eq!(reply.status, 200);
+    let line = gateway.wait_for_log(
+        |l| l["target"] == "infermesh::access",
+        Duration::from_secs(5),
+    );
+    assert_eq!(line["message"], "request");
+    assert_eq!(line["level"], "INFO");
+    assert!(line["timestamp"].as_str().is_some());
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/v1/models?limit=2");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "chat");
+    assert_eq!(line["backend"], "echo");
+    assert_eq!(line["endpoint"], echo.addr.to_string());
+    assert_eq!(line["listener"], "web");
+    assert_eq!(line["response_bytes"], reply.body.len());
+    let duration = line["duration_ms"].as_f64().unwrap();
+    let first_byte = line["first_byte_ms"].as_f64().unwrap();
+    assert!(first_byte > 0.0 && first_byte <= duration, "{line}");
+    assert!(
+        line.get("error").is_none(),
+        "a success has no error field: {line}"
+    );
+    assert_eq!(
+        gateway
+            .logs_matching(|l| l["target"] == "infermesh::access")
+            .len(),
+        1
+    );
+}
