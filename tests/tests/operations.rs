@@ -1,0 +1,483 @@
+//! Operating a real gateway: hot reload (good, bad, under load), graceful
+//! shutdown, the admin endpoints and the metrics page.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use infermesh_tests::backend::{self, Handler, MockBackend, Protocol};
+use infermesh_tests::client::{self, HttpClient};
+use infermesh_tests::process::{Gateway, backend, config, listener};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+fn route_to(target: &str) -> String {
+    format!(
+        "kind: Route\nmetadata: {{ name: r }}\nspec:\n  rules:\n    - backends: [{{ name: {target} }}]"
+    )
+}
+
+fn two_backends(a: &MockBackend, b: &MockBackend, target: &str) -> String {
+    config(&[
+        &listener("web", "http"),
+        &backend("a", "http1", &[a.addr]),
+        &backend("b", "http1", &[b.addr]),
+        &route_to(target),
+    ])
+}
+
+async fn metrics(gateway: &Gateway) -> String {
+    let reply = client::get(
+        &client::http1(),
+        &format!("http://{}/metrics", gateway.health),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    String::from_utf8(reply.body.to_vec()).unwrap()
+}
+
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+fn applied(l: &Value) -> bool {
+    l["message"] == "config applied"
+}
+
+fn refused(l: &Value) -> bool {
+    l["message"] == "config refused; still serving the previous version"
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_config_is_refused_with_its_location_while_the_old_one_serves() {
+    let a = MockBackend::echo("a", Protocol::Http1).await;
+    let b = MockBackend::echo("b", Protocol::Http1).await;
+    let gateway = Gateway::start(&two_backends(&a, &b, "a"));
+    let client = client::http1();
+    let url = gateway.url("web", "/v1/models");
+    assert_eq!(
+        client::get(&client, &url).await.header("x-backend"),
+        Some("a")
+    );
+
+    // Route to b, with a typo in a field name on line 21.
+    let broken = two_backends(&a, &b, "b").replace("rules:", "rulez:");
+    let line = broken.lines().position(|l| l.contains("rulez")).unwrap() + 1;
+    gateway.write_config(&broken);
+    gateway.wait_for_log(refused, Duration::from_secs(10));
+    let path = gateway.config_path().display().to_string();
+    let located: Vec<Value> = gateway
+        .logs_matching(|l| l["target"] == "infermesh::config")
+        .into_iter()
+        .map(|l| l["message"].clone())
+        .collect();
+    assert_eq!(
+        located,
+        [
+            format!(
+                "{path}:{}:1: Route/r: spec: missing field `rules`",
+                line - 1
+            ),
+            format!("{path}:{line}:3: Route/r: spec.rulez: unknown field `rulez`"),
+        ],
+        "each problem is logged with its file, line, column and field"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            client::get(&client, &url).await.header("x-backend"),
+            Some("a"),
+            "the old config keeps serving"
+        );
+    }
+    let text = metrics(&gateway).await;
+    assert_eq!(
+        metric_value(&text, "infermesh_config_reloads_total{result=\"failure\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&text, "infermesh_config_last_reload_successful"),
+        Some(0.0)
+    );
+
+    // SIGHUP reads the file again, and refuses it again.
+    gateway.signal(Signal::SIGHUP);
+    gateway.wait_for_logs(2, refused, Duration::from_secs(10));
+
+    // A fixed file is applied.
+    gateway.write_config(&two_backends(&a, &b, "b"));
+    gateway.wait_for_log(applied, Duration::from_secs(10));
+    assert_eq!(
+        client::get(&client, &url).await.header("x-backend"),
+        Some("b")
+    );
+    let text = metrics(&gateway).await;
+    assert_eq!(
+        metric_value(&text, "infermesh_config_reloads_total{result=\"success\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&text, "infermesh_config_last_reload_successful"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reloads_under_continuous_load_fail_no_request() {
+    let a = MockBackend::echo("a", Protocol::Http1).await;
+    let b = MockBackend::echo("b", Protocol::Http1).await;
+    let c = MockBackend::echo("c", Protocol::Http2).await;
+    let with_c = |target: &str| {
+        config(&[
+            &listener("web", "http"),
+            &backend("a", "http1", &[a.addr]),
+            &backend("b", "http1", &[b.addr]),
+            &backend("c", "http2", &[c.addr]),
+            &route_to(target),
+        ])
+    };
+    let gateway = Gateway::start(&two_backends(&a, &b, "a"));
+    let url = gateway.url("web", "/v1/chat/completions");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for i in 0..4 {
+        let client: HttpClient = if i % 2 == 0 {
+            client::http1()
+        } else {
+            client::http2()
+        };
+        let (url, stop, done) = (url.clone(), stop.clone(), done.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let request = Request::post(&url)
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap();
+                match client::send(&client, request).await {
+                    Ok(reply) if reply.status == 200 => {}
+                    Ok(reply) => failures.push(format!("{} {:?}", reply.status, reply.body)),
+                    Err(e) => failures.push(e),
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        }));
+    }
+    let wait_for_progress = |n: usize| {
+        let done = done.clone();
+        async move {
+            let target = done.load(Ordering::Relaxed) + n;
+            while done.load(Ordering::Relaxed) < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for_progress(100).await;
+    let targets = ["b", "c", "a", "c", "b", "a"];
+    for (i, target) in targets.iter().enumerate() {
+        let text = if *target == "c" || i > 0 {
+            with_c(target)
+        } else {
+            two_backends(&a, &b, target)
+        };
+        gateway.write_config(&text);
+        gateway.wait_for_logs(i + 1, applied, Duration::from_secs(10));
+        wait_for_progress(100).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.unwrap());
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(done.load(Ordering::Relaxed) >= 700);
+    assert!(a.requests() > 0 && b.requests() > 0 && c.requests() > 0);
+}
+
+/// A backend that holds every request but `/health` until `release`
+/// turns true.
+fn held(release: watch::Receiver<bool>) -> Handler {
+    Arc::new(move |req: Request<Incoming>| {
+        let mut release = release.clone();
+        Box::pin(async move {
+            if req.uri().path() != "/health" {
+                let _ = release.wait_for(|r| *r).await;
+            }
+            Response::new(backend::full("done"))
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let (release, released) = watch::channel(false);
+    let upstream = MockBackend::start(Protocol::Http1, held(released)).await;
+    let mut gateway = Gateway::start_with_args(
+        &config(&[
+            &listener("web", "http"),
+            &backend("m", "http1", &[upstream.addr]),
+            &route_to("m"),
+        ]),
+        &["--shutdown-grace-period", "20s"],
+    );
+    let address = gateway.listener("web");
+    let url = gateway.url("web", "/v1/completions");
+
+    // An idle keep-alive connection: one finished exchange, then quiet.
+    let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: m\r\n\r\n")
+        .await
+        .unwrap();
+
+    // In-flight requests over HTTP/1.1 and over one HTTP/2 connection.
+    let mut in_flight = Vec::new();
+    for _ in 0..3 {
+        let client = client::http1();
+        let url = url.clone();
+        in_flight.push(tokio::spawn(
+            async move { client::get(&client, &url).await },
+        ));
+    }
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(address).await.unwrap());
+    let (mut h2, h2_connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let h2_connection = tokio::spawn(h2_connection);
+    let mut h2_requests = Vec::new();
+    for _ in 0..3 {
+        h2_requests.push(
+            h2.send_request(
+                Request::get(url.as_str())
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            ),
+        );
+    }
+    let h2_requests = tokio::spawn(futures_util::future::join_all(h2_requests));
+    while upstream.requests() < 7 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    gateway.signal(Signal::SIGTERM);
+    gateway.wait_for_log(|l| l["message"] == "shutting down", Duration::from_secs(10));
+
+    let ready = client::get(
+        &client::http1(),
+        &format!("http://{}/ready", gateway.health),
+    )
+    .await;
+    assert_eq!(ready.status, 503, "not ready while draining");
+    let mut refused = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(address).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "the listener stops accepting");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the idle keep-alive connection is closed");
+
+    release.send(true).unwrap();
+    for request in in_flight {
+        let reply = request.await.unwrap();
+        assert_eq!(
+            (reply.status.as_u16(), &reply.body[..]),
+            (200, &b"done"[..])
+        );
+    }
+    for response in h2_requests.await.unwrap() {
+        let response = response.expect("the HTTP/2 stream finishes");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.into_body().collect().await.unwrap().to_bytes(),
+            "done"
+        );
+    }
+    // GOAWAY was sent: the client's connection ends cleanly.
+    tokio::time::timeout(Duration::from_secs(10), h2_connection)
+        .await
+        .expect("the HTTP/2 connection closes after its streams")
+        .unwrap()
+        .expect("closed without a connection error");
+    let status = gateway.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_endpoints_show_config_endpoints_and_control_logs_and_drain() {
+    let a = MockBackend::echo("a", Protocol::Http1).await;
+    let b = MockBackend::echo("b", Protocol::Http1).await;
+    let gateway = Gateway::start(&two_backends(&a, &b, "a"));
+    let client = client::http1();
+    let admin = |path: &str| format!("http://{}{path}", gateway.admin);
+    for _ in 0..3 {
+        client::get(&client, &gateway.url("web", "/")).await;
+    }
+
+    let config = client::get(&client, &admin("/config")).await.json();
+    assert_eq!(config["version"].as_str().unwrap().len(), 16);
+    let kinds: Vec<&str> = config["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Listener", "Backend", "Backend", "Route"]);
+    assert_eq!(
+        config["documents"][1]["spec"]["connectTimeout"], "5s",
+        "defaults are shown"
+    );
+
+    let endpoints = client::get(&client, &admin("/endpoints")).await.json();
+    let first = &endpoints["backends"][0];
+    assert_eq!(first["name"], "a");
+    assert_eq!(first["endpoints"][0]["address"], a.addr.to_string());
+    assert_eq!(first["endpoints"][0]["requests"], 3);
+    assert_eq!(first["endpoints"][0]["inFlight"], 0);
+    assert_eq!(endpoints["backends"][1]["endpoints"][0]["requests"], 0);
+
+    assert_eq!(
+        client::get(&client, &admin("/log-level")).await.json()["filter"],
+        "info"
+    );
+    let set = Request::post(admin("/log-level?filter=info,infermesh::access=off"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(client::send(&client, set).await.unwrap().status, 200);
+    let bad = Request::post(admin("/log-level?filter=[["))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(client::send(&client, bad).await.unwrap().status, 400);
+    let before = gateway
+        .logs_matching(|l| l["target"] == "infermesh::access")
+        .len();
+    client::get(&client, &gateway.url("web", "/")).await;
+    assert_eq!(
+        gateway
+            .logs_matching(|l| l["target"] == "infermesh::access")
+            .len(),
+        before,
+        "access log silenced"
+    );
+
+    let drain = Request::post(admin("/drain"))
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(client::send(&client, drain).await.unwrap().status, 202);
+    let ready = client::get(&client, &format!("http://{}/ready", gateway.health)).await;
+    assert_eq!(ready.status, 503);
+    gateway.wait_for_log(
+        |l| l["message"] == "all connections drained",
+        Duration::from_secs(10),
+    );
+    assert!(
+        tokio::net::TcpStream::connect(gateway.listener("web"))
+            .await
+            .is_err(),
+        "no longer accepting"
+    );
+    assert_eq!(
+        client::get(&client, &admin("/config")).await.status,
+        200,
+        "admin stays up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_page_passes_promtool_and_counts_requests() {
+    let a = MockBackend::echo("a", Protocol::Http1).await;
+    let b = MockBackend::echo("b", Protocol::Http1).await;
+    let gateway = Gateway::start(&two_backends(&a, &b, "a"));
+    let client = client::http1();
+    for _ in 0..5 {
+        client::get(&client, &gateway.url("web", "/")).await;
+    }
+    client::get(&client, &gateway.url("web", "/")).await;
+    let text = metrics(&gateway).await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "infermesh_requests_total{backend=\"a\",code=\"200\",route=\"r\"}"
+        ),
+        Some(6.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "infermesh_request_duration_seconds_count{backend=\"a\",route=\"r\"}"
+        ),
+        Some(6.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "infermesh_response_first_byte_seconds_count{backend=\"a\",route=\"r\"}"
+        ),
+        Some(6.0)
+    );
+    assert!(text.contains(
+        "infermesh_request_duration_seconds_bucket{backend=\"a\",route=\"r\",le=\"0.0001\"}"
+    ));
+    assert!(text.contains(
+        "infermesh_request_duration_seconds_bucket{backend=\"a\",route=\"r\",le=\"600\"}"
+    ));
+    assert_eq!(
+        metric_value(&text, "infermesh_upstream_connections{backend=\"a\"}"),
+        Some(1.0),
+        "one pooled connection"
+    );
+    let version = gateway.wait_for_log(
+        |l| l["message"] == "gateway serving",
+        Duration::from_secs(1),
+    )["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        metric_value(
+            &text,
+            &format!("infermesh_config_info{{version=\"{version}\"}}")
+        ),
+        Some(1.0)
+    );
+
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

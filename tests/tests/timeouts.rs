@@ -1,0 +1,200 @@
+//! A route's time limits through a real gateway: long generations survive,
+//! stalls and overruns are cut, and each cut says why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use infermesh_tests::backend::{self, Handler, MockBackend, Protocol, TestBody};
+use infermesh_tests::client;
+use infermesh_tests::process::{Gateway, backend, config, listener};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A gateway with one route to `upstream`, with the given `timeouts:` YAML.
+fn gateway(upstream: &MockBackend, timeouts: &str) -> Gateway {
+    Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("m", "http1", &[upstream.addr]),
+        &format!(
+            "kind: Route\nmetadata: {{ name: gen }}\nspec:\n  rules:\n    - backends: [{{ name: m }}]\n      timeouts: {timeouts}"
+        ),
+    ]))
+}
+
+/// Streams `count` events `gap` apart, then either ends or (with `stall`)
+/// goes quiet without ending.
+fn events(count: usize, gap: Duration, stall: bool) -> Handler {
+    Arc::new(move |_req: Request<Incoming>| {
+        Box::pin(async move {
+            let stream = futures_util::stream::unfold(0usize, move |i| async move {
+                if i == count {
+                    if stall {
+                        std::future::pending::<()>().await;
+                    }
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(gap).await;
+                }
+                let event = Bytes::from(format!("data: {i}\n\n"));
+                Some((Ok::<_, backend::BoxError>(Frame::data(event)), i + 1))
+            });
+            let body: TestBody = StreamBody::new(stream).boxed();
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        })
+    })
+}
+
+fn delayed(delay: Duration) -> Handler {
+    Arc::new(move |_req: Request<Incoming>| {
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Response::new(backend::full("late"))
+        })
+    })
+}
+
+fn access_line(gateway: &Gateway) -> serde_json::Value {
+    gateway.wait_for_log(
+        |l| l["target"] == "infermesh::access",
+        Duration::from_secs(10),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_active_stream_outlives_its_limits() {
+    // 16 events 100 ms apart: 1.5 s in all, five times the idle and
+    // first-byte limits, and there is no total limit by default.
+    let upstream = MockBackend::start(
+        Protocol::Http1,
+        events(16, Duration::from_millis(100), false),
+    )
+    .await;
+    let gateway = gateway(&upstream, "{ responseHeaders: 300ms, idle: 300ms }");
+    let reply = client::get(&client::http1(), &gateway.url("web", "/v1/completions")).await;
+    assert_eq!(reply.status, 200);
+    let expected: String = (0..16).map(|i| format!("data: {i}\n\n")).collect();
+    assert_eq!(reply.body, expected);
+    assert!(access_line(&gateway).get("error").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_stream_is_cut_after_the_idle_limit() {
+    let upstream =
+        MockBackend::start(Protocol::Http1, events(2, Duration::from_millis(10), true)).await;
+    let gateway = gateway(&upstream, "{ idle: 300ms }");
+    let response = client::http1()
+        .request(
+            Request::get(gateway.url("web", "/v1/completions"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = Vec::new();
+    let outcome = loop {
+        match tokio::time::timeout(Duration::from_secs(10), body.frame()).await {
+            Err(_) => panic!("the stalled stream was never cut"),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(e))) => break Err(e),
+            Ok(Some(Ok(frame))) => received.extend_from_slice(&frame.into_data().unwrap()),
+        }
+    };
+    assert!(
+        outcome.is_err(),
+        "a cut stream must not look complete to the client"
+    );
+    assert_eq!(
+        received, b"data: 0\n\ndata: 1\n\n",
+        "events before the stall were delivered"
+    );
+    let line = access_line(&gateway);
+    assert_eq!(line["error"], "idle_timeout");
+    assert_eq!(line["status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_response_headers_get_504() {
+    let upstream = MockBackend::start(Protocol::Http1, delayed(Duration::from_secs(30))).await;
+    let gateway = gateway(&upstream, "{ responseHeaders: 200ms }");
+    let reply = client::get(&client::http1(), &gateway.url("web", "/v2/models/m/infer")).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(
+        reply.header("x-infermesh-error"),
+        Some("response_headers_timeout")
+    );
+    assert_eq!(reply.json()["route"], "gen");
+    assert_eq!(access_line(&gateway)["error"], "response_headers_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_total_limit_cuts_an_endless_stream() {
+    let upstream = MockBackend::start(
+        Protocol::Http1,
+        events(usize::MAX, Duration::from_millis(50), false),
+    )
+    .await;
+    let gateway = gateway(&upstream, "{ total: 500ms }");
+    let response = client::http2()
+        .request(
+            Request::get(gateway.url("web", "/v1/completions"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let collected = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("the stream is cut");
+    assert!(collected.is_err(), "an endless stream cannot complete");
+    assert_eq!(access_line(&gateway)["error"], "request_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_total_limit_applies_before_headers_too() {
+    let upstream = MockBackend::start(Protocol::Http1, delayed(Duration::from_secs(30))).await;
+    let gateway = gateway(&upstream, "{ total: 300ms }");
+    let reply = client::get(&client::http1(), &gateway.url("web", "/")).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.header("x-infermesh-error"), Some("request_timeout"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_gets_408() {
+    let upstream = MockBackend::echo("echo", Protocol::Http1).await;
+    let gateway = gateway(&upstream, "{ idle: 300ms }");
+    let mut stream = tokio::net::TcpStream::connect(gateway.listener("web"))
+        .await
+        .unwrap();
+    // Promise 100 bytes, send 3, then go quiet.
+    stream
+        .write_all(b"POST /v1/completions HTTP/1.1\r\nhost: m\r\ncontent-length: 100\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 1024];
+        while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed without a response");
+            response.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no response to the stalled upload");
+    let head = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 408"), "{head}");
+    assert!(
+        head.contains("x-infermesh-error: request_body_idle_timeout"),
+        "{head}"
+    );
+}
