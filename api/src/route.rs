@@ -241,13 +241,13 @@ impl RouteMatch {
             }
             _ => {}
         }
-        if let Some(method) = &self.method {
-            if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
-                checker.error(
-                    at.key("method"),
-                    format!("{method:?} is not a valid HTTP method"),
-                );
-            }
+        if let Some(method) = &self.method
+            && (method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err())
+        {
+            checker.error(
+                at.key("method"),
+                format!("{method:?} is not a valid HTTP method"),
+            );
         }
         for (i, h) in self.headers.iter().enumerate() {
             let at = at.key("headers").index(i);
@@ -261,15 +261,15 @@ impl RouteMatch {
             if given.iter().filter(|g| **g).count() != 1 {
                 checker.error(at.clone(), "give exactly one of exact, regex or present");
             }
-            if let Some(r) = &h.regex {
-                if let Err(e) = regex::Regex::new(r) {
-                    checker.error(at.key("regex"), regex_error(&e));
-                }
+            if let Some(r) = &h.regex
+                && let Err(e) = regex::Regex::new(r)
+            {
+                checker.error(at.key("regex"), regex_error(&e));
             }
-            if let Some(v) = &h.exact {
-                if http::HeaderValue::from_str(v).is_err() {
-                    checker.error(at.key("exact"), format!("{v:?} cannot be a header value"));
-                }
+            if let Some(v) = &h.exact
+                && http::HeaderValue::from_str(v).is_err()
+            {
+                checker.error(at.key("exact"), format!("{v:?} cannot be a header value"));
             }
         }
     }

@@ -1,1 +1,103 @@
-fn main() {}
+//! Micro-benchmarks of the per-request work the proxy adds: matching a
+//! route, rewriting headers, and adapting a request to the upstream's HTTP
+//! version. Run with `cargo bench -p infermesh-proxy`.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, Request};
+use infermesh_api::{HeaderMatch, PathMatch, RouteMatch, UpstreamProtocol};
+use infermesh_proxy::headers::{add_forwarded, strip_hop_by_hop};
+use infermesh_proxy::pool::adapt_request;
+use infermesh_proxy::router::Router;
+
+/// A route table like a gateway in front of `models` model servers: per
+/// model an OpenAI prefix, a KServe v2 exact path, and a tenant header rule.
+fn table(models: usize) -> Router<usize> {
+    let mut router = Router::builder();
+    for m in 0..models {
+        let prefix = RouteMatch {
+            path: Some(PathMatch::Prefix(format!("/v1/models/model-{m}"))),
+            ..RouteMatch::default()
+        };
+        let infer = RouteMatch {
+            path: Some(PathMatch::Exact(format!("/v2/models/model-{m}/infer"))),
+            method: Some("POST".into()),
+            ..RouteMatch::default()
+        };
+        let tenant = RouteMatch {
+            path: Some(PathMatch::Prefix(format!("/v1/models/model-{m}"))),
+            headers: vec![HeaderMatch {
+                name: "x-tenant".into(),
+                exact: Some(format!("tenant-{m}")),
+                regex: None,
+                present: None,
+            }],
+            ..RouteMatch::default()
+        };
+        router.add(&[], &[prefix, infer, tenant], m).unwrap();
+    }
+    router.add(&[], &[], usize::MAX).unwrap();
+    router.build()
+}
+
+fn inference_request(path: &str) -> Request<()> {
+    Request::post(path)
+        .header("host", "models.example.com")
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream")
+        .header("authorization", "Bearer abcdefghijklmnopqrstuvwxyz")
+        .header("user-agent", "openai-python/1.40.0")
+        .header("connection", "keep-alive")
+        .header("content-length", "512")
+        .body(())
+        .unwrap()
+}
+
+fn route_match(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route_match");
+    for models in [1usize, 10, 100] {
+        let router = table(models);
+        let last = models - 1;
+        let hit = inference_request(&format!("/v2/models/model-{last}/infer"));
+        group.bench_function(format!("{models}_models_last_rule"), |b| {
+            b.iter(|| router.route(black_box(&hit)))
+        });
+        let miss = inference_request("/unknown/path");
+        group.bench_function(format!("{models}_models_fallback"), |b| {
+            b.iter(|| router.route(black_box(&miss)))
+        });
+    }
+    group.finish();
+}
+
+fn header_rewrite(c: &mut Criterion) {
+    let template = inference_request("/v1/chat/completions");
+    let client = "10.1.2.3".parse().unwrap();
+    c.bench_function("header_rewrite/forwarded_and_hop_by_hop", |b| {
+        b.iter_batched_ref(
+            || template.headers().clone(),
+            |headers: &mut HeaderMap| {
+                strip_hop_by_hop(headers, false);
+                add_forwarded(headers, client, "http");
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let endpoint = "10.0.0.7:8000".parse().unwrap();
+    for (name, protocol) in [
+        ("http1", UpstreamProtocol::Http1),
+        ("http2", UpstreamProtocol::Http2),
+    ] {
+        c.bench_function(&format!("header_rewrite/adapt_to_{name}"), |b| {
+            b.iter_batched_ref(
+                || inference_request("/v1/chat/completions?stream=true"),
+                |request| adapt_request(request, protocol, endpoint),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+}
+
+criterion_group!(benches, route_match, header_rewrite);
+criterion_main!(benches);

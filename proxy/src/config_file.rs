@@ -63,11 +63,11 @@ pub fn watch(path: &Path, changed: mpsc::Sender<()>) -> notify::Result<Recommend
     let absolute = std::path::absolute(path)?;
     let directory = absolute.parent().unwrap_or(Path::new("/")).to_owned();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event {
-            if !matches!(event.kind, EventKind::Access(_)) {
-                // A full channel already holds a pending change: nothing is lost.
-                let _ = changed.try_send(());
-            }
+        if let Ok(event) = event
+            && !matches!(event.kind, EventKind::Access(_))
+        {
+            // A full channel already holds a pending change: nothing is lost.
+            let _ = changed.try_send(());
         }
     })?;
     watcher.watch(&directory, RecursiveMode::NonRecursive)?;

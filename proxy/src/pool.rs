@@ -211,10 +211,10 @@ async fn connect_http2(
     settings: &Arc<PoolSettings>,
 ) -> Result<http2::SendRequest<ProxyBody>, ErrorKind> {
     let _one_at_a_time = connections.connecting.lock().await;
-    if let Some(s) = connections.shared.load_full() {
-        if !s.is_closed() {
-            return Ok((*s).clone());
-        }
+    if let Some(s) = connections.shared.load_full()
+        && !s.is_closed()
+    {
+        return Ok((*s).clone());
     }
     let io = connect(addr, settings.connect_timeout).await?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -299,10 +299,10 @@ pub fn adapt_request<B>(
     match protocol {
         UpstreamProtocol::Http1 => {
             *request.version_mut() = Version::HTTP_11;
-            if !request.headers().contains_key(HOST) {
-                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                    request.headers_mut().insert(HOST, host);
-                }
+            if !request.headers().contains_key(HOST)
+                && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            {
+                request.headers_mut().insert(HOST, host);
             }
             *request.uri_mut() = Uri::from(path);
         }

@@ -224,3 +224,150 @@ impl Body for TimedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tokio::sync::mpsc;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::body::empty;
+
+    /// A body whose frames the test sends.
+    struct ChannelBody(mpsc::Receiver<Bytes>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn channel_body() -> (mpsc::Sender<Bytes>, ProxyBody) {
+        let (tx, rx) = mpsc::channel(4);
+        (tx, boxed(ChannelBody(rx)))
+    }
+
+    fn timeout_of(result: Option<Result<Frame<Bytes>, BoxError>>) -> TimeoutError {
+        let error = result.expect("a frame or an error").expect_err("a timeout");
+        *error
+            .downcast_ref::<TimeoutError>()
+            .expect("a TimeoutError")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_limit_counts_only_time_spent_waiting_on_the_sender() {
+        let (tx, body) = channel_body();
+        let limit = Duration::from_secs(2);
+        let mut body = TimedBody::new(body, Some(TimeoutError::ResponseIdle(limit)), None);
+
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+
+        // A slow reader: ten seconds pass without anyone asking for a frame.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        tx.send(Bytes::from_static(b"b")).await.unwrap();
+        assert!(
+            body.frame().await.unwrap().is_ok(),
+            "the reader's slowness is not the sender's idleness"
+        );
+
+        // Frames 1.5 s apart keep the stream alive for as long as they come.
+        for _ in 0..10 {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                tx.send(Bytes::from_static(b"c")).await.unwrap();
+            });
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+
+        // Then the sender stalls: cut exactly at the limit.
+        let waited = Instant::now();
+        let error = timeout_of(body.frame().await);
+        assert_eq!(error, TimeoutError::ResponseIdle(limit));
+        assert_eq!(waited.elapsed(), limit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_cuts_a_busy_stream() {
+        let (tx, body) = channel_body();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if tx.send(Bytes::from_static(b"token")).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let started = Instant::now();
+        let total = Duration::from_secs(5);
+        let mut body = TimedBody::new(
+            body,
+            Some(TimeoutError::ResponseIdle(Duration::from_secs(1))),
+            Some((started + total, total)),
+        );
+        let mut frames = 0;
+        let error = loop {
+            match body.frame().await {
+                Some(Ok(_)) => frames += 1,
+                other => break timeout_of(other),
+            }
+        };
+        assert_eq!(error, TimeoutError::Total(total));
+        assert_eq!(started.elapsed(), total);
+        assert!(
+            (48..=50).contains(&frames),
+            "{frames} frames before the deadline"
+        );
+    }
+
+    async fn time_to_headers(
+        limits: Limits,
+    ) -> (Result<Response<ProxyBody>, ProxyError>, Duration) {
+        let slow = tower::service_fn(|_req: Request<ProxyBody>| async {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            Ok::<_, ProxyError>(Response::new(empty()))
+        });
+        let started = Instant::now();
+        let result = TimeoutLayer::new(limits)
+            .layer(slow)
+            .oneshot(Request::new(empty()))
+            .await;
+        (result, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_earlier_of_the_headers_limit_and_the_deadline_applies() {
+        let secs = |s| Some(Duration::from_secs(s));
+        let (result, after) = time_to_headers(Limits {
+            response_headers: secs(10),
+            total: secs(5),
+            idle: None,
+        })
+        .await;
+        assert_eq!(result.unwrap_err().kind().reason(), "request_timeout");
+        assert_eq!(after, Duration::from_secs(5));
+
+        let (result, after) = time_to_headers(Limits {
+            response_headers: secs(10),
+            total: secs(60),
+            idle: None,
+        })
+        .await;
+        assert_eq!(
+            result.unwrap_err().kind().reason(),
+            "response_headers_timeout"
+        );
+        assert_eq!(after, Duration::from_secs(10));
+
+        let (result, after) = time_to_headers(Limits::default()).await;
+        assert!(result.is_ok(), "no limit, no timeout");
+        assert_eq!(after, Duration::from_secs(100));
+    }
+}

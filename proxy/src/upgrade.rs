@@ -51,11 +51,11 @@ where
             Box::pin(self.inner.call(request));
         Box::pin(async move {
             let mut response = response.await?;
-            if let Some(client_side) = client_side {
-                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    let backend_side = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(client_side, backend_side));
-                }
+            if let Some(client_side) = client_side
+                && response.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                let backend_side = hyper::upgrade::on(&mut response);
+                tokio::spawn(tunnel(client_side, backend_side));
             }
             Ok(response)
         })

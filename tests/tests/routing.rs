@@ -72,7 +72,8 @@ spec:
     let gateway = Gateway::start(&config(&docs));
     let client = client::http1();
     let base = gateway.url("web", "");
-    let cases: [(&str, &str, &str, &[(&str, &str)], &str); 9] = [
+    type Case<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 9] = [
         ("GET", "/", "models.local", &[], "fallback"),
         ("GET", "/v1/models", "models.local", &[], "exact"),
         ("GET", "/v1/models/llama", "models.local", &[], "fallback"),
