@@ -1,6 +1,10 @@
 //! Logs through `tracing`: human-readable lines by default, or one JSON
 //! object per line (fields at the top level, as ELK and Loki ingest them),
 //! with a filter the admin `/log-level` endpoint changes at run time.
+//!
+//! Lines are written to standard output by a thread of their own, so a
+//! request never waits on the terminal or the log collector; when that
+//! thread falls far behind, writers wait rather than lose lines.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -23,6 +27,8 @@ pub enum LogFormat {
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
     current: Mutex<String>,
+    /// Flushes the lines still queued when dropped, at exit.
+    _writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl LogControl {
@@ -46,11 +52,17 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
     let filter = EnvFilter::try_new(directives)
         .map_err(|e| anyhow::anyhow!("invalid log filter {directives:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("infermesh-log")
+        .finish(std::io::stdout());
     let output = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .with_ansi(std::io::stdout().is_terminal())
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
             .json()
             .flatten_event(true)
             .with_current_span(false)
@@ -64,5 +76,6 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
     Ok(LogControl {
         handle,
         current: Mutex::new(directives.to_owned()),
+        _writer: guard,
     })
 }

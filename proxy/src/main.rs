@@ -19,6 +19,10 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "INFERMESH_LOG_FORMAT", global = true)]
     log_format: LogFormat,
+    /// Worker threads serving traffic (default: one per CPU), like Envoy's
+    /// `--concurrency`.
+    #[arg(long, env = "INFERMESH_CONCURRENCY", global = true)]
+    concurrency: Option<usize>,
     /// Log filter, in RUST_LOG syntax (e.g. `info`, `debug,hyper=info`,
     /// `info,infermesh::access=off` to silence the access log).
     #[arg(long, default_value = "info", env = "INFERMESH_LOG", global = true)]
@@ -76,7 +80,11 @@ fn main() -> ExitCode {
                 health_address,
                 shutdown_grace_period,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = cli.concurrency {
+                runtime.worker_threads(n.max(1));
+            }
+            let runtime = runtime
                 .enable_all()
                 .build()
                 .expect("the tokio runtime starts");
