@@ -55,7 +55,9 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("infermesh-log")
-        .finish(std::io::stdout());
+        // Lines queued together go out in one write; the thread flushes
+        // whenever it has drained the queue.
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
     let output = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
             .with_writer(writer)
