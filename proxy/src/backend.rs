@@ -242,3 +242,62 @@ async fn upkeep(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(text: &str, weight: u32) -> Target {
+        Target {
+            target: EndpointTarget::parse(text).unwrap(),
+            weight,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refresh_keeps_endpoints_that_are_still_listed() {
+        let first = resolve(
+            "b",
+            &[target("127.0.0.1:1001", 1), target("127.0.0.1:1002", 1)],
+            &EndpointSet::default(),
+        )
+        .await;
+        first.endpoints[0]
+            .stats
+            .requests
+            .fetch_add(7, std::sync::atomic::Ordering::Relaxed);
+
+        let targets = [
+            target("127.0.0.1:1001", 1),
+            target("127.0.0.1:1002", 5),
+            target("localhost:1003", 1),
+        ];
+        let second = resolve("b", &targets, &first).await;
+        assert!(
+            Arc::ptr_eq(&first.endpoints[0], &second.endpoints[0]),
+            "unchanged endpoint kept"
+        );
+        assert_eq!(
+            second.endpoints[0]
+                .stats
+                .requests
+                .load(std::sync::atomic::Ordering::Relaxed),
+            7
+        );
+        assert!(
+            !Arc::ptr_eq(&first.endpoints[1], &second.endpoints[1]),
+            "a new weight is a new endpoint"
+        );
+        assert_eq!(second.endpoints[1].weight, 5);
+        let from_dns: Vec<_> = second.endpoints[2..].iter().collect();
+        assert!(!from_dns.is_empty());
+        for e in from_dns {
+            assert_eq!(e.hostname.as_deref(), Some("localhost"));
+            assert!(e.addr.ip().is_loopback() && e.addr.port() == 1003);
+        }
+        assert_eq!(
+            second.total_weight,
+            1 + 5 + (second.endpoints.len() as u64 - 2)
+        );
+    }
+}

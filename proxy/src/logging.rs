@@ -57,7 +57,10 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
         .thread_name("infermesh-log")
         // Lines queued together go out in one write; the thread flushes
         // whenever it has drained the queue.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     let output = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
             .with_writer(writer)

@@ -481,3 +481,90 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reloads_add_and_remove_listeners_and_keep_unchanged_ones() {
+    let a = MockBackend::echo("a", Protocol::Http1).await;
+    let b = MockBackend::echo("b", Protocol::Http1).await;
+    let gateway = Gateway::start(&two_backends(&a, &b, "a"));
+    let web = gateway.listener("web");
+    let client = client::http1();
+
+    // Add a listener served by its own route.
+    let with_grpc = config(&[
+        &listener("web", "http"),
+        &listener("grpc", "http2"),
+        &backend("a", "http1", &[a.addr]),
+        &backend("b", "http1", &[b.addr]),
+        "kind: Route\nmetadata: { name: r }\nspec:\n  listeners: [web]\n  rules:\n    - backends: [{ name: a }]",
+        "kind: Route\nmetadata: { name: g }\nspec:\n  listeners: [grpc]\n  rules:\n    - backends: [{ name: b }]",
+    ]);
+    gateway.write_config(&with_grpc);
+    gateway.wait_for_log(applied, Duration::from_secs(10));
+    assert_eq!(
+        gateway.listener("web"),
+        web,
+        "an unchanged listener keeps its socket"
+    );
+    let reply = client::get(&client::http2(), &gateway.url("grpc", "/")).await;
+    assert_eq!(reply.header("x-backend"), Some("b"));
+    assert_eq!(
+        client::get(&client, &gateway.url("web", "/"))
+            .await
+            .header("x-backend"),
+        Some("a")
+    );
+
+    // Remove it again.
+    let grpc = gateway.listener("grpc");
+    gateway.write_config(&two_backends(&a, &b, "a"));
+    gateway.wait_for_logs(2, applied, Duration::from_secs(10));
+    gateway.wait_for_log(
+        |l| l["message"] == "listener removed; draining its connections",
+        Duration::from_secs(5),
+    );
+    let mut refused = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(grpc).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "a removed listener stops accepting");
+    assert_eq!(
+        client::get(&client, &gateway.url("web", "/"))
+            .await
+            .header("x-backend"),
+        Some("a")
+    );
+
+    // A listener that cannot bind makes the whole reload fail; nothing changes.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let clash = two_backends(&a, &b, "b").replace(
+        "spec: { address: 127.0.0.1:0, protocol: http }",
+        &format!(
+            "spec: {{ address: \"{}\", protocol: http }}",
+            taken.local_addr().unwrap()
+        ),
+    );
+    gateway.write_config(&clash);
+    let error = gateway.wait_for_log(refused_bind, Duration::from_secs(10));
+    assert!(
+        error["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot listen on"),
+        "{error}"
+    );
+    assert_eq!(
+        client::get(&client, &gateway.url("web", "/"))
+            .await
+            .header("x-backend"),
+        Some("a")
+    );
+}
+
+fn refused_bind(l: &Value) -> bool {
+    refused(l) && l.get("error").is_some()
+}

@@ -292,3 +292,47 @@ async fn each_request_gets_one_access_log_line_with_its_fields_at_the_top_level(
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dns_named_endpoints_are_resolved() {
+    let v4 = MockBackend::echo("dns", Protocol::Http1).await;
+    let port = v4.addr.port();
+    // If `localhost` also resolves to ::1 here, serve there too.
+    let _v6 = match tokio::net::TcpListener::bind(("::1", port)).await {
+        Ok(listener) => Some(MockBackend::serve(
+            listener,
+            Protocol::Http1,
+            infermesh_tests::backend::echo("dns"),
+        )),
+        Err(_) => None,
+    };
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &format!(
+            "kind: Backend\nmetadata: {{ name: named }}\nspec:\n  endpoints: [{{ address: \"localhost:{port}\" }}]"
+        ),
+        "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - backends: [{ name: named }]",
+    ]));
+    let client = client::http1();
+    for _ in 0..10 {
+        assert_eq!(
+            client::get(&client, &gateway.url("web", "/")).await.status,
+            200
+        );
+    }
+    let endpoints = client::get(&client, &format!("http://{}/endpoints", gateway.admin))
+        .await
+        .json();
+    let listed = endpoints["backends"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        listed.iter().any(|e| e["address"] == v4.addr.to_string()),
+        "{endpoints}"
+    );
+    assert!(
+        listed.iter().all(|e| e["hostname"] == "localhost"),
+        "{endpoints}"
+    );
+}
