@@ -187,8 +187,8 @@ impl Default for PoolSpec {
     }
 }
 
-impl BackendSpec {
-    pub(crate) fn check(&self, checker: &mut Checker<'_>) {
+impl crate::Spec for BackendSpec {
+    fn check(&self, checker: &mut Checker<'_>) {
         let spec = FieldPath::root().key("spec");
         let endpoints = spec.key("endpoints");
         let mut seen = std::collections::HashMap::new();

@@ -45,6 +45,7 @@ pub use listener::{ListenerProtocol, ListenerSpec};
 pub use path::FieldPath;
 pub use route::{
     BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts,
+    full_match_regex,
 };
 pub use yaml::Position;
 
@@ -271,21 +272,26 @@ impl Config {
             }
         };
 
-        let mut bound = HashMap::new();
-        for listener in &self.listeners {
+        // Two sockets clash on one port when their addresses are equal, or
+        // when either is a wildcard (`0.0.0.0`, `[::]`), which takes the port
+        // on every address.
+        for (i, listener) in self.listeners.iter().enumerate() {
             let addr = listener.spec.address;
-            if addr.port() == 0 {
-                continue;
-            }
-            if let Some(first) = bound.insert(addr, &listener.name) {
-                Checker::new(
-                    &listener.origin,
-                    resource_label(Kind::Listener, &listener.name),
-                    out,
-                )
-                .error(
+            let clash = self.listeners[..i].iter().find(|earlier| {
+                let other = earlier.spec.address;
+                addr.port() != 0
+                    && other.port() == addr.port()
+                    && (other.ip() == addr.ip()
+                        || other.ip().is_unspecified()
+                        || addr.ip().is_unspecified())
+            });
+            if let Some(first) = clash {
+                Checker::new(&listener.origin, resource_label(Kind::Listener, &listener.name), out).error(
                     FieldPath::root().key("spec").key("address"),
-                    format!("address {addr} is already used by listener {first:?}"),
+                    format!(
+                        "address {addr} clashes with listener {:?} on {}: a port can be bound once per address, and a wildcard address takes it on all of them",
+                        first.name, first.spec.address
+                    ),
                 );
             }
         }
@@ -396,44 +402,36 @@ fn load_document(
     }
     defined.insert((kind, name.clone()), origin.clone());
 
-    let spec_path = root.key("spec");
     let label = label.expect("kind is known");
+    let spec = envelope.spec;
     match kind {
-        Kind::Listener => {
-            if let Some(spec) = deserialize_located::<ListenerSpec>(
-                envelope.spec,
-                &spec_path,
-                &origin,
-                Some(&label),
-                out,
-            ) {
-                config.listeners.push(Resource { name, spec, origin });
-            }
-        }
-        Kind::Backend => {
-            if let Some(spec) = deserialize_located::<BackendSpec>(
-                envelope.spec,
-                &spec_path,
-                &origin,
-                Some(&label),
-                out,
-            ) {
-                spec.check(&mut Checker::new(&origin, label, out));
-                config.backends.push(Resource { name, spec, origin });
-            }
-        }
-        Kind::Route => {
-            if let Some(spec) = deserialize_located::<RouteSpec>(
-                envelope.spec,
-                &spec_path,
-                &origin,
-                Some(&label),
-                out,
-            ) {
-                spec.check(&mut Checker::new(&origin, label, out));
-                config.routes.push(Resource { name, spec, origin });
-            }
-        }
+        Kind::Listener => load_spec(spec, name, origin, label, &mut config.listeners, out),
+        Kind::Backend => load_spec(spec, name, origin, label, &mut config.backends, out),
+        Kind::Route => load_spec(spec, name, origin, label, &mut config.routes, out),
+    }
+}
+
+/// A kind's spec: how to check one resource on its own (references
+/// between resources are checked across the whole config).
+trait Spec: DeserializeOwned {
+    fn check(&self, _checker: &mut Checker<'_>) {}
+}
+
+impl Spec for ListenerSpec {}
+
+/// Parses and checks the spec of one resource, adding it to `into`.
+fn load_spec<S: Spec>(
+    spec: Value,
+    name: String,
+    origin: Origin,
+    label: String,
+    into: &mut Vec<Resource<S>>,
+    out: &mut Vec<Diagnostic>,
+) {
+    let path = FieldPath::root().key("spec");
+    if let Some(spec) = deserialize_located::<S>(spec, &path, &origin, Some(&label), out) {
+        Spec::check(&spec, &mut Checker::new(&origin, label, out));
+        into.push(Resource { name, spec, origin });
     }
 }
 

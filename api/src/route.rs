@@ -166,8 +166,8 @@ impl Default for RouteTimeouts {
     }
 }
 
-impl RouteSpec {
-    pub(crate) fn check(&self, checker: &mut Checker<'_>) {
+impl crate::Spec for RouteSpec {
+    fn check(&self, checker: &mut Checker<'_>) {
         let spec = FieldPath::root().key("spec");
         for (i, host) in self.hostnames.iter().enumerate() {
             if let Err(e) = check_hostname(host) {
@@ -235,7 +235,7 @@ impl RouteMatch {
                 );
             }
             Some(PathMatch::Regex(r)) => {
-                if let Err(e) = regex::Regex::new(r) {
+                if let Err(e) = full_match_regex(r) {
                     checker.error(at.key("path").key("regex"), regex_error(&e));
                 }
             }
@@ -262,7 +262,7 @@ impl RouteMatch {
                 checker.error(at.clone(), "give exactly one of exact, regex or present");
             }
             if let Some(r) = &h.regex
-                && let Err(e) = regex::Regex::new(r)
+                && let Err(e) = full_match_regex(r)
             {
                 checker.error(at.key("regex"), regex_error(&e));
             }
@@ -273,6 +273,13 @@ impl RouteMatch {
             }
         }
     }
+}
+
+/// Compiles a path or header regex the way matching uses it: it must match
+/// the whole value. Validation and the router both compile through here,
+/// so a pattern that passes `check` always compiles when applied.
+pub fn full_match_regex(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!("^(?:{pattern})$"))
 }
 
 /// The regex crate explains syntax errors over several lines, drawing a

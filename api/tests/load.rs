@@ -188,6 +188,8 @@ fn duplicates_and_clashes() {
     let text = [
         doc("Listener", "a", "{ address: 127.0.0.1:8080 }"),
         doc("Listener", "b", "{ address: 127.0.0.1:8080 }"),
+        doc("Listener", "any", "{ address: 0.0.0.0:8081 }"),
+        doc("Listener", "local", "{ address: 127.0.0.1:8081 }"),
         doc("Backend", "m", "{ endpoints: [{ address: 127.0.0.1:1 }] }"),
         doc("Backend", "m", "{}"),
         doc(
@@ -199,9 +201,10 @@ fn duplicates_and_clashes() {
     .concat();
     let joined = load(&text).unwrap_err().join("\n");
     for e in [
-        "Listener/b: spec.address: address 127.0.0.1:8080 is already used by listener \"a\"",
+        "Listener/b: spec.address: address 127.0.0.1:8080 clashes with listener \"a\" on 127.0.0.1:8080",
+        "Listener/local: spec.address: address 127.0.0.1:8081 clashes with listener \"any\" on 0.0.0.0:8081",
         "Backend/m: metadata.name: Backend \"m\" is already defined at gw.yaml:",
-        "Route/r: spec.listeners[0]: listener \"c\" is not defined (defined listeners: a, b)",
+        "Route/r: spec.listeners[0]: listener \"c\" is not defined (defined listeners: a, any, b, local)",
         "Route/r: spec.rules[0].backends: every backend has weight 0",
     ] {
         assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
@@ -233,6 +236,7 @@ spec:
           headers:
             - { name: "bad header", exact: a, present: true }
             - { name: x, regex: "(" }
+        - path: { regex: "(?x)/v1/.* # a comment eats the anchor" }
 "#;
     let joined = load(text).unwrap_err().join("\n");
     for e in [
@@ -248,6 +252,7 @@ spec:
         "spec.rules[0].matches[0].headers[0].name: \"bad header\" is not a valid header name",
         "spec.rules[0].matches[0].headers[0]: give exactly one of exact, regex or present",
         "spec.rules[0].matches[0].headers[1].regex: invalid regex",
+        "spec.rules[0].matches[1].path.regex: invalid regex",
     ] {
         assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
     }

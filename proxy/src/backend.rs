@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use infermesh_api::{BackendSpec, EndpointTarget};
 use tokio::task::AbortHandle;
 
+use crate::body::BoxFuture;
 use crate::metrics::Metrics;
 use crate::pool::{Connections, PoolSettings};
 
@@ -97,8 +98,16 @@ struct Target {
 
 impl Backend {
     /// Builds the backend, resolving its DNS names once (waiting at most a
-    /// few seconds), and starts its upkeep task.
-    pub async fn new(name: &str, spec: BackendSpec, metrics: &Metrics) -> Arc<Backend> {
+    /// few seconds), and starts its upkeep task. `previous` is the backend
+    /// of the same name this one replaces: a name DNS cannot resolve now
+    /// keeps the addresses it had there. Its connections are not reused,
+    /// since they were made with the old settings.
+    pub async fn new(
+        name: &str,
+        spec: BackendSpec,
+        previous: Option<&Backend>,
+        metrics: &Metrics,
+    ) -> Arc<Backend> {
         let name: Arc<str> = Arc::from(name);
         let targets: Vec<Target> = spec
             .endpoints
@@ -116,13 +125,14 @@ impl Backend {
             open_gauge: metrics.upstream_connections.with_label_values(&[&*name]),
         });
         let endpoints = Arc::new(ArcSwap::from_pointee(EndpointSet::default()));
+        let known = previous.map(Backend::endpoints).unwrap_or_default();
         let first = tokio::time::timeout(
             FIRST_RESOLUTION_WAIT,
-            resolve(&name, &targets, &EndpointSet::default()),
+            lookup(&name, &targets, &known, system_resolver),
         )
         .await;
         match first {
-            Ok(set) => endpoints.store(Arc::new(set)),
+            Ok(resolved) => endpoints.store(Arc::new(assemble(resolved, &EndpointSet::default()))),
             Err(_) => {
                 tracing::warn!(backend = %name, "DNS did not answer in time; the backend starts without endpoints")
             }
@@ -156,49 +166,86 @@ impl Backend {
     }
 }
 
-/// Resolves every target, reusing endpoints of `current` that are still
-/// listed so they keep their connections and counters.
-async fn resolve(backend: &str, targets: &[Target], current: &EndpointSet) -> EndpointSet {
-    let existing: HashMap<SocketAddr, &Arc<Endpoint>> =
-        current.endpoints.iter().map(|e| (e.addr, e)).collect();
-    let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+/// One address a target resolved to.
+struct Resolved {
+    addr: SocketAddr,
+    weight: u32,
+    hostname: Option<Arc<str>>,
+}
+
+/// Resolves a host name and port to addresses.
+type Resolver = fn(String, u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>>;
+
+/// The operating system's resolver (`getaddrinfo`: `/etc/hosts`, then DNS).
+fn system_resolver(host: String, port: u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>> {
+    Box::pin(async move {
+        tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(Iterator::collect)
+    })
+}
+
+/// Looks every target up. A DNS name whose lookup fails keeps the addresses
+/// it had in `known`, as Envoy does, so a DNS outage does not empty a
+/// backend.
+async fn lookup(
+    backend: &str,
+    targets: &[Target],
+    known: &EndpointSet,
+    resolve: Resolver,
+) -> Vec<Resolved> {
+    let mut resolved: Vec<Resolved> = Vec::new();
     for t in targets {
         let (addrs, hostname): (Vec<SocketAddr>, Option<Arc<str>>) = match &t.target {
             EndpointTarget::Socket(addr) => (vec![*addr], None),
             EndpointTarget::Dns { host, port } => {
-                match tokio::net::lookup_host((host.as_str(), *port)).await {
-                    Ok(addrs) => (addrs.collect(), Some(Arc::from(host.as_str()))),
+                let addrs = match resolve(host.clone(), *port).await {
+                    Ok(addrs) => addrs,
                     Err(e) => {
-                        // Keep what this name resolved to before, as Envoy does.
                         tracing::warn!(backend, host = %host, error = %e, "DNS resolution failed; keeping the last known addresses");
-                        let kept = current
+                        known
                             .endpoints
                             .iter()
                             .filter(|ep| ep.hostname.as_deref() == Some(host.as_str()))
                             .map(|ep| ep.addr)
-                            .collect();
-                        (kept, Some(Arc::from(host.as_str())))
+                            .collect()
                     }
-                }
+                };
+                (addrs, Some(Arc::from(host.as_str())))
             }
         };
         for addr in addrs {
-            if endpoints.iter().any(|e| e.addr == addr) {
-                continue;
-            }
-            let endpoint = match existing.get(&addr) {
-                Some(e) if e.weight == t.weight => Arc::clone(e),
-                _ => Arc::new(Endpoint {
+            if !resolved.iter().any(|r| r.addr == addr) {
+                resolved.push(Resolved {
                     addr,
                     weight: t.weight,
                     hostname: hostname.clone(),
-                    stats: EndpointStats::default(),
-                    connections: Arc::default(),
-                }),
-            };
-            endpoints.push(endpoint);
+                });
+            }
         }
     }
+    resolved
+}
+
+/// The endpoint set of `resolved`, reusing the endpoints of `current` with
+/// the same address and weight, so they keep their connections and
+/// counters.
+fn assemble(resolved: Vec<Resolved>, current: &EndpointSet) -> EndpointSet {
+    let existing: HashMap<SocketAddr, &Arc<Endpoint>> =
+        current.endpoints.iter().map(|e| (e.addr, e)).collect();
+    let endpoints = resolved
+        .into_iter()
+        .map(|r| match existing.get(&r.addr) {
+            Some(e) if e.weight == r.weight => Arc::clone(e),
+            _ => Arc::new(Endpoint {
+                addr: r.addr,
+                weight: r.weight,
+                hostname: r.hostname,
+                stats: EndpointStats::default(),
+                connections: Arc::default(),
+            }),
+        })
+        .collect();
     EndpointSet::new(endpoints)
 }
 
@@ -224,7 +271,7 @@ async fn upkeep(
             _ = dns.tick(), if has_dns => {
                 let Some(endpoints) = endpoints.upgrade() else { return };
                 let current = endpoints.load_full();
-                let next = resolve(&name, &targets, &current).await;
+                let next = assemble(lookup(&name, &targets, &current, system_resolver).await, &current);
                 let changed = next.endpoints.len() != current.endpoints.len()
                     || next.endpoints.iter().zip(&current.endpoints).any(|(a, b)| !Arc::ptr_eq(a, b));
                 if changed {
@@ -245,6 +292,8 @@ async fn upkeep(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     fn target(text: &str, weight: u32) -> Target {
@@ -254,10 +303,27 @@ mod tests {
         }
     }
 
+    /// Resolves `model.test` to two addresses and fails for every other
+    /// name, without asking the network.
+    fn fake_dns(host: String, port: u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>> {
+        Box::pin(async move {
+            match host.as_str() {
+                "model.test" => Ok(vec![
+                    ([10, 0, 0, 1], port).into(),
+                    ([10, 0, 0, 2], port).into(),
+                ]),
+                _ => Err(std::io::Error::other("no such host")),
+            }
+        })
+    }
+
+    async fn refresh(targets: &[Target], current: &EndpointSet) -> EndpointSet {
+        assemble(lookup("b", targets, current, fake_dns).await, current)
+    }
+
     #[tokio::test]
     async fn a_refresh_keeps_endpoints_that_are_still_listed() {
-        let first = resolve(
-            "b",
+        let first = refresh(
             &[target("127.0.0.1:1001", 1), target("127.0.0.1:1002", 1)],
             &EndpointSet::default(),
         )
@@ -265,23 +331,20 @@ mod tests {
         first.endpoints[0]
             .stats
             .requests
-            .fetch_add(7, std::sync::atomic::Ordering::Relaxed);
+            .fetch_add(7, Ordering::Relaxed);
 
         let targets = [
             target("127.0.0.1:1001", 1),
             target("127.0.0.1:1002", 5),
-            target("localhost:1003", 1),
+            target("model.test:1003", 1),
         ];
-        let second = resolve("b", &targets, &first).await;
+        let second = refresh(&targets, &first).await;
         assert!(
             Arc::ptr_eq(&first.endpoints[0], &second.endpoints[0]),
             "unchanged endpoint kept"
         );
         assert_eq!(
-            second.endpoints[0]
-                .stats
-                .requests
-                .load(std::sync::atomic::Ordering::Relaxed),
+            second.endpoints[0].stats.requests.load(Ordering::Relaxed),
             7
         );
         assert!(
@@ -289,15 +352,30 @@ mod tests {
             "a new weight is a new endpoint"
         );
         assert_eq!(second.endpoints[1].weight, 5);
-        let from_dns: Vec<_> = second.endpoints[2..].iter().collect();
-        assert!(!from_dns.is_empty());
-        for e in from_dns {
-            assert_eq!(e.hostname.as_deref(), Some("localhost"));
-            assert!(e.addr.ip().is_loopback() && e.addr.port() == 1003);
-        }
-        assert_eq!(
-            second.total_weight,
-            1 + 5 + (second.endpoints.len() as u64 - 2)
+        let from_dns: Vec<String> = second.endpoints[2..]
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        assert_eq!(from_dns, ["10.0.0.1:1003", "10.0.0.2:1003"]);
+        assert!(
+            second.endpoints[2..]
+                .iter()
+                .all(|e| e.hostname.as_deref() == Some("model.test"))
         );
+        assert_eq!(second.total_weight, 1 + 5 + 2);
+    }
+
+    #[tokio::test]
+    async fn a_name_dns_cannot_resolve_keeps_its_known_addresses() {
+        let known = EndpointSet::new(vec![Arc::new(Endpoint {
+            addr: "10.0.0.9:8000".parse().unwrap(),
+            weight: 1,
+            hostname: Some(Arc::from("model.invalid")),
+            stats: EndpointStats::default(),
+            connections: Arc::default(),
+        })]);
+        let resolved = lookup("b", &[target("model.invalid:8000", 1)], &known, fake_dns).await;
+        let addrs: Vec<SocketAddr> = resolved.iter().map(|r| r.addr).collect();
+        assert_eq!(addrs, ["10.0.0.9:8000".parse::<SocketAddr>().unwrap()]);
     }
 }

@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::balance::{Balance, pick_weighted};
 use crate::body::{BoxFuture, ProxyBody};
 use crate::error::ProxyError;
-use crate::headers::ForwardHeadersLayer;
+use crate::headers;
 use crate::timeout::{Limits, TimeoutLayer};
 use crate::upgrade::UpgradeLayer;
 
@@ -38,7 +38,8 @@ pub fn rule_service(rule: &RouteRule, backends: &BTreeMap<String, Arc<Backend>>)
     BoxCloneSyncService::new(
         ServiceBuilder::new()
             .layer(TimeoutLayer::new(Limits::from_config(&rule.timeouts)))
-            .layer(ForwardHeadersLayer)
+            .map_request(headers::forward_request)
+            .map_response(headers::forward_response)
             .layer(UpgradeLayer)
             .service(split),
     )

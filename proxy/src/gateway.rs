@@ -14,11 +14,12 @@ use tokio::sync::mpsc;
 
 use crate::config_file::{self, ConfigFileError, FileText};
 use crate::lifecycle::Lifecycle;
-use crate::listener::Listeners;
+use crate::listener::{BindError, Listeners};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::ops::{self, Ops};
 use crate::proxy::Shared;
+use crate::router::InvalidMatch;
 use crate::snapshot::Snapshot;
 
 /// How the gateway is started.
@@ -32,6 +33,23 @@ pub struct GatewayOptions {
     pub health_address: SocketAddr,
     /// How long in-flight requests may take to finish once a shutdown begins.
     pub shutdown_grace_period: Duration,
+    /// How long after SIGTERM the listeners keep accepting while `/ready`
+    /// already says 503, so that load balancers stop sending first.
+    pub drain_delay: Duration,
+}
+
+/// Why a config could not be applied.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    /// The file could not be read, or is not a valid config.
+    #[error(transparent)]
+    File(ConfigFileError),
+    /// A new listener could not bind.
+    #[error(transparent)]
+    Bind(BindError),
+    /// A route match did not compile.
+    #[error(transparent)]
+    Routes(InvalidMatch),
 }
 
 /// Why a reload was attempted.
@@ -44,6 +62,7 @@ enum Trigger {
 /// Runs the gateway until it has been shut down.
 pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    metrics.register(log.dropped_lines_metric());
     let (config, text) = config_file::load(&options.config).map_err(|e| match e {
         ConfigFileError::Invalid(d) => anyhow::anyhow!("refusing to start: {d}"),
         other => anyhow::anyhow!(other),
@@ -54,7 +73,9 @@ pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Resul
 
     let mut listeners = Listeners::new();
     let plan = listeners.prepare(&config).await?;
-    let snapshot = Snapshot::build(config, &plan.ids, None, &metrics).await;
+    let snapshot = Snapshot::build(config, &plan.ids, &plan.draining, None, &metrics)
+        .await
+        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics: metrics.clone(),
@@ -123,7 +144,12 @@ impl Gateway {
             }
         }
         self.shared.lifecycle.begin_drain();
-        tracing::info!(grace_period = ?self.options.shutdown_grace_period, "shutting down");
+        tracing::info!(grace_period = ?self.options.shutdown_grace_period, drain_delay = ?self.options.drain_delay, "shutting down");
+        if !self.options.drain_delay.is_zero() {
+            // Not ready, still accepting: clients learn of the shutdown from
+            // their load balancer before connections are refused.
+            tokio::time::sleep(self.options.drain_delay).await;
+        }
         self.drain().await;
         tracing::info!("shut down");
         Ok(())
@@ -148,10 +174,9 @@ impl Gateway {
             tracing::info!("draining; config changes are no longer applied");
             return;
         }
-        let path = &self.options.config;
-        let text = match config_file::read(path) {
+        let text = match config_file::read(&self.options.config) {
             Ok(text) => text,
-            Err(e) => return self.refuse(&e),
+            Err(e) => return self.refuse(&ReloadError::File(e)),
         };
         if text == self.text {
             if self.refused.is_some() {
@@ -167,29 +192,38 @@ impl Gateway {
         if trigger == Trigger::FileChanged && self.refused.as_ref() == Some(&text) {
             return;
         }
-        let config = match config_file::parse(path, &text) {
-            Ok(config) => config,
+        match self.apply(&text).await {
+            Ok(()) => self.accept(text),
             Err(e) => {
                 self.refused = Some(text);
-                return self.refuse(&e);
+                self.refuse(&e);
             }
-        };
+        }
+    }
+
+    /// Validates `text` and, if it is valid, swaps in its snapshot and
+    /// brings the listeners in line. Nothing changes on an error.
+    async fn apply(&mut self, text: &FileText) -> Result<(), ReloadError> {
+        let config = config_file::parse(&self.options.config, text).map_err(ReloadError::File)?;
         let current = self.shared.snapshot.load_full();
         if config.version() == current.version {
             tracing::info!(version = %current.version, "config file changed, but not its meaning");
-            self.accept(text);
-            return;
+            return Ok(());
         }
-        let plan = match self.listeners.prepare(&config).await {
-            Ok(plan) => plan,
-            Err(e) => {
-                self.refused = Some(text);
-                tracing::error!(error = %e, version = %current.version, "config refused; still serving the previous version");
-                return self.count_failure();
-            }
-        };
-        let snapshot =
-            Snapshot::build(config, &plan.ids, Some(&current), &self.shared.metrics).await;
+        let plan = self
+            .listeners
+            .prepare(&config)
+            .await
+            .map_err(ReloadError::Bind)?;
+        let snapshot = Snapshot::build(
+            config,
+            &plan.ids,
+            &plan.draining,
+            Some(&current),
+            &self.shared.metrics,
+        )
+        .await
+        .map_err(ReloadError::Routes)?;
         let version = snapshot.version.clone();
         self.shared.snapshot.store(Arc::new(snapshot));
         self.listeners.commit(plan, &self.shared);
@@ -198,9 +232,9 @@ impl Gateway {
             .config_reloads
             .with_label_values(&["success"])
             .inc();
-        self.accept(text);
         self.record_applied();
         tracing::info!(version = %version, previous = %current.version, "config applied");
+        Ok(())
     }
 
     /// Remembers `text` as the file content being served.
@@ -210,10 +244,10 @@ impl Gateway {
         self.shared.metrics.config_last_reload_successful.set(1);
     }
 
-    fn refuse(&self, error: &ConfigFileError) {
+    fn refuse(&self, error: &ReloadError) {
         let version = self.shared.snapshot.load().version.clone();
         match error {
-            ConfigFileError::Invalid(diagnostics) => {
+            ReloadError::File(ConfigFileError::Invalid(diagnostics)) => {
                 for d in diagnostics.iter() {
                     tracing::error!(target: "infermesh::config", "{d}");
                 }

@@ -4,15 +4,11 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::header::{CONNECTION, HeaderName, HeaderValue, TE, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
-use tower::{Layer, Service};
 
-use crate::body::BoxFuture;
 use crate::body::ProxyBody;
-use crate::error::ProxyError;
 use crate::listener::ConnectionInfo;
 
 /// `x-forwarded-for`: the chain of client addresses.
@@ -54,8 +50,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `Connection: upgrade` survive, so a protocol switch can be forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if headers.contains_key(CONNECTION) {
+        // `Connection: TE` is how a client says it sent `TE` (RFC 9110
+        // §10.1.4); `te: trailers` is handled below, not dropped here.
         let named: Vec<HeaderName> = connection_tokens(headers)
             .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+            .filter(|t| !t.eq_ignore_ascii_case("te"))
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
@@ -93,63 +92,42 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// `x-forwarded-proto` to the scheme the client used, overwriting what the
 /// client sent (it cannot be trusted at the edge).
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
-    let client = client.to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {client}"),
-        _ => client,
-    };
+    // Earlier hops may have sent several header lines; keep them all.
+    let mut value = String::new();
+    for existing in headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        if !existing.trim().is_empty() {
+            value.push_str(existing.trim());
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&client.to_string());
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
 }
 
-/// Applies the header rules of this module to requests going upstream and
-/// responses coming back.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ForwardHeadersLayer;
-
-impl<S> Layer<S> for ForwardHeadersLayer {
-    type Service = ForwardHeaders<S>;
-    fn layer(&self, inner: S) -> ForwardHeaders<S> {
-        ForwardHeaders { inner }
+/// Applies this module's rules to a request going upstream: hop-by-hop
+/// headers out, forwarded headers in.
+pub fn forward_request(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
+    let upgrade = is_upgrade(&request);
+    strip_hop_by_hop(request.headers_mut(), upgrade);
+    if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned() {
+        add_forwarded(request.headers_mut(), conn.client.ip(), conn.scheme);
     }
+    request
 }
 
-/// See [`ForwardHeadersLayer`].
-#[derive(Clone, Debug)]
-pub struct ForwardHeaders<S> {
-    inner: S,
-}
-
-impl<S> Service<Request<ProxyBody>> for ForwardHeaders<S>
-where
-    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
-        let upgrade = is_upgrade(&request);
-        strip_hop_by_hop(request.headers_mut(), upgrade);
-        if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned() {
-            add_forwarded(request.headers_mut(), conn.client.ip(), conn.scheme);
-        }
-        let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
-            Box::pin(self.inner.call(request));
-        Box::pin(async move {
-            let mut response = response.await?;
-            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            strip_hop_by_hop(response.headers_mut(), switching);
-            Ok(response)
-        })
-    }
+/// Applies this module's rules to a response coming back: hop-by-hop
+/// headers out, unless the response switches protocols.
+pub fn forward_response(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(response.headers_mut(), switching);
+    response
 }
 
 #[cfg(test)]
@@ -191,6 +169,14 @@ mod tests {
     }
 
     #[test]
+    fn keeps_te_trailers_when_connection_names_te() {
+        let mut h = headers(&[("connection", "TE"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[TE], "trailers");
+        assert!(!h.contains_key(CONNECTION));
+    }
+
+    #[test]
     fn keeps_upgrade_when_forwarding_a_protocol_switch() {
         let mut h = headers(&[
             ("connection", "Upgrade, keep-alive"),
@@ -225,6 +211,16 @@ mod tests {
         add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        let mut several = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+        ]);
+        add_forwarded(&mut several, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(several.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(
+            several[&X_FORWARDED_FOR],
+            "203.0.113.9, 10.0.0.1, 10.0.0.2, 127.0.0.1"
+        );
         let mut fresh = HeaderMap::new();
         add_forwarded(&mut fresh, "::1".parse().unwrap(), "http");
         assert_eq!(fresh[&X_FORWARDED_FOR], "::1");

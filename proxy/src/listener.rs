@@ -32,12 +32,26 @@ pub struct ConnectionInfo {
 
 /// A listener socket could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {address} for listener {name:?}: {source}")]
+#[error(
+    "cannot listen on {address} for listener {name:?}: {source}{}",
+    hint(holder)
+)]
 pub struct BindError {
     name: String,
     address: SocketAddr,
+    /// A running listener of ours on the same port, if any.
+    holder: Option<String>,
     #[source]
     source: std::io::Error,
+}
+
+fn hint(holder: &Option<String>) -> String {
+    match holder {
+        Some(h) => format!(
+            " (listener {h:?} still holds this port: give the listener another port, or restart to move it between a wildcard and a specific address)"
+        ),
+        None => String::new(),
+    }
 }
 
 struct Running {
@@ -54,6 +68,10 @@ struct Running {
 pub struct ListenerPlan {
     /// The socket each listener name will use.
     pub ids: HashMap<String, ListenerId>,
+    /// Listeners that the config drops, or dropped earlier, whose
+    /// connections are still finishing: the new snapshot keeps serving
+    /// them as before until they close.
+    pub draining: Vec<ListenerId>,
     bind: Vec<(ListenerId, String, SocketAddr, TcpListener)>,
     renamed: Vec<(ListenerId, String)>,
     remove: Vec<ListenerId>,
@@ -62,6 +80,8 @@ pub struct ListenerPlan {
 /// The bound listeners and their accept loops.
 pub struct Listeners {
     running: Vec<Running>,
+    /// Listeners no longer configured whose connections are finishing.
+    draining: Vec<Running>,
     next_id: ListenerId,
 }
 
@@ -76,6 +96,7 @@ impl Listeners {
     pub fn new() -> Self {
         Listeners {
             running: Vec::new(),
+            draining: Vec::new(),
             next_id: 1,
         }
     }
@@ -84,8 +105,10 @@ impl Listeners {
     /// bind failure nothing changes (the new sockets are closed again).
     pub async fn prepare(&mut self, config: &Config) -> Result<ListenerPlan, BindError> {
         let mut claimed: Vec<ListenerId> = Vec::new();
+        self.draining.retain(|r| !r.task.is_finished());
         let mut plan = ListenerPlan {
             ids: HashMap::new(),
+            draining: Vec::new(),
             bind: Vec::new(),
             renamed: Vec::new(),
             remove: Vec::new(),
@@ -108,13 +131,20 @@ impl Listeners {
                 }
                 continue;
             }
-            let socket = TcpListener::bind(address)
-                .await
-                .map_err(|source| BindError {
+            let socket = TcpListener::bind(address).await.map_err(|source| {
+                // Say which listener of ours holds the port, if one does.
+                let holder = self
+                    .running
+                    .iter()
+                    .find(|r| r.local.port() == address.port() && !claimed.contains(&r.id))
+                    .map(|r| r.name.clone());
+                BindError {
                     name: listener.name.clone(),
                     address,
+                    holder,
                     source,
-                })?;
+                }
+            })?;
             let id = self.next_id;
             self.next_id += 1;
             plan.ids.insert(listener.name.clone(), id);
@@ -125,6 +155,12 @@ impl Listeners {
             .iter()
             .map(|r| r.id)
             .filter(|id| !claimed.contains(id))
+            .collect();
+        plan.draining = plan
+            .remove
+            .iter()
+            .copied()
+            .chain(self.draining.iter().map(|r| r.id))
             .collect();
         Ok(plan)
     }
@@ -156,6 +192,7 @@ impl Listeners {
                 let removed = self.running.remove(pos);
                 tracing::info!(listener = %removed.name, address = %removed.local, "listener removed; draining its connections");
                 let _ = removed.stop.send(true);
+                self.draining.push(removed);
             }
         }
     }
@@ -175,9 +212,11 @@ impl Listeners {
         for r in &self.running {
             let _ = r.stop.send(true);
         }
-        for r in self.running.drain(..) {
-            let _ = r.task.await;
+        self.draining.append(&mut self.running);
+        for r in &mut self.draining {
+            let _ = (&mut r.task).await;
         }
+        self.draining.clear();
     }
 }
 

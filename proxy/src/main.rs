@@ -47,6 +47,11 @@ enum Command {
         /// How long in-flight requests may take to finish after SIGTERM.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         shutdown_grace_period: std::time::Duration,
+        /// How long after SIGTERM listeners keep accepting while /ready
+        /// already answers 503 (for Kubernetes, a few seconds lets endpoint
+        /// removal reach the load balancers first).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        drain_delay: std::time::Duration,
     },
     /// Validate a config file without starting; prints every problem with
     /// its file, line, column and field.
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
             admin_address,
             health_address,
             shutdown_grace_period,
+            drain_delay,
         } => {
             let log = match logging::init(cli.log_format, &cli.log_level) {
                 Ok(log) => Arc::new(log),
@@ -79,6 +85,7 @@ fn main() -> ExitCode {
                 admin_address,
                 health_address,
                 shutdown_grace_period,
+                drain_delay,
             };
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = cli.concurrency {

@@ -143,6 +143,13 @@ impl Metrics {
         metrics
     }
 
+    /// Adds a collector defined elsewhere (such as the log writer's).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry
+            .register(collector)
+            .expect("metric names are unique");
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -44,13 +44,51 @@ pub struct PoolSettings {
     pub open_gauge: IntGauge,
 }
 
+/// How often an idle HTTP/2 upstream connection is checked with a PING, and
+/// how long the answer may take before the connection is given up: a
+/// backend whose host vanished without a reset is found within half a
+/// minute.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One endpoint's connections.
 #[derive(Debug, Default)]
 pub struct Connections {
     idle: Mutex<Vec<IdleConnection>>,
     shared: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Failed HTTP/2 connects so far, and the last one's cause: requests
+    /// that waited for a connect that failed fail with it at once rather
+    /// than each trying again in turn.
+    connect_failures: std::sync::atomic::AtomicU64,
+    last_connect_failure: Mutex<Option<ConnectFailure>>,
     open: Arc<AtomicI64>,
+}
+
+/// A failed connect, kept to answer the requests that waited on it.
+#[derive(Clone, Debug)]
+enum ConnectFailure {
+    Timeout(Duration),
+    Refused(std::io::ErrorKind, String),
+}
+
+impl ConnectFailure {
+    fn of(error: &ErrorKind) -> Option<Self> {
+        match error {
+            ErrorKind::ConnectTimeout(after) => Some(ConnectFailure::Timeout(*after)),
+            ErrorKind::ConnectFailed(e) => Some(ConnectFailure::Refused(e.kind(), e.to_string())),
+            _ => None,
+        }
+    }
+
+    fn to_error(&self) -> ErrorKind {
+        match self {
+            ConnectFailure::Timeout(after) => ErrorKind::ConnectTimeout(*after),
+            ConnectFailure::Refused(kind, message) => {
+                ErrorKind::ConnectFailed(std::io::Error::new(*kind, message.clone()))
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -182,19 +220,22 @@ async fn send_http2(
 ) -> Result<Response<Incoming>, ErrorKind> {
     let mut reconnected = false;
     loop {
-        let mut sender = match connections.shared.load_full() {
-            Some(s) if !s.is_closed() => (*s).clone(),
+        let shared = match connections.shared.load_full() {
+            Some(s) if !s.is_closed() => s,
             _ => {
                 reconnected = true;
                 connect_http2(connections, addr, settings).await?
             }
         };
+        let mut sender = (*shared).clone();
         match sender.try_send_request(request).await {
             Ok(response) => return Ok(response),
             Err(mut e) => match e.take_message() {
-                // The shared connection was closing (GOAWAY); one fresh try.
+                // The shared connection was closing (GOAWAY): forget it,
+                // unless another request already replaced it, and make
+                // one fresh try.
                 Some(unsent) if !reconnected => {
-                    connections.shared.store(None);
+                    connections.shared.compare_and_swap(&shared, None);
                     request = unsent;
                 }
                 _ => return Err(ErrorKind::from_upstream(e.into_error())),
@@ -204,22 +245,46 @@ async fn send_http2(
 }
 
 /// Returns the shared HTTP/2 connection, making it if none is open. One
-/// caller connects while the others wait for its result.
+/// caller connects while the others wait for its result; if that connect
+/// fails, the waiters fail with it at once.
 async fn connect_http2(
     connections: &Arc<Connections>,
     addr: SocketAddr,
     settings: &Arc<PoolSettings>,
-) -> Result<http2::SendRequest<ProxyBody>, ErrorKind> {
+) -> Result<Arc<http2::SendRequest<ProxyBody>>, ErrorKind> {
+    let failures_before = connections.connect_failures.load(Ordering::Acquire);
     let _one_at_a_time = connections.connecting.lock().await;
     if let Some(s) = connections.shared.load_full()
         && !s.is_closed()
     {
-        return Ok((*s).clone());
+        return Ok(s);
     }
-    let io = connect(addr, settings.connect_timeout).await?;
+    if connections.connect_failures.load(Ordering::Acquire) != failures_before
+        && let Some(failure) = connections
+            .last_connect_failure
+            .lock()
+            .expect("connect failure lock")
+            .clone()
+    {
+        return Err(failure.to_error());
+    }
+    let io = match connect(addr, settings.connect_timeout).await {
+        Ok(io) => io,
+        Err(e) => {
+            *connections
+                .last_connect_failure
+                .lock()
+                .expect("connect failure lock") = ConnectFailure::of(&e);
+            connections.connect_failures.fetch_add(1, Ordering::Release);
+            return Err(e);
+        }
+    };
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .adaptive_window(true)
+        .keep_alive_interval(HTTP2_PING_INTERVAL)
+        .keep_alive_timeout(HTTP2_PING_TIMEOUT)
+        .keep_alive_while_idle(true)
         .handshake::<_, ProxyBody>(io)
         .await
         .map_err(ErrorKind::UpstreamReset)?;
@@ -230,7 +295,8 @@ async fn connect_http2(
         }
         drop(guard);
     });
-    connections.shared.store(Some(Arc::new(sender.clone())));
+    let sender = Arc::new(sender);
+    connections.shared.store(Some(sender.clone()));
     Ok(sender)
 }
 
@@ -273,15 +339,19 @@ impl Drop for OpenConnection {
 /// host the client asked for: HTTP/1.1 gets an origin-form target and a
 /// `Host` header; HTTP/2 gets an absolute URI whose authority becomes
 /// `:authority`.
+///
+/// The client's host is the request's authority (HTTP/2 `:authority`, or an
+/// absolute-form HTTP/1.1 target) when it has one, as RFC 9112 §3.2.2 and
+/// RFC 9113 §8.3.1 say, else its `Host` header: the same host the route
+/// was matched on.
 pub fn adapt_request<B>(
     request: &mut Request<B>,
     protocol: UpstreamProtocol,
     endpoint: SocketAddr,
 ) {
-    let authority = request
-        .uri()
-        .authority()
-        .cloned()
+    let from_uri = request.uri().authority().cloned();
+    let authority = from_uri
+        .clone()
         .or_else(|| {
             request
                 .headers()
@@ -299,7 +369,7 @@ pub fn adapt_request<B>(
     match protocol {
         UpstreamProtocol::Http1 => {
             *request.version_mut() = Version::HTTP_11;
-            if !request.headers().contains_key(HOST)
+            if (from_uri.is_some() || !request.headers().contains_key(HOST))
                 && let Ok(host) = HeaderValue::from_str(authority.as_str())
             {
                 request.headers_mut().insert(HOST, host);
@@ -354,6 +424,20 @@ mod tests {
         );
         assert!(!req.headers().contains_key(HOST));
         assert_eq!(req.version(), Version::HTTP_2);
+    }
+
+    #[test]
+    fn the_authority_wins_over_a_different_host_header() {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let mut req = Request::builder()
+                .version(version)
+                .uri("http://public.example.com/v1/models")
+                .header(HOST, "internal.example.com")
+                .body(())
+                .unwrap();
+            adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
+            assert_eq!(req.headers()[HOST], "public.example.com", "{version:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Method, Request};
-use infermesh_api::{HeaderMatch, PathMatch, RouteMatch};
+use infermesh_api::{HeaderMatch, PathMatch, RouteMatch, full_match_regex};
 use regex::Regex;
 
 /// The rules of one listener, in precedence order, each leading to a `T`.
@@ -88,11 +88,11 @@ impl<T: Clone> RouterBuilder<T> {
         };
         for host in hosts {
             for m in matches {
-                let (host, host_rank) = match host {
+                let (host, host_rank) = match host.map(|h| h.trim_end_matches('.')) {
                     None => (HostMatch::Any, (0, 0)),
                     Some(h) => match h.strip_prefix('*') {
                         Some(suffix) => (HostMatch::Suffix(suffix.to_owned()), (1, suffix.len())),
-                        None => (HostMatch::Exact(h.clone()), (2, h.len())),
+                        None => (HostMatch::Exact(h.to_owned()), (2, h.len())),
                     },
                 };
                 // Exact paths, then longer prefixes, then regexes, then
@@ -110,8 +110,7 @@ impl<T: Clone> RouterBuilder<T> {
                         (PathMatcher::Prefix(trimmed.to_owned()), rank)
                     }
                     Some(PathMatch::Regex(r)) => {
-                        let regex = Regex::new(&format!("^(?:{r})$"))
-                            .map_err(|e| InvalidMatch(e.to_string()))?;
+                        let regex = full_match_regex(r).map_err(|e| InvalidMatch(e.to_string()))?;
                         (PathMatcher::Regex(regex), (2, r.len()))
                     }
                 };
@@ -162,7 +161,7 @@ fn header_matcher(h: &HeaderMatch) -> Result<HeaderMatcher, InvalidMatch> {
         ),
         (None, Some(r), None) => HeaderMatcher::Regex(
             name,
-            Regex::new(&format!("^(?:{r})$")).map_err(|e| InvalidMatch(e.to_string()))?,
+            full_match_regex(r).map_err(|e| InvalidMatch(e.to_string()))?,
         ),
         (None, None, Some(p)) => HeaderMatcher::Present(name, p),
         _ => {
@@ -420,6 +419,22 @@ mod tests {
             route("example.com", "/"),
             "fallback",
             "a wildcard needs a sub-domain"
+        );
+        assert_eq!(
+            route("api.example.com.", "/"),
+            "api",
+            "a fully qualified host matches"
+        );
+        let mut dotted = Router::builder();
+        dotted
+            .add(&["api.example.com.".into()], &[], "dotted")
+            .unwrap();
+        let dotted = dotted.build();
+        let plain = req("GET", "api.example.com", "/", &[]);
+        assert_eq!(
+            dotted.route(&plain),
+            Some(&"dotted"),
+            "so does a configured one"
         );
     }
 

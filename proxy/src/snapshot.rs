@@ -13,7 +13,7 @@ use infermesh_api::{Config, ListenerProtocol};
 use crate::backend::Backend;
 use crate::forward::{RuleService, rule_service};
 use crate::metrics::Metrics;
-use crate::router::Router;
+use crate::router::{InvalidMatch, Router};
 
 /// Identifies a bound listener socket; it stays the same across reloads
 /// that keep the listener's address.
@@ -27,7 +27,7 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     /// When this snapshot started serving.
     pub applied_at: SystemTime,
-    listeners: HashMap<ListenerId, ListenerEntry>,
+    listeners: HashMap<ListenerId, Arc<ListenerEntry>>,
     backends: BTreeMap<String, Arc<Backend>>,
 }
 
@@ -52,23 +52,35 @@ pub struct RuleTarget {
 
 impl Snapshot {
     /// Builds the snapshot of `config`. `listener_ids` gives the socket of
-    /// each listener name. Backends whose spec did not change are taken
-    /// from `previous` with their endpoints and open connections.
+    /// each listener name; the listeners in `draining` (no longer
+    /// configured, connections still open) keep what `previous` served on
+    /// them. Backends whose spec did not change are taken from `previous`
+    /// with their endpoints and open connections.
+    ///
+    /// Fails only on a route match that does not compile, which validation
+    /// already refuses; a config built by other means is refused here
+    /// rather than crashing the proxy.
     pub async fn build(
         config: Config,
         listener_ids: &HashMap<String, ListenerId>,
+        draining: &[ListenerId],
         previous: Option<&Snapshot>,
         metrics: &Metrics,
-    ) -> Snapshot {
+    ) -> Result<Snapshot, InvalidMatch> {
         let mut backends = BTreeMap::new();
         for resource in &config.backends {
-            let unchanged = previous
-                .and_then(|p| p.backends.get(&resource.name))
-                .filter(|b| b.spec == resource.spec)
-                .cloned();
-            let backend = match unchanged {
-                Some(backend) => backend,
-                None => Backend::new(&resource.name, resource.spec.clone(), metrics).await,
+            let before = previous.and_then(|p| p.backends.get(&resource.name));
+            let backend = match before {
+                Some(backend) if backend.spec == resource.spec => backend.clone(),
+                _ => {
+                    Backend::new(
+                        &resource.name,
+                        resource.spec.clone(),
+                        before.map(|b| &**b),
+                        metrics,
+                    )
+                    .await
+                }
             };
             backends.insert(resource.name.clone(), backend);
         }
@@ -102,34 +114,39 @@ impl Snapshot {
                     continue;
                 }
                 for (rule, target) in route.spec.rules.iter().zip(targets) {
-                    router
-                        .add(&route.spec.hostnames, &rule.matches, target.clone())
-                        .expect("validated route matches compile");
+                    router.add(&route.spec.hostnames, &rule.matches, target.clone())?;
                 }
             }
             let id = listener_ids[&listener.name];
             listeners.insert(
                 id,
-                ListenerEntry {
+                Arc::new(ListenerEntry {
                     name: Arc::from(listener.name.as_str()),
                     protocol: listener.spec.protocol,
                     router: router.build(),
-                },
+                }),
             );
         }
+        if let Some(previous) = previous {
+            for id in draining {
+                if let Some(entry) = previous.listeners.get(id) {
+                    listeners.insert(*id, entry.clone());
+                }
+            }
+        }
 
-        Snapshot {
+        Ok(Snapshot {
             version: config.version(),
             config: Arc::new(config),
             applied_at: SystemTime::now(),
             listeners,
             backends,
-        }
+        })
     }
 
     /// What the listener with socket `id` serves.
     pub fn listener(&self, id: ListenerId) -> Option<&ListenerEntry> {
-        self.listeners.get(&id)
+        self.listeners.get(&id).map(|entry| &**entry)
     }
 
     /// The backends, by name.

@@ -234,7 +234,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
             &backend("m", "http1", &[upstream.addr]),
             &route_to("m"),
         ]),
-        &["--shutdown-grace-period", "20s"],
+        &["--shutdown-grace-period", "20s", "--drain-delay", "2s"],
     );
     let address = gateway.listener("web");
     let url = gateway.url("web", "/v1/completions");
@@ -287,8 +287,22 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     )
     .await;
     assert_eq!(ready.status, 503, "not ready while draining");
+    // During the drain delay, new connections are still served.
+    let late = client::send(
+        &client::http1(),
+        Request::get(gateway.url("web", "/health"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        late.map(|r| r.status.as_u16()),
+        Ok(200),
+        "accepting during --drain-delay; log:\n{}",
+        gateway.dump()
+    );
     let mut refused = false;
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if tokio::net::TcpStream::connect(address).await.is_err() {
             refused = true;
             break;

@@ -295,6 +295,13 @@ async fn each_request_gets_one_access_log_line_with_its_fields_at_the_top_level(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dns_named_endpoints_are_resolved() {
+    // `localhost` must come from /etc/hosts: the test never asks a DNS server.
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    assert!(
+        hosts.lines().any(|l| !l.trim_start().starts_with('#')
+            && l.split_whitespace().skip(1).any(|n| n == "localhost")),
+        "/etc/hosts does not name localhost"
+    );
     let v4 = MockBackend::echo("dns", Protocol::Http1).await;
     let port = v4.addr.port();
     // If `localhost` also resolves to ::1 here, serve there too.
