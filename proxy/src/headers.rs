@@ -2,10 +2,11 @@
 //! §7.6.1) never cross the proxy in either direction, and forwarded requests
 //! say who the client was (`x-forwarded-for`, `x-forwarded-proto`).
 
+use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::header::{CONNECTION, HeaderName, HeaderValue, TE, UPGRADE};
+use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 
 use crate::body::ProxyBody;
@@ -18,11 +19,10 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 
 /// Headers that describe one connection, not the message. `te` is handled
 /// apart, since `te: trailers` must reach gRPC servers.
-const HOP_BY_HOP: [&str; 4] = [
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 3] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TRANSFER_ENCODING,
 ];
 
 /// Whether `request` asks to switch protocols on its connection (an
@@ -62,13 +62,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(CONNECTION);
     }
-    for name in HOP_BY_HOP {
-        if keep_upgrade && name == "upgrade" {
-            continue;
-        }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    if keep_upgrade {
+    if !keep_upgrade {
+        headers.remove(UPGRADE);
+    } else {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
     // `te` may only say `trailers` past a proxy (and in HTTP/2 at all).
@@ -93,7 +92,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// client sent (it cannot be trusted at the edge).
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
     // Earlier hops may have sent several header lines; keep them all.
-    let mut value = String::new();
+    let mut value = String::with_capacity(64);
     for existing in headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -104,7 +103,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static s
             value.push_str(", ");
         }
     }
-    value.push_str(&client.to_string());
+    let _ = write!(value, "{client}");
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
