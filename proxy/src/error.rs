@@ -86,13 +86,13 @@ impl ErrorKind {
     }
 
     /// Classifies a failed upstream exchange. hyper reports a failure of the
-    /// request body (ours to send) as a user error whose source is the
-    /// body's own error, so timeouts of the request body are found there.
+    /// request body (ours to send) as a user error caused by the body's own
+    /// error, so timeouts of the request body are found there.
     pub fn from_upstream(error: hyper::Error) -> Self {
         if let Some(timeout) = find_source::<TimeoutError>(&error) {
             return timeout.into();
         }
-        if error.is_user() {
+        if error.is_user() && std::error::Error::source(&error).is_some() {
             return ErrorKind::RequestBody(Box::new(error));
         }
         ErrorKind::UpstreamReset(error)

@@ -81,3 +81,28 @@ pub async fn get(client: &HttpClient, url: &str) -> Reply {
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
+
+/// Whether connecting to `address` is refused within `timeout` (a listener
+/// closing as it drains), trying every 10 ms.
+pub async fn refused_within(address: std::net::SocketAddr, timeout: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(address).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// `GET url`, returning as soon as the response head arrives, with the body
+/// still streaming.
+pub async fn open(client: &HttpClient, url: &str) -> http::Response<hyper::body::Incoming> {
+    let request = Request::get(url)
+        .body(Full::default())
+        .expect("valid request");
+    client
+        .request(request)
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e:?}"))
+}

@@ -301,15 +301,10 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
         "accepting during --drain-delay; log:\n{}",
         gateway.dump()
     );
-    let mut refused = false;
-    for _ in 0..1000 {
-        if tokio::net::TcpStream::connect(address).await.is_err() {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(refused, "the listener stops accepting");
+    assert!(
+        client::refused_within(address, Duration::from_secs(10)).await,
+        "the listener stops accepting"
+    );
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "the idle keep-alive connection is closed");
@@ -537,15 +532,10 @@ async fn reloads_add_and_remove_listeners_and_keep_unchanged_ones() {
         |l| l["message"] == "listener removed; draining its connections",
         Duration::from_secs(5),
     );
-    let mut refused = false;
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(grpc).await.is_err() {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(refused, "a removed listener stops accepting");
+    assert!(
+        client::refused_within(grpc, Duration::from_secs(10)).await,
+        "a removed listener stops accepting"
+    );
     assert_eq!(
         client::get(&client, &gateway.url("web", "/"))
             .await

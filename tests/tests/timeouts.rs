@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use infermesh_tests::backend::{self, Handler, MockBackend, Protocol, TestBody};
 use infermesh_tests::client;
@@ -89,14 +89,7 @@ async fn a_stalled_stream_is_cut_after_the_idle_limit() {
     let upstream =
         MockBackend::start(Protocol::Http1, events(2, Duration::from_millis(10), true)).await;
     let gateway = gateway(&upstream, "{ idle: 300ms }");
-    let response = client::http1()
-        .request(
-            Request::get(gateway.url("web", "/v1/completions"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = client::open(&client::http1(), &gateway.url("web", "/v1/completions")).await;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let mut received = Vec::new();
@@ -143,14 +136,7 @@ async fn the_total_limit_cuts_an_endless_stream() {
     )
     .await;
     let gateway = gateway(&upstream, "{ total: 500ms }");
-    let response = client::http2()
-        .request(
-            Request::get(gateway.url("web", "/v1/completions"))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let response = client::open(&client::http2(), &gateway.url("web", "/v1/completions")).await;
     assert_eq!(response.status(), 200);
     let collected = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
         .await
