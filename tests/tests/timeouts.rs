@@ -184,3 +184,41 @@ async fn a_stalled_upload_gets_408() {
         "{head}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connect_that_hangs_fails_after_the_backends_connect_timeout() {
+    // A listener that never accepts, with its accept queue full: the
+    // kernel drops further SYNs, so a connect hangs.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = socket.listen(1).unwrap();
+    let addr = full.local_addr().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => break,
+        }
+    }
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &format!(
+            "kind: Backend\nmetadata: {{ name: stuck }}\nspec: {{ connectTimeout: 300ms, endpoints: [{{ address: \"{addr}\" }}] }}"
+        ),
+        "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - backends: [{ name: stuck }]",
+    ]));
+    let reply = client::get(&client::http1(), &gateway.url("web", "/")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.header("x-infermesh-error"), Some("connect_timeout"));
+    assert!(
+        reply.json()["error"].as_str().unwrap().contains("300ms"),
+        "{:?}",
+        reply.json()
+    );
+    drop(queued);
+}
