@@ -61,6 +61,8 @@ enum Trigger {
 
 /// Runs the gateway until it has been shut down.
 pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Result<()> {
+    // Installed first: a SIGTERM during start-up must drain, not kill.
+    let signals = Signals::install()?;
     let metrics = Arc::new(Metrics::new());
     metrics.register(log.dropped_lines_metric());
     let (config, text) = config_file::load(&options.config).map_err(|e| match e {
@@ -101,7 +103,24 @@ pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Resul
     gateway.record_applied();
     gateway.shared.lifecycle.set_serving();
     tracing::info!(version = %gateway.shared.snapshot.load().version, "gateway serving");
-    gateway.serve_until_shutdown().await
+    gateway.serve_until_shutdown(signals).await
+}
+
+/// The signals the gateway acts on.
+struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
 }
 
 struct Gateway {
@@ -115,7 +134,7 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn serve_until_shutdown(&mut self) -> anyhow::Result<()> {
+    async fn serve_until_shutdown(&mut self, mut signals: Signals) -> anyhow::Result<()> {
         let (file_changed, mut changes) = mpsc::channel(1);
         let _watcher = match config_file::watch(&self.options.config, file_changed) {
             Ok(w) => Some(w),
@@ -124,9 +143,6 @@ impl Gateway {
                 None
             }
         };
-        let mut hangup = signal(SignalKind::hangup())?;
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
         loop {
             tokio::select! {
                 Some(()) = changes.recv() => {
@@ -135,12 +151,12 @@ impl Gateway {
                     while changes.try_recv().is_ok() {}
                     self.reload(Trigger::FileChanged).await;
                 }
-                _ = hangup.recv() => self.reload(Trigger::Signal).await,
+                _ = signals.hangup.recv() => self.reload(Trigger::Signal).await,
                 _ = self.shared.lifecycle.drain_requested() => {
                     self.drain().await;
                 }
-                _ = terminate.recv() => break,
-                _ = interrupt.recv() => break,
+                _ = signals.terminate.recv() => break,
+                _ = signals.interrupt.recv() => break,
             }
         }
         self.shared.lifecycle.begin_drain();
