@@ -1,8 +1,14 @@
-//! infermesh's load harness. Today it holds the mock model server
-//! ([`mock`]) that the README's demo and the proxy's measurements run
-//! against; the open-loop load generator and the scenario runner that
-//! compares infermesh with its peers come with the load-harness issue.
+//! infermesh's load harness: an open-loop load generator corrected for
+//! coordinated omission ([`load`]), mock model servers that speak the
+//! OpenAI and KServe v2 APIs ([`mock`]), and a scenario runner that
+//! compares a direct connection, infermesh and its peers side by side
+//! ([`compare`]).
 
 #![forbid(unsafe_code)]
 
+pub mod compare;
+pub mod load;
 pub mod mock;
+pub mod plot;
+pub mod process;
+pub mod tls;

@@ -1,6 +1,7 @@
 //! The mock model server answers as OpenAI-compatible and KServe v2 servers
-//! do, deterministically.
+//! do, and behaves as its scenario says: faults, cancellations, queues.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,23 +9,39 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use infermesh_bench::mock::{self, MockOptions};
+use infermesh_bench::mock::{ErrorRule, Fault, MockServer, ModelSpec, Scenario, ServerSpec};
 use serde_json::{Value, json};
 
-async fn start() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let options = MockOptions {
-        models: vec!["llama".into(), "mistral".into()],
-        tokens: 5,
-        latency: Duration::from_millis(1),
-        token_interval: Duration::from_millis(1),
-    };
-    tokio::spawn(mock::serve(listener, options));
-    format!("http://{addr}")
+fn ms(v: u64) -> infermesh_api::Duration {
+    infermesh_api::Duration::from_millis(v)
 }
 
-async fn call(method: &str, url: String, body: Option<Value>) -> (u16, String, Bytes) {
+async fn start(models: Vec<ModelSpec>) -> (String, SocketAddr) {
+    let spec = ServerSpec {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tls: None,
+        models,
+    };
+    let server = MockServer::bind(&spec, 5).await.unwrap();
+    let addr = server.local_addr();
+    tokio::spawn(server.serve());
+    (format!("http://{addr}"), addr)
+}
+
+async fn default_mock() -> String {
+    start(vec![
+        ModelSpec::simple("llama", ms(1), ms(1), 5),
+        ModelSpec::simple("mistral", ms(1), ms(1), 5),
+    ])
+    .await
+    .0
+}
+
+async fn call(
+    method: &str,
+    url: String,
+    body: Option<Value>,
+) -> Result<(u16, String, Bytes), String> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
     let request = Request::builder()
@@ -32,18 +49,23 @@ async fn call(method: &str, url: String, body: Option<Value>) -> (u16, String, B
         .uri(url)
         .body(Full::new(body))
         .unwrap();
-    let response = client.request(request).await.unwrap();
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
     let status = response.status().as_u16();
     let content_type = response
         .headers()
         .get("content-type")
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
-    (
-        status,
-        content_type,
-        response.into_body().collect().await.unwrap().to_bytes(),
-    )
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .to_bytes();
+    Ok((status, content_type, body))
 }
 
 fn json_of(bytes: &Bytes) -> Value {
@@ -52,13 +74,14 @@ fn json_of(bytes: &Bytes) -> Value {
 
 #[tokio::test]
 async fn openai_chat_whole_and_streamed() {
-    let base = start().await;
+    let base = default_mock().await;
     let (status, _, body) = call(
         "POST",
         format!("{base}/v1/chat/completions"),
         Some(json!({ "model": "llama", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 3 })),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     let answer = json_of(&body);
     assert_eq!(answer["object"], "chat.completion");
@@ -74,7 +97,8 @@ async fn openai_chat_whole_and_streamed() {
         format!("{base}/v1/chat/completions"),
         Some(json!({ "model": "mistral", "messages": [], "stream": true })),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!((status, content_type.as_str()), (200, "text/event-stream"));
     let text = String::from_utf8(body.to_vec()).unwrap();
     let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
@@ -95,27 +119,51 @@ async fn openai_chat_whole_and_streamed() {
 }
 
 #[tokio::test]
-async fn openai_errors_and_model_list() {
-    let base = start().await;
+async fn openai_embeddings_errors_and_model_list() {
+    let base = default_mock().await;
+    let (status, _, body) = call(
+        "POST",
+        format!("{base}/v1/embeddings"),
+        Some(json!({ "model": "llama", "input": ["a", "b"] })),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    let e = json_of(&body);
+    assert_eq!(e["data"].as_array().unwrap().len(), 2);
+    let v: Vec<f64> = serde_json::from_value(e["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(v.len(), 8);
+    assert!(
+        (v.iter().map(|x| x * x).sum::<f64>() - 1.0).abs() < 1e-9,
+        "unit length"
+    );
+
     let (status, _, body) = call(
         "POST",
         format!("{base}/v1/completions"),
         Some(json!({ "model": "gpt-9", "prompt": "x" })),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(status, 404);
     assert_eq!(
         json_of(&body)["error"]["message"],
         "The model `gpt-9` does not exist."
     );
-    let (status, _, _) = call(
-        "POST",
-        format!("{base}/v1/completions"),
-        Some(json!({ "prompt": "x" })),
-    )
-    .await;
-    assert_eq!(status, 400);
-    let (status, _, body) = call("GET", format!("{base}/v1/models"), None).await;
+    assert_eq!(
+        call(
+            "POST",
+            format!("{base}/v1/completions"),
+            Some(json!({ "prompt": "x" }))
+        )
+        .await
+        .unwrap()
+        .0,
+        400
+    );
+    let (status, _, body) = call("GET", format!("{base}/v1/models"), None)
+        .await
+        .unwrap();
     assert_eq!(status, 200);
     let ids: Vec<Value> = json_of(&body)["data"]
         .as_array()
@@ -128,7 +176,7 @@ async fn openai_errors_and_model_list() {
 
 #[tokio::test]
 async fn kserve_v2_identity_inference_and_health() {
-    let base = start().await;
+    let base = default_mock().await;
     let request = json!({
         "id": "req-1",
         "inputs": [{ "name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0] }],
@@ -138,7 +186,8 @@ async fn kserve_v2_identity_inference_and_health() {
         format!("{base}/v2/models/llama/infer"),
         Some(request),
     )
-    .await;
+    .await
+    .unwrap();
     assert_eq!(status, 200);
     assert_eq!(
         json_of(&body),
@@ -156,6 +205,7 @@ async fn kserve_v2_identity_inference_and_health() {
             Some(json!({}))
         )
         .await
+        .unwrap()
         .0,
         404
     );
@@ -166,16 +216,21 @@ async fn kserve_v2_identity_inference_and_health() {
             Some(json!({ "inputs": [] }))
         )
         .await
+        .unwrap()
         .0,
         400
     );
     assert_eq!(
-        call("GET", format!("{base}/v2/health/ready"), None).await.0,
+        call("GET", format!("{base}/v2/health/ready"), None)
+            .await
+            .unwrap()
+            .0,
         200
     );
     assert_eq!(
         call("GET", format!("{base}/v2/models/llama/ready"), None)
             .await
+            .unwrap()
             .0,
         200
     );
@@ -183,8 +238,168 @@ async fn kserve_v2_identity_inference_and_health() {
         json_of(
             &call("GET", format!("{base}/v2/models/mistral"), None)
                 .await
+                .unwrap()
                 .2
         )["name"],
         "mistral"
     );
+}
+
+async fn metric(base: &str, series: &str) -> f64 {
+    let page = String::from_utf8(
+        call("GET", format!("{base}/metrics"), None)
+            .await
+            .unwrap()
+            .2
+            .to_vec(),
+    )
+    .unwrap();
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {series} in:\n{page}"))
+}
+
+#[tokio::test]
+async fn injected_faults_reset_hang_and_fail() {
+    let fault = |name: &str, f: Fault| {
+        let mut m = ModelSpec::simple(name, ms(0), ms(0), 1);
+        m.errors = vec![ErrorRule {
+            percent: 100.0,
+            fault: f,
+        }];
+        m
+    };
+    let (base, _) = start(vec![
+        fault("failing", Fault::Status(503)),
+        fault("resetting", Fault::Reset),
+        fault("hanging", Fault::Hang),
+    ])
+    .await;
+    let ask = |model: &str| {
+        call(
+            "POST",
+            format!("{base}/v1/completions"),
+            Some(json!({ "model": model, "prompt": "x" })),
+        )
+    };
+    assert_eq!(ask("failing").await.unwrap().0, 503);
+    assert!(
+        ask("resetting").await.is_err(),
+        "the connection is aborted without an answer"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), ask("hanging"))
+            .await
+            .is_err(),
+        "never answers"
+    );
+    // The hanging request's client went away: a cancellation.
+    let mut cancelled = 0.0;
+    for _ in 0..100 {
+        cancelled = metric(
+            &base,
+            "infermesh_mock_cancellations_total{model_name=\"hanging\"}",
+        )
+        .await;
+        if cancelled == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancelled, 1.0);
+    assert_eq!(
+        metric(
+            &base,
+            "infermesh_mock_requests_total{model_name=\"failing\",outcome=\"error\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &base,
+            "infermesh_mock_requests_total{model_name=\"resetting\",outcome=\"reset\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_stream_the_client_abandons_is_counted_as_cancelled() {
+    let (base, _) = start(vec![ModelSpec::simple("slow", ms(0), ms(200), 20)]).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = json!({ "model": "slow", "prompt": "x", "stream": true }).to_string();
+    let response = client
+        .request(
+            Request::post(format!("{base}/v1/completions"))
+                .body(Full::new(Bytes::from(body)))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut stream = response.into_body();
+    stream.frame().await.unwrap().unwrap();
+    assert_eq!(
+        metric(&base, "vllm:num_requests_running{model_name=\"slow\"}").await,
+        1.0
+    );
+    drop(stream);
+    drop(client);
+    let mut cancelled = 0.0;
+    for _ in 0..100 {
+        cancelled = metric(
+            &base,
+            "infermesh_mock_cancellations_total{model_name=\"slow\"}",
+        )
+        .await;
+        if cancelled == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancelled, 1.0);
+    assert_eq!(
+        metric(&base, "vllm:num_requests_running{model_name=\"slow\"}").await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn requests_past_max_concurrency_wait_in_the_queue() {
+    let mut model = ModelSpec::simple("busy", ms(300), ms(0), 1);
+    model.max_concurrency = Some(1);
+    let (base, _) = start(vec![model]).await;
+    let ask = || {
+        call(
+            "POST",
+            format!("{base}/v1/completions"),
+            Some(json!({ "model": "busy", "prompt": "x" })),
+        )
+    };
+    let (a, b, page) = tokio::join!(ask(), ask(), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (
+            metric(&base, "vllm:num_requests_running{model_name=\"busy\"}").await,
+            metric(&base, "vllm:num_requests_waiting{model_name=\"busy\"}").await,
+        )
+    });
+    assert_eq!(page, (1.0, 1.0), "one running, one waiting");
+    assert_eq!((a.unwrap().0, b.unwrap().0), (200, 200));
+}
+
+#[tokio::test]
+async fn one_scenario_runs_several_servers() {
+    let text = "seed: 3\nservers:\n  - listen: 127.0.0.1:0\n    models: [{ name: a }]\n  - listen: 127.0.0.1:0\n    models: [{ name: b }, { name: c }]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.yaml");
+    std::fs::write(&path, text).unwrap();
+    let scenario = Scenario::load(&path).unwrap();
+    let servers = infermesh_bench::mock::bind_all(&scenario).await.unwrap();
+    let names: Vec<Vec<String>> = servers.iter().map(|s| s.model_names()).collect();
+    assert_eq!(
+        names,
+        [vec!["a".to_owned()], vec!["b".to_owned(), "c".to_owned()]]
+    );
+    assert_ne!(servers[0].local_addr(), servers[1].local_addr());
 }

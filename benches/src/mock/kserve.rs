@@ -2,19 +2,19 @@
 //! is an identity model: its outputs are its inputs, renamed
 //! `output_<input name>`.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use http::{Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::{MockBody, MockOptions};
+use super::{Abort, MockBody, Model};
 
 fn error(status: StatusCode, message: String) -> Response<MockBody> {
     super::json(status, &json!({ "error": message }))
 }
 
-fn known(options: &MockOptions, name: &str) -> bool {
-    options.models.iter().any(|m| m == name)
+fn unknown(name: &str) -> Response<MockBody> {
+    error(StatusCode::NOT_FOUND, format!("model {name} not found"))
 }
 
 pub(super) fn server_metadata() -> Response<MockBody> {
@@ -24,14 +24,14 @@ pub(super) fn server_metadata() -> Response<MockBody> {
     )
 }
 
-pub(super) fn model_metadata(options: &MockOptions, name: &str) -> Response<MockBody> {
-    if !known(options, name) {
-        return error(StatusCode::NOT_FOUND, format!("model {name} not found"));
-    }
+pub(super) fn model_metadata(model: Option<&Arc<Model>>) -> Response<MockBody> {
+    let Some(model) = model else {
+        return error(StatusCode::NOT_FOUND, "model not found".into());
+    };
     super::json(
         StatusCode::OK,
         &json!({
-            "name": name,
+            "name": model.spec.name,
             "versions": ["1"],
             "platform": "infermesh-mock",
             "inputs": [{ "name": "input", "datatype": "FP32", "shape": [-1] }],
@@ -40,27 +40,35 @@ pub(super) fn model_metadata(options: &MockOptions, name: &str) -> Response<Mock
     )
 }
 
-pub(super) fn model_ready(options: &MockOptions, name: &str) -> Response<MockBody> {
-    if known(options, name) {
-        super::json(StatusCode::OK, &json!({ "name": name, "ready": true }))
-    } else {
-        error(StatusCode::NOT_FOUND, format!("model {name} not found"))
+pub(super) fn model_ready(model: Option<&Arc<Model>>, name: &str) -> Response<MockBody> {
+    match model {
+        Some(_) => super::json(StatusCode::OK, &json!({ "name": name, "ready": true })),
+        None => unknown(name),
     }
 }
 
-pub(super) async fn infer(options: &MockOptions, name: &str, body: &[u8]) -> Response<MockBody> {
-    if !known(options, name) {
-        return error(StatusCode::NOT_FOUND, format!("model {name} not found"));
-    }
+pub(super) async fn infer(
+    model: Option<&Arc<Model>>,
+    name: &str,
+    body: &[u8],
+) -> Result<Response<MockBody>, Abort> {
+    let Some(model) = model else {
+        return Ok(unknown(name));
+    };
     let request: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+        Err(e) => {
+            return Ok(error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid JSON body: {e}"),
+            ));
+        }
     };
     let Some(inputs) = request["inputs"].as_array().filter(|i| !i.is_empty()) else {
-        return error(
+        return Ok(error(
             StatusCode::BAD_REQUEST,
             "`inputs` must be a non-empty array of tensors".into(),
-        );
+        ));
     };
     let mut outputs = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.iter().enumerate() {
@@ -70,19 +78,30 @@ pub(super) async fn infer(options: &MockOptions, name: &str, body: &[u8]) -> Res
             input["datatype"].as_str(),
             input.get("data"),
         ) else {
-            return error(
+            return Ok(error(
                 StatusCode::BAD_REQUEST,
                 format!("inputs[{i}] needs name, shape, datatype and data"),
-            );
+            ));
         };
         outputs.push(json!({ "name": format!("output_{input_name}"), "shape": shape, "datatype": datatype, "data": data }));
     }
-    if options.latency > Duration::ZERO {
-        tokio::time::sleep(options.latency).await;
-    }
+    let plan = model.plan();
+    let running = match super::admit(model, &plan, |code| {
+        error(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            format!("injected fault: {code}"),
+        )
+    })
+    .await?
+    {
+        Ok(running) => running,
+        Err(response) => return Ok(response),
+    };
+    super::wait(plan.latency).await;
+    running.complete();
     let mut response = json!({ "model_name": name, "model_version": "1", "outputs": outputs });
     if let Some(id) = request.get("id") {
         response["id"] = id.clone();
     }
-    super::json(StatusCode::OK, &response)
+    Ok(super::json(StatusCode::OK, &response))
 }

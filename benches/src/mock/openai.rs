@@ -1,15 +1,17 @@
 //! OpenAI-compatible endpoints of the mock: the model list, chat and text
-//! completions, whole or streamed as server-sent events ending with
-//! `data: [DONE]`.
+//! completions (whole, or streamed as server-sent events ending with
+//! `data: [DONE]`), and embeddings.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
-use super::{MockBody, MockOptions, Paced};
+use super::{Abort, MockBody, Model, Paced, ServerState};
 
 /// Which completion API a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,11 +20,10 @@ pub(super) enum Api {
     Completions,
 }
 
-pub(super) fn models(options: &MockOptions) -> Response<MockBody> {
-    let data: Vec<Value> = options
-        .models
+pub(super) fn models(models: &[Arc<Model>]) -> Response<MockBody> {
+    let data: Vec<Value> = models
         .iter()
-        .map(|m| json!({ "id": m, "object": "model", "created": 0, "owned_by": "infermesh-bench" }))
+        .map(|m| json!({ "id": m.spec.name, "object": "model", "created": 0, "owned_by": "infermesh-bench" }))
         .collect();
     super::json(StatusCode::OK, &json!({ "object": "list", "data": data }))
 }
@@ -30,38 +31,55 @@ pub(super) fn models(options: &MockOptions) -> Response<MockBody> {
 fn error(status: StatusCode, message: String, kind: &str) -> Response<MockBody> {
     super::json(
         status,
-        &json!({ "error": { "message": message, "type": kind, "code": null } }),
+        &json!({ "error": { "message": message, "type": kind, "param": null, "code": null } }),
     )
 }
 
-pub(super) async fn generate(options: &MockOptions, body: &[u8], api: Api) -> Response<MockBody> {
-    let request: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid JSON body: {e}"),
-                "invalid_request_error",
-            );
-        }
-    };
-    let Some(model) = request["model"].as_str() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "`model` is required".into(),
-            "invalid_request_error",
-        );
-    };
-    if !options.models.iter().any(|m| m == model) {
-        return error(
+/// The request's JSON and model, or the error answer.
+fn parse<'a>(
+    state: &'a ServerState,
+    body: &[u8],
+) -> Result<(Value, &'a Arc<Model>), Box<Response<MockBody>>> {
+    let invalid =
+        |status, message: String| Box::new(error(status, message, "invalid_request_error"));
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| invalid(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
+    let name = request["model"]
+        .as_str()
+        .ok_or_else(|| invalid(StatusCode::BAD_REQUEST, "`model` is required".into()))?;
+    let model = state.model(name).ok_or_else(|| {
+        invalid(
             StatusCode::NOT_FOUND,
-            format!("The model `{model}` does not exist."),
-            "invalid_request_error",
-        );
-    }
+            format!("The model `{name}` does not exist."),
+        )
+    })?;
+    Ok((request, model))
+}
+
+fn injected(code: u16) -> Response<MockBody> {
+    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, format!("injected fault: {code}"), "server_error")
+}
+
+pub(super) async fn generate(
+    state: &ServerState,
+    body: &[u8],
+    api: Api,
+) -> Result<Response<MockBody>, Abort> {
+    let (request, model) = match parse(state, body) {
+        Ok(parsed) => parsed,
+        Err(response) => return Ok(*response),
+    };
+    let plan = model.plan();
+    let running = match super::admit(model, &plan, injected).await? {
+        Ok(running) => running,
+        Err(response) => return Ok(response),
+    };
+    let spec = &model.spec;
     let tokens = request["max_tokens"]
         .as_u64()
-        .map_or(options.tokens, |max| options.tokens.min(max as usize));
+        .or_else(|| request["max_completion_tokens"].as_u64())
+        .map_or(spec.tokens, |max| spec.tokens.min(max as usize));
     let words: Vec<String> = (0..tokens).map(|i| format!("token{i} ")).collect();
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -77,19 +95,35 @@ pub(super) async fn generate(options: &MockOptions, body: &[u8], api: Api) -> Re
         let mut chunks: Vec<Bytes> = words
             .iter()
             .enumerate()
-            .map(|(i, word)| sse(&chunk(api, &id, created, model, Some(word), i == 0, None)))
+            .map(|(i, word)| {
+                sse(&chunk(
+                    api,
+                    &id,
+                    created,
+                    &spec.name,
+                    Some(word),
+                    i == 0,
+                    None,
+                ))
+            })
             .collect();
         chunks.push(sse(&chunk(
             api,
             &id,
             created,
-            model,
+            &spec.name,
             None,
             false,
             Some("stop"),
         )));
         chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
-        let body = Paced::new(chunks, options.latency, options.token_interval).boxed_unsync();
+        let body = Paced::new(
+            chunks,
+            plan.first_token,
+            spec.inter_token_delay.get(),
+            running,
+        )
+        .boxed_unsync();
         let mut response = Response::new(body);
         let headers = response.headers_mut();
         headers.insert(
@@ -100,31 +134,31 @@ pub(super) async fn generate(options: &MockOptions, body: &[u8], api: Api) -> Re
             header::CACHE_CONTROL,
             header::HeaderValue::from_static("no-cache"),
         );
-        return response;
+        return Ok(response);
     }
 
-    let generation = options.latency + options.token_interval.saturating_mul(tokens as u32);
-    if generation > Duration::ZERO {
-        tokio::time::sleep(generation).await;
-    }
+    super::wait(plan.latency).await;
+    running.complete();
     let text: String = words.concat();
     let choice = match api {
         Api::Chat => {
-            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": "stop" })
+            json!({ "index": 0, "message": { "role": "assistant", "content": text }, "finish_reason": "stop", "logprobs": null })
         }
-        Api::Completions => json!({ "index": 0, "text": text, "finish_reason": "stop" }),
+        Api::Completions => {
+            json!({ "index": 0, "text": text, "finish_reason": "stop", "logprobs": null })
+        }
     };
-    super::json(
+    Ok(super::json(
         StatusCode::OK,
         &json!({
             "id": id,
             "object": if api == Api::Chat { "chat.completion" } else { "text_completion" },
             "created": created,
-            "model": model,
+            "model": spec.name,
             "choices": [choice],
             "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens },
         }),
-    )
+    ))
 }
 
 fn chunk(
@@ -145,10 +179,10 @@ fn chunk(
             if let Some(word) = word {
                 delta.insert("content".into(), word.into());
             }
-            json!({ "index": 0, "delta": delta, "finish_reason": finish })
+            json!({ "index": 0, "delta": delta, "finish_reason": finish, "logprobs": null })
         }
         Api::Completions => {
-            json!({ "index": 0, "text": word.unwrap_or(""), "finish_reason": finish })
+            json!({ "index": 0, "text": word.unwrap_or(""), "finish_reason": finish, "logprobs": null })
         }
     };
     json!({
@@ -162,4 +196,66 @@ fn chunk(
 
 fn sse(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
+}
+
+pub(super) async fn embeddings(
+    state: &ServerState,
+    body: &[u8],
+) -> Result<Response<MockBody>, Abort> {
+    let (request, model) = match parse(state, body) {
+        Ok(parsed) => parsed,
+        Err(response) => return Ok(*response),
+    };
+    let inputs: Vec<String> = match &request["input"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) if !items.is_empty() => items.iter().map(|i| i.to_string()).collect(),
+        _ => {
+            return Ok(error(
+                StatusCode::BAD_REQUEST,
+                "`input` must be a string or a non-empty array".into(),
+                "invalid_request_error",
+            ));
+        }
+    };
+    let plan = model.plan();
+    let running = match super::admit(model, &plan, injected).await? {
+        Ok(running) => running,
+        Err(response) => return Ok(response),
+    };
+    super::wait(plan.latency).await;
+    running.complete();
+    let dimensions = model.spec.embedding_dimensions;
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| json!({ "object": "embedding", "index": index, "embedding": vector(text, dimensions) }))
+        .collect();
+    let tokens: usize = inputs.iter().map(|i| i.len() / 4 + 1).sum();
+    Ok(super::json(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": model.spec.name,
+            "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
+        }),
+    ))
+}
+
+/// A unit vector that depends only on `text`.
+fn vector(text: &str, dimensions: usize) -> Vec<f64> {
+    let raw: Vec<f64> = (0..dimensions)
+        .map(|i| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (text, i).hash(&mut h);
+            (h.finish() % 2001) as f64 / 1000.0 - 1.0
+        })
+        .collect();
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
+    raw.iter().map(|x| x / norm).collect()
 }

@@ -1,0 +1,699 @@
+//! `infermesh-bench compare`: from one YAML file, start mock model servers,
+//! put each target in front of them (a direct connection, infermesh-proxy
+//! as a gateway, HAProxy and nginx when installed), and run the same load
+//! against every target in turn, A B C A B C, round after round, so drift
+//! of the machine hits all of them alike. Reports medians and ratios to the
+//! direct connection as Markdown, JSON and an SVG chart.
+//!
+//! ```yaml
+//! rounds: 3
+//! targets: [direct, infermesh, haproxy, nginx]
+//! backends:                      # a mock scenario (see `serve --scenario`)
+//!   servers:
+//!     - listen: 127.0.0.1:0
+//!       models: [{ name: mock-llm }]
+//! load:
+//!   path: /v1/models             # or: template: openai-chat, model: mock-llm
+//!   rate: 2000                   # open-loop phase, for latency
+//!   maxThroughput: true          # closed-loop phase, for max req/s
+//!   connections: 32
+//!   duration: 10s
+//!   warmup: 2s
+//! infermesh:
+//!   accessLog: false
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::load::{self, LoadOptions, LoadReport, Protocol, RequestTemplate, Template};
+use crate::mock::Scenario;
+use crate::process;
+
+/// A comparison, as written in its YAML file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Comparison {
+    /// Rounds over all targets; medians are reported.
+    #[serde(default = "three")]
+    pub rounds: usize,
+    /// The targets, in the order each round visits them.
+    #[serde(default = "all_targets")]
+    pub targets: Vec<TargetKind>,
+    /// The mock model servers to put behind every target.
+    pub backends: Scenario,
+    /// The load each target gets.
+    pub load: LoadSpec,
+    /// How infermesh-proxy is run.
+    #[serde(default)]
+    pub infermesh: InfermeshSpec,
+}
+
+fn three() -> usize {
+    3
+}
+
+fn all_targets() -> Vec<TargetKind> {
+    vec![
+        TargetKind::Direct,
+        TargetKind::Infermesh,
+        TargetKind::Haproxy,
+        TargetKind::Nginx,
+    ]
+}
+
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// Straight to the first mock server: the baseline.
+    Direct,
+    /// infermesh-proxy in gateway mode.
+    Infermesh,
+    /// HAProxy in HTTP mode with keep-alive to the backends.
+    Haproxy,
+    /// nginx as a reverse proxy with upstream keep-alive.
+    Nginx,
+}
+
+impl TargetKind {
+    fn name(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::Infermesh => "infermesh",
+            TargetKind::Haproxy => "haproxy",
+            TargetKind::Nginx => "nginx",
+        }
+    }
+}
+
+/// The load of a comparison.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadSpec {
+    /// Request path (ignored when a template gives one).
+    #[serde(default = "root")]
+    pub path: String,
+    /// A built-in request (`openai-chat`, `kserve-v2`, ...).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// The model the template names.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Requests per second of the open-loop phase.
+    pub rate: f64,
+    /// Also run a closed-loop phase to find the highest throughput.
+    #[serde(default = "yes")]
+    pub max_throughput: bool,
+    /// Connections.
+    #[serde(default = "thirty_two")]
+    pub connections: usize,
+    /// Length of each measured phase.
+    #[serde(default = "ten_seconds")]
+    pub duration: infermesh_api::Duration,
+    /// Warm-up before each phase.
+    #[serde(default = "two_seconds")]
+    pub warmup: infermesh_api::Duration,
+    /// `http1` or `http2`.
+    #[serde(default = "http1")]
+    pub protocol: String,
+}
+
+fn root() -> String {
+    "/".into()
+}
+fn default_model() -> String {
+    "mock-llm".into()
+}
+fn yes() -> bool {
+    true
+}
+fn thirty_two() -> usize {
+    32
+}
+fn ten_seconds() -> infermesh_api::Duration {
+    infermesh_api::Duration::from_secs(10)
+}
+fn two_seconds() -> infermesh_api::Duration {
+    infermesh_api::Duration::from_secs(2)
+}
+fn http1() -> String {
+    "http1".into()
+}
+
+/// How infermesh-proxy runs in a comparison.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InfermeshSpec {
+    /// Write the access log (to a file) as a production gateway would.
+    #[serde(default)]
+    pub access_log: bool,
+    /// The binary; default: `infermesh-proxy` next to `infermesh-bench`.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+}
+
+/// One target's figures from one round.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Measurement {
+    /// Requests per second in the closed-loop phase.
+    pub max_rps: Option<f64>,
+    /// The open-loop phase.
+    pub fixed_rate: LoadReport,
+    /// The proxy's CPU seconds per request during the open-loop phase.
+    pub cpu_seconds_per_request: Option<f64>,
+}
+
+/// One target's medians over the rounds.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// The target.
+    pub target: TargetKind,
+    /// Median closed-loop requests per second.
+    pub max_rps: Option<f64>,
+    /// Median latency percentiles at the fixed rate, in seconds.
+    pub p50: f64,
+    /// p99.
+    pub p99: f64,
+    /// p99.9.
+    pub p999: f64,
+    /// Median proxy CPU microseconds per request.
+    pub cpu_micros_per_request: Option<f64>,
+    /// Peak resident memory of the proxy, in bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Failed requests over all rounds.
+    pub failed: u64,
+}
+
+/// Everything a comparison measured.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ComparisonReport {
+    /// Per target, every round.
+    pub rounds: Vec<(TargetKind, Vec<Measurement>)>,
+    /// Per target, the medians.
+    pub summary: Vec<Summary>,
+    /// Targets skipped, and why.
+    pub skipped: Vec<(TargetKind, String)>,
+    /// What was run, in words.
+    pub setup: String,
+}
+
+impl Comparison {
+    /// Reads a comparison file.
+    pub fn load(path: &Path) -> anyhow::Result<Comparison> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let comparison: Comparison = serde_saphyr::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        comparison
+            .backends
+            .check()
+            .map_err(|e| anyhow::anyhow!("{}: backends.{e}", path.display()))?;
+        anyhow::ensure!(
+            comparison.rounds > 0,
+            "{}: rounds must be at least 1",
+            path.display()
+        );
+        anyhow::ensure!(
+            !comparison.targets.is_empty(),
+            "{}: give at least one target",
+            path.display()
+        );
+        Ok(comparison)
+    }
+}
+
+/// A process this comparison started; killed when dropped.
+struct Started {
+    child: Child,
+    name: &'static str,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A target ready to take load.
+struct Ready {
+    kind: TargetKind,
+    url: String,
+    /// The proxy process, whose CPU and memory are measured.
+    process: Option<Started>,
+}
+
+/// Runs `comparison`, printing progress on standard error. `work` is a
+/// directory for generated configs and logs.
+pub async fn run(comparison: &Comparison, work: &Path) -> anyhow::Result<ComparisonReport> {
+    let (mock, backends) = start_mock(&comparison.backends, work)?;
+    let load = &comparison.load;
+    let template = match &load.template {
+        None => None,
+        Some(name) => Some(
+            <Template as clap::ValueEnum>::from_str(name, true)
+                .map_err(|_| anyhow::anyhow!("load.template: unknown template {name:?}"))?,
+        ),
+    };
+    let path = template.map_or_else(|| load.path.clone(), |t| t.path(&load.model));
+    let request = template.map_or_else(RequestTemplate::default, |t| t.request(&load.model));
+    let protocol = match load.protocol.as_str() {
+        "http1" => Protocol::Http1,
+        "http2" => Protocol::Http2,
+        other => anyhow::bail!("load.protocol: {other:?} is neither http1 nor http2"),
+    };
+
+    let mut targets = Vec::new();
+    let mut skipped = Vec::new();
+    for kind in &comparison.targets {
+        match start_target(*kind, &backends, &comparison.infermesh, work) {
+            Ok(ready) => targets.push(ready),
+            Err(why) => {
+                eprintln!("skipping {}: {why:#}", kind.name());
+                skipped.push((*kind, format!("{why:#}")));
+            }
+        }
+    }
+    anyhow::ensure!(!targets.is_empty(), "no target could be started");
+
+    let options = |url: String, rate: Option<f64>, label: &str| {
+        let mut o = LoadOptions::new(&url);
+        o.rate = rate;
+        o.connections = load.connections;
+        o.duration = load.duration.get();
+        o.warmup = load.warmup.get();
+        o.protocol = protocol;
+        o.request = request.clone();
+        o.label = Some(label.to_owned());
+        o
+    };
+    let mut rounds: Vec<(TargetKind, Vec<Measurement>)> =
+        targets.iter().map(|t| (t.kind, Vec::new())).collect();
+    for round in 1..=comparison.rounds {
+        for (i, target) in targets.iter().enumerate() {
+            let url = format!("{}{path}", target.url);
+            let max_rps = if load.max_throughput {
+                let report = load::run(options(url.clone(), None, target.kind.name())).await?;
+                Some(report.achieved_rate)
+            } else {
+                None
+            };
+            let pid = target.process.as_ref().map(|p| p.child.id());
+            let before = pid.and_then(|p| process::tree(p).ok());
+            let fixed = load::run(options(url, Some(load.rate), target.kind.name())).await?;
+            let after = pid.and_then(|p| process::tree(p).ok());
+            let cpu = match (before, after) {
+                (Some(b), Some(a)) if fixed.requests > 0 => {
+                    Some((a.cpu_seconds - b.cpu_seconds) / fixed.requests as f64)
+                }
+                _ => None,
+            };
+            eprintln!(
+                "round {round}/{} {:>10}: {} max; at {}/s p50 {} p99 {} ({} failed){}",
+                comparison.rounds,
+                target.kind.name(),
+                max_rps.map_or("-".into(), |r| format!("{r:.0} req/s")),
+                load.rate,
+                load::ms(fixed.latency.p50),
+                load::ms(fixed.latency.p99),
+                fixed.errors.total(),
+                cpu.map_or(String::new(), |c| format!(
+                    "; proxy CPU {:.1} µs/req",
+                    c * 1e6
+                )),
+            );
+            rounds[i].1.push(Measurement {
+                max_rps,
+                fixed_rate: fixed,
+                cpu_seconds_per_request: cpu,
+            });
+        }
+    }
+    let summary = targets
+        .iter()
+        .zip(&rounds)
+        .map(|(target, (_, measured))| summarize(target, measured))
+        .collect();
+    drop(targets);
+    drop(mock);
+    let setup = format!(
+        "{} rounds, targets in turn; {} {path}; {} connections, {}; closed loop {} then open loop at {}/s for {} each after {} warm-up; {} cores shared by generator, mock and proxy",
+        comparison.rounds,
+        request.method,
+        load.connections,
+        load.protocol,
+        if load.max_throughput {
+            "(max throughput)"
+        } else {
+            "skipped"
+        },
+        load.rate,
+        load.duration,
+        load.warmup,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+    Ok(ComparisonReport {
+        rounds,
+        summary,
+        skipped,
+        setup,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+fn summarize(target: &Ready, measured: &[Measurement]) -> Summary {
+    let of =
+        |f: &dyn Fn(&Measurement) -> Option<f64>| median(measured.iter().filter_map(f).collect());
+    Summary {
+        target: target.kind,
+        max_rps: of(&|m| m.max_rps),
+        p50: of(&|m| Some(m.fixed_rate.latency.p50)).unwrap_or_default(),
+        p99: of(&|m| Some(m.fixed_rate.latency.p99)).unwrap_or_default(),
+        p999: of(&|m| Some(m.fixed_rate.latency.p999)).unwrap_or_default(),
+        cpu_micros_per_request: of(&|m| m.cpu_seconds_per_request.map(|c| c * 1e6)),
+        peak_rss_bytes: target
+            .process
+            .as_ref()
+            .and_then(|p| process::tree(p.child.id()).ok())
+            .map(|u| u.peak_rss_bytes),
+        failed: measured.iter().map(|m| m.fixed_rate.errors.total()).sum(),
+    }
+}
+
+impl ComparisonReport {
+    /// The medians as a Markdown table, with ratios to the direct target.
+    pub fn markdown(&self) -> String {
+        let direct = self.summary.iter().find(|s| s.target == TargetKind::Direct);
+        let mut out = format!("{}.\n\n", self.setup);
+        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req | proxy peak RSS MiB | failed |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        let f =
+            |v: Option<f64>, digits: usize| v.map_or("—".to_owned(), |v| format!("{v:.digits$}"));
+        for s in &self.summary {
+            let ratio = match (s.max_rps, direct.and_then(|d| d.max_rps)) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            let added =
+                |mine: f64, theirs: fn(&Summary) -> f64| direct.map(|d| (mine - theirs(d)) * 1e3);
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} |\n",
+                s.target.name(),
+                f(s.max_rps, 0),
+                f(ratio, 2),
+                s.p50 * 1e3,
+                f(added(s.p50, |d| d.p50), 3),
+                s.p99 * 1e3,
+                f(added(s.p99, |d| d.p99), 3),
+                s.p999 * 1e3,
+                f(added(s.p999, |d| d.p999), 3),
+                f(s.cpu_micros_per_request, 1),
+                f(s.peak_rss_bytes.map(|b| b as f64 / 1_048_576.0), 1),
+                s.failed,
+            ));
+        }
+        for (kind, why) in &self.skipped {
+            out.push_str(&format!("\n{} skipped: {why}\n", kind.name()));
+        }
+        out
+    }
+
+    /// The fixed-rate latency curve of each target (its median round by
+    /// p99) on one chart.
+    pub fn chart(&self, path: &Path) -> anyhow::Result<()> {
+        let picked: Vec<&LoadReport> = self
+            .rounds
+            .iter()
+            .filter_map(|(_, measured)| {
+                let mut by_p99: Vec<&LoadReport> = measured.iter().map(|m| &m.fixed_rate).collect();
+                by_p99.sort_by(|a, b| a.latency.p99.total_cmp(&b.latency.p99));
+                by_p99.get(by_p99.len() / 2).copied()
+            })
+            .collect();
+        let series: Vec<crate::plot::Series<'_>> = picked
+            .iter()
+            .map(|r| crate::plot::Series {
+                label: &r.label,
+                points: &r.spectrum,
+            })
+            .collect();
+        crate::plot::percentile_chart(
+            path,
+            "latency at a fixed rate (corrected for coordinated omission)",
+            &series,
+        )
+    }
+}
+
+/// Starts the mock servers as their own process, so that they do not share
+/// the generator's threads, and returns their addresses.
+fn start_mock(scenario: &Scenario, work: &Path) -> anyhow::Result<(Started, Vec<SocketAddr>)> {
+    let file = work.join("backends.yaml");
+    std::fs::write(
+        &file,
+        serde_saphyr::to_string(scenario).context("cannot write the mock scenario")?,
+    )?;
+    let exe = std::env::current_exe().context("cannot find infermesh-bench itself")?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--scenario"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start the mock model servers")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let started = Started {
+        child,
+        name: "mock",
+    };
+    let mut addrs = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("mock model server listening on ") {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            addrs.push(
+                addr.parse()
+                    .with_context(|| format!("unexpected line from the mock: {line}"))?,
+            );
+            if addrs.len() == scenario.servers.len() {
+                break;
+            }
+        }
+    }
+    anyhow::ensure!(
+        addrs.len() == scenario.servers.len(),
+        "the {} exited before listening",
+        started.name
+    );
+    Ok((started, addrs))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "{what} exited ({status}) before listening; see its log in the work directory"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("{what} did not listen on 127.0.0.1:{port} within 10 s")
+}
+
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+fn log_file(work: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::File::create(work.join(format!("{name}.log")))
+        .with_context(|| format!("cannot create the {name} log"))
+}
+
+fn start_target(
+    kind: TargetKind,
+    backends: &[SocketAddr],
+    infermesh: &InfermeshSpec,
+    work: &Path,
+) -> anyhow::Result<Ready> {
+    let (program, port, mut command) = match kind {
+        TargetKind::Direct => {
+            return Ok(Ready {
+                kind,
+                url: format!("http://{}", backends[0]),
+                process: None,
+            });
+        }
+        TargetKind::Infermesh => {
+            let binary = match &infermesh.binary {
+                Some(b) => b.clone(),
+                None => std::env::current_exe()?.with_file_name("infermesh-proxy"),
+            };
+            anyhow::ensure!(
+                binary.is_file(),
+                "{} not found (build it with cargo build --release, or set infermesh.binary)",
+                binary.display()
+            );
+            let port = free_port()?;
+            let endpoints: Vec<String> = backends
+                .iter()
+                .map(|b| format!("{{ address: \"{b}\" }}"))
+                .collect();
+            let config = format!(
+                "apiVersion: infermesh.io/v1alpha1\nkind: Listener\nmetadata: {{ name: bench }}\nspec: {{ address: 127.0.0.1:{port} }}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: mock }}\nspec: {{ endpoints: [{}] }}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: {{ name: all }}\nspec: {{ rules: [{{ backends: [{{ name: mock }}] }}] }}\n",
+                endpoints.join(", ")
+            );
+            let file = work.join("infermesh.yaml");
+            std::fs::write(&file, config)?;
+            let mut command = Command::new(&binary);
+            let filter = if infermesh.access_log {
+                "info"
+            } else {
+                "info,infermesh::access=off"
+            };
+            command
+                .args([
+                    "--log-format",
+                    "json",
+                    "--log-level",
+                    filter,
+                    "gateway",
+                    "--config",
+                ])
+                .arg(&file)
+                .args([
+                    "--admin-address",
+                    "127.0.0.1:0",
+                    "--health-address",
+                    "127.0.0.1:0",
+                ]);
+            ("infermesh-proxy", port, command)
+        }
+        TargetKind::Haproxy => {
+            anyhow::ensure!(
+                installed("haproxy"),
+                "haproxy is not installed (apt install haproxy)"
+            );
+            let port = free_port()?;
+            let servers: String = backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| format!("    server mock{i} {b}\n"))
+                .collect();
+            let config = format!(
+                "global\n    maxconn 4096\n    nbthread {}\ndefaults\n    mode http\n    option http-keep-alive\n    timeout connect 5s\n    timeout client 300s\n    timeout server 300s\nfrontend bench\n    bind 127.0.0.1:{port}\n    default_backend mock\nbackend mock\n    balance roundrobin\n{servers}",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            );
+            let file = work.join("haproxy.cfg");
+            std::fs::write(&file, config)?;
+            let mut command = Command::new("haproxy");
+            command.args(["-db", "-f"]).arg(&file);
+            ("haproxy", port, command)
+        }
+        TargetKind::Nginx => {
+            anyhow::ensure!(
+                installed("nginx"),
+                "nginx is not installed (apt install nginx-light)"
+            );
+            let port = free_port()?;
+            let servers: String = backends
+                .iter()
+                .map(|b| format!("        server {b};\n"))
+                .collect();
+            let config = format!(
+                "daemon off;\nworker_processes {};\npid {}/nginx.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {work}/body;\n    proxy_temp_path {work}/proxy;\n    upstream mock {{\n{servers}        keepalive 64;\n    }}\n    server {{\n        listen 127.0.0.1:{port};\n        location / {{\n            proxy_pass http://mock;\n            proxy_http_version 1.1;\n            proxy_set_header Connection \"\";\n            proxy_buffering off;\n        }}\n    }}\n}}\n",
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                work.display(),
+                work = work.display(),
+            );
+            let file = work.join("nginx.conf");
+            std::fs::write(&file, config)?;
+            let mut command = Command::new("nginx");
+            command.arg("-c").arg(&file).arg("-p").arg(work);
+            ("nginx", port, command)
+        }
+    };
+    let log = log_file(work, kind.name())?;
+    let mut child = command
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    wait_for_port(port, program, &mut child)?;
+    Ok(Ready {
+        kind,
+        url: format!("http://127.0.0.1:{port}"),
+        process: Some(Started {
+            child,
+            name: program,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn the_documented_file_parses() {
+        let text = r#"
+rounds: 3
+targets: [direct, infermesh, haproxy, nginx]
+backends:
+  servers:
+    - listen: 127.0.0.1:0
+      models: [{ name: mock-llm }]
+load:
+  path: /v1/models
+  rate: 2000
+  maxThroughput: true
+  connections: 32
+  duration: 10s
+  warmup: 2s
+infermesh:
+  accessLog: false
+"#;
+        let c: Comparison = serde_saphyr::from_str(text).unwrap();
+        assert_eq!(c.targets.len(), 4);
+        assert_eq!(c.load.duration, infermesh_api::Duration::from_secs(10));
+        assert_eq!(c.load.protocol, "http1");
+    }
+}

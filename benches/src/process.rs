@@ -1,0 +1,139 @@
+//! Reading a process's CPU time and memory from `/proc` (Linux): for the
+//! generator's own CPU use, and for the proxies a comparison measures.
+
+use std::path::Path;
+
+/// Clock ticks per second in `/proc/<pid>/stat`: the kernel's `USER_HZ`,
+/// which is 100 on every Linux architecture infermesh runs on.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU time and memory of a process (with its descendants, for servers
+/// like nginx that fork workers).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    /// User plus system CPU time, in seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory now, in bytes.
+    pub rss_bytes: u64,
+    /// The highest resident memory so far, in bytes.
+    pub peak_rss_bytes: u64,
+}
+
+/// The usage of this process.
+pub fn own() -> std::io::Result<Usage> {
+    read(Path::new("/proc/self"))
+}
+
+/// The usage of `pid` and every process descended from it.
+pub fn tree(pid: u32) -> std::io::Result<Usage> {
+    let mut total = read(&Path::new("/proc").join(pid.to_string()))?;
+    for child in descendants(pid) {
+        if let Ok(u) = read(&Path::new("/proc").join(child.to_string())) {
+            total.cpu_seconds += u.cpu_seconds;
+            total.rss_bytes += u.rss_bytes;
+            total.peak_rss_bytes += u.peak_rss_bytes;
+        }
+    }
+    Ok(total)
+}
+
+fn read(dir: &Path) -> std::io::Result<Usage> {
+    let stat = std::fs::read_to_string(dir.join("stat"))?;
+    // Fields after the command name, which may hold spaces and parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu_seconds = (ticks(11) + ticks(12)) / TICKS_PER_SECOND;
+    let status = std::fs::read_to_string(dir.join("status"))?;
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    Ok(Usage {
+        cpu_seconds,
+        rss_bytes: kib("VmRSS:"),
+        peak_rss_bytes: kib("VmHWM:"),
+    })
+}
+
+/// Every process whose parent chain leads to `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let start = own().unwrap();
+        // Burn a little CPU so the clock moves.
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let end = own().unwrap();
+        assert!(end.cpu_seconds >= start.cpu_seconds);
+        assert!(end.rss_bytes > 0 && end.peak_rss_bytes >= end.rss_bytes);
+    }
+
+    #[test]
+    fn counts_child_processes() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let me = std::process::id();
+        assert!(descendants(me).contains(&child.id()));
+        let with_child = tree(me).unwrap();
+        assert!(with_child.rss_bytes > own().unwrap().rss_bytes);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,55 @@
+//! `infermesh-bench compare` end to end: it starts the mock servers and
+//! every target (the real infermesh-proxy, HAProxy and nginx), loads each
+//! in turn, and reports a row per target.
+
+use std::process::Command;
+
+#[test]
+fn compare_measures_every_target_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("compare.yaml");
+    std::fs::write(
+        &scenario,
+        "rounds: 1\ntargets: [direct, infermesh, haproxy, nginx]\nbackends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{ name: mock-llm }]\nload:\n  template: openai-chat\n  rate: 200\n  connections: 4\n  duration: 500ms\n  warmup: 200ms\n",
+    )
+    .unwrap();
+    let json = dir.path().join("result.json");
+    let svg = dir.path().join("result.svg");
+    let out = Command::new(infermesh_tests::binary("infermesh-bench"))
+        .arg("compare")
+        .arg(&scenario)
+        .arg("--json")
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .arg("--work")
+        .arg(dir.path().join("work"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
+    for target in ["direct", "infermesh", "haproxy", "nginx"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {target} |")))
+            .unwrap_or_else(|| panic!("no row for {target} (HAProxy and nginx come from apt; .ci/run installs them):\n{stdout}\n{stderr}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(
+            cells[cells.len() - 2],
+            "0",
+            "{target} had failed requests: {row}"
+        );
+        if target != "direct" {
+            assert_ne!(
+                cells[10], "—",
+                "{target} has its proxy CPU per request: {row}"
+            );
+        }
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["summary"].as_array().unwrap().len(), 4);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.contains("infermesh") && chart.contains("nginx"));
+}
