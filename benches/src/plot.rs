@@ -43,6 +43,7 @@ pub fn percentile_chart(path: &Path, title: &str, series: &[Series<'_>]) -> anyh
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))
         .margin(16)
+        .margin_right(48)
         .x_label_area_size(48)
         .y_label_area_size(72)
         .build_cartesian_2d(0.0..furthest, 0.0..highest_ms)
