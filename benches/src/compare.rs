@@ -30,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, LoadOptions, LoadReport, Protocol, RequestTemplate, Template};
@@ -239,10 +240,32 @@ struct Started {
 }
 
 impl Drop for Started {
+    /// Asks the process to stop (SIGTERM: nginx's master then stops its
+    /// workers), then kills whatever of its tree is left, so no worker
+    /// outlives the comparison.
     fn drop(&mut self) {
+        let pid = self.child.id();
+        let tree = process::descendants(pid);
+        let _ = signal(pid, Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_)))
+                && tree.iter().all(|p| !process::alive(*p))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for p in tree {
+            let _ = signal(p, Signal::SIGKILL);
+        }
     }
+}
+
+fn signal(pid: u32, signal: Signal) -> nix::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| nix::errno::Errno::ESRCH)?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
 }
 
 /// A target ready to take load.

@@ -2,7 +2,29 @@
 //! every target (the real infermesh-proxy, HAProxy and nginx), loads each
 //! in turn, and reports a row per target.
 
+use std::collections::HashSet;
 use std::process::Command;
+
+/// Running processes (not zombies) whose command is one a comparison starts.
+fn started_by_compare() -> HashSet<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashSet::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(')'))
+            else {
+                return false;
+            };
+            !rest.trim_start().starts_with('Z')
+                && ["nginx", "haproxy", "infermesh-proxy"]
+                    .iter()
+                    .any(|n| name.starts_with(n))
+        })
+        .collect()
+}
 
 #[test]
 fn compare_measures_every_target_side_by_side() {
@@ -13,6 +35,7 @@ fn compare_measures_every_target_side_by_side() {
         "rounds: 1\ntargets: [direct, infermesh, haproxy, nginx]\nbackends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{ name: mock-llm }]\nload:\n  template: openai-chat\n  rate: 200\n  connections: 4\n  duration: 500ms\n  warmup: 200ms\n",
     )
     .unwrap();
+    let before = started_by_compare();
     let json = dir.path().join("result.json");
     let svg = dir.path().join("result.svg");
     let out = Command::new(infermesh_tests::binary("infermesh-bench"))
@@ -47,6 +70,11 @@ fn compare_measures_every_target_side_by_side() {
             );
         }
     }
+    let left: Vec<u32> = started_by_compare().difference(&before).copied().collect();
+    assert!(
+        left.is_empty(),
+        "compare left processes running (nginx workers included): {left:?}"
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["summary"].as_array().unwrap().len(), 4);
