@@ -35,11 +35,6 @@ impl Duration {
     pub fn non_zero(self) -> Option<std::time::Duration> {
         (!self.0.is_zero()).then_some(self.0)
     }
-
-    /// Whether the duration is zero.
-    pub fn is_zero(self) -> bool {
-        self.0.is_zero()
-    }
 }
 
 impl From<std::time::Duration> for Duration {

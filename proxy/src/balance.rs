@@ -56,11 +56,6 @@ impl Balance {
     pub fn new(backend: Arc<Backend>) -> Self {
         Balance { backend }
     }
-
-    /// The backend's name.
-    pub fn backend_name(&self) -> &Arc<str> {
-        &self.backend.name
-    }
 }
 
 impl Service<Request<ProxyBody>> for Balance {

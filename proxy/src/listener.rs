@@ -197,14 +197,6 @@ impl Listeners {
         }
     }
 
-    /// The bound listeners: name and local address.
-    pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
-        self.running
-            .iter()
-            .map(|r| (r.name.clone(), r.local))
-            .collect()
-    }
-
     /// Stops accepting on every listener and lets open connections finish
     /// (HTTP/2 clients get GOAWAY, idle keep-alive connections close).
     /// Resolves when every connection has closed.

@@ -190,16 +190,6 @@ impl<T> Router<T> {
             .find(|e| e.matches(host, path, request))
             .map(|e| &e.target)
     }
-
-    /// How many (host, match) entries the router holds.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether the router has no rules.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 impl<T> Entry<T> {
