@@ -27,8 +27,8 @@ use crate::timeout::TimeoutError;
 pub struct RequestRecord {
     started: Instant,
     method: Method,
-    path: String,
-    authority: Option<String>,
+    uri: http::Uri,
+    host: Option<http::HeaderValue>,
     version: Version,
     client: SocketAddr,
     listener: Option<Arc<str>>,
@@ -54,21 +54,10 @@ impl RequestRecord {
         RequestRecord {
             started,
             method: request.method().clone(),
-            path: request
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
-            authority: request
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    request
-                        .headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .map(str::to_owned),
+            // Cheap copies (reference counts): nothing is formatted unless
+            // the line is written.
+            uri: request.uri().clone(),
+            host: request.headers().get(http::header::HOST).cloned(),
             version: request.version(),
             client,
             listener,
@@ -148,8 +137,13 @@ impl RequestRecord {
         tracing::info!(
             target: "infermesh::access",
             method = %self.method,
-            path = %self.path,
-            authority = self.authority.as_deref().unwrap_or(""),
+            path = self.uri.path_and_query().map_or("/", |p| p.as_str()),
+            authority = self
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+                .unwrap_or(""),
             protocol = ?self.version,
             status = self.status.as_u16(),
             duration_ms = millis(duration),
