@@ -245,6 +245,21 @@ async fn kserve_v2_identity_inference_and_health() {
     );
 }
 
+/// The value of `series` once it reaches `want`, or its last value after
+/// two seconds: the server counts a cancellation when it notices the
+/// client left, a moment after the client does.
+async fn eventually(base: &str, series: &str, want: f64) -> f64 {
+    let mut value = metric(base, series).await;
+    for _ in 0..100 {
+        if value == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        value = metric(base, series).await;
+    }
+    value
+}
+
 async fn metric(base: &str, series: &str) -> f64 {
     let page = String::from_utf8(
         call("GET", format!("{base}/metrics"), None)
@@ -294,19 +309,15 @@ async fn injected_faults_reset_hang_and_fail() {
         "never answers"
     );
     // The hanging request's client went away: a cancellation.
-    let mut cancelled = 0.0;
-    for _ in 0..100 {
-        cancelled = metric(
+    assert_eq!(
+        eventually(
             &base,
             "infermesh_mock_cancellations_total{model_name=\"hanging\"}",
+            1.0
         )
-        .await;
-        if cancelled == 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(cancelled, 1.0);
+        .await,
+        1.0
+    );
     assert_eq!(
         metric(
             &base,
@@ -346,19 +357,15 @@ async fn a_stream_the_client_abandons_is_counted_as_cancelled() {
     );
     drop(stream);
     drop(client);
-    let mut cancelled = 0.0;
-    for _ in 0..100 {
-        cancelled = metric(
+    assert_eq!(
+        eventually(
             &base,
             "infermesh_mock_cancellations_total{model_name=\"slow\"}",
+            1.0
         )
-        .await;
-        if cancelled == 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(cancelled, 1.0);
+        .await,
+        1.0
+    );
     assert_eq!(
         metric(&base, "vllm:num_requests_running{model_name=\"slow\"}").await,
         0.0

@@ -16,6 +16,7 @@ mod request;
 mod stats;
 mod target;
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -420,23 +421,12 @@ impl Lane {
                     }
                 }
                 let sender = slot.as_mut().expect("connected above");
-                let outcome = tokio::time::timeout_at(deadline, async {
-                    let response = sender.send_request(request).await?;
-                    read(response, gaps).await
-                })
-                .await;
-                match outcome {
-                    Ok(Ok(exchange)) => exchange,
-                    Ok(Err(_)) => {
-                        *slot = None;
-                        Exchange::Failed
-                    }
-                    Err(_) => {
-                        // The connection is mid-exchange: it cannot be reused.
-                        *slot = None;
-                        Exchange::TimedOut
-                    }
+                let exchange = within(deadline, sender.send_request(request), gaps).await;
+                if matches!(exchange, Exchange::Failed | Exchange::TimedOut) {
+                    // Broken, or mid-exchange: the connection cannot be reused.
+                    *slot = None;
                 }
+                exchange
             }
             Lane::Shared(shared) => {
                 let mut sender = {
@@ -454,18 +444,26 @@ impl Lane {
                         },
                     }
                 };
-                let outcome = tokio::time::timeout_at(deadline, async {
-                    let response = sender.send_request(request).await?;
-                    read(response, gaps).await
-                })
-                .await;
-                match outcome {
-                    Ok(Ok(exchange)) => exchange,
-                    Ok(Err(_)) => Exchange::Failed,
-                    Err(_) => Exchange::TimedOut,
-                }
+                // A stream that fails leaves the shared connection to the
+                // next worker, which reopens it if it closed.
+                within(deadline, sender.send_request(request), gaps).await
             }
         }
+    }
+}
+
+/// Waits for `response` and reads it to its end, all before `deadline`.
+async fn within(
+    deadline: Instant,
+    response: impl Future<Output = Result<http::Response<Incoming>, hyper::Error>>,
+    gaps: Option<&mut Histogram<u64>>,
+) -> Exchange {
+    let outcome =
+        tokio::time::timeout_at(deadline, async { read(response.await?, gaps).await }).await;
+    match outcome {
+        Ok(Ok(exchange)) => exchange,
+        Ok(Err(_)) => Exchange::Failed,
+        Err(_) => Exchange::TimedOut,
     }
 }
 
