@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::check::Checker;
 use crate::duration::Duration;
 use crate::path::FieldPath;
+use crate::resilience::{CircuitBreaker, HealthCheck, LoadBalancer, OutlierDetection};
 
 /// The spec of a `Backend` resource.
 ///
@@ -35,6 +36,15 @@ pub struct BackendSpec {
     pub dns_refresh_interval: Duration,
     /// Keep-alive connection pooling.
     pub pool: PoolSpec,
+    /// How an endpoint is picked for each request.
+    pub load_balancer: LoadBalancer,
+    /// Limits past which requests are refused with 503 `overloaded`.
+    pub circuit_breaker: CircuitBreaker,
+    /// Ejecting endpoints that keep failing.
+    pub outlier_detection: OutlierDetection,
+    /// Checking each endpoint's health actively; off unless given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
 }
 
 impl BackendSpec {
@@ -52,6 +62,10 @@ impl Default for BackendSpec {
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             dns_refresh_interval: Self::DEFAULT_DNS_REFRESH_INTERVAL,
             pool: PoolSpec::default(),
+            load_balancer: LoadBalancer::default(),
+            circuit_breaker: CircuitBreaker::default(),
+            outlier_detection: OutlierDetection::default(),
+            health_check: None,
         }
     }
 }
@@ -231,6 +245,13 @@ impl crate::Spec for BackendSpec {
             Duration::from_millis(1),
             Duration::from_secs(86_400),
         );
+        self.circuit_breaker
+            .check(&spec.key("circuitBreaker"), checker);
+        self.outlier_detection
+            .check(&spec.key("outlierDetection"), checker);
+        if let Some(health_check) = &self.health_check {
+            health_check.check(&spec.key("healthCheck"), checker);
+        }
     }
 }
 

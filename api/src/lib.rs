@@ -26,6 +26,7 @@ mod diagnostic;
 pub mod duration;
 pub mod listener;
 mod path;
+pub mod resilience;
 pub mod route;
 mod yaml;
 
@@ -43,6 +44,10 @@ pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
 pub use listener::{ListenerProtocol, ListenerSpec};
 pub use path::FieldPath;
+pub use resilience::{
+    Backoff, BalancePolicy, CircuitBreaker, GrpcStatus, HealthCheck, LoadBalancer, Mirror,
+    OutlierDetection, RateLimit, RetryBudget, RetryOn, RetryPolicy,
+};
 pub use route::{
     BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts,
     full_match_regex,
@@ -327,6 +332,18 @@ impl Config {
                             ),
                         );
                     }
+                }
+                if let Some(mirror) = &rule.mirror
+                    && !defined.contains_key(&(Kind::Backend, mirror.backend.clone()))
+                {
+                    checker.error(
+                        spec.key("rules").index(r).key("mirror").key("backend"),
+                        format!(
+                            "backend {:?} is not defined (defined backends: {})",
+                            mirror.backend,
+                            names(Kind::Backend)
+                        ),
+                    );
                 }
             }
         }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::check::Checker;
 use crate::duration::Duration;
 use crate::path::FieldPath;
+use crate::resilience::{Mirror, RateLimit, RetryPolicy};
 
 /// The spec of a `Route` resource.
 ///
@@ -56,6 +57,15 @@ pub struct RouteRule {
     /// Time limits for requests on this rule.
     #[serde(default)]
     pub timeouts: RouteTimeouts,
+    /// When failed requests are tried again.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// A copy of some requests to a shadow backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+    /// A local limit on the rule's request rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Conditions on a request; all given conditions must hold.
@@ -216,6 +226,13 @@ impl RouteRule {
             ("total", self.timeouts.total),
         ] {
             checker.duration_within(timeouts.key(field), value, Duration::ZERO, day);
+        }
+        self.retry.check(&at.key("retry"), checker);
+        if let Some(mirror) = &self.mirror {
+            mirror.check(&at.key("mirror"), checker);
+        }
+        if let Some(rate_limit) = &self.rate_limit {
+            rate_limit.check(&at.key("rateLimit"), checker);
         }
     }
 }

@@ -1,6 +1,8 @@
 //! A backend at run time: its current endpoints (DNS names resolved and
-//! re-resolved in the background), each endpoint's connections and
-//! counters, and the upkeep task that closes expired idle connections.
+//! re-resolved in the background), each endpoint's connections, counters,
+//! latency estimate and health, the backend's balancer and circuit
+//! breaker, and the upkeep task that closes expired idle connections and
+//! runs active health checks.
 //!
 //! The endpoint set is an immutable snapshot swapped atomically; requests
 //! read it without a lock. An endpoint that survives a DNS refresh keeps
@@ -13,12 +15,18 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use infermesh_api::{BackendSpec, EndpointTarget};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use infermesh_api::{BackendSpec, EndpointTarget, HealthCheck};
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::task::AbortHandle;
 
-use crate::body::BoxFuture;
+use crate::balance::{Balancer, PeakEwma};
+use crate::body::{BoxFuture, empty};
+use crate::breaker::Breaker;
 use crate::metrics::Metrics;
-use crate::pool::{Connections, PoolSettings};
+use crate::outlier::{Ejections, Health};
+use crate::pool::{self, Connections, PoolSettings};
 
 /// How long the first DNS resolution of a new backend may delay applying a
 /// config; past it the backend starts empty and fills in when DNS answers.
@@ -37,6 +45,24 @@ pub struct Endpoint {
     pub stats: EndpointStats,
     /// Open and idle connections.
     pub connections: Arc<Connections>,
+    /// Response-time estimate, for the balancer.
+    pub latency: PeakEwma,
+    /// Ejection, health-check and `Retry-After` state.
+    pub health: Health,
+}
+
+impl Endpoint {
+    pub(crate) fn new(addr: SocketAddr, weight: u32, hostname: Option<Arc<str>>) -> Self {
+        Endpoint {
+            addr,
+            weight,
+            hostname,
+            stats: EndpointStats::default(),
+            connections: Arc::default(),
+            latency: PeakEwma::default(),
+            health: Health::default(),
+        }
+    }
 }
 
 /// Counters of one endpoint, shown on the admin `/endpoints` page.
@@ -60,7 +86,7 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
-    fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+    pub(crate) fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
         let total_weight = endpoints.iter().map(|e| u64::from(e.weight)).sum();
         EndpointSet {
             endpoints,
@@ -80,7 +106,48 @@ pub struct Backend {
     endpoints: Arc<ArcSwap<EndpointSet>>,
     /// Connection settings shared by every endpoint.
     pub pool: Arc<PoolSettings>,
+    /// Picks an endpoint for each request.
+    pub balancer: Balancer,
+    /// The circuit-breaker limits.
+    pub breaker: Arc<Breaker>,
+    /// Outlier-detection settings and the ejected count.
+    pub ejections: Ejections,
+    /// The backend's per-attempt metrics.
+    pub metrics: BackendMetrics,
     upkeep: AbortHandle,
+}
+
+/// `infermesh_upstream_attempts_total{backend,outcome}` of one backend;
+/// the outcome is the status class (`2xx`...) or the error's reason.
+#[derive(Debug)]
+pub struct BackendMetrics {
+    name: Arc<str>,
+    attempts: IntCounterVec,
+    by_class: [IntCounter; 5],
+}
+
+impl BackendMetrics {
+    fn new(name: &Arc<str>, metrics: &Metrics) -> Self {
+        BackendMetrics {
+            name: name.clone(),
+            attempts: metrics.upstream_attempts.clone(),
+            by_class: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| metrics.upstream_attempts.with_label_values(&[name, class])),
+        }
+    }
+
+    /// Counts an attempt that got a response with `status`.
+    pub fn attempt_status(&self, status: StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[class].inc();
+    }
+
+    /// Counts an attempt that failed with the error `reason`.
+    pub fn attempt(&self, reason: &str) {
+        self.attempts
+            .with_label_values(&[&*self.name, reason])
+            .inc();
+    }
 }
 
 impl Drop for Backend {
@@ -117,14 +184,17 @@ impl Backend {
                 weight: e.weight,
             })
             .collect();
+        let endpoints = Arc::new(ArcSwap::from_pointee(EndpointSet::default()));
+        let breaker = Arc::new(Breaker::new(&name, spec.circuit_breaker, metrics));
         let pool = Arc::new(PoolSettings {
             protocol: spec.protocol,
             connect_timeout: spec.connect_timeout.get(),
             idle_timeout: spec.pool.idle_timeout.get(),
             max_idle: spec.pool.max_idle_per_endpoint,
             open_gauge: metrics.upstream_connections.with_label_values(&[&*name]),
+            breaker: breaker.clone(),
+            endpoints: Arc::downgrade(&endpoints),
         });
-        let endpoints = Arc::new(ArcSwap::from_pointee(EndpointSet::default()));
         let known = previous.map(Backend::endpoints).unwrap_or_default();
         let first = tokio::time::timeout(
             FIRST_RESOLUTION_WAIT,
@@ -142,10 +212,18 @@ impl Backend {
             targets,
             Arc::downgrade(&endpoints),
             spec.dns_refresh_interval.get(),
-            pool.idle_timeout,
+            Arc::downgrade(&pool),
+            spec.health_check.clone(),
         ))
         .abort_handle();
         Arc::new(Backend {
+            balancer: Balancer::new(spec.load_balancer.policy),
+            breaker,
+            ejections: Ejections::new(
+                spec.outlier_detection,
+                metrics.endpoint_ejections.with_label_values(&[&*name]),
+            ),
+            metrics: BackendMetrics::new(&name, metrics),
             name,
             spec,
             endpoints,
@@ -237,27 +315,25 @@ fn assemble(resolved: Vec<Resolved>, current: &EndpointSet) -> EndpointSet {
         .into_iter()
         .map(|r| match existing.get(&r.addr) {
             Some(e) if e.weight == r.weight => Arc::clone(e),
-            _ => Arc::new(Endpoint {
-                addr: r.addr,
-                weight: r.weight,
-                hostname: r.hostname,
-                stats: EndpointStats::default(),
-                connections: Arc::default(),
-            }),
+            _ => Arc::new(Endpoint::new(r.addr, r.weight, r.hostname)),
         })
         .collect();
     EndpointSet::new(endpoints)
 }
 
-/// Re-resolves DNS names every `refresh` and closes expired idle
-/// connections. Ends when the backend is dropped.
+/// Re-resolves DNS names every `refresh`, closes expired idle connections
+/// and runs the active health checks. Ends when the backend is dropped.
 async fn upkeep(
     name: Arc<str>,
     targets: Vec<Target>,
     endpoints: Weak<ArcSwap<EndpointSet>>,
     refresh: Duration,
-    idle_timeout: Duration,
+    pool: Weak<PoolSettings>,
+    health_check: Option<HealthCheck>,
 ) {
+    let Some(idle_timeout) = pool.upgrade().map(|p| p.idle_timeout) else {
+        return;
+    };
     let has_dns = targets
         .iter()
         .any(|t| matches!(t.target, EndpointTarget::Dns { .. }));
@@ -266,6 +342,11 @@ async fn upkeep(
     dns.tick().await;
     let mut sweep = tokio::time::interval((idle_timeout / 2).max(Duration::from_millis(100)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let check_every = health_check
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |c| c.interval.get());
+    let mut check = tokio::time::interval(check_every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = dns.tick(), if has_dns => {
@@ -286,7 +367,55 @@ async fn upkeep(
                     endpoint.connections.close_expired(idle_timeout);
                 }
             }
+            _ = check.tick(), if health_check.is_some() => {
+                let (Some(endpoints), Some(pool), Some(settings)) =
+                    (endpoints.upgrade(), pool.upgrade(), health_check.as_ref())
+                else {
+                    return;
+                };
+                for endpoint in &endpoints.load().endpoints {
+                    tokio::spawn(check_endpoint(endpoint.clone(), pool.clone(), settings.clone()));
+                }
+            }
         }
+    }
+}
+
+/// Runs one active health check of `endpoint`: a `GET` of the check's
+/// path over the backend's own connections; a 2xx within the timeout
+/// passes.
+async fn check_endpoint(endpoint: Arc<Endpoint>, pool: Arc<PoolSettings>, settings: HealthCheck) {
+    let request = Request::get(settings.path.as_str())
+        .header(http::header::USER_AGENT, "infermesh-health-check")
+        .body(empty())
+        .expect("a validated path makes a request");
+    let exchange = async {
+        let response = pool::send(&endpoint.connections, endpoint.addr, &pool, request)
+            .await
+            .ok()?;
+        let status = response.status();
+        // Read the answer to its end so the connection can be reused.
+        response.into_body().collect().await.ok()?;
+        Some(status)
+    };
+    let status = tokio::time::timeout(settings.timeout.get(), exchange)
+        .await
+        .ok()
+        .flatten();
+    let passed = status.is_some_and(|s| s.is_success());
+    let changed = endpoint.health.checked(
+        passed,
+        settings.healthy_threshold,
+        settings.unhealthy_threshold,
+    );
+    match (changed, passed) {
+        (true, true) => {
+            tracing::info!(endpoint = %endpoint.addr, "endpoint passes its health checks again")
+        }
+        (true, false) => {
+            tracing::warn!(endpoint = %endpoint.addr, status = ?status, path = %settings.path, "endpoint fails its health checks; taken out of the rotation")
+        }
+        (false, _) => {}
     }
 }
 
@@ -367,13 +496,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_name_dns_cannot_resolve_keeps_its_known_addresses() {
-        let known = EndpointSet::new(vec![Arc::new(Endpoint {
-            addr: "10.0.0.9:8000".parse().unwrap(),
-            weight: 1,
-            hostname: Some(Arc::from("model.invalid")),
-            stats: EndpointStats::default(),
-            connections: Arc::default(),
-        })]);
+        let known = EndpointSet::new(vec![Arc::new(Endpoint::new(
+            "10.0.0.9:8000".parse().unwrap(),
+            1,
+            Some(Arc::from("model.invalid")),
+        ))]);
         let resolved = lookup("b", &[target("model.invalid:8000", 1)], &known, fake_dns).await;
         let addrs: Vec<SocketAddr> = resolved.iter().map(|r| r.addr).collect();
         assert_eq!(addrs, ["10.0.0.9:8000".parse::<SocketAddr>().unwrap()]);

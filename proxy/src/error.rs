@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{BoxError, ProxyBody, full};
+use crate::breaker::Limit;
 use crate::timeout::TimeoutError;
 
 /// The header naming the reason of a proxy-made error response.
@@ -49,6 +50,16 @@ pub enum ErrorKind {
     /// Reading the request body from the client failed.
     #[error("reading the request body failed: {0}")]
     RequestBody(#[source] BoxError),
+    /// One attempt's response headers did not arrive within the retry
+    /// policy's per-try timeout.
+    #[error("no response headers within the per-try timeout of {0:?}")]
+    AttemptTimeout(Duration),
+    /// A circuit-breaker limit of the backend is reached.
+    #[error("the backend is at its limit of {} ({})", .0.as_str(), .0.setting())]
+    Overloaded(Limit),
+    /// The rule's rate limit is reached; a token is free after this long.
+    #[error("the route's rate limit is reached; retry in {0:?}")]
+    RateLimited(Duration),
 }
 
 impl ErrorKind {
@@ -66,6 +77,9 @@ impl ErrorKind {
             ErrorKind::RequestBodyIdle(_) => "request_body_idle_timeout",
             ErrorKind::ResponseBodyIdle(_) => "idle_timeout",
             ErrorKind::RequestBody(_) => "request_body_error",
+            ErrorKind::AttemptTimeout(_) => "per_try_timeout",
+            ErrorKind::Overloaded(_) => "overloaded",
+            ErrorKind::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -73,13 +87,15 @@ impl ErrorKind {
     pub fn status(&self) -> StatusCode {
         match self {
             ErrorKind::NoRoute => StatusCode::NOT_FOUND,
-            ErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoEndpoint | ErrorKind::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ConnectFailed(_)
             | ErrorKind::ConnectTimeout(_)
             | ErrorKind::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
             ErrorKind::ResponseHeadersTimeout(_)
             | ErrorKind::RequestTimeout(_)
-            | ErrorKind::ResponseBodyIdle(_) => StatusCode::GATEWAY_TIMEOUT,
+            | ErrorKind::ResponseBodyIdle(_)
+            | ErrorKind::AttemptTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::RequestBodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::RequestBody(_) => StatusCode::BAD_REQUEST,
         }
@@ -188,6 +204,12 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+        if let ErrorKind::RateLimited(wait) = self.kind {
+            // Whole seconds, rounded up: a client that waits this long finds
+            // a token.
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
         response
     }
 }

@@ -3,8 +3,15 @@
 //! applied.
 //!
 //! ```text
-//! timeouts ─► forwarded headers ─► upgrade ─► backend split ─► balance ─► pool
+//! rate limit ─► timeouts ─► forwarded headers ─► upgrade ─► mirror ─► retry
+//!            ─► backend split ─► balance (breaker, endpoint pick) ─► pool
 //! ```
+//!
+//! Retries sit above the split and the balancer, so that each attempt
+//! picks its endpoint afresh (avoiding the ones that failed) and counts
+//! against the limits of the backend it lands on. The rule's timeouts sit
+//! above the retries: they bound the request as the client sees it, all
+//! attempts included.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,27 +27,58 @@ use crate::balance::{Balance, pick_weighted};
 use crate::body::{BoxFuture, ProxyBody};
 use crate::error::ProxyError;
 use crate::headers;
+use crate::metrics::Metrics;
+use crate::mirror::MirrorLayer;
+use crate::rate_limit::{RateLimitLayer, TokenBucket};
+use crate::retry::{Retries, RetryLayer};
 use crate::timeout::{Limits, TimeoutLayer};
 use crate::upgrade::UpgradeLayer;
 
 /// The service a rule's requests go through.
 pub type RuleService = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
 
-/// Builds the stack of `rule`. Every backend it names must be in
-/// `backends` (a validated config guarantees it).
-pub fn rule_service(rule: &RouteRule, backends: &BTreeMap<String, Arc<Backend>>) -> RuleService {
+/// Builds the stack of a rule of `route`. Every backend it names must be
+/// in `backends` (a validated config guarantees it).
+pub fn rule_service(
+    rule: &RouteRule,
+    route: &Arc<str>,
+    backends: &BTreeMap<String, Arc<Backend>>,
+    metrics: &Metrics,
+) -> RuleService {
     let split = Split::new(
         rule.backends
             .iter()
             .map(|r| (Balance::new(backends[&r.name].clone()), r.weight))
             .collect(),
     );
+    let limits = Limits::from_config(&rule.timeouts);
+    let mirror = rule.mirror.as_ref().map(|mirror| {
+        let shadow = ServiceBuilder::new()
+            .layer(TimeoutLayer::new(limits))
+            .service(Balance::new(backends[&mirror.backend].clone()));
+        MirrorLayer::new(
+            BoxCloneSyncService::new(shadow),
+            &mirror.backend,
+            mirror.percent,
+            metrics,
+        )
+    });
+    let rate_limit = rule.rate_limit.map(|limit| {
+        RateLimitLayer::new(TokenBucket::new(
+            limit.requests_per_second,
+            limit.burst(),
+            metrics.rate_limited.with_label_values(&[&**route]),
+        ))
+    });
     BoxCloneSyncService::new(
         ServiceBuilder::new()
-            .layer(TimeoutLayer::new(Limits::from_config(&rule.timeouts)))
+            .option_layer(rate_limit)
+            .layer(TimeoutLayer::new(limits))
             .map_request(headers::forward_request)
             .map_response(headers::forward_response)
             .layer(UpgradeLayer)
+            .option_layer(mirror)
+            .layer(RetryLayer::new(Retries::new(&rule.retry, route, metrics)))
             .service(split),
     )
 }

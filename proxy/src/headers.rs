@@ -1,6 +1,7 @@
 //! Header rules at the proxy boundary: hop-by-hop headers (RFC 9110
 //! §7.6.1) never cross the proxy in either direction, and forwarded requests
-//! say who the client was (`x-forwarded-for`, `x-forwarded-proto`).
+//! say who the client was (`x-forwarded-for`, `x-forwarded-proto`). Also
+//! reading `Retry-After`.
 
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -129,6 +130,24 @@ pub fn forward_response(mut response: Response<ProxyBody>) -> Response<ProxyBody
     response
 }
 
+/// How long a response's `Retry-After` asks to wait: delay-seconds or an
+/// HTTP date (RFC 9110 §10.2.3). A date in the past is no wait at all.
+pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +242,22 @@ mod tests {
         let mut fresh = HeaderMap::new();
         add_forwarded(&mut fresh, "::1".parse().unwrap(), "http");
         assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let seconds = headers(&[("retry-after", "7")]);
+        assert_eq!(
+            retry_after(&seconds),
+            Some(std::time::Duration::from_secs(7))
+        );
+        let in_a_minute = std::time::SystemTime::now() + std::time::Duration::from_secs(61);
+        let date = headers(&[("retry-after", &httpdate::fmt_http_date(in_a_minute))]);
+        let wait = retry_after(&date).unwrap();
+        assert!((59..=61).contains(&wait.as_secs()), "{wait:?}");
+        let past = headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
+        assert_eq!(retry_after(&past), Some(std::time::Duration::ZERO));
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
     }
 }

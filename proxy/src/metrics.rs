@@ -41,6 +41,31 @@ pub struct Metrics {
     /// `infermesh_config_last_reload_success_timestamp_seconds`: when the
     /// serving config was applied (Unix time).
     pub config_last_reload_success_timestamp: Gauge,
+    /// `infermesh_upstream_attempts_total{backend,outcome}`: exchanges
+    /// with endpoints, retries included; the outcome is the status class
+    /// (`2xx`...) or the proxy's error reason.
+    pub upstream_attempts: IntCounterVec,
+    /// `infermesh_retries_total{route,reason}`: retries made, by the
+    /// failure that caused them.
+    pub retries: IntCounterVec,
+    /// `infermesh_retry_budget_exhausted_total{route}`: retries not made
+    /// because the rule's retry budget was spent.
+    pub retry_budget_exhausted: IntCounterVec,
+    /// `infermesh_overloaded_total{backend,limit}`: requests refused by a
+    /// circuit-breaker limit.
+    pub overloaded: IntCounterVec,
+    /// `infermesh_endpoint_ejections_total{backend}`: outlier ejections.
+    pub endpoint_ejections: IntCounterVec,
+    /// `infermesh_endpoints{backend,state}`: endpoints by state, counted
+    /// when scraped.
+    pub endpoints: IntGaugeVec,
+    /// `infermesh_rate_limited_total{route}`: requests refused by a rule's
+    /// rate limit.
+    pub rate_limited: IntCounterVec,
+    /// `infermesh_mirrored_requests_total{backend,result}`: copies sent to
+    /// a mirror backend (`sent`), or not sent because the copy could not
+    /// keep up with the request body (`abandoned`) or failed (`failed`).
+    pub mirrored_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -54,6 +79,9 @@ impl Metrics {
                 &["route", "backend"],
             )
             .expect("valid histogram")
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
         };
         let metrics = Metrics {
             requests: IntCounterVec::new(
@@ -114,9 +142,49 @@ impl Metrics {
                 "Unix time the serving config was applied.",
             )
             .expect("valid gauge"),
+            upstream_attempts: counter(
+                "infermesh_upstream_attempts_total",
+                "Exchanges with backend endpoints (retries included), by outcome: status class or error reason.",
+                &["backend", "outcome"],
+            ),
+            retries: counter(
+                "infermesh_retries_total",
+                "Retries made, by route and the failure that caused them.",
+                &["route", "reason"],
+            ),
+            retry_budget_exhausted: counter(
+                "infermesh_retry_budget_exhausted_total",
+                "Retries not made because the route's retry budget was spent.",
+                &["route"],
+            ),
+            overloaded: counter(
+                "infermesh_overloaded_total",
+                "Requests refused by a backend's circuit-breaker limit.",
+                &["backend", "limit"],
+            ),
+            endpoint_ejections: counter(
+                "infermesh_endpoint_ejections_total",
+                "Endpoints ejected by outlier detection.",
+                &["backend"],
+            ),
+            endpoints: IntGaugeVec::new(
+                Opts::new("infermesh_endpoints", "Backend endpoints, by state."),
+                &["backend", "state"],
+            )
+            .expect("valid gauge"),
+            rate_limited: counter(
+                "infermesh_rate_limited_total",
+                "Requests refused by a route's local rate limit.",
+                &["route"],
+            ),
+            mirrored_requests: counter(
+                "infermesh_mirrored_requests_total",
+                "Request copies for mirror backends, by result (sent, abandoned, failed).",
+                &["backend", "result"],
+            ),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_duration.clone()),
             Box::new(metrics.response_first_byte.clone()),
@@ -126,6 +194,14 @@ impl Metrics {
             Box::new(metrics.config_info.clone()),
             Box::new(metrics.config_last_reload_successful.clone()),
             Box::new(metrics.config_last_reload_success_timestamp.clone()),
+            Box::new(metrics.upstream_attempts.clone()),
+            Box::new(metrics.retries.clone()),
+            Box::new(metrics.retry_budget_exhausted.clone()),
+            Box::new(metrics.overloaded.clone()),
+            Box::new(metrics.endpoint_ejections.clone()),
+            Box::new(metrics.endpoints.clone()),
+            Box::new(metrics.rate_limited.clone()),
+            Box::new(metrics.mirrored_requests.clone()),
         ];
         for collector in collectors {
             metrics

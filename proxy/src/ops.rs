@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 
 use crate::body::{ProxyBody, full};
 use crate::logging::LogControl;
+use crate::outlier::EndpointState;
 use crate::proxy::Shared;
 
 /// What the operator servers read and act on.
@@ -100,6 +101,7 @@ async fn health(ops: Arc<Ops>, request: Request<Incoming>) -> Response<ProxyBody
             }
         }
         "/metrics" => {
+            count_endpoint_states(&ops);
             let mut response = Response::new(full(ops.shared.metrics.encode()));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -159,8 +161,28 @@ fn config(ops: &Ops) -> Response<ProxyBody> {
     )
 }
 
+/// Sets `infermesh_endpoints{backend,state}` from the serving backends.
+fn count_endpoint_states(ops: &Ops) {
+    let snapshot = ops.shared.snapshot.load();
+    let gauge = &ops.shared.metrics.endpoints;
+    gauge.reset();
+    let now = tokio::time::Instant::now();
+    for backend in snapshot.backends() {
+        let mut counts = [0i64; EndpointState::ALL.len()];
+        for endpoint in &backend.endpoints().endpoints {
+            counts[endpoint.health.state(now) as usize] += 1;
+        }
+        for (state, count) in EndpointState::ALL.iter().zip(counts) {
+            gauge
+                .with_label_values(&[&*backend.name, state.as_str()])
+                .set(count);
+        }
+    }
+}
+
 fn endpoints(ops: &Ops) -> Response<ProxyBody> {
     let snapshot = ops.shared.snapshot.load();
+    let now = tokio::time::Instant::now();
     let backends: Vec<_> = snapshot
         .backends()
         .map(|backend| {
@@ -173,6 +195,10 @@ fn endpoints(ops: &Ops) -> Response<ProxyBody> {
                         "address": e.addr.to_string(),
                         "hostname": e.hostname.as_deref(),
                         "weight": e.weight,
+                        "state": e.health.state(now).as_str(),
+                        "ejectedForSeconds": e.health.ejected_for(now).map(|d| d.as_secs_f64()),
+                        "consecutiveFailures": e.health.consecutive_failures(),
+                        "latencyEwmaMs": e.latency.get(now).as_secs_f64() * 1000.0,
                         "inFlight": e.stats.in_flight.load(Ordering::Relaxed),
                         "requests": e.stats.requests.load(Ordering::Relaxed),
                         "failures": e.stats.failures.load(Ordering::Relaxed),
@@ -183,6 +209,9 @@ fn endpoints(ops: &Ops) -> Response<ProxyBody> {
             json!({
                 "name": &*backend.name,
                 "protocol": backend.spec.protocol,
+                "loadBalancer": backend.spec.load_balancer.policy,
+                "requestsInFlight": backend.breaker.requests(),
+                "ejected": backend.ejections.ejected(),
                 "endpoints": endpoints,
             })
         })

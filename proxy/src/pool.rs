@@ -7,14 +7,20 @@
 //! A request that a reused connection refused before sending a byte (the
 //! server closed it while idle) is sent again on another connection; this is
 //! safe for any method, as nothing reached the server.
+//!
+//! Every open connection holds a permit of the backend's `maxConnections`.
+//! A request that needs a new connection when none is left waits as a
+//! pending request (bounded by `maxPendingRequests`); meanwhile one idle
+//! connection of the backend is closed, and connections that finish an
+//! exchange are closed rather than kept idle, so their permits pass to the
+//! waiters.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -24,9 +30,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use infermesh_api::UpstreamProtocol;
 use prometheus::IntGauge;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
+use crate::backend::EndpointSet;
 use crate::body::ProxyBody;
+use crate::breaker::Breaker;
 use crate::error::ErrorKind;
 
 /// How a backend's connections are made and kept.
@@ -42,6 +51,31 @@ pub struct PoolSettings {
     pub max_idle: usize,
     /// `infermesh_upstream_connections{backend}`.
     pub open_gauge: IntGauge,
+    /// The backend's limits, whose connection permits every open
+    /// connection holds.
+    pub breaker: Arc<Breaker>,
+    /// The backend's endpoints, to find an idle connection to close when
+    /// the connection limit is reached.
+    pub endpoints: Weak<ArcSwap<EndpointSet>>,
+}
+
+impl PoolSettings {
+    /// A permit for one more connection: at once when the backend is
+    /// below its limit; otherwise after closing one idle connection, as one
+    /// of the bounded pending requests.
+    async fn connection_permit(&self) -> Result<OwnedSemaphorePermit, ErrorKind> {
+        if let Some(permit) = self.breaker.try_connection() {
+            return Ok(permit);
+        }
+        if let Some(endpoints) = self.endpoints.upgrade() {
+            let set = endpoints.load();
+            let _ = set
+                .endpoints
+                .iter()
+                .any(|e| e.connections.close_oldest_idle());
+        }
+        self.breaker.wait_for_connection().await
+    }
 }
 
 /// How often an idle HTTP/2 upstream connection is checked with a PING, and
@@ -129,9 +163,22 @@ impl Connections {
         None
     }
 
-    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, max_idle: usize) {
+    /// Closes the longest-idle connection, if there is one.
+    fn close_oldest_idle(&self) -> bool {
         let mut idle = self.idle.lock().expect("idle list lock");
-        if idle.len() < max_idle {
+        if idle.is_empty() {
+            return false;
+        }
+        idle.remove(0);
+        true
+    }
+
+    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, settings: &PoolSettings) {
+        if settings.breaker.has_waiters() {
+            return; // Closing it hands its permit to a waiting request.
+        }
+        let mut idle = self.idle.lock().expect("idle list lock");
+        if idle.len() < settings.max_idle {
             idle.push(IdleConnection {
                 sender,
                 since: Instant::now(),
@@ -168,7 +215,7 @@ async fn send_http1(
     while let Some(mut sender) = connections.checkout(settings.idle_timeout) {
         match sender.try_send_request(request).await {
             Ok(response) => {
-                return_when_ready(connections.clone(), settings.max_idle, sender);
+                return_when_ready(connections.clone(), settings.clone(), sender);
                 return Ok(response);
             }
             Err(mut e) => match e.take_message() {
@@ -177,12 +224,13 @@ async fn send_http1(
             },
         }
     }
+    let permit = settings.connection_permit().await?;
     let io = connect(addr, settings.connect_timeout).await?;
     let (mut sender, connection) = http1::Builder::new()
         .handshake::<_, ProxyBody>(io)
         .await
         .map_err(ErrorKind::UpstreamReset)?;
-    let guard = OpenConnection::new(connections, settings);
+    let guard = OpenConnection::new(connections, settings, permit);
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
             tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
@@ -193,7 +241,7 @@ async fn send_http1(
         .send_request(request)
         .await
         .map_err(ErrorKind::from_upstream)?;
-    return_when_ready(connections.clone(), settings.max_idle, sender);
+    return_when_ready(connections.clone(), settings.clone(), sender);
     Ok(response)
 }
 
@@ -202,12 +250,12 @@ async fn send_http1(
 /// dropped (and closed) instead if the exchange broke it or it upgraded.
 fn return_when_ready(
     connections: Arc<Connections>,
-    max_idle: usize,
+    settings: Arc<PoolSettings>,
     mut sender: http1::SendRequest<ProxyBody>,
 ) {
     tokio::spawn(async move {
         if sender.ready().await.is_ok() {
-            connections.put_back(sender, max_idle);
+            connections.put_back(sender, &settings);
         }
     });
 }
@@ -268,6 +316,7 @@ async fn connect_http2(
     {
         return Err(failure.to_error());
     }
+    let permit = settings.connection_permit().await?;
     let io = match connect(addr, settings.connect_timeout).await {
         Ok(io) => io,
         Err(e) => {
@@ -288,7 +337,7 @@ async fn connect_http2(
         .handshake::<_, ProxyBody>(io)
         .await
         .map_err(ErrorKind::UpstreamReset)?;
-    let guard = OpenConnection::new(connections, settings);
+    let guard = OpenConnection::new(connections, settings, permit);
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
@@ -311,19 +360,26 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TokioIo<TcpStrea
     Ok(TokioIo::new(stream))
 }
 
-/// Counts one open upstream connection for as long as it lives.
+/// Counts one open upstream connection, and holds its permit, for as long
+/// as it lives.
 struct OpenConnection {
     open: Arc<AtomicI64>,
     gauge: IntGauge,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl OpenConnection {
-    fn new(connections: &Connections, settings: &PoolSettings) -> Self {
+    fn new(
+        connections: &Connections,
+        settings: &PoolSettings,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
         connections.open.fetch_add(1, Ordering::Relaxed);
         settings.open_gauge.inc();
         OpenConnection {
             open: connections.open.clone(),
             gauge: settings.open_gauge.clone(),
+            _permit: permit,
         }
     }
 }

@@ -97,7 +97,7 @@ impl Snapshot {
                     .map(|rule| {
                         Arc::new(RuleTarget {
                             route: name.clone(),
-                            service: rule_service(rule, &backends),
+                            service: rule_service(rule, &name, &backends, metrics),
                         })
                     })
                     .collect()

@@ -1,0 +1,881 @@
+//! Retrying a rule's failed requests on other endpoints: which failures are
+//! retried, for which methods, how long to wait between attempts, and the
+//! budget that keeps retries from multiplying the load when every endpoint
+//! fails.
+//!
+//! A retry is decided on the response head alone (or on a gRPC status in
+//! trailers that come before any data), before anything reaches the
+//! client: once a response is returned from here it is final. The request
+//! body is kept by [`ReplayBody`] up to the policy's cap; a larger request
+//! is not retried.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Extensions, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use infermesh_api::{RetryOn, RetryPolicy};
+use prometheus::{IntCounter, IntCounterVec};
+use rand::RngExt;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::balance::{Attempt, Upstream};
+use crate::body::{BoxError, BoxFuture, ProxyBody, boxed};
+use crate::breaker::Limit;
+use crate::error::{ErrorKind, ProxyError, find_source};
+use crate::headers::retry_after;
+use crate::metrics::Metrics;
+use crate::replay::ReplayBody;
+
+/// Why a request was retried: the `reason` label of
+/// `infermesh_retries_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// The connect failed or timed out.
+    ConnectFailure,
+    /// The HTTP/2 server refused the stream.
+    RefusedStream,
+    /// The connection broke before response headers.
+    Reset,
+    /// 502, 503, 504, or a per-try timeout.
+    GatewayError,
+    /// 429.
+    RateLimited,
+    /// A status from the policy's `statusCodes`.
+    StatusCode,
+    /// A gRPC status from the policy's `grpcStatuses`.
+    GrpcStatus,
+}
+
+impl Reason {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::ConnectFailure => "connect-failure",
+            Reason::RefusedStream => "refused-stream",
+            Reason::Reset => "reset",
+            Reason::GatewayError => "gateway-error",
+            Reason::RateLimited => "rate-limited",
+            Reason::StatusCode => "status-code",
+            Reason::GrpcStatus => "grpc-status",
+        }
+    }
+
+    /// Whether the failed attempt may have been processed by a model
+    /// server; only failures where it surely was not are retried for
+    /// non-idempotent methods by default.
+    fn may_have_been_processed(self) -> bool {
+        !matches!(self, Reason::ConnectFailure | Reason::RefusedStream)
+    }
+}
+
+/// Envoy-style retry budget of one rule: retries in flight may be at most
+/// a share of the requests in flight, or a small minimum.
+#[derive(Debug)]
+pub struct Budget {
+    percent: u32,
+    min_concurrency: u32,
+    requests: Arc<AtomicU32>,
+    retries: Arc<AtomicU32>,
+}
+
+/// Counts a request or a retry as in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Budget {
+    /// A budget of `percent` of the requests in flight, at least
+    /// `min_concurrency` retries.
+    pub fn new(percent: u32, min_concurrency: u32) -> Self {
+        Budget {
+            percent,
+            min_concurrency,
+            requests: Arc::default(),
+            retries: Arc::default(),
+        }
+    }
+
+    /// Counts a request in flight.
+    pub fn request(&self) -> InFlight {
+        self.requests.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.requests.clone())
+    }
+
+    /// Takes a retry from the budget, if it allows one more now.
+    pub fn retry(&self) -> Option<InFlight> {
+        let requests = u64::from(self.requests.load(Ordering::Acquire));
+        let share = u32::try_from(requests * u64::from(self.percent) / 100).unwrap_or(u32::MAX);
+        let allowed = share.max(self.min_concurrency);
+        self.retries
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < allowed).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(self.retries.clone()))
+    }
+}
+
+/// A rule's retry policy, ready to use.
+#[derive(Debug)]
+pub struct Retries {
+    policy: RetryPolicy,
+    per_try_timeout: Option<Duration>,
+    budget: Budget,
+    retries: IntCounterVec,
+    route: Arc<str>,
+    budget_exhausted: IntCounter,
+}
+
+impl Retries {
+    /// The policy of a rule of `route`.
+    pub fn new(policy: &RetryPolicy, route: &Arc<str>, metrics: &Metrics) -> Self {
+        Retries {
+            per_try_timeout: policy.per_try_timeout.non_zero(),
+            budget: Budget::new(policy.budget.percent, policy.budget.min_retry_concurrency),
+            policy: policy.clone(),
+            retries: metrics.retries.clone(),
+            route: route.clone(),
+            budget_exhausted: metrics
+                .retry_budget_exhausted
+                .with_label_values(&[&**route]),
+        }
+    }
+
+    fn retries_on(&self, on: RetryOn) -> bool {
+        self.policy.on.contains(&on)
+    }
+
+    /// Whether `error` is worth another attempt, and why.
+    fn classify_error(&self, error: &ProxyError) -> Option<Reason> {
+        let reason = match error.kind() {
+            ErrorKind::ConnectFailed(_) | ErrorKind::ConnectTimeout(_) => Reason::ConnectFailure,
+            ErrorKind::UpstreamReset(e) if is_refused_stream(e) => Reason::RefusedStream,
+            ErrorKind::UpstreamReset(_) => Reason::Reset,
+            ErrorKind::AttemptTimeout(_) => Reason::GatewayError,
+            _ => return None,
+        };
+        let on = match reason {
+            Reason::ConnectFailure => RetryOn::ConnectFailure,
+            Reason::RefusedStream => RetryOn::RefusedStream,
+            Reason::Reset => RetryOn::Reset,
+            _ => RetryOn::GatewayError,
+        };
+        // A refused stream is also a reset, for a policy that lists only
+        // `reset`.
+        (self.retries_on(on)
+            || (reason == Reason::RefusedStream && self.retries_on(RetryOn::Reset)))
+        .then_some(reason)
+    }
+
+    /// Whether a response with this head is worth another attempt, and why.
+    fn classify_status(&self, status: StatusCode, headers: &HeaderMap) -> Option<Reason> {
+        let code = status.as_u16();
+        if matches!(code, 502..=504) && self.retries_on(RetryOn::GatewayError) {
+            return Some(Reason::GatewayError);
+        }
+        if code == 429 && self.retries_on(RetryOn::RateLimited) {
+            return Some(Reason::RateLimited);
+        }
+        if self.policy.status_codes.contains(&code) {
+            return Some(Reason::StatusCode);
+        }
+        self.retries_grpc(headers).then_some(Reason::GrpcStatus)
+    }
+
+    fn retries_grpc(&self, headers: &HeaderMap) -> bool {
+        grpc_status(headers)
+            .is_some_and(|code| self.policy.grpc_statuses.iter().any(|s| s.code() == code))
+    }
+
+    /// Whether a successful gRPC response must be looked into: its status
+    /// may come in trailers right after the headers.
+    fn must_peek(&self, response: &Response<ProxyBody>) -> bool {
+        !self.policy.grpc_statuses.is_empty()
+            && response.status() == StatusCode::OK
+            && grpc_status(response.headers()).is_none()
+            && response
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    }
+
+    /// Classifies an attempt's outcome. A gRPC response whose first frame
+    /// is its trailers is read that far, and put back together.
+    async fn classify(
+        &self,
+        result: Result<Response<ProxyBody>, ProxyError>,
+    ) -> (Result<Response<ProxyBody>, ProxyError>, Option<Reason>) {
+        match result {
+            Err(error) => {
+                let reason = self.classify_error(&error);
+                (Err(error), reason)
+            }
+            Ok(response) if self.must_peek(&response) => {
+                let (parts, mut body) = response.into_parts();
+                let first = body.frame().await;
+                let reason = match &first {
+                    Some(Ok(frame)) => frame
+                        .trailers_ref()
+                        .filter(|t| self.retries_grpc(t))
+                        .map(|_| Reason::GrpcStatus),
+                    _ => None,
+                };
+                let body = Prepended { first, rest: body };
+                (Ok(Response::from_parts(parts, boxed(body))), reason)
+            }
+            Ok(response) => {
+                let reason = self.classify_status(response.status(), response.headers());
+                (Ok(response), reason)
+            }
+        }
+    }
+
+    /// The wait before retry number `retry` (from 0): full jitter over an
+    /// exponentially growing ceiling.
+    fn backoff(&self, retry: u32) -> Duration {
+        let backoff = self.policy.backoff;
+        let ceiling = backoff
+            .base
+            .get()
+            .saturating_mul(1u32 << retry.min(20))
+            .min(backoff.max.get());
+        let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+    }
+}
+
+/// The gRPC status code in `grpc-status`, if any.
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Whether an HTTP/2 server refused the stream: it did not process it.
+fn is_refused_stream(error: &hyper::Error) -> bool {
+    find_source::<h2::Error>(error).is_some_and(|e| e.reason() == Some(h2::Reason::REFUSED_STREAM))
+}
+
+/// Whether a method may be repeated without changing the outcome
+/// (RFC 9110 §9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Applies [`Retries`] around an inner service.
+#[derive(Clone, Debug)]
+pub struct RetryLayer(Arc<Retries>);
+
+impl RetryLayer {
+    /// A layer retrying by `retries`.
+    pub fn new(retries: Retries) -> Self {
+        RetryLayer(Arc::new(retries))
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            retries: self.0.clone(),
+        }
+    }
+}
+
+/// See [`RetryLayer`].
+#[derive(Clone, Debug)]
+pub struct Retry<S> {
+    inner: S,
+    retries: Arc<Retries>,
+}
+
+/// What every attempt of a request is made of, besides its body.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: Extensions,
+}
+
+impl Head {
+    fn request(&self, body: ProxyBody, attempt: &Attempt) -> Request<ProxyBody> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        *request.extensions_mut() = self.extensions.clone();
+        request.extensions_mut().insert(attempt.clone());
+        request
+    }
+}
+
+impl<S> Service<Request<ProxyBody>> for Retry<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
+        let inner = self.inner.clone();
+        let retries = self.retries.clone();
+        let mut attempt = Attempt {
+            retry: 0,
+            avoid: Vec::new(),
+            timeout: retries.per_try_timeout,
+        };
+        if retries.policy.max_retries == 0 {
+            request.extensions_mut().insert(attempt);
+            return Box::pin(inner.oneshot(request));
+        }
+        Box::pin(async move {
+            let _in_flight = retries.budget.request();
+            let (parts, body) = request.into_parts();
+            let first = ReplayBody::new(body, retries.policy.max_replay_bytes as usize);
+            let replay = first.replay();
+            let head = Head {
+                method: parts.method,
+                uri: parts.uri,
+                version: parts.version,
+                headers: parts.headers,
+                extensions: parts.extensions,
+            };
+            let idempotent = is_idempotent(&head.method);
+            let mut body = boxed(first);
+            // The last failure, answered if a retry is refused by the
+            // backend's retry limit.
+            let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
+            let mut retry_slot: Option<InFlight> = None;
+            loop {
+                let result = send(inner.clone(), head.request(body, &attempt)).await;
+                drop(retry_slot.take());
+                if let (Err(e), Some(previous)) = (&result, previous.take())
+                    && matches!(e.kind(), ErrorKind::Overloaded(Limit::Retries))
+                {
+                    return previous;
+                }
+                let (result, reason) = retries.classify(result).await;
+                let Some(reason) = reason else {
+                    return result;
+                };
+                if attempt.retry >= retries.policy.max_retries
+                    || (reason.may_have_been_processed()
+                        && !idempotent
+                        && !retries.policy.non_idempotent)
+                {
+                    return result;
+                }
+                let Some(next) = replay.as_ref().and_then(ReplayBody::replay) else {
+                    return result;
+                };
+                let wait = match result.as_ref().ok().and_then(|r| retry_after(r.headers())) {
+                    Some(asked) if asked > retries.policy.max_retry_after.get() => return result,
+                    Some(asked) => asked,
+                    None => retries.backoff(attempt.retry),
+                };
+                let Some(slot) = retries.budget.retry() else {
+                    retries.budget_exhausted.inc();
+                    return result;
+                };
+                retries
+                    .retries
+                    .with_label_values(&[&*retries.route, reason.as_str()])
+                    .inc();
+                let failed_at: Option<SocketAddr> = match &result {
+                    Ok(response) => response.extensions().get::<Upstream>().map(|u| u.endpoint),
+                    Err(error) => error.endpoint(),
+                };
+                attempt.avoid.extend(failed_at);
+                attempt.retry += 1;
+                retry_slot = Some(slot);
+                previous = Some(result);
+                tokio::time::sleep(wait).await;
+                body = boxed(next);
+            }
+        })
+    }
+}
+
+/// Sends one attempt. Boxing the future here keeps the retry loop's future
+/// `Send` for the compiler, which cannot see through `S::Future` there.
+fn send<S>(
+    inner: S,
+    request: Request<ProxyBody>,
+) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    Box::pin(inner.oneshot(request))
+}
+
+/// A body whose first frame was already read.
+struct Prepended {
+    first: Option<Result<Frame<Bytes>, BoxError>>,
+    rest: ProxyBody,
+}
+
+impl Body for Prepended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(first));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.first {
+            None => self.rest.size_hint(),
+            Some(_) => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use infermesh_api::GrpcStatus;
+    use tower::service_fn;
+
+    use super::*;
+    use crate::body::{empty, full};
+
+    /// What the fake upstream saw of each attempt.
+    #[derive(Debug, Default)]
+    struct Seen {
+        attempts: Vec<(u32, Vec<SocketAddr>, Bytes)>,
+    }
+
+    /// A fake balance-and-pool: answers attempt `n` with `answer(n)` after
+    /// reading the request body, as an endpoint `127.0.0.1:(9000 + n)`.
+    fn upstream(
+        seen: Arc<Mutex<Seen>>,
+        answer: impl Fn(u32) -> Result<Response<ProxyBody>, ErrorKind> + Clone + Send + Sync + 'static,
+    ) -> impl Service<
+        Request<ProxyBody>,
+        Response = Response<ProxyBody>,
+        Error = ProxyError,
+        Future = BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
+    > + Clone
+    + Send
+    + 'static {
+        service_fn(move |request: Request<ProxyBody>| {
+            let seen = seen.clone();
+            let answer = answer.clone();
+            let fut: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(async move {
+                let attempt = request.extensions().get::<Attempt>().cloned().unwrap();
+                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let n = attempt.retry;
+                seen.lock()
+                    .unwrap()
+                    .attempts
+                    .push((n, attempt.avoid.clone(), body));
+                let endpoint = SocketAddr::from(([127, 0, 0, 1], 9000 + n as u16));
+                match answer(n) {
+                    Ok(mut response) => {
+                        response.extensions_mut().insert(Upstream {
+                            backend: Arc::from("b"),
+                            endpoint,
+                        });
+                        Ok(response)
+                    }
+                    Err(kind) => Err(ProxyError::new(kind).at_endpoint(endpoint)),
+                }
+            });
+            fut
+        })
+    }
+
+    type Answer = Result<Response<ProxyBody>, ErrorKind>;
+    type Failure = (&'static str, fn() -> Answer);
+
+    fn status(code: u16) -> Response<ProxyBody> {
+        let mut response = Response::new(empty());
+        *response.status_mut() = StatusCode::from_u16(code).unwrap();
+        response
+    }
+
+    fn refused() -> ErrorKind {
+        ErrorKind::ConnectFailed(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    }
+
+    fn retry_layer(policy: RetryPolicy) -> RetryLayer {
+        RetryLayer::new(Retries::new(&policy, &Arc::from("r"), &Metrics::new()))
+    }
+
+    fn request(method: Method, body: &'static str) -> Request<ProxyBody> {
+        let mut request = Request::new(full(body));
+        *request.method_mut() = method;
+        request
+    }
+
+    async fn run(
+        policy: RetryPolicy,
+        request: Request<ProxyBody>,
+        answer: impl Fn(u32) -> Result<Response<ProxyBody>, ErrorKind> + Clone + Send + Sync + 'static,
+    ) -> (Result<Response<ProxyBody>, ProxyError>, Seen) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let service = retry_layer(policy).layer(upstream(seen.clone(), answer));
+        let result = service.oneshot(request).await;
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
+        (result, seen)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_retryable_failure_is_retried_on_another_endpoint() {
+        let policy = RetryPolicy {
+            on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::Reset,
+                RetryOn::GatewayError,
+                RetryOn::RateLimited,
+            ],
+            status_codes: vec![500],
+            non_idempotent: true,
+            ..RetryPolicy::default()
+        };
+        let failures: Vec<Failure> = vec![
+            ("connect-failure", || Err(refused())),
+            ("connect timeout", || {
+                Err(ErrorKind::ConnectTimeout(std::time::Duration::from_secs(1)))
+            }),
+            ("per-try timeout", || {
+                Err(ErrorKind::AttemptTimeout(std::time::Duration::from_secs(1)))
+            }),
+            ("502", || Ok(status(502))),
+            ("503", || Ok(status(503))),
+            ("504", || Ok(status(504))),
+            ("429", || Ok(status(429))),
+            ("500 from statusCodes", || Ok(status(500))),
+        ];
+        for (name, failure) in failures {
+            let (result, seen) = run(policy.clone(), request(Method::POST, "prompt"), move |n| {
+                if n == 0 { failure() } else { Ok(status(200)) }
+            })
+            .await;
+            assert_eq!(result.unwrap().status(), 200, "{name}");
+            assert_eq!(seen.attempts.len(), 2, "{name}");
+            let (_, avoid, body) = &seen.attempts[1];
+            assert_eq!(avoid, &[SocketAddr::from(([127, 0, 0, 1], 9000))], "{name}");
+            assert_eq!(body, "prompt", "{name}: the body is sent again");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_failures_are_not_retried() {
+        for answer in [400, 404, 500, 501] {
+            let (result, seen) = run(
+                RetryPolicy::default(),
+                request(Method::GET, ""),
+                move |_| Ok(status(answer)),
+            )
+            .await;
+            assert_eq!(result.unwrap().status(), answer);
+            assert_eq!(seen.attempts.len(), 1, "{answer}");
+        }
+        let (result, seen) = run(RetryPolicy::default(), request(Method::GET, ""), |_| {
+            Err(ErrorKind::NoEndpoint)
+        })
+        .await;
+        assert_eq!(result.unwrap_err().kind().reason(), "no_endpoint");
+        assert_eq!(seen.attempts.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_idempotent_requests_are_retried_only_when_nothing_reached_the_model() {
+        let (result, seen) = run(RetryPolicy::default(), request(Method::POST, "x"), |n| {
+            if n == 0 {
+                Ok(status(503))
+            } else {
+                Ok(status(200))
+            }
+        })
+        .await;
+        assert_eq!(
+            result.unwrap().status(),
+            503,
+            "a 503 may have been processed"
+        );
+        assert_eq!(seen.attempts.len(), 1);
+
+        let (result, seen) = run(RetryPolicy::default(), request(Method::POST, "x"), |n| {
+            if n == 0 {
+                Err(refused())
+            } else {
+                Ok(status(200))
+            }
+        })
+        .await;
+        assert_eq!(
+            result.unwrap().status(),
+            200,
+            "a refused connect reached no one"
+        );
+        assert_eq!(seen.attempts.len(), 2);
+
+        let (result, _) = run(RetryPolicy::default(), request(Method::PUT, "x"), |n| {
+            if n == 0 {
+                Ok(status(503))
+            } else {
+                Ok(status(200))
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap().status(), 200, "PUT is idempotent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_stop_at_max_retries_and_the_last_answer_is_returned() {
+        let policy = RetryPolicy {
+            max_retries: 3,
+            ..RetryPolicy::default()
+        };
+        let (result, seen) = run(policy, request(Method::GET, ""), |n| {
+            Ok(status(if n == 3 { 504 } else { 503 }))
+        })
+        .await;
+        assert_eq!(result.unwrap().status(), 504);
+        assert_eq!(seen.attempts.len(), 4);
+        let avoided = &seen.attempts[3].1;
+        assert_eq!(avoided.len(), 3, "every failed endpoint is avoided");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_over_the_replay_cap_is_not_retried() {
+        let policy = RetryPolicy {
+            max_replay_bytes: 4,
+            ..RetryPolicy::default()
+        };
+        let (result, seen) = run(policy.clone(), request(Method::GET, "12345"), |n| {
+            Ok(status(if n == 0 { 503 } else { 200 }))
+        })
+        .await;
+        assert_eq!(result.unwrap().status(), 503);
+        assert_eq!(seen.attempts.len(), 1);
+        assert_eq!(
+            seen.attempts[0].2, "12345",
+            "the request itself went through whole"
+        );
+
+        let (result, _) = run(policy, request(Method::GET, "1234"), |n| {
+            Ok(status(if n == 0 { 503 } else { 200 }))
+        })
+        .await;
+        assert_eq!(result.unwrap().status(), 200, "a body at the cap is kept");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_grows_with_full_jitter_up_to_the_max() {
+        let retries = Retries::new(&RetryPolicy::default(), &Arc::from("r"), &Metrics::new());
+        for (retry, ceiling_ms) in [(0, 25), (1, 50), (2, 100), (3, 200), (4, 250), (9, 250)] {
+            let waits: Vec<std::time::Duration> =
+                (0..2000).map(|_| retries.backoff(retry)).collect();
+            let max = waits.iter().max().unwrap().as_secs_f64() * 1000.0;
+            let mean = waits.iter().map(|w| w.as_secs_f64()).sum::<f64>() / 2000.0 * 1000.0;
+            assert!(
+                max <= ceiling_ms as f64 && max > ceiling_ms as f64 * 0.95,
+                "retry {retry}: max {max}"
+            );
+            let half = ceiling_ms as f64 / 2.0;
+            assert!(
+                (mean - half).abs() < half * 0.1,
+                "retry {retry}: mean {mean}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_between_attempts_is_the_backoff_or_retry_after() {
+        let started = tokio::time::Instant::now();
+        let (result, _) = run(RetryPolicy::default(), request(Method::GET, ""), |n| {
+            Ok(if n == 0 {
+                let mut r = status(429);
+                r.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("3"));
+                r
+            } else {
+                status(200)
+            })
+        })
+        .await;
+        // 429 is not in the default conditions.
+        assert_eq!(result.unwrap().status(), 429);
+
+        let policy = RetryPolicy {
+            on: vec![RetryOn::RateLimited],
+            ..RetryPolicy::default()
+        };
+        let answer = |after: &'static str| {
+            move |n: u32| {
+                Ok(if n == 0 {
+                    let mut r = status(429);
+                    r.headers_mut()
+                        .insert("retry-after", http::HeaderValue::from_static(after));
+                    r
+                } else {
+                    status(200)
+                })
+            }
+        };
+        let (result, _) = run(policy.clone(), request(Method::GET, ""), answer("3")).await;
+        assert_eq!(result.unwrap().status(), 200);
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(3));
+
+        let (result, seen) = run(policy, request(Method::GET, ""), answer("11")).await;
+        assert_eq!(
+            result.unwrap().status(),
+            429,
+            "a Retry-After past maxRetryAfter (10s) goes to the client"
+        );
+        assert_eq!(seen.attempts.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_stops_a_retry_storm() {
+        let policy = RetryPolicy {
+            max_retries: 5,
+            budget: infermesh_api::RetryBudget {
+                percent: 20,
+                min_retry_concurrency: 3,
+            },
+            ..RetryPolicy::default()
+        };
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let metrics = Metrics::new();
+        let service = RetryLayer::new(Retries::new(&policy, &Arc::from("r"), &metrics))
+            .layer(upstream(seen.clone(), |_| Ok(status(503))));
+        let requests = 50;
+        let calls: Vec<_> = (0..requests)
+            .map(|_| tokio::spawn(service.clone().oneshot(request(Method::GET, ""))))
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap().unwrap().status(), 503);
+        }
+        let attempts = seen.lock().unwrap().attempts.len();
+        // Without a budget: 50 × 6 = 300 attempts. With it, 10 retries may
+        // be in flight while all 50 requests are, fewer as they finish.
+        assert!(attempts <= requests + 10 * 6, "{attempts} attempts");
+        assert!(attempts > requests, "some retries were allowed");
+        assert!(
+            metrics
+                .retry_budget_exhausted
+                .with_label_values(&["r"])
+                .get()
+                > 0
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_refused_by_the_backend_limit_returns_the_first_answer() {
+        let (result, seen) = run(RetryPolicy::default(), request(Method::GET, ""), |n| {
+            if n == 0 {
+                Ok(status(503))
+            } else {
+                Err(ErrorKind::Overloaded(Limit::Retries))
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap().status(), 503);
+        assert_eq!(seen.attempts.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grpc_statuses_are_read_from_headers_and_from_early_trailers() {
+        let policy = RetryPolicy {
+            grpc_statuses: vec![GrpcStatus::Unavailable],
+            non_idempotent: true,
+            ..RetryPolicy::default()
+        };
+        let grpc = |in_trailers: bool, code: &'static str| {
+            let mut response = if in_trailers {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static(code));
+                Response::new(boxed(http_body_util::StreamBody::new(one_frame(
+                    Frame::trailers(trailers),
+                ))))
+            } else {
+                let mut r = Response::new(empty());
+                r.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static(code));
+                r
+            };
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            response
+        };
+        for in_trailers in [false, true] {
+            let (result, seen) = run(policy.clone(), request(Method::POST, ""), move |n| {
+                Ok(grpc(in_trailers, if n == 0 { "14" } else { "0" }))
+            })
+            .await;
+            let response = result.unwrap();
+            assert_eq!(seen.attempts.len(), 2, "trailers: {in_trailers}");
+            if in_trailers {
+                let trailers = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .trailers()
+                    .cloned();
+                assert_eq!(
+                    trailers.unwrap()["grpc-status"],
+                    "0",
+                    "the peeked trailers are kept"
+                );
+            }
+            let (_, seen) = run(policy.clone(), request(Method::POST, ""), move |_| {
+                Ok(grpc(in_trailers, "5"))
+            })
+            .await;
+            assert_eq!(seen.attempts.len(), 1, "NOT_FOUND is not retried");
+        }
+    }
+
+    /// A stream of one body frame.
+    fn one_frame(
+        frame: Frame<Bytes>,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send {
+        futures_util::stream::iter([Ok(frame)])
+    }
+}
