@@ -85,10 +85,10 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     /// The longest ejection.
     pub max_ejection_time: Duration,
-    /// At most this share of the endpoints (rounded down, but at least one)
+    /// At most this share of the endpoints, rounded up (so at least one),
     /// is ejected at once, so part of the backend keeps serving. Envoy's
-    /// default is 10; with the handful of replicas a model usually has,
-    /// that would never eject anything, hence 50.
+    /// default is 10, which with the handful of replicas a model usually
+    /// has would eject one endpoint at most; hence 50.
     pub max_ejection_percent: u32,
 }
 

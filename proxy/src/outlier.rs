@@ -73,9 +73,11 @@ impl Ejections {
     }
 
     /// How many of `endpoints` may be ejected at once: the configured share,
-    /// rounded down, but at least one.
+    /// rounded up (so always at least one).
     fn cap(&self, endpoints: usize) -> usize {
-        (endpoints * self.settings.max_ejection_percent as usize / 100).max(1)
+        (endpoints * self.settings.max_ejection_percent as usize)
+            .div_ceil(100)
+            .max(1)
     }
 
     /// Endpoints ejected or waiting for their probe.
@@ -374,15 +376,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_cap_keeps_part_of_the_backend_serving() {
         let e = ejections(50);
-        let (a, b) = (Health::default(), Health::default());
-        fail(&a, &e, 5);
-        fail(&b, &e, 5);
+        let [a, b, c] = [(); 3].map(|_| Health::default());
+        for h in [&a, &b, &c] {
+            fail(h, &e, 5);
+        }
         assert_eq!(a.state(Instant::now()), EndpointState::Ejected);
+        assert_eq!(b.state(Instant::now()), EndpointState::Ejected);
         assert_eq!(
-            b.state(Instant::now()),
+            c.state(Instant::now()),
             EndpointState::Healthy,
-            "50% of 3 endpoints is one"
+            "50% of 3 endpoints, rounded up, is 2"
         );
+        assert_eq!(e.ejected(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -106,3 +106,21 @@ pub async fn open(client: &HttpClient, url: &str) -> http::Response<hyper::body:
         .await
         .unwrap_or_else(|e| panic!("GET {url}: {e:?}"))
 }
+
+/// The metrics page of the health server at `health`.
+pub async fn metrics(health: std::net::SocketAddr) -> String {
+    let reply = get(&http1(), &format!("http://{health}/metrics")).await;
+    assert_eq!(reply.status, 200);
+    String::from_utf8(reply.body.to_vec()).expect("metrics are text")
+}
+
+/// The value of one series (name and labels, exactly as exposed) on a
+/// metrics page.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}

@@ -32,25 +32,6 @@ fn two_backends(a: &MockBackend, b: &MockBackend, target: &str) -> String {
     ])
 }
 
-async fn metrics(gateway: &Gateway) -> String {
-    let reply = client::get(
-        &client::http1(),
-        &format!("http://{}/metrics", gateway.health),
-    )
-    .await;
-    assert_eq!(reply.status, 200);
-    String::from_utf8(reply.body.to_vec()).unwrap()
-}
-
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
-        .and_then(|v| v.trim().parse().ok())
-}
-
 fn applied(l: &Value) -> bool {
     l["message"] == "config applied"
 }
@@ -100,13 +81,13 @@ async fn an_invalid_config_is_refused_with_its_location_while_the_old_one_serves
             "the old config keeps serving"
         );
     }
-    let text = metrics(&gateway).await;
+    let text = client::metrics(gateway.health).await;
     assert_eq!(
-        metric_value(&text, "infermesh_config_reloads_total{result=\"failure\"}"),
+        client::metric_value(&text, "infermesh_config_reloads_total{result=\"failure\"}"),
         Some(1.0)
     );
     assert_eq!(
-        metric_value(&text, "infermesh_config_last_reload_successful"),
+        client::metric_value(&text, "infermesh_config_last_reload_successful"),
         Some(0.0)
     );
 
@@ -121,13 +102,13 @@ async fn an_invalid_config_is_refused_with_its_location_while_the_old_one_serves
         client::get(&client, &url).await.header("x-backend"),
         Some("b")
     );
-    let text = metrics(&gateway).await;
+    let text = client::metrics(gateway.health).await;
     assert_eq!(
-        metric_value(&text, "infermesh_config_reloads_total{result=\"success\"}"),
+        client::metric_value(&text, "infermesh_config_reloads_total{result=\"success\"}"),
         Some(1.0)
     );
     assert_eq!(
-        metric_value(&text, "infermesh_config_last_reload_successful"),
+        client::metric_value(&text, "infermesh_config_last_reload_successful"),
         Some(1.0)
     );
 }
@@ -425,9 +406,9 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         client::get(&client, &gateway.url("web", "/")).await;
     }
     client::get(&client, &gateway.url("web", "/")).await;
-    let text = metrics(&gateway).await;
+    let text = client::metrics(gateway.health).await;
     assert_eq!(
-        metric_value(
+        client::metric_value(
             &text,
             "infermesh_requests_total{backend=\"a\",code=\"200\",route=\"r\"}"
         ),
@@ -435,14 +416,14 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         "{text}"
     );
     assert_eq!(
-        metric_value(
+        client::metric_value(
             &text,
             "infermesh_request_duration_seconds_count{backend=\"a\",route=\"r\"}"
         ),
         Some(6.0)
     );
     assert_eq!(
-        metric_value(
+        client::metric_value(
             &text,
             "infermesh_response_first_byte_seconds_count{backend=\"a\",route=\"r\"}"
         ),
@@ -455,7 +436,7 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         "infermesh_request_duration_seconds_bucket{backend=\"a\",route=\"r\",le=\"600\"}"
     ));
     assert_eq!(
-        metric_value(&text, "infermesh_upstream_connections{backend=\"a\"}"),
+        client::metric_value(&text, "infermesh_upstream_connections{backend=\"a\"}"),
         Some(1.0),
         "one pooled connection"
     );
@@ -467,7 +448,7 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         .unwrap()
         .to_owned();
     assert_eq!(
-        metric_value(
+        client::metric_value(
             &text,
             &format!("infermesh_config_info{{version=\"{version}\"}}")
         ),

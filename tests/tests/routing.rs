@@ -151,7 +151,7 @@ async fn endpoint_weights_split_traffic_within_a_backend() {
     let gateway = Gateway::start(&config(&[
         &listener("web", "http"),
         &format!(
-            "kind: Backend\nmetadata: {{ name: pool }}\nspec:\n  endpoints:\n    - {{ address: \"{}\", weight: 3 }}\n    - {{ address: \"{}\", weight: 1 }}",
+            "kind: Backend\nmetadata: {{ name: pool }}\nspec:\n  loadBalancer: {{ policy: roundRobin }}\n  endpoints:\n    - {{ address: \"{}\", weight: 3 }}\n    - {{ address: \"{}\", weight: 1 }}",
             heavy.addr, light.addr
         ),
         "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - backends: [{ name: pool }]",
@@ -161,13 +161,9 @@ async fn endpoint_weights_split_traffic_within_a_backend() {
     for _ in 0..800 {
         client::get(&client, &url).await;
     }
-    // Binomial(800, 0.25): mean 200, standard deviation 12.2; allow 5 of them.
-    assert!(
-        (139..=261).contains(&light.requests()),
-        "light got {}",
-        light.requests()
-    );
-    assert_eq!(heavy.requests() + light.requests(), 800);
+    // Weighted round robin is exact: three to one.
+    assert_eq!(light.requests(), 200);
+    assert_eq!(heavy.requests(), 600);
 }
 
 #[tokio::test(flavor = "multi_thread")]
