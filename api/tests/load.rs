@@ -1,7 +1,8 @@
 //! Loading whole config files: the valid shape, defaults, and located errors.
 
 use infermesh_api::{
-    Config, Duration, EndpointTarget, ListenerProtocol, PathMatch, Source, UpstreamProtocol,
+    BalancePolicy, Config, Duration, EndpointTarget, ListenerProtocol, PathMatch, RetryOn, Source,
+    UpstreamProtocol,
 };
 
 const VALID: &str = r#"
@@ -284,4 +285,99 @@ fn syntax_errors_are_located() {
     assert_eq!(errors.len(), 1);
     assert!(errors[0].starts_with("gw.yaml:"), "{}", errors[0]);
     assert!(errors[0].contains("invalid YAML"), "{}", errors[0]);
+}
+
+#[test]
+fn resilience_settings_have_documented_defaults() {
+    let config = load(VALID).unwrap();
+    let backend = &config.backend("llama").unwrap().spec;
+    assert_eq!(backend.load_balancer.policy, BalancePolicy::PeakEwma);
+    assert_eq!(backend.circuit_breaker.max_requests, 1024);
+    assert_eq!(backend.circuit_breaker.max_retries, 3);
+    assert_eq!(backend.outlier_detection.consecutive_failures, 5);
+    assert_eq!(
+        backend.outlier_detection.base_ejection_time,
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        backend.outlier_detection.max_ejection_time,
+        Duration::from_secs(300)
+    );
+    assert!(backend.health_check.is_none());
+    let retry = &config.route("chat").unwrap().spec.rules[0].retry;
+    assert_eq!(retry.max_retries, 2);
+    assert_eq!(
+        retry.on,
+        [
+            RetryOn::ConnectFailure,
+            RetryOn::RefusedStream,
+            RetryOn::Reset,
+            RetryOn::GatewayError
+        ]
+    );
+    assert_eq!(retry.backoff.base, Duration::from_millis(25));
+    assert_eq!(retry.backoff.max, Duration::from_millis(250));
+    assert_eq!(retry.max_replay_bytes, 64 * 1024);
+    assert_eq!(retry.budget.percent, 20);
+    assert_eq!(retry.budget.min_retry_concurrency, 3);
+    assert!(!retry.non_idempotent);
+}
+
+#[test]
+fn resilience_settings_are_checked_where_they_are_written() {
+    let text = r#"apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: m }
+spec:
+  loadBalancer: { policy: random }
+  circuitBreaker: { maxRequests: 0 }
+  outlierDetection: { baseEjectionTime: 1m, maxEjectionTime: 30s, maxEjectionPercent: 120 }
+  healthCheck: { path: health, unhealthyThreshold: 0 }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: { name: r }
+spec:
+  rules:
+    - backends: [{ name: m }]
+      retry:
+        on: [connect-failure, 5xx]
+        statusCodes: [700]
+        backoff: { base: 1s, max: 100ms }
+        maxRetries: 50
+      mirror: { backend: shadow, percent: 101 }
+      rateLimit: { requestsPerSecond: 0 }
+"#;
+    let errors = load(text).unwrap_err();
+    let expected = [
+        "gw.yaml:5:19: Backend/m: spec.loadBalancer.policy: unknown variant `random`, expected one of `peakEwma`, `leastRequest`, `roundRobin`",
+        "gw.yaml:17:31: Route/r: spec.rules[0].retry.on[1]: unknown variant `5xx`, expected one of `connect-failure`, `refused-stream`, `reset`, `gateway-error`, `rate-limited`",
+    ];
+    assert_eq!(
+        errors, expected,
+        "unknown names stop decoding of their document"
+    );
+
+    let errors = load(
+        &text
+            .replace("policy: random", "policy: leastRequest")
+            .replace(", 5xx]", "]"),
+    )
+    .unwrap_err();
+    assert_eq!(
+        errors,
+        [
+            "gw.yaml:6:21: Backend/m: spec.circuitBreaker.maxRequests: must be at least 1; with 0 every request would be refused",
+            "gw.yaml:7:45: Backend/m: spec.outlierDetection.maxEjectionTime: 30s is too short; the minimum is 1m",
+            "gw.yaml:7:67: Backend/m: spec.outlierDetection.maxEjectionPercent: 120 is not a percentage (0-100)",
+            "gw.yaml:8:18: Backend/m: spec.healthCheck.path: \"health\" is not a request path; write it like /health",
+            "gw.yaml:8:32: Backend/m: spec.healthCheck.unhealthyThreshold: must be at least 1",
+            "gw.yaml:18:23: Route/r: spec.rules[0].retry.statusCodes[0]: 700 is not an HTTP status code (100-599)",
+            "gw.yaml:19:30: Route/r: spec.rules[0].retry.backoff.max: 100ms is too short; the minimum is 1s",
+            "gw.yaml:20:9: Route/r: spec.rules[0].retry.maxRetries: 50 retries is too many; the maximum is 10",
+            "gw.yaml:21:17: Route/r: spec.rules[0].mirror.backend: backend \"shadow\" is not defined (defined backends: m)",
+            "gw.yaml:21:34: Route/r: spec.rules[0].mirror.percent: 101 is not a percentage (0-100)",
+            "gw.yaml:22:20: Route/r: spec.rules[0].rateLimit.requestsPerSecond: must be at least 1; remove the route rule to refuse all its requests",
+        ]
+    );
 }
