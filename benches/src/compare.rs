@@ -21,7 +21,13 @@
 //!   warmup: 2s
 //! infermesh:
 //!   accessLog: false
+//!   backend: { circuitBreaker: { maxRequests: 512 } }   # more Backend spec
+//!   rule: { retry: { nonIdempotent: true } }            # more rule spec
 //! ```
+//!
+//! The target `infermesh-bare` is infermesh-proxy with its resilience
+//! stack turned down as far as it goes (round robin, no outlier detection,
+//! no retries), to measure what the stack costs.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -71,12 +77,15 @@ fn all_targets() -> Vec<TargetKind> {
 
 /// What is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TargetKind {
     /// Straight to the first mock server: the baseline.
     Direct,
     /// infermesh-proxy in gateway mode.
     Infermesh,
+    /// infermesh-proxy without retries, outlier detection or a
+    /// load-aware balancer.
+    InfermeshBare,
     /// HAProxy in HTTP mode with keep-alive to the backends.
     Haproxy,
     /// nginx as a reverse proxy with upstream keep-alive.
@@ -88,6 +97,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct",
             TargetKind::Infermesh => "infermesh",
+            TargetKind::InfermeshBare => "infermesh-bare",
             TargetKind::Haproxy => "haproxy",
             TargetKind::Nginx => "nginx",
         }
@@ -158,6 +168,12 @@ pub struct InfermeshSpec {
     /// The binary; default: `infermesh-proxy` next to `infermesh-bench`.
     #[serde(default)]
     pub binary: Option<PathBuf>,
+    /// More fields of the `Backend` spec (not for `infermesh-bare`).
+    #[serde(default)]
+    pub backend: serde_json::Map<String, serde_json::Value>,
+    /// More fields of the route rule (not for `infermesh-bare`).
+    #[serde(default)]
+    pub rule: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One target's figures from one round.
@@ -564,6 +580,54 @@ fn log_file(work: &Path, name: &str) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("cannot create the {name} log"))
 }
 
+/// The gateway config of an infermesh target, as JSON documents (which
+/// are YAML too).
+fn infermesh_config(
+    kind: TargetKind,
+    port: u16,
+    backends: &[SocketAddr],
+    infermesh: &InfermeshSpec,
+) -> String {
+    use serde_json::{Value, json};
+    let endpoints: Vec<Value> = backends
+        .iter()
+        .map(|b| json!({ "address": b.to_string() }))
+        .collect();
+    let mut backend = json!({ "endpoints": endpoints });
+    let mut rule = json!({ "backends": [{ "name": "mock" }] });
+    let (more_backend, more_rule) = match kind {
+        TargetKind::InfermeshBare => (
+            json!({
+                "loadBalancer": { "policy": "roundRobin" },
+                "outlierDetection": { "consecutiveFailures": 0 },
+            }),
+            json!({ "retry": { "maxRetries": 0 } }),
+        ),
+        _ => (
+            Value::Object(infermesh.backend.clone()),
+            Value::Object(infermesh.rule.clone()),
+        ),
+    };
+    for (target, more) in [(&mut backend, more_backend), (&mut rule, more_rule)] {
+        if let (Value::Object(target), Value::Object(more)) = (target, more) {
+            target.extend(more);
+        }
+    }
+    let documents = [
+        json!({ "kind": "Listener", "metadata": { "name": "bench" }, "spec": { "address": format!("127.0.0.1:{port}") } }),
+        json!({ "kind": "Backend", "metadata": { "name": "mock" }, "spec": backend }),
+        json!({ "kind": "Route", "metadata": { "name": "all" }, "spec": { "rules": [rule] } }),
+    ];
+    documents
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            d["apiVersion"] = json!(infermesh_api::API_VERSION);
+            format!("---\n{d}\n")
+        })
+        .collect()
+}
+
 fn start_target(
     kind: TargetKind,
     backends: &[SocketAddr],
@@ -578,7 +642,7 @@ fn start_target(
                 process: None,
             });
         }
-        TargetKind::Infermesh => {
+        TargetKind::Infermesh | TargetKind::InfermeshBare => {
             let binary = match &infermesh.binary {
                 Some(b) => b.clone(),
                 None => std::env::current_exe()?.with_file_name("infermesh-proxy"),
@@ -589,15 +653,8 @@ fn start_target(
                 binary.display()
             );
             let port = free_port()?;
-            let endpoints: Vec<String> = backends
-                .iter()
-                .map(|b| format!("{{ address: \"{b}\" }}"))
-                .collect();
-            let config = format!(
-                "apiVersion: infermesh.io/v1alpha1\nkind: Listener\nmetadata: {{ name: bench }}\nspec: {{ address: 127.0.0.1:{port} }}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: mock }}\nspec: {{ endpoints: [{}] }}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: {{ name: all }}\nspec: {{ rules: [{{ backends: [{{ name: mock }}] }}] }}\n",
-                endpoints.join(", ")
-            );
-            let file = work.join("infermesh.yaml");
+            let config = infermesh_config(kind, port, backends, infermesh);
+            let file = work.join(format!("{}.yaml", kind.name()));
             std::fs::write(&file, config)?;
             let mut command = Command::new(&binary);
             let filter = if infermesh.access_log {
@@ -693,6 +750,43 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn infermesh_targets_get_a_valid_config_with_their_settings() {
+        let spec: InfermeshSpec = serde_saphyr::from_str(
+            "backend: { circuitBreaker: { maxRequests: 7 } }\nrule: { retry: { nonIdempotent: true } }",
+        )
+        .unwrap();
+        let backends = ["127.0.0.1:9000".parse().unwrap()];
+        let load = |kind| {
+            let text = infermesh_config(kind, 8080, &backends, &spec);
+            infermesh_api::Config::load(&[infermesh_api::Source {
+                name: "bench.yaml",
+                text: &text,
+            }])
+            .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        };
+        let full = load(TargetKind::Infermesh);
+        let backend = &full.backend("mock").unwrap().spec;
+        assert_eq!(backend.circuit_breaker.max_requests, 7);
+        assert!(
+            full.route("all").unwrap().spec.rules[0]
+                .retry
+                .non_idempotent
+        );
+
+        let bare = load(TargetKind::InfermeshBare);
+        let backend = &bare.backend("mock").unwrap().spec;
+        assert_eq!(
+            backend.circuit_breaker.max_requests, 1024,
+            "settings are not for bare"
+        );
+        assert_eq!(backend.outlier_detection.consecutive_failures, 0);
+        assert_eq!(
+            bare.route("all").unwrap().spec.rules[0].retry.max_retries,
+            0
+        );
     }
 
     #[test]
