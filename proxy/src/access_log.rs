@@ -35,6 +35,7 @@ pub struct RequestRecord {
     route: Option<Arc<str>>,
     backend: Option<Arc<str>>,
     endpoint: Option<SocketAddr>,
+    retries: u32,
     first_byte: Option<Duration>,
     status: StatusCode,
     error: Option<&'static str>,
@@ -64,6 +65,7 @@ impl RequestRecord {
             route: None,
             backend: None,
             endpoint: None,
+            retries: 0,
             first_byte: None,
             status: StatusCode::OK,
             error: None,
@@ -84,6 +86,7 @@ impl RequestRecord {
         if let Some(upstream) = response.extensions().get::<Upstream>() {
             self.backend = Some(upstream.backend.clone());
             self.endpoint = Some(upstream.endpoint);
+            self.retries = upstream.retries;
         }
         self.metrics
             .response_first_byte
@@ -95,6 +98,7 @@ impl RequestRecord {
     pub fn failed(&mut self, error: &ProxyError) {
         self.backend = error.backend().cloned();
         self.endpoint = error.endpoint();
+        self.retries = error.retries();
         self.error = Some(error.kind().reason());
         self.detail = Some(error.to_string());
     }
@@ -152,6 +156,7 @@ impl RequestRecord {
             route,
             backend,
             endpoint = self.endpoint.map(|e| e.to_string()),
+            retries = self.retries,
             error = self.error,
             detail = self.detail.as_deref(),
             client = %self.client,

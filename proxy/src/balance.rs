@@ -60,6 +60,8 @@ pub struct Upstream {
     pub backend: Arc<str>,
     /// The endpoint's address.
     pub endpoint: SocketAddr,
+    /// Retries made before this answer.
+    pub retries: u32,
 }
 
 /// What the retry layer tells the balancer about one attempt, in the
@@ -248,10 +250,11 @@ impl Service<Request<ProxyBody>> for Balance {
         Box::pin(async move {
             let attempt = request.extensions().get::<Attempt>();
             let (retry, timeout) = attempt.map_or((0, None), |a| (a.retry, a.timeout));
-            let admission = backend
-                .breaker
-                .admit(retry > 0)
-                .map_err(|kind| ProxyError::new(kind).at_backend(&backend.name))?;
+            let admission = backend.breaker.admit(retry > 0).map_err(|kind| {
+                ProxyError::new(kind)
+                    .at_backend(&backend.name)
+                    .after_retries(retry)
+            })?;
             let now = Instant::now();
             let avoid = attempt.map_or(&[][..], |a| &a.avoid[..]);
             let (endpoint, endpoints) = backend.with_endpoints(|set| {
@@ -262,7 +265,9 @@ impl Service<Request<ProxyBody>> for Balance {
             });
             let Some(endpoint) = endpoint else {
                 backend.metrics.attempt(ErrorKind::NoEndpoint.reason());
-                return Err(ProxyError::new(ErrorKind::NoEndpoint).at_backend(&backend.name));
+                return Err(ProxyError::new(ErrorKind::NoEndpoint)
+                    .at_backend(&backend.name)
+                    .after_retries(retry));
             };
             endpoint.health.on_send(now);
             endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -297,6 +302,7 @@ impl Service<Request<ProxyBody>> for Balance {
                     parts.extensions.insert(Upstream {
                         backend: backend.name.clone(),
                         endpoint: endpoint.addr,
+                        retries: retry,
                     });
                     let body = HeldBody {
                         inner: body,
@@ -319,7 +325,8 @@ impl Service<Request<ProxyBody>> for Balance {
                     }
                     Err(ProxyError::new(kind)
                         .at_backend(&backend.name)
-                        .at_endpoint(endpoint.addr))
+                        .at_endpoint(endpoint.addr)
+                        .after_retries(retry))
                 }
             }
         })

@@ -146,6 +146,7 @@ pub struct ProxyError {
     kind: ErrorKind,
     backend: Option<Arc<str>>,
     endpoint: Option<SocketAddr>,
+    retries: u32,
 }
 
 impl ProxyError {
@@ -155,7 +156,19 @@ impl ProxyError {
             kind,
             backend: None,
             endpoint: None,
+            retries: 0,
         }
+    }
+
+    /// Notes that the failure came after `retries` retries.
+    pub fn after_retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// Retries made before the failure.
+    pub fn retries(&self) -> u32 {
+        self.retries
     }
 
     /// Notes the backend the failure happened at.

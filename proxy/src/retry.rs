@@ -514,6 +514,7 @@ mod tests {
                         response.extensions_mut().insert(Upstream {
                             backend: Arc::from("b"),
                             endpoint,
+                            retries: n,
                         });
                         Ok(response)
                     }

@@ -688,6 +688,15 @@ async fn no_idempotent_request_fails_while_backends_die_and_recover() {
         failed.first()
     );
     assert!(ok > 100, "only {ok} requests");
+    // The access log counts the retries behind an answer.
+    gateway.wait_for_log(
+        |l| {
+            l["target"] == "infermesh::access"
+                && l["status"] == 200
+                && l["retries"].as_u64() >= Some(1)
+        },
+        Duration::from_secs(5),
+    );
     assert!(warming.requests() > 0 && doomed.requests() > 0);
     let text = client::metrics(gateway.health).await;
     assert!(
