@@ -257,12 +257,8 @@ impl Service<Request<ProxyBody>> for Balance {
             })?;
             let now = Instant::now();
             let avoid = attempt.map_or(&[][..], |a| &a.avoid[..]);
-            let (endpoint, endpoints) = backend.with_endpoints(|set| {
-                (
-                    backend.balancer.pick(set, avoid, now).cloned(),
-                    set.endpoints.len(),
-                )
-            });
+            let endpoint =
+                backend.with_endpoints(|set| backend.balancer.pick(set, avoid, now).cloned());
             let Some(endpoint) = endpoint else {
                 backend.metrics.attempt(ErrorKind::NoEndpoint.reason());
                 return Err(ProxyError::new(ErrorKind::NoEndpoint)
@@ -287,10 +283,10 @@ impl Service<Request<ProxyBody>> for Balance {
                     backend.metrics.attempt_status(status);
                     if status.is_server_error() {
                         endpoint.latency.observe(done, rtt.max(FAILURE_PENALTY));
-                        eject(&backend, &endpoint, done, endpoints);
+                        eject(&backend, &endpoint, done);
                     } else {
                         endpoint.latency.observe(done, rtt);
-                        endpoint.health.succeeded(done, &backend.ejections);
+                        endpoint.health.succeeded(done);
                     }
                     if (status == http::StatusCode::TOO_MANY_REQUESTS
                         || status == http::StatusCode::SERVICE_UNAVAILABLE)
@@ -321,7 +317,7 @@ impl Service<Request<ProxyBody>> for Balance {
                     ) {
                         endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);
                         endpoint.latency.observe(done, rtt.max(FAILURE_PENALTY));
-                        eject(&backend, &endpoint, done, endpoints);
+                        eject(&backend, &endpoint, done);
                     }
                     Err(ProxyError::new(kind)
                         .at_backend(&backend.name)
@@ -334,8 +330,18 @@ impl Service<Request<ProxyBody>> for Balance {
 }
 
 /// Records a failure at `endpoint`, logging the ejection it may cause.
-fn eject(backend: &Backend, endpoint: &Endpoint, now: Instant, endpoints: usize) {
-    if let Some(length) = endpoint.health.failed(now, &backend.ejections, endpoints) {
+fn eject(backend: &Backend, endpoint: &Endpoint, now: Instant) {
+    let ejected = backend.with_endpoints(|set| {
+        endpoint
+            .health
+            .failed(now, &backend.ejections, set.endpoints.len(), || {
+                set.endpoints
+                    .iter()
+                    .filter(|e| e.health.is_ejected())
+                    .count()
+            })
+    });
+    if let Some(length) = ejected {
         tracing::warn!(
             backend = %backend.name,
             endpoint = %endpoint.addr,

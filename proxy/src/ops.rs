@@ -211,7 +211,7 @@ fn endpoints(ops: &Ops) -> Response<ProxyBody> {
                 "protocol": backend.spec.protocol,
                 "loadBalancer": backend.spec.load_balancer.policy,
                 "requestsInFlight": backend.breaker.requests(),
-                "ejected": backend.ejections.ejected(),
+                "ejected": set.endpoints.iter().filter(|e| e.health.is_ejected()).count(),
                 "endpoints": endpoints,
             })
         })

@@ -8,7 +8,7 @@
 //! per-endpoint lock so that concurrent responses cannot eject twice.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use infermesh_api::OutlierDetection;
@@ -53,12 +53,12 @@ impl EndpointState {
     }
 }
 
-/// A backend's outlier-detection settings and how many of its endpoints
-/// are ejected right now, for the `maxEjectionPercent` cap.
+/// A backend's outlier-detection settings, and the lock under which an
+/// ejection is decided against the `maxEjectionPercent` cap.
 #[derive(Debug)]
 pub struct Ejections {
     settings: OutlierDetection,
-    ejected: AtomicUsize,
+    deciding: Mutex<()>,
     counter: IntCounter,
 }
 
@@ -67,7 +67,7 @@ impl Ejections {
     pub fn new(settings: OutlierDetection, counter: IntCounter) -> Self {
         Ejections {
             settings,
-            ejected: AtomicUsize::new(0),
+            deciding: Mutex::new(()),
             counter,
         }
     }
@@ -78,11 +78,6 @@ impl Ejections {
         (endpoints * self.settings.max_ejection_percent as usize)
             .div_ceil(100)
             .max(1)
-    }
-
-    /// Endpoints ejected or waiting for their probe.
-    pub fn ejected(&self) -> usize {
-        self.ejected.load(Ordering::Acquire)
     }
 }
 
@@ -182,6 +177,11 @@ impl Health {
             .then(|| Duration::from_micros(until - t))
     }
 
+    /// Whether the endpoint is ejected or waiting for its probe.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+
     /// Failures in a row so far.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
@@ -215,7 +215,7 @@ impl Health {
 
     /// Records a successful exchange: the failure streak ends, and a
     /// successful probe restores an ejected endpoint.
-    pub fn succeeded(&self, now: Instant, ejections: &Ejections) {
+    pub fn succeeded(&self, now: Instant) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         if !self.ejected.load(Ordering::Acquire) {
             return;
@@ -224,20 +224,20 @@ impl Health {
         if self.state(now) == EndpointState::Probing && self.ejected.swap(false, Ordering::AcqRel) {
             self.probe_in_flight.store(false, Ordering::Release);
             history.healthy_since = self.at(now);
-            ejections.ejected.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
     /// Records a failed exchange: the endpoint is ejected when it reaches
     /// the backend's consecutive-failure threshold (and the backend's cap
     /// allows), or again when it was the probe that failed. `endpoints` is
-    /// the backend's endpoint count. Returns the ejection's length when it
-    /// ejected the endpoint.
+    /// the backend's endpoint count and `ejected` counts those ejected now.
+    /// Returns the ejection's length when it ejected the endpoint.
     pub fn failed(
         &self,
         now: Instant,
         ejections: &Ejections,
         endpoints: usize,
+        ejected: impl Fn() -> usize,
     ) -> Option<Duration> {
         let settings = &ejections.settings;
         let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
@@ -260,13 +260,10 @@ impl Health {
             if self.ejected.load(Ordering::Acquire) {
                 return None;
             }
-            let cap = ejections.cap(endpoints);
-            let taken = ejections
-                .ejected
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < cap).then_some(n + 1)
-                });
-            if taken.is_err() {
+            // One ejection decided at a time per backend, so two endpoints
+            // failing at once cannot both take the last place under the cap.
+            let _deciding = ejections.deciding.lock().expect("ejection lock");
+            if ejected() >= ejections.cap(endpoints) {
                 return None; // Enough of the backend is ejected already.
             }
             self.ejected.store(true, Ordering::Release);
@@ -303,9 +300,12 @@ mod tests {
         )
     }
 
-    fn fail(health: &Health, ejections: &Ejections, times: u32) {
+    /// Fails `health` `times` times; `all` are the backend's endpoints.
+    fn fail(health: &Health, ejections: &Ejections, times: u32, all: &[&Health]) {
         for _ in 0..times {
-            health.failed(Instant::now(), ejections, 3);
+            health.failed(Instant::now(), ejections, 3, || {
+                all.iter().filter(|h| h.is_ejected()).count()
+            });
         }
     }
 
@@ -313,12 +313,12 @@ mod tests {
     async fn five_failures_eject_then_a_probe_restores() {
         let e = ejections(50);
         let h = Health::default();
-        fail(&h, &e, 4);
+        fail(&h, &e, 4, &[&h]);
         assert_eq!(h.state(Instant::now()), EndpointState::Healthy);
-        fail(&h, &e, 1);
+        fail(&h, &e, 1, &[&h]);
         assert_eq!(h.state(Instant::now()), EndpointState::Ejected);
         assert!(!h.is_available(Instant::now()));
-        assert_eq!(e.ejected(), 1);
+        assert!(h.is_ejected());
         assert_eq!(e.counter.get(), 1);
 
         tokio::time::advance(Duration::from_secs(29)).await;
@@ -331,45 +331,45 @@ mod tests {
             !h.is_available(Instant::now()),
             "one probe at a time while probing"
         );
-        h.succeeded(Instant::now(), &e);
+        h.succeeded(Instant::now());
         assert_eq!(h.state(Instant::now()), EndpointState::Healthy);
         assert!(h.is_available(Instant::now()));
-        assert_eq!(e.ejected(), 0);
+        assert!(!h.is_ejected());
     }
 
     #[tokio::test(start_paused = true)]
     async fn ejections_grow_exponentially_up_to_the_max() {
         let e = ejections(50);
         let h = Health::default();
-        fail(&h, &e, 5);
+        fail(&h, &e, 5, &[&h]);
         let mut lengths = Vec::new();
         for _ in 0..5 {
             let length = h.ejected_for(Instant::now()).unwrap();
             lengths.push(length.as_secs());
             tokio::time::advance(length).await;
             h.on_send(Instant::now());
-            fail(&h, &e, 1); // the probe fails
+            fail(&h, &e, 1, &[&h]); // the probe fails
         }
         assert_eq!(lengths, [30, 60, 120, 240, 300]);
         assert_eq!(e.counter.get(), 6);
-        assert_eq!(e.ejected(), 1, "still one ejected endpoint");
+        assert!(h.is_ejected(), "still ejected");
     }
 
     #[tokio::test(start_paused = true)]
     async fn time_spent_healthy_shortens_the_next_ejection() {
         let e = ejections(50);
         let h = Health::default();
-        fail(&h, &e, 5);
+        fail(&h, &e, 5, &[&h]);
         tokio::time::advance(Duration::from_secs(30)).await;
         h.on_send(Instant::now());
-        fail(&h, &e, 1);
+        fail(&h, &e, 1, &[&h]);
         assert_eq!(h.ejected_for(Instant::now()), Some(Duration::from_secs(60)));
         tokio::time::advance(Duration::from_secs(60)).await;
         h.on_send(Instant::now());
-        h.succeeded(Instant::now(), &e);
+        h.succeeded(Instant::now());
         // Two ejections so far; a minute healthy forgets both.
         tokio::time::advance(Duration::from_secs(60)).await;
-        fail(&h, &e, 5);
+        fail(&h, &e, 5, &[&h]);
         assert_eq!(h.ejected_for(Instant::now()), Some(Duration::from_secs(30)));
     }
 
@@ -378,7 +378,7 @@ mod tests {
         let e = ejections(50);
         let [a, b, c] = [(); 3].map(|_| Health::default());
         for h in [&a, &b, &c] {
-            fail(h, &e, 5);
+            fail(h, &e, 5, &[&a, &b, &c]);
         }
         assert_eq!(a.state(Instant::now()), EndpointState::Ejected);
         assert_eq!(b.state(Instant::now()), EndpointState::Ejected);
@@ -387,7 +387,6 @@ mod tests {
             EndpointState::Healthy,
             "50% of 3 endpoints, rounded up, is 2"
         );
-        assert_eq!(e.ejected(), 2);
     }
 
     #[tokio::test(start_paused = true)]
