@@ -325,6 +325,53 @@ async fn wait_in_flight(gateway: &Gateway, backend: &str, requests: u64) {
     panic!("{backend} never had {requests} requests in flight");
 }
 
+/// Answers every request after `delay`.
+fn slow(name: &str, delay: Duration) -> Handler {
+    let echo = backend::echo(name);
+    Arc::new(move |req: Request<Incoming>| {
+        let answer = echo(req);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            answer.await
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_balancer_prefers_the_fast_endpoint() {
+    let fast = MockBackend::echo("fast", Protocol::Http1).await;
+    let sluggish =
+        MockBackend::start(Protocol::Http1, slow("slow", Duration::from_millis(50))).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend_with("b", "http1", &[fast.addr, sluggish.addr], ""),
+        &route_with("b", ""),
+    ]));
+    let url = gateway.url("web", "/v1/models");
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        clients.push(tokio::spawn(async move {
+            let client = client::http1();
+            for _ in 0..50 {
+                assert_eq!(call(&client, "GET", &url, "").await.status, 200);
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    // Round robin would give each 100; the slow one is tried now and then
+    // as its estimate decays, no more.
+    assert!(
+        sluggish.requests() < 40,
+        "fast {} slow {}",
+        fast.requests(),
+        sluggish.requests()
+    );
+    assert_eq!(fast.requests() + sluggish.requests(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn each_limit_sheds_with_503_at_its_count() {
     let (release, released) = watch::channel(false);
