@@ -1,12 +1,17 @@
 //! Micro-benchmarks of the per-request work the proxy adds: matching a
-//! route, rewriting headers, and adapting a request to the upstream's HTTP
-//! version. Run with `cargo bench -p infermesh-proxy`.
+//! route, rewriting headers, adapting a request to the upstream's HTTP
+//! version, and picking an endpoint. Run with `cargo bench -p
+//! infermesh-proxy`.
 
 use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, Request};
-use infermesh_api::{HeaderMatch, PathMatch, RouteMatch, UpstreamProtocol};
+use infermesh_api::{BalancePolicy, HeaderMatch, PathMatch, RouteMatch, UpstreamProtocol};
+use infermesh_proxy::backend::{Endpoint, EndpointSet};
+use infermesh_proxy::balance::Balancer;
 use infermesh_proxy::headers::{add_forwarded, strip_hop_by_hop};
 use infermesh_proxy::pool::adapt_request;
 use infermesh_proxy::router::Router;
@@ -99,5 +104,35 @@ fn header_rewrite(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, route_match, header_rewrite);
+fn endpoint_pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("endpoint_pick");
+    let now = tokio::time::Instant::now();
+    for endpoints in [3u16, 16, 64] {
+        let set = EndpointSet::new(
+            (0..endpoints)
+                .map(|i| {
+                    let addr = SocketAddr::from(([10, 0, 0, 1], 8000 + i));
+                    let endpoint = Endpoint::new(addr, 1, None);
+                    endpoint
+                        .latency
+                        .observe(now, std::time::Duration::from_millis(20 + u64::from(i)));
+                    Arc::new(endpoint)
+                })
+                .collect(),
+        );
+        for (name, policy) in [
+            ("peak_ewma", BalancePolicy::PeakEwma),
+            ("least_request", BalancePolicy::LeastRequest),
+            ("round_robin", BalancePolicy::RoundRobin),
+        ] {
+            let balancer = Balancer::new(policy);
+            group.bench_function(format!("{name}/{endpoints}_endpoints"), |b| {
+                b.iter(|| balancer.pick(black_box(&set), &[], now).map(|e| e.addr))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, route_match, header_rewrite, endpoint_pick);
 criterion_main!(benches);

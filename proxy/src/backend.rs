@@ -52,7 +52,8 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) fn new(addr: SocketAddr, weight: u32, hostname: Option<Arc<str>>) -> Self {
+    /// A new endpoint, with fresh counters, estimate and health.
+    pub fn new(addr: SocketAddr, weight: u32, hostname: Option<Arc<str>>) -> Self {
         Endpoint {
             addr,
             weight,
@@ -83,14 +84,25 @@ pub struct EndpointSet {
     pub endpoints: Vec<Arc<Endpoint>>,
     /// Sum of the endpoints' weights.
     pub total_weight: u64,
+    /// `cumulative_weight[i]`: the weights of endpoints `0..=i` added up,
+    /// to find an endpoint by weight in logarithmic time.
+    pub cumulative_weight: Vec<u64>,
 }
 
 impl EndpointSet {
-    pub(crate) fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
-        let total_weight = endpoints.iter().map(|e| u64::from(e.weight)).sum();
+    /// The set of `endpoints`.
+    pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        let cumulative_weight: Vec<u64> = endpoints
+            .iter()
+            .scan(0, |sum, e| {
+                *sum += u64::from(e.weight);
+                Some(*sum)
+            })
+            .collect();
         EndpointSet {
+            total_weight: cumulative_weight.last().copied().unwrap_or(0),
+            cumulative_weight,
             endpoints,
-            total_weight,
         }
     }
 }

@@ -163,46 +163,88 @@ impl Balancer {
     ) -> Option<&'a Arc<Endpoint>> {
         let fresh = |e: &Endpoint| !avoid.contains(&e.addr);
         let available = |e: &Endpoint| e.health.is_available(now);
+        // Usually every endpoint qualifies: then the set's own weights serve.
+        if set.endpoints.iter().all(|e| available(e) && fresh(e)) {
+            return self.pick_any(set, now);
+        }
         self.pick_among(set, now, |e| available(e) && fresh(e))
             .or_else(|| self.pick_among(set, now, available))
             .or_else(|| self.pick_among(set, now, fresh))
-            .or_else(|| self.pick_among(set, now, |_| true))
+            .or_else(|| self.pick_any(set, now))
     }
 
+    /// Picks among every endpoint of `set`, finding weights by binary
+    /// search.
+    fn pick_any<'a>(&self, set: &'a EndpointSet, now: Instant) -> Option<&'a Arc<Endpoint>> {
+        let weights = &set.cumulative_weight;
+        let nth = |mut ticket: u64, skip: Option<usize>| {
+            if let Some(s) = skip {
+                let weight = u64::from(set.endpoints[s].weight);
+                if ticket >= weights[s] - weight {
+                    ticket += weight;
+                }
+            }
+            let i = weights.partition_point(|&sum| sum <= ticket);
+            set.endpoints.get(i).map(|e| (i, e))
+        };
+        self.choose(set.total_weight, nth, now)
+    }
+
+    /// Picks among the endpoints of `set` that are `eligible`.
     fn pick_among<'a>(
         &self,
         set: &'a EndpointSet,
         now: Instant,
         eligible: impl Fn(&Endpoint) -> bool,
     ) -> Option<&'a Arc<Endpoint>> {
-        let candidates = || set.endpoints.iter().filter(|e| eligible(e));
-        let total: u64 = candidates().map(|e| u64::from(e.weight)).sum();
+        let total: u64 = set
+            .endpoints
+            .iter()
+            .filter(|e| eligible(e))
+            .map(|e| u64::from(e.weight))
+            .sum();
+        let nth = |mut ticket: u64, skip: Option<usize>| {
+            set.endpoints
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| Some(*i) != skip && eligible(e))
+                .find(|(_, e)| {
+                    let w = u64::from(e.weight);
+                    if ticket < w {
+                        return true;
+                    }
+                    ticket -= w;
+                    false
+                })
+        };
+        self.choose(total, nth, now)
+    }
+
+    /// Applies the policy to candidates of weights adding up to `total`;
+    /// `nth(ticket, skip)` finds the candidate whose weight range holds
+    /// `ticket`, leaving out candidate `skip`.
+    fn choose<'a>(
+        &self,
+        total: u64,
+        nth: impl Fn(u64, Option<usize>) -> Option<(usize, &'a Arc<Endpoint>)>,
+        now: Instant,
+    ) -> Option<&'a Arc<Endpoint>> {
         if total == 0 {
             return None;
         }
-        let nth_by_weight = |mut ticket: u64, skip: Option<SocketAddr>| {
-            candidates().filter(|e| Some(e.addr) != skip).find(|e| {
-                let w = u64::from(e.weight);
-                if ticket < w {
-                    return true;
-                }
-                ticket -= w;
-                false
-            })
-        };
         match self.policy {
             BalancePolicy::RoundRobin => {
                 let ticket = self.next.fetch_add(1, Ordering::Relaxed) as u64 % total;
-                nth_by_weight(ticket, None)
+                nth(ticket, None).map(|(_, e)| e)
             }
             BalancePolicy::PeakEwma | BalancePolicy::LeastRequest => {
                 let mut rng = rand::rng();
-                let first = nth_by_weight(rng.random_range(0..total), None)?;
+                let (i, first) = nth(rng.random_range(0..total), None)?;
                 let rest = total - u64::from(first.weight);
                 if rest == 0 {
                     return Some(first);
                 }
-                let second = nth_by_weight(rng.random_range(0..rest), Some(first.addr))?;
+                let (_, second) = nth(rng.random_range(0..rest), Some(i))?;
                 Some(if self.cost(second, now) < self.cost(first, now) {
                     second
                 } else {
@@ -491,6 +533,21 @@ mod tests {
         set.endpoints[0].stats.in_flight.store(9, Ordering::Relaxed);
         let counts = share(&Balancer::new(BalancePolicy::PeakEwma), &set, &[], 1000);
         assert!(counts[1] > 700, "{counts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_two_choices_are_always_two_different_endpoints() {
+        // With two endpoints, both are always compared: the idle one wins
+        // every time, whatever their weights.
+        for weights in [[1, 1], [5, 1], [1, 5]] {
+            let set = endpoints(&weights);
+            set.endpoints[0]
+                .stats
+                .in_flight
+                .store(50, Ordering::Relaxed);
+            let counts = share(&Balancer::new(BalancePolicy::LeastRequest), &set, &[], 1000);
+            assert_eq!(counts, [0, 1000], "weights {weights:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -145,8 +145,18 @@ impl Health {
                 EndpointState::Probing
             };
         }
-        if t < self.busy_until.load(Ordering::Acquire) {
-            return EndpointState::Busy;
+        let busy_until = self.busy_until.load(Ordering::Acquire);
+        if busy_until != 0 {
+            if t < busy_until {
+                return EndpointState::Busy;
+            }
+            // The pause is over: forget it, so the next check is cheap.
+            let _ = self.busy_until.compare_exchange(
+                busy_until,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
         }
         EndpointState::Healthy
     }
@@ -154,6 +164,13 @@ impl Health {
     /// Whether the balancer may send a request here at `now`. A probing
     /// endpoint takes one request at a time.
     pub fn is_available(&self, now: Instant) -> bool {
+        // The common case, without reading the clock.
+        if !self.unhealthy.load(Ordering::Acquire)
+            && !self.ejected.load(Ordering::Acquire)
+            && self.busy_until.load(Ordering::Acquire) == 0
+        {
+            return true;
+        }
         match self.state(now) {
             EndpointState::Healthy => true,
             EndpointState::Probing => !self.probe_in_flight.load(Ordering::Acquire),
