@@ -456,6 +456,12 @@ impl RetryPolicy {
             self.budget.percent,
             checker,
         );
+        if !self.grpc_statuses.is_empty() && !self.non_idempotent {
+            checker.error(
+                at.key("grpcStatuses"),
+                "gRPC calls are POSTs, retried only with nonIdempotent: true; set it, or remove grpcStatuses",
+            );
+        }
     }
 }
 

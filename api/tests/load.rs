@@ -343,6 +343,7 @@ spec:
       retry:
         on: [connect-failure, 5xx]
         statusCodes: [700]
+        grpcStatuses: [unavailable]
         backoff: { base: 1s, max: 100ms }
         maxRetries: 50
       mirror: { backend: shadow, percent: 101 }
@@ -373,11 +374,12 @@ spec:
             "gw.yaml:8:18: Backend/m: spec.healthCheck.path: \"health\" is not a request path; write it like /health",
             "gw.yaml:8:32: Backend/m: spec.healthCheck.unhealthyThreshold: must be at least 1",
             "gw.yaml:18:23: Route/r: spec.rules[0].retry.statusCodes[0]: 700 is not an HTTP status code (100-599)",
-            "gw.yaml:19:30: Route/r: spec.rules[0].retry.backoff.max: 100ms is too short; the minimum is 1s",
-            "gw.yaml:20:9: Route/r: spec.rules[0].retry.maxRetries: 50 retries is too many; the maximum is 10",
-            "gw.yaml:21:17: Route/r: spec.rules[0].mirror.backend: backend \"shadow\" is not defined (defined backends: m)",
-            "gw.yaml:21:34: Route/r: spec.rules[0].mirror.percent: 101 is not a percentage (0-100)",
-            "gw.yaml:22:20: Route/r: spec.rules[0].rateLimit.requestsPerSecond: must be at least 1; remove the route rule to refuse all its requests",
+            "gw.yaml:19:9: Route/r: spec.rules[0].retry.grpcStatuses: gRPC calls are POSTs, retried only with nonIdempotent: true; set it, or remove grpcStatuses",
+            "gw.yaml:20:30: Route/r: spec.rules[0].retry.backoff.max: 100ms is too short; the minimum is 1s",
+            "gw.yaml:21:9: Route/r: spec.rules[0].retry.maxRetries: 50 retries is too many; the maximum is 10",
+            "gw.yaml:22:17: Route/r: spec.rules[0].mirror.backend: backend \"shadow\" is not defined (defined backends: m)",
+            "gw.yaml:22:34: Route/r: spec.rules[0].mirror.percent: 101 is not a percentage (0-100)",
+            "gw.yaml:23:20: Route/r: spec.rules[0].rateLimit.requestsPerSecond: must be at least 1; remove the route rule to refuse all its requests",
         ]
     );
 }

@@ -14,25 +14,22 @@
 //! failing every request would be worse.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use infermesh_api::BalancePolicy;
 use rand::RngExt;
 use tokio::time::Instant;
 use tower::Service;
 
 use crate::backend::{Backend, Endpoint, EndpointSet};
-use crate::body::{BoxFuture, ProxyBody, boxed};
-use crate::breaker::Admission;
+use crate::body::{BoxFuture, ProxyBody, boxed, holding};
 use crate::error::{ErrorKind, ProxyError};
 use crate::headers::retry_after;
+use crate::outlier::Probe;
 use crate::pool;
 
 /// Picks one of `items` with probability proportional to its weight;
@@ -307,7 +304,7 @@ impl Service<Request<ProxyBody>> for Balance {
                     .at_backend(&backend.name)
                     .after_retries(retry));
             };
-            endpoint.health.on_send(now);
+            let probe = endpoint.health.on_send(now);
             endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight::start(endpoint.clone());
             let exchange = pool::send(&endpoint.connections, endpoint.addr, &backend.pool, request);
@@ -325,10 +322,10 @@ impl Service<Request<ProxyBody>> for Balance {
                     backend.metrics.attempt_status(status);
                     if status.is_server_error() {
                         endpoint.latency.observe(done, rtt.max(FAILURE_PENALTY));
-                        eject(&backend, &endpoint, done);
+                        eject(&backend, &endpoint, done, probe);
                     } else {
                         endpoint.latency.observe(done, rtt);
-                        endpoint.health.succeeded(done);
+                        endpoint.health.succeeded(done, probe);
                     }
                     if (status == http::StatusCode::TOO_MANY_REQUESTS
                         || status == http::StatusCode::SERVICE_UNAVAILABLE)
@@ -342,11 +339,10 @@ impl Service<Request<ProxyBody>> for Balance {
                         endpoint: endpoint.addr,
                         retries: retry,
                     });
-                    let body = HeldBody {
-                        inner: body,
-                        _held: (in_flight, admission),
-                    };
-                    Ok(Response::from_parts(parts, boxed(body)))
+                    Ok(Response::from_parts(
+                        parts,
+                        holding(boxed(body), (in_flight, admission)),
+                    ))
                 }
                 Err(kind) => {
                     backend.metrics.attempt(kind.reason());
@@ -359,7 +355,7 @@ impl Service<Request<ProxyBody>> for Balance {
                     ) {
                         endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);
                         endpoint.latency.observe(done, rtt.max(FAILURE_PENALTY));
-                        eject(&backend, &endpoint, done);
+                        eject(&backend, &endpoint, done, probe);
                     }
                     Err(ProxyError::new(kind)
                         .at_backend(&backend.name)
@@ -372,11 +368,11 @@ impl Service<Request<ProxyBody>> for Balance {
 }
 
 /// Records a failure at `endpoint`, logging the ejection it may cause.
-fn eject(backend: &Backend, endpoint: &Endpoint, now: Instant) {
+fn eject(backend: &Backend, endpoint: &Endpoint, now: Instant, probe: Option<Probe>) {
     let ejected = backend.with_endpoints(|set| {
         endpoint
             .health
-            .failed(now, &backend.ejections, set.endpoints.len(), || {
+            .failed(now, probe, &backend.ejections, set.endpoints.len(), || {
                 set.endpoints
                     .iter()
                     .filter(|e| e.health.is_ejected())
@@ -409,36 +405,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A response body that keeps its request counted as in flight, and its
-/// circuit-breaker slots taken, until the body is finished or dropped.
-struct HeldBody<B> {
-    inner: B,
-    _held: (InFlight, Admission),
-}
-
-impl<B> Body for HeldBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

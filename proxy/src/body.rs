@@ -1,8 +1,11 @@
 //! The one body type that flows through the proxy: a boxed stream of
 //! `Bytes` frames (data and trailers), forwarded as they arrive.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full};
 
 /// The error type of every body and of hyper's service boundary.
@@ -32,4 +35,39 @@ pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
 /// An empty body.
 pub fn empty() -> ProxyBody {
     boxed(Empty::new())
+}
+
+/// A body that keeps `held` alive until the body is finished or dropped:
+/// a request's counters and circuit-breaker slots last as long as its
+/// response streams.
+pub fn holding<H: Send + Unpin + 'static>(body: ProxyBody, held: H) -> ProxyBody {
+    boxed(Holding {
+        inner: body,
+        _held: held,
+    })
+}
+
+struct Holding<H> {
+    inner: ProxyBody,
+    _held: H,
+}
+
+impl<H: Unpin> Body for Holding<H> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

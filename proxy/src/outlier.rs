@@ -7,8 +7,8 @@
 //! the rarer transitions (an ejection, a probe's result) take a small
 //! per-endpoint lock so that concurrent responses cannot eject twice.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use infermesh_api::OutlierDetection;
@@ -90,7 +90,7 @@ pub struct Health {
     /// Ejected or probing (counted in [`Ejections`]).
     ejected: AtomicBool,
     ejected_until: AtomicU64,
-    probe_in_flight: AtomicBool,
+    probe_in_flight: Arc<AtomicBool>,
     busy_until: AtomicU64,
     unhealthy: AtomicBool,
     /// Active checks in a row that passed (> 0) or failed (< 0).
@@ -114,7 +114,7 @@ impl Default for Health {
             consecutive_failures: AtomicU32::new(0),
             ejected: AtomicBool::new(false),
             ejected_until: AtomicU64::new(0),
-            probe_in_flight: AtomicBool::new(false),
+            probe_in_flight: Arc::default(),
             busy_until: AtomicU64::new(0),
             unhealthy: AtomicBool::new(false),
             check_streak: AtomicI32::new(0),
@@ -178,12 +178,17 @@ impl Health {
         }
     }
 
-    /// Called when a request is sent here: if the endpoint is probing,
-    /// this request is its probe.
-    pub fn on_send(&self, now: Instant) {
-        if self.state(now) == EndpointState::Probing {
-            self.probe_in_flight.store(true, Ordering::Release);
-        }
+    /// Called when a request is sent here: if the endpoint is probing and
+    /// no other request is its probe, this one is. The probe's outcome goes
+    /// to [`Health::succeeded`] or [`Health::failed`]; a probe dropped
+    /// without one (the client went away) lets the next request probe.
+    pub fn on_send(&self, now: Instant) -> Option<Probe> {
+        (self.state(now) == EndpointState::Probing
+            && self
+                .probe_in_flight
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok())
+        .then(|| Probe(self.probe_in_flight.clone()))
     }
 
     /// How long the endpoint is still ejected, if it is.
@@ -230,16 +235,17 @@ impl Health {
             && self.unhealthy.swap(!passed, Ordering::AcqRel) == passed
     }
 
-    /// Records a successful exchange: the failure streak ends, and a
-    /// successful probe restores an ejected endpoint.
-    pub fn succeeded(&self, now: Instant) {
+    /// Records a successful exchange: the failure streak ends, and the
+    /// probe (or any request that reached the endpoint after its ejection
+    /// ended) restores an ejected endpoint.
+    pub fn succeeded(&self, now: Instant, probe: Option<Probe>) {
         self.consecutive_failures.store(0, Ordering::Relaxed);
         if !self.ejected.load(Ordering::Acquire) {
             return;
         }
         let mut history = self.transitions.lock().expect("health lock");
-        if self.state(now) == EndpointState::Probing && self.ejected.swap(false, Ordering::AcqRel) {
-            self.probe_in_flight.store(false, Ordering::Release);
+        let ended = self.at(now) >= self.ejected_until.load(Ordering::Acquire);
+        if (probe.is_some() || ended) && self.ejected.swap(false, Ordering::AcqRel) {
             history.healthy_since = self.at(now);
         }
     }
@@ -252,6 +258,7 @@ impl Health {
     pub fn failed(
         &self,
         now: Instant,
+        probe: Option<Probe>,
         ejections: &Ejections,
         endpoints: usize,
         ejected: impl Fn() -> usize,
@@ -261,18 +268,16 @@ impl Health {
         if settings.consecutive_failures == 0 {
             return None;
         }
-        let was_probe = self.state(now) == EndpointState::Probing;
-        if !was_probe && failures < settings.consecutive_failures {
+        if probe.is_none() && failures < settings.consecutive_failures {
             return None;
         }
         let mut history = self.transitions.lock().expect("health lock");
         let t = self.at(now);
         let base = micros(settings.base_ejection_time.get());
-        if was_probe {
-            if self.state(now) != EndpointState::Probing {
-                return None; // Another response already decided.
+        if probe.is_some() {
+            if !self.ejected.load(Ordering::Acquire) {
+                return None; // Another request restored it meanwhile.
             }
-            self.probe_in_flight.store(false, Ordering::Release);
         } else {
             if self.ejected.load(Ordering::Acquire) {
                 return None;
@@ -283,7 +288,6 @@ impl Health {
             if ejected() >= ejections.cap(endpoints) {
                 return None; // Enough of the backend is ejected already.
             }
-            self.ejected.store(true, Ordering::Release);
             // Time spent healthy forgets earlier ejections.
             let healthy_for = t.saturating_sub(history.healthy_since);
             let forgotten = u32::try_from(healthy_for / base.max(1)).unwrap_or(u32::MAX);
@@ -293,10 +297,25 @@ impl Health {
             .saturating_mul(1u64 << history.ejections.min(32))
             .min(micros(settings.max_ejection_time.get()));
         history.ejections = history.ejections.saturating_add(1);
+        // The new end first: no reader may see the endpoint ejected with
+        // the old end, which would make it probing at once.
         self.ejected_until.store(t + length, Ordering::Release);
+        self.ejected.store(true, Ordering::Release);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         ejections.counter.inc();
+        drop(probe);
         Some(Duration::from_micros(length))
+    }
+}
+
+/// The one probe request of an endpoint whose ejection ended. Dropping it
+/// frees the endpoint for the next probe.
+#[derive(Debug)]
+pub struct Probe(Arc<AtomicBool>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -320,7 +339,8 @@ mod tests {
     /// Fails `health` `times` times; `all` are the backend's endpoints.
     fn fail(health: &Health, ejections: &Ejections, times: u32, all: &[&Health]) {
         for _ in 0..times {
-            health.failed(Instant::now(), ejections, 3, || {
+            let probe = health.on_send(Instant::now());
+            health.failed(Instant::now(), probe, ejections, 3, || {
                 all.iter().filter(|h| h.is_ejected()).count()
             });
         }
@@ -343,15 +363,32 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(h.state(Instant::now()), EndpointState::Probing);
         assert!(h.is_available(Instant::now()));
-        h.on_send(Instant::now());
+        let probe = h.on_send(Instant::now());
+        assert!(probe.is_some());
         assert!(
             !h.is_available(Instant::now()),
             "one probe at a time while probing"
         );
-        h.succeeded(Instant::now());
+        assert!(h.on_send(Instant::now()).is_none(), "and only one");
+        h.succeeded(Instant::now(), probe);
         assert_eq!(h.state(Instant::now()), EndpointState::Healthy);
         assert!(h.is_available(Instant::now()));
         assert!(!h.is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_dropped_without_an_answer_lets_the_next_request_probe() {
+        let e = ejections(50);
+        let h = Health::default();
+        fail(&h, &e, 5, &[&h]);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let probe = h.on_send(Instant::now());
+        assert!(probe.is_some() && !h.is_available(Instant::now()));
+        drop(probe); // the client went away
+        assert!(h.is_available(Instant::now()));
+        let probe = h.on_send(Instant::now());
+        h.succeeded(Instant::now(), probe);
+        assert_eq!(h.state(Instant::now()), EndpointState::Healthy);
     }
 
     #[tokio::test(start_paused = true)]
@@ -364,7 +401,6 @@ mod tests {
             let length = h.ejected_for(Instant::now()).unwrap();
             lengths.push(length.as_secs());
             tokio::time::advance(length).await;
-            h.on_send(Instant::now());
             fail(&h, &e, 1, &[&h]); // the probe fails
         }
         assert_eq!(lengths, [30, 60, 120, 240, 300]);
@@ -378,12 +414,11 @@ mod tests {
         let h = Health::default();
         fail(&h, &e, 5, &[&h]);
         tokio::time::advance(Duration::from_secs(30)).await;
-        h.on_send(Instant::now());
         fail(&h, &e, 1, &[&h]);
         assert_eq!(h.ejected_for(Instant::now()), Some(Duration::from_secs(60)));
         tokio::time::advance(Duration::from_secs(60)).await;
-        h.on_send(Instant::now());
-        h.succeeded(Instant::now());
+        let probe = h.on_send(Instant::now());
+        h.succeeded(Instant::now(), probe);
         // Two ejections so far; a minute healthy forgets both.
         tokio::time::advance(Duration::from_secs(60)).await;
         fail(&h, &e, 5, &[&h]);

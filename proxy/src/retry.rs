@@ -9,6 +9,7 @@
 //! body is kept by [`ReplayBody`] up to the policy's cap; a larger request
 //! is not retried.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ use rand::RngExt;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::balance::{Attempt, Upstream};
-use crate::body::{BoxError, BoxFuture, ProxyBody, boxed};
+use crate::body::{BoxError, BoxFuture, ProxyBody, boxed, holding};
 use crate::breaker::Limit;
 use crate::error::{ErrorKind, ProxyError, find_source};
 use crate::headers::retry_after;
@@ -211,20 +212,30 @@ impl Retries {
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
     }
 
-    /// Classifies an attempt's outcome. A gRPC response whose first frame
-    /// is its trailers is read that far, and put back together.
+    /// Classifies an attempt's outcome. When a gRPC status could be
+    /// retried, a gRPC response whose first frame is its trailers is read
+    /// that far (within the per-try timeout), and put back together.
     async fn classify(
         &self,
         result: Result<Response<ProxyBody>, ProxyError>,
+        idempotent: bool,
     ) -> (Result<Response<ProxyBody>, ProxyError>, Option<Reason>) {
         match result {
             Err(error) => {
                 let reason = self.classify_error(&error);
                 (Err(error), reason)
             }
-            Ok(response) if self.must_peek(&response) => {
+            Ok(response)
+                if (idempotent || self.policy.non_idempotent) && self.must_peek(&response) =>
+            {
                 let (parts, mut body) = response.into_parts();
-                let first = body.frame().await;
+                let first = match self.per_try_timeout {
+                    Some(limit) => tokio::time::timeout(limit, body.frame())
+                        .await
+                        .ok()
+                        .flatten(),
+                    None => body.frame().await,
+                };
                 let reason = match &first {
                     Some(Ok(frame)) => frame
                         .trailers_ref()
@@ -344,7 +355,7 @@ where
     fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
         let inner = self.inner.clone();
         let retries = self.retries.clone();
-        let mut attempt = Attempt {
+        let attempt = Attempt {
             retry: 0,
             avoid: Vec::new(),
             timeout: retries.per_try_timeout,
@@ -354,70 +365,151 @@ where
             return Box::pin(inner.oneshot(request));
         }
         Box::pin(async move {
-            let _in_flight = retries.budget.request();
-            let (parts, body) = request.into_parts();
-            let first = ReplayBody::new(body, retries.policy.max_replay_bytes as usize);
-            let replay = first.replay();
-            let head = Head {
-                method: parts.method,
-                uri: parts.uri,
-                version: parts.version,
-                headers: parts.headers,
-                extensions: parts.extensions,
-            };
-            let idempotent = is_idempotent(&head.method);
-            let mut body = boxed(first);
-            // The last failure, answered if a retry is refused by the
-            // backend's retry limit.
-            let mut previous: Option<Result<Response<ProxyBody>, ProxyError>> = None;
-            let mut retry_slot: Option<InFlight> = None;
-            loop {
-                let result = send(inner.clone(), head.request(body, &attempt)).await;
-                drop(retry_slot.take());
-                if let (Err(e), Some(previous)) = (&result, previous.take())
-                    && matches!(e.kind(), ErrorKind::Overloaded(Limit::Retries))
-                {
-                    return previous;
-                }
-                let (result, reason) = retries.classify(result).await;
-                let Some(reason) = reason else {
-                    return result;
-                };
-                if attempt.retry >= retries.policy.max_retries
-                    || (reason.may_have_been_processed()
-                        && !idempotent
-                        && !retries.policy.non_idempotent)
-                {
-                    return result;
-                }
-                let Some(next) = replay.as_ref().and_then(ReplayBody::replay) else {
-                    return result;
-                };
-                let wait = match result.as_ref().ok().and_then(|r| retry_after(r.headers())) {
-                    Some(asked) if asked > retries.policy.max_retry_after.get() => return result,
-                    Some(asked) => asked,
-                    None => retries.backoff(attempt.retry),
-                };
-                let Some(slot) = retries.budget.retry() else {
-                    retries.budget_exhausted.inc();
-                    return result;
-                };
-                retries
-                    .retries
-                    .with_label_values(&[&*retries.route, reason.as_str()])
-                    .inc();
-                let failed_at: Option<SocketAddr> = match &result {
-                    Ok(response) => response.extensions().get::<Upstream>().map(|u| u.endpoint),
-                    Err(error) => error.endpoint(),
-                };
-                attempt.avoid.extend(failed_at);
-                attempt.retry += 1;
-                retry_slot = Some(slot);
-                previous = Some(result);
-                tokio::time::sleep(wait).await;
-                body = boxed(next);
-            }
+            let in_flight = retries.budget.request();
+            let result = retry(inner, retries, request, attempt).await;
+            // The request counts in the budget until its response ends.
+            result.map(|response| response.map(|body| holding(body, in_flight)))
         })
+    }
+}
+
+/// Sends `request` as many times as the policy allows.
+async fn retry<S>(
+    inner: S,
+    retries: Arc<Retries>,
+    request: Request<ProxyBody>,
+    mut attempt: Attempt,
+) -> Result<Response<ProxyBody>, ProxyError>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let (parts, body) = request.into_parts();
+    let first = ReplayBody::new(body, retries.policy.max_replay_bytes as usize);
+    let replay = first.replay();
+    let head = Head {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+        extensions: parts.extensions,
+    };
+    let idempotent = is_idempotent(&head.method);
+    let mut body = boxed(first);
+    // What the client gets if a retry is refused by the backend's retry
+    // limit: the failure that caused it, and why it was retried.
+    let mut previous: Option<(Result<Response<ProxyBody>, ProxyError>, Reason)> = None;
+    let mut retry_slot: Option<InFlight> = None;
+    loop {
+        let result = send(inner.clone(), head.request(body, &attempt)).await;
+        drop(retry_slot.take());
+        if let Some((kept, reason)) = previous.take() {
+            if matches!(&result, Err(e) if matches!(e.kind(), ErrorKind::Overloaded(Limit::Retries)))
+            {
+                return kept;
+            }
+            retries
+                .retries
+                .with_label_values(&[&*retries.route, reason.as_str()])
+                .inc();
+        }
+        let (result, reason) = retries.classify(result, idempotent).await;
+        let Some(reason) = reason else {
+            return result;
+        };
+        if attempt.retry >= retries.policy.max_retries
+            || (reason.may_have_been_processed() && !idempotent && !retries.policy.non_idempotent)
+        {
+            return result;
+        }
+        let Some(next) = replay.as_ref().and_then(ReplayBody::replay) else {
+            return result;
+        };
+        let asked = match &result {
+            Ok(r) if matches!(r.status().as_u16(), 429 | 503) => retry_after(r.headers()),
+            _ => None,
+        };
+        let wait = match asked {
+            Some(asked) if asked > retries.policy.max_retry_after.get() => return result,
+            Some(asked) => asked,
+            None => retries.backoff(attempt.retry),
+        };
+        let Some(slot) = retries.budget.retry() else {
+            retries.budget_exhausted.inc();
+            return result;
+        };
+        let failed_at: Option<SocketAddr> = match &result {
+            Ok(response) => response.extensions().get::<Upstream>().map(|u| u.endpoint),
+            Err(error) => error.endpoint(),
+        };
+        attempt.avoid.extend(failed_at);
+        attempt.retry += 1;
+        retry_slot = Some(slot);
+        // Read the failed answer while the backoff runs, so that its
+        // connection and circuit-breaker slots are free for the retry.
+        let (kept, ()) = tokio::join!(keep(result, wait.max(KEEP_WAIT)), tokio::time::sleep(wait));
+        previous = kept.map(|kept| (kept, reason));
+        body = boxed(next);
+    }
+}
+
+/// The most of a failed answer's body kept in case a retry is refused.
+const KEEP_BYTES: usize = 64 * 1024;
+
+/// How long reading a failed answer's body may delay a retry at most.
+const KEEP_WAIT: Duration = Duration::from_millis(50);
+
+/// A failed attempt's outcome, detached from its connection: the body is
+/// read whole (up to [`KEEP_BYTES`], within `within`). `None` when it
+/// cannot be kept; a refused retry then answers 503 `overloaded`.
+fn keep(
+    result: Result<Response<ProxyBody>, ProxyError>,
+    within: Duration,
+) -> BoxFuture<Option<Result<Response<ProxyBody>, ProxyError>>> {
+    Box::pin(async move {
+        match result {
+            Err(error) => Some(Err(error)),
+            Ok(response) => {
+                let (parts, mut body) = response.into_parts();
+                let read = async {
+                    let mut frames = VecDeque::new();
+                    let mut bytes = 0;
+                    while let Some(frame) = body.frame().await {
+                        let frame = frame.ok()?;
+                        bytes += frame.data_ref().map_or(0, Bytes::len);
+                        if bytes > KEEP_BYTES {
+                            return None;
+                        }
+                        frames.push_back(frame);
+                    }
+                    Some(frames)
+                };
+                let frames = tokio::time::timeout(within, read).await.ok()??;
+                Some(Ok(Response::from_parts(parts, boxed(Frames(frames)))))
+            }
+        }
+    })
+}
+
+/// A body of frames read earlier.
+struct Frames(VecDeque<Frame<Bytes>>);
+
+impl Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.0.pop_front().map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -806,16 +898,63 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_refused_by_the_backend_limit_returns_the_first_answer() {
-        let (result, seen) = run(RetryPolicy::default(), request(Method::GET, ""), |n| {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let metrics = Metrics::new();
+        let service = RetryLayer::new(Retries::new(
+            &RetryPolicy::default(),
+            &Arc::from("r"),
+            &metrics,
+        ))
+        .layer(upstream(seen.clone(), |n| {
             if n == 0 {
-                Ok(status(503))
+                let mut failed = Response::new(full("model loading"));
+                *failed.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                Ok(failed)
             } else {
                 Err(ErrorKind::Overloaded(Limit::Retries))
             }
+        }));
+        let response = service.oneshot(request(Method::GET, "")).await.unwrap();
+        assert_eq!(response.status(), 503);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "model loading", "the failed answer, body and all");
+        assert_eq!(seen.lock().unwrap().attempts.len(), 2);
+        let made = metrics
+            .retries
+            .with_label_values(&["r", "gateway-error"])
+            .get();
+        assert_eq!(made, 0, "a refused retry is not counted as made");
+    }
+
+    /// Notes when it is dropped.
+    struct Released(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for Released {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_answer_is_let_go_before_the_retry() {
+        // A response body holds its connection and circuit-breaker slots;
+        // the retry must not wait for them while the body is kept.
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = released.clone();
+        let (result, _) = run(RetryPolicy::default(), request(Method::GET, ""), move |n| {
+            if n == 0 {
+                let body = holding(full("busy"), Released(flag.clone()));
+                let mut failed = Response::new(body);
+                *failed.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                Ok(failed)
+            } else {
+                assert!(flag.load(Ordering::SeqCst), "first answer still held");
+                Ok(status(200))
+            }
         })
         .await;
-        assert_eq!(result.unwrap().status(), 503);
-        assert_eq!(seen.attempts.len(), 2);
+        assert_eq!(result.unwrap().status(), 200);
+        assert!(released.load(Ordering::SeqCst));
     }
 
     #[tokio::test(start_paused = true)]
