@@ -25,7 +25,8 @@ pub enum Limit {
     /// `maxPendingRequests`: too many requests already wait for a
     /// connection.
     PendingRequests,
-    /// `maxConnections`, when `maxPendingRequests` is 0 so nothing may wait.
+    /// `maxConnections`, when nothing may wait for a connection: with
+    /// `maxPendingRequests: 0`, or for an HTTP/2 backend.
     Connections,
     /// `maxRetries`.
     Retries,
@@ -144,6 +145,15 @@ impl Breaker {
     /// connection.
     pub fn try_connection(&self) -> Option<OwnedSemaphorePermit> {
         self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// A permit for one more connection, or a refusal at once. For HTTP/2,
+    /// whose one connection per endpoint stays open while it is in use:
+    /// waiting would mean waiting for another endpoint's connection to
+    /// break.
+    pub fn connection_now(&self) -> Result<OwnedSemaphorePermit, ErrorKind> {
+        self.try_connection()
+            .ok_or_else(|| self.refuse(Limit::Connections))
     }
 
     /// Waits for a connection permit as one of at most

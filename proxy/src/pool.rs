@@ -9,11 +9,13 @@
 //! safe for any method, as nothing reached the server.
 //!
 //! Every open connection holds a permit of the backend's `maxConnections`.
-//! A request that needs a new connection when none is left waits as a
-//! pending request (bounded by `maxPendingRequests`); meanwhile one idle
-//! connection of the backend is closed, and connections that finish an
-//! exchange are closed rather than kept idle, so their permits pass to the
-//! waiters.
+//! An HTTP/1.1 request that needs a new connection when none is left waits
+//! as a pending request (bounded by `maxPendingRequests`); meanwhile one
+//! idle connection of the backend is closed, and connections that finish
+//! an exchange are closed rather than kept idle, so their permits pass to
+//! the waiters. An HTTP/2 endpoint without its connection is refused at
+//! once when none is left, since HTTP/2 connections are not given up
+//! while they work.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -316,7 +318,7 @@ async fn connect_http2(
     {
         return Err(failure.to_error());
     }
-    let permit = settings.connection_permit().await?;
+    let permit = settings.breaker.connection_now()?;
     let io = match connect(addr, settings.connect_timeout).await {
         Ok(io) => io,
         Err(e) => {

@@ -4,11 +4,13 @@
 //! attempt can be given the same frames again.
 //!
 //! A retry layer wraps the request body once with [`ReplayBody::new`],
-//! keeps a handle from [`ReplayBody::replay`] while the first attempt reads
-//! the body, and, if that attempt fails, asks
-//! [`ReplayBody::is_replayable`] and takes another [`ReplayBody::replay`]
-//! for the next attempt. A replay yields the recorded frames, then goes on
-//! reading from the client where the previous attempt stopped.
+//! keeps a [`ReplayHandle`] while the first attempt reads the body, and, if
+//! that attempt fails, takes a [`ReplayHandle::replay`] for the next
+//! attempt. A replay yields the recorded frames, then goes on reading from
+//! the client where the previous attempt stopped. From then on the client's
+//! body belongs to the newest reader: an older one (a failed attempt whose
+//! connection still pulls the body) gets an error instead of frames, so it
+//! cannot push the recording over the cap behind the retry's back.
 //!
 //! The body stops being replayable when recording would go over the cap
 //! (the recorded frames are then dropped to free the memory, and the attempt
@@ -17,7 +19,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -26,11 +28,13 @@ use http_body::{Body, Frame, SizeHint};
 use crate::body::{BoxError, ProxyBody};
 
 /// Why a [`ReplayBody`] reader could not be given a frame it had not read
-/// yet. Only a reader running at the same time as another one, and behind
-/// it, can see these: a retry layer that checks
-/// [`ReplayBody::is_replayable`] never does.
+/// yet. Only a reader running at the same time as another one can see
+/// these: the newest reader of a body that is still replayable never does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayError {
+    /// A newer reader (the next attempt) took over the client's body.
+    #[error("the request body was taken over by a retry")]
+    Superseded,
     /// The recorded frames were dropped because the body went over the cap.
     #[error("the request body went over the replay cap and can no longer be replayed")]
     OverCap,
@@ -66,8 +70,8 @@ struct Shared {
     bytes_read: u64,
     /// The most data bytes kept.
     cap: usize,
-    /// The readers waiting for the source's next frame.
-    waiting: Arc<Waiting>,
+    /// The newest reader's generation: only it may read the source.
+    generation: u64,
 }
 
 impl Shared {
@@ -116,64 +120,25 @@ impl Shared {
     }
 }
 
-/// The wakers of the readers waiting for the source's next frame. The source
-/// is polled with a waker that wakes them all, so that a reader is woken
-/// even when another one polled the source after it.
-#[derive(Default)]
-struct Waiting(Mutex<Vec<Waker>>);
-
-impl Waiting {
-    fn list(&self) -> MutexGuard<'_, Vec<Waker>> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn register(&self, waker: &Waker) {
-        let mut list = self.list();
-        if !list.iter().any(|w| w.will_wake(waker)) {
-            list.push(waker.clone());
-        }
-    }
-
-    /// Wakes every waiting reader except `own` (the one that got the frame).
-    fn wake_others(&self, own: &Waker) {
-        for waker in self.list().drain(..) {
-            if !waker.will_wake(own) {
-                waker.wake();
-            }
-        }
-    }
-}
-
-impl Wake for Waiting {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        for waker in self.list().drain(..) {
-            waker.wake();
-        }
-    }
-}
-
 /// A request body that can be sent again: the first reader gets the
 /// client's frames as they arrive, and each [`replay`](Self::replay) gets
 /// the same frames from the start.
 ///
 /// Every reader has its own position; they share the recorded frames and
 /// the client's body (behind a mutex that is never held across an await).
-/// A reader past the recorded frames reads the client's body itself and
-/// records what it gets, so readers may also run at the same time: one that
-/// is behind replays what the other recorded, and readers waiting for the
-/// client's next frame are all woken when it comes. A reader that is behind
-/// when the recording is dropped (over the cap, or the client's body failed)
-/// gets a [`ReplayError`].
+/// The newest reader, past the recorded frames, reads the client's body
+/// itself and records what it gets; an older reader gets
+/// [`ReplayError::Superseded`] there instead. A reader that is behind when
+/// the recording is dropped (over the cap, or the client's body failed)
+/// gets a [`ReplayError`] too.
 pub struct ReplayBody {
     shared: Arc<Mutex<Shared>>,
     /// The index of this reader's next frame.
     position: usize,
     /// Data bytes this reader was given.
     bytes_read: u64,
+    /// Which replay this reader is: 0 for the first.
+    generation: u64,
 }
 
 impl ReplayBody {
@@ -193,12 +158,21 @@ impl ReplayBody {
             recorded_bytes: 0,
             bytes_read: 0,
             cap,
-            waiting: Arc::default(),
+            generation: 0,
         };
         ReplayBody {
             shared: Arc::new(Mutex::new(shared)),
             position: 0,
             bytes_read: 0,
+            generation: 0,
+        }
+    }
+
+    /// A handle that makes replays of this body later, without being a
+    /// reader itself.
+    pub fn handle(&self) -> ReplayHandle {
+        ReplayHandle {
+            shared: Arc::clone(&self.shared),
         }
     }
 
@@ -214,15 +188,36 @@ impl ReplayBody {
     /// [`is_replayable`](Self::is_replayable)): over the cap, or the client's
     /// body failed.
     pub fn replay(&self) -> Option<ReplayBody> {
-        self.is_replayable().then(|| ReplayBody {
-            shared: Arc::clone(&self.shared),
-            position: 0,
-            bytes_read: 0,
-        })
+        self.handle().replay()
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Makes replays of a [`ReplayBody`]; see [`ReplayBody::handle`].
+pub struct ReplayHandle {
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl ReplayHandle {
+    /// A new reader of the body, starting from its first frame, for the
+    /// next attempt; `None` when the body is not replayable (over the cap,
+    /// or the client's body failed). The new reader takes the client's
+    /// body over from every earlier one.
+    pub fn replay(&self) -> Option<ReplayBody> {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if !shared.recording() {
+            return None;
+        }
+        shared.generation += 1;
+        Some(ReplayBody {
+            shared: Arc::clone(&self.shared),
+            position: 0,
+            bytes_read: 0,
+            generation: shared.generation,
+        })
     }
 }
 
@@ -254,7 +249,11 @@ impl Body for ReplayBody {
             return Poll::Ready(Some(Ok(frame)));
         }
 
-        // At the source: read the client's next frame.
+        // At the source: read the client's next frame, if no newer reader
+        // took it over.
+        if this.generation != shared.generation && shared.source.is_some() {
+            return Poll::Ready(Some(Err(ReplayError::Superseded.into())));
+        }
         let Some(source) = shared.source.as_mut() else {
             return Poll::Ready(if shared.source_failed {
                 Some(Err(ReplayError::SourceFailed.into()))
@@ -262,9 +261,7 @@ impl Body for ReplayBody {
                 None
             });
         };
-        shared.waiting.register(cx.waker());
-        let waker = Waker::from(Arc::clone(&shared.waiting));
-        let polled = Pin::new(source).poll_frame(&mut Context::from_waker(&waker));
+        let polled = Pin::new(source).poll_frame(cx);
         let result = match polled {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
@@ -292,7 +289,6 @@ impl Body for ReplayBody {
                 None
             }
         };
-        shared.waiting.wake_others(cx.waker());
         Poll::Ready(result)
     }
 
@@ -323,7 +319,7 @@ impl Body for ReplayBody {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Waker;
 
     use http::HeaderValue;
     use http_body_util::BodyExt;
@@ -445,7 +441,7 @@ mod tests {
     async fn a_replay_after_a_partial_read_continues_from_the_client() {
         let (tx, source) = channel_body(None);
         let first = ReplayBody::new(source, 1024);
-        let keeper = first.replay().expect("replayable");
+        let keeper = first.handle();
         let mut first = first;
 
         tx.send(data(b"head")).await.unwrap();
@@ -524,7 +520,7 @@ mod tests {
     async fn a_client_body_error_is_passed_on_and_stops_replays() {
         let (tx, source) = channel_body(None);
         let mut first = ReplayBody::new(source, 1024);
-        let keeper = first.replay().expect("replayable");
+        let keeper = first.handle();
         tx.send(data(b"ok")).await.unwrap();
         tx.send(Err("client reset".into())).await.unwrap();
 
@@ -536,7 +532,7 @@ mod tests {
             .expect_err("the error");
         assert_eq!(error.to_string(), "client reset");
         assert!(!first.is_replayable());
-        assert!(!keeper.is_replayable());
+        assert!(keeper.replay().is_none());
         assert!(keeper.replay().is_none());
         assert!(!first.is_end_stream(), "a failed body did not end cleanly");
     }
@@ -594,36 +590,26 @@ mod tests {
         assert!(boxed_body.is_end_stream());
     }
 
-    /// Counts its wake-ups.
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     #[tokio::test]
-    async fn readers_waiting_at_once_are_all_woken_and_get_the_same_frames() {
+    async fn a_replay_takes_the_client_body_over_from_the_earlier_reader() {
         let (tx, source) = channel_body(None);
-        let mut a = ReplayBody::new(source, 1024);
-        let mut b = a.replay().expect("replayable");
-        let count_a = Arc::new(CountingWaker::default());
-        let count_b = Arc::new(CountingWaker::default());
-        let waker_a = Waker::from(Arc::clone(&count_a));
-        let waker_b = Waker::from(Arc::clone(&count_b));
-
-        assert!(poll_once(&mut a, &waker_a).is_pending());
-        assert!(poll_once(&mut b, &waker_b).is_pending());
+        let mut first = ReplayBody::new(source, 1024);
+        let handle = first.handle();
         tx.send(data(b"x")).await.unwrap();
-        assert_eq!(count_a.0.load(Ordering::SeqCst), 1, "a is woken too");
-        assert_eq!(count_b.0.load(Ordering::SeqCst), 1);
+        assert_eq!(next_data(&mut first).await, "x");
 
-        assert_eq!(next_data(&mut b).await, "x");
-        assert_eq!(next_data(&mut a).await, "x", "replayed from b's recording");
+        // The retry starts while the failed attempt's connection still
+        // reads the body: from now on only the retry reads the client.
+        let mut retry = handle.replay().expect("replayable");
+        tx.send(data(b"y")).await.unwrap();
+        let fenced = first.frame().await.expect("an error").unwrap_err();
+        assert_eq!(
+            fenced.downcast_ref::<ReplayError>(),
+            Some(&ReplayError::Superseded)
+        );
+        assert_eq!(next_data(&mut retry).await, "x", "replayed");
+        assert_eq!(next_data(&mut retry).await, "y", "then from the client");
         drop(tx);
-        assert!(a.frame().await.is_none());
-        assert!(b.frame().await.is_none());
+        assert!(retry.frame().await.is_none());
     }
 }

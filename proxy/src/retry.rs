@@ -389,7 +389,7 @@ where
 {
     let (parts, body) = request.into_parts();
     let first = ReplayBody::new(body, retries.policy.max_replay_bytes as usize);
-    let replay = first.replay();
+    let replay = first.handle();
     let head = Head {
         method: parts.method,
         uri: parts.uri,
@@ -425,7 +425,7 @@ where
         {
             return result;
         }
-        let Some(next) = replay.as_ref().and_then(ReplayBody::replay) else {
+        let Some(next) = replay.replay() else {
             return result;
         };
         let asked = match &result {
