@@ -394,19 +394,16 @@ async fn upkeep(
 }
 
 /// Runs one active health check of `endpoint`: a `GET` of the check's
-/// path over the backend's own connections; a 2xx within the timeout
-/// passes.
+/// path on a connection of its own (so a check never waits behind traffic
+/// for a connection slot); a 2xx within the timeout passes.
 async fn check_endpoint(endpoint: Arc<Endpoint>, pool: Arc<PoolSettings>, settings: HealthCheck) {
     let request = Request::get(settings.path.as_str())
         .header(http::header::USER_AGENT, "infermesh-health-check")
         .body(empty())
         .expect("a validated path makes a request");
     let exchange = async {
-        let response = pool::send(&endpoint.connections, endpoint.addr, &pool, request)
-            .await
-            .ok()?;
+        let response = pool::send_alone(endpoint.addr, &pool, request).await.ok()?;
         let status = response.status();
-        // Read the answer to its end so the connection can be reused.
         response.into_body().collect().await.ok()?;
         Some(status)
     };

@@ -129,10 +129,23 @@ where
         let sent: BoxFuture<_> = Box::pin(shadow.service.clone().oneshot(copy));
         tokio::spawn(async move {
             match sent.await {
-                Ok(response) => match response.into_body().collect().await {
-                    Ok(_) => shadow.completed.inc(),
-                    Err(_) => shadow.failed.inc(),
-                },
+                Ok(response) => {
+                    // Read and drop the answer frame by frame: a shadow's
+                    // long generation is never held in memory.
+                    let mut body = response.into_body();
+                    let ended = loop {
+                        match body.frame().await {
+                            None => break true,
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) => break false,
+                        }
+                    };
+                    if ended {
+                        shadow.completed.inc()
+                    } else {
+                        shadow.failed.inc()
+                    }
+                }
                 Err(e) if find_source::<Abandoned>(&e).is_some() => shadow.abandoned.inc(),
                 Err(e) => {
                     tracing::debug!(error = %e, "mirrored request failed");
@@ -196,9 +209,11 @@ struct Tee {
 
 impl Tee {
     fn send(&mut self, item: Copied) {
-        if let Some(tx) = &self.tx
-            && tx.try_send(item).is_err()
-        {
+        let Some(tx) = &self.tx else { return };
+        // Only the end may take the last free slot, so the end always fits
+        // after the last frame.
+        let room = if matches!(item, Copied::End) { 1 } else { 2 };
+        if tx.capacity() < room || tx.try_send(item).is_err() {
             // The shadow fell behind or is gone: abandon the copy.
             self.tx = None;
         }
@@ -277,7 +292,10 @@ impl Body for CopyBody {
                 self.ended = true;
                 Poll::Ready(None)
             }
-            Poll::Ready(None) => Poll::Ready(Some(Err(Box::new(Abandoned)))),
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(Box::new(Abandoned))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -309,6 +327,55 @@ mod tests {
                 .get(HOST)
                 .map(|h| h.to_str().unwrap().to_owned()),
         )
+    }
+
+    /// A client body of `frames` one-byte frames, teed into a channel of
+    /// `capacity`; the client side is read to its end first.
+    async fn tee(frames: usize, capacity: usize) -> Vec<Result<Bytes, String>> {
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = (0..frames)
+            .map(|_| Ok(Frame::data(Bytes::from_static(b"x"))))
+            .collect();
+        let source = boxed(http_body_util::StreamBody::new(futures_util::stream::iter(
+            chunks,
+        )));
+        let (tx, rx) = mpsc::channel(capacity);
+        let mut client = Tee {
+            inner: source,
+            tx: Some(tx),
+        };
+        while client.frame().await.is_some() {}
+        let mut copy = CopyBody {
+            rx,
+            size: SizeHint::default(),
+            ended: false,
+        };
+        let mut seen = Vec::new();
+        while let Some(frame) = copy.frame().await {
+            seen.push(
+                frame
+                    .map(|f| f.into_data().unwrap())
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn the_copy_gets_every_frame_and_its_end_when_it_keeps_up() {
+        let seen = tee(3, 4).await;
+        assert_eq!(seen.len(), 3);
+        assert!(seen.iter().all(Result::is_ok), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_falls_behind_is_abandoned_not_truncated() {
+        let seen = tee(5, 3).await;
+        let (last, frames) = seen.split_last().unwrap();
+        assert!(frames.iter().all(Result::is_ok));
+        assert_eq!(
+            last.as_ref().unwrap_err(),
+            "the mirrored copy fell behind the request body and was abandoned"
+        );
     }
 
     #[test]

@@ -208,6 +208,40 @@ pub async fn send(
     Ok(response)
 }
 
+/// Sends `request` on a connection of its own, outside the pool and its
+/// limits, closed when the exchange ends: for health checks, which must
+/// neither queue behind traffic nor take its connection slots.
+pub async fn send_alone(
+    addr: SocketAddr,
+    settings: &PoolSettings,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    adapt_request(&mut request, settings.protocol, addr);
+    let io = connect(addr, settings.connect_timeout).await?;
+    let sent = match settings.protocol {
+        UpstreamProtocol::Http1 => {
+            let (mut sender, connection) = http1::Builder::new()
+                .handshake::<_, ProxyBody>(io)
+                .await
+                .map_err(ErrorKind::UpstreamReset)?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        }
+        UpstreamProtocol::Http2 => {
+            let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake::<_, ProxyBody>(io)
+                .await
+                .map_err(ErrorKind::UpstreamReset)?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        }
+    };
+    let mut response = sent.map_err(ErrorKind::from_upstream)?;
+    *response.version_mut() = Version::default();
+    Ok(response)
+}
+
 async fn send_http1(
     connections: &Arc<Connections>,
     addr: SocketAddr,
