@@ -626,6 +626,11 @@ mod tests {
         response
     }
 
+    /// Answers the first attempt with `first()`, every later one with 200.
+    fn once(first: fn() -> Answer) -> impl Fn(u32) -> Answer + Clone + Send + Sync + 'static {
+        move |n| if n == 0 { first() } else { Ok(status(200)) }
+    }
+
     fn refused() -> ErrorKind {
         ErrorKind::ConnectFailed(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
     }
@@ -680,9 +685,11 @@ mod tests {
             ("500 from statusCodes", || Ok(status(500))),
         ];
         for (name, failure) in failures {
-            let (result, seen) = run(policy.clone(), request(Method::POST, "prompt"), move |n| {
-                if n == 0 { failure() } else { Ok(status(200)) }
-            })
+            let (result, seen) = run(
+                policy.clone(),
+                request(Method::POST, "prompt"),
+                once(failure),
+            )
             .await;
             assert_eq!(result.unwrap().status(), 200, "{name}");
             assert_eq!(seen.attempts.len(), 2, "{name}");
@@ -714,13 +721,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn non_idempotent_requests_are_retried_only_when_nothing_reached_the_model() {
-        let (result, seen) = run(RetryPolicy::default(), request(Method::POST, "x"), |n| {
-            if n == 0 {
-                Ok(status(503))
-            } else {
-                Ok(status(200))
-            }
-        })
+        let (result, seen) = run(
+            RetryPolicy::default(),
+            request(Method::POST, "x"),
+            once(|| Ok(status(503))),
+        )
         .await;
         assert_eq!(
             result.unwrap().status(),
@@ -729,13 +734,11 @@ mod tests {
         );
         assert_eq!(seen.attempts.len(), 1);
 
-        let (result, seen) = run(RetryPolicy::default(), request(Method::POST, "x"), |n| {
-            if n == 0 {
-                Err(refused())
-            } else {
-                Ok(status(200))
-            }
-        })
+        let (result, seen) = run(
+            RetryPolicy::default(),
+            request(Method::POST, "x"),
+            once(|| Err(refused())),
+        )
         .await;
         assert_eq!(
             result.unwrap().status(),
@@ -744,13 +747,11 @@ mod tests {
         );
         assert_eq!(seen.attempts.len(), 2);
 
-        let (result, _) = run(RetryPolicy::default(), request(Method::PUT, "x"), |n| {
-            if n == 0 {
-                Ok(status(503))
-            } else {
-                Ok(status(200))
-            }
-        })
+        let (result, _) = run(
+            RetryPolicy::default(),
+            request(Method::PUT, "x"),
+            once(|| Ok(status(503))),
+        )
         .await;
         assert_eq!(result.unwrap().status(), 200, "PUT is idempotent");
     }
@@ -777,9 +778,11 @@ mod tests {
             max_replay_bytes: 4,
             ..RetryPolicy::default()
         };
-        let (result, seen) = run(policy.clone(), request(Method::GET, "12345"), |n| {
-            Ok(status(if n == 0 { 503 } else { 200 }))
-        })
+        let (result, seen) = run(
+            policy.clone(),
+            request(Method::GET, "12345"),
+            once(|| Ok(status(503))),
+        )
         .await;
         assert_eq!(result.unwrap().status(), 503);
         assert_eq!(seen.attempts.len(), 1);
@@ -788,9 +791,11 @@ mod tests {
             "the request itself went through whole"
         );
 
-        let (result, _) = run(policy, request(Method::GET, "1234"), |n| {
-            Ok(status(if n == 0 { 503 } else { 200 }))
-        })
+        let (result, _) = run(
+            policy,
+            request(Method::GET, "1234"),
+            once(|| Ok(status(503))),
+        )
         .await;
         assert_eq!(result.unwrap().status(), 200, "a body at the cap is kept");
     }

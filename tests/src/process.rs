@@ -264,12 +264,35 @@ pub fn listener(name: &str, protocol: &str) -> String {
 
 /// A `Backend` document with the given endpoints.
 pub fn backend(name: &str, protocol: &str, endpoints: &[SocketAddr]) -> String {
+    backend_with(name, protocol, endpoints, "")
+}
+
+/// A `Backend` document with the given endpoints; `extra` is more YAML
+/// under `spec`.
+pub fn backend_with(name: &str, protocol: &str, endpoints: &[SocketAddr], extra: &str) -> String {
     let endpoints: Vec<String> = endpoints
         .iter()
         .map(|e| format!("{{ address: \"{e}\" }}"))
         .collect();
     format!(
-        "kind: Backend\nmetadata: {{ name: {name} }}\nspec: {{ protocol: {protocol}, endpoints: [{}] }}",
-        endpoints.join(", ")
+        "kind: Backend\nmetadata: {{ name: {name} }}\nspec:\n  protocol: {protocol}\n  endpoints: [{}]\n{}",
+        endpoints.join(", "),
+        indent(extra, 2)
     )
+}
+
+/// A `Route` named `r` sending every request to `backend`; `extra` is
+/// more YAML under its one rule.
+pub fn route_with(backend: &str, extra: &str) -> String {
+    format!(
+        "kind: Route\nmetadata: {{ name: r }}\nspec:\n  rules:\n    - backends: [{{ name: {backend} }}]\n{}",
+        indent(extra, 6)
+    )
+}
+
+fn indent(text: &str, by: usize) -> String {
+    text.lines()
+        .map(|l| format!("{}{l}", " ".repeat(by)))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -15,40 +15,11 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use infermesh_tests::backend::{self, Handler, MockBackend, Protocol};
 use infermesh_tests::client::{self, HttpClient, Reply};
-use infermesh_tests::process::{Gateway, config, listener};
+use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-
-/// A `Backend` document: `extra` is more YAML under `spec`.
-fn backend_with(name: &str, protocol: &str, endpoints: &[SocketAddr], extra: &str) -> String {
-    let endpoints: Vec<String> = endpoints
-        .iter()
-        .map(|e| format!("      - address: \"{e}\""))
-        .collect();
-    format!(
-        "kind: Backend\nmetadata: {{ name: {name} }}\nspec:\n  protocol: {protocol}\n  endpoints:\n{}\n{}",
-        endpoints.join("\n"),
-        indent(extra, 2)
-    )
-}
-
-/// A route sending everything to `backend`; `extra` is more YAML under
-/// the rule.
-fn route_with(backend: &str, extra: &str) -> String {
-    format!(
-        "kind: Route\nmetadata: {{ name: r }}\nspec:\n  rules:\n    - backends: [{{ name: {backend} }}]\n{}",
-        indent(extra, 6)
-    )
-}
-
-fn indent(text: &str, by: usize) -> String {
-    text.lines()
-        .map(|l| format!("{}{l}", " ".repeat(by)))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
 
 async fn call(client: &HttpClient, method: &str, url: &str, body: &'static str) -> Reply {
     let request = Request::builder()
