@@ -130,7 +130,18 @@ impl ConnectFailure {
 #[derive(Debug)]
 struct IdleConnection {
     sender: http1::SendRequest<ProxyBody>,
+    held: UpstreamConnection,
     since: Instant,
+}
+
+/// Keeps an HTTP/1.1 upstream connection counted (its `maxConnections`
+/// permit and the open-connections gauge) while held. Every response from
+/// such a connection carries one in its extensions: a connection that
+/// switched protocols lives on in the tunnel, which holds it until it
+/// closes.
+#[derive(Clone, Debug)]
+pub struct UpstreamConnection {
+    _open: Arc<OpenConnection>,
 }
 
 impl Connections {
@@ -154,12 +165,15 @@ impl Connections {
             .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
     }
 
-    fn checkout(&self, idle_timeout: Duration) -> Option<http1::SendRequest<ProxyBody>> {
+    fn checkout(
+        &self,
+        idle_timeout: Duration,
+    ) -> Option<(http1::SendRequest<ProxyBody>, UpstreamConnection)> {
         let now = Instant::now();
         let mut idle = self.idle.lock().expect("idle list lock");
         while let Some(c) = idle.pop() {
             if c.sender.is_ready() && now.duration_since(c.since) < idle_timeout {
-                return Some(c.sender);
+                return Some((c.sender, c.held));
             }
         }
         None
@@ -175,7 +189,12 @@ impl Connections {
         true
     }
 
-    fn put_back(&self, sender: http1::SendRequest<ProxyBody>, settings: &PoolSettings) {
+    fn put_back(
+        &self,
+        sender: http1::SendRequest<ProxyBody>,
+        held: UpstreamConnection,
+        settings: &PoolSettings,
+    ) {
         if settings.breaker.has_waiters() {
             return; // Closing it hands its permit to a waiting request.
         }
@@ -183,6 +202,7 @@ impl Connections {
         if idle.len() < settings.max_idle {
             idle.push(IdleConnection {
                 sender,
+                held,
                 since: Instant::now(),
             });
         }
@@ -248,10 +268,11 @@ async fn send_http1(
     settings: &Arc<PoolSettings>,
     mut request: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ErrorKind> {
-    while let Some(mut sender) = connections.checkout(settings.idle_timeout) {
+    while let Some((mut sender, held)) = connections.checkout(settings.idle_timeout) {
         match sender.try_send_request(request).await {
-            Ok(response) => {
-                return_when_ready(connections.clone(), settings.clone(), sender);
+            Ok(mut response) => {
+                response.extensions_mut().insert(held.clone());
+                return_when_ready(connections.clone(), settings.clone(), sender, held);
                 return Ok(response);
             }
             Err(mut e) => match e.take_message() {
@@ -266,18 +287,22 @@ async fn send_http1(
         .handshake::<_, ProxyBody>(io)
         .await
         .map_err(ErrorKind::UpstreamReset)?;
-    let guard = OpenConnection::new(connections, settings, permit);
+    let held = UpstreamConnection {
+        _open: Arc::new(OpenConnection::new(connections, settings, permit)),
+    };
+    let guard = held.clone();
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
             tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
         }
         drop(guard);
     });
-    let response = sender
+    let mut response = sender
         .send_request(request)
         .await
         .map_err(ErrorKind::from_upstream)?;
-    return_when_ready(connections.clone(), settings.clone(), sender);
+    response.extensions_mut().insert(held.clone());
+    return_when_ready(connections.clone(), settings.clone(), sender, held);
     Ok(response)
 }
 
@@ -288,10 +313,11 @@ fn return_when_ready(
     connections: Arc<Connections>,
     settings: Arc<PoolSettings>,
     mut sender: http1::SendRequest<ProxyBody>,
+    held: UpstreamConnection,
 ) {
     tokio::spawn(async move {
         if sender.ready().await.is_ok() {
-            connections.put_back(sender, &settings);
+            connections.put_back(sender, held, &settings);
         }
     });
 }
@@ -398,6 +424,7 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TokioIo<TcpStrea
 
 /// Counts one open upstream connection, and holds its permit, for as long
 /// as it lives.
+#[derive(Debug)]
 struct OpenConnection {
     open: Arc<AtomicI64>,
     gauge: IntGauge,

@@ -14,6 +14,7 @@ use crate::body::BoxFuture;
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::headers::is_upgrade;
+use crate::pool::UpstreamConnection;
 
 /// Tunnels upgraded connections; see the module docs.
 #[derive(Clone, Copy, Debug, Default)]
@@ -55,14 +56,16 @@ where
                 && response.status() == StatusCode::SWITCHING_PROTOCOLS
             {
                 let backend_side = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_side, backend_side));
+                // The tunnel keeps the upstream connection counted.
+                let held = response.extensions_mut().remove::<UpstreamConnection>();
+                tokio::spawn(tunnel(client_side, backend_side, held));
             }
             Ok(response)
         })
     }
 }
 
-async fn tunnel(client: OnUpgrade, backend: OnUpgrade) {
+async fn tunnel(client: OnUpgrade, backend: OnUpgrade, _held: Option<UpstreamConnection>) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
         Err(e) => {

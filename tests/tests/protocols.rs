@@ -311,6 +311,20 @@ async fn upgraded_connections_are_tunnelled() {
         stream.read_exact(&mut buf).await.unwrap();
         assert_eq!(buf, message.as_bytes());
     }
+    // The tunnel's upstream connection still counts, against the
+    // backend's connection limit too, until the tunnel closes.
+    let open = "infermesh_upstream_connections{backend=\"ws\"}";
+    let text = client::metrics(gateway.health).await;
+    assert_eq!(client::metric_value(&text, open), Some(1.0), "{text}");
+    drop(stream);
+    for _ in 0..500 {
+        let text = client::metrics(gateway.health).await;
+        if client::metric_value(&text, open) == Some(0.0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the tunnel's connection is still counted after it closed");
 }
 
 async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
