@@ -45,6 +45,24 @@ pub struct BackendSpec {
     /// Checking each endpoint's health actively; off unless given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Mutual TLS to the endpoints; plaintext unless given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BackendTls>,
+}
+
+/// Mutual TLS to a backend's endpoints with SPIFFE identities: the proxy
+/// presents its own certificate (`infermesh-proxy gateway --identity-cert`)
+/// and accepts an endpoint only if its certificate chains to the trust
+/// bundle and carries `identity`. Host names play no part.
+///
+/// ```yaml
+/// tls: { identity: spiffe://cluster.local/ns/models/sa/llama }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendTls {
+    /// The SPIFFE ID every endpoint must present.
+    pub identity: String,
 }
 
 impl BackendSpec {
@@ -66,6 +84,7 @@ impl Default for BackendSpec {
             circuit_breaker: CircuitBreaker::default(),
             outlier_detection: OutlierDetection::default(),
             health_check: None,
+            tls: None,
         }
     }
 }
@@ -251,6 +270,11 @@ impl crate::Spec for BackendSpec {
             .check(&spec.key("outlierDetection"), checker);
         if let Some(health_check) = &self.health_check {
             health_check.check(&spec.key("healthCheck"), checker);
+        }
+        if let Some(tls) = &self.tls
+            && let Err(e) = infermesh_certs::SpiffeId::parse(&tls.identity)
+        {
+            checker.error(spec.key("tls").key("identity"), e.to_string());
         }
     }
 }

@@ -39,7 +39,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub use backend::{BackendSpec, EndpointSpec, EndpointTarget, PoolSpec, UpstreamProtocol};
+pub use backend::{
+    BackendSpec, BackendTls, EndpointSpec, EndpointTarget, PoolSpec, UpstreamProtocol,
+};
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
 pub use listener::{ListenerProtocol, ListenerSpec};

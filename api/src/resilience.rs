@@ -212,7 +212,8 @@ impl Default for RetryPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryOn {
-    /// The TCP connect failed or timed out: nothing reached the server.
+    /// The TCP connect or the TLS handshake failed or timed out: nothing
+    /// reached the server.
     ConnectFailure,
     /// An HTTP/2 server refused the stream (`REFUSED_STREAM`, or the
     /// connection closed with a GOAWAY before it): nothing was processed.

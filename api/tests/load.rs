@@ -383,3 +383,25 @@ spec:
         ]
     );
 }
+
+#[test]
+fn a_backend_tls_identity_must_be_a_spiffe_id() {
+    let text = r#"apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: m }
+spec:
+  tls: { identity: "https://llama.models" }
+"#;
+    let errors = load(text).unwrap_err();
+    assert_eq!(
+        errors,
+        [
+            "gw.yaml:5:10: Backend/m: spec.tls.identity: `https://llama.models` is not a SPIFFE ID: it must start with `spiffe://` (lower case), as in `spiffe://cluster.local/ns/default/sa/web`"
+        ]
+    );
+    let ok = text.replace(
+        "https://llama.models",
+        "spiffe://cluster.local/ns/models/sa/llama",
+    );
+    assert!(load(&ok).is_ok());
+}

@@ -180,12 +180,14 @@ impl Backend {
     /// few seconds), and starts its upkeep task. `previous` is the backend
     /// of the same name this one replaces: a name DNS cannot resolve now
     /// keeps the addresses it had there. Its connections are not reused,
-    /// since they were made with the old settings.
+    /// since they were made with the old settings. `tls` is the client
+    /// config when the spec asks for mutual TLS.
     pub async fn new(
         name: &str,
         spec: BackendSpec,
         previous: Option<&Backend>,
         metrics: &Metrics,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Arc<Backend> {
         let name: Arc<str> = Arc::from(name);
         let targets: Vec<Target> = spec
@@ -206,6 +208,7 @@ impl Backend {
             open_gauge: metrics.upstream_connections.with_label_values(&[&*name]),
             breaker: breaker.clone(),
             endpoints: Arc::downgrade(&endpoints),
+            tls,
         });
         let known = previous.map(Backend::endpoints).unwrap_or_default();
         let first = tokio::time::timeout(

@@ -351,6 +351,7 @@ impl Service<Request<ProxyBody>> for Balance {
                         ErrorKind::ConnectFailed(_)
                             | ErrorKind::ConnectTimeout(_)
                             | ErrorKind::UpstreamReset(_)
+                            | ErrorKind::UpstreamTls(_)
                             | ErrorKind::AttemptTimeout(_)
                     ) {
                         endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -57,6 +57,10 @@ pub enum ErrorKind {
     /// A circuit-breaker limit of the backend is reached.
     #[error("the backend is at its limit of {} ({})", .0.as_str(), .0.setting())]
     Overloaded(Limit),
+    /// The TLS handshake with the endpoint failed (its certificate did not
+    /// verify or carried another identity, or it does not speak TLS).
+    #[error("the TLS handshake with the endpoint failed: {0}")]
+    UpstreamTls(String),
     /// The rule's rate limit is reached; a token is free after this long.
     #[error("the route's rate limit is reached; retry in {0:?}")]
     RateLimited(Duration),
@@ -80,6 +84,7 @@ impl ErrorKind {
             ErrorKind::AttemptTimeout(_) => "per_try_timeout",
             ErrorKind::Overloaded(_) => "overloaded",
             ErrorKind::RateLimited(_) => "rate_limited",
+            ErrorKind::UpstreamTls(_) => "upstream_tls_failed",
         }
     }
 
@@ -90,7 +95,8 @@ impl ErrorKind {
             ErrorKind::NoEndpoint | ErrorKind::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::ConnectFailed(_)
             | ErrorKind::ConnectTimeout(_)
-            | ErrorKind::UpstreamReset(_) => StatusCode::BAD_GATEWAY,
+            | ErrorKind::UpstreamReset(_)
+            | ErrorKind::UpstreamTls(_) => StatusCode::BAD_GATEWAY,
             ErrorKind::ResponseHeadersTimeout(_)
             | ErrorKind::RequestTimeout(_)
             | ErrorKind::ResponseBodyIdle(_)

@@ -13,14 +13,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::config_file::{self, ConfigFileError, FileText};
+use crate::identity::{Identity, IdentityFiles};
 use crate::lifecycle::Lifecycle;
 use crate::listener::{BindError, Listeners};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::ops::{self, Ops};
 use crate::proxy::Shared;
-use crate::router::InvalidMatch;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{BuildError, Snapshot};
 
 /// How the gateway is started.
 #[derive(Clone, Debug)]
@@ -36,6 +36,8 @@ pub struct GatewayOptions {
     /// How long after SIGTERM the listeners keep accepting while `/ready`
     /// already says 503, so that load balancers stop sending first.
     pub drain_delay: Duration,
+    /// The proxy's own certificate files, for backends with mutual TLS.
+    pub identity: Option<IdentityFiles>,
 }
 
 /// Why a config could not be applied.
@@ -47,9 +49,9 @@ enum ReloadError {
     /// A new listener could not bind.
     #[error(transparent)]
     Bind(BindError),
-    /// A route match did not compile.
+    /// The config could not become a snapshot.
     #[error(transparent)]
-    Routes(InvalidMatch),
+    Build(BuildError),
 }
 
 /// Why a reload was attempted.
@@ -73,11 +75,25 @@ pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Resul
     let health_socket = ops::bind("health", options.health_address).await?;
     let admin_socket = ops::bind("admin", options.admin_address).await?;
 
+    let identity = match &options.identity {
+        Some(files) => Some(
+            Identity::load(files.clone(), &metrics)
+                .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?,
+        ),
+        None => None,
+    };
     let mut listeners = Listeners::new();
     let plan = listeners.prepare(&config).await?;
-    let snapshot = Snapshot::build(config, &plan.ids, &plan.draining, None, &metrics)
-        .await
-        .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+    let snapshot = Snapshot::build(
+        config,
+        &plan.ids,
+        &plan.draining,
+        None,
+        &metrics,
+        identity.as_ref().map(Identity::store),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::from_pointee(snapshot),
         metrics: metrics.clone(),
@@ -99,6 +115,7 @@ pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Resul
         listeners,
         text,
         refused: None,
+        identity,
     };
     gateway.record_applied();
     gateway.shared.lifecycle.set_serving();
@@ -131,6 +148,8 @@ struct Gateway {
     text: FileText,
     /// The text of the file as last refused, until it changes.
     refused: Option<FileText>,
+    /// The proxy's own certificate, if it has one.
+    identity: Option<Identity>,
 }
 
 impl Gateway {
@@ -143,6 +162,14 @@ impl Gateway {
                 None
             }
         };
+        let (identity_changed, mut identity_changes) = mpsc::channel(1);
+        let _identity_watchers = match self.identity.as_ref().map(|i| i.watch(identity_changed)) {
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot watch the identity files; reload them with SIGHUP");
+                None
+            }
+            watching => watching.and_then(Result::ok),
+        };
         loop {
             tokio::select! {
                 Some(()) = changes.recv() => {
@@ -151,7 +178,19 @@ impl Gateway {
                     while changes.try_recv().is_ok() {}
                     self.reload(Trigger::FileChanged).await;
                 }
-                _ = signals.hangup.recv() => self.reload(Trigger::Signal).await,
+                Some(()) = identity_changes.recv() => {
+                    tokio::time::sleep(config_file::SETTLE).await;
+                    while identity_changes.try_recv().is_ok() {}
+                    if let Some(identity) = &self.identity {
+                        identity.reload();
+                    }
+                }
+                _ = signals.hangup.recv() => {
+                    if let Some(identity) = &self.identity {
+                        identity.reload();
+                    }
+                    self.reload(Trigger::Signal).await
+                }
                 _ = self.shared.lifecycle.drain_requested() => {
                     self.drain().await;
                 }
@@ -237,9 +276,10 @@ impl Gateway {
             &plan.draining,
             Some(&current),
             &self.shared.metrics,
+            self.identity.as_ref().map(Identity::store),
         )
         .await
-        .map_err(ReloadError::Routes)?;
+        .map_err(ReloadError::Build)?;
         let version = snapshot.version.clone();
         self.shared.snapshot.store(Arc::new(snapshot));
         self.listeners.commit(plan, &self.shared);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use infermesh_proxy::config_file::{self, ConfigFileError};
 use infermesh_proxy::gateway::{self, GatewayOptions};
+use infermesh_proxy::identity::IdentityFiles;
 use infermesh_proxy::logging::{self, LogFormat};
 
 /// infermesh's proxy for model-serving traffic.
@@ -52,6 +53,16 @@ enum Command {
         /// removal reach the load balancers first).
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         drain_delay: std::time::Duration,
+        /// The proxy's SPIFFE certificate chain (PEM), for backends with
+        /// mutual TLS; watched and reloaded when it changes.
+        #[arg(long, requires_all = ["identity_key", "trust_bundle"], env = "INFERMESH_IDENTITY_CERT")]
+        identity_cert: Option<PathBuf>,
+        /// The private key of --identity-cert (PEM).
+        #[arg(long, requires = "identity_cert", env = "INFERMESH_IDENTITY_KEY")]
+        identity_key: Option<PathBuf>,
+        /// The trusted root certificates (PEM).
+        #[arg(long, requires = "identity_cert", env = "INFERMESH_TRUST_BUNDLE")]
+        trust_bundle: Option<PathBuf>,
     },
     /// Validate a config file without starting; prints every problem with
     /// its file, line, column and field.
@@ -72,6 +83,9 @@ fn main() -> ExitCode {
             health_address,
             shutdown_grace_period,
             drain_delay,
+            identity_cert,
+            identity_key,
+            trust_bundle,
         } => {
             let log = match logging::init(cli.log_format, &cli.log_level) {
                 Ok(log) => Arc::new(log),
@@ -86,6 +100,10 @@ fn main() -> ExitCode {
                 health_address,
                 shutdown_grace_period,
                 drain_delay,
+                identity: identity_cert
+                    .zip(identity_key)
+                    .zip(trust_bundle)
+                    .map(|((cert, key), bundle)| IdentityFiles { cert, key, bundle }),
             };
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = cli.concurrency {

@@ -39,6 +39,7 @@ use crate::backend::EndpointSet;
 use crate::body::ProxyBody;
 use crate::breaker::Breaker;
 use crate::error::ErrorKind;
+use crate::tls::{self, UpstreamStream};
 
 /// How a backend's connections are made and kept.
 #[derive(Debug)]
@@ -59,6 +60,8 @@ pub struct PoolSettings {
     /// The backend's endpoints, to find an idle connection to close when
     /// the connection limit is reached.
     pub endpoints: Weak<ArcSwap<EndpointSet>>,
+    /// The TLS client config, when the backend asks for mutual TLS.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl PoolSettings {
@@ -237,7 +240,7 @@ pub async fn send_alone(
     mut request: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ErrorKind> {
     adapt_request(&mut request, settings.protocol, addr);
-    let io = connect(addr, settings.connect_timeout).await?;
+    let io = connect(addr, settings).await?;
     let sent = match settings.protocol {
         UpstreamProtocol::Http1 => {
             let (mut sender, connection) = http1::Builder::new()
@@ -282,7 +285,7 @@ async fn send_http1(
         }
     }
     let permit = settings.connection_permit().await?;
-    let io = connect(addr, settings.connect_timeout).await?;
+    let io = connect(addr, settings).await?;
     let (mut sender, connection) = http1::Builder::new()
         .handshake::<_, ProxyBody>(io)
         .await
@@ -379,7 +382,7 @@ async fn connect_http2(
         return Err(failure.to_error());
     }
     let permit = settings.breaker.connection_now()?;
-    let io = match connect(addr, settings.connect_timeout).await {
+    let io = match connect(addr, settings).await {
         Ok(io) => io,
         Err(e) => {
             *connections
@@ -411,15 +414,28 @@ async fn connect_http2(
     Ok(sender)
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TokioIo<TcpStream>, ErrorKind> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ErrorKind::ConnectTimeout(timeout)),
-        Ok(Err(e)) => return Err(ErrorKind::ConnectFailed(e)),
-        Ok(Ok(stream)) => stream,
+/// Connects to the endpoint at `addr`, with TLS when the backend asks for
+/// it, all within the backend's connect timeout.
+async fn connect(
+    addr: SocketAddr,
+    settings: &PoolSettings,
+) -> Result<TokioIo<UpstreamStream>, ErrorKind> {
+    let timeout = settings.connect_timeout;
+    let connecting = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(ErrorKind::ConnectFailed)?;
+        // Model responses stream token by token: send each write at once.
+        let _ = stream.set_nodelay(true);
+        match &settings.tls {
+            Some(config) => tls::handshake(stream, addr, config).await,
+            None => Ok(UpstreamStream::Plain(stream)),
+        }
     };
-    // Model responses stream token by token: send each write at once.
-    let _ = stream.set_nodelay(true);
-    Ok(TokioIo::new(stream))
+    match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => Err(ErrorKind::ConnectTimeout(timeout)),
+        Ok(result) => result.map(TokioIo::new),
+    }
 }
 
 /// Counts one open upstream connection, and holds its permit, for as long

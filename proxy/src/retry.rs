@@ -161,7 +161,9 @@ impl Retries {
     /// Whether `error` is worth another attempt, and why.
     fn classify_error(&self, error: &ProxyError) -> Option<Reason> {
         let reason = match error.kind() {
-            ErrorKind::ConnectFailed(_) | ErrorKind::ConnectTimeout(_) => Reason::ConnectFailure,
+            ErrorKind::ConnectFailed(_)
+            | ErrorKind::ConnectTimeout(_)
+            | ErrorKind::UpstreamTls(_) => Reason::ConnectFailure,
             ErrorKind::UpstreamReset(e) if is_refused_stream(e) => Reason::RefusedStream,
             ErrorKind::UpstreamReset(_) => Reason::Reset,
             ErrorKind::AttemptTimeout(_) => Reason::GatewayError,

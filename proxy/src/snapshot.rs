@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use infermesh_api::{Config, ListenerProtocol};
+use infermesh_api::{BackendTls, Config, ListenerProtocol};
+use infermesh_certs::{CertStore, SpiffeId};
 
 use crate::backend::Backend;
 use crate::forward::{RuleService, rule_service};
@@ -18,6 +19,46 @@ use crate::router::{InvalidMatch, Router};
 /// Identifies a bound listener socket; it stays the same across reloads
 /// that keep the listener's address.
 pub type ListenerId = u64;
+
+/// Why a config cannot become a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A route match did not compile.
+    #[error(transparent)]
+    Routes(InvalidMatch),
+    /// A backend asks for mutual TLS, and the proxy was started without an
+    /// identity.
+    #[error(
+        "backend {0:?} asks for mutual TLS (spec.tls), but the proxy has no identity; start it with --identity-cert, --identity-key and --trust-bundle"
+    )]
+    NoIdentity(String),
+    /// A backend's TLS client config could not be built.
+    #[error("backend {backend:?}: cannot set up TLS: {error}")]
+    Tls {
+        /// The backend.
+        backend: String,
+        /// What rustls said.
+        error: rustls::Error,
+    },
+}
+
+/// The TLS client config of backend `name`.
+fn backend_tls(
+    name: &str,
+    tls: &BackendTls,
+    spec: &infermesh_api::BackendSpec,
+    identity: Option<&Arc<CertStore>>,
+) -> Result<Arc<rustls::ClientConfig>, BuildError> {
+    let store = identity.ok_or_else(|| BuildError::NoIdentity(name.to_owned()))?;
+    let expected = SpiffeId::parse(&tls.identity).map_err(|e| BuildError::Tls {
+        backend: name.to_owned(),
+        error: rustls::Error::General(e.to_string()),
+    })?;
+    crate::tls::backend_config(store, expected, spec.protocol).map_err(|error| BuildError::Tls {
+        backend: name.to_owned(),
+        error,
+    })
+}
 
 /// One immutable version of the running configuration.
 pub struct Snapshot {
@@ -57,27 +98,39 @@ impl Snapshot {
     /// them. Backends whose spec did not change are taken from `previous`
     /// with their endpoints and open connections.
     ///
-    /// Fails only on a route match that does not compile, which validation
-    /// already refuses; a config built by other means is refused here
-    /// rather than crashing the proxy.
+    /// `identity` is the proxy's own certificate store, needed by backends
+    /// that ask for mutual TLS.
+    ///
+    /// Fails when a backend asks for mutual TLS and the proxy has no
+    /// identity, or on a route match that does not compile (which
+    /// validation already refuses; a config built by other means is refused
+    /// here rather than crashing the proxy).
     pub async fn build(
         config: Config,
         listener_ids: &HashMap<String, ListenerId>,
         draining: &[ListenerId],
         previous: Option<&Snapshot>,
         metrics: &Metrics,
-    ) -> Result<Snapshot, InvalidMatch> {
+        identity: Option<&Arc<CertStore>>,
+    ) -> Result<Snapshot, BuildError> {
         let mut backends = BTreeMap::new();
         for resource in &config.backends {
             let before = previous.and_then(|p| p.backends.get(&resource.name));
             let backend = match before {
                 Some(backend) if backend.spec == resource.spec => backend.clone(),
                 _ => {
+                    let tls = match &resource.spec.tls {
+                        None => None,
+                        Some(tls) => {
+                            Some(backend_tls(&resource.name, tls, &resource.spec, identity)?)
+                        }
+                    };
                     Backend::new(
                         &resource.name,
                         resource.spec.clone(),
                         before.map(|b| &**b),
                         metrics,
+                        tls,
                     )
                     .await
                 }
@@ -114,7 +167,9 @@ impl Snapshot {
                     continue;
                 }
                 for (rule, target) in route.spec.rules.iter().zip(targets) {
-                    router.add(&route.spec.hostnames, &rule.matches, target.clone())?;
+                    router
+                        .add(&route.spec.hostnames, &rule.matches, target.clone())
+                        .map_err(BuildError::Routes)?;
                 }
             }
             let id = listener_ids[&listener.name];

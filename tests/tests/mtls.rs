@@ -1,0 +1,253 @@
+//! Mutual TLS from the gateway to backends: the gateway presents the
+//! SPIFFE certificate it was started with, checks each endpoint's identity
+//! (not a host name), refuses an endpoint with another identity, and picks
+//! up a renewed certificate without a restart. Certificates come from the
+//! real `infermesh-control-plane ca` commands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use infermesh_certs::{CertStore, ServerOptions, peer_identity, server_config};
+use infermesh_tests::backend::full;
+use infermesh_tests::client;
+use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
+use tokio::net::TcpListener;
+
+const GATEWAY_ID: &str = "spiffe://cluster.local/ns/edge/sa/gateway";
+const LLAMA_ID: &str = "spiffe://cluster.local/ns/models/sa/llama";
+
+fn control_plane(args: &[&str]) {
+    let output = Command::new(infermesh_tests::binary("infermesh-control-plane"))
+        .args(args)
+        .output()
+        .expect("run infermesh-control-plane");
+    assert!(
+        output.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA in `dir/ca` and certificates for the gateway and the model server.
+fn issue_all(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = dir.join("ca");
+    control_plane(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "cluster.local",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    let gateway = dir.join("gateway");
+    let llama = dir.join("llama");
+    for (id, out) in [(GATEWAY_ID, &gateway), (LLAMA_ID, &llama)] {
+        control_plane(&[
+            "ca",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--identity",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    (gateway, llama)
+}
+
+fn identity_args(dir: &Path) -> Vec<String> {
+    let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    vec![
+        "--identity-cert".into(),
+        file("cert.pem"),
+        "--identity-key".into(),
+        file("key.pem"),
+        "--trust-bundle".into(),
+        file("bundle.pem"),
+    ]
+}
+
+/// A model server that speaks only mutual TLS (HTTP/1.1 and HTTP/2 by
+/// ALPN) and answers with the SPIFFE ID its client presented.
+async fn tls_backend(certificates: &Path) -> SocketAddr {
+    let store = Arc::new(
+        CertStore::load_files(
+            certificates.join("cert.pem"),
+            certificates.join("key.pem"),
+            certificates.join("bundle.pem"),
+        )
+        .unwrap(),
+    );
+    let options = ServerOptions {
+        alpn_protocols: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        ..ServerOptions::default()
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&store, &options).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let peer = peer_identity(tls.get_ref().1)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default();
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let peer = peer.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .header("x-peer-identity", peer)
+                                .header("x-version", format!("{:?}", request.version()))
+                                .body(full("served over mTLS"))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_speaks_mtls_to_backends_and_checks_their_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gateway_certs, llama_certs) = issue_all(dir.path());
+    let llama = tls_backend(&llama_certs).await;
+    let tls = |id: &str| format!("tls: {{ identity: \"{id}\" }}");
+    let args = identity_args(&gateway_certs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gateway = Gateway::start_with_args(
+        &config(&[
+            &listener("web", "http"),
+            &backend_with("llama1", "http1", &[llama], &tls(LLAMA_ID)),
+            &backend_with("llama2", "http2", &[llama], &tls(LLAMA_ID)),
+            &backend_with(
+                "impostor",
+                "http1",
+                &[llama],
+                &tls("spiffe://cluster.local/ns/models/sa/mistral"),
+            ),
+            r#"kind: Route
+metadata: { name: r }
+spec:
+  rules:
+    - matches: [{ path: { prefix: /h1 } }]
+      backends: [{ name: llama1 }]
+    - matches: [{ path: { prefix: /h2 } }]
+      backends: [{ name: llama2 }]
+    - matches: [{ path: { prefix: /impostor } }]
+      backends: [{ name: impostor }]"#,
+        ]),
+        &args,
+    );
+    let http = client::http1();
+    for (path, version) in [("/h1", "HTTP/1.1"), ("/h2", "HTTP/2.0")] {
+        let reply = client::get(&http, &gateway.url("web", path)).await;
+        assert_eq!(reply.status, 200, "{path}: {reply:?}");
+        assert_eq!(reply.header("x-peer-identity"), Some(GATEWAY_ID), "{path}");
+        assert_eq!(
+            reply.header("x-version"),
+            Some(version),
+            "ALPN picked {version}"
+        );
+    }
+
+    // An endpoint presenting another identity is refused; nothing reached it.
+    let reply = client::get(&http, &gateway.url("web", "/impostor")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(
+        reply.header("x-infermesh-error"),
+        Some("upstream_tls_failed")
+    );
+    let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains(LLAMA_ID) && error.contains("mistral"),
+        "the error names both identities: {error}"
+    );
+
+    // A renewed certificate is picked up from the files, no restart.
+    let expiry = "infermesh_identity_cert_expiry_timestamp_seconds";
+    let before = client::metric_value(&client::metrics(gateway.health).await, expiry).unwrap();
+    control_plane(&[
+        "ca",
+        "issue",
+        "--ca",
+        dir.path().join("ca").to_str().unwrap(),
+        "--identity",
+        GATEWAY_ID,
+        "--out",
+        gateway_certs.to_str().unwrap(),
+        "--ttl",
+        "48h",
+        "--force",
+    ]);
+    let mut after = before;
+    for _ in 0..500 {
+        after = client::metric_value(&client::metrics(gateway.health).await, expiry).unwrap();
+        if after > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(after >= before + 86_000.0, "expiry {before} -> {after}");
+    let reply = client::get(&http, &gateway.url("web", "/h1")).await;
+    assert_eq!(
+        reply.status, 200,
+        "requests carry on with the new certificate"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_asking_for_mtls_needs_an_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &file,
+        config(&[
+            &listener("web", "http"),
+            &backend_with(
+                "llama",
+                "http1",
+                &["127.0.0.1:9".parse().unwrap()],
+                &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
+            ),
+            &route_with("llama", ""),
+        ]),
+    )
+    .unwrap();
+    let output = Command::new(infermesh_tests::binary("infermesh-proxy"))
+        .args([
+            "gateway",
+            "--admin-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("backend \"llama\" asks for mutual TLS")
+            && stderr.contains("--identity-cert"),
+        "{stderr}"
+    );
+}
