@@ -44,7 +44,7 @@ pub use backend::{
 };
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
-pub use listener::{ListenerProtocol, ListenerSpec};
+pub use listener::{ListenerProtocol, ListenerSpec, ListenerTls, TlsMode};
 pub use path::FieldPath;
 pub use resilience::{
     Backoff, BalancePolicy, CircuitBreaker, GrpcStatus, HealthCheck, LoadBalancer, Mirror,

@@ -23,6 +23,37 @@ pub struct ListenerSpec {
     /// Which HTTP versions clients may speak.
     #[serde(default)]
     pub protocol: ListenerProtocol,
+    /// Mutual TLS with clients; plaintext unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// Mutual TLS on a listener with SPIFFE identities: the proxy presents its
+/// own certificate (`--identity-cert`), requires a client certificate that
+/// chains to the trust bundle and carries a SPIFFE ID of the proxy's trust
+/// domain, and notes the client's identity (access log `peer_identity`).
+///
+/// ```yaml
+/// tls: { mode: strict }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ListenerTls {
+    /// Whether plaintext clients are still accepted.
+    pub mode: TlsMode,
+}
+
+/// Whether a TLS listener also takes plaintext, as Istio's peer
+/// authentication modes say it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Mutual TLS only; a plaintext connection is closed.
+    #[default]
+    Strict,
+    /// Mutual TLS or plaintext on the same port, told apart by the first
+    /// byte (a TLS handshake starts with 0x16), for migrating clients.
+    Permissive,
 }
 
 /// The HTTP versions a listener accepts.

@@ -31,6 +31,7 @@ pub struct RequestRecord {
     host: Option<http::HeaderValue>,
     version: Version,
     client: SocketAddr,
+    peer_identity: Option<Arc<str>>,
     listener: Option<Arc<str>>,
     route: Option<Arc<str>>,
     backend: Option<Arc<str>>,
@@ -44,11 +45,13 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// Starts the record of `request`, which arrived at `started`.
+    /// Starts the record of `request`, which arrived at `started` from
+    /// `client` (with its SPIFFE ID over mutual TLS).
     pub fn start<B>(
         request: &Request<B>,
         started: Instant,
         client: SocketAddr,
+        peer_identity: Option<Arc<str>>,
         listener: Option<Arc<str>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -61,6 +64,7 @@ impl RequestRecord {
             host: request.headers().get(http::header::HOST).cloned(),
             version: request.version(),
             client,
+            peer_identity,
             listener,
             route: None,
             backend: None,
@@ -160,6 +164,7 @@ impl RequestRecord {
             error = self.error,
             detail = self.detail.as_deref(),
             client = %self.client,
+            peer_identity = self.peer_identity.as_deref(),
             listener = self.listener.as_deref().unwrap_or(""),
             "request"
         );

@@ -180,14 +180,14 @@ impl Backend {
     /// few seconds), and starts its upkeep task. `previous` is the backend
     /// of the same name this one replaces: a name DNS cannot resolve now
     /// keeps the addresses it had there. Its connections are not reused,
-    /// since they were made with the old settings. `tls` is the client
-    /// config when the spec asks for mutual TLS.
+    /// since they were made with the old settings. `tls` secures the
+    /// connections when the spec asks for mutual TLS.
     pub async fn new(
         name: &str,
         spec: BackendSpec,
         previous: Option<&Backend>,
         metrics: &Metrics,
-        tls: Option<Arc<rustls::ClientConfig>>,
+        tls: Option<crate::tls::Client>,
     ) -> Arc<Backend> {
         let name: Arc<str> = Arc::from(name);
         let targets: Vec<Target> = spec

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use infermesh_api::{Config, ListenerProtocol};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -26,8 +26,10 @@ pub struct ConnectionInfo {
     pub client: SocketAddr,
     /// The listener socket that accepted it.
     pub listener: ListenerId,
-    /// The scheme the client used (`http`).
+    /// The scheme the client used (`http`, or `https` over TLS).
     pub scheme: &'static str,
+    /// The SPIFFE ID the client presented over mutual TLS.
+    pub peer_identity: Option<Arc<str>>,
 }
 
 /// A listener socket could not be bound.
@@ -219,7 +221,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
-    let builders = ServerBuilders::new();
+    let builders = Arc::new(ServerBuilders::new());
     loop {
         tokio::select! {
             biased;
@@ -238,43 +240,97 @@ async fn accept_loop(
     graceful.shutdown().await;
 }
 
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn serve(
     stream: TcpStream,
     client: SocketAddr,
     id: ListenerId,
     shared: &Arc<Shared>,
-    builders: &ServerBuilders,
+    builders: &Arc<ServerBuilders>,
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let (name, protocol) = shared
+    let (name, protocol, tls) = shared
         .snapshot
         .load()
         .listener(id)
-        .map(|l| (l.name.clone(), l.protocol))
-        .unwrap_or_else(|| (Arc::from(""), ListenerProtocol::Http));
-    let info = Arc::new(ConnectionInfo {
-        client,
-        listener: id,
-        scheme: "http",
-    });
-    let service = ProxyService::new(shared.clone(), info);
-    let connection = builders
-        .for_protocol(protocol)
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
-    let connection = graceful.watch(connection);
+        .map(|l| (l.name.clone(), l.protocol, l.tls.clone()))
+        .unwrap_or_else(|| (Arc::from(""), ListenerProtocol::Http, None));
     let gauge = shared
         .metrics
         .downstream_connections
         .with_label_values(&[&*name]);
     gauge.inc();
+    let connection = Connection {
+        client,
+        listener: id,
+        protocol,
+        shared: shared.clone(),
+        builders: builders.clone(),
+        watcher: graceful.watcher(),
+    };
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(client = %client, error = %e, "client connection ended with an error");
+        match tls {
+            None => connection.serve(stream, None).await,
+            Some(tls) => match tls.wants_tls(&stream).await {
+                Ok(false) => connection.serve(stream, None).await,
+                Ok(true) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok((stream, peer))) => {
+                            connection
+                                .serve(stream, Some(peer.map(|p| Arc::from(p.to_string()))))
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(client = %client, listener = %name, error = %e, "client TLS handshake failed")
+                        }
+                        Err(_) => {
+                            tracing::info!(client = %client, listener = %name, "client TLS handshake timed out")
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(client = %client, error = %e, "client connection failed"),
+            },
         }
         gauge.dec();
     });
+}
+
+/// One accepted client connection, before its protocol is known.
+struct Connection {
+    client: SocketAddr,
+    listener: ListenerId,
+    protocol: ListenerProtocol,
+    shared: Arc<Shared>,
+    builders: Arc<ServerBuilders>,
+    watcher: Watcher,
+}
+
+impl Connection {
+    /// Serves HTTP on `io`; `tls` holds the client's SPIFFE ID (if it
+    /// presented one) when the connection is TLS.
+    async fn serve<I>(self, io: I, tls: Option<Option<Arc<str>>>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let info = Arc::new(ConnectionInfo {
+            client: self.client,
+            listener: self.listener,
+            scheme: if tls.is_some() { "https" } else { "http" },
+            peer_identity: tls.flatten(),
+        });
+        let service = ProxyService::new(self.shared, info);
+        let connection = self
+            .builders
+            .for_protocol(self.protocol)
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        if let Err(e) = self.watcher.watch(connection).await {
+            tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
+        }
+    }
 }
 
 /// hyper server settings for each listener protocol.

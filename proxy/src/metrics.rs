@@ -62,6 +62,11 @@ pub struct Metrics {
     /// `infermesh_rate_limited_total{route}`: requests refused by a rule's
     /// rate limit.
     pub rate_limited: IntCounterVec,
+    /// `infermesh_tls_handshakes_total{direction,result,reason}`: TLS
+    /// handshakes with clients (`inbound`) and endpoints (`outbound`); the
+    /// reason of a failure is `unknown_ca`, `expired`, `bad_identity`,
+    /// `no_client_cert`...
+    pub tls_handshakes: IntCounterVec,
     /// `infermesh_mirrored_requests_total{backend,result}`: copies sent to
     /// a mirror backend (`sent`), or not sent because the copy could not
     /// keep up with the request body (`abandoned`) or failed (`failed`).
@@ -177,6 +182,11 @@ impl Metrics {
                 "Requests refused by a route's local rate limit.",
                 &["route"],
             ),
+            tls_handshakes: counter(
+                "infermesh_tls_handshakes_total",
+                "TLS handshakes with clients (inbound) and endpoints (outbound), by result and failure reason.",
+                &["direction", "result", "reason"],
+            ),
             mirrored_requests: counter(
                 "infermesh_mirrored_requests_total",
                 "Request copies for mirror backends, by result (sent, abandoned, failed).",
@@ -184,7 +194,7 @@ impl Metrics {
             ),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 17] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_duration.clone()),
             Box::new(metrics.response_first_byte.clone()),
@@ -202,6 +212,7 @@ impl Metrics {
             Box::new(metrics.endpoints.clone()),
             Box::new(metrics.rate_limited.clone()),
             Box::new(metrics.mirrored_requests.clone()),
+            Box::new(metrics.tls_handshakes.clone()),
         ];
         for collector in collectors {
             metrics

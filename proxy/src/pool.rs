@@ -60,8 +60,8 @@ pub struct PoolSettings {
     /// The backend's endpoints, to find an idle connection to close when
     /// the connection limit is reached.
     pub endpoints: Weak<ArcSwap<EndpointSet>>,
-    /// The TLS client config, when the backend asks for mutual TLS.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Mutual TLS, when the backend asks for it.
+    pub tls: Option<tls::Client>,
 }
 
 impl PoolSettings {
@@ -428,7 +428,7 @@ async fn connect(
         // Model responses stream token by token: send each write at once.
         let _ = stream.set_nodelay(true);
         match &settings.tls {
-            Some(config) => tls::handshake(stream, addr, config).await,
+            Some(client) => client.handshake(stream, addr).await,
             None => Ok(UpstreamStream::Plain(stream)),
         }
     };

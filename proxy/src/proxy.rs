@@ -66,6 +66,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             &request,
             started,
             self.connection.client,
+            self.connection.peer_identity.clone(),
             listener.map(|l| l.name.clone()),
             self.shared.metrics.clone(),
         );

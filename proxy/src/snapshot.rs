@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use infermesh_api::{BackendTls, Config, ListenerProtocol};
+use infermesh_api::{BackendTls, Config, ListenerProtocol, ListenerTls};
 use infermesh_certs::{CertStore, SpiffeId};
 
 use crate::backend::Backend;
@@ -26,38 +26,63 @@ pub enum BuildError {
     /// A route match did not compile.
     #[error(transparent)]
     Routes(InvalidMatch),
-    /// A backend asks for mutual TLS, and the proxy was started without an
-    /// identity.
+    /// A listener or backend asks for mutual TLS, and the proxy was started
+    /// without an identity.
     #[error(
-        "backend {0:?} asks for mutual TLS (spec.tls), but the proxy has no identity; start it with --identity-cert, --identity-key and --trust-bundle"
+        "{0} asks for mutual TLS (spec.tls), but the proxy has no identity; start it with --identity-cert, --identity-key and --trust-bundle"
     )]
     NoIdentity(String),
-    /// A backend's TLS client config could not be built.
-    #[error("backend {backend:?}: cannot set up TLS: {error}")]
+    /// A TLS config could not be built.
+    #[error("{what}: cannot set up TLS: {error}")]
     Tls {
-        /// The backend.
-        backend: String,
-        /// What rustls said.
-        error: rustls::Error,
+        /// The listener or backend.
+        what: String,
+        /// What went wrong.
+        error: String,
     },
 }
 
-/// The TLS client config of backend `name`.
+/// The store of a listener or backend (`what`) that asks for TLS.
+fn identity_for<'a>(
+    what: &str,
+    identity: Option<&'a Arc<CertStore>>,
+) -> Result<&'a Arc<CertStore>, BuildError> {
+    identity.ok_or_else(|| BuildError::NoIdentity(what.to_owned()))
+}
+
+fn tls_error(what: &str, error: impl std::fmt::Display) -> BuildError {
+    BuildError::Tls {
+        what: what.to_owned(),
+        error: error.to_string(),
+    }
+}
+
+/// How the connections of backend `name` are secured.
 fn backend_tls(
     name: &str,
     tls: &BackendTls,
     spec: &infermesh_api::BackendSpec,
     identity: Option<&Arc<CertStore>>,
-) -> Result<Arc<rustls::ClientConfig>, BuildError> {
-    let store = identity.ok_or_else(|| BuildError::NoIdentity(name.to_owned()))?;
-    let expected = SpiffeId::parse(&tls.identity).map_err(|e| BuildError::Tls {
-        backend: name.to_owned(),
-        error: rustls::Error::General(e.to_string()),
-    })?;
-    crate::tls::backend_config(store, expected, spec.protocol).map_err(|error| BuildError::Tls {
-        backend: name.to_owned(),
-        error,
-    })
+    metrics: &Metrics,
+) -> Result<crate::tls::Client, BuildError> {
+    let what = format!("backend {name:?}");
+    let store = identity_for(&what, identity)?;
+    let expected = SpiffeId::parse(&tls.identity).map_err(|e| tls_error(&what, e))?;
+    crate::tls::Client::new(store, expected, spec.protocol, metrics)
+        .map_err(|e| tls_error(&what, e))
+}
+
+/// How the connections of listener `name` are secured.
+fn listener_tls(
+    name: &str,
+    tls: &ListenerTls,
+    protocol: ListenerProtocol,
+    identity: Option<&Arc<CertStore>>,
+    metrics: &Metrics,
+) -> Result<crate::tls::Server, BuildError> {
+    let what = format!("listener {name:?}");
+    let store = identity_for(&what, identity)?;
+    crate::tls::Server::new(store, protocol, tls.mode, metrics).map_err(|e| tls_error(&what, e))
 }
 
 /// One immutable version of the running configuration.
@@ -80,6 +105,8 @@ pub struct ListenerEntry {
     pub protocol: ListenerProtocol,
     /// Its rules, in precedence order.
     pub router: Router<Arc<RuleTarget>>,
+    /// Mutual TLS with clients, when the listener asks for it.
+    pub tls: Option<crate::tls::Server>,
 }
 
 /// Where a matched request goes: the rule's route name (for logs and
@@ -121,9 +148,13 @@ impl Snapshot {
                 _ => {
                     let tls = match &resource.spec.tls {
                         None => None,
-                        Some(tls) => {
-                            Some(backend_tls(&resource.name, tls, &resource.spec, identity)?)
-                        }
+                        Some(tls) => Some(backend_tls(
+                            &resource.name,
+                            tls,
+                            &resource.spec,
+                            identity,
+                            metrics,
+                        )?),
                     };
                     Backend::new(
                         &resource.name,
@@ -179,6 +210,16 @@ impl Snapshot {
                     name: Arc::from(listener.name.as_str()),
                     protocol: listener.spec.protocol,
                     router: router.build(),
+                    tls: match &listener.spec.tls {
+                        None => None,
+                        Some(tls) => Some(listener_tls(
+                            &listener.name,
+                            tls,
+                            listener.spec.protocol,
+                            identity,
+                            metrics,
+                        )?),
+                    },
                 }),
             );
         }

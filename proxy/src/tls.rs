@@ -1,7 +1,9 @@
-//! Originating mutual TLS to backends: the client config of a backend
-//! (the proxy's SPIFFE identity, the endpoints' expected identity, ALPN
-//! for the backend's HTTP version) and the upstream stream, plaintext or
-//! TLS, that the pool speaks HTTP over.
+//! Mutual TLS at both ends of the proxy: originating it to backends (the
+//! proxy's SPIFFE identity, the endpoints' expected identity, ALPN for the
+//! backend's HTTP version; the upstream stream, plaintext or TLS, the pool
+//! speaks HTTP over) and terminating it on listeners (accepting clients
+//! with the proxy's identity, reading theirs). Every handshake is counted
+//! in `infermesh_tls_handshakes_total`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,52 +11,145 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use infermesh_api::UpstreamProtocol;
-use infermesh_certs::{CertStore, ClientOptions, ExpectedIdentity, SpiffeId, client_config_with};
+use infermesh_api::{ListenerProtocol, TlsMode, UpstreamProtocol};
+use infermesh_certs::{
+    CertStore, ClientOptions, ExpectedIdentity, HandshakeFailure, ServerOptions, SpiffeId,
+    client_config_with, peer_identity, server_config,
+};
+use prometheus::IntCounterVec;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector, server};
 
 use crate::error::ErrorKind;
+use crate::metrics::Metrics;
 
-/// The client config for a backend whose endpoints must present
-/// `identity`, offering the ALPN protocol of `protocol`.
-pub fn backend_config(
-    store: &Arc<CertStore>,
-    identity: SpiffeId,
-    protocol: UpstreamProtocol,
-) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let alpn = match protocol {
-        UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
-        UpstreamProtocol::Http2 => b"h2".to_vec(),
-    };
-    client_config_with(
-        store,
-        ExpectedIdentity::Exact(identity),
-        &ClientOptions {
-            alpn_protocols: vec![alpn],
-            ..ClientOptions::default()
-        },
-    )
+/// How a backend's connections are secured.
+#[derive(Clone, Debug)]
+pub struct Client {
+    config: Arc<ClientConfig>,
+    handshakes: IntCounterVec,
 }
 
-/// Runs the TLS handshake over `stream` to the endpoint at `addr`. The
-/// server name is the endpoint's IP address, so no SNI is sent: the
-/// endpoint is checked by its SPIFFE ID, not by a name.
-pub async fn handshake(
-    stream: TcpStream,
-    addr: SocketAddr,
-    config: &Arc<ClientConfig>,
-) -> Result<UpstreamStream, ErrorKind> {
-    let name = ServerName::IpAddress(addr.ip().into());
-    TlsConnector::from(config.clone())
-        .connect(name, stream)
-        .await
-        .map(|tls| UpstreamStream::Tls(Box::new(tls)))
-        .map_err(|e| ErrorKind::UpstreamTls(e.to_string()))
+impl Client {
+    /// For a backend whose endpoints must present `identity`, offering the
+    /// ALPN protocol of `protocol`.
+    pub fn new(
+        store: &Arc<CertStore>,
+        identity: SpiffeId,
+        protocol: UpstreamProtocol,
+        metrics: &Metrics,
+    ) -> Result<Self, rustls::Error> {
+        let alpn = match protocol {
+            UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+            UpstreamProtocol::Http2 => b"h2".to_vec(),
+        };
+        let config = client_config_with(
+            store,
+            ExpectedIdentity::Exact(identity),
+            &ClientOptions {
+                alpn_protocols: vec![alpn],
+                ..ClientOptions::default()
+            },
+        )?;
+        Ok(Client {
+            config,
+            handshakes: metrics.tls_handshakes.clone(),
+        })
+    }
+
+    /// Runs the TLS handshake over `stream` to the endpoint at `addr`. The
+    /// server name is the endpoint's IP address, so no SNI is sent: the
+    /// endpoint is checked by its SPIFFE ID, not by a name.
+    pub async fn handshake(
+        &self,
+        stream: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<UpstreamStream, ErrorKind> {
+        let name = ServerName::IpAddress(addr.ip().into());
+        let result = TlsConnector::from(self.config.clone())
+            .connect(name, stream)
+            .await;
+        count(&self.handshakes, "outbound", result.as_ref().err());
+        result
+            .map(|tls| UpstreamStream::Tls(Box::new(tls)))
+            .map_err(|e| ErrorKind::UpstreamTls(e.to_string()))
+    }
+}
+
+/// Counts a handshake that failed with `error`, or succeeded.
+fn count(handshakes: &IntCounterVec, direction: &str, error: Option<&io::Error>) {
+    let (result, reason) = match error {
+        None => ("success", ""),
+        Some(e) => ("failure", HandshakeFailure::from_io(e).as_str()),
+    };
+    handshakes
+        .with_label_values(&[direction, result, reason])
+        .inc();
+}
+
+/// How a listener's connections are secured.
+#[derive(Clone)]
+pub struct Server {
+    acceptor: TlsAcceptor,
+    mode: TlsMode,
+    handshakes: IntCounterVec,
+}
+
+impl Server {
+    /// For a listener speaking `protocol`, in `mode`.
+    pub fn new(
+        store: &Arc<CertStore>,
+        protocol: ListenerProtocol,
+        mode: TlsMode,
+        metrics: &Metrics,
+    ) -> Result<Self, rustls::Error> {
+        let alpn: &[&[u8]] = match protocol {
+            ListenerProtocol::Http => &[b"h2", b"http/1.1"],
+            ListenerProtocol::Http1 => &[b"http/1.1"],
+            ListenerProtocol::Http2 => &[b"h2"],
+        };
+        let config = server_config(
+            store,
+            &ServerOptions {
+                alpn_protocols: alpn.iter().map(|p| p.to_vec()).collect(),
+                ..ServerOptions::default()
+            },
+        )?;
+        Ok(Server {
+            acceptor: TlsAcceptor::from(config),
+            mode,
+            handshakes: metrics.tls_handshakes.clone(),
+        })
+    }
+
+    /// Whether the client on `stream` starts a TLS handshake, looking at
+    /// its first byte without taking it. In strict mode every client must.
+    pub async fn wants_tls(&self, stream: &TcpStream) -> io::Result<bool> {
+        if self.mode == TlsMode::Strict {
+            return Ok(true);
+        }
+        let mut first = [0u8; 1];
+        let read = stream.peek(&mut first).await?;
+        // 0x16: a TLS record of type handshake.
+        Ok(read == 1 && first[0] == 0x16)
+    }
+
+    /// Accepts a client over TLS, returning the stream and the client's
+    /// SPIFFE ID.
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> io::Result<(server::TlsStream<TcpStream>, Option<SpiffeId>)> {
+        let result = self.acceptor.accept(stream).await;
+        count(&self.handshakes, "inbound", result.as_ref().err());
+        let tls = result?;
+        let peer = peer_identity(tls.get_ref().1);
+        Ok((tls, peer))
+    }
 }
 
 /// A connection to an endpoint.

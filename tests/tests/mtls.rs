@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use infermesh_certs::{CertStore, ServerOptions, peer_identity, server_config};
-use infermesh_tests::backend::full;
+use infermesh_tests::backend::{MockBackend, Protocol, full};
 use infermesh_tests::client;
 use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
 use tokio::net::TcpListener;
@@ -249,5 +249,113 @@ async fn a_backend_asking_for_mtls_needs_an_identity() {
         stderr.contains("backend \"llama\" asks for mutual TLS")
             && stderr.contains("--identity-cert"),
         "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (edge_certs, llama_certs) = issue_all(dir.path());
+    // A peer with a certificate of the right shape from another CA.
+    let other = dir.path().join("other");
+    control_plane(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "cluster.local",
+        "--out",
+        other.join("ca").to_str().unwrap(),
+    ]);
+    control_plane(&[
+        "ca",
+        "issue",
+        "--ca",
+        other.join("ca").to_str().unwrap(),
+        "--identity",
+        GATEWAY_ID,
+        "--out",
+        other.join("edge").to_str().unwrap(),
+    ]);
+
+    let app = MockBackend::echo("app", Protocol::Http1).await;
+    let args = identity_args(&llama_certs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The model's proxy: mutual TLS in, plaintext to the app on loopback.
+    let model_proxy = Gateway::start_with_args(
+        &config(&[
+            "kind: Listener\nmetadata: { name: mesh }\nspec: { address: 127.0.0.1:0, tls: { mode: strict } }",
+            "kind: Listener\nmetadata: { name: migrating }\nspec: { address: 127.0.0.1:0, tls: { mode: permissive } }",
+            &backend_with("app", "http1", &[app.addr], ""),
+            &route_with("app", ""),
+        ]),
+        &args,
+    );
+    let mesh = model_proxy.listener("mesh");
+    let edge_config = |name: &str| {
+        config(&[
+            &listener("web", "http"),
+            &backend_with(
+                name,
+                "http2",
+                &[mesh],
+                &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
+            ),
+            &route_with(name, ""),
+        ])
+    };
+    let args = identity_args(&edge_certs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let edge = Gateway::start_with_args(&edge_config("llama"), &args);
+
+    let http = client::http1();
+    let reply = client::get(&http, &edge.url("web", "/v1/models")).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = reply.json();
+    assert_eq!(seen["backend"], "app");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    model_proxy.wait_for_log(
+        |l| l["target"] == "infermesh::access" && l["peer_identity"] == GATEWAY_ID,
+        Duration::from_secs(5),
+    );
+
+    // Plaintext to the strict listener: the connection is closed.
+    let plain = client::send(
+        &http,
+        Request::get(format!("http://{mesh}/v1/models"))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert!(plain.is_err(), "{plain:?}");
+    // The permissive listener takes plaintext and mutual TLS alike.
+    let reply = client::get(&http, &model_proxy.url("migrating", "/v1/models")).await;
+    assert_eq!(reply.status, 200);
+
+    // A proxy whose certificate comes from another CA is refused.
+    let args = identity_args(&other.join("edge"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stranger = Gateway::start_with_args(&edge_config("llama"), &args);
+    let reply = client::get(&http, &stranger.url("web", "/v1/models")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(
+        reply.header("x-infermesh-error"),
+        Some("upstream_tls_failed")
+    );
+
+    let text = client::metrics(model_proxy.health).await;
+    let inbound = |result: &str, reason: &str| {
+        client::metric_value(
+            &text,
+            &format!(
+                "infermesh_tls_handshakes_total{{direction=\"inbound\",reason=\"{reason}\",result=\"{result}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(inbound("success", "") >= 1.0, "{text}");
+    assert!(inbound("failure", "unknown_ca") >= 1.0, "{text}");
+    model_proxy.wait_for_log(
+        |l| l["message"] == "client TLS handshake failed",
+        Duration::from_secs(5),
     );
 }
