@@ -359,3 +359,128 @@ async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
         Duration::from_secs(5),
     );
 }
+
+fn reloads(text: &str) -> f64 {
+    client::metric_value(text, "infermesh_identity_reloads_total{result=\"success\"}")
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropped_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    control_plane(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "cluster.local",
+        "--out",
+        ca.to_str().unwrap(),
+    ]);
+    let issue = |id: &str, out: &Path| {
+        control_plane(&[
+            "ca",
+            "issue",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--identity",
+            id,
+            "--out",
+            out.to_str().unwrap(),
+            "--ttl",
+            "20s",
+            "--force",
+        ]);
+    };
+    let (edge_certs, llama_certs) = (dir.path().join("edge"), dir.path().join("llama"));
+    issue(GATEWAY_ID, &edge_certs);
+    issue(LLAMA_ID, &llama_certs);
+
+    let app = MockBackend::echo("app", Protocol::Http1).await;
+    let args = identity_args(&llama_certs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let model_proxy = Gateway::start_with_args(
+        &config(&[
+            "kind: Listener\nmetadata: { name: mesh }\nspec: { address: 127.0.0.1:0, tls: { mode: strict } }",
+            &backend_with("app", "http1", &[app.addr], ""),
+            &route_with("app", ""),
+        ]),
+        &args,
+    );
+    let args = identity_args(&edge_certs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let edge = Gateway::start_with_args(
+        &config(&[
+            &listener("web", "http"),
+            &backend_with(
+                "llama",
+                "http2",
+                &[model_proxy.listener("mesh")],
+                &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
+            ),
+            &route_with("llama", ""),
+        ]),
+        &args,
+    );
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = edge.url("web", "/v1/models");
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, url) = (stop.clone(), url.clone());
+            tokio::spawn(async move {
+                let http = client::http1();
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match client::send(&http, Request::get(&url).body(Default::default()).unwrap())
+                        .await
+                    {
+                        Ok(reply) if reply.status == 200 => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+
+    for round in 1..=4 {
+        issue(GATEWAY_ID, &edge_certs);
+        issue(LLAMA_ID, &llama_certs);
+        for gateway in [&edge, &model_proxy] {
+            let mut done = false;
+            for _ in 0..500 {
+                if reloads(&client::metrics(gateway.health).await) >= f64::from(round) {
+                    done = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(done, "round {round}: the new certificate was not loaded");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for task in load {
+        let (o, f) = task.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(ok > 50, "only {ok} requests");
+    // The one HTTP/2 connection between the proxies lived through it all.
+    let text = client::metrics(model_proxy.health).await;
+    assert_eq!(
+        client::metric_value(
+            &text,
+            "infermesh_tls_handshakes_total{direction=\"inbound\",reason=\"\",result=\"success\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
