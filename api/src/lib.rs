@@ -26,6 +26,7 @@ mod diagnostic;
 pub mod duration;
 pub mod listener;
 mod path;
+pub mod policy;
 pub mod resilience;
 pub mod route;
 mod yaml;
@@ -46,6 +47,9 @@ pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
 pub use listener::{ListenerProtocol, ListenerSpec, ListenerTls, TlsMode};
 pub use path::FieldPath;
+pub use policy::{
+    AuthorizationPolicySpec, PolicyAction, PolicyOperation, PolicyRule, PolicySource,
+};
 pub use resilience::{
     Backoff, BalancePolicy, CircuitBreaker, GrpcStatus, HealthCheck, LoadBalancer, Mirror,
     OutlierDetection, RateLimit, RetryBudget, RetryOn, RetryPolicy,
@@ -80,11 +84,18 @@ pub enum Kind {
     Backend,
     /// Which requests go to which backends: [`RouteSpec`].
     Route,
+    /// Who may call what: [`AuthorizationPolicySpec`].
+    AuthorizationPolicy,
 }
 
 impl Kind {
     /// Every kind, in the order documents of a config dump are written.
-    pub const ALL: [Kind; 3] = [Kind::Listener, Kind::Backend, Kind::Route];
+    pub const ALL: [Kind; 4] = [
+        Kind::Listener,
+        Kind::Backend,
+        Kind::Route,
+        Kind::AuthorizationPolicy,
+    ];
 
     /// The name written in `kind:`.
     pub fn as_str(self) -> &'static str {
@@ -92,6 +103,7 @@ impl Kind {
             Kind::Listener => "Listener",
             Kind::Backend => "Backend",
             Kind::Route => "Route",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -163,6 +175,8 @@ pub struct Config {
     pub backends: Vec<Resource<BackendSpec>>,
     /// `Route` resources, in file order.
     pub routes: Vec<Resource<RouteSpec>>,
+    /// `AuthorizationPolicy` resources, in file order.
+    pub policies: Vec<Resource<AuthorizationPolicySpec>>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +363,24 @@ impl Config {
                 }
             }
         }
+        for policy in &self.policies {
+            let mut checker = Checker::new(
+                &policy.origin,
+                resource_label(Kind::AuthorizationPolicy, &policy.name),
+                out,
+            );
+            for (i, listener) in policy.spec.listeners.iter().enumerate() {
+                if !defined.contains_key(&(Kind::Listener, listener.clone())) {
+                    checker.error(
+                        FieldPath::root().key("spec").key("listeners").index(i),
+                        format!(
+                            "listener {listener:?} is not defined (defined listeners: {})",
+                            names(Kind::Listener)
+                        ),
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -427,6 +459,9 @@ fn load_document(
         Kind::Listener => load_spec(spec, name, origin, label, &mut config.listeners, out),
         Kind::Backend => load_spec(spec, name, origin, label, &mut config.backends, out),
         Kind::Route => load_spec(spec, name, origin, label, &mut config.routes, out),
+        Kind::AuthorizationPolicy => {
+            load_spec(spec, name, origin, label, &mut config.policies, out)
+        }
     }
 }
 
@@ -536,7 +571,7 @@ impl Serialize for Config {
             }
         }
         let mut seq = serializer.serialize_seq(Some(
-            self.listeners.len() + self.backends.len() + self.routes.len(),
+            self.listeners.len() + self.backends.len() + self.routes.len() + self.policies.len(),
         ))?;
         for r in &self.listeners {
             seq.serialize_element(&doc(Kind::Listener, r))?;
@@ -546,6 +581,9 @@ impl Serialize for Config {
         }
         for r in &self.routes {
             seq.serialize_element(&doc(Kind::Route, r))?;
+        }
+        for r in &self.policies {
+            seq.serialize_element(&doc(Kind::AuthorizationPolicy, r))?;
         }
         seq.end()
     }

@@ -57,6 +57,9 @@ pub enum ErrorKind {
     /// A circuit-breaker limit of the backend is reached.
     #[error("the backend is at its limit of {} ({})", .0.as_str(), .0.setting())]
     Overloaded(Limit),
+    /// An authorization policy denied the request.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The TLS handshake with the endpoint failed (its certificate did not
     /// verify or carried another identity, or it does not speak TLS).
     #[error("the TLS handshake with the endpoint failed: {0}")]
@@ -85,6 +88,7 @@ impl ErrorKind {
             ErrorKind::Overloaded(_) => "overloaded",
             ErrorKind::RateLimited(_) => "rate_limited",
             ErrorKind::UpstreamTls(_) => "upstream_tls_failed",
+            ErrorKind::Unauthorized(_) => "unauthorized",
         }
     }
 
@@ -102,6 +106,7 @@ impl ErrorKind {
             | ErrorKind::ResponseBodyIdle(_)
             | ErrorKind::AttemptTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Unauthorized(_) => StatusCode::FORBIDDEN,
             ErrorKind::RequestBodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::RequestBody(_) => StatusCode::BAD_REQUEST,
         }

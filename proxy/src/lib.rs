@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod authorize;
 pub mod backend;
 pub mod balance;
 pub mod body;

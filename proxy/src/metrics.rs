@@ -67,6 +67,10 @@ pub struct Metrics {
     /// reason of a failure is `unknown_ca`, `expired`, `bad_identity`,
     /// `no_client_cert`...
     pub tls_handshakes: IntCounterVec,
+    /// `infermesh_authorization_decisions_total{listener,result,policy}`:
+    /// requests allowed or denied by authorization policies (`policy` is
+    /// the deciding policy; empty for a denial by no allow policy matching).
+    pub authorization_decisions: IntCounterVec,
     /// `infermesh_mirrored_requests_total{backend,result}`: copies sent to
     /// a mirror backend (`sent`), or not sent because the copy could not
     /// keep up with the request body (`abandoned`) or failed (`failed`).
@@ -187,6 +191,11 @@ impl Metrics {
                 "TLS handshakes with clients (inbound) and endpoints (outbound), by result and failure reason.",
                 &["direction", "result", "reason"],
             ),
+            authorization_decisions: counter(
+                "infermesh_authorization_decisions_total",
+                "Requests allowed or denied by authorization policies, by listener and deciding policy.",
+                &["listener", "result", "policy"],
+            ),
             mirrored_requests: counter(
                 "infermesh_mirrored_requests_total",
                 "Request copies for mirror backends, by result (sent, abandoned, failed).",
@@ -194,7 +203,7 @@ impl Metrics {
             ),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 18] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_duration.clone()),
             Box::new(metrics.response_first_byte.clone()),
@@ -213,6 +222,7 @@ impl Metrics {
             Box::new(metrics.rate_limited.clone()),
             Box::new(metrics.mirrored_requests.clone()),
             Box::new(metrics.tls_handshakes.clone()),
+            Box::new(metrics.authorization_decisions.clone()),
         ];
         for collector in collectors {
             metrics

@@ -1,13 +1,15 @@
 //! What happens to each request a listener accepts, in named phases:
 //!
-//! 1. **route**: find the listener's most specific rule for the request
+//! 1. **authorize**: the listener's authorization policies decide by the
+//!    caller's SPIFFE identity and the request (403 `unauthorized`);
+//! 2. **route**: find the listener's most specific rule for the request
 //!    (404 `no_route` when none matches);
-//! 2. **forward**: run the rule's service stack ([`crate::forward`]):
+//! 3. **forward**: run the rule's service stack ([`crate::forward`]):
 //!    timeouts, forwarded headers, upgrades, backend split, balancing and
 //!    the upstream pool;
-//! 3. **respond**: a failure made by the proxy becomes its error response
+//! 4. **respond**: a failure made by the proxy becomes its error response
 //!    (`x-infermesh-error` and a JSON body);
-//! 4. **observe**: the response body is wrapped so that the access log line
+//! 5. **observe**: the response body is wrapped so that the access log line
 //!    and the request metrics are written when it ends.
 
 use std::convert::Infallible;
@@ -71,8 +73,18 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             self.shared.metrics.clone(),
         );
 
+        // Phase: authorize.
+        let denied = listener
+            .and_then(|l| l.authorization.as_ref())
+            .and_then(|a| {
+                a.check(&request, self.connection.peer_identity.as_deref())
+                    .err()
+            });
         // Phase: route.
-        let target = listener.and_then(|l| l.router.route(&request)).cloned();
+        let target = match denied {
+            None => listener.and_then(|l| l.router.route(&request)).cloned(),
+            Some(_) => None,
+        };
         // Phase: forward.
         let forwarded = target.as_ref().map(
             |target| -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
@@ -82,8 +94,13 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         );
         Box::pin(async move {
             // Phase: respond.
-            let response = match (target, forwarded) {
-                (Some(target), Some(forwarded)) => match forwarded.await {
+            let response = match (denied, target, forwarded) {
+                (Some(denied), _, _) => {
+                    let error = ProxyError::new(denied);
+                    record.failed(&error);
+                    error.to_response(None)
+                }
+                (None, Some(target), Some(forwarded)) => match forwarded.await {
                     Ok(response) => {
                         record.responded(&response);
                         response

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use infermesh_api::{BackendTls, Config, ListenerProtocol, ListenerTls};
 use infermesh_certs::{CertStore, SpiffeId};
 
+use crate::authorize::Authorization;
 use crate::backend::Backend;
 use crate::forward::{RuleService, rule_service};
 use crate::metrics::Metrics;
@@ -107,6 +108,8 @@ pub struct ListenerEntry {
     pub router: Router<Arc<RuleTarget>>,
     /// Mutual TLS with clients, when the listener asks for it.
     pub tls: Option<crate::tls::Server>,
+    /// Its authorization policies, when any apply.
+    pub authorization: Option<Authorization>,
 }
 
 /// Where a matched request goes: the rule's route name (for logs and
@@ -210,6 +213,11 @@ impl Snapshot {
                     name: Arc::from(listener.name.as_str()),
                     protocol: listener.spec.protocol,
                     router: router.build(),
+                    authorization: Authorization::for_listener(
+                        &listener.name,
+                        &config.policies,
+                        metrics,
+                    ),
                     tls: match &listener.spec.tls {
                         None => None,
                         Some(tls) => Some(listener_tls(

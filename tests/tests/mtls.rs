@@ -484,3 +484,105 @@ async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropp
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_policies_allow_and_deny_by_caller_identity_and_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (edge_certs, llama_certs) = issue_all(dir.path());
+    let batch_certs = dir.path().join("batch");
+    control_plane(&[
+        "ca",
+        "issue",
+        "--ca",
+        dir.path().join("ca").to_str().unwrap(),
+        "--identity",
+        "spiffe://cluster.local/ns/batch/sa/jobs",
+        "--out",
+        batch_certs.to_str().unwrap(),
+    ]);
+    let app = MockBackend::echo("app", Protocol::Http1).await;
+    let args = identity_args(&llama_certs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let model_proxy = Gateway::start_with_args(
+        &config(&[
+            "kind: Listener\nmetadata: { name: mesh }\nspec: { address: 127.0.0.1:0, tls: { mode: strict } }",
+            &backend_with("app", "http1", &[app.addr], ""),
+            &route_with("app", ""),
+            r#"kind: AuthorizationPolicy
+metadata: { name: callers }
+spec:
+  listeners: [mesh]
+  action: allow
+  rules:
+    - from: [{ namespaces: [edge] }]
+    - from: [{ namespaces: [batch] }]
+      to: [{ pathPrefixes: [/v1/embeddings], methods: [POST] }]"#,
+            r#"kind: AuthorizationPolicy
+metadata: { name: no-admin }
+spec:
+  action: deny
+  rules:
+    - to: [{ pathPrefixes: [/admin] }]"#,
+        ]),
+        &args,
+    );
+    let caller = |certs: &Path| {
+        let args = identity_args(certs);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Gateway::start_with_args(
+            &config(&[
+                &listener("web", "http"),
+                &backend_with(
+                    "llama",
+                    "http1",
+                    &[model_proxy.listener("mesh")],
+                    &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
+                ),
+                &route_with("llama", ""),
+            ]),
+            &args,
+        )
+    };
+    let (edge, batch) = (caller(&edge_certs), caller(&batch_certs));
+    let http = client::http1();
+    let send = |gateway: &Gateway, method: &str, path: &str| {
+        let request = Request::builder()
+            .method(method)
+            .uri(gateway.url("web", path))
+            .body(Default::default())
+            .unwrap();
+        client::send(&http, request)
+    };
+    assert_eq!(send(&edge, "GET", "/v1/models").await.unwrap().status, 200);
+    assert_eq!(
+        send(&batch, "POST", "/v1/embeddings").await.unwrap().status,
+        200
+    );
+    let denied = send(&batch, "GET", "/v1/models").await.unwrap();
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.header("x-infermesh-error"), Some("unauthorized"));
+    assert!(
+        denied.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("spiffe://cluster.local/ns/batch/sa/jobs"),
+        "{:?}",
+        denied.json()
+    );
+    let admin = send(&edge, "GET", "/admin/reset").await.unwrap();
+    assert_eq!(admin.status, 403, "deny is checked before allow");
+    assert!(admin.json()["error"].as_str().unwrap().contains("no-admin"));
+
+    let text = client::metrics(model_proxy.health).await;
+    let decisions = |result: &str, policy: &str| {
+        client::metric_value(
+            &text,
+            &format!(
+                "infermesh_authorization_decisions_total{{listener=\"mesh\",policy=\"{policy}\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    assert_eq!(decisions("allow", "callers"), Some(2.0), "{text}");
+    assert_eq!(decisions("deny", ""), Some(1.0), "{text}");
+    assert_eq!(decisions("deny", "no-admin"), Some(1.0), "{text}");
+}
