@@ -124,3 +124,23 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         })
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// Waits (at most 5 s, polling every 10 ms) until `series` on the metrics
+/// page of `health` satisfies `done`, and returns its value; panics with
+/// `what` otherwise.
+pub async fn wait_for_metric(
+    health: std::net::SocketAddr,
+    series: &str,
+    done: impl Fn(f64) -> bool,
+    what: &str,
+) -> f64 {
+    for _ in 0..500 {
+        if let Some(value) = metric_value(&metrics(health).await, series)
+            && done(value)
+        {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{what}: {series} never got there");
+}

@@ -35,30 +35,40 @@ fn control_plane(args: &[&str]) {
     );
 }
 
-/// A CA in `dir/ca` and certificates for the gateway and the model server.
-fn issue_all(dir: &Path) -> (PathBuf, PathBuf) {
-    let ca = dir.join("ca");
+fn ca_init(out: &str) {
     control_plane(&[
         "ca",
         "init",
         "--trust-domain",
         "cluster.local",
         "--out",
-        ca.to_str().unwrap(),
+        out,
     ]);
+}
+
+fn ca_issue(ca: &str, identity: &str, out: &str, extra: &[&str]) {
+    let mut args = vec![
+        "ca",
+        "issue",
+        "--ca",
+        ca,
+        "--identity",
+        identity,
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    control_plane(&args);
+}
+
+/// A CA in `dir/ca` and certificates for the gateway and the model server.
+fn issue_all(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = dir.join("ca");
+    ca_init(ca.to_str().unwrap());
     let gateway = dir.join("gateway");
     let llama = dir.join("llama");
     for (id, out) in [(GATEWAY_ID, &gateway), (LLAMA_ID, &llama)] {
-        control_plane(&[
-            "ca",
-            "issue",
-            "--ca",
-            ca.to_str().unwrap(),
-            "--identity",
-            id,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        ca_issue(ca.to_str().unwrap(), id, out.to_str().unwrap(), &[]);
     }
     (gateway, llama)
 }
@@ -184,27 +194,19 @@ spec:
     // A renewed certificate is picked up from the files, no restart.
     let expiry = "infermesh_identity_cert_expiry_timestamp_seconds";
     let before = client::metric_value(&client::metrics(gateway.health).await, expiry).unwrap();
-    control_plane(&[
-        "ca",
-        "issue",
-        "--ca",
+    ca_issue(
         dir.path().join("ca").to_str().unwrap(),
-        "--identity",
         GATEWAY_ID,
-        "--out",
         gateway_certs.to_str().unwrap(),
-        "--ttl",
-        "48h",
-        "--force",
-    ]);
-    let mut after = before;
-    for _ in 0..500 {
-        after = client::metric_value(&client::metrics(gateway.health).await, expiry).unwrap();
-        if after > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        &["--ttl", "48h", "--force"],
+    );
+    let after = client::wait_for_metric(
+        gateway.health,
+        expiry,
+        |after| after > before,
+        "the renewed certificate",
+    )
+    .await;
     assert!(after >= before + 86_000.0, "expiry {before} -> {after}");
     let reply = client::get(&http, &gateway.url("web", "/h1")).await;
     assert_eq!(
@@ -258,24 +260,13 @@ async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
     let (edge_certs, llama_certs) = issue_all(dir.path());
     // A peer with a certificate of the right shape from another CA.
     let other = dir.path().join("other");
-    control_plane(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--out",
+    ca_init(other.join("ca").to_str().unwrap());
+    ca_issue(
         other.join("ca").to_str().unwrap(),
-    ]);
-    control_plane(&[
-        "ca",
-        "issue",
-        "--ca",
-        other.join("ca").to_str().unwrap(),
-        "--identity",
         GATEWAY_ID,
-        "--out",
         other.join("edge").to_str().unwrap(),
-    ]);
+        &[],
+    );
 
     let app = MockBackend::echo("app", Protocol::Http1).await;
     let args = identity_args(&llama_certs);
@@ -360,37 +351,18 @@ async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
     );
 }
 
-fn reloads(text: &str) -> f64 {
-    client::metric_value(text, "infermesh_identity_reloads_total{result=\"success\"}")
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropped_connection() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
-    control_plane(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--out",
-        ca.to_str().unwrap(),
-    ]);
+    ca_init(ca.to_str().unwrap());
     let issue = |id: &str, out: &Path| {
-        control_plane(&[
-            "ca",
-            "issue",
-            "--ca",
+        ca_issue(
             ca.to_str().unwrap(),
-            "--identity",
             id,
-            "--out",
             out.to_str().unwrap(),
-            "--ttl",
-            "20s",
-            "--force",
-        ]);
+            &["--ttl", "20s", "--force"],
+        );
     };
     let (edge_certs, llama_certs) = (dir.path().join("edge"), dir.path().join("llama"));
     issue(GATEWAY_ID, &edge_certs);
@@ -448,15 +420,13 @@ async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropp
         issue(GATEWAY_ID, &edge_certs);
         issue(LLAMA_ID, &llama_certs);
         for gateway in [&edge, &model_proxy] {
-            let mut done = false;
-            for _ in 0..500 {
-                if reloads(&client::metrics(gateway.health).await) >= f64::from(round) {
-                    done = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert!(done, "round {round}: the new certificate was not loaded");
+            client::wait_for_metric(
+                gateway.health,
+                "infermesh_identity_reloads_total{result=\"success\"}",
+                |reloads| reloads >= f64::from(round),
+                "a new certificate loaded",
+            )
+            .await;
         }
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -490,16 +460,12 @@ async fn authorization_policies_allow_and_deny_by_caller_identity_and_request() 
     let dir = tempfile::tempdir().unwrap();
     let (edge_certs, llama_certs) = issue_all(dir.path());
     let batch_certs = dir.path().join("batch");
-    control_plane(&[
-        "ca",
-        "issue",
-        "--ca",
+    ca_issue(
         dir.path().join("ca").to_str().unwrap(),
-        "--identity",
         "spiffe://cluster.local/ns/batch/sa/jobs",
-        "--out",
         batch_certs.to_str().unwrap(),
-    ]);
+        &[],
+    );
     let app = MockBackend::echo("app", Protocol::Http1).await;
     let args = identity_args(&llama_certs);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

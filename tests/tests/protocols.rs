@@ -317,14 +317,13 @@ async fn upgraded_connections_are_tunnelled() {
     let text = client::metrics(gateway.health).await;
     assert_eq!(client::metric_value(&text, open), Some(1.0), "{text}");
     drop(stream);
-    for _ in 0..500 {
-        let text = client::metrics(gateway.health).await;
-        if client::metric_value(&text, open) == Some(0.0) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the tunnel's connection is still counted after it closed");
+    client::wait_for_metric(
+        gateway.health,
+        open,
+        |open| open == 0.0,
+        "the tunnel's connection is uncounted once it closed",
+    )
+    .await;
 }
 
 async fn read_head(stream: &mut tokio::net::TcpStream) -> String {

@@ -614,14 +614,13 @@ async fn mirrored_copies_reach_the_shadow_and_never_change_the_answer() {
     assert!(host.contains("-shadow:"), "{host}");
     release.send(true).unwrap();
     let completed = "infermesh_mirrored_requests_total{backend=\"shadow\",result=\"completed\"}";
-    for _ in 0..500 {
-        let text = client::metrics(gateway.health).await;
-        if client::metric_value(&text, completed) == Some(1.0) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the shadow's answer was never read");
+    client::wait_for_metric(
+        gateway.health,
+        completed,
+        |n| n == 1.0,
+        "the shadow's answer is read",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
