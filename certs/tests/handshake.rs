@@ -143,16 +143,8 @@ async fn server_certificate_from_another_ca_is_refused() {
     let server = server_config(&store(&other, &web), &ServerOptions::default()).unwrap();
     let client = client_config(&store(&ca, &workload_id("api")), expect(&web)).unwrap();
     let (client_err, server_err) = handshake(server, client).await.expect_client_refused();
-    assert_eq!(
-        reason(&client_err),
-        HandshakeFailure::UnknownCa,
-        "{client_err}"
-    );
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::UnknownCa,
-        "{server_err}"
-    );
+    assert_reason(&client_err, HandshakeFailure::UnknownCa);
+    assert_reason(&server_err, HandshakeFailure::UnknownCa);
 }
 
 #[tokio::test]
@@ -170,16 +162,8 @@ async fn client_certificate_from_another_ca_is_refused() {
         .await
         .expect_server_refused()
         .await;
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::UnknownCa,
-        "{server_err}"
-    );
-    assert_eq!(
-        reason(&client_err),
-        HandshakeFailure::UnknownCa,
-        "{client_err}"
-    );
+    assert_reason(&server_err, HandshakeFailure::UnknownCa);
+    assert_reason(&client_err, HandshakeFailure::UnknownCa);
 }
 
 /// A CA that started ten days ago, so it can issue certificates that have
@@ -203,16 +187,8 @@ async fn expired_server_certificate_is_refused() {
     );
     let client = client_config(&store(&ca, &workload_id("api")), expect(&web)).unwrap();
     let (client_err, server_err) = handshake(server, client).await.expect_client_refused();
-    assert_eq!(
-        reason(&client_err),
-        HandshakeFailure::Expired,
-        "{client_err}"
-    );
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::Expired,
-        "{server_err}"
-    );
+    assert_reason(&client_err, HandshakeFailure::Expired);
+    assert_reason(&server_err, HandshakeFailure::Expired);
 }
 
 #[tokio::test]
@@ -232,16 +208,8 @@ async fn expired_client_certificate_is_refused() {
         .await
         .expect_server_refused()
         .await;
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::Expired,
-        "{server_err}"
-    );
-    assert_eq!(
-        reason(&client_err),
-        HandshakeFailure::Expired,
-        "{client_err}"
-    );
+    assert_reason(&server_err, HandshakeFailure::Expired);
+    assert_reason(&client_err, HandshakeFailure::Expired);
 }
 
 #[tokio::test]
@@ -257,16 +225,8 @@ async fn client_without_a_certificate_is_refused() {
         .await
         .expect_server_refused()
         .await;
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::NoClientCert,
-        "{server_err}"
-    );
-    assert_eq!(
-        reason(&client_err),
-        HandshakeFailure::NoClientCert,
-        "{client_err}"
-    );
+    assert_reason(&server_err, HandshakeFailure::NoClientCert);
+    assert_reason(&client_err, HandshakeFailure::NoClientCert);
 }
 
 #[tokio::test]
@@ -292,11 +252,7 @@ async fn client_from_another_trust_domain_is_refused_even_when_its_root_is_trust
         .await
         .expect_server_refused()
         .await;
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::BadIdentity,
-        "{server_err}"
-    );
+    assert_reason(&server_err, HandshakeFailure::BadIdentity);
     let text = server_err.to_string();
     assert!(
         text.contains("spiffe://other.org/ns/default/sa/api")
@@ -333,11 +289,7 @@ async fn client_certificate_without_a_spiffe_id_is_refused() {
         .await
         .expect_server_refused()
         .await;
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::BadIdentity,
-        "{server_err}"
-    );
+    assert_reason(&server_err, HandshakeFailure::BadIdentity);
     assert!(
         server_err.to_string().contains("no URI SAN"),
         "{server_err}"
@@ -383,16 +335,8 @@ async fn tls12_is_refused_unless_allowed() {
     let (client_err, server_err) = handshake(server, tls12_client.clone())
         .await
         .expect_client_refused();
-    assert_eq!(
-        reason(&server_err),
-        HandshakeFailure::ProtocolVersion,
-        "{server_err}"
-    );
-    assert_eq!(
-        reason(&client_err),
-        HandshakeFailure::ProtocolVersion,
-        "{client_err}"
-    );
+    assert_reason(&server_err, HandshakeFailure::ProtocolVersion);
+    assert_reason(&client_err, HandshakeFailure::ProtocolVersion);
 
     let options = ServerOptions {
         allow_tls12: true,

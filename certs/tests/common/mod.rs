@@ -142,6 +142,12 @@ impl Handshake {
     }
 }
 
+/// Asserts that a handshake failed for `expected`, showing the error if not.
+#[track_caller]
+pub(crate) fn assert_reason(error: &io::Error, expected: HandshakeFailure) {
+    assert_eq!(reason(error), expected, "{error}");
+}
+
 pub(crate) fn reason(error: &io::Error) -> HandshakeFailure {
     HandshakeFailure::from_io(error)
 }
