@@ -144,3 +144,71 @@ pub async fn wait_for_metric(
     }
     panic!("{what}: {series} never got there");
 }
+
+/// Clients sending requests back to back until stopped: the load that
+/// reload, failover and rotation tests run through the proxy.
+pub struct SteadyLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl SteadyLoad {
+    /// One task per client in `clients`, each sending `request()` again as
+    /// soon as the previous answer is read. A 200 is a success; any other
+    /// status or a transport error is a failure.
+    pub fn start<F>(clients: Vec<HttpClient>, request: F) -> SteadyLoad
+    where
+        F: Fn() -> Request<Full<Bytes>> + Clone + Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = clients
+            .into_iter()
+            .map(|client| {
+                let (stop, answered, request) = (stop.clone(), answered.clone(), request.clone());
+                tokio::spawn(async move {
+                    let (mut ok, mut failures) = (0, Vec::new());
+                    while !stop.load(Ordering::SeqCst) {
+                        match send(&client, request()).await {
+                            Ok(reply) if reply.status == StatusCode::OK => ok += 1,
+                            Ok(reply) => {
+                                failures.push(format!("{} {:?}", reply.status, reply.body))
+                            }
+                            Err(e) => failures.push(e),
+                        }
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            answered,
+            tasks,
+        }
+    }
+
+    /// Waits until `n` more requests have been answered.
+    pub async fn progress(&self, n: usize) {
+        use std::sync::atomic::Ordering;
+        let target = self.answered.load(Ordering::SeqCst) + n;
+        while self.answered.load(Ordering::SeqCst) < target {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops every client; returns the successes and the failures.
+    pub async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (mut ok, mut failures) = (0, Vec::new());
+        for task in self.tasks {
+            let (o, f) = task.await.expect("a load task does not panic");
+            ok += o;
+            failures.extend(f);
+        }
+        (ok, failures)
+    }
+}

@@ -395,26 +395,10 @@ async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropp
         &args,
     );
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let url = edge.url("web", "/v1/models");
-    let load: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, url) = (stop.clone(), url.clone());
-            tokio::spawn(async move {
-                let http = client::http1();
-                let (mut ok, mut failed) = (0usize, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    match client::send(&http, Request::get(&url).body(Default::default()).unwrap())
-                        .await
-                    {
-                        Ok(reply) if reply.status == 200 => ok += 1,
-                        other => failed.push(format!("{other:?}")),
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let load = client::SteadyLoad::start((0..4).map(|_| client::http1()).collect(), move || {
+        Request::get(&url).body(Default::default()).unwrap()
+    });
 
     for round in 1..=4 {
         issue(GATEWAY_ID, &edge_certs);
@@ -429,13 +413,7 @@ async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropp
             .await;
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for task in load {
-        let (o, f) = task.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
+    let (ok, failed) = load.stop().await;
     assert!(
         failed.is_empty(),
         "{} failed, e.g. {:?}",

@@ -2,7 +2,6 @@
 //! shutdown, the admin endpoints and the metrics page.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +9,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use infermesh_tests::backend::{self, Handler, MockBackend, Protocol};
-use infermesh_tests::client::{self, HttpClient};
+use infermesh_tests::client;
 use infermesh_tests::process::{Gateway, backend, config, listener};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -129,42 +128,21 @@ async fn reloads_under_continuous_load_fail_no_request() {
     };
     let gateway = Gateway::start(&two_backends(&a, &b, "a"));
     let url = gateway.url("web", "/v1/chat/completions");
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for i in 0..4 {
-        let client: HttpClient = if i % 2 == 0 {
-            client::http1()
-        } else {
-            client::http2()
-        };
-        let (url, stop, done) = (url.clone(), stop.clone(), done.clone());
-        workers.push(tokio::spawn(async move {
-            let mut failures = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let request = Request::post(&url)
-                    .body(Full::new(Bytes::from_static(b"{}")))
-                    .unwrap();
-                match client::send(&client, request).await {
-                    Ok(reply) if reply.status == 200 => {}
-                    Ok(reply) => failures.push(format!("{} {:?}", reply.status, reply.body)),
-                    Err(e) => failures.push(e),
-                }
-                done.fetch_add(1, Ordering::Relaxed);
+    let clients = (0..4)
+        .map(|i| {
+            if i % 2 == 0 {
+                client::http1()
+            } else {
+                client::http2()
             }
-            failures
-        }));
-    }
-    let wait_for_progress = |n: usize| {
-        let done = done.clone();
-        async move {
-            let target = done.load(Ordering::Relaxed) + n;
-            while done.load(Ordering::Relaxed) < target {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-    wait_for_progress(100).await;
+        })
+        .collect();
+    let load = client::SteadyLoad::start(clients, move || {
+        Request::post(&url)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    });
+    load.progress(100).await;
     let targets = ["b", "c", "a", "c", "b", "a"];
     for (i, target) in targets.iter().enumerate() {
         let text = if *target == "c" || i > 0 {
@@ -174,20 +152,16 @@ async fn reloads_under_continuous_load_fail_no_request() {
         };
         gateway.write_config(&text);
         gateway.wait_for_logs(i + 1, applied, Duration::from_secs(10));
-        wait_for_progress(100).await;
+        load.progress(100).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for w in workers {
-        failures.extend(w.await.unwrap());
-    }
+    let (ok, failures) = load.stop().await;
     assert!(
         failures.is_empty(),
         "{} failed requests, e.g. {:?}",
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    assert!(done.load(Ordering::Relaxed) >= 700);
+    assert!(ok >= 700, "only {ok} requests");
     assert!(a.requests() > 0 && b.requests() > 0 && c.requests() > 0);
 }
 

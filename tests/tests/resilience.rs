@@ -668,36 +668,16 @@ async fn no_idempotent_request_fails_while_backends_die_and_recover() {
         ),
     ]));
     let url = gateway.url("web", "/v1/models");
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (url, stop) = (url.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let client = client::http1();
-            let (mut ok, mut failed) = (0usize, Vec::new());
-            while !stop.load(Ordering::SeqCst) {
-                let reply = call(&client, "GET", &url, "").await;
-                if reply.status == 200 {
-                    ok += 1;
-                } else {
-                    failed.push(reply);
-                }
-            }
-            (ok, failed)
-        }));
-    }
+    let load =
+        client::SteadyLoad::start((0..clients).map(|_| client::http1()).collect(), move || {
+            Request::get(&url).body(Full::default()).unwrap()
+        });
     tokio::time::sleep(Duration::from_millis(800)).await;
     loading.store(false, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(400)).await;
     doomed.stop();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::SeqCst);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for task in tasks {
-        let (o, f) = task.await.unwrap();
-        ok += o;
-        failed.extend(f);
-    }
+    let (ok, failed) = load.stop().await;
     assert!(
         failed.is_empty(),
         "{} failed, e.g. {:?}",
