@@ -73,16 +73,54 @@ fn issue_all(dir: &Path) -> (PathBuf, PathBuf) {
     (gateway, llama)
 }
 
-fn identity_args(dir: &Path) -> Vec<String> {
-    let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
-    vec![
-        "--identity-cert".into(),
-        file("cert.pem"),
-        "--identity-key".into(),
-        file("key.pem"),
-        "--trust-bundle".into(),
-        file("bundle.pem"),
-    ]
+/// Starts a gateway serving `config` with the identity whose files
+/// `infermesh-control-plane ca issue` wrote into `certs`.
+fn start_with_identity(certs: &Path, config: &str) -> Gateway {
+    let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+    let (cert, key, bundle) = (file("cert.pem"), file("key.pem"), file("bundle.pem"));
+    Gateway::start_with_args(
+        config,
+        &[
+            "--identity-cert",
+            &cert,
+            "--identity-key",
+            &key,
+            "--trust-bundle",
+            &bundle,
+        ],
+    )
+}
+
+/// A model's proxy: a strict mutual-TLS listener `mesh` in front of `app`,
+/// and `more` documents.
+fn model_proxy(certs: &Path, app: SocketAddr, more: &[&str]) -> Gateway {
+    let mut documents = vec![
+        "kind: Listener\nmetadata: { name: mesh }\nspec: { address: 127.0.0.1:0, tls: { mode: strict } }".to_owned(),
+        backend_with("app", "http1", &[app], ""),
+        route_with("app", ""),
+    ];
+    documents.extend(more.iter().map(|d| d.to_string()));
+    let documents: Vec<&str> = documents.iter().map(String::as_str).collect();
+    start_with_identity(certs, &config(&documents))
+}
+
+/// A caller's proxy: listener `web`, everything to the model proxy's
+/// `mesh` listener over mutual TLS (speaking `protocol`), expecting the
+/// model's identity.
+fn caller_proxy(certs: &Path, protocol: &str, mesh: SocketAddr) -> Gateway {
+    start_with_identity(
+        certs,
+        &config(&[
+            &listener("web", "http"),
+            &backend_with(
+                "llama",
+                protocol,
+                &[mesh],
+                &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
+            ),
+            &route_with("llama", ""),
+        ]),
+    )
 }
 
 /// A model server that speaks only mutual TLS (HTTP/1.1 and HTTP/2 by
@@ -140,9 +178,8 @@ async fn the_gateway_speaks_mtls_to_backends_and_checks_their_identity() {
     let (gateway_certs, llama_certs) = issue_all(dir.path());
     let llama = tls_backend(&llama_certs).await;
     let tls = |id: &str| format!("tls: {{ identity: \"{id}\" }}");
-    let args = identity_args(&gateway_certs);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let gateway = Gateway::start_with_args(
+    let gateway = start_with_identity(
+        &gateway_certs,
         &config(&[
             &listener("web", "http"),
             &backend_with("llama1", "http1", &[llama], &tls(LLAMA_ID)),
@@ -164,7 +201,6 @@ spec:
     - matches: [{ path: { prefix: /impostor } }]
       backends: [{ name: impostor }]"#,
         ]),
-        &args,
     );
     let http = client::http1();
     for (path, version) in [("/h1", "HTTP/1.1"), ("/h2", "HTTP/2.0")] {
@@ -269,34 +305,16 @@ async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
     );
 
     let app = MockBackend::echo("app", Protocol::Http1).await;
-    let args = identity_args(&llama_certs);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     // The model's proxy: mutual TLS in, plaintext to the app on loopback.
-    let model_proxy = Gateway::start_with_args(
-        &config(&[
-            "kind: Listener\nmetadata: { name: mesh }\nspec: { address: 127.0.0.1:0, tls: { mode: strict } }",
+    let model_proxy = model_proxy(
+        &llama_certs,
+        app.addr,
+        &[
             "kind: Listener\nmetadata: { name: migrating }\nspec: { address: 127.0.0.1:0, tls: { mode: permissive } }",
-            &backend_with("app", "http1", &[app.addr], ""),
-            &route_with("app", ""),
-        ]),
-        &args,
+        ],
     );
     let mesh = model_proxy.listener("mesh");
-    let edge_config = |name: &str| {
-        config(&[
-            &listener("web", "http"),
-            &backend_with(
-                name,
-                "http2",
-                &[mesh],
-                &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
-            ),
-            &route_with(name, ""),
-        ])
-    };
-    let args = identity_args(&edge_certs);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let edge = Gateway::start_with_args(&edge_config("llama"), &args);
+    let edge = caller_proxy(&edge_certs, "http2", mesh);
 
     let http = client::http1();
     let reply = client::get(&http, &edge.url("web", "/v1/models")).await;
@@ -323,9 +341,7 @@ async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
     assert_eq!(reply.status, 200);
 
     // A proxy whose certificate comes from another CA is refused.
-    let args = identity_args(&other.join("edge"));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let stranger = Gateway::start_with_args(&edge_config("llama"), &args);
+    let stranger = caller_proxy(&other.join("edge"), "http2", mesh);
     let reply = client::get(&http, &stranger.url("web", "/v1/models")).await;
     assert_eq!(reply.status, 502);
     assert_eq!(
@@ -369,31 +385,8 @@ async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropp
     issue(LLAMA_ID, &llama_certs);
 
     let app = MockBackend::echo("app", Protocol::Http1).await;
-    let args = identity_args(&llama_certs);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let model_proxy = Gateway::start_with_args(
-        &config(&[
-            "kind: Listener\nmetadata: { name: mesh }\nspec: { address: 127.0.0.1:0, tls: { mode: strict } }",
-            &backend_with("app", "http1", &[app.addr], ""),
-            &route_with("app", ""),
-        ]),
-        &args,
-    );
-    let args = identity_args(&edge_certs);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let edge = Gateway::start_with_args(
-        &config(&[
-            &listener("web", "http"),
-            &backend_with(
-                "llama",
-                "http2",
-                &[model_proxy.listener("mesh")],
-                &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
-            ),
-            &route_with("llama", ""),
-        ]),
-        &args,
-    );
+    let model_proxy = model_proxy(&llama_certs, app.addr, &[]);
+    let edge = caller_proxy(&edge_certs, "http2", model_proxy.listener("mesh"));
 
     let url = edge.url("web", "/v1/models");
     let load = client::SteadyLoad::start((0..4).map(|_| client::http1()).collect(), move || {
@@ -445,13 +438,10 @@ async fn authorization_policies_allow_and_deny_by_caller_identity_and_request() 
         &[],
     );
     let app = MockBackend::echo("app", Protocol::Http1).await;
-    let args = identity_args(&llama_certs);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let model_proxy = Gateway::start_with_args(
-        &config(&[
-            "kind: Listener\nmetadata: { name: mesh }\nspec: { address: 127.0.0.1:0, tls: { mode: strict } }",
-            &backend_with("app", "http1", &[app.addr], ""),
-            &route_with("app", ""),
+    let model_proxy = model_proxy(
+        &llama_certs,
+        app.addr,
+        &[
             r#"kind: AuthorizationPolicy
 metadata: { name: callers }
 spec:
@@ -467,27 +457,13 @@ spec:
   action: deny
   rules:
     - to: [{ pathPrefixes: [/admin] }]"#,
-        ]),
-        &args,
+        ],
     );
-    let caller = |certs: &Path| {
-        let args = identity_args(certs);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Gateway::start_with_args(
-            &config(&[
-                &listener("web", "http"),
-                &backend_with(
-                    "llama",
-                    "http1",
-                    &[model_proxy.listener("mesh")],
-                    &format!("tls: {{ identity: \"{LLAMA_ID}\" }}"),
-                ),
-                &route_with("llama", ""),
-            ]),
-            &args,
-        )
-    };
-    let (edge, batch) = (caller(&edge_certs), caller(&batch_certs));
+    let mesh = model_proxy.listener("mesh");
+    let (edge, batch) = (
+        caller_proxy(&edge_certs, "http1", mesh),
+        caller_proxy(&batch_certs, "http1", mesh),
+    );
     let http = client::http1();
     let send = |gateway: &Gateway, method: &str, path: &str| {
         let request = Request::builder()
