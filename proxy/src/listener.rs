@@ -274,25 +274,31 @@ fn serve(
     tokio::spawn(async move {
         match tls {
             None => connection.serve(stream, None).await,
-            Some(tls) => match tls.wants_tls(&stream).await {
-                Ok(false) => connection.serve(stream, None).await,
-                Ok(true) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok((stream, peer))) => {
-                            connection
-                                .serve(stream, Some(peer.map(|p| Arc::from(p.to_string()))))
-                                .await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(client = %client, listener = %name, error = %e, "client TLS handshake failed")
-                        }
-                        Err(_) => {
-                            tracing::info!(client = %client, listener = %name, "client TLS handshake timed out")
-                        }
+            Some(tls) => {
+                // Telling plaintext from TLS waits for the client's first
+                // byte: both that and the handshake are bounded.
+                let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
+                    if tls.wants_tls(&stream).await? {
+                        tls.accept(stream).await.map(|(tls, peer)| Ok((tls, peer)))
+                    } else {
+                        Ok(Err(stream))
+                    }
+                })
+                .await;
+                match accepted {
+                    Ok(Ok(Ok((stream, peer)))) => {
+                        let peer = peer.map(|p| Arc::from(p.to_string()));
+                        connection.serve(stream, Some(peer)).await
+                    }
+                    Ok(Ok(Err(plaintext))) => connection.serve(plaintext, None).await,
+                    Ok(Err(e)) => {
+                        tracing::info!(client = %client, listener = %name, error = %e, "client TLS handshake failed")
+                    }
+                    Err(_) => {
+                        tracing::info!(client = %client, listener = %name, "client TLS handshake timed out")
                     }
                 }
-                Err(e) => tracing::debug!(client = %client, error = %e, "client connection failed"),
-            },
+            }
         }
         gauge.dec();
     });
