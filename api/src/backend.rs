@@ -28,6 +28,12 @@ pub struct BackendSpec {
     /// The servers requests are balanced over. May be empty (every request
     /// then fails with 503 `no_endpoint`), e.g. while a model is scaled to zero.
     pub endpoints: Vec<EndpointSpec>,
+    /// Addresses (`ip:port`) that stand for the whole backend, like a
+    /// Kubernetes Service's cluster IP: a sidecar's outbound capture
+    /// listener sends HTTP requests whose original destination is one of
+    /// them, and that no route matched, to this backend.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::SocketAddr>,
     /// The HTTP version spoken to the endpoints.
     pub protocol: UpstreamProtocol,
     /// How long a TCP connect to one endpoint may take.
@@ -76,6 +82,7 @@ impl Default for BackendSpec {
     fn default() -> Self {
         BackendSpec {
             endpoints: Vec::new(),
+            addresses: Vec::new(),
             protocol: UpstreamProtocol::default(),
             connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             dns_refresh_interval: Self::DEFAULT_DNS_REFRESH_INTERVAL,

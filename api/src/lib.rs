@@ -33,6 +33,7 @@ mod yaml;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -45,7 +46,9 @@ pub use backend::{
 };
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
-pub use listener::{ListenerProtocol, ListenerSpec, ListenerTls, TlsMode};
+pub use listener::{
+    Capture, ListenerProtocol, ListenerSpec, ListenerTls, OutsideMesh, PortTls, TlsMode,
+};
 pub use path::FieldPath;
 pub use policy::{
     AuthorizationPolicySpec, PolicyAction, PolicyOperation, PolicyRule, PolicySource,
@@ -199,13 +202,25 @@ impl Config {
     /// Either the whole config is valid, or every problem found is returned,
     /// each with its file, line, column and field path.
     pub fn load(sources: &[Source<'_>]) -> Result<Config, Diagnostics> {
+        Config::load_with_defaults(sources, &[])
+    }
+
+    /// Like [`Config::load`], with built-in documents in `defaults` that
+    /// the sources may replace: a default document is left out when a
+    /// source defines a resource of the same kind and name. (The sidecar's
+    /// capture listeners are defined this way.)
+    pub fn load_with_defaults(
+        sources: &[Source<'_>],
+        defaults: &[Source<'_>],
+    ) -> Result<Config, Diagnostics> {
         let mut diagnostics = Vec::new();
         let mut config = Config::default();
         // Names of every document whose envelope parsed, even when its spec
         // did not, so one typo does not also report each reference to it.
         let mut defined: HashMap<(Kind, String), Origin> = HashMap::new();
 
-        for source in sources {
+        let given = sources.iter().map(|s| (s, false));
+        for (source, is_default) in given.chain(defaults.iter().map(|s| (s, true))) {
             let file: Arc<str> = Arc::from(source.name);
             let documents = match yaml::documents(source.text) {
                 Ok(documents) => documents,
@@ -222,6 +237,9 @@ impl Config {
                 }
             };
             for document in documents {
+                if is_default && defined_already(&document.value, &defined) {
+                    continue;
+                }
                 let origin = Origin {
                     file: file.clone(),
                     position: document.locations.document(),
@@ -317,6 +335,25 @@ impl Config {
             }
         }
 
+        let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
+        for backend in &self.backends {
+            for (i, address) in backend.spec.addresses.iter().enumerate() {
+                if let Some(owner) = owners.insert(*address, &backend.name) {
+                    Checker::new(
+                        &backend.origin,
+                        resource_label(Kind::Backend, &backend.name),
+                        out,
+                    )
+                    .error(
+                        FieldPath::root().key("spec").key("addresses").index(i),
+                        format!(
+                            "address {address} already stands for backend {owner:?}; an address can lead to one backend only"
+                        ),
+                    );
+                }
+            }
+        }
+
         for route in &self.routes {
             let mut checker =
                 Checker::new(&route.origin, resource_label(Kind::Route, &route.name), out);
@@ -381,6 +418,19 @@ impl Config {
                 }
             }
         }
+    }
+}
+
+/// Whether a resource of the kind and name of `document` is in `defined`.
+fn defined_already(document: &Value, defined: &HashMap<(Kind, String), Origin>) -> bool {
+    let kind = document
+        .get("kind")
+        .and_then(Value::as_str)
+        .and_then(Kind::parse);
+    let name = document.pointer("/metadata/name").and_then(Value::as_str);
+    match (kind, name) {
+        (Some(kind), Some(name)) => defined.contains_key(&(kind, name.to_owned())),
+        _ => false,
     }
 }
 
@@ -470,8 +520,6 @@ fn load_document(
 trait Spec: DeserializeOwned {
     fn check(&self, _checker: &mut Checker<'_>) {}
 }
-
-impl Spec for ListenerSpec {}
 
 /// Parses and checks the spec of one resource, adding it to `into`.
 fn load_spec<S: Spec>(

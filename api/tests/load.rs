@@ -405,3 +405,88 @@ spec:
     );
     assert!(load(&ok).is_ok());
 }
+
+#[test]
+fn capture_settings_are_checked_where_they_are_written() {
+    let text = r#"apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: { name: public }
+spec:
+  address: 127.0.0.1:8080
+  outsideMesh: blocked
+  tls: { ports: [{ port: 9090, mode: disable }] }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: { name: outbound }
+spec:
+  address: 127.0.0.1:15001
+  capture: outbound
+  tls: { mode: strict }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: { name: inbound }
+spec:
+  address: 0.0.0.0:15006
+  capture: inbound
+  tls:
+    ports:
+      - { port: 8000, mode: strict }
+      - { port: 8000, mode: disable }
+      - { port: 0, mode: permissive }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: a }
+spec:
+  addresses: ["10.96.0.10:80"]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: b }
+spec:
+  addresses: ["10.96.0.11:80", "10.96.0.10:80"]
+"#;
+    let errors = load(text).unwrap_err();
+    assert_eq!(
+        errors,
+        [
+            "gw.yaml:6:3: Listener/public: spec.outsideMesh: outsideMesh applies only to a listener with `capture: outbound`",
+            "gw.yaml:7:10: Listener/public: spec.tls.ports: per-port modes apply only to a listener with `capture: inbound` (whose connections keep their original port)",
+            "gw.yaml:15:3: Listener/outbound: spec.tls: an outbound capture listener takes the app's own plaintext traffic; mutual TLS is originated per backend (Backend spec.tls)",
+            "gw.yaml:26:11: Listener/inbound: spec.tls.ports[1].port: port 8000 is already listed at tls.ports[0]",
+            "gw.yaml:27:11: Listener/inbound: spec.tls.ports[2].port: port must be between 1 and 65535",
+            "gw.yaml:39:32: Backend/b: spec.addresses[1]: address 10.96.0.10:80 already stands for backend \"a\"; an address can lead to one backend only",
+        ]
+    );
+}
+
+#[test]
+fn built_in_documents_give_way_to_the_files() {
+    let built_in = Source {
+        name: "<built-in>",
+        text: "apiVersion: infermesh.io/v1alpha1\nkind: Listener\nmetadata: { name: inbound }\nspec: { address: 0.0.0.0:15006, capture: inbound }\n",
+    };
+    let file = "apiVersion: infermesh.io/v1alpha1\nkind: Listener\nmetadata: { name: inbound }\nspec: { address: 127.0.0.1:25006, capture: inbound }\n";
+    let config = Config::load_with_defaults(
+        &[Source {
+            name: "f.yaml",
+            text: file,
+        }],
+        &[built_in],
+    )
+    .unwrap();
+    assert_eq!(config.listeners.len(), 1);
+    assert_eq!(config.listeners[0].spec.address.port(), 25006);
+    let config = Config::load_with_defaults(
+        &[Source {
+            name: "f.yaml",
+            text: "",
+        }],
+        &[built_in],
+    )
+    .unwrap();
+    assert_eq!(config.listeners[0].spec.address.port(), 15006);
+    assert_eq!(&*config.listeners[0].origin.file, "<built-in>");
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use http::Request;
 use infermesh_api::{
-    AuthorizationPolicySpec, PolicyAction, PolicyOperation, PolicySource, Resource,
+    AuthorizationPolicySpec, ListenerSpec, PolicyAction, PolicyOperation, PolicySource, Resource,
 };
 use prometheus::IntCounterVec;
 
@@ -29,12 +29,18 @@ impl Authorization {
     /// The policies of `policies` that apply to `listener`; `None` when
     /// there are none, and every request is allowed.
     pub fn for_listener(
-        listener: &str,
+        listener: &Resource<ListenerSpec>,
         policies: &[Resource<AuthorizationPolicySpec>],
         metrics: &Metrics,
     ) -> Option<Self> {
+        // Policies guard the workload: one that names no listener leaves
+        // out the pod's own outbound traffic.
         let applying = policies.iter().filter(|p| {
-            p.spec.listeners.is_empty() || p.spec.listeners.iter().any(|l| l == listener)
+            if p.spec.listeners.is_empty() {
+                !listener.spec.is_outbound_capture()
+            } else {
+                p.spec.listeners.contains(&listener.name)
+            }
         });
         let (mut deny, mut allow) = (Vec::new(), Vec::new());
         for policy in applying {
@@ -45,7 +51,7 @@ impl Authorization {
             }
         }
         (!deny.is_empty() || !allow.is_empty()).then(|| Authorization {
-            listener: Arc::from(listener),
+            listener: Arc::from(listener.name.as_str()),
             deny,
             allow,
             decisions: metrics.authorization_decisions.clone(),
@@ -148,7 +154,7 @@ mod tests {
             text: &text,
         }])
         .unwrap_or_else(|e| panic!("{e}"));
-        Authorization::for_listener("mesh", &config.policies, &Metrics::new())
+        Authorization::for_listener(&config.listeners[0], &config.policies, &Metrics::new())
     }
 
     fn policy(name: &str, action: &str, rules: &str) -> String {

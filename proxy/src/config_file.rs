@@ -41,20 +41,26 @@ pub fn read(path: &Path) -> Result<FileText, ConfigFileError> {
         })
 }
 
-/// Validates text read from `path`.
-pub fn parse(path: &Path, text: &FileText) -> Result<Config, ConfigFileError> {
+/// Validates text read from `path`, together with the `built_in`
+/// documents that the file may replace (see [`Config::load_with_defaults`]).
+pub fn parse(
+    path: &Path,
+    text: &FileText,
+    built_in: &[Source<'_>],
+) -> Result<Config, ConfigFileError> {
     let name = path.display().to_string();
-    Config::load(&[Source {
+    let file = Source {
         name: &name,
         text: &text.0,
-    }])
-    .map_err(ConfigFileError::Invalid)
+    };
+    Config::load_with_defaults(&[file], built_in).map_err(ConfigFileError::Invalid)
 }
 
-/// Reads and validates the file.
-pub fn load(path: &Path) -> Result<(Config, FileText), ConfigFileError> {
+/// Reads and validates the file, with the `built_in` documents it may
+/// replace.
+pub fn load(path: &Path, built_in: &[Source<'_>]) -> Result<(Config, FileText), ConfigFileError> {
     let text = read(path)?;
-    Ok((parse(path, &text)?, text))
+    Ok((parse(path, &text, built_in)?, text))
 }
 
 /// Sends on `changed` whenever something in the file's directory changes.

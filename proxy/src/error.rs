@@ -67,6 +67,12 @@ pub enum ErrorKind {
     /// The rule's rate limit is reached; a token is free after this long.
     #[error("the route's rate limit is reached; retry in {0:?}")]
     RateLimited(Duration),
+    /// A sidecar's outbound listener blocks destinations outside the mesh,
+    /// and this request's original destination is one.
+    #[error(
+        "{0} is outside the mesh (no route matched and no backend has this address), and the outbound listener blocks such destinations (outsideMesh: blocked)"
+    )]
+    OutsideMesh(SocketAddr),
 }
 
 impl ErrorKind {
@@ -89,6 +95,7 @@ impl ErrorKind {
             ErrorKind::RateLimited(_) => "rate_limited",
             ErrorKind::UpstreamTls(_) => "upstream_tls_failed",
             ErrorKind::Unauthorized(_) => "unauthorized",
+            ErrorKind::OutsideMesh(_) => "outside_mesh",
         }
     }
 
@@ -100,7 +107,8 @@ impl ErrorKind {
             ErrorKind::ConnectFailed(_)
             | ErrorKind::ConnectTimeout(_)
             | ErrorKind::UpstreamReset(_)
-            | ErrorKind::UpstreamTls(_) => StatusCode::BAD_GATEWAY,
+            | ErrorKind::UpstreamTls(_)
+            | ErrorKind::OutsideMesh(_) => StatusCode::BAD_GATEWAY,
             ErrorKind::ResponseHeadersTimeout(_)
             | ErrorKind::RequestTimeout(_)
             | ErrorKind::ResponseBodyIdle(_)

@@ -1,7 +1,9 @@
-//! Gateway mode: one process, one YAML file. Loads the file, binds its
+//! Running the proxy from one YAML file: loads the file, binds its
 //! listeners and the operator servers, and then applies changes to the file
 //! (seen by a watch, or on SIGHUP) without dropping a request, until SIGTERM
-//! or `POST /drain` drains it.
+//! or `POST /drain` drains it. Gateway mode runs the file as written;
+//! sidecar mode ([`crate::sidecar`]) adds its capture listeners as built-in
+//! documents the file may replace.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use infermesh_api::Source;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
@@ -38,6 +41,9 @@ pub struct GatewayOptions {
     pub drain_delay: Duration,
     /// The proxy's own certificate files, for backends with mutual TLS.
     pub identity: Option<IdentityFiles>,
+    /// Documents loaded with the file, which it may replace by defining a
+    /// resource of the same kind and name ([`crate::sidecar::BUILT_IN`]).
+    pub built_in: &'static [Source<'static>],
 }
 
 /// Why a config could not be applied.
@@ -67,10 +73,11 @@ pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Resul
     let signals = Signals::install()?;
     let metrics = Arc::new(Metrics::new());
     metrics.register(log.dropped_lines_metric());
-    let (config, text) = config_file::load(&options.config).map_err(|e| match e {
-        ConfigFileError::Invalid(d) => anyhow::anyhow!("refusing to start: {d}"),
-        other => anyhow::anyhow!(other),
-    })?;
+    let (config, text) =
+        config_file::load(&options.config, options.built_in).map_err(|e| match e {
+            ConfigFileError::Invalid(d) => anyhow::anyhow!("refusing to start: {d}"),
+            other => anyhow::anyhow!(other),
+        })?;
 
     let health_socket = ops::bind("health", options.health_address).await?;
     let admin_socket = ops::bind("admin", options.admin_address).await?;
@@ -259,7 +266,8 @@ impl Gateway {
     /// Validates `text` and, if it is valid, swaps in its snapshot and
     /// brings the listeners in line. Nothing changes on an error.
     async fn apply(&mut self, text: &FileText) -> Result<(), ReloadError> {
-        let config = config_file::parse(&self.options.config, text).map_err(ReloadError::File)?;
+        let config = config_file::parse(&self.options.config, text, self.options.built_in)
+            .map_err(ReloadError::File)?;
         let current = self.shared.snapshot.load_full();
         if config.version() == current.version {
             tracing::info!(version = %current.version, "config file changed, but not its meaning");

@@ -11,13 +11,14 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use infermesh_api::{Config, ListenerProtocol};
+use infermesh_api::{Capture, Config, ListenerProtocol, OutsideMesh};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::capture::{self, OriginalDestination};
 use crate::proxy::{ProxyService, Shared};
-use crate::snapshot::ListenerId;
+use crate::snapshot::{ListenerEntry, ListenerId};
 
 /// What a request knows about the connection it came on.
 #[derive(Debug)]
@@ -30,6 +31,9 @@ pub struct ConnectionInfo {
     pub scheme: &'static str,
     /// The SPIFFE ID the client presented over mutual TLS.
     pub peer_identity: Option<Arc<str>>,
+    /// Where the client was connecting to before iptables redirected it
+    /// to a capture listener.
+    pub original_destination: Option<SocketAddr>,
 }
 
 /// A listener socket could not be bound.
@@ -243,6 +247,10 @@ async fn accept_loop(
 /// How long a client may take over its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long connecting to a destination outside the mesh may take, for a
+/// TCP passthrough (Envoy's default connect timeout).
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn serve(
     stream: TcpStream,
     client: SocketAddr,
@@ -252,54 +260,23 @@ fn serve(
     graceful: &GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
-    let (name, protocol, tls) = shared
-        .snapshot
-        .load()
-        .listener(id)
-        .map(|l| (l.name.clone(), l.protocol, l.tls.clone()))
-        .unwrap_or_else(|| (Arc::from(""), ListenerProtocol::Http, None));
+    let Some(listener) = shared.snapshot.load().listener_entry(id) else {
+        return;
+    };
     let gauge = shared
         .metrics
         .downstream_connections
-        .with_label_values(&[&*name]);
+        .with_label_values(&[&*listener.name]);
     gauge.inc();
     let connection = Connection {
         client,
-        listener: id,
-        protocol,
+        listener,
         shared: shared.clone(),
         builders: builders.clone(),
         watcher: graceful.watcher(),
     };
     tokio::spawn(async move {
-        match tls {
-            None => connection.serve(stream, None).await,
-            Some(tls) => {
-                // Telling plaintext from TLS waits for the client's first
-                // byte: both that and the handshake are bounded.
-                let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
-                    if tls.wants_tls(&stream).await? {
-                        tls.accept(stream).await.map(|(tls, peer)| Ok((tls, peer)))
-                    } else {
-                        Ok(Err(stream))
-                    }
-                })
-                .await;
-                match accepted {
-                    Ok(Ok(Ok((stream, peer)))) => {
-                        let peer = peer.map(|p| Arc::from(p.to_string()));
-                        connection.serve(stream, Some(peer)).await
-                    }
-                    Ok(Ok(Err(plaintext))) => connection.serve(plaintext, None).await,
-                    Ok(Err(e)) => {
-                        tracing::info!(client = %client, listener = %name, error = %e, "client TLS handshake failed")
-                    }
-                    Err(_) => {
-                        tracing::info!(client = %client, listener = %name, "client TLS handshake timed out")
-                    }
-                }
-            }
-        }
+        connection.run(stream).await;
         gauge.dec();
     });
 }
@@ -307,30 +284,144 @@ fn serve(
 /// One accepted client connection, before its protocol is known.
 struct Connection {
     client: SocketAddr,
-    listener: ListenerId,
-    protocol: ListenerProtocol,
+    listener: Arc<ListenerEntry>,
     shared: Arc<Shared>,
     builders: Arc<ServerBuilders>,
     watcher: Watcher,
 }
 
 impl Connection {
+    /// Phases of a connection: where it was going (capture listeners),
+    /// whether it is HTTP (outbound capture), TLS, then HTTP.
+    async fn run(self, stream: TcpStream) {
+        let (client, name) = (self.client, self.listener.name.clone());
+        let original = self
+            .listener
+            .capture
+            .and_then(|_| capture::original_destination(&stream));
+        let forward_to = match (self.listener.capture, original) {
+            (None, _) | (Some(Capture::Outbound), None) => None,
+            (Some(Capture::Inbound), None) => {
+                tracing::warn!(client = %client, listener = %name, "connection made straight to an inbound capture listener, not redirected to it by iptables: closing it (it has no original destination to forward to)");
+                return;
+            }
+            (Some(Capture::Inbound), Some(destination)) => Some(destination),
+            (Some(Capture::Outbound), Some(destination)) => {
+                let mesh = self
+                    .shared
+                    .snapshot
+                    .load()
+                    .by_address(destination)
+                    .is_some();
+                // Only HTTP can be routed: other protocols (TLS, databases)
+                // to addresses no backend has are outside the mesh.
+                if !mesh
+                    && !capture::speaks_http(&stream, capture::DETECT_TIMEOUT)
+                        .await
+                        .unwrap_or(false)
+                {
+                    return self.outside_mesh(stream, destination).await;
+                }
+                (self.listener.outside_mesh == OutsideMesh::Passthrough).then_some(destination)
+            }
+        };
+        let original_service = forward_to.map(|destination| {
+            let name = match self.listener.capture {
+                Some(Capture::Inbound) => "inbound",
+                _ => "passthrough",
+            };
+            Arc::new(OriginalDestination::new(
+                destination,
+                name,
+                self.shared.metrics.clone(),
+            ))
+        });
+        // Peer authentication goes by the port the client connected to.
+        let port = match original {
+            Some(destination) => destination.port(),
+            None => stream.local_addr().map_or(0, |a| a.port()),
+        };
+        let Some(tls) = self.listener.tls.clone() else {
+            return self.serve(stream, None, original, original_service).await;
+        };
+        // Telling plaintext from TLS waits for the client's first byte:
+        // both that and the handshake are bounded.
+        let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
+            if tls.wants_tls(&stream, port).await? {
+                tls.accept(stream).await.map(|(tls, peer)| Ok((tls, peer)))
+            } else {
+                Ok(Err(stream))
+            }
+        })
+        .await;
+        match accepted {
+            Ok(Ok(Ok((stream, peer)))) => {
+                let peer = peer.map(|p| Arc::from(p.to_string()));
+                self.serve(stream, Some(peer), original, original_service)
+                    .await
+            }
+            Ok(Ok(Err(plaintext))) => {
+                self.serve(plaintext, None, original, original_service)
+                    .await
+            }
+            Ok(Err(e)) => {
+                tracing::info!(client = %client, listener = %name, error = %e, "client TLS handshake failed")
+            }
+            Err(_) => {
+                tracing::info!(client = %client, listener = %name, "client TLS handshake timed out")
+            }
+        }
+    }
+
+    /// A connection that is not HTTP, to a destination outside the mesh:
+    /// passed through as a TCP stream, or closed.
+    async fn outside_mesh(self, stream: TcpStream, destination: SocketAddr) {
+        let listener = &*self.listener.name;
+        let action = match self.listener.outside_mesh {
+            OutsideMesh::Passthrough => "passthrough",
+            OutsideMesh::Blocked => "blocked",
+        };
+        self.shared
+            .metrics
+            .outside_mesh
+            .with_label_values(&[listener, "tcp", action])
+            .inc();
+        if self.listener.outside_mesh == OutsideMesh::Blocked {
+            tracing::info!(client = %self.client, listener, destination = %destination, "connection to a destination outside the mesh blocked (outsideMesh: blocked)");
+            return;
+        }
+        match capture::tunnel(stream, destination, PASSTHROUGH_CONNECT_TIMEOUT).await {
+            Ok((sent, received)) => {
+                tracing::debug!(client = %self.client, listener, destination = %destination, sent, received, "passthrough connection closed")
+            }
+            Err(e) => {
+                tracing::info!(client = %self.client, listener, destination = %destination, error = %e, "passthrough connection failed")
+            }
+        }
+    }
+
     /// Serves HTTP on `io`; `tls` holds the client's SPIFFE ID (if it
     /// presented one) when the connection is TLS.
-    async fn serve<I>(self, io: I, tls: Option<Option<Arc<str>>>)
-    where
+    async fn serve<I>(
+        self,
+        io: I,
+        tls: Option<Option<Arc<str>>>,
+        original_destination: Option<SocketAddr>,
+        original_service: Option<Arc<OriginalDestination>>,
+    ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let info = Arc::new(ConnectionInfo {
             client: self.client,
-            listener: self.listener,
+            listener: self.listener.id,
             scheme: if tls.is_some() { "https" } else { "http" },
             peer_identity: tls.flatten(),
+            original_destination,
         });
-        let service = ProxyService::new(self.shared, info);
+        let service = ProxyService::new(self.shared, info, original_service);
         let connection = self
             .builders
-            .for_protocol(self.protocol)
+            .for_protocol(self.listener.protocol)
             .serve_connection_with_upgrades(TokioIo::new(io), service)
             .into_owned();
         if let Err(e) = self.watcher.watch(connection).await {

@@ -75,6 +75,11 @@ pub struct Metrics {
     /// a mirror backend (`sent`), or not sent because the copy could not
     /// keep up with the request body (`abandoned`) or failed (`failed`).
     pub mirrored_requests: IntCounterVec,
+    /// `infermesh_outside_mesh_total{listener,protocol,action}`: traffic an
+    /// outbound capture listener saw for destinations outside the mesh:
+    /// HTTP requests (`http`) and other connections (`tcp`), passed through
+    /// or blocked.
+    pub outside_mesh: IntCounterVec,
 }
 
 impl Metrics {
@@ -201,9 +206,14 @@ impl Metrics {
                 "Request copies for mirror backends, by result (sent, abandoned, failed).",
                 &["backend", "result"],
             ),
+            outside_mesh: counter(
+                "infermesh_outside_mesh_total",
+                "Traffic to destinations outside the mesh seen by outbound capture listeners, by protocol (http requests, tcp connections) and action (passthrough, blocked).",
+                &["listener", "protocol", "action"],
+            ),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_duration.clone()),
             Box::new(metrics.response_first_byte.clone()),
@@ -223,6 +233,7 @@ impl Metrics {
             Box::new(metrics.mirrored_requests.clone()),
             Box::new(metrics.tls_handshakes.clone()),
             Box::new(metrics.authorization_decisions.clone()),
+            Box::new(metrics.outside_mesh.clone()),
         ];
         for collector in collectors {
             metrics

@@ -2,8 +2,11 @@
 //!
 //! 1. **authorize**: the listener's authorization policies decide by the
 //!    caller's SPIFFE identity and the request (403 `unauthorized`);
-//! 2. **route**: find the listener's most specific rule for the request
-//!    (404 `no_route` when none matches);
+//! 2. **route**: find the listener's most specific rule for the request;
+//!    on a sidecar's capture listeners, then the connection's original
+//!    destination: a backend that has this address, or the destination
+//!    itself (the app inbound, a server outside the mesh outbound, unless
+//!    blocked: 502 `outside_mesh`); 404 `no_route` when nothing matches;
 //! 3. **forward**: run the rule's service stack ([`crate::forward`]):
 //!    timeouts, forwarded headers, upgrades, backend split, balancing and
 //!    the upstream pool;
@@ -23,11 +26,12 @@ use tower::ServiceExt;
 
 use crate::access_log::RequestRecord;
 use crate::body::{BoxFuture, ProxyBody, boxed};
+use crate::capture::OriginalDestination;
 use crate::error::{ErrorKind, ProxyError};
 use crate::lifecycle::Lifecycle;
 use crate::listener::ConnectionInfo;
 use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{ListenerEntry, RuleTarget, Snapshot};
 
 /// State shared by every connection and the tasks that manage the proxy.
 pub struct Shared {
@@ -44,13 +48,67 @@ pub struct Shared {
 pub struct ProxyService {
     shared: Arc<Shared>,
     connection: Arc<ConnectionInfo>,
+    original: Option<Arc<OriginalDestination>>,
 }
 
 impl ProxyService {
-    /// Serves requests arriving on `connection`.
-    pub fn new(shared: Arc<Shared>, connection: Arc<ConnectionInfo>) -> Self {
-        ProxyService { shared, connection }
+    /// Serves requests arriving on `connection`. On a capture listener,
+    /// `original` forwards the requests that nothing else routes to the
+    /// connection's original destination.
+    pub fn new(
+        shared: Arc<Shared>,
+        connection: Arc<ConnectionInfo>,
+        original: Option<Arc<OriginalDestination>>,
+    ) -> Self {
+        ProxyService {
+            shared,
+            connection,
+            original,
+        }
     }
+
+    /// Phase route: where a request goes, if anywhere.
+    fn route<B>(
+        &self,
+        request: &Request<B>,
+        snapshot: &Snapshot,
+        listener: &ListenerEntry,
+    ) -> Option<Target> {
+        if let Some(rule) = listener.router.route(request) {
+            return Some(Target::Rule(rule.clone()));
+        }
+        let destination = self.connection.original_destination?;
+        let count = |action: &str| {
+            self.shared
+                .metrics
+                .outside_mesh
+                .with_label_values(&[&*listener.name, "http", action])
+                .inc();
+        };
+        if listener.is_outbound_capture() {
+            if let Some(backend) = snapshot.by_address(destination) {
+                return Some(Target::Rule(backend.clone()));
+            }
+            match &self.original {
+                Some(_) => count("passthrough"),
+                None => {
+                    count("blocked");
+                    return Some(Target::Blocked(destination));
+                }
+            }
+        }
+        self.original.clone().map(Target::Original)
+    }
+}
+
+/// Where a request goes.
+enum Target {
+    /// A route rule, or the default rule of a backend found by address.
+    Rule(Arc<RuleTarget>),
+    /// The connection's original destination.
+    Original(Arc<OriginalDestination>),
+    /// Nowhere: the destination is outside the mesh, and blocked.
+    Blocked(std::net::SocketAddr),
 }
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
@@ -81,37 +139,42 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                     .err()
             });
         // Phase: route.
-        let target = match denied {
-            None => listener.and_then(|l| l.router.route(&request)).cloned(),
-            Some(_) => None,
+        let target = match listener {
+            Some(listener) if denied.is_none() => self.route(&request, &snapshot, listener),
+            _ => None,
         };
         // Phase: forward.
-        let forwarded = target.as_ref().map(
-            |target| -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
+        let forwarded = match target {
+            Some(Target::Rule(target)) => {
                 record.set_route(target.route.clone());
-                Box::pin(target.service.clone().oneshot(request))
-            },
-        );
+                let route = target.route.clone();
+                let forwarded: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
+                    Box::pin(target.service.clone().oneshot(request));
+                Ok((route, forwarded))
+            }
+            Some(Target::Original(original)) => {
+                let route = original.name().clone();
+                record.set_route(route.clone());
+                Ok((route, original.forward(request)))
+            }
+            Some(Target::Blocked(destination)) => Err(ErrorKind::OutsideMesh(destination)),
+            None => Err(denied.unwrap_or(ErrorKind::NoRoute)),
+        };
         Box::pin(async move {
             // Phase: respond.
-            let response = match (denied, target, forwarded) {
-                (Some(denied), _, _) => {
-                    let error = ProxyError::new(denied);
-                    record.failed(&error);
-                    error.to_response(None)
-                }
-                (None, Some(target), Some(forwarded)) => match forwarded.await {
+            let response = match forwarded {
+                Ok((route, forwarded)) => match forwarded.await {
                     Ok(response) => {
                         record.responded(&response);
                         response
                     }
                     Err(error) => {
                         record.failed(&error);
-                        error.to_response(Some(&target.route))
+                        error.to_response(Some(&route))
                     }
                 },
-                _ => {
-                    let error = ProxyError::new(ErrorKind::NoRoute);
+                Err(kind) => {
+                    let error = ProxyError::new(kind);
                     record.failed(&error);
                     error.to_response(None)
                 }

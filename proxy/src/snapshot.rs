@@ -5,14 +5,16 @@
 //! that applying a config takes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use infermesh_api::{BackendTls, Config, ListenerProtocol, ListenerTls};
+use infermesh_api::{BackendTls, Capture, Config, ListenerProtocol, ListenerTls, OutsideMesh};
 use infermesh_certs::{CertStore, SpiffeId};
 
 use crate::authorize::Authorization;
 use crate::backend::Backend;
+use crate::capture::default_rule;
 use crate::forward::{RuleService, rule_service};
 use crate::metrics::Metrics;
 use crate::router::{InvalidMatch, Router};
@@ -83,7 +85,7 @@ fn listener_tls(
 ) -> Result<crate::tls::Server, BuildError> {
     let what = format!("listener {name:?}");
     let store = identity_for(&what, identity)?;
-    crate::tls::Server::new(store, protocol, tls.mode, metrics).map_err(|e| tls_error(&what, e))
+    crate::tls::Server::new(store, protocol, tls.clone(), metrics).map_err(|e| tls_error(&what, e))
 }
 
 /// One immutable version of the running configuration.
@@ -96,10 +98,14 @@ pub struct Snapshot {
     pub applied_at: SystemTime,
     listeners: HashMap<ListenerId, Arc<ListenerEntry>>,
     backends: BTreeMap<String, Arc<Backend>>,
+    /// The default rule of each backend, by the `addresses` that stand for it.
+    addresses: HashMap<SocketAddr, Arc<RuleTarget>>,
 }
 
 /// What a listener serves.
 pub struct ListenerEntry {
+    /// The listener's socket.
+    pub id: ListenerId,
     /// The listener's `metadata.name`.
     pub name: Arc<str>,
     /// The HTTP versions it accepts.
@@ -110,6 +116,18 @@ pub struct ListenerEntry {
     pub tls: Option<crate::tls::Server>,
     /// Its authorization policies, when any apply.
     pub authorization: Option<Authorization>,
+    /// Which of a pod's traffic it captures, for a sidecar.
+    pub capture: Option<Capture>,
+    /// What an outbound capture listener does with destinations outside
+    /// the mesh.
+    pub outside_mesh: OutsideMesh,
+}
+
+impl ListenerEntry {
+    /// Whether the listener takes a pod's outbound traffic.
+    pub fn is_outbound_capture(&self) -> bool {
+        self.capture == Some(Capture::Outbound)
+    }
 }
 
 /// Where a matched request goes: the rule's route name (for logs and
@@ -191,12 +209,34 @@ impl Snapshot {
             })
             .collect();
 
+        // A request sent to one of a backend's addresses goes through a
+        // rule of every default, logged under the backend's name.
+        let mut addresses = HashMap::new();
+        for resource in &config.backends {
+            if resource.spec.addresses.is_empty() {
+                continue;
+            }
+            let name: Arc<str> = Arc::from(resource.name.as_str());
+            let target = Arc::new(RuleTarget {
+                route: name.clone(),
+                service: rule_service(&default_rule(&name), &name, &backends, metrics),
+            });
+            for address in &resource.spec.addresses {
+                addresses.insert(*address, target.clone());
+            }
+        }
+
         let mut listeners = HashMap::new();
         for listener in &config.listeners {
             let mut router = Router::builder();
             for (route, targets) in config.routes.iter().zip(&targets) {
-                let attached = route.spec.listeners.is_empty()
-                    || route.spec.listeners.contains(&listener.name);
+                // An inbound capture listener forwards to the app; a route
+                // takes its requests elsewhere only when it says so.
+                let attached = if route.spec.listeners.is_empty() {
+                    !listener.spec.is_inbound_capture()
+                } else {
+                    route.spec.listeners.contains(&listener.name)
+                };
                 if !attached {
                     continue;
                 }
@@ -210,14 +250,13 @@ impl Snapshot {
             listeners.insert(
                 id,
                 Arc::new(ListenerEntry {
+                    id,
                     name: Arc::from(listener.name.as_str()),
                     protocol: listener.spec.protocol,
                     router: router.build(),
-                    authorization: Authorization::for_listener(
-                        &listener.name,
-                        &config.policies,
-                        metrics,
-                    ),
+                    authorization: Authorization::for_listener(listener, &config.policies, metrics),
+                    capture: listener.spec.capture,
+                    outside_mesh: listener.spec.outside_mesh.unwrap_or_default(),
                     tls: match &listener.spec.tls {
                         None => None,
                         Some(tls) => Some(listener_tls(
@@ -245,12 +284,24 @@ impl Snapshot {
             applied_at: SystemTime::now(),
             listeners,
             backends,
+            addresses,
         })
     }
 
     /// What the listener with socket `id` serves.
     pub fn listener(&self, id: ListenerId) -> Option<&ListenerEntry> {
         self.listeners.get(&id).map(|entry| &**entry)
+    }
+
+    /// What the listener with socket `id` serves, to keep for the life of a
+    /// connection.
+    pub fn listener_entry(&self, id: ListenerId) -> Option<Arc<ListenerEntry>> {
+        self.listeners.get(&id).cloned()
+    }
+
+    /// The default rule of the backend that `address` stands for.
+    pub fn by_address(&self, address: SocketAddr) -> Option<&Arc<RuleTarget>> {
+        self.addresses.get(&address)
     }
 
     /// The backends, by name.

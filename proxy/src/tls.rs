@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use infermesh_api::{ListenerProtocol, TlsMode, UpstreamProtocol};
+use infermesh_api::{ListenerProtocol, ListenerTls, TlsMode, UpstreamProtocol};
 use infermesh_certs::{
     CertStore, ClientOptions, ExpectedIdentity, HandshakeFailure, ServerOptions, SpiffeId,
     client_config_with, peer_identity, server_config,
@@ -95,16 +95,16 @@ fn count(handshakes: &IntCounterVec, direction: &str, error: Option<&io::Error>)
 #[derive(Clone)]
 pub struct Server {
     acceptor: TlsAcceptor,
-    mode: TlsMode,
+    modes: ListenerTls,
     handshakes: IntCounterVec,
 }
 
 impl Server {
-    /// For a listener speaking `protocol`, in `mode`.
+    /// For a listener speaking `protocol`, in the modes of `modes`.
     pub fn new(
         store: &Arc<CertStore>,
         protocol: ListenerProtocol,
-        mode: TlsMode,
+        modes: ListenerTls,
         metrics: &Metrics,
     ) -> Result<Self, rustls::Error> {
         let alpn: &[&[u8]] = match protocol {
@@ -121,16 +121,19 @@ impl Server {
         )?;
         Ok(Server {
             acceptor: TlsAcceptor::from(config),
-            mode,
+            modes,
             handshakes: metrics.tls_handshakes.clone(),
         })
     }
 
-    /// Whether the client on `stream` starts a TLS handshake, looking at
-    /// its first byte without taking it. In strict mode every client must.
-    pub async fn wants_tls(&self, stream: &TcpStream) -> io::Result<bool> {
-        if self.mode == TlsMode::Strict {
-            return Ok(true);
+    /// Whether the client on `stream`, which connected to `port`, is to
+    /// speak TLS: in strict mode every client must, in disable mode none
+    /// may, in permissive mode its first byte (looked at, not taken) says.
+    pub async fn wants_tls(&self, stream: &TcpStream, port: u16) -> io::Result<bool> {
+        match self.modes.mode_for(port) {
+            TlsMode::Strict => return Ok(true),
+            TlsMode::Disable => return Ok(false),
+            TlsMode::Permissive => {}
         }
         let mut first = [0u8; 1];
         let read = stream.peek(&mut first).await?;
