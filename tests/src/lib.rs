@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod identity;
 pub mod process;
 
 use std::path::PathBuf;

@@ -35,12 +35,24 @@ impl Gateway {
 
     /// Starts a gateway with extra command-line arguments.
     pub fn start_with_args(config: &str, args: &[&str]) -> Gateway {
+        Self::start_mode("gateway", config, args)
+    }
+
+    /// Starts `infermesh-proxy sidecar` with extra command-line arguments
+    /// (the identity flags at least). `config` should redefine the
+    /// `inbound` and `outbound` listeners on `127.0.0.1:0`, since several
+    /// sidecars share this host's ports.
+    pub fn start_sidecar(config: &str, args: &[&str]) -> Gateway {
+        Self::start_mode("sidecar", config, args)
+    }
+
+    fn start_mode(mode: &str, config: &str, args: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write the config");
         let mut child = Command::new(crate::binary("infermesh-proxy"))
             .args(["--log-format", "json", "--log-level", "info"])
-            .arg("gateway")
+            .arg(mode)
             .arg("--config")
             .arg(&path)
             .args([

@@ -17,58 +17,21 @@ use hyper_util::server::conn::auto;
 use infermesh_certs::{CertStore, ServerOptions, peer_identity, server_config};
 use infermesh_tests::backend::{MockBackend, Protocol, full};
 use infermesh_tests::client;
+use infermesh_tests::identity::{ca_init, ca_issue, identity_args};
 use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
 use tokio::net::TcpListener;
 
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/edge/sa/gateway";
 const LLAMA_ID: &str = "spiffe://cluster.local/ns/models/sa/llama";
 
-fn control_plane(args: &[&str]) {
-    let output = Command::new(infermesh_tests::binary("infermesh-control-plane"))
-        .args(args)
-        .output()
-        .expect("run infermesh-control-plane");
-    assert!(
-        output.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-fn ca_init(out: &str) {
-    control_plane(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "cluster.local",
-        "--out",
-        out,
-    ]);
-}
-
-fn ca_issue(ca: &str, identity: &str, out: &str, extra: &[&str]) {
-    let mut args = vec![
-        "ca",
-        "issue",
-        "--ca",
-        ca,
-        "--identity",
-        identity,
-        "--out",
-        out,
-    ];
-    args.extend_from_slice(extra);
-    control_plane(&args);
-}
-
 /// A CA in `dir/ca` and certificates for the gateway and the model server.
 fn issue_all(dir: &Path) -> (PathBuf, PathBuf) {
     let ca = dir.join("ca");
-    ca_init(ca.to_str().unwrap());
+    ca_init(&ca);
     let gateway = dir.join("gateway");
     let llama = dir.join("llama");
     for (id, out) in [(GATEWAY_ID, &gateway), (LLAMA_ID, &llama)] {
-        ca_issue(ca.to_str().unwrap(), id, out.to_str().unwrap(), &[]);
+        ca_issue(&ca, id, out, &[]);
     }
     (gateway, llama)
 }
@@ -76,19 +39,8 @@ fn issue_all(dir: &Path) -> (PathBuf, PathBuf) {
 /// Starts a gateway serving `config` with the identity whose files
 /// `infermesh-control-plane ca issue` wrote into `certs`.
 fn start_with_identity(certs: &Path, config: &str) -> Gateway {
-    let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
-    let (cert, key, bundle) = (file("cert.pem"), file("key.pem"), file("bundle.pem"));
-    Gateway::start_with_args(
-        config,
-        &[
-            "--identity-cert",
-            &cert,
-            "--identity-key",
-            &key,
-            "--trust-bundle",
-            &bundle,
-        ],
-    )
+    let args = identity_args(certs);
+    Gateway::start_with_args(config, &args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// A model's proxy: a strict mutual-TLS listener `mesh` in front of `app`,
@@ -231,9 +183,9 @@ spec:
     let expiry = "infermesh_identity_cert_expiry_timestamp_seconds";
     let before = client::metric_value(&client::metrics(gateway.health).await, expiry).unwrap();
     ca_issue(
-        dir.path().join("ca").to_str().unwrap(),
+        &dir.path().join("ca"),
         GATEWAY_ID,
-        gateway_certs.to_str().unwrap(),
+        &gateway_certs,
         &["--ttl", "48h", "--force"],
     );
     let after = client::wait_for_metric(
@@ -296,13 +248,8 @@ async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
     let (edge_certs, llama_certs) = issue_all(dir.path());
     // A peer with a certificate of the right shape from another CA.
     let other = dir.path().join("other");
-    ca_init(other.join("ca").to_str().unwrap());
-    ca_issue(
-        other.join("ca").to_str().unwrap(),
-        GATEWAY_ID,
-        other.join("edge").to_str().unwrap(),
-        &[],
-    );
+    ca_init(&other.join("ca"));
+    ca_issue(&other.join("ca"), GATEWAY_ID, &other.join("edge"), &[]);
 
     let app = MockBackend::echo("app", Protocol::Http1).await;
     // The model's proxy: mutual TLS in, plaintext to the app on loopback.
@@ -371,15 +318,8 @@ async fn two_proxies_talk_mtls_and_a_strict_listener_refuses_everyone_else() {
 async fn short_lived_certificates_rotate_under_load_without_a_failure_or_a_dropped_connection() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
-    ca_init(ca.to_str().unwrap());
-    let issue = |id: &str, out: &Path| {
-        ca_issue(
-            ca.to_str().unwrap(),
-            id,
-            out.to_str().unwrap(),
-            &["--ttl", "20s", "--force"],
-        );
-    };
+    ca_init(&ca);
+    let issue = |id: &str, out: &Path| ca_issue(&ca, id, out, &["--ttl", "20s", "--force"]);
     let (edge_certs, llama_certs) = (dir.path().join("edge"), dir.path().join("llama"));
     issue(GATEWAY_ID, &edge_certs);
     issue(LLAMA_ID, &llama_certs);
@@ -432,9 +372,9 @@ async fn authorization_policies_allow_and_deny_by_caller_identity_and_request() 
     let (edge_certs, llama_certs) = issue_all(dir.path());
     let batch_certs = dir.path().join("batch");
     ca_issue(
-        dir.path().join("ca").to_str().unwrap(),
+        &dir.path().join("ca"),
         "spiffe://cluster.local/ns/batch/sa/jobs",
-        batch_certs.to_str().unwrap(),
+        &batch_certs,
         &[],
     );
     let app = MockBackend::echo("app", Protocol::Http1).await;
