@@ -8,6 +8,8 @@
 //! [`pool`]), answered, and observed ([`access_log`], [`metrics`]). The
 //! configuration is one immutable [`snapshot::Snapshot`] swapped atomically
 //! on reload; bodies are streamed frame by frame and never collected.
+//! [`intercept`] installs the iptables rules that send a pod's traffic
+//! through its sidecar proxy (`infermesh-proxy init`).
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +26,7 @@ pub mod forward;
 pub mod gateway;
 pub mod headers;
 pub mod identity;
+pub mod intercept;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;

@@ -7,11 +7,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use infermesh_api::Source;
 use infermesh_proxy::config_file::{self, ConfigFileError};
 use infermesh_proxy::gateway::{self, GatewayOptions};
 use infermesh_proxy::identity::IdentityFiles;
+use infermesh_proxy::intercept::{
+    self, CidrList, InterceptConfig, Iptables, Ipv4Cidr, PortList, Selection,
+};
 use infermesh_proxy::logging::{self, LogFormat};
 use infermesh_proxy::sidecar;
 
@@ -53,10 +56,84 @@ enum Command {
         #[arg(long)]
         sidecar: bool,
     },
+    /// Install the iptables rules (nat table, IPv4) that send the pod's TCP
+    /// traffic through its sidecar proxy; run once per pod, as root with
+    /// NET_ADMIN and NET_RAW (a Kubernetes init container). Running it
+    /// again leaves the same rules.
+    Init(InitArgs),
 }
 
+/// `infermesh-proxy init`'s options.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Interception")]
+struct InitArgs {
+    /// The proxy's inbound port: inbound TCP is redirected there.
+    #[arg(long, default_value_t = intercept::DEFAULT_INBOUND_PORT, value_parser = intercept::parse_port)]
+    inbound_port: u16,
+    /// The proxy's outbound port: outbound TCP is redirected there.
+    #[arg(long, default_value_t = intercept::DEFAULT_OUTBOUND_PORT, value_parser = intercept::parse_port)]
+    outbound_port: u16,
+    /// The proxy's health port, never redirected, so kubelet probes reach
+    /// the proxy.
+    #[arg(long, default_value_t = intercept::DEFAULT_HEALTH_PORT, value_parser = intercept::parse_port)]
+    health_port: u16,
+    /// The UID the proxy runs as; its traffic is never redirected.
+    #[arg(long, default_value_t = intercept::DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+    /// The GID whose traffic is never redirected [default: --proxy-uid].
+    #[arg(long)]
+    proxy_gid: Option<u32>,
+    /// Inbound ports never redirected, comma-separated (e.g. 22,9090).
+    #[arg(long, value_name = "PORTS")]
+    exclude_inbound_ports: Option<PortList>,
+    /// Inbound ports redirected: `*` for all, or a comma-separated list.
+    #[arg(long, value_name = "PORTS", default_value = "*")]
+    include_inbound_ports: Selection<u16>,
+    /// Outbound destination ports never redirected, comma-separated.
+    #[arg(long, value_name = "PORTS")]
+    exclude_outbound_ports: Option<PortList>,
+    /// Outbound destinations never redirected: IPv4 CIDRs, comma-separated
+    /// (e.g. 10.96.0.0/12,169.254.169.254/32).
+    #[arg(long, value_name = "CIDRS")]
+    exclude_outbound_cidrs: Option<CidrList>,
+    /// Outbound destinations redirected: `*` for all, or comma-separated
+    /// IPv4 CIDRs.
+    #[arg(long, value_name = "CIDRS", default_value = "*")]
+    include_outbound_cidrs: Selection<Ipv4Cidr>,
+    /// The iptables to use (e.g. iptables-legacy); `-save` and `-restore`
+    /// are looked for beside it.
+    #[arg(long, default_value = "iptables")]
+    iptables: PathBuf,
+    /// Remove the rules instead (every INFERMESH_ chain and the jumps to
+    /// them); succeeds when none are installed.
+    #[arg(long)]
+    cleanup: bool,
+    /// Print the iptables-restore input instead of applying it; needs
+    /// neither root nor iptables.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl InitArgs {
+    fn config(&self) -> InterceptConfig {
+        InterceptConfig {
+            inbound_port: self.inbound_port,
+            outbound_port: self.outbound_port,
+            health_port: self.health_port,
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid.unwrap_or(self.proxy_uid),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone().unwrap_or_default().0,
+            include_inbound_ports: self.include_inbound_ports.clone(),
+            exclude_outbound_ports: self.exclude_outbound_ports.clone().unwrap_or_default().0,
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone().unwrap_or_default().0,
+            include_outbound_cidrs: self.include_outbound_cidrs.clone(),
+        }
+    }
+}
+
+
 /// How a gateway or a sidecar is started.
-#[derive(clap::Args, Debug)]
+#[derive(Args, Debug)]
 struct RunArgs {
     /// The config file (Listener, Backend, Route and AuthorizationPolicy
     /// documents).
@@ -112,6 +189,7 @@ fn main() -> ExitCode {
         Command::Check { config, sidecar } => {
             return check(&config, if sidecar { sidecar::BUILT_IN } else { &[] });
         }
+        Command::Init(args) => return init(&args),
         Command::Gateway(args) => args.into_options(&[]),
         Command::Sidecar(args) => {
             if args.identity_cert.is_none() {
@@ -146,6 +224,84 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `init`: a one-shot that runs the iptables programs; it needs neither
+/// the tokio runtime nor logging.
+fn init(args: &InitArgs) -> ExitCode {
+    let config = args.config();
+    if args.dry_run {
+        if args.cleanup {
+            print!("{}", intercept::cleanup_dry_run());
+        } else {
+            print!("{}", intercept::dry_run(&config));
+        }
+        return ExitCode::SUCCESS;
+    }
+    let iptables = Iptables::new(&args.iptables);
+    if args.cleanup {
+        return match intercept::cleanup(&iptables) {
+            Ok(plan) if plan.is_noop() => {
+                println!(
+                    "infermesh-proxy init --cleanup: nothing to remove, no INFERMESH_ chain or jump is installed"
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(plan) => {
+                println!(
+                    "infermesh-proxy init --cleanup: removed with {}\n  jumps: {}\n  chains: {}",
+                    iptables.restore_program().display(),
+                    listed(&plan.jumps_removed),
+                    listed(&plan.chains_removed)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("infermesh-proxy init --cleanup: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match intercept::install(&iptables, &config) {
+        Ok(plan) => {
+            let jumps = if plan.jumps_added.is_empty() {
+                "already in place".to_owned()
+            } else {
+                format!("added {}", listed(&plan.jumps_added))
+            };
+            println!(
+                "infermesh-proxy init: nat rules installed with {}\n  {}\n  chains: {}\n  jumps: {jumps}",
+                iptables.restore_program().display(),
+                config.to_string().replace('\n', "\n  "),
+                listed(&plan.chains_written)
+            );
+            if !plan.jumps_removed.is_empty() || !plan.chains_removed.is_empty() {
+                println!(
+                    "  removed: jumps {}; chains {}",
+                    listed(&plan.jumps_removed),
+                    listed(&plan.chains_removed)
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("infermesh-proxy init: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Chains or rules for a summary line: rules without their `-A `/`-D `,
+/// comma-separated; `none` when there is none.
+fn listed(items: &[String]) -> String {
+    if items.is_empty() {
+        return "none".to_owned();
+    }
+    items
+        .iter()
+        .map(|i| i.trim_start_matches("-A ").trim_start_matches("-D "))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn check(path: &std::path::Path, built_in: &[Source<'_>]) -> ExitCode {
