@@ -131,7 +131,6 @@ impl InitArgs {
     }
 }
 
-
 /// How a gateway or a sidecar is started.
 #[derive(Args, Debug)]
 struct RunArgs {

@@ -35,7 +35,7 @@ impl Gateway {
 
     /// Starts a gateway with extra command-line arguments.
     pub fn start_with_args(config: &str, args: &[&str]) -> Gateway {
-        Self::start_mode("gateway", config, args)
+        Self::start_mode(&[], "gateway", config, args)
     }
 
     /// Starts `infermesh-proxy sidecar` with extra command-line arguments
@@ -43,14 +43,32 @@ impl Gateway {
     /// `inbound` and `outbound` listeners on `127.0.0.1:0`, since several
     /// sidecars share this host's ports.
     pub fn start_sidecar(config: &str, args: &[&str]) -> Gateway {
-        Self::start_mode("sidecar", config, args)
+        Self::start_mode(&[], "sidecar", config, args)
     }
 
-    fn start_mode(mode: &str, config: &str, args: &[&str]) -> Gateway {
+    /// Starts `infermesh-proxy sidecar` inside network namespace
+    /// `namespace` (`ip netns exec`), where it may keep its default ports.
+    /// Its admin and health servers are reachable only from inside.
+    pub fn start_sidecar_in_namespace(namespace: &str, config: &str, args: &[&str]) -> Gateway {
+        Self::start_mode(&["ip", "netns", "exec", namespace], "sidecar", config, args)
+    }
+
+    /// Starts the proxy in `mode`, through the `wrapper` command if any
+    /// (which must exec the proxy, so that killing it kills the proxy).
+    fn start_mode(wrapper: &[&str], mode: &str, config: &str, args: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("gateway.yaml");
         std::fs::write(&path, config).expect("write the config");
-        let mut child = Command::new(crate::binary("infermesh-proxy"))
+        let proxy = crate::binary("infermesh-proxy");
+        let mut command = match wrapper.split_first() {
+            None => Command::new(&proxy),
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(&proxy);
+                command
+            }
+        };
+        let mut child = command
             .args(["--log-format", "json", "--log-level", "info"])
             .arg(mode)
             .arg("--config")
