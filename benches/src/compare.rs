@@ -28,6 +28,13 @@
 //! The target `infermesh-bare` is infermesh-proxy with its resilience
 //! stack turned down as far as it goes (round robin, no outlier detection,
 //! no retries), to measure what the stack costs.
+//!
+//! The targets `infermesh-pair` and `infermesh-mtls-pair` are two
+//! infermesh-proxy processes in a row, as a caller's and a model's
+//! sidecars carry a request: the caller's proxy forwards over HTTP/2 to the
+//! model's, in plaintext or over mutual TLS with SPIFFE identities (a CA
+//! and certificates made with `infermesh-control-plane ca`). CPU and memory
+//! are those of both proxies together.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -86,6 +93,10 @@ pub enum TargetKind {
     /// infermesh-proxy without retries, outlier detection or a
     /// load-aware balancer.
     InfermeshBare,
+    /// Two infermesh-proxy processes in a row, plaintext between them.
+    InfermeshPair,
+    /// Two infermesh-proxy processes in a row, mutual TLS between them.
+    InfermeshMtlsPair,
     /// HAProxy in HTTP mode with keep-alive to the backends.
     Haproxy,
     /// nginx as a reverse proxy with upstream keep-alive.
@@ -98,6 +109,8 @@ impl TargetKind {
             TargetKind::Direct => "direct",
             TargetKind::Infermesh => "infermesh",
             TargetKind::InfermeshBare => "infermesh-bare",
+            TargetKind::InfermeshPair => "infermesh-pair",
+            TargetKind::InfermeshMtlsPair => "infermesh-mtls-pair",
             TargetKind::Haproxy => "haproxy",
             TargetKind::Nginx => "nginx",
         }
@@ -288,8 +301,28 @@ fn signal(pid: u32, signal: Signal) -> nix::Result<()> {
 struct Ready {
     kind: TargetKind,
     url: String,
-    /// The proxy process, whose CPU and memory are measured.
-    process: Option<Started>,
+    /// The proxy processes, whose CPU and memory are measured.
+    processes: Vec<Started>,
+}
+
+impl Ready {
+    /// CPU seconds and peak memory of every proxy process (and its
+    /// children), added up; `None` without any.
+    fn usage(&self) -> Option<process::Usage> {
+        let mut total: Option<process::Usage> = None;
+        for started in &self.processes {
+            let usage = process::tree(started.child.id()).ok()?;
+            total = Some(match total {
+                None => usage,
+                Some(t) => process::Usage {
+                    cpu_seconds: t.cpu_seconds + usage.cpu_seconds,
+                    rss_bytes: t.rss_bytes + usage.rss_bytes,
+                    peak_rss_bytes: t.peak_rss_bytes + usage.peak_rss_bytes,
+                },
+            });
+        }
+        total
+    }
 }
 
 /// Runs `comparison`, printing progress on standard error. `work` is a
@@ -347,10 +380,9 @@ pub async fn run(comparison: &Comparison, work: &Path) -> anyhow::Result<Compari
             } else {
                 None
             };
-            let pid = target.process.as_ref().map(|p| p.child.id());
-            let before = pid.and_then(|p| process::tree(p).ok());
+            let before = target.usage();
             let fixed = load::run(options(url, Some(load.rate), target.kind.name())).await?;
-            let after = pid.and_then(|p| process::tree(p).ok());
+            let after = target.usage();
             let cpu = match (before, after) {
                 (Some(b), Some(a)) if fixed.requests > 0 => {
                     Some((a.cpu_seconds - b.cpu_seconds) / fixed.requests as f64)
@@ -432,11 +464,7 @@ fn summarize(target: &Ready, measured: &[Measurement]) -> Summary {
         p99: of(&|m| Some(m.fixed_rate.latency.p99)).unwrap_or_default(),
         p999: of(&|m| Some(m.fixed_rate.latency.p999)).unwrap_or_default(),
         cpu_micros_per_request: of(&|m| m.cpu_seconds_per_request.map(|c| c * 1e6)),
-        peak_rss_bytes: target
-            .process
-            .as_ref()
-            .and_then(|p| process::tree(p.child.id()).ok())
-            .map(|u| u.peak_rss_bytes),
+        peak_rss_bytes: target.usage().map(|u| u.peak_rss_bytes),
         failed: measured.iter().map(|m| m.fixed_rate.errors.total()).sum(),
     }
 }
@@ -580,20 +608,52 @@ fn log_file(work: &Path, name: &str) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("cannot create the {name} log"))
 }
 
-/// The gateway config of an infermesh target, as JSON documents (which
-/// are YAML too).
+/// How one infermesh-proxy process of a target is set up.
+struct Hop<'a> {
+    /// Where it forwards.
+    upstream: &'a [SocketAddr],
+    /// Its listener requires mutual TLS.
+    tls_listener: bool,
+    /// It speaks HTTP/2 with mutual TLS to the upstream, which must
+    /// present this SPIFFE ID.
+    upstream_identity: Option<&'a str>,
+    /// It speaks HTTP/2 to the upstream (another proxy).
+    upstream_http2: bool,
+}
+
+impl<'a> Hop<'a> {
+    /// A proxy in front of `upstream`, the mock servers.
+    fn to(upstream: &'a [SocketAddr]) -> Self {
+        Hop {
+            upstream,
+            tls_listener: false,
+            upstream_identity: None,
+            upstream_http2: false,
+        }
+    }
+}
+
+/// The config of one infermesh-proxy process of a target, as JSON
+/// documents (which are YAML too).
 fn infermesh_config(
     kind: TargetKind,
     port: u16,
-    backends: &[SocketAddr],
+    hop: &Hop<'_>,
     infermesh: &InfermeshSpec,
 ) -> String {
     use serde_json::{Value, json};
-    let endpoints: Vec<Value> = backends
+    let endpoints: Vec<Value> = hop
+        .upstream
         .iter()
         .map(|b| json!({ "address": b.to_string() }))
         .collect();
     let mut backend = json!({ "endpoints": endpoints });
+    if hop.upstream_http2 {
+        backend["protocol"] = json!("http2");
+    }
+    if let Some(identity) = hop.upstream_identity {
+        backend["tls"] = json!({ "identity": identity });
+    }
     let mut rule = json!({ "backends": [{ "name": "mock" }] });
     let (more_backend, more_rule) = match kind {
         TargetKind::InfermeshBare => (
@@ -613,8 +673,12 @@ fn infermesh_config(
             target.extend(more);
         }
     }
+    let mut listener = json!({ "address": format!("127.0.0.1:{port}") });
+    if hop.tls_listener {
+        listener["tls"] = json!({ "mode": "strict" });
+    }
     let documents = [
-        json!({ "kind": "Listener", "metadata": { "name": "bench" }, "spec": { "address": format!("127.0.0.1:{port}") } }),
+        json!({ "kind": "Listener", "metadata": { "name": "bench" }, "spec": listener }),
         json!({ "kind": "Backend", "metadata": { "name": "mock" }, "spec": backend }),
         json!({ "kind": "Route", "metadata": { "name": "all" }, "spec": { "rules": [rule] } }),
     ];
@@ -628,57 +692,194 @@ fn infermesh_config(
         .collect()
 }
 
+/// A workspace binary next to `infermesh-bench` (or `configured`).
+fn sibling_binary(name: &str, configured: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let binary = match configured {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} not found (build it with cargo build --release, or set infermesh.binary)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// The SPIFFE IDs of the mTLS pair.
+const CALLER_IDENTITY: &str = "spiffe://bench.local/ns/bench/sa/caller";
+const MODEL_IDENTITY: &str = "spiffe://bench.local/ns/bench/sa/model";
+
+/// A CA and the certificates of both proxies of the mTLS pair, made with
+/// `infermesh-control-plane ca`; returns the identity flags of each.
+fn pair_identities(work: &Path) -> anyhow::Result<[Vec<String>; 2]> {
+    let control_plane = sibling_binary("infermesh-control-plane", None)?;
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let output = Command::new(&control_plane).args(args).output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "infermesh-control-plane {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    let dir = work.join("identities");
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    run(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "bench.local",
+        "--out",
+        &path("ca"),
+        "--force",
+    ])?;
+    let mut flags = Vec::new();
+    for (identity, name) in [(CALLER_IDENTITY, "caller"), (MODEL_IDENTITY, "model")] {
+        run(&[
+            "ca",
+            "issue",
+            "--ca",
+            &path("ca"),
+            "--identity",
+            identity,
+            "--out",
+            &path(name),
+            "--force",
+        ])?;
+        let file = |f: &str| dir.join(name).join(f).to_string_lossy().into_owned();
+        flags.push(vec![
+            "--identity-cert".to_owned(),
+            file("cert.pem"),
+            "--identity-key".to_owned(),
+            file("key.pem"),
+            "--trust-bundle".to_owned(),
+            file("bundle.pem"),
+        ]);
+    }
+    let [caller, model]: [Vec<String>; 2] = flags.try_into().expect("two identities");
+    Ok([caller, model])
+}
+
+/// Starts one infermesh-proxy process of target `kind` as `hop`, named
+/// `name` (its config and log files), with more `args`.
+fn start_infermesh(
+    kind: TargetKind,
+    name: &'static str,
+    hop: &Hop<'_>,
+    args: &[String],
+    infermesh: &InfermeshSpec,
+    work: &Path,
+) -> anyhow::Result<(Started, u16)> {
+    let binary = sibling_binary("infermesh-proxy", infermesh.binary.as_ref())?;
+    let port = free_port()?;
+    let file = work.join(format!("{name}.yaml"));
+    std::fs::write(&file, infermesh_config(kind, port, hop, infermesh))?;
+    let filter = if infermesh.access_log {
+        "info"
+    } else {
+        "info,infermesh::access=off"
+    };
+    let mut command = Command::new(&binary);
+    command
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            filter,
+            "gateway",
+            "--config",
+        ])
+        .arg(&file)
+        .args([
+            "--admin-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+        ])
+        .args(args);
+    Ok((spawn(name, "infermesh-proxy", port, command, work)?, port))
+}
+
+/// Starts `command` (the `program` listening on `port`), logging to the
+/// file `name`, and waits until it listens.
+fn spawn(
+    name: &str,
+    program: &'static str,
+    port: u16,
+    mut command: Command,
+    work: &Path,
+) -> anyhow::Result<Started> {
+    let log = log_file(work, name)?;
+    let mut child = command
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    wait_for_port(port, program, &mut child)?;
+    Ok(Started {
+        child,
+        name: program,
+    })
+}
+
 fn start_target(
     kind: TargetKind,
     backends: &[SocketAddr],
     infermesh: &InfermeshSpec,
     work: &Path,
 ) -> anyhow::Result<Ready> {
-    let (program, port, mut command) = match kind {
-        TargetKind::Direct => {
-            return Ok(Ready {
-                kind,
-                url: format!("http://{}", backends[0]),
-                process: None,
-            });
-        }
+    let ready = |port: u16, processes: Vec<Started>| Ready {
+        kind,
+        url: format!("http://127.0.0.1:{port}"),
+        processes,
+    };
+    match kind {
+        TargetKind::Direct => Ok(Ready {
+            kind,
+            url: format!("http://{}", backends[0]),
+            processes: Vec::new(),
+        }),
         TargetKind::Infermesh | TargetKind::InfermeshBare => {
-            let binary = match &infermesh.binary {
-                Some(b) => b.clone(),
-                None => std::env::current_exe()?.with_file_name("infermesh-proxy"),
-            };
-            anyhow::ensure!(
-                binary.is_file(),
-                "{} not found (build it with cargo build --release, or set infermesh.binary)",
-                binary.display()
-            );
-            let port = free_port()?;
-            let config = infermesh_config(kind, port, backends, infermesh);
-            let file = work.join(format!("{}.yaml", kind.name()));
-            std::fs::write(&file, config)?;
-            let mut command = Command::new(&binary);
-            let filter = if infermesh.access_log {
-                "info"
+            let hop = Hop::to(backends);
+            let (started, port) = start_infermesh(kind, kind.name(), &hop, &[], infermesh, work)?;
+            Ok(ready(port, vec![started]))
+        }
+        TargetKind::InfermeshPair | TargetKind::InfermeshMtlsPair => {
+            let mtls = kind == TargetKind::InfermeshMtlsPair;
+            let [caller_flags, model_flags] = if mtls {
+                pair_identities(work)?
             } else {
-                "info,infermesh::access=off"
+                [Vec::new(), Vec::new()]
             };
-            command
-                .args([
-                    "--log-format",
-                    "json",
-                    "--log-level",
-                    filter,
-                    "gateway",
-                    "--config",
-                ])
-                .arg(&file)
-                .args([
-                    "--admin-address",
-                    "127.0.0.1:0",
-                    "--health-address",
-                    "127.0.0.1:0",
-                ]);
-            ("infermesh-proxy", port, command)
+            let model_hop = Hop {
+                tls_listener: mtls,
+                ..Hop::to(backends)
+            };
+            let (model, model_port) = start_infermesh(
+                kind,
+                "pair-model",
+                &model_hop,
+                &model_flags,
+                infermesh,
+                work,
+            )?;
+            let model_address = [SocketAddr::from(([127, 0, 0, 1], model_port))];
+            let caller_hop = Hop {
+                upstream: &model_address,
+                tls_listener: false,
+                upstream_identity: mtls.then_some(MODEL_IDENTITY),
+                upstream_http2: true,
+            };
+            let (caller, port) = start_infermesh(
+                kind,
+                "pair-caller",
+                &caller_hop,
+                &caller_flags,
+                infermesh,
+                work,
+            )?;
+            Ok(ready(port, vec![caller, model]))
         }
         TargetKind::Haproxy => {
             anyhow::ensure!(
@@ -699,7 +900,10 @@ fn start_target(
             std::fs::write(&file, config)?;
             let mut command = Command::new("haproxy");
             command.args(["-db", "-f"]).arg(&file);
-            ("haproxy", port, command)
+            Ok(ready(
+                port,
+                vec![spawn(kind.name(), "haproxy", port, command, work)?],
+            ))
         }
         TargetKind::Nginx => {
             anyhow::ensure!(
@@ -721,24 +925,12 @@ fn start_target(
             std::fs::write(&file, config)?;
             let mut command = Command::new("nginx");
             command.arg("-c").arg(&file).arg("-p").arg(work);
-            ("nginx", port, command)
+            Ok(ready(
+                port,
+                vec![spawn(kind.name(), "nginx", port, command, work)?],
+            ))
         }
-    };
-    let log = log_file(work, kind.name())?;
-    let mut child = command
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot start {program}"))?;
-    wait_for_port(port, program, &mut child)?;
-    Ok(Ready {
-        kind,
-        url: format!("http://127.0.0.1:{port}"),
-        process: Some(Started {
-            child,
-            name: program,
-        }),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -760,7 +952,7 @@ mod tests {
         .unwrap();
         let backends = ["127.0.0.1:9000".parse().unwrap()];
         let load = |kind| {
-            let text = infermesh_config(kind, 8080, &backends, &spec);
+            let text = infermesh_config(kind, 8080, &Hop::to(&backends), &spec);
             infermesh_api::Config::load(&[infermesh_api::Source {
                 name: "bench.yaml",
                 text: &text,
@@ -786,6 +978,58 @@ mod tests {
         assert_eq!(
             bare.route("all").unwrap().spec.rules[0].retry.max_retries,
             0
+        );
+    }
+
+    #[test]
+    fn the_caller_of_an_mtls_pair_expects_the_models_identity_over_http2() {
+        let model = ["127.0.0.1:9001".parse().unwrap()];
+        let hop = Hop {
+            upstream: &model,
+            tls_listener: false,
+            upstream_identity: Some(MODEL_IDENTITY),
+            upstream_http2: true,
+        };
+        let text = infermesh_config(
+            TargetKind::InfermeshMtlsPair,
+            8080,
+            &hop,
+            &InfermeshSpec::default(),
+        );
+        let config = infermesh_api::Config::load(&[infermesh_api::Source {
+            name: "bench.yaml",
+            text: &text,
+        }])
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let backend = &config.backend("mock").unwrap().spec;
+        assert_eq!(backend.tls.as_ref().unwrap().identity, MODEL_IDENTITY);
+        assert_eq!(backend.protocol, infermesh_api::UpstreamProtocol::Http2);
+
+        let model_side = Hop {
+            tls_listener: true,
+            ..Hop::to(&model)
+        };
+        let text = infermesh_config(
+            TargetKind::InfermeshMtlsPair,
+            8081,
+            &model_side,
+            &InfermeshSpec::default(),
+        );
+        let config = infermesh_api::Config::load(&[infermesh_api::Source {
+            name: "bench.yaml",
+            text: &text,
+        }])
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            config
+                .listener("bench")
+                .unwrap()
+                .spec
+                .tls
+                .as_ref()
+                .unwrap()
+                .mode,
+            infermesh_api::TlsMode::Strict
         );
     }
 
