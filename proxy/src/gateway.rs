@@ -126,7 +126,7 @@ pub async fn run(options: GatewayOptions, log: Arc<LogControl>) -> anyhow::Resul
     };
     gateway.record_applied();
     gateway.shared.lifecycle.set_serving();
-    tracing::info!(version = %gateway.shared.snapshot.load().version, "gateway serving");
+    tracing::info!(version = %gateway.shared.snapshot.load().version, "serving");
     gateway.serve_until_shutdown(signals).await
 }
 

@@ -96,10 +96,7 @@ impl Gateway {
             admin: "0.0.0.0:0".parse().expect("address"),
             health: "0.0.0.0:0".parse().expect("address"),
         };
-        gateway.wait_for_log(
-            |l| l["message"] == "gateway serving",
-            Duration::from_secs(30),
-        );
+        gateway.wait_for_log(|l| l["message"] == "serving", Duration::from_secs(30));
         gateway.admin = gateway.server_address("admin");
         gateway.health = gateway.server_address("health");
         gateway

@@ -414,13 +414,11 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         Some(1.0),
         "one pooled connection"
     );
-    let version = gateway.wait_for_log(
-        |l| l["message"] == "gateway serving",
-        Duration::from_secs(1),
-    )["version"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let version =
+        gateway.wait_for_log(|l| l["message"] == "serving", Duration::from_secs(1))["version"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     assert_eq!(
         client::metric_value(
             &text,

@@ -221,9 +221,11 @@ async fn callers_with_a_foreign_expired_or_unexpected_certificate_are_refused() 
     assert_eq!(reply.status, 403);
     assert_eq!(reply.header("x-infermesh-error"), Some("unauthorized"));
 
-    // Once expired, the certificate no longer gets a connection.
+    // Once expired, the certificate no longer gets a connection. (Validity
+    // is checked in whole seconds: a certificate is still good during the
+    // second its notAfter names, so wait past that.)
     tokio::time::sleep(expires_at.saturating_duration_since(std::time::Instant::now())).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let reply = call(&expiring, MODEL_HOST, "/v1/models").await;
     assert_eq!(reply.status, 502, "{reply:?}");
     let metrics = client::metrics(model.health).await;
@@ -233,4 +235,45 @@ async fn callers_with_a_foreign_expired_or_unexpected_certificate_are_refused() 
     );
     // None of these callers reached the model server.
     assert_eq!(app.requests(), 0);
+}
+
+#[test]
+fn check_validates_a_sidecar_config_with_its_built_in_listeners() {
+    let check = |args: &[&str]| {
+        std::process::Command::new(infermesh_tests::binary("infermesh-proxy"))
+            .arg("check")
+            .args(args)
+            .output()
+            .expect("run infermesh-proxy check")
+    };
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/examples/sidecar.yaml"
+    );
+    let out = check(&["--sidecar", "--config", example]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 listeners"));
+
+    // A policy for the built-in inbound listener resolves only in a
+    // sidecar's config.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        config(&["kind: AuthorizationPolicy\nmetadata: { name: p }\nspec: { listeners: [inbound], rules: [{}] }"]),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    assert!(check(&["--sidecar", "--config", file]).status.success());
+    let out = check(&["--config", file]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("listener \"inbound\" is not defined"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
