@@ -51,6 +51,21 @@ pub fn ca_issue(ca: &Path, identity: &str, out: &Path, extra: &[&str]) {
     control_plane(&args);
 }
 
+/// A CA in `dir/ca` and, for each `(identity, name)`, a certificate in
+/// `dir/<name>`; returns those directories in order.
+pub fn ca_with(dir: &Path, identities: &[(&str, &str)]) -> Vec<std::path::PathBuf> {
+    let ca = dir.join("ca");
+    ca_init(&ca);
+    identities
+        .iter()
+        .map(|(identity, name)| {
+            let out = dir.join(name);
+            ca_issue(&ca, identity, &out, &[]);
+            out
+        })
+        .collect()
+}
+
 /// The proxy flags that load the files `ca_issue` wrote into `certs`.
 pub fn identity_args(certs: &Path) -> Vec<String> {
     let file = |name: &str| certs.join(name).to_str().expect("a UTF-8 path").to_owned();

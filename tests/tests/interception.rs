@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use infermesh_tests::identity::{ca_init, ca_issue, identity_args};
+use infermesh_tests::identity::{ca_with, identity_args};
 use infermesh_tests::netns::{Namespace, skipped};
 use infermesh_tests::process::{Gateway, config};
 
@@ -126,11 +126,8 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
     };
     connect(&caller, &model);
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    ca_init(&ca);
-    let (ui_certs, llama_certs) = (dir.path().join("ui"), dir.path().join("llama"));
-    ca_issue(&ca, UI_ID, &ui_certs, &[]);
-    ca_issue(&ca, LLAMA_ID, &llama_certs, &[]);
+    let certs = ca_with(dir.path(), &[(UI_ID, "ui"), (LLAMA_ID, "llama")]);
+    let (ui_certs, llama_certs) = (&certs[0], &certs[1]);
 
     // The model pod: a model server on 8000 (mesh traffic: mutual TLS
     // only) and a metrics port 9000 (plaintext allowed).
@@ -146,7 +143,7 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
     }
     let model_sidecar = start_sidecar(
         &model,
-        &llama_certs,
+        llama_certs,
         &[
             "kind: Listener\nmetadata: { name: inbound }\nspec:\n  address: 0.0.0.0:15006\n  capture: inbound\n  tls: { mode: strict, ports: [{ port: 9000, mode: disable }] }",
             "kind: AuthorizationPolicy\nmetadata: { name: edge-or-plaintext-metrics }\nspec:\n  rules:\n    - from: [{ namespaces: [edge] }]\n    - to: [{ pathPrefixes: [/metrics, /v1/models], methods: [GET] }]",
@@ -154,7 +151,7 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
     );
     let caller_sidecar = start_sidecar(
         &caller,
-        &ui_certs,
+        ui_certs,
         &[&format!(
             "kind: Backend\nmetadata: {{ name: llama }}\nspec:\n  addresses: [\"{MODEL_IP}:8000\"]\n  endpoints: [{{ address: \"{MODEL_IP}:8000\" }}]\n  tls: {{ identity: \"{LLAMA_ID}\" }}"
         )],

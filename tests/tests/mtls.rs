@@ -17,7 +17,7 @@ use hyper_util::server::conn::auto;
 use infermesh_certs::{CertStore, ServerOptions, peer_identity, server_config};
 use infermesh_tests::backend::{MockBackend, Protocol, full};
 use infermesh_tests::client;
-use infermesh_tests::identity::{ca_init, ca_issue, identity_args};
+use infermesh_tests::identity::{ca_init, ca_issue, ca_with, identity_args};
 use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
 use tokio::net::TcpListener;
 
@@ -26,14 +26,9 @@ const LLAMA_ID: &str = "spiffe://cluster.local/ns/models/sa/llama";
 
 /// A CA in `dir/ca` and certificates for the gateway and the model server.
 fn issue_all(dir: &Path) -> (PathBuf, PathBuf) {
-    let ca = dir.join("ca");
-    ca_init(&ca);
-    let gateway = dir.join("gateway");
-    let llama = dir.join("llama");
-    for (id, out) in [(GATEWAY_ID, &gateway), (LLAMA_ID, &llama)] {
-        ca_issue(&ca, id, out, &[]);
-    }
-    (gateway, llama)
+    let mut certs = ca_with(dir, &[(GATEWAY_ID, "gateway"), (LLAMA_ID, "llama")]);
+    let llama = certs.pop().expect("two");
+    (certs.pop().expect("two"), llama)
 }
 
 /// Starts a gateway serving `config` with the identity whose files

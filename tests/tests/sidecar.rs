@@ -15,7 +15,7 @@ use std::time::Duration;
 use http::Request;
 use infermesh_tests::backend::{MockBackend, Protocol};
 use infermesh_tests::client::{self, Reply};
-use infermesh_tests::identity::{ca_init, ca_issue, identity_args};
+use infermesh_tests::identity::{ca_init, ca_issue, ca_with, identity_args};
 use infermesh_tests::process::{Gateway, backend_with, config};
 
 const UI_ID: &str = "spiffe://cluster.local/ns/edge/sa/chat-ui";
@@ -98,15 +98,12 @@ fn inbound_handshakes(metrics: &str, result: &str, reason: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_flows_from_the_app_through_both_sidecars_over_mtls() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca");
-    ca_init(&ca);
-    let (ui_certs, llama_certs) = (dir.path().join("ui"), dir.path().join("llama"));
-    ca_issue(&ca, UI_ID, &ui_certs, &[]);
-    ca_issue(&ca, LLAMA_ID, &llama_certs, &[]);
+    let certs = ca_with(dir.path(), &[(UI_ID, "ui"), (LLAMA_ID, "llama")]);
+    let (ui_certs, llama_certs) = (&certs[0], &certs[1]);
 
     let app = MockBackend::echo("app", Protocol::Http1).await;
-    let model = model_sidecar(&llama_certs, app.addr);
-    let ui = caller_sidecar(&ui_certs, LLAMA_ID, model.listener("mesh"));
+    let model = model_sidecar(llama_certs, app.addr);
+    let ui = caller_sidecar(ui_certs, LLAMA_ID, model.listener("mesh"));
 
     let reply = call(&ui, MODEL_HOST, "/v1/models").await;
     assert_eq!(reply.status, 200, "{reply:?}");
