@@ -335,22 +335,28 @@ impl Config {
             }
         }
 
-        let mut owners: HashMap<SocketAddr, &str> = HashMap::new();
+        let mut owners: HashMap<SocketAddr, (&str, usize)> = HashMap::new();
         for backend in &self.backends {
             for (i, address) in backend.spec.addresses.iter().enumerate() {
-                if let Some(owner) = owners.insert(*address, &backend.name) {
-                    Checker::new(
-                        &backend.origin,
-                        resource_label(Kind::Backend, &backend.name),
-                        out,
+                let Some((owner, at)) = owners.insert(*address, (&backend.name, i)) else {
+                    continue;
+                };
+                let message = if owner == backend.name {
+                    format!("address {address} is already listed at addresses[{at}]")
+                } else {
+                    format!(
+                        "address {address} already stands for backend {owner:?}; an address can lead to one backend only"
                     )
-                    .error(
-                        FieldPath::root().key("spec").key("addresses").index(i),
-                        format!(
-                            "address {address} already stands for backend {owner:?}; an address can lead to one backend only"
-                        ),
-                    );
-                }
+                };
+                Checker::new(
+                    &backend.origin,
+                    resource_label(Kind::Backend, &backend.name),
+                    out,
+                )
+                .error(
+                    FieldPath::root().key("spec").key("addresses").index(i),
+                    message,
+                );
             }
         }
 

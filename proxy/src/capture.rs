@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use http::{Request, Response, Version};
 use infermesh_api::{
-    BackendRef, BackendSpec, EndpointSpec, RetryPolicy, RouteRule, UpstreamProtocol,
+    BackendRef, BackendSpec, EndpointSpec, RetryPolicy, RouteRule, RouteTimeouts, UpstreamProtocol,
 };
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
@@ -34,19 +34,72 @@ use crate::snapshot::RuleTarget;
 pub fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
     let socket = socket2::SockRef::from(stream);
-    let original = match local {
-        SocketAddr::V4(_) => socket.original_dst_v4(),
-        SocketAddr::V6(_) => socket.original_dst_v6(),
-    }
-    .ok()?
-    .as_socket()?;
-    (original != local).then_some(original)
+    // An IPv4 client of a dual-stack socket has a v4-mapped address, and
+    // its NAT record is IPv4's.
+    let ipv4 = match local {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let original = if ipv4 {
+        socket.original_dst_v4()
+    } else {
+        socket.original_dst_v6()
+    };
+    let original = match original {
+        Ok(address) => address.as_socket()?,
+        Err(e) => {
+            // ENOENT: no NAT record, the connection was not redirected.
+            if e.raw_os_error() != Some(2) {
+                tracing::warn!(error = %e, "cannot read a connection's original destination (SO_ORIGINAL_DST)");
+            }
+            return None;
+        }
+    };
+    let unmapped = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    (unmapped(original) != unmapped(local)).then_some(original)
 }
 
-/// How long an outbound connection to a destination outside the mesh may
-/// stay silent before it is taken for a protocol whose server speaks first
-/// (SMTP, MySQL...) and passed through as TCP.
+/// The header that carries, between sidecars, the HTTP version the app
+/// that made a request spoke, so that the sidecar in front of the app
+/// that answers speaks that version to it (HTTP/1.1 to a uvicorn server,
+/// HTTP/2 to a gRPC one) whatever version the two sidecars speak.
+pub const ORIGINAL_PROTOCOL: &str = "x-infermesh-original-protocol";
+
+/// Notes the version of `request` in [`ORIGINAL_PROTOCOL`], unless an
+/// earlier hop already did.
+pub fn note_original_protocol<B>(request: &mut Request<B>) {
+    if !request.headers().contains_key(ORIGINAL_PROTOCOL) {
+        let version = if request.version() == Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        };
+        request
+            .headers_mut()
+            .insert(ORIGINAL_PROTOCOL, http::HeaderValue::from_static(version));
+    }
+}
+
+/// The version to speak to the app for `request`: the one its caller's app
+/// spoke (taking the header off), or the one it came in.
+fn take_original_protocol<B>(request: &mut Request<B>) -> UpstreamProtocol {
+    match request.headers_mut().remove(ORIGINAL_PROTOCOL) {
+        Some(v) if v == "HTTP/2" => UpstreamProtocol::Http2,
+        Some(_) => UpstreamProtocol::Http1,
+        None if request.version() == Version::HTTP_2 => UpstreamProtocol::Http2,
+        None => UpstreamProtocol::Http1,
+    }
+}
+
+/// How long a captured connection may stay silent before it is taken for a
+/// protocol whose server speaks first (SMTP, MySQL...) and passed through
+/// as TCP. (To a destination known to speak HTTP, clients get
+/// [`MESH_DETECT_TIMEOUT`]: pools open connections ahead of requests.)
 pub const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a connection to a backend's address may stay silent before it
+/// is taken for another protocol than HTTP.
+pub const MESH_DETECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Request methods whose request line marks a connection as HTTP/1 (or the
 /// HTTP/2 preface, which starts with `PRI `).
@@ -103,19 +156,26 @@ pub async fn tunnel(
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     let _ = server.set_nodelay(true);
+    // A peer that vanished (no FIN, no RST) is found by keep-alive probes,
+    // so a tunnel does not stay open forever.
+    for socket in [&client, &server] {
+        let _ = socket2::SockRef::from(socket).set_keepalive(true);
+    }
     tokio::io::copy_bidirectional(&mut client, &mut server).await
 }
 
 /// The service that forwards one connection's requests to its original
-/// destination, made at its first request: a backend of that one endpoint,
-/// speaking the HTTP version the client speaks, with a rule's default
-/// timeouts and no retries (the caller, or the sidecar that called, retries).
+/// destination, made at the first request of each HTTP version: a backend
+/// of that one endpoint, speaking the version the app that made the request
+/// spoke ([`ORIGINAL_PROTOCOL`]), without retries or timeouts (the caller,
+/// or the sidecar that called, sets those).
 pub struct OriginalDestination {
     destination: SocketAddr,
     /// The name logs and metrics give it (`inbound` or `passthrough`).
     name: Arc<str>,
     metrics: Arc<Metrics>,
-    target: OnceCell<Arc<RuleTarget>>,
+    http1: OnceCell<Arc<RuleTarget>>,
+    http2: OnceCell<Arc<RuleTarget>>,
 }
 
 impl OriginalDestination {
@@ -125,7 +185,8 @@ impl OriginalDestination {
             destination,
             name: Arc::from(name),
             metrics,
-            target: OnceCell::new(),
+            http1: OnceCell::new(),
+            http2: OnceCell::new(),
         }
     }
 
@@ -137,12 +198,12 @@ impl OriginalDestination {
     /// Sends `request` to the destination.
     pub fn forward(
         self: Arc<Self>,
-        request: Request<ProxyBody>,
+        mut request: Request<ProxyBody>,
     ) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
         let target: BoxFuture<Arc<RuleTarget>> = {
             let this = self.clone();
-            let version = request.version();
-            Box::pin(async move { this.target(version).await })
+            let protocol = take_original_protocol(&mut request);
+            Box::pin(async move { this.target(protocol).await })
         };
         Box::pin(async move {
             let service = target.await.service.clone();
@@ -155,37 +216,40 @@ impl OriginalDestination {
         })
     }
 
-    /// The destination's service, made for requests of HTTP `version`.
-    async fn target(&self, version: Version) -> Arc<RuleTarget> {
-        self.target
-            .get_or_init(|| async {
-                let protocol = if version == Version::HTTP_2 {
-                    UpstreamProtocol::Http2
-                } else {
-                    UpstreamProtocol::Http1
-                };
-                let spec = BackendSpec {
-                    endpoints: vec![EndpointSpec {
-                        address: self.destination.to_string(),
-                        weight: 1,
-                    }],
-                    protocol,
-                    ..BackendSpec::default()
-                };
-                let backend = Backend::new(&self.name, spec, None, &self.metrics, None).await;
-                let mut rule = default_rule(&self.name);
-                rule.retry = RetryPolicy {
-                    max_retries: 0,
-                    ..RetryPolicy::default()
-                };
-                let backends = [(self.name.to_string(), backend)].into_iter().collect();
-                Arc::new(RuleTarget {
-                    route: self.name.clone(),
-                    service: rule_service(&rule, &self.name, &backends, &self.metrics),
-                })
+    /// The destination's service for requests in `protocol`.
+    async fn target(&self, protocol: UpstreamProtocol) -> Arc<RuleTarget> {
+        let cell = match protocol {
+            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::Http2 => &self.http2,
+        };
+        cell.get_or_init(|| async {
+            let spec = BackendSpec {
+                endpoints: vec![EndpointSpec {
+                    address: self.destination.to_string(),
+                    weight: 1,
+                }],
+                protocol,
+                ..BackendSpec::default()
+            };
+            let backend = Backend::new(&self.name, spec, None, &self.metrics, None).await;
+            let mut rule = default_rule(&self.name);
+            rule.retry = RetryPolicy {
+                max_retries: 0,
+                ..RetryPolicy::default()
+            };
+            rule.timeouts = RouteTimeouts {
+                response_headers: infermesh_api::Duration::ZERO,
+                idle: infermesh_api::Duration::ZERO,
+                total: infermesh_api::Duration::ZERO,
+            };
+            let backends = [(self.name.to_string(), backend)].into_iter().collect();
+            Arc::new(RuleTarget {
+                route: self.name.clone(),
+                service: rule_service(&rule, &self.name, &backends, &self.metrics),
             })
-            .await
-            .clone()
+        })
+        .await
+        .clone()
     }
 }
 

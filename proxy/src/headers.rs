@@ -112,11 +112,15 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static s
 }
 
 /// Applies this module's rules to a request going upstream: hop-by-hop
-/// headers out, forwarded headers in.
+/// headers out, forwarded headers in. A sidecar's capture listeners leave
+/// the forwarded headers as the app sent them: a sidecar is not a hop the
+/// app knows of (as Envoy sidecars and Linkerd do).
 pub fn forward_request(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
     let upgrade = is_upgrade(&request);
     strip_hop_by_hop(request.headers_mut(), upgrade);
-    if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned() {
+    if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned()
+        && conn.capture.is_none()
+    {
         add_forwarded(request.headers_mut(), conn.client.ip(), conn.scheme);
     }
     request

@@ -34,6 +34,8 @@ pub struct ConnectionInfo {
     /// Where the client was connecting to before iptables redirected it
     /// to a capture listener.
     pub original_destination: Option<SocketAddr>,
+    /// The pod traffic the listener captures, for a sidecar's.
+    pub capture: Option<Capture>,
 }
 
 /// A listener socket could not be bound.
@@ -292,57 +294,53 @@ struct Connection {
 
 impl Connection {
     /// Phases of a connection: where it was going (capture listeners),
-    /// whether it is HTTP (outbound capture), TLS, then HTTP.
+    /// whether it is HTTP (outbound capture), TLS, whether it is HTTP
+    /// (plaintext on inbound capture), then HTTP.
     async fn run(self, stream: TcpStream) {
         let (client, name) = (self.client, self.listener.name.clone());
         let original = self
             .listener
             .capture
             .and_then(|_| capture::original_destination(&stream));
-        let forward_to = match (self.listener.capture, original) {
-            (None, _) | (Some(Capture::Outbound), None) => None,
-            (Some(Capture::Inbound), None) => {
+        let Some(destination) = original else {
+            if self.listener.capture == Some(Capture::Inbound) {
                 tracing::warn!(client = %client, listener = %name, "connection made straight to an inbound capture listener, not redirected to it by iptables: closing it (it has no original destination to forward to)");
                 return;
             }
-            (Some(Capture::Inbound), Some(destination)) => Some(destination),
-            (Some(Capture::Outbound), Some(destination)) => {
-                let mesh = self
-                    .shared
-                    .snapshot
-                    .load()
-                    .by_address(destination)
-                    .is_some();
-                // Only HTTP can be routed: other protocols (TLS, databases)
-                // to addresses no backend has are outside the mesh.
-                if !mesh
-                    && !capture::speaks_http(&stream, capture::DETECT_TIMEOUT)
-                        .await
-                        .unwrap_or(false)
-                {
-                    return self.outside_mesh(stream, destination).await;
-                }
-                (self.listener.outside_mesh == OutsideMesh::Passthrough).then_some(destination)
-            }
+            return self.accept_tls(stream, None).await;
         };
-        let original_service = forward_to.map(|destination| {
-            let name = match self.listener.capture {
-                Some(Capture::Inbound) => "inbound",
-                _ => "passthrough",
+        if self.listener.capture == Some(Capture::Outbound) {
+            // Only HTTP can be routed: other protocols (TLS, databases)
+            // are outside the mesh. Clients of a backend's address may
+            // open connections well before their first request.
+            let mesh = self
+                .shared
+                .snapshot
+                .load()
+                .by_address(destination)
+                .is_some();
+            let wait = if mesh {
+                capture::MESH_DETECT_TIMEOUT
+            } else {
+                capture::DETECT_TIMEOUT
             };
-            Arc::new(OriginalDestination::new(
-                destination,
-                name,
-                self.shared.metrics.clone(),
-            ))
-        });
-        // Peer authentication goes by the port the client connected to.
+            if !capture::speaks_http(&stream, wait).await.unwrap_or(false) {
+                return self.outside_mesh(stream, destination).await;
+            }
+        }
+        self.accept_tls(stream, Some(destination)).await
+    }
+
+    /// Peer authentication, by the port the client connected to, then HTTP
+    /// over TLS or plaintext.
+    async fn accept_tls(self, stream: TcpStream, original: Option<SocketAddr>) {
+        let (client, name) = (self.client, self.listener.name.clone());
         let port = match original {
             Some(destination) => destination.port(),
             None => stream.local_addr().map_or(0, |a| a.port()),
         };
         let Some(tls) = self.listener.tls.clone() else {
-            return self.serve(stream, None, original, original_service).await;
+            return self.plaintext(stream, original).await;
         };
         // Telling plaintext from TLS waits for the client's first byte:
         // both that and the handshake are bounded.
@@ -357,13 +355,9 @@ impl Connection {
         match accepted {
             Ok(Ok(Ok((stream, peer)))) => {
                 let peer = peer.map(|p| Arc::from(p.to_string()));
-                self.serve(stream, Some(peer), original, original_service)
-                    .await
+                self.serve(stream, Some(peer), original).await
             }
-            Ok(Ok(Err(plaintext))) => {
-                self.serve(plaintext, None, original, original_service)
-                    .await
-            }
+            Ok(Ok(Err(plaintext))) => self.plaintext(plaintext, original).await,
             Ok(Err(e)) => {
                 tracing::info!(client = %client, listener = %name, error = %e, "client TLS handshake failed")
             }
@@ -373,31 +367,59 @@ impl Connection {
         }
     }
 
+    /// A plaintext connection. On an inbound capture listener it may be
+    /// another protocol than HTTP, for another port of the app (a
+    /// database, a collective-communication library): passed through as
+    /// TCP to the original destination, unless authorization policies
+    /// guard the listener (they can judge only HTTP requests).
+    async fn plaintext(self, stream: TcpStream, original: Option<SocketAddr>) {
+        let inbound = self.listener.capture == Some(Capture::Inbound);
+        if let (true, Some(destination)) = (inbound, original)
+            && !capture::speaks_http(&stream, capture::DETECT_TIMEOUT)
+                .await
+                .unwrap_or(false)
+        {
+            let listener = &*self.listener.name;
+            if self.listener.authorization.is_some() {
+                tracing::info!(client = %self.client, listener, destination = %destination, "connection refused: it does not speak HTTP, and the authorization policies of this listener can judge only HTTP requests");
+                return;
+            }
+            let Connection {
+                client, watcher, ..
+            } = self;
+            drop(watcher);
+            return log_tunnel(client, listener, destination, stream).await;
+        }
+        self.serve(stream, None, original).await
+    }
+
     /// A connection that is not HTTP, to a destination outside the mesh:
     /// passed through as a TCP stream, or closed.
     async fn outside_mesh(self, stream: TcpStream, destination: SocketAddr) {
-        let listener = &*self.listener.name;
-        let action = match self.listener.outside_mesh {
+        let Connection {
+            client,
+            listener,
+            shared,
+            watcher,
+            ..
+        } = self;
+        // A tunnel is not an HTTP connection: a drain does not wait for it.
+        drop(watcher);
+        let action = match listener.outside_mesh {
             OutsideMesh::Passthrough => "passthrough",
             OutsideMesh::Blocked => "blocked",
         };
-        self.shared
+        let name = &*listener.name;
+        shared
             .metrics
             .outside_mesh
-            .with_label_values(&[listener, "tcp", action])
+            .with_label_values(&[name, "tcp", action])
             .inc();
-        if self.listener.outside_mesh == OutsideMesh::Blocked {
-            tracing::info!(client = %self.client, listener, destination = %destination, "connection to a destination outside the mesh blocked (outsideMesh: blocked)");
+        if listener.outside_mesh == OutsideMesh::Blocked {
+            tracing::info!(client = %client, listener = name, destination = %destination, "connection to a destination outside the mesh blocked (outsideMesh: blocked)");
             return;
         }
-        match capture::tunnel(stream, destination, PASSTHROUGH_CONNECT_TIMEOUT).await {
-            Ok((sent, received)) => {
-                tracing::debug!(client = %self.client, listener, destination = %destination, sent, received, "passthrough connection closed")
-            }
-            Err(e) => {
-                tracing::info!(client = %self.client, listener, destination = %destination, error = %e, "passthrough connection failed")
-            }
-        }
+        log_tunnel(client, name, destination, stream).await
     }
 
     /// Serves HTTP on `io`; `tls` holds the client's SPIFFE ID (if it
@@ -407,16 +429,30 @@ impl Connection {
         io: I,
         tls: Option<Option<Arc<str>>>,
         original_destination: Option<SocketAddr>,
-        original_service: Option<Arc<OriginalDestination>>,
     ) where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        // Requests nothing else routes go to the original destination: the
+        // app (inbound), or a server outside the mesh (outbound, unless
+        // the listener blocks those when the request comes).
+        let original_service = original_destination.map(|destination| {
+            let name = match self.listener.capture {
+                Some(Capture::Inbound) => "inbound",
+                _ => "passthrough",
+            };
+            Arc::new(OriginalDestination::new(
+                destination,
+                name,
+                self.shared.metrics.clone(),
+            ))
+        });
         let info = Arc::new(ConnectionInfo {
             client: self.client,
             listener: self.listener.id,
             scheme: if tls.is_some() { "https" } else { "http" },
             peer_identity: tls.flatten(),
             original_destination,
+            capture: self.listener.capture,
         });
         let service = ProxyService::new(self.shared, info, original_service);
         let connection = self
@@ -426,6 +462,23 @@ impl Connection {
             .into_owned();
         if let Err(e) = self.watcher.watch(connection).await {
             tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// Passes `stream` through to `destination` as TCP, logging how it ended.
+async fn log_tunnel(
+    client: SocketAddr,
+    listener: &str,
+    destination: SocketAddr,
+    stream: TcpStream,
+) {
+    match capture::tunnel(stream, destination, PASSTHROUGH_CONNECT_TIMEOUT).await {
+        Ok((sent, received)) => {
+            tracing::debug!(client = %client, listener, destination = %destination, sent, received, "passthrough connection closed")
+        }
+        Err(e) => {
+            tracing::info!(client = %client, listener, destination = %destination, error = %e, "passthrough connection failed")
         }
     }
 }

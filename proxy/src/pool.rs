@@ -220,6 +220,11 @@ pub async fn send(
     settings: &Arc<PoolSettings>,
     mut request: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ErrorKind> {
+    if settings.tls.is_some() {
+        // A mesh peer: its inbound sidecar speaks to its app in the
+        // version the app's caller spoke, whatever this hop speaks.
+        crate::capture::note_original_protocol(&mut request);
+    }
     adapt_request(&mut request, settings.protocol, addr);
     let mut response = match settings.protocol {
         UpstreamProtocol::Http1 => send_http1(connections, addr, settings, request).await,

@@ -32,6 +32,7 @@ use crate::lifecycle::Lifecycle;
 use crate::listener::ConnectionInfo;
 use crate::metrics::Metrics;
 use crate::snapshot::{ListenerEntry, RuleTarget, Snapshot};
+use infermesh_api::OutsideMesh;
 
 /// State shared by every connection and the tasks that manage the proxy.
 pub struct Shared {
@@ -89,13 +90,12 @@ impl ProxyService {
             if let Some(backend) = snapshot.by_address(destination) {
                 return Some(Target::Rule(backend.clone()));
             }
-            match &self.original {
-                Some(_) => count("passthrough"),
-                None => {
-                    count("blocked");
-                    return Some(Target::Blocked(destination));
-                }
+            // Decided per request, by the listener as configured now.
+            if listener.outside_mesh == OutsideMesh::Blocked {
+                count("blocked");
+                return Some(Target::Blocked(destination));
             }
+            count("passthrough");
         }
         self.original.clone().map(Target::Original)
     }

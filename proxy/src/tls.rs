@@ -129,6 +129,8 @@ impl Server {
     /// Whether the client on `stream`, which connected to `port`, is to
     /// speak TLS: in strict mode every client must, in disable mode none
     /// may, in permissive mode its first byte (looked at, not taken) says.
+    /// A TLS client speaks first, so one silent for a second is not one
+    /// (it may be waiting for a server that speaks first).
     pub async fn wants_tls(&self, stream: &TcpStream, port: u16) -> io::Result<bool> {
         match self.modes.mode_for(port) {
             TlsMode::Strict => return Ok(true),
@@ -136,7 +138,11 @@ impl Server {
             TlsMode::Permissive => {}
         }
         let mut first = [0u8; 1];
-        let read = stream.peek(&mut first).await?;
+        let peeked = tokio::time::timeout(crate::capture::DETECT_TIMEOUT, stream.peek(&mut first));
+        let Ok(read) = peeked.await else {
+            return Ok(false);
+        };
+        let read = read?;
         // 0x16: a TLS record of type handshake.
         Ok(read == 1 && first[0] == 0x16)
     }

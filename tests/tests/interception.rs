@@ -130,12 +130,29 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
     let (ui_certs, llama_certs) = (&certs[0], &certs[1]);
 
     // The model pod: a model server on 8000 (mesh traffic: mutual TLS
-    // only) and a metrics port 9000 (plaintext allowed).
+    // only) that speaks HTTP/1.1 only (Python's http.server), although the
+    // sidecars speak HTTP/2 to each other; and a metrics port 9000
+    // (plaintext allowed).
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(site.join("v1")).unwrap();
+    std::fs::write(site.join("v1/models"), "{\"data\":[{\"id\":\"mock-llm\"}]}").unwrap();
+    model.spawn(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+            site.to_str().unwrap(),
+        ],
+    );
     let bench = infermesh_tests::binary("infermesh-bench");
-    let bench = bench.to_str().unwrap();
-    for port in ["8000", "9000"] {
-        model.spawn(bench, &["serve", "--listen", &format!("0.0.0.0:{port}")]);
-    }
+    model.spawn(
+        bench.to_str().unwrap(),
+        &["serve", "--listen", "0.0.0.0:9000"],
+    );
     let proxy = infermesh_tests::binary("infermesh-proxy");
     let proxy = proxy.to_str().unwrap();
     for pod in [&caller, &model] {
@@ -153,7 +170,7 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
         &caller,
         ui_certs,
         &[&format!(
-            "kind: Backend\nmetadata: {{ name: llama }}\nspec:\n  addresses: [\"{MODEL_IP}:8000\"]\n  endpoints: [{{ address: \"{MODEL_IP}:8000\" }}]\n  tls: {{ identity: \"{LLAMA_ID}\" }}"
+            "kind: Backend\nmetadata: {{ name: llama }}\nspec:\n  addresses: [\"{MODEL_IP}:8000\"]\n  endpoints: [{{ address: \"{MODEL_IP}:8000\" }}]\n  protocol: http2\n  tls: {{ identity: \"{LLAMA_ID}\" }}"
         )],
     );
     let model_url = format!("http://{MODEL_IP}:8000/v1/models");
@@ -181,6 +198,10 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
     );
     assert_eq!(served["peer_identity"], UI_ID, "{served}");
     assert_eq!(served["route"], "inbound", "{served}");
+    assert_eq!(
+        served["protocol"], "HTTP/2.0",
+        "between the sidecars: {served}"
+    );
     let metrics = read_metrics(&caller, caller_sidecar.health);
     assert!(
         metrics.contains(
@@ -206,15 +227,32 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
         ),
         "{metrics}"
     );
-    // Not HTTP (a TLS ClientHello to a plaintext server): a TCP
-    // passthrough, whose failure is the server's, not the sidecar's.
+    // Not HTTP (a TLS ClientHello): the caller's sidecar passes it through
+    // as TCP; on the model's plaintext port, whose authorization policies
+    // can judge only HTTP, the model's sidecar refuses it.
     let tls = curl(&caller, &format!("https://{MODEL_IP}:9000/"), false);
-    assert!(tls.is_err_and(|e| e.contains("wrong version number") || e.contains("SSL")));
+    assert!(tls.is_err(), "{tls:?}");
+    let metrics = read_metrics(&caller, caller_sidecar.health);
+    assert!(
+        metrics.contains(
+            "infermesh_outside_mesh_total{action=\"passthrough\",listener=\"outbound\",protocol=\"tcp\"} 1"
+        ),
+        "{metrics}"
+    );
+    model_sidecar.wait_for_log(
+        |l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("does not speak HTTP"))
+                && l["destination"] == format!("{MODEL_IP}:9000")
+        },
+        Duration::from_secs(5),
+    );
 
     // Blocking destinations outside the mesh, by a config reload.
     caller_sidecar.write_config(&config(&[
         &format!(
-            "kind: Backend\nmetadata: {{ name: llama }}\nspec:\n  addresses: [\"{MODEL_IP}:8000\"]\n  endpoints: [{{ address: \"{MODEL_IP}:8000\" }}]\n  tls: {{ identity: \"{LLAMA_ID}\" }}"
+            "kind: Backend\nmetadata: {{ name: llama }}\nspec:\n  addresses: [\"{MODEL_IP}:8000\"]\n  endpoints: [{{ address: \"{MODEL_IP}:8000\" }}]\n  protocol: http2\n  tls: {{ identity: \"{LLAMA_ID}\" }}"
         ),
         "kind: Listener\nmetadata: { name: outbound }\nspec: { address: 127.0.0.1:15001, capture: outbound, outsideMesh: blocked }",
     ]));
