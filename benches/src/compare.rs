@@ -30,11 +30,12 @@
 //! no retries), to measure what the stack costs.
 //!
 //! The targets `infermesh-pair` and `infermesh-mtls-pair` are two
-//! infermesh-proxy processes in a row, as a caller's and a model's
-//! sidecars carry a request: the caller's proxy forwards over HTTP/2 to the
-//! model's, in plaintext or over mutual TLS with SPIFFE identities (a CA
-//! and certificates made with `infermesh-control-plane ca`). CPU and memory
-//! are those of both proxies together.
+//! infermesh-proxy processes in a row, the hops a caller's and a model's
+//! sidecars make (without the iptables redirection of real interception):
+//! the caller's proxy forwards over HTTP/2 to the model's, in plaintext or
+//! over mutual TLS with SPIFFE identities (a CA and certificates made with
+//! `infermesh-control-plane ca`). CPU and memory are those of both proxies
+//! together.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

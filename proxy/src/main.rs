@@ -184,6 +184,7 @@ impl RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let sidecar = matches!(cli.command, Command::Sidecar(_));
     let options = match cli.command {
         Command::Check { config, sidecar } => {
             return check(&config, if sidecar { sidecar::BUILT_IN } else { &[] });
@@ -207,6 +208,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if sidecar {
+        sidecar::log_user();
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.concurrency {
         runtime.worker_threads(n.max(1));

@@ -8,7 +8,24 @@
 //! outside the mesh passed through). The config file may redefine either
 //! listener by name to change its address or modes.
 
+use std::os::unix::fs::MetadataExt;
+
 use infermesh_api::Source;
+
+/// Logs the user the sidecar runs as: `infermesh-proxy init` must exempt
+/// it (`--proxy-uid`, default 1337), or the sidecar's own connections are
+/// redirected back to it, round and round.
+pub fn log_user() {
+    // /proc/self belongs to the process's effective user and group.
+    match std::fs::metadata("/proc/self") {
+        Ok(me) => tracing::info!(
+            uid = me.uid(),
+            gid = me.gid(),
+            "sidecar user: `infermesh-proxy init --proxy-uid` must name this uid (or --proxy-gid this gid), or the sidecar's own connections loop back to it"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot tell which user the sidecar runs as"),
+    }
+}
 
 /// The capture listeners every sidecar has unless its config file defines
 /// listeners of the same names.

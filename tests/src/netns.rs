@@ -11,6 +11,7 @@
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A network namespace of this test process.
 pub struct Namespace {
@@ -20,15 +21,20 @@ pub struct Namespace {
 }
 
 impl Namespace {
-    /// Makes `infermesh-<tag>-<pid>` with its loopback up, or says why it
-    /// cannot.
+    /// Makes `infermesh-<tag>-<pid>-<n>` with its loopback up, or says why
+    /// it cannot.
     pub fn create(tag: &str) -> Result<Namespace, String> {
         // /proc/self belongs to the process's effective user.
         let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
         if !root {
             return Err("not running as root, and `ip netns add` needs root".to_owned());
         }
-        let name = format!("infermesh-{tag}-{}", std::process::id());
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "infermesh-{tag}-{}-{}",
+            std::process::id(),
+            MADE.fetch_add(1, Ordering::Relaxed)
+        );
         let out = Command::new("ip")
             .args(["netns", "add", &name])
             .output()

@@ -158,11 +158,12 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
     for pod in [&caller, &model] {
         pod.run(proxy, &["init", "--proxy-uid", "0"]);
     }
+    let inbound_listener = "kind: Listener\nmetadata: { name: inbound }\nspec:\n  address: 0.0.0.0:15006\n  capture: inbound\n  tls: { mode: strict, ports: [{ port: 9000, mode: disable }] }";
     let model_sidecar = start_sidecar(
         &model,
         llama_certs,
         &[
-            "kind: Listener\nmetadata: { name: inbound }\nspec:\n  address: 0.0.0.0:15006\n  capture: inbound\n  tls: { mode: strict, ports: [{ port: 9000, mode: disable }] }",
+            inbound_listener,
             "kind: AuthorizationPolicy\nmetadata: { name: edge-or-plaintext-metrics }\nspec:\n  rules:\n    - from: [{ namespaces: [edge] }]\n    - to: [{ pathPrefixes: [/metrics, /v1/models], methods: [GET] }]",
         ],
     );
@@ -264,6 +265,21 @@ fn an_unmodified_client_reaches_a_model_in_another_pod_through_both_sidecars() {
     assert_eq!(status, 502, "{reply}");
     assert!(reply.contains("x-infermesh-error: outside_mesh"), "{reply}");
     assert_eq!(curl(&caller, &model_url, false).unwrap().0, 200);
+
+    // Without authorization policies, the model's sidecar passes such a
+    // connection through to the app's port, whose HTTP server answers the
+    // ClientHello in HTTP.
+    model_sidecar.write_config(&config(&[inbound_listener]));
+    model_sidecar.wait_for_log(
+        |l| l["message"] == "config applied",
+        Duration::from_secs(10),
+    );
+    let tls = curl(&caller, &format!("https://{MODEL_IP}:9000/"), true);
+    assert!(
+        tls.as_ref()
+            .is_err_and(|e| e.contains("wrong version number")),
+        "{tls:?}"
+    );
 
     // The rules come off again: without the caller's, the app's plaintext
     // meets the model's strict port; without the model's too, it reaches
