@@ -54,8 +54,8 @@ pub use policy::{
     AuthorizationPolicySpec, PolicyAction, PolicyOperation, PolicyRule, PolicySource,
 };
 pub use resilience::{
-    Backoff, BalancePolicy, CircuitBreaker, GrpcStatus, HealthCheck, LoadBalancer, Mirror,
-    OutlierDetection, RateLimit, RetryBudget, RetryOn, RetryPolicy,
+    Backoff, BalancePolicy, CircuitBreaker, GrpcStatus, HealthCheck, HedgePolicy, LoadBalancer,
+    Mirror, OutlierDetection, RateLimit, RetryBudget, RetryOn, RetryPolicy,
 };
 pub use route::{
     BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts,

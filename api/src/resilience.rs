@@ -317,6 +317,86 @@ impl Mirror {
     }
 }
 
+/// Hedged requests: when an attempt has no response headers after
+/// `delay` (or after the rule's observed `percentile` of time to response
+/// headers), another attempt goes to another endpoint; the first response
+/// is used and the others are cancelled (an HTTP/2 stream reset, or the
+/// HTTP/1.1 connection closed), so the slow server stops working on it.
+/// Hedges are capped by a budget (Dean and Barroso's "The Tail at Scale"),
+/// sent only while no response byte went to the client and only once the
+/// request body is whole and within the retry policy's `maxReplayBytes`,
+/// and count against the backend's `maxRetries` limit.
+///
+/// ```yaml
+/// hedge: { percentile: 95, delay: 200ms, budgetPercent: 5 }
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HedgePolicy {
+    /// How long an attempt waits for response headers before a hedge is
+    /// sent; with `percentile`, the wait until enough responses were seen.
+    pub delay: Duration,
+    /// Hedge after this percentile (e.g. 95) of the rule's recent times to
+    /// response headers instead of a fixed delay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percentile: Option<f64>,
+    /// Hedges per attempt at most, one more after each delay.
+    pub max_hedges: u32,
+    /// Hedges may add at most this share of the rule's requests (with a
+    /// burst of 10).
+    pub budget_percent: f64,
+}
+
+// Validation refuses NaN, the one value whose equality is not reflexive.
+impl Eq for HedgePolicy {}
+
+impl HedgePolicy {
+    /// Default for [`HedgePolicy::delay`].
+    pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
+}
+
+impl Default for HedgePolicy {
+    fn default() -> Self {
+        HedgePolicy {
+            delay: Self::DEFAULT_DELAY,
+            percentile: None,
+            max_hedges: 1,
+            budget_percent: 5.0,
+        }
+    }
+}
+
+impl HedgePolicy {
+    pub(crate) fn check(&self, at: &FieldPath, checker: &mut Checker<'_>) {
+        checker.duration_within(
+            at.key("delay"),
+            self.delay,
+            Duration::from_millis(1),
+            Duration::from_secs(300),
+        );
+        if let Some(p) = self.percentile
+            && !(p > 0.0 && p < 100.0)
+        {
+            checker.error(
+                at.key("percentile"),
+                format!("{p} is not a percentile; give one between 0 and 100, e.g. 95"),
+            );
+        }
+        if !(1..=4).contains(&self.max_hedges) {
+            checker.error(
+                at.key("maxHedges"),
+                format!("{} hedges per attempt: give 1 to 4", self.max_hedges),
+            );
+        }
+        if !(self.budget_percent >= 0.0 && self.budget_percent <= 100.0) {
+            checker.error(
+                at.key("budgetPercent"),
+                format!("{} is not a percentage (0-100)", self.budget_percent),
+            );
+        }
+    }
+}
+
 /// A token bucket local to this proxy: `requestsPerSecond` on average,
 /// bursts of up to `burst`. Requests past it get 429 with `Retry-After`
 /// and `x-infermesh-error: rate_limited`.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::check::Checker;
 use crate::duration::Duration;
 use crate::path::FieldPath;
-use crate::resilience::{Mirror, RateLimit, RetryPolicy};
+use crate::resilience::{HedgePolicy, Mirror, RateLimit, RetryPolicy};
 
 /// The spec of a `Route` resource.
 ///
@@ -66,6 +66,9 @@ pub struct RouteRule {
     /// A local limit on the rule's request rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Hedged requests against slow endpoints; off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgePolicy>,
 }
 
 /// Conditions on a request; all given conditions must hold.
@@ -233,6 +236,9 @@ impl RouteRule {
         }
         if let Some(rate_limit) = &self.rate_limit {
             rate_limit.check(&at.key("rateLimit"), checker);
+        }
+        if let Some(hedge) = &self.hedge {
+            hedge.check(&at.key("hedge"), checker);
         }
     }
 }

@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -71,6 +71,11 @@ pub struct Attempt {
     pub avoid: Vec<SocketAddr>,
     /// Limit on this attempt's wait for response headers.
     pub timeout: Option<Duration>,
+    /// A hedge: admitted like a retry by the backend's `maxRetries`.
+    pub hedge: bool,
+    /// Endpoints the request's other attempts in flight use (when it is
+    /// hedged): each attempt adds its pick and avoids the others'.
+    pub siblings: Option<Arc<Mutex<Vec<SocketAddr>>>>,
 }
 
 /// A failed exchange counts as a response this slow in the latency
@@ -289,15 +294,34 @@ impl Service<Request<ProxyBody>> for Balance {
         Box::pin(async move {
             let attempt = request.extensions().get::<Attempt>();
             let (retry, timeout) = attempt.map_or((0, None), |a| (a.retry, a.timeout));
-            let admission = backend.breaker.admit(retry > 0).map_err(|kind| {
+            let extra = retry > 0 || attempt.is_some_and(|a| a.hedge);
+            let admission = backend.breaker.admit(extra).map_err(|kind| {
                 ProxyError::new(kind)
                     .at_backend(&backend.name)
                     .after_retries(retry)
             })?;
             let now = Instant::now();
-            let avoid = attempt.map_or(&[][..], |a| &a.avoid[..]);
-            let endpoint =
-                backend.with_endpoints(|set| backend.balancer.pick(set, avoid, now).cloned());
+            let siblings = attempt.and_then(|a| a.siblings.as_ref());
+            let endpoint = match siblings {
+                None => {
+                    let avoid = attempt.map_or(&[][..], |a| &a.avoid[..]);
+                    backend.with_endpoints(|set| backend.balancer.pick(set, avoid, now).cloned())
+                }
+                Some(siblings) => {
+                    let mut siblings = siblings.lock().unwrap_or_else(PoisonError::into_inner);
+                    let avoid: Vec<SocketAddr> = attempt
+                        .map(|a| &a.avoid[..])
+                        .unwrap_or_default()
+                        .iter()
+                        .chain(siblings.iter())
+                        .copied()
+                        .collect();
+                    let picked = backend
+                        .with_endpoints(|set| backend.balancer.pick(set, &avoid, now).cloned());
+                    siblings.extend(picked.as_ref().map(|e| e.addr));
+                    picked
+                }
+            };
             let Some(endpoint) = endpoint else {
                 backend.metrics.attempt(ErrorKind::NoEndpoint.reason());
                 return Err(ProxyError::new(ErrorKind::NoEndpoint)

@@ -265,6 +265,7 @@ pub fn default_rule(backend: &str) -> RouteRule {
         retry: RetryPolicy::default(),
         mirror: None,
         rate_limit: None,
+        hedge: None,
     }
 }
 

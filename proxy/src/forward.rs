@@ -78,7 +78,12 @@ pub fn rule_service(
             .map_response(headers::forward_response)
             .layer(UpgradeLayer)
             .option_layer(mirror)
-            .layer(RetryLayer::new(Retries::new(&rule.retry, route, metrics)))
+            .layer(RetryLayer::new(Retries::new(
+                &rule.retry,
+                rule.hedge.as_ref(),
+                route,
+                metrics,
+            )))
             .service(split),
     )
 }

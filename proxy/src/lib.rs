@@ -25,6 +25,7 @@ pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod headers;
+pub mod hedge;
 pub mod identity;
 pub mod intercept;
 pub mod lifecycle;

@@ -80,6 +80,11 @@ pub struct Metrics {
     /// HTTP requests (`http`) and other connections (`tcp`), passed through
     /// or blocked.
     pub outside_mesh: IntCounterVec,
+    /// `infermesh_hedges_total{route,outcome}`: hedged attempts `sent`, and
+    /// of those `won` (their answer was used); hedges that were due but not
+    /// sent for lack of budget (`budget_exhausted`) or because the request
+    /// could not be sent again (`not_replayable`).
+    pub hedges: IntCounterVec,
 }
 
 impl Metrics {
@@ -206,6 +211,11 @@ impl Metrics {
                 "Request copies for mirror backends, by result (sent, abandoned, failed).",
                 &["backend", "result"],
             ),
+            hedges: counter(
+                "infermesh_hedges_total",
+                "Hedged attempts sent and won, and hedges not sent (budget_exhausted, not_replayable), by route.",
+                &["route", "outcome"],
+            ),
             outside_mesh: counter(
                 "infermesh_outside_mesh_total",
                 "Traffic to destinations outside the mesh seen by outbound capture listeners, by protocol (http requests, tcp connections) and action (passthrough, blocked).",
@@ -213,7 +223,7 @@ impl Metrics {
             ),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 20] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_duration.clone()),
             Box::new(metrics.response_first_byte.clone()),
@@ -234,6 +244,7 @@ impl Metrics {
             Box::new(metrics.tls_handshakes.clone()),
             Box::new(metrics.authorization_decisions.clone()),
             Box::new(metrics.outside_mesh.clone()),
+            Box::new(metrics.hedges.clone()),
         ];
         for collector in collectors {
             metrics

@@ -202,6 +202,14 @@ pub struct ReplayHandle {
 }
 
 impl ReplayHandle {
+    /// Whether the client's whole body was read and recorded: replays then
+    /// read only the recording, and readers at the same time (hedged
+    /// attempts) cannot disturb one another.
+    pub fn is_complete(&self) -> bool {
+        let shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        shared.source_ended && shared.recording()
+    }
+
     /// A new reader of the body, starting from its first frame, for the
     /// next attempt; `None` when the body is not replayable (over the cap,
     /// or the client's body failed). The new reader takes the client's

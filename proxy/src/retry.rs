@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::{Extensions, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use infermesh_api::{RetryOn, RetryPolicy};
+use infermesh_api::{HedgePolicy, RetryOn, RetryPolicy};
 use prometheus::{IntCounter, IntCounterVec};
 use rand::RngExt;
 use tower::{Layer, Service, ServiceExt};
@@ -31,6 +31,7 @@ use crate::body::{BoxError, BoxFuture, ProxyBody, boxed, holding};
 use crate::breaker::Limit;
 use crate::error::{ErrorKind, ProxyError, find_source};
 use crate::headers::retry_after;
+use crate::hedge::Hedging;
 use crate::metrics::Metrics;
 use crate::replay::ReplayBody;
 
@@ -137,12 +138,20 @@ pub struct Retries {
     retries: IntCounterVec,
     route: Arc<str>,
     budget_exhausted: IntCounter,
+    /// Hedging of each attempt, when the rule asks for it.
+    hedging: Option<Hedging>,
 }
 
 impl Retries {
-    /// The policy of a rule of `route`.
-    pub fn new(policy: &RetryPolicy, route: &Arc<str>, metrics: &Metrics) -> Self {
+    /// The retry policy and hedging of a rule of `route`.
+    pub fn new(
+        policy: &RetryPolicy,
+        hedge: Option<&HedgePolicy>,
+        route: &Arc<str>,
+        metrics: &Metrics,
+    ) -> Self {
         Retries {
+            hedging: hedge.map(|hedge| Hedging::new(hedge, route, metrics)),
             per_try_timeout: policy.per_try_timeout.non_zero(),
             budget: Budget::new(policy.budget.percent, policy.budget.min_retry_concurrency),
             policy: policy.clone(),
@@ -343,6 +352,7 @@ where
     S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send,
 {
@@ -361,8 +371,10 @@ where
             retry: 0,
             avoid: Vec::new(),
             timeout: retries.per_try_timeout,
+            hedge: false,
+            siblings: None,
         };
-        if retries.policy.max_retries == 0 {
+        if retries.policy.max_retries == 0 && retries.hedging.is_none() {
             request.extensions_mut().insert(attempt);
             return Box::pin(inner.oneshot(request));
         }
@@ -386,6 +398,7 @@ where
     S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = ProxyError>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send,
 {
@@ -406,7 +419,32 @@ where
     let mut previous: Option<(Result<Response<ProxyBody>, ProxyError>, Reason)> = None;
     let mut retry_slot: Option<InFlight> = None;
     loop {
-        let result = send(inner.clone(), head.request(body, &attempt)).await;
+        let result = match &retries.hedging {
+            None => send(inner.clone(), head.request(body, &attempt)).await,
+            Some(hedging) => {
+                let siblings = Arc::default();
+                attempt.siblings = Some(Arc::clone(&siblings));
+                let hedge = Attempt {
+                    hedge: true,
+                    ..attempt.clone()
+                };
+                let next = || {
+                    // Hedges read the recording only: a body still
+                    // arriving belongs to the first attempt.
+                    if !replay.is_complete() {
+                        return None;
+                    }
+                    let body = replay.replay()?;
+                    Some(head.request(boxed(body), &hedge))
+                };
+                let first = head.request(body, &attempt);
+                let result = hedging
+                    .race(first, next, |request| send(inner.clone(), request))
+                    .await;
+                attempt.siblings = None;
+                result
+            }
+        };
         drop(retry_slot.take());
         if let Some((kept, reason)) = previous.take() {
             if matches!(&result, Err(e) if matches!(e.kind(), ErrorKind::Overloaded(Limit::Retries)))
@@ -638,7 +676,12 @@ mod tests {
     }
 
     fn retry_layer(policy: RetryPolicy) -> RetryLayer {
-        RetryLayer::new(Retries::new(&policy, &Arc::from("r"), &Metrics::new()))
+        RetryLayer::new(Retries::new(
+            &policy,
+            None,
+            &Arc::from("r"),
+            &Metrics::new(),
+        ))
     }
 
     fn request(method: Method, body: &'static str) -> Request<ProxyBody> {
@@ -804,7 +847,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_with_full_jitter_up_to_the_max() {
-        let retries = Retries::new(&RetryPolicy::default(), &Arc::from("r"), &Metrics::new());
+        let retries = Retries::new(
+            &RetryPolicy::default(),
+            None,
+            &Arc::from("r"),
+            &Metrics::new(),
+        );
         for (retry, ceiling_ms) in [(0, 25), (1, 50), (2, 100), (3, 200), (4, 250), (9, 250)] {
             let waits: Vec<std::time::Duration> =
                 (0..2000).map(|_| retries.backoff(retry)).collect();
@@ -880,7 +928,7 @@ mod tests {
         };
         let seen = Arc::new(Mutex::new(Seen::default()));
         let metrics = Metrics::new();
-        let service = RetryLayer::new(Retries::new(&policy, &Arc::from("r"), &metrics))
+        let service = RetryLayer::new(Retries::new(&policy, None, &Arc::from("r"), &metrics))
             .layer(upstream(seen.clone(), |_| Ok(status(503))));
         let requests = 50;
         let calls: Vec<_> = (0..requests)
@@ -909,6 +957,7 @@ mod tests {
         let metrics = Metrics::new();
         let service = RetryLayer::new(Retries::new(
             &RetryPolicy::default(),
+            None,
             &Arc::from("r"),
             &metrics,
         ))
