@@ -14,6 +14,12 @@ use infermesh_tests::process::{Gateway, backend_with, config, listener, route_wi
 /// Counts a request whose handler was dropped before it answered.
 struct Cancelled(Arc<AtomicUsize>, bool);
 
+impl Cancelled {
+    fn answered(&mut self) {
+        self.1 = true;
+    }
+}
+
 impl Drop for Cancelled {
     fn drop(&mut self) {
         if !self.1 {
@@ -29,10 +35,11 @@ async fn a_stalled_request_is_hedged_to_another_endpoint_and_the_stalled_one_can
     let stalled = MockBackend::start(
         Protocol::Http2,
         Arc::new(move |_| {
-            let mut guard = Cancelled(seen.clone(), false);
+            let seen = seen.clone();
             Box::pin(async move {
+                let mut guard = Cancelled(seen, false);
                 tokio::time::sleep(Duration::from_secs(30)).await;
-                guard.1 = true;
+                guard.answered();
                 http::Response::builder()
                     .header("x-backend", "stalled")
                     .body(full("late"))
