@@ -490,3 +490,41 @@ fn built_in_documents_give_way_to_the_files() {
     assert_eq!(config.listeners[0].spec.address.port(), 15006);
     assert_eq!(&*config.listeners[0].origin.file, "<built-in>");
 }
+
+#[test]
+fn hedging_is_off_by_default_and_checked_where_written() {
+    let rule = |hedge: &str| {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: b }}\nspec: {{}}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: {{ name: r }}\nspec:\n  rules:\n    - backends: [{{ name: b }}]\n{hedge}"
+        )
+    };
+    let config = load(&rule("")).unwrap();
+    assert!(config.routes[0].spec.rules[0].hedge.is_none());
+    let config = load(&rule("      hedge: {}\n")).unwrap();
+    let hedge = config.routes[0].spec.rules[0].hedge.as_ref().unwrap();
+    assert_eq!(hedge.delay, Duration::from_millis(100));
+    assert_eq!((hedge.max_hedges, hedge.budget_percent), (1, 5.0));
+    assert_eq!(hedge.percentile, None);
+
+    let errors = load(&rule(
+        "      hedge: { delay: 0s, percentile: 100, maxHedges: 5, budgetPercent: 120 }\n",
+    ))
+    .unwrap_err();
+    assert_eq!(errors.len(), 4, "{errors:#?}");
+    for (field, message) in [
+        ("spec.rules[0].hedge.delay", "the minimum is 1ms"),
+        ("spec.rules[0].hedge.percentile", "100 is not a percentile"),
+        ("spec.rules[0].hedge.maxHedges", "give 1 to 4"),
+        (
+            "spec.rules[0].hedge.budgetPercent",
+            "120 is not a percentage",
+        ),
+    ] {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains(field) && e.contains(message)),
+            "{field}: {errors:#?}"
+        );
+    }
+}

@@ -29,6 +29,10 @@
 //! stack turned down as far as it goes (round robin, no outlier detection,
 //! no retries), to measure what the stack costs.
 //!
+//! The target `infermesh-hedged` is the `infermesh` target with the
+//! route rule's `hedge` block from `infermesh.hedge`, to measure what
+//! hedging does to the tail against the same proxy without it.
+//!
 //! The targets `infermesh-pair` and `infermesh-mtls-pair` are two
 //! infermesh-proxy processes in a row, the hops a caller's and a model's
 //! sidecars make (without the iptables redirection of real interception):
@@ -94,6 +98,8 @@ pub enum TargetKind {
     /// infermesh-proxy without retries, outlier detection or a
     /// load-aware balancer.
     InfermeshBare,
+    /// infermesh-proxy with hedged requests (`infermesh.hedge`).
+    InfermeshHedged,
     /// Two infermesh-proxy processes in a row, plaintext between them.
     InfermeshPair,
     /// Two infermesh-proxy processes in a row, mutual TLS between them.
@@ -110,6 +116,7 @@ impl TargetKind {
             TargetKind::Direct => "direct",
             TargetKind::Infermesh => "infermesh",
             TargetKind::InfermeshBare => "infermesh-bare",
+            TargetKind::InfermeshHedged => "infermesh-hedged",
             TargetKind::InfermeshPair => "infermesh-pair",
             TargetKind::InfermeshMtlsPair => "infermesh-mtls-pair",
             TargetKind::Haproxy => "haproxy",
@@ -188,6 +195,9 @@ pub struct InfermeshSpec {
     /// More fields of the route rule (not for `infermesh-bare`).
     #[serde(default)]
     pub rule: serde_json::Map<String, serde_json::Value>,
+    /// The rule's `hedge` block for the `infermesh-hedged` target.
+    #[serde(default)]
+    pub hedge: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// One target's figures from one round.
@@ -200,6 +210,9 @@ pub struct Measurement {
     pub fixed_rate: LoadReport,
     /// The proxy's CPU seconds per request during the open-loop phase.
     pub cpu_seconds_per_request: Option<f64>,
+    /// Requests the mock servers received per request sent during the
+    /// open-loop phase: above 1 by the retries, hedges or mirrored copies.
+    pub upstream_requests_per_request: Option<f64>,
 }
 
 /// One target's medians over the rounds.
@@ -218,6 +231,8 @@ pub struct Summary {
     pub p999: f64,
     /// Median proxy CPU microseconds per request.
     pub cpu_micros_per_request: Option<f64>,
+    /// Median requests the backends received per request.
+    pub upstream_requests_per_request: Option<f64>,
     /// Peak resident memory of the proxy, in bytes.
     pub peak_rss_bytes: Option<u64>,
     /// Failed requests over all rounds.
@@ -382,8 +397,17 @@ pub async fn run(comparison: &Comparison, work: &Path) -> anyhow::Result<Compari
                 None
             };
             let before = target.usage();
+            let sent_before = mock_requests(&backends).await;
             let fixed = load::run(options(url, Some(load.rate), target.kind.name())).await?;
             let after = target.usage();
+            let sent_after = mock_requests(&backends).await;
+            // The open loop sends its warm-up on the same schedule (request
+            // n due at n / rate), and the backends see those too.
+            let sent = fixed.requests as f64 + (load.rate * fixed.warmup_seconds).floor();
+            let upstream_per_request = match (sent_before, sent_after) {
+                (Some(b), Some(a)) if sent > 0.0 => Some((a - b) / sent),
+                _ => None,
+            };
             let cpu = match (before, after) {
                 (Some(b), Some(a)) if fixed.requests > 0 => {
                     Some((a.cpu_seconds - b.cpu_seconds) / fixed.requests as f64)
@@ -408,6 +432,7 @@ pub async fn run(comparison: &Comparison, work: &Path) -> anyhow::Result<Compari
                 max_rps,
                 fixed_rate: fixed,
                 cpu_seconds_per_request: cpu,
+                upstream_requests_per_request: upstream_per_request,
             });
         }
     }
@@ -465,6 +490,7 @@ fn summarize(target: &Ready, measured: &[Measurement]) -> Summary {
         p99: of(&|m| Some(m.fixed_rate.latency.p99)).unwrap_or_default(),
         p999: of(&|m| Some(m.fixed_rate.latency.p999)).unwrap_or_default(),
         cpu_micros_per_request: of(&|m| m.cpu_seconds_per_request.map(|c| c * 1e6)),
+        upstream_requests_per_request: of(&|m| m.upstream_requests_per_request),
         peak_rss_bytes: target.usage().map(|u| u.peak_rss_bytes),
         failed: measured.iter().map(|m| m.fixed_rate.errors.total()).sum(),
     }
@@ -475,8 +501,8 @@ impl ComparisonReport {
     pub fn markdown(&self) -> String {
         let direct = self.summary.iter().find(|s| s.target == TargetKind::Direct);
         let mut out = format!("{}.\n\n", self.setup);
-        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req | proxy peak RSS MiB | failed |\n");
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req | proxy peak RSS MiB | backend req/req | failed |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         let f =
             |v: Option<f64>, digits: usize| v.map_or("—".to_owned(), |v| format!("{v:.digits$}"));
         for s in &self.summary {
@@ -487,7 +513,7 @@ impl ComparisonReport {
             let added =
                 |mine: f64, theirs: fn(&Summary) -> f64| direct.map(|d| (mine - theirs(d)) * 1e3);
             out.push_str(&format!(
-                "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
                 s.target.name(),
                 f(s.max_rps, 0),
                 f(ratio, 2),
@@ -499,6 +525,7 @@ impl ComparisonReport {
                 f(added(s.p999, |d| d.p999), 3),
                 f(s.cpu_micros_per_request, 1),
                 f(s.peak_rss_bytes.map(|b| b as f64 / 1_048_576.0), 1),
+                f(s.upstream_requests_per_request, 4),
                 s.failed,
             ));
         }
@@ -533,6 +560,29 @@ impl ComparisonReport {
             &series,
         )
     }
+}
+
+/// Requests the mock servers at `backends` received so far, from their
+/// `/metrics` pages (`infermesh_mock_requests_total`); `None` when a page
+/// cannot be read.
+async fn mock_requests(backends: &[SocketAddr]) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut total = 0.0;
+    for backend in backends {
+        let mut stream = tokio::net::TcpStream::connect(backend).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .ok()?;
+        let mut page = String::new();
+        stream.read_to_string(&mut page).await.ok()?;
+        total += page
+            .lines()
+            .filter(|l| l.starts_with("infermesh_mock_requests_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Some(total)
 }
 
 /// Starts the mock servers as their own process, so that they do not share
@@ -664,6 +714,17 @@ fn infermesh_config(
             }),
             json!({ "retry": { "maxRetries": 0 } }),
         ),
+        TargetKind::InfermeshHedged => {
+            let mut rule = infermesh.rule.clone();
+            rule.insert(
+                "hedge".to_owned(),
+                Value::Object(infermesh.hedge.clone().unwrap_or_default()),
+            );
+            (
+                Value::Object(infermesh.backend.clone()),
+                Value::Object(rule),
+            )
+        }
         _ => (
             Value::Object(infermesh.backend.clone()),
             Value::Object(infermesh.rule.clone()),
@@ -841,7 +902,10 @@ fn start_target(
             url: format!("http://{}", backends[0]),
             processes: Vec::new(),
         }),
-        TargetKind::Infermesh | TargetKind::InfermeshBare => {
+        TargetKind::InfermeshHedged if infermesh.hedge.is_none() => {
+            anyhow::bail!("give the hedge settings in infermesh.hedge, e.g. {{ percentile: 95 }}")
+        }
+        TargetKind::Infermesh | TargetKind::InfermeshBare | TargetKind::InfermeshHedged => {
             let hop = Hop::to(backends);
             let (started, port) = start_infermesh(kind, kind.name(), &hop, &[], infermesh, work)?;
             Ok(ready(port, vec![started]))
