@@ -291,6 +291,19 @@ mod tests {
         Request::new(empty())
     }
 
+    /// Races a request that can always be sent again against `answers`.
+    async fn race(
+        hedging: &Hedging,
+        answers: Vec<(u64, u16)>,
+    ) -> (Response<ProxyBody>, Arc<Upstream>) {
+        let seen = Arc::new(Upstream::default());
+        let response = hedging
+            .race(request(), || Some(request()), upstream(&seen, answers))
+            .await
+            .unwrap();
+        (response, seen)
+    }
+
     fn count(metrics: &Metrics, outcome: &str) -> u64 {
         metrics.hedges.with_label_values(&["r", outcome]).get()
     }
@@ -299,16 +312,8 @@ mod tests {
     async fn a_slow_attempt_is_hedged_after_the_delay_and_the_loser_is_cancelled() {
         let metrics = Metrics::new();
         let hedging = Hedging::new(&policy(50), "r", &metrics);
-        let seen = Arc::new(Upstream::default());
         let started = Instant::now();
-        let response = hedging
-            .race(
-                request(),
-                || Some(request()),
-                upstream(&seen, vec![(1000, 200), (10, 200)]),
-            )
-            .await
-            .unwrap();
+        let (response, seen) = race(&hedging, vec![(1000, 200), (10, 200)]).await;
         assert_eq!(response.headers()["x-attempt"], "1", "the hedge's answer");
         assert_eq!(started.elapsed(), Duration::from_millis(60));
         assert_eq!(seen.sent.load(Ordering::Relaxed), 2);
@@ -324,15 +329,7 @@ mod tests {
     async fn an_answer_within_the_delay_sends_no_hedge() {
         let metrics = Metrics::new();
         let hedging = Hedging::new(&policy(50), "r", &metrics);
-        let seen = Arc::new(Upstream::default());
-        let response = hedging
-            .race(
-                request(),
-                || Some(request()),
-                upstream(&seen, vec![(49, 200)]),
-            )
-            .await
-            .unwrap();
+        let (response, seen) = race(&hedging, vec![(49, 200)]).await;
         assert_eq!(response.status(), 200);
         assert_eq!(seen.sent.load(Ordering::Relaxed), 1);
         assert_eq!(count(&metrics, "sent"), 0);
@@ -342,15 +339,7 @@ mod tests {
     async fn the_first_attempt_can_still_win_after_a_hedge_was_sent() {
         let metrics = Metrics::new();
         let hedging = Hedging::new(&policy(50), "r", &metrics);
-        let seen = Arc::new(Upstream::default());
-        let response = hedging
-            .race(
-                request(),
-                || Some(request()),
-                upstream(&seen, vec![(70, 200), (100, 200)]),
-            )
-            .await
-            .unwrap();
+        let (response, seen) = race(&hedging, vec![(70, 200), (100, 200)]).await;
         assert_eq!(response.headers()["x-attempt"], "0");
         assert_eq!(
             seen.cancelled.load(Ordering::Relaxed),
@@ -364,26 +353,10 @@ mod tests {
     async fn a_server_error_waits_for_the_hedge_in_flight() {
         let metrics = Metrics::new();
         let hedging = Hedging::new(&policy(50), "r", &metrics);
-        let seen = Arc::new(Upstream::default());
-        let response = hedging
-            .race(
-                request(),
-                || Some(request()),
-                upstream(&seen, vec![(100, 503), (100, 200)]),
-            )
-            .await
-            .unwrap();
+        let (response, _) = race(&hedging, vec![(100, 503), (100, 200)]).await;
         assert_eq!(response.status(), 200);
         // With nothing else in flight, the failure is the retry policy's.
-        let seen = Arc::new(Upstream::default());
-        let response = hedging
-            .race(
-                request(),
-                || Some(request()),
-                upstream(&seen, vec![(10, 503)]),
-            )
-            .await
-            .unwrap();
+        let (response, seen) = race(&hedging, vec![(10, 503)]).await;
         assert_eq!(response.status(), 503);
         assert_eq!(seen.sent.load(Ordering::Relaxed), 1);
     }
@@ -415,16 +388,8 @@ mod tests {
             ..policy(50)
         };
         let hedging = Hedging::new(&policy, "r", &metrics);
-        let seen = Arc::new(Upstream::default());
         let started = Instant::now();
-        let response = hedging
-            .race(
-                request(),
-                || Some(request()),
-                upstream(&seen, vec![(1000, 200), (1000, 200), (10, 200)]),
-            )
-            .await
-            .unwrap();
+        let (response, seen) = race(&hedging, vec![(1000, 200), (1000, 200), (10, 200)]).await;
         assert_eq!(response.headers()["x-attempt"], "2");
         assert_eq!(started.elapsed(), Duration::from_millis(110));
         assert_eq!(seen.cancelled.load(Ordering::Relaxed), 2);
@@ -436,15 +401,7 @@ mod tests {
         let hedging = Hedging::new(&policy(50), "r", &metrics);
         // Every first attempt is slow: each request would hedge.
         for _ in 0..1000 {
-            let seen = Arc::new(Upstream::default());
-            hedging
-                .race(
-                    request(),
-                    || Some(request()),
-                    upstream(&seen, vec![(60, 200), (5, 200)]),
-                )
-                .await
-                .unwrap();
+            race(&hedging, vec![(60, 200), (5, 200)]).await;
         }
         let sent = count(&metrics, "sent");
         // 5 % of 1000 requests, plus the burst of 10.
