@@ -325,7 +325,7 @@ impl Mirror {
 /// Hedges are capped by a budget (Dean and Barroso's "The Tail at Scale"),
 /// sent only while no response byte went to the client and only once the
 /// request body is whole and within the retry policy's `maxReplayBytes`,
-/// and count against the backend's `maxRetries` limit.
+/// and count against the backend's limits like any request.
 ///
 /// ```yaml
 /// hedge: { percentile: 95, delay: 200ms, budgetPercent: 5 }

@@ -71,7 +71,8 @@ pub struct Attempt {
     pub avoid: Vec<SocketAddr>,
     /// Limit on this attempt's wait for response headers.
     pub timeout: Option<Duration>,
-    /// A hedge: admitted like a retry by the backend's `maxRetries`.
+    /// A hedge: sent only to an endpoint no other attempt of the request
+    /// uses.
     pub hedge: bool,
     /// Endpoints the request's other attempts in flight use (when it is
     /// hedged): each attempt adds its pick and avoids the others'.
@@ -294,8 +295,7 @@ impl Service<Request<ProxyBody>> for Balance {
         Box::pin(async move {
             let attempt = request.extensions().get::<Attempt>();
             let (retry, timeout) = attempt.map_or((0, None), |a| (a.retry, a.timeout));
-            let extra = retry > 0 || attempt.is_some_and(|a| a.hedge);
-            let admission = backend.breaker.admit(extra).map_err(|kind| {
+            let admission = backend.breaker.admit(retry > 0).map_err(|kind| {
                 ProxyError::new(kind)
                     .at_backend(&backend.name)
                     .after_retries(retry)
@@ -317,7 +317,12 @@ impl Service<Request<ProxyBody>> for Balance {
                         .copied()
                         .collect();
                     let picked = backend
-                        .with_endpoints(|set| backend.balancer.pick(set, &avoid, now).cloned());
+                        .with_endpoints(|set| backend.balancer.pick(set, &avoid, now).cloned())
+                        // A hedge to an endpoint already working on the
+                        // request would only double its load.
+                        .filter(|e| {
+                            !(attempt.is_some_and(|a| a.hedge) && siblings.contains(&e.addr))
+                        });
                     siblings.extend(picked.as_ref().map(|e| e.addr));
                     picked
                 }
@@ -331,6 +336,7 @@ impl Service<Request<ProxyBody>> for Balance {
             let probe = endpoint.health.on_send(now);
             endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight::start(endpoint.clone());
+            let mut unanswered = Unanswered(Some((endpoint.clone(), now)));
             let exchange = pool::send(&endpoint.connections, endpoint.addr, &backend.pool, request);
             let result = match timeout {
                 Some(limit) => tokio::time::timeout(limit, exchange)
@@ -338,6 +344,7 @@ impl Service<Request<ProxyBody>> for Balance {
                     .unwrap_or(Err(ErrorKind::AttemptTimeout(limit))),
                 None => exchange.await,
             };
+            unanswered.0 = None;
             let done = Instant::now();
             let rtt = done.saturating_duration_since(now);
             match result {
@@ -418,6 +425,22 @@ fn eject(backend: &Backend, endpoint: &Endpoint, now: Instant, probe: Option<Pro
 const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 /// Counts a request as in flight at its endpoint until dropped.
+/// An exchange dropped before its answer (a hedge's loser, a client that
+/// went away) still tells the latency estimate how long the endpoint took
+/// at least, so a stalled endpoint does not keep looking fast.
+struct Unanswered(Option<(Arc<Endpoint>, Instant)>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some((endpoint, sent)) = self.0.take() {
+            let now = Instant::now();
+            endpoint
+                .latency
+                .observe(now, now.saturating_duration_since(sent));
+        }
+    }
+}
+
 struct InFlight(Arc<Endpoint>);
 
 impl InFlight {

@@ -50,6 +50,7 @@ pub struct Hedging {
     deposit: i64,
     sent: IntCounter,
     won: IntCounter,
+    refused: IntCounter,
     budget_exhausted: IntCounter,
     not_replayable: IntCounter,
 }
@@ -65,6 +66,7 @@ impl Hedging {
             policy: policy.clone(),
             sent: outcome("sent"),
             won: outcome("won"),
+            refused: outcome("refused"),
             budget_exhausted: outcome("budget_exhausted"),
             not_replayable: outcome("not_replayable"),
         }
@@ -87,88 +89,135 @@ impl Hedging {
             .is_ok()
     }
 
-    /// Adds a request's share to the budget.
-    fn earn(&self) {
+    /// Counts a request: it adds its share to the budget.
+    pub fn request(&self) {
+        self.credit(self.deposit);
+    }
+
+    /// Adds `amount` to the budget, up to the burst.
+    fn credit(&self, amount: i64) {
         let _ = self
             .tokens
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                Some((t + self.deposit).min(BURST * TOKEN))
+                Some((t + amount).min(BURST * TOKEN))
             });
     }
 
     /// Sends `first`, then, each time the delay passes without a usable
     /// answer, a hedge made by `next` (`None` when the request cannot be
-    /// sent again: its body is not whole yet, or too large), while the
+    /// sent again yet: its body is still arriving, or too large), while the
     /// budget allows. Returns the first usable answer: a response that is
-    /// not a server error (5xx); a failure only when no other attempt is
-    /// in flight (the retry policy then decides). Every other attempt is
-    /// cancelled by dropping it.
+    /// not a server error (5xx). When every attempt failed, returns the
+    /// first failed response, else the first error, for the retry policy
+    /// to judge. Every other attempt is cancelled by dropping it, and the
+    /// time it ran counts as a sample of the latency at least.
     pub async fn race(
         &self,
         first: Request<ProxyBody>,
         mut next: impl FnMut() -> Option<Request<ProxyBody>>,
         send: impl Fn(Request<ProxyBody>) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.earn();
         let timed = |index: usize, request| {
             let exchange = send(request);
             async move {
-                let started = Instant::now();
                 let result = exchange.await;
-                (index, started.elapsed(), result)
+                (index, result)
             }
         };
+        let mut started = vec![Instant::now()];
+        let mut finished = Vec::new();
         let mut attempts = FuturesUnordered::new();
         attempts.push(timed(0, first));
-        let mut hedges = 0;
         let mut can_hedge = true;
+        let mut unreplayable_seen = false;
+        let mut kept: Option<Result<Response<ProxyBody>, ProxyError>> = None;
         let delay = self.delay();
-        let mut hedge_at = Instant::now() + delay;
+        let mut hedge_at = started[0] + delay;
         // At the top of each turn at least one attempt is in flight.
-        loop {
-            let hedge_due = can_hedge && hedges < self.policy.max_hedges;
+        let (winner, result) = loop {
+            let hedge_due = can_hedge && started.len() <= self.policy.max_hedges as usize;
             tokio::select! {
                 biased;
-                Some((index, latency, result)) = attempts.next() => {
+                Some((index, result)) = attempts.next() => {
+                    finished.push(index);
                     let usable = match &result {
-                        Ok(response) => {
+                        Ok(response) if !response.status().is_server_error() => {
                             if let Some(observed) = &self.observed {
-                                observed.add(latency);
+                                observed.add(started[index].elapsed());
                             }
-                            !response.status().is_server_error()
+                            true
                         }
-                        Err(_) => false,
+                        Ok(_) => false,
+                        Err(error) => {
+                            if index > 0 && refused(error) {
+                                // Not sent after all: no other endpoint,
+                                // or the backend's limits.
+                                self.refused.inc();
+                                self.credit(TOKEN);
+                            }
+                            false
+                        }
                     };
-                    if usable && index > 0 {
-                        self.won.inc();
+                    if usable {
+                        break (Some(index), result);
                     }
-                    // A failure with nothing else in flight (before any
-                    // hedge was due, say) is the retry policy's business.
-                    if usable || attempts.is_empty() {
-                        return result;
+                    // Keep the first failed response, else the first error.
+                    kept = match kept {
+                        None => Some(result),
+                        Some(Err(_)) if result.is_ok() => Some(result),
+                        keep => keep,
+                    };
+                    if attempts.is_empty() {
+                        break (None, kept.take().expect("kept just above"));
                     }
                 }
                 () = tokio::time::sleep_until(hedge_at), if hedge_due => {
+                    hedge_at += delay;
                     if !self.take() {
                         self.budget_exhausted.inc();
                         can_hedge = false;
                         continue;
                     }
                     let Some(request) = next() else {
-                        self.not_replayable.inc();
-                        // The token goes back: nothing was sent.
-                        self.tokens.fetch_add(TOKEN, Ordering::Relaxed);
-                        can_hedge = false;
+                        // Nothing was sent: the token goes back, and the
+                        // next delay looks again (the body may have
+                        // arrived whole by then).
+                        self.credit(TOKEN);
+                        if !std::mem::replace(&mut unreplayable_seen, true) {
+                            self.not_replayable.inc();
+                        }
                         continue;
                     };
                     self.sent.inc();
-                    hedges += 1;
-                    attempts.push(timed(hedges as usize, request));
-                    hedge_at += delay;
+                    started.push(Instant::now());
+                    attempts.push(timed(started.len() - 1, request));
+                }
+            }
+        };
+        if winner.is_some_and(|index| index > 0) {
+            self.won.inc();
+        }
+        // The attempts still running are cancelled as they drop; they took
+        // this long at least.
+        if let Some(observed) = &self.observed {
+            drop(attempts);
+            for (index, sent) in started.iter().enumerate() {
+                if !finished.contains(&index) {
+                    observed.add(sent.elapsed());
                 }
             }
         }
+        result
     }
+}
+
+/// Whether a hedge failed without being sent: the backend had no other
+/// endpoint for it, or was at one of its limits.
+fn refused(error: &ProxyError) -> bool {
+    matches!(
+        error.kind(),
+        crate::error::ErrorKind::NoEndpoint | crate::error::ErrorKind::Overloaded(_)
+    )
 }
 
 /// Recent times to response headers and the percentile of them that
@@ -198,10 +247,11 @@ impl Observed {
     }
 
     fn add(&self, latency: Duration) {
-        let mut samples = self
-            .samples
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A sample lost to a busy lock changes nothing that matters; a
+        // wait on the request path would.
+        let Ok(mut samples) = self.samples.try_lock() else {
+            return;
+        };
         if samples.ring.len() < WINDOW {
             samples.ring.push(latency);
         } else {
@@ -216,7 +266,10 @@ impl Observed {
             drop(samples);
             let rank = ((self.percentile / 100.0) * (sorted.len() - 1) as f64).round() as usize;
             let (_, value, _) = sorted.select_nth_unstable(rank);
-            let nanos = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX).max(1);
+            // Never below the shortest delay the config allows.
+            let nanos = u64::try_from(value.as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1_000_000);
             self.cached.store(nanos, Ordering::Relaxed);
         }
     }
@@ -257,7 +310,8 @@ mod tests {
         }
     }
 
-    /// Attempt `n` (in the order sent) answers `answers[n]` after its delay.
+    /// Attempt `n` (in the order sent) answers `answers[n]` after its delay
+    /// (status 0: fails with no endpoint, as a hedge with nowhere to go).
     fn upstream(
         upstream: &Arc<Upstream>,
         answers: Vec<(u64, u16)>,
@@ -272,6 +326,9 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(millis)).await;
                 guard.1 = true;
                 drop(request);
+                if status == 0 {
+                    return Err(ProxyError::new(crate::error::ErrorKind::NoEndpoint));
+                }
                 let mut response = Response::new(empty());
                 *response.status_mut() = StatusCode::from_u16(status).unwrap();
                 response.headers_mut().insert("x-attempt", n.into());
@@ -296,6 +353,7 @@ mod tests {
         hedging: &Hedging,
         answers: Vec<(u64, u16)>,
     ) -> (Response<ProxyBody>, Arc<Upstream>) {
+        hedging.request();
         let seen = Arc::new(Upstream::default());
         let response = hedging
             .race(request(), || Some(request()), upstream(&seen, answers))
@@ -407,6 +465,36 @@ mod tests {
         // 5 % of 1000 requests, plus the burst of 10.
         assert!((50..=60).contains(&sent), "{sent} hedges");
         assert_eq!(sent + count(&metrics, "budget_exhausted"), 1000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedge_with_nowhere_to_go_gives_its_token_back() {
+        let metrics = Metrics::new();
+        let hedging = Hedging::new(&policy(50), "r", &metrics);
+        let (response, _) = race(&hedging, vec![(200, 200), (0, 0)]).await;
+        assert_eq!(response.headers()["x-attempt"], "0");
+        assert_eq!(
+            (count(&metrics, "sent"), count(&metrics, "refused")),
+            (1, 1)
+        );
+        assert_eq!(hedging.tokens.load(Ordering::Relaxed), BURST * TOKEN);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_attempt_counts_as_a_sample_of_at_least_its_time() {
+        let metrics = Metrics::new();
+        let policy = HedgePolicy {
+            percentile: Some(99.0),
+            ..policy(50)
+        };
+        let hedging = Hedging::new(&policy, "r", &metrics);
+        race(&hedging, vec![(1000, 200), (10, 200)]).await;
+        let samples = hedging.observed.as_ref().unwrap().samples.lock().unwrap();
+        assert_eq!(
+            samples.ring,
+            [Duration::from_millis(10), Duration::from_millis(60)],
+            "the hedge's answer, then the stalled attempt's time until it was dropped"
+        );
     }
 
     #[test]

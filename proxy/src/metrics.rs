@@ -81,9 +81,10 @@ pub struct Metrics {
     /// or blocked.
     pub outside_mesh: IntCounterVec,
     /// `infermesh_hedges_total{route,outcome}`: hedged attempts `sent`, and
-    /// of those `won` (their answer was used); hedges that were due but not
-    /// sent for lack of budget (`budget_exhausted`) or because the request
-    /// could not be sent again (`not_replayable`).
+    /// of those `won` (their answer was used) or `refused` by the backend
+    /// (no other endpoint, or a limit); hedges that were due but not sent
+    /// for lack of budget (`budget_exhausted`) or because the request could
+    /// not be sent again (`not_replayable`).
     pub hedges: IntCounterVec,
 }
 
@@ -213,7 +214,7 @@ impl Metrics {
             ),
             hedges: counter(
                 "infermesh_hedges_total",
-                "Hedged attempts sent and won, and hedges not sent (budget_exhausted, not_replayable), by route.",
+                "Hedged attempts sent, won and refused by the backend, and hedges not sent (budget_exhausted, not_replayable), by route.",
                 &["route", "outcome"],
             ),
             outside_mesh: counter(

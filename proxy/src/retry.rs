@@ -414,6 +414,9 @@ where
     };
     let idempotent = is_idempotent(&head.method);
     let mut body = boxed(first);
+    if let Some(hedging) = &retries.hedging {
+        hedging.request();
+    }
     // What the client gets if a retry is refused by the backend's retry
     // limit: the failure that caused it, and why it was retried.
     let mut previous: Option<(Result<Response<ProxyBody>, ProxyError>, Reason)> = None;
@@ -442,6 +445,9 @@ where
                     .race(first, next, |request| send(inner.clone(), request))
                     .await;
                 attempt.siblings = None;
+                // A retry avoids every endpoint the race used.
+                let used = siblings.lock().map(|s| s.clone()).unwrap_or_default();
+                attempt.avoid.extend(used);
                 result
             }
         };
@@ -1073,5 +1079,58 @@ mod tests {
         frame: Frame<Bytes>,
     ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send {
         futures_util::stream::iter([Ok(frame)])
+    }
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_post_sends_its_whole_body_again() {
+        let hedge = HedgePolicy {
+            delay: infermesh_api::Duration::from_millis(50),
+            ..HedgePolicy::default()
+        };
+        let policy = RetryPolicy {
+            non_idempotent: true,
+            ..RetryPolicy::default()
+        };
+        let layer = RetryLayer::new(Retries::new(
+            &policy,
+            Some(&hedge),
+            &Arc::from("r"),
+            &Metrics::new(),
+        ));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        // The first attempt stalls; a hedge answers at once.
+        let upstream = {
+            let seen = seen.clone();
+            service_fn(move |request: Request<ProxyBody>| {
+                let seen = seen.clone();
+                let fut: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
+                    Box::pin(async move {
+                        let attempt = request.extensions().get::<Attempt>().cloned().unwrap();
+                        let body = request.into_body().collect().await.unwrap().to_bytes();
+                        seen.lock().unwrap().push((attempt.hedge, body));
+                        if !attempt.hedge {
+                            tokio::time::sleep(Duration::from_secs(10)).await;
+                        }
+                        Ok(status(200))
+                    });
+                fut
+            })
+        };
+        let started = tokio::time::Instant::now();
+        let response = layer
+            .layer(upstream)
+            .oneshot(request(Method::POST, "prompt"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            *seen,
+            [
+                (false, Bytes::from("prompt")),
+                (true, Bytes::from("prompt"))
+            ],
+            "the hedge got the same body"
+        );
     }
 }

@@ -1,7 +1,7 @@
-//! Hedged requests through the real proxy: a request stuck on a slow
-//! endpoint gets a second attempt on another endpoint after the hedge
-//! delay, the fast answer is used, and the slow server sees its request
-//! cancelled (an HTTP/2 stream reset).
+//! Hedged requests through the real proxy: a POST stuck on a slow
+//! endpoint gets a second attempt, with the same body, on another endpoint
+//! after the hedge delay, the fast answer is used, and the slow server sees
+//! its request cancelled (an HTTP/2 stream reset).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,9 +62,14 @@ async fn a_stalled_request_is_hedged_to_another_endpoint_and_the_stalled_one_can
 
     let http = client::http1();
     for _ in 0..6 {
-        let reply = client::get(&http, &gateway.url("web", "/v1/models")).await;
+        // A POST: the hedge is sent from the recorded body once it is whole.
+        let request = http::Request::post(gateway.url("web", "/v1/chat/completions"))
+            .body(bytes::Bytes::from_static(b"{\"prompt\":\"hi\"}").into())
+            .unwrap();
+        let reply = client::send(&http, request).await.unwrap();
         assert_eq!(reply.status, 200);
         assert_eq!(reply.header("x-backend"), Some("fast"), "{reply:?}");
+        assert_eq!(reply.json()["body"], "{\"prompt\":\"hi\"}");
     }
     // Every first attempt that went to the stalled endpoint was hedged, to
     // the other endpoint, the hedge won, and the stall was reset.
