@@ -1046,6 +1046,21 @@ mod tests {
         );
     }
 
+    /// The validated config of one proxy of the mTLS pair.
+    fn pair_config(hop: &Hop<'_>) -> infermesh_api::Config {
+        let text = infermesh_config(
+            TargetKind::InfermeshMtlsPair,
+            8080,
+            hop,
+            &InfermeshSpec::default(),
+        );
+        infermesh_api::Config::load(&[infermesh_api::Source {
+            name: "bench.yaml",
+            text: &text,
+        }])
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
     #[test]
     fn the_caller_of_an_mtls_pair_expects_the_models_identity_over_http2() {
         let model = ["127.0.0.1:9001".parse().unwrap()];
@@ -1055,17 +1070,7 @@ mod tests {
             upstream_identity: Some(MODEL_IDENTITY),
             upstream_http2: true,
         };
-        let text = infermesh_config(
-            TargetKind::InfermeshMtlsPair,
-            8080,
-            &hop,
-            &InfermeshSpec::default(),
-        );
-        let config = infermesh_api::Config::load(&[infermesh_api::Source {
-            name: "bench.yaml",
-            text: &text,
-        }])
-        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let config = pair_config(&hop);
         let backend = &config.backend("mock").unwrap().spec;
         assert_eq!(backend.tls.as_ref().unwrap().identity, MODEL_IDENTITY);
         assert_eq!(backend.protocol, infermesh_api::UpstreamProtocol::Http2);
@@ -1074,17 +1079,7 @@ mod tests {
             tls_listener: true,
             ..Hop::to(&model)
         };
-        let text = infermesh_config(
-            TargetKind::InfermeshMtlsPair,
-            8081,
-            &model_side,
-            &InfermeshSpec::default(),
-        );
-        let config = infermesh_api::Config::load(&[infermesh_api::Source {
-            name: "bench.yaml",
-            text: &text,
-        }])
-        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let config = pair_config(&model_side);
         assert_eq!(
             config
                 .listener("bench")
