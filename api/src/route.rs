@@ -77,8 +77,8 @@ pub struct RouteRule {
 /// Gateway API: the most specific host name (exact, then the longest
 /// wildcard, then any host), then an exact path, then the longest path
 /// prefix, then a regex path, then rules for every path (prefix `/` or no
-/// path), then a method match, then the most header matches. A remaining
-/// tie goes to the rule written first.
+/// path), then a model match, then a method match, then the most header
+/// matches. A remaining tie goes to the rule written first.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteMatch {
@@ -91,6 +91,12 @@ pub struct RouteMatch {
     /// Every header condition must hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMatch>,
+    /// The model the request names must be this one: the `{name}` of a
+    /// KServe v2 / Open Inference Protocol path (`/v2/models/{name}/...`),
+    /// else the `model` field of a JSON body (OpenAI-compatible APIs),
+    /// read from at most the body's first 64 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 /// How a request path is matched.
@@ -263,6 +269,9 @@ impl RouteMatch {
                 }
             }
             _ => {}
+        }
+        if self.model.as_ref().is_some_and(|m| m.trim().is_empty()) {
+            checker.error(at.key("model"), "give the model's name, e.g. llama-3-8b");
         }
         if let Some(method) = &self.method
             && (method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err())

@@ -528,3 +528,23 @@ fn hedging_is_off_by_default_and_checked_where_written() {
         );
     }
 }
+
+#[test]
+fn a_model_match_names_a_model() {
+    let text = |model: &str| {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: b }}\nspec: {{}}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: {{ name: r }}\nspec:\n  rules:\n    - matches: [{{ model: {model} }}]\n      backends: [{{ name: b }}]\n"
+        )
+    };
+    let config = load(&text("llama-3-8b")).unwrap();
+    assert_eq!(
+        config.routes[0].spec.rules[0].matches[0].model.as_deref(),
+        Some("llama-3-8b")
+    );
+    assert_eq!(
+        load(&text("\"  \"")).unwrap_err(),
+        [
+            "gw.yaml:11:19: Route/r: spec.rules[0].matches[0].model: give the model's name, e.g. llama-3-8b"
+        ]
+    );
+}

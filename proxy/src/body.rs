@@ -1,6 +1,7 @@
 //! The one body type that flows through the proxy: a boxed stream of
 //! `Bytes` frames (data and trailers), forwarded as they arrive.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -69,5 +70,50 @@ impl<H: Unpin> Body for Holding<H> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A body whose first frames were already read: `read` is given again,
+/// then the rest of `body`.
+pub fn prepend(read: VecDeque<Result<Frame<Bytes>, BoxError>>, body: ProxyBody) -> ProxyBody {
+    boxed(Prepended { read, rest: body })
+}
+
+struct Prepended {
+    read: VecDeque<Result<Frame<Bytes>, BoxError>>,
+    rest: ProxyBody,
+}
+
+impl Body for Prepended {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(frame) = self.read.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.read.is_empty() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let read: u64 = self
+            .read
+            .iter()
+            .filter_map(|f| f.as_ref().ok()?.data_ref().map(|d| d.len() as u64))
+            .sum();
+        let rest = self.rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + read);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + read);
+        }
+        hint
     }
 }

@@ -33,6 +33,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod mirror;
+pub mod model;
 pub mod ops;
 pub mod outlier;
 pub mod pool;

@@ -2,7 +2,9 @@
 //!
 //! 1. **authorize**: the listener's authorization policies decide by the
 //!    caller's SPIFFE identity and the request (403 `unauthorized`);
-//! 2. **route**: find the listener's most specific rule for the request;
+//! 2. **route**: find the listener's most specific rule for the request
+//!    (when the listener's rules match on models, the model a JSON body
+//!    names is read first, from at most its first 64 KiB: [`crate::model`]);
 //!    on a sidecar's capture listeners, then the connection's original
 //!    destination: a backend that has this address, or the destination
 //!    itself (the app inbound, a server outside the mesh outbound, unless
@@ -31,6 +33,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::lifecycle::Lifecycle;
 use crate::listener::ConnectionInfo;
 use crate::metrics::Metrics;
+use crate::model;
 use crate::snapshot::{ListenerEntry, RuleTarget, Snapshot};
 use infermesh_api::OutsideMesh;
 
@@ -101,6 +104,16 @@ impl ProxyService {
     }
 }
 
+/// Sends `request` through a rule's service stack. (A plain function: the
+/// boxed future's type does not name the service's, which rustc cannot yet
+/// prove `Send` inside an async block.)
+fn forward(
+    target: &RuleTarget,
+    request: Request<ProxyBody>,
+) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
+    Box::pin(target.service.clone().oneshot(request))
+}
+
 /// Where a request goes.
 enum Target {
     /// A route rule, or the default rule of a backend found by address.
@@ -138,29 +151,36 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
                 a.check(&request, self.connection.peer_identity.as_deref())
                     .err()
             });
-        // Phase: route.
-        let target = match listener {
-            Some(listener) if denied.is_none() => self.route(&request, &snapshot, listener),
-            _ => None,
-        };
-        // Phase: forward.
-        let forwarded = match target {
-            Some(Target::Rule(target)) => {
-                record.set_route(target.route.clone());
-                let route = target.route.clone();
-                let forwarded: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
-                    Box::pin(target.service.clone().oneshot(request));
-                Ok((route, forwarded))
-            }
-            Some(Target::Original(original)) => {
-                let route = original.name().clone();
-                record.set_route(route.clone());
-                Ok((route, original.forward(request)))
-            }
-            Some(Target::Blocked(destination)) => Err(ErrorKind::OutsideMesh(destination)),
-            None => Err(denied.unwrap_or(ErrorKind::NoRoute)),
-        };
+        let read_model = denied.is_none()
+            && listener.is_some_and(|l| l.router.matches_models())
+            && model::may_be_in_body(&request);
+        let this = self.clone();
         Box::pin(async move {
+            // Phase: read the model a body names, for rules matching on it.
+            let request = if read_model {
+                model::read_body_model(request).await
+            } else {
+                request
+            };
+            // Phase: route.
+            let target = match snapshot.listener(this.connection.listener) {
+                Some(listener) if denied.is_none() => this.route(&request, &snapshot, listener),
+                _ => None,
+            };
+            // Phase: forward.
+            let forwarded = match target {
+                Some(Target::Rule(target)) => {
+                    record.set_route(target.route.clone());
+                    Ok((target.route.clone(), forward(&target, request)))
+                }
+                Some(Target::Original(original)) => {
+                    let route = original.name().clone();
+                    record.set_route(route.clone());
+                    Ok((route, original.forward(request)))
+                }
+                Some(Target::Blocked(destination)) => Err(ErrorKind::OutsideMesh(destination)),
+                None => Err(denied.unwrap_or(ErrorKind::NoRoute)),
+            };
             // Phase: respond.
             let response = match forwarded {
                 Ok((route, forwarded)) => match forwarded.await {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Extensions, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use infermesh_api::{HedgePolicy, RetryOn, RetryPolicy};
 use prometheus::{IntCounter, IntCounterVec};
@@ -27,7 +27,7 @@ use rand::RngExt;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::balance::{Attempt, Upstream};
-use crate::body::{BoxError, BoxFuture, ProxyBody, boxed, holding};
+use crate::body::{BoxFuture, ProxyBody, boxed, holding, prepend};
 use crate::breaker::Limit;
 use crate::error::{ErrorKind, ProxyError, find_source};
 use crate::headers::retry_after;
@@ -254,8 +254,8 @@ impl Retries {
                         .map(|_| Reason::GrpcStatus),
                     _ => None,
                 };
-                let body = Prepended { first, rest: body };
-                (Ok(Response::from_parts(parts, boxed(body))), reason)
+                let body = prepend(first.into_iter().collect(), body);
+                (Ok(Response::from_parts(parts, body)), reason)
             }
             Ok(response) => {
                 let reason = self.classify_status(response.status(), response.headers());
@@ -572,38 +572,6 @@ where
     S::Future: Send,
 {
     Box::pin(inner.oneshot(request))
-}
-
-/// A body whose first frame was already read.
-struct Prepended {
-    first: Option<Result<Frame<Bytes>, BoxError>>,
-    rest: ProxyBody,
-}
-
-impl Body for Prepended {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(first) = self.first.take() {
-            return Poll::Ready(Some(first));
-        }
-        Pin::new(&mut self.rest).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.first {
-            None => self.rest.size_hint(),
-            Some(_) => SizeHint::default(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1077,7 +1045,7 @@ mod tests {
     /// A stream of one body frame.
     fn one_frame(
         frame: Frame<Bytes>,
-    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send {
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, crate::body::BoxError>> + Send {
         futures_util::stream::iter([Ok(frame)])
     }
     #[tokio::test(start_paused = true)]

@@ -1,10 +1,10 @@
 //! Route matching: for one listener, find the rule that serves a request
-//! from its host, path, method and headers.
+//! from its host, path, model, method and headers.
 //!
 //! Rules are sorted once, when a config is applied, by Gateway API
 //! precedence (most specific host, exact path, longest prefix, regex path,
-//! any path, then method, most header matches, and the rule written first),
-//! so matching is a single pass that stops at the first hit.
+//! any path, then model, method, most header matches, and the rule written
+//! first), so matching is a single pass that stops at the first hit.
 
 use std::cmp::Reverse;
 
@@ -23,6 +23,7 @@ pub struct Router<T> {
 struct Entry<T> {
     host: HostMatch,
     path: PathMatcher,
+    model: Option<String>,
     method: Option<Method>,
     headers: Vec<HeaderMatcher>,
     target: T,
@@ -52,7 +53,7 @@ enum HeaderMatcher {
 }
 
 /// How specific an entry is; larger wins.
-type Rank = ((u8, usize), (u8, usize), bool, usize);
+type Rank = ((u8, usize), (u8, usize), bool, bool, usize);
 
 /// Collects rules, then sorts them into a [`Router`].
 pub struct RouterBuilder<T> {
@@ -126,12 +127,19 @@ impl<T: Clone> RouterBuilder<T> {
                     .iter()
                     .map(header_matcher)
                     .collect::<Result<Vec<_>, _>>()?;
-                let rank = (host_rank, path_rank, method.is_some(), headers.len());
+                let rank = (
+                    host_rank,
+                    path_rank,
+                    m.model.is_some(),
+                    method.is_some(),
+                    headers.len(),
+                );
                 self.entries.push((
                     rank,
                     Entry {
                         host,
                         path,
+                        model: m.model.clone(),
                         method,
                         headers,
                         target: target.clone(),
@@ -181,6 +189,12 @@ impl<T> Router<T> {
         }
     }
 
+    /// Whether a rule matches on the model a request names: its body may
+    /// have to be read before routing ([`crate::model`]).
+    pub fn matches_models(&self) -> bool {
+        self.entries.iter().any(|e| e.model.is_some())
+    }
+
     /// The target of the most specific rule matching `request`.
     pub fn route<B>(&self, request: &Request<B>) -> Option<&T> {
         let host = request_host(request);
@@ -206,6 +220,10 @@ impl<T> Entry<T> {
         };
         host_ok
             && self.path.matches(path)
+            && self
+                .model
+                .as_deref()
+                .is_none_or(|m| crate::model::of(request) == Some(m))
             && self.method.as_ref().is_none_or(|m| m == request.method())
             && self.headers.iter().all(|h| h.matches(request.headers()))
     }
@@ -262,6 +280,7 @@ mod tests {
             path,
             method: method.map(str::to_owned),
             headers,
+            model: None,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use infermesh_tests::backend::{MockBackend, Protocol};
 use infermesh_tests::client::{self, HttpClient, Reply};
 use infermesh_tests::process::{Gateway, backend, config, listener};
@@ -338,4 +338,77 @@ async fn dns_named_endpoints_are_resolved() {
         listed.iter().all(|e| e["hostname"] == "localhost"),
         "{endpoints}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_go_to_the_rule_of_the_model_they_name() {
+    let llama = MockBackend::echo("llama", Protocol::Http1).await;
+    let mistral = MockBackend::echo("mistral", Protocol::Http1).await;
+    let other = MockBackend::echo("other", Protocol::Http1).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("llama", "http1", &[llama.addr]),
+        &backend("mistral", "http1", &[mistral.addr]),
+        &backend("other", "http1", &[other.addr]),
+        r#"kind: Route
+metadata: { name: models }
+spec:
+  rules:
+    - matches: [{ model: llama-3-8b }]
+      backends: [{ name: llama }]
+    - matches: [{ model: mistral-7b }]
+      backends: [{ name: mistral }]
+    - backends: [{ name: other }]"#,
+    ]));
+    let http = client::http1();
+    let post = |path: &str, body: &'static str| {
+        Request::post(gateway.url("web", path))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    };
+    let cases = [
+        // OpenAI-compatible: the model field, wherever it is in the body.
+        (
+            post(
+                "/v1/chat/completions",
+                r#"{"model":"llama-3-8b","messages":[]}"#,
+            ),
+            "llama",
+        ),
+        (
+            post("/v1/completions", r#"{"prompt":"hi","model":"mistral-7b"}"#),
+            "mistral",
+        ),
+        // KServe v2: the model in the path.
+        (
+            post("/v2/models/mistral-7b/infer", r#"{"inputs":[]}"#),
+            "mistral",
+        ),
+        // No model, another model, or not JSON: the rule without a model.
+        (post("/v1/embeddings", r#"{"input":"hi"}"#), "other"),
+        (
+            post("/v1/chat/completions", r#"{"model":"gpt-4"}"#),
+            "other",
+        ),
+        (post("/v1/chat/completions", "not json"), "other"),
+    ];
+    for (request, expected) in cases {
+        let sent = String::from_utf8(
+            request
+                .body()
+                .clone()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        let reply = client::send(&http, request).await.unwrap();
+        assert_eq!(reply.status, 200);
+        let seen = reply.json();
+        assert_eq!(seen["backend"], expected, "{sent}");
+        assert_eq!(seen["body"], sent, "the body reaches the model unchanged");
+    }
 }
