@@ -308,6 +308,17 @@ pub fn backend_with(name: &str, protocol: &str, endpoints: &[SocketAddr], extra:
     )
 }
 
+/// A `Route` named `r` with one rule per `(path prefix, backend)`.
+pub fn route_by_prefix(rules: &[(&str, &str)]) -> String {
+    let rules: String = rules
+        .iter()
+        .map(|(prefix, backend)| {
+            format!("\n    - matches: [{{ path: {{ prefix: {prefix} }} }}]\n      backends: [{{ name: {backend} }}]")
+        })
+        .collect();
+    format!("kind: Route\nmetadata: {{ name: r }}\nspec:\n  rules:{rules}")
+}
+
 /// A `Route` named `r` sending every request to `backend`; `extra` is
 /// more YAML under its one rule.
 pub fn route_with(backend: &str, extra: &str) -> String {

@@ -18,7 +18,9 @@ use infermesh_certs::{CertStore, ServerOptions, peer_identity, server_config};
 use infermesh_tests::backend::{MockBackend, Protocol, full};
 use infermesh_tests::client;
 use infermesh_tests::identity::{ca_init, ca_issue, ca_with, identity_args};
-use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
+use infermesh_tests::process::{
+    Gateway, backend_with, config, listener, route_by_prefix, route_with,
+};
 use tokio::net::TcpListener;
 
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/edge/sa/gateway";
@@ -137,16 +139,11 @@ async fn the_gateway_speaks_mtls_to_backends_and_checks_their_identity() {
                 &[llama],
                 &tls("spiffe://cluster.local/ns/models/sa/mistral"),
             ),
-            r#"kind: Route
-metadata: { name: r }
-spec:
-  rules:
-    - matches: [{ path: { prefix: /h1 } }]
-      backends: [{ name: llama1 }]
-    - matches: [{ path: { prefix: /h2 } }]
-      backends: [{ name: llama2 }]
-    - matches: [{ path: { prefix: /impostor } }]
-      backends: [{ name: impostor }]"#,
+            &route_by_prefix(&[
+                ("/h1", "llama1"),
+                ("/h2", "llama2"),
+                ("/impostor", "impostor"),
+            ]),
         ]),
     );
     let http = client::http1();

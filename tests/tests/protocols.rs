@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use infermesh_tests::backend::{Handler, MockBackend, Protocol, TestBody};
 use infermesh_tests::client;
-use infermesh_tests::process::{Gateway, backend, config, listener};
+use infermesh_tests::process::{Gateway, backend, config, listener, route_by_prefix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,7 +30,7 @@ async fn http1_and_http2_on_either_side() {
         &listener("web", "http"),
         &backend("h1", "http1", &[h1.addr]),
         &backend("h2", "http2", &[h2.addr]),
-        "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - matches: [{ path: { prefix: /h1 } }]\n      backends: [{ name: h1 }]\n    - matches: [{ path: { prefix: /h2 } }]\n      backends: [{ name: h2 }]",
+        &route_by_prefix(&[("/h1", "h1"), ("/h2", "h2")]),
     ]));
     let base = gateway.url("web", "");
     for (client_version, client) in [

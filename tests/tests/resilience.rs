@@ -15,7 +15,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use infermesh_tests::backend::{self, Handler, MockBackend, Protocol};
 use infermesh_tests::client::{self, HttpClient, Reply};
-use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
+use infermesh_tests::process::{
+    Gateway, backend_with, config, listener, route_by_prefix, route_with,
+};
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -126,21 +128,12 @@ async fn each_retryable_failure_is_retried_on_another_endpoint() {
     for (name, protocol, bad, good, _) in cases {
         docs.push(backend_with(name, protocol, &[bad, good], no_ejection));
     }
-    docs.push(
-        r#"kind: Route
-metadata: { name: r }
-spec:
-  rules:
-    - matches: [{ path: { prefix: /connect-failure } }]
-      backends: [{ name: connect-failure }]
-    - matches: [{ path: { prefix: /refused-stream } }]
-      backends: [{ name: refused-stream }]
-    - matches: [{ path: { prefix: /reset } }]
-      backends: [{ name: reset }]
-    - matches: [{ path: { prefix: /gateway-error } }]
-      backends: [{ name: gateway-error }]"#
-            .to_owned(),
-    );
+    docs.push(route_by_prefix(&[
+        ("/connect-failure", "connect-failure"),
+        ("/refused-stream", "refused-stream"),
+        ("/reset", "reset"),
+        ("/gateway-error", "gateway-error"),
+    ]));
     let docs: Vec<&str> = docs.iter().map(String::as_str).collect();
     let gateway = Gateway::start(&config(&docs));
     let client = client::http1();
@@ -185,16 +178,7 @@ async fn failures_that_may_have_reached_the_model_are_not_retried_for_post() {
         &backend_with("b", "http1", &[unavailable.addr], ""),
         &backend_with("c", "http1", &[closing], ""),
         &backend_with("n", "http1", &[not_found.addr], ""),
-        r#"kind: Route
-metadata: { name: r }
-spec:
-  rules:
-    - matches: [{ path: { prefix: /unavailable } }]
-      backends: [{ name: b }]
-    - matches: [{ path: { prefix: /closing } }]
-      backends: [{ name: c }]
-    - matches: [{ path: { prefix: /missing } }]
-      backends: [{ name: n }]"#,
+        &route_by_prefix(&[("/unavailable", "b"), ("/closing", "c"), ("/missing", "n")]),
     ]));
     let client = client::http1();
     let reply = call(&client, "POST", &gateway.url("web", "/unavailable"), "q").await;
@@ -361,14 +345,7 @@ async fn each_limit_sheds_with_503_at_its_count() {
             &[slow.addr],
             "circuitBreaker: { maxConnections: 1, maxPendingRequests: 1 }",
         ),
-        r#"kind: Route
-metadata: { name: r }
-spec:
-  rules:
-    - matches: [{ path: { prefix: /requests } }]
-      backends: [{ name: requests }]
-    - matches: [{ path: { prefix: /connections } }]
-      backends: [{ name: connections }]"#,
+        &route_by_prefix(&[("/requests", "requests"), ("/connections", "connections")]),
     ]));
     let url = |path: &str| gateway.url("web", path);
     let client = client::http1();

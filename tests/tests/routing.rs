@@ -9,7 +9,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use infermesh_tests::backend::{MockBackend, Protocol};
 use infermesh_tests::client::{self, HttpClient, Reply};
-use infermesh_tests::process::{Gateway, backend, config, listener};
+use infermesh_tests::process::{Gateway, backend, config, listener, route_by_prefix};
 
 async fn request(
     client: &HttpClient,
@@ -218,7 +218,7 @@ async fn the_proxy_answers_its_own_failures_with_a_reason() {
         &listener("web", "http"),
         &backend("down", "http1", &[closed]),
         "kind: Backend\nmetadata: { name: empty }\nspec: { endpoints: [] }",
-        "kind: Route\nmetadata: { name: r }\nspec:\n  rules:\n    - matches: [{ path: { prefix: /down } }]\n      backends: [{ name: down }]\n    - matches: [{ path: { prefix: /empty } }]\n      backends: [{ name: empty }]",
+        &route_by_prefix(&[("/down", "down"), ("/empty", "empty")]),
     ]));
     let client = client::http1();
     let cases = [
