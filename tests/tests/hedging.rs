@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use infermesh_tests::backend::{MockBackend, Protocol, full};
 use infermesh_tests::client;
-use infermesh_tests::process::{Gateway, backend_with, config, listener, route_with};
+use infermesh_tests::process::{Gateway, config, listener, route_with};
 
 /// Counts a request whose handler was dropped before it answered.
 struct Cancelled(Arc<AtomicUsize>, bool);
@@ -51,11 +51,12 @@ async fn a_stalled_request_is_hedged_to_another_endpoint_and_the_stalled_one_can
     let fast = MockBackend::echo("fast", Protocol::Http2).await;
     let gateway = Gateway::start(&config(&[
         &listener("web", "http"),
-        &backend_with(
-            "model",
-            "http2",
-            &[stalled.addr, fast.addr],
-            "loadBalancer: { policy: roundRobin }",
+        // Round robin by weight picks the stalled endpoint twice in three:
+        // a hedge reaches the fast one only by avoiding the endpoint its
+        // first attempt is on.
+        &format!(
+            "kind: Backend\nmetadata: {{ name: model }}\nspec:\n  protocol: http2\n  loadBalancer: {{ policy: roundRobin }}\n  endpoints:\n    - {{ address: \"{}\", weight: 2 }}\n    - {{ address: \"{}\", weight: 1 }}",
+            stalled.addr, fast.addr
         ),
         &route_with("model", "hedge: { delay: 50ms }\nretry: { maxRetries: 0 }"),
     ]));
