@@ -301,33 +301,7 @@ impl Service<Request<ProxyBody>> for Balance {
                     .after_retries(retry)
             })?;
             let now = Instant::now();
-            let siblings = attempt.and_then(|a| a.siblings.as_ref());
-            let endpoint = match siblings {
-                None => {
-                    let avoid = attempt.map_or(&[][..], |a| &a.avoid[..]);
-                    backend.with_endpoints(|set| backend.balancer.pick(set, avoid, now).cloned())
-                }
-                Some(siblings) => {
-                    let mut siblings = siblings.lock().unwrap_or_else(PoisonError::into_inner);
-                    let avoid: Vec<SocketAddr> = attempt
-                        .map(|a| &a.avoid[..])
-                        .unwrap_or_default()
-                        .iter()
-                        .chain(siblings.iter())
-                        .copied()
-                        .collect();
-                    let picked = backend
-                        .with_endpoints(|set| backend.balancer.pick(set, &avoid, now).cloned())
-                        // A hedge to an endpoint already working on the
-                        // request would only double its load.
-                        .filter(|e| {
-                            !(attempt.is_some_and(|a| a.hedge) && siblings.contains(&e.addr))
-                        });
-                    siblings.extend(picked.as_ref().map(|e| e.addr));
-                    picked
-                }
-            };
-            let Some(endpoint) = endpoint else {
+            let Some(endpoint) = pick(&backend, attempt, now) else {
                 backend.metrics.attempt(ErrorKind::NoEndpoint.reason());
                 return Err(ProxyError::new(ErrorKind::NoEndpoint)
                     .at_backend(&backend.name)
@@ -424,7 +398,26 @@ fn eject(backend: &Backend, endpoint: &Endpoint, now: Instant, probe: Option<Pro
 /// The longest pause a `Retry-After` can impose on an endpoint.
 const MAX_PAUSE: Duration = Duration::from_secs(300);
 
-/// Counts a request as in flight at its endpoint until dropped.
+/// Picks the endpoint of an attempt: avoiding the endpoints it already
+/// failed on and, for a hedged request, those its sibling attempts use
+/// (adding its own pick to theirs). A hedge with no other endpoint left
+/// gets none: it would only double the load of one already working on
+/// the request.
+fn pick(backend: &Backend, attempt: Option<&Attempt>, now: Instant) -> Option<Arc<Endpoint>> {
+    let failed = attempt.map_or(&[][..], |a| &a.avoid[..]);
+    let Some(siblings) = attempt.and_then(|a| a.siblings.as_ref()) else {
+        return backend.with_endpoints(|set| backend.balancer.pick(set, failed, now).cloned());
+    };
+    let mut siblings = siblings.lock().unwrap_or_else(PoisonError::into_inner);
+    let avoid: Vec<SocketAddr> = failed.iter().chain(siblings.iter()).copied().collect();
+    let hedge = attempt.is_some_and(|a| a.hedge);
+    let picked = backend
+        .with_endpoints(|set| backend.balancer.pick(set, &avoid, now).cloned())
+        .filter(|e| !(hedge && siblings.contains(&e.addr)));
+    siblings.extend(picked.as_ref().map(|e| e.addr));
+    picked
+}
+
 /// An exchange dropped before its answer (a hedge's loser, a client that
 /// went away) still tells the latency estimate how long the endpoint took
 /// at least, so a stalled endpoint does not keep looking fast.
@@ -441,6 +434,7 @@ impl Drop for Unanswered {
     }
 }
 
+/// Counts a request as in flight at its endpoint until dropped.
 struct InFlight(Arc<Endpoint>);
 
 impl InFlight {
