@@ -19,8 +19,6 @@ use infermesh_api::{
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
-use tower::ServiceExt;
-
 use crate::backend::Backend;
 use crate::body::{BoxFuture, ProxyBody};
 use crate::error::ProxyError;
@@ -200,19 +198,10 @@ impl OriginalDestination {
         self: Arc<Self>,
         mut request: Request<ProxyBody>,
     ) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
-        let target: BoxFuture<Arc<RuleTarget>> = {
-            let this = self.clone();
-            let protocol = take_original_protocol(&mut request);
-            Box::pin(async move { this.target(protocol).await })
-        };
+        let protocol = take_original_protocol(&mut request);
         Box::pin(async move {
-            let service = target.await.service.clone();
-            // Boxed here so that the outer future's type does not name the
-            // service's (which rustc cannot yet prove Send inside an async
-            // block).
-            let forwarded: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
-                Box::pin(service.oneshot(request));
-            forwarded.await
+            let target = self.target(protocol).await;
+            crate::proxy::forward(&target, request).await
         })
     }
 

@@ -107,7 +107,7 @@ impl ProxyService {
 /// Sends `request` through a rule's service stack. (A plain function: the
 /// boxed future's type does not name the service's, which rustc cannot yet
 /// prove `Send` inside an async block.)
-fn forward(
+pub(crate) fn forward(
     target: &RuleTarget,
     request: Request<ProxyBody>,
 ) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
