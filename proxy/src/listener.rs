@@ -233,7 +233,7 @@ async fn accept_loop(
             biased;
             _ = stop.changed() => break,
             accepted = socket.accept() => match accepted {
-                Ok((stream, client)) => serve(stream, client, id, &shared, &builders, &graceful),
+                Ok((stream, client)) => spawn_connection(stream, client, id, &shared, &builders, &graceful),
                 Err(e) => {
                     // Out of file descriptors and the like: back off, don't spin.
                     tracing::warn!(error = %e, "accept failed");
@@ -253,7 +253,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP passthrough (Envoy's default connect timeout).
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn serve(
+/// Starts serving an accepted connection on its own task.
+fn spawn_connection(
     stream: TcpStream,
     client: SocketAddr,
     id: ListenerId,
