@@ -24,6 +24,7 @@ pub mod backend;
 mod check;
 mod diagnostic;
 pub mod duration;
+pub mod fanout;
 pub mod listener;
 mod path;
 pub mod policy;
@@ -46,6 +47,7 @@ pub use backend::{
 };
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
+pub use fanout::{Fanout, FanoutBranch, FanoutStrategy, Mean, Vote};
 pub use listener::{
     Capture, ListenerProtocol, ListenerSpec, ListenerTls, OutsideMesh, PortTls, TlsMode,
 };
@@ -376,33 +378,16 @@ impl Config {
                 }
             }
             for (r, rule) in route.spec.rules.iter().enumerate() {
-                for (b, backend) in rule.backends.iter().enumerate() {
-                    if !defined.contains_key(&(Kind::Backend, backend.name.clone())) {
+                for (at, name) in rule.backend_references(&spec.key("rules").index(r)) {
+                    if !defined.contains_key(&(Kind::Backend, name.to_owned())) {
                         checker.error(
-                            spec.key("rules")
-                                .index(r)
-                                .key("backends")
-                                .index(b)
-                                .key("name"),
+                            at,
                             format!(
-                                "backend {:?} is not defined (defined backends: {})",
-                                backend.name,
+                                "backend {name:?} is not defined (defined backends: {})",
                                 names(Kind::Backend)
                             ),
                         );
                     }
-                }
-                if let Some(mirror) = &rule.mirror
-                    && !defined.contains_key(&(Kind::Backend, mirror.backend.clone()))
-                {
-                    checker.error(
-                        spec.key("rules").index(r).key("mirror").key("backend"),
-                        format!(
-                            "backend {:?} is not defined (defined backends: {})",
-                            mirror.backend,
-                            names(Kind::Backend)
-                        ),
-                    );
                 }
             }
         }

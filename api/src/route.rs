@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::check::Checker;
 use crate::duration::Duration;
+use crate::fanout::Fanout;
 use crate::path::FieldPath;
 use crate::resilience::{HedgePolicy, Mirror, RateLimit, RetryPolicy};
 
@@ -52,8 +53,14 @@ pub struct RouteRule {
     /// every request (the same as one match on path prefix `/`).
     #[serde(default)]
     pub matches: Vec<RouteMatch>,
-    /// Backends to forward to, one picked per request by weight.
+    /// Backends to forward to, one picked per request by weight. A rule
+    /// has either `backends` or a `fanout`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendRef>,
+    /// Send each request to several backends at once and combine their
+    /// answers, instead of forwarding it to one of `backends`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<Fanout>,
     /// Time limits for requests on this rule.
     #[serde(default)]
     pub timeouts: RouteTimeouts,
@@ -157,6 +164,12 @@ pub struct RouteTimeouts {
     /// From forwarding the request until the backend's response headers
     /// arrive (time to first byte). Past it: 504 `response_headers_timeout`.
     pub response_headers: Duration,
+    /// From forwarding the request until the response body's first bytes:
+    /// the time to first token of a streamed generation, for servers that
+    /// send their headers at once. While it runs the response headers are
+    /// held back, so that past it the client gets a clean 504
+    /// `first_event_timeout`. Off by default.
+    pub first_event: Duration,
     /// Longest quiet time between two body frames, in either direction. Past
     /// it the stream is cut (504 `idle_timeout` if no response was sent yet).
     pub idle: Duration,
@@ -179,6 +192,7 @@ impl Default for RouteTimeouts {
     fn default() -> Self {
         RouteTimeouts {
             response_headers: Self::DEFAULT_RESPONSE_HEADERS,
+            first_event: Duration::ZERO,
             idle: Self::DEFAULT_IDLE,
             total: Self::DEFAULT_TOTAL,
         }
@@ -208,8 +222,13 @@ impl RouteRule {
             m.check(&at.key("matches").index(i), checker);
         }
         let backends = at.key("backends");
-        if self.backends.is_empty() {
-            checker.error(backends.clone(), "a rule needs at least one backend");
+        if let Some(fanout) = &self.fanout {
+            self.check_fanout(fanout, at, checker);
+        } else if self.backends.is_empty() {
+            checker.error(
+                backends.clone(),
+                "a rule needs at least one backend (or a fanout)",
+            );
         } else if self.backends.iter().all(|b| b.weight == 0) {
             checker.error(
                 backends.clone(),
@@ -231,6 +250,7 @@ impl RouteRule {
         let day = Duration::from_secs(86_400);
         for (field, value) in [
             ("responseHeaders", self.timeouts.response_headers),
+            ("firstEvent", self.timeouts.first_event),
             ("idle", self.timeouts.idle),
             ("total", self.timeouts.total),
         ] {
@@ -246,6 +266,54 @@ impl RouteRule {
         if let Some(hedge) = &self.hedge {
             hedge.check(&at.key("hedge"), checker);
         }
+    }
+
+    /// A fan-out replaces the rule's backends, and its branches are single
+    /// attempts raced against a deadline: the settings that pick one
+    /// backend or try it again do not apply.
+    fn check_fanout(&self, fanout: &Fanout, at: &FieldPath, checker: &mut Checker<'_>) {
+        fanout.check(&at.key("fanout"), checker);
+        if !self.backends.is_empty() {
+            checker.error(
+                at.key("backends"),
+                "a rule has either backends or a fanout, not both",
+            );
+        }
+        let unsupported = [
+            ("retry", self.retry != RetryPolicy::default()),
+            ("mirror", self.mirror.is_some()),
+            ("hedge", self.hedge.is_some()),
+        ];
+        for (field, given) in unsupported {
+            if given {
+                checker.error(
+                    at.key(field),
+                    format!("{field} does not apply to a fanout rule: each branch is sent once, within the fan-out's deadline; remove it"),
+                );
+            }
+        }
+    }
+
+    /// Every backend the rule names, each with where it is named.
+    pub(crate) fn backend_references(&self, at: &FieldPath) -> Vec<(FieldPath, &str)> {
+        let mut references: Vec<(FieldPath, &str)> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (at.key("backends").index(i).key("name"), b.name.as_str()))
+            .collect();
+        if let Some(mirror) = &self.mirror {
+            references.push((at.key("mirror").key("backend"), mirror.backend.as_str()));
+        }
+        if let Some(fanout) = &self.fanout {
+            for (i, branch) in fanout.branches.iter().enumerate() {
+                references.push((
+                    at.key("fanout").key("branches").index(i).key("backend"),
+                    branch.backend.as_str(),
+                ));
+            }
+        }
+        references
     }
 }
 

@@ -548,3 +548,102 @@ fn a_model_match_names_a_model() {
         ]
     );
 }
+
+#[test]
+fn a_fanout_loads_with_its_defaults_and_is_checked_where_written() {
+    let rule = |rule: &str| {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: a }}\nspec: {{}}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: b }}\nspec: {{}}\n---\napiVersion: infermesh.io/v1alpha1\nkind: Route\nmetadata: {{ name: r }}\nspec:\n  rules:\n    - {rule}\n"
+        )
+    };
+    let config = load(&rule(
+        "fanout: { strategy: vote, vote: { pointer: /choices/0/message/content }, branches: [{ name: x, backend: a, model: llama }, { name: y, backend: b, required: true, timeout: 2s }] }",
+    ))
+    .unwrap();
+    let fanout = config.routes[0].spec.rules[0].fanout.as_ref().unwrap();
+    assert_eq!(fanout.strategy, infermesh_api::FanoutStrategy::Vote);
+    assert_eq!(fanout.max_body_bytes, 8 * 1024 * 1024);
+    assert_eq!(fanout.metadata_field, "infermesh_fanout");
+    assert_eq!(fanout.deadline, Duration::ZERO);
+    assert_eq!(fanout.branches[0].model.as_deref(), Some("llama"));
+    assert!(!fanout.branches[0].required && fanout.branches[1].required);
+    assert_eq!(fanout.branches[1].timeout, Duration::from_secs(2));
+
+    let cases = [
+        (
+            "fanout: { strategy: all, branches: [{ name: x, backend: a }] }",
+            "spec.rules[0].fanout.branches: a fan-out needs at least two branches",
+        ),
+        (
+            "fanout: { strategy: all, branches: [{ name: x, backend: a }, { name: y, backend: nope }] }",
+            "spec.rules[0].fanout.branches[1].backend: backend \"nope\" is not defined",
+        ),
+        (
+            "fanout: { strategy: all, branches: [{ name: x, backend: a }, { name: x, backend: b }] }",
+            "spec.rules[0].fanout.branches[1].name: branch \"x\" is named twice",
+        ),
+        (
+            "fanout: { strategy: all, branches: [{ name: X y, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.branches[0].name: \"X y\": a branch name starts with a lower-case letter",
+        ),
+        (
+            "fanout: { strategy: quorum, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.quorum: strategy quorum needs `quorum`",
+        ),
+        (
+            "fanout: { strategy: quorum, quorum: 3, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.quorum: must be between 1 and the number of branches (2)",
+        ),
+        (
+            "fanout: { strategy: all, quorum: 1, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.quorum: `quorum` belongs to strategy quorum, and this fan-out's strategy is all",
+        ),
+        (
+            "fanout: { strategy: vote, vote: { pointer: choices, tieOrder: [z] }, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.vote.pointer: \"choices\" is not a JSON pointer",
+        ),
+        (
+            "fanout: { strategy: vote, vote: { pointer: /a, tieOrder: [z] }, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.vote.tieOrder[0]: \"z\" is not a branch of this fan-out",
+        ),
+        (
+            "fanout: { strategy: first, branches: [{ name: x, backend: a, required: true }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.branches[0].required: strategy first answers with whichever branch succeeds first",
+        ),
+        (
+            "fanout: { strategy: all, branches: [{ name: x, backend: a, weight: 2 }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.branches[0].weight: weights apply to strategy mean only",
+        ),
+        (
+            "fanout: { strategy: mean, branches: [{ name: x, backend: a, weight: 0 }, { name: y, backend: b, path: v1 }] }",
+            "spec.rules[0].fanout.branches[0].weight: must be a number above 0",
+        ),
+        (
+            "fanout: { strategy: mean, branches: [{ name: x, backend: a }, { name: y, backend: b, path: v1 }] }",
+            "spec.rules[0].fanout.branches[1].path: \"v1\" is not a path starting with '/'",
+        ),
+        (
+            "fanout: { strategy: all, maxBodyBytes: 0, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.maxBodyBytes: must be between 1 and",
+        ),
+        (
+            "backends: [{ name: a }]\n      fanout: { strategy: all, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].backends: a rule has either backends or a fanout, not both",
+        ),
+        (
+            "retry: { maxRetries: 3 }\n      fanout: { strategy: all, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].retry: retry does not apply to a fanout rule",
+        ),
+        (
+            "timeouts: {}",
+            "spec.rules[0].backends: a rule needs at least one backend (or a fanout)",
+        ),
+    ];
+    for (text, expected) in cases {
+        let errors = load(&rule(text)).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains(expected)),
+            "{text}\nexpected: {expected}\ngot: {errors:#?}"
+        );
+    }
+}

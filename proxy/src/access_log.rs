@@ -38,6 +38,9 @@ pub struct RequestRecord {
     endpoint: Option<SocketAddr>,
     retries: u32,
     first_byte: Option<Duration>,
+    /// Whether the response is a stream of server-sent events.
+    streamed: bool,
+    first_event: Option<Duration>,
     status: StatusCode,
     error: Option<&'static str>,
     detail: Option<String>,
@@ -71,6 +74,8 @@ impl RequestRecord {
             endpoint: None,
             retries: 0,
             first_byte: None,
+            streamed: false,
+            first_event: None,
             status: StatusCode::OK,
             error: None,
             detail: None,
@@ -110,6 +115,11 @@ impl RequestRecord {
     /// Wraps the response body so the record is written when it ends.
     pub fn observe(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
         self.status = response.status();
+        self.streamed = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
         response.map(|inner| {
             boxed(ObservedBody {
                 inner,
@@ -125,6 +135,19 @@ impl RequestRecord {
 
     fn backend_label(&self) -> &str {
         self.backend.as_deref().unwrap_or("")
+    }
+
+    /// Notes the first response body bytes: for a stream, the time to its
+    /// first event.
+    fn first_data(&mut self) {
+        if self.streamed {
+            let first_event = self.started.elapsed();
+            self.first_event = Some(first_event);
+            self.metrics
+                .stream_first_event
+                .with_label_values(&[self.route_label(), self.backend_label()])
+                .observe(first_event.as_secs_f64());
+        }
     }
 
     fn finish(mut self, bytes: u64, body_error: Option<&'static str>) {
@@ -156,6 +179,7 @@ impl RequestRecord {
             status = self.status.as_u16(),
             duration_ms = millis(duration),
             first_byte_ms = self.first_byte.map(millis),
+            first_event_ms = self.first_event.map(millis),
             response_bytes = bytes,
             route,
             backend,
@@ -210,6 +234,12 @@ impl Body for ObservedBody {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
+                    if self.bytes == 0
+                        && !data.is_empty()
+                        && let Some(record) = &mut self.record
+                    {
+                        record.first_data();
+                    }
                     self.bytes += data.len() as u64;
                 }
                 if self.inner.is_end_stream() {

@@ -73,6 +73,53 @@ impl<H: Unpin> Body for Holding<H> {
     }
 }
 
+/// Waits for the first frame of a response's body (or its end), and gives
+/// the response back with that frame still to be read: the caller learns
+/// that the answer has started (a streamed generation's first event)
+/// without taking anything from it.
+///
+/// (Plain functions returning boxed futures, these two: rustc cannot yet
+/// prove the futures of body combinators `Send` inside async blocks.)
+pub fn first_frame(
+    response: http::Response<ProxyBody>,
+) -> BoxFuture<Result<http::Response<ProxyBody>, BoxError>> {
+    Box::pin(async move {
+        let (head, mut body) = response.into_parts();
+        let mut read = VecDeque::new();
+        if let Some(frame) = body.frame().await {
+            read.push_back(Ok(frame?));
+        }
+        Ok(http::Response::from_parts(head, prepend(read, body)))
+    })
+}
+
+/// A body was longer than the most the reader would hold.
+#[derive(Debug, thiserror::Error)]
+#[error("the body is longer than {0} bytes")]
+pub struct BodyTooLarge(pub usize);
+
+/// Reads a whole body of at most `limit` bytes (a longer one fails with
+/// [`BodyTooLarge`]). A body of one data frame is returned without a copy.
+pub fn collect_limited(mut body: ProxyBody, limit: usize) -> BoxFuture<Result<Bytes, BoxError>> {
+    Box::pin(async move {
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut length = 0;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                length += data.len();
+                if length > limit {
+                    return Err(Box::new(BodyTooLarge(limit)) as BoxError);
+                }
+                chunks.push(data);
+            }
+        }
+        Ok(match chunks.len() {
+            1 => chunks.pop().expect("one chunk"),
+            _ => chunks.concat().into(),
+        })
+    })
+}
+
 /// A body whose first frames were already read: `read` is given again,
 /// then the rest of `body`.
 pub fn prepend(read: VecDeque<Result<Frame<Bytes>, BoxError>>, body: ProxyBody) -> ProxyBody {

@@ -228,6 +228,7 @@ impl OriginalDestination {
             };
             rule.timeouts = RouteTimeouts {
                 response_headers: infermesh_api::Duration::ZERO,
+                first_event: infermesh_api::Duration::ZERO,
                 idle: infermesh_api::Duration::ZERO,
                 total: infermesh_api::Duration::ZERO,
             };
@@ -255,6 +256,7 @@ pub fn default_rule(backend: &str) -> RouteRule {
         mirror: None,
         rate_limit: None,
         hedge: None,
+        fanout: None,
     }
 }
 

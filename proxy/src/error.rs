@@ -12,6 +12,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::body::{BoxError, ProxyBody, full};
 use crate::breaker::Limit;
+use crate::fanout::{FANOUT_HEADER, FanoutCause, FanoutFailed};
 use crate::timeout::TimeoutError;
 
 /// The header naming the reason of a proxy-made error response.
@@ -38,6 +39,13 @@ pub enum ErrorKind {
     /// The response headers did not arrive within the route's limit.
     #[error("no response headers within {0:?}")]
     ResponseHeadersTimeout(Duration),
+    /// The response body's first bytes did not arrive within the route's
+    /// limit.
+    #[error("no response body within {0:?} (first event timeout)")]
+    FirstEventTimeout(Duration),
+    /// The response body failed before its first bytes.
+    #[error("the backend's response failed before its first bytes: {0}")]
+    ResponseBodyFailed(#[source] BoxError),
     /// The whole exchange ran past the route's total timeout.
     #[error("the request ran past its total timeout of {0:?}")]
     RequestTimeout(Duration),
@@ -73,6 +81,19 @@ pub enum ErrorKind {
         "{0} is outside the mesh (no route matched and no backend has this address), and the outbound listener blocks such destinations (outsideMesh: blocked)"
     )]
     OutsideMesh(SocketAddr),
+    /// The request body is larger than the rule reads whole (a fan-out's
+    /// `maxBodyBytes`).
+    #[error("the request body is larger than this route's limit of {0} bytes")]
+    RequestBodyTooLarge(u64),
+    /// A streaming request reached a fan-out whose strategy combines whole
+    /// answers.
+    #[error(
+        "this route fans out with strategy {0}, which combines whole answers, so it cannot stream; ask without \"stream\": true, or fan out with strategy first"
+    )]
+    FanoutStreaming(&'static str),
+    /// A fan-out could not answer.
+    #[error("{}", .0.message)]
+    Fanout(Box<FanoutFailed>),
 }
 
 impl ErrorKind {
@@ -87,6 +108,8 @@ impl ErrorKind {
             ErrorKind::UpstreamReset(_) => "upstream_reset",
             ErrorKind::ResponseHeadersTimeout(_) => "response_headers_timeout",
             ErrorKind::RequestTimeout(_) => "request_timeout",
+            ErrorKind::FirstEventTimeout(_) => "first_event_timeout",
+            ErrorKind::ResponseBodyFailed(_) => "upstream_reset",
             ErrorKind::RequestBodyIdle(_) => "request_body_idle_timeout",
             ErrorKind::ResponseBodyIdle(_) => "idle_timeout",
             ErrorKind::RequestBody(_) => "request_body_error",
@@ -96,6 +119,13 @@ impl ErrorKind {
             ErrorKind::UpstreamTls(_) => "upstream_tls_failed",
             ErrorKind::Unauthorized(_) => "unauthorized",
             ErrorKind::OutsideMesh(_) => "outside_mesh",
+            ErrorKind::RequestBodyTooLarge(_) => "request_body_too_large",
+            ErrorKind::FanoutStreaming(_) => "fanout_streaming_unsupported",
+            ErrorKind::Fanout(failed) => match failed.cause {
+                FanoutCause::BranchFailed => "fanout_branch_failed",
+                FanoutCause::Insufficient => "fanout_insufficient_answers",
+                FanoutCause::Deadline => "fanout_deadline",
+            },
         }
     }
 
@@ -108,15 +138,22 @@ impl ErrorKind {
             | ErrorKind::ConnectTimeout(_)
             | ErrorKind::UpstreamReset(_)
             | ErrorKind::UpstreamTls(_)
+            | ErrorKind::ResponseBodyFailed(_)
             | ErrorKind::OutsideMesh(_) => StatusCode::BAD_GATEWAY,
             ErrorKind::ResponseHeadersTimeout(_)
             | ErrorKind::RequestTimeout(_)
+            | ErrorKind::FirstEventTimeout(_)
             | ErrorKind::ResponseBodyIdle(_)
             | ErrorKind::AttemptTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unauthorized(_) => StatusCode::FORBIDDEN,
             ErrorKind::RequestBodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
-            ErrorKind::RequestBody(_) => StatusCode::BAD_REQUEST,
+            ErrorKind::RequestBody(_) | ErrorKind::FanoutStreaming(_) => StatusCode::BAD_REQUEST,
+            ErrorKind::RequestBodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Fanout(failed) => match failed.cause {
+                FanoutCause::BranchFailed | FanoutCause::Insufficient => StatusCode::BAD_GATEWAY,
+                FanoutCause::Deadline => StatusCode::GATEWAY_TIMEOUT,
+            },
         }
     }
 
@@ -131,6 +168,17 @@ impl ErrorKind {
             return ErrorKind::RequestBody(Box::new(error));
         }
         ErrorKind::UpstreamReset(error)
+    }
+}
+
+impl ErrorKind {
+    /// Classifies a response body that failed before anything of it was
+    /// sent on: one of the route's body timeouts, or the backend.
+    pub fn from_response_body(error: BoxError) -> Self {
+        match find_source::<TimeoutError>(&*error) {
+            Some(timeout) => timeout.into(),
+            None => ErrorKind::ResponseBodyFailed(error),
+        }
     }
 }
 
@@ -236,6 +284,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+        if let ErrorKind::Fanout(failed) = &self.kind {
+            headers.insert(FANOUT_HEADER, failed.report.clone());
+        }
         if let ErrorKind::RateLimited(wait) = self.kind {
             // Whole seconds, rounded up: a client that waits this long finds
             // a token.

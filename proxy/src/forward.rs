@@ -1,10 +1,15 @@
-//! The `forward` action of a route rule: the service stack every request
-//! the rule matches goes through, built once per rule when a config is
-//! applied.
+//! The service stack every request a route rule matches goes through,
+//! built once per rule when a config is applied. The `forward` action:
 //!
 //! ```text
 //! rate limit ─► timeouts ─► forwarded headers ─► upgrade ─► mirror ─► retry
 //!            ─► backend split ─► balance (breaker, endpoint pick) ─► pool
+//! ```
+//!
+//! The `fanout` action ([`crate::fanout`]) shares the top of the stack:
+//!
+//! ```text
+//! rate limit ─► timeouts ─► forwarded headers ─► fanout ─► N × balance ─► pool
 //! ```
 //!
 //! Retries sit above the split and the balancer, so that each attempt
@@ -26,6 +31,7 @@ use crate::backend::Backend;
 use crate::balance::{Balance, pick_weighted};
 use crate::body::{BoxFuture, ProxyBody};
 use crate::error::ProxyError;
+use crate::fanout::{Branch, Fanout};
 use crate::headers;
 use crate::metrics::Metrics;
 use crate::mirror::MirrorLayer;
@@ -45,13 +51,43 @@ pub fn rule_service(
     backends: &BTreeMap<String, Arc<Backend>>,
     metrics: &Metrics,
 ) -> RuleService {
+    let limits = Limits::from_config(&rule.timeouts);
+    let rate_limit = rule.rate_limit.map(|limit| {
+        RateLimitLayer::new(TokenBucket::new(
+            limit.requests_per_second,
+            limit.burst(),
+            metrics.rate_limited.with_label_values(&[&**route]),
+        ))
+    });
+    let top = ServiceBuilder::new()
+        .option_layer(rate_limit)
+        .layer(TimeoutLayer::new(limits))
+        .map_request(headers::forward_request)
+        .map_response(headers::forward_response);
+    if let Some(fanout) = &rule.fanout {
+        let branches = fanout
+            .branches
+            .iter()
+            .map(|b| Branch {
+                name: Arc::from(b.name.as_str()),
+                service: BoxCloneSyncService::new(Balance::new(backends[&b.backend].clone())),
+                model: b.model.as_deref().map(Arc::from),
+                path: b.path.as_deref().map(Arc::from),
+                timeout: b.timeout.non_zero(),
+                required: b.required,
+                weight: b.weight,
+            })
+            .collect();
+        return BoxCloneSyncService::new(
+            top.service(Fanout::new(fanout, branches, route, metrics)),
+        );
+    }
     let split = Split::new(
         rule.backends
             .iter()
             .map(|r| (Balance::new(backends[&r.name].clone()), r.weight))
             .collect(),
     );
-    let limits = Limits::from_config(&rule.timeouts);
     let mirror = rule.mirror.as_ref().map(|mirror| {
         let shadow = ServiceBuilder::new()
             .layer(TimeoutLayer::new(limits))
@@ -63,20 +99,8 @@ pub fn rule_service(
             metrics,
         )
     });
-    let rate_limit = rule.rate_limit.map(|limit| {
-        RateLimitLayer::new(TokenBucket::new(
-            limit.requests_per_second,
-            limit.burst(),
-            metrics.rate_limited.with_label_values(&[&**route]),
-        ))
-    });
     BoxCloneSyncService::new(
-        ServiceBuilder::new()
-            .option_layer(rate_limit)
-            .layer(TimeoutLayer::new(limits))
-            .map_request(headers::forward_request)
-            .map_response(headers::forward_response)
-            .layer(UpgradeLayer)
+        top.layer(UpgradeLayer)
             .option_layer(mirror)
             .layer(RetryLayer::new(Retries::new(
                 &rule.retry,

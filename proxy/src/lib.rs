@@ -22,6 +22,7 @@ pub mod breaker;
 pub mod capture;
 pub mod config_file;
 pub mod error;
+pub mod fanout;
 pub mod forward;
 pub mod gateway;
 pub mod headers;

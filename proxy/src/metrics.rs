@@ -86,6 +86,22 @@ pub struct Metrics {
     /// for lack of budget (`budget_exhausted`) or because the request could
     /// not be sent again (`not_replayable`).
     pub hedges: IntCounterVec,
+    /// `infermesh_stream_first_event_seconds{route,backend}`: from request
+    /// arrival to the first body bytes of a streamed (`text/event-stream`)
+    /// response: the time to first token a client of a generation sees.
+    pub stream_first_event: HistogramVec,
+    /// `infermesh_fanout_branches_total{route,branch,outcome}`: fan-out
+    /// branches by what became of them: `used`, `unused`, `failed`,
+    /// `timeout`, `cancelled` (decided without them), `deadline`.
+    pub fanout_branches: IntCounterVec,
+    /// `infermesh_fanout_duration_seconds{route,strategy}`: from request
+    /// arrival to the fan-out's decision.
+    pub fanout_duration: HistogramVec,
+    /// `infermesh_fanout_answers_total{route,decision}`: fan-outs by how
+    /// they were decided: `all` (every branch finished), `quorum` (enough
+    /// answered first: a quorum, a majority, the first success),
+    /// `deadline`, or `failed`.
+    pub fanout_answers: IntCounterVec,
 }
 
 impl Metrics {
@@ -222,9 +238,32 @@ impl Metrics {
                 "Traffic to destinations outside the mesh seen by outbound capture listeners, by protocol (http requests, tcp connections) and action (passthrough, blocked).",
                 &["listener", "protocol", "action"],
             ),
+            stream_first_event: latency(
+                "infermesh_stream_first_event_seconds",
+                "Time from request arrival to the first body bytes of a streamed (text/event-stream) response.",
+            ),
+            fanout_branches: counter(
+                "infermesh_fanout_branches_total",
+                "Fan-out branches by route, branch and outcome (used, unused, failed, timeout, cancelled, deadline).",
+                &["route", "branch", "outcome"],
+            ),
+            fanout_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "infermesh_fanout_duration_seconds",
+                    "Time from request arrival to the fan-out's decision, by route and strategy.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route", "strategy"],
+            )
+            .expect("valid histogram"),
+            fanout_answers: counter(
+                "infermesh_fanout_answers_total",
+                "Fan-outs by route and how they were decided (all, quorum, deadline, failed).",
+                &["route", "decision"],
+            ),
             registry,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 21] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 25] = [
             Box::new(metrics.requests.clone()),
             Box::new(metrics.request_duration.clone()),
             Box::new(metrics.response_first_byte.clone()),
@@ -246,6 +285,10 @@ impl Metrics {
             Box::new(metrics.authorization_decisions.clone()),
             Box::new(metrics.outside_mesh.clone()),
             Box::new(metrics.hedges.clone()),
+            Box::new(metrics.stream_first_event.clone()),
+            Box::new(metrics.fanout_branches.clone()),
+            Box::new(metrics.fanout_duration.clone()),
+            Box::new(metrics.fanout_answers.clone()),
         ];
         for collector in collectors {
             metrics

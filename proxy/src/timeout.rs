@@ -1,5 +1,5 @@
 //! A route's time limits: how long the backend may take to send response
-//! headers, how long either side may go quiet mid-body, and how long the
+//! headers, and its first body bytes, how long either side may go quiet mid-body, and how long the
 //! whole exchange may last.
 //!
 //! The idle limit only counts time spent waiting on the sender: while the
@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::body::{BoxError, BoxFuture, ProxyBody, boxed};
+use crate::body::{BoxError, BoxFuture, ProxyBody, boxed, first_frame};
 use crate::error::{ErrorKind, ProxyError};
 
 /// A body's time limit ran out.
@@ -38,6 +38,8 @@ pub enum TimeoutError {
 pub struct Limits {
     /// Until response headers arrive.
     pub response_headers: Option<Duration>,
+    /// Until the response body's first bytes (headers held back).
+    pub first_event: Option<Duration>,
     /// Quiet time between body frames, either direction.
     pub idle: Option<Duration>,
     /// The whole exchange.
@@ -49,6 +51,7 @@ impl Limits {
     pub fn from_config(t: &infermesh_api::RouteTimeouts) -> Self {
         Limits {
             response_headers: t.response_headers.non_zero(),
+            first_event: t.first_event.non_zero(),
             idle: t.idle.non_zero(),
             total: t.total.non_zero(),
         }
@@ -129,6 +132,23 @@ where
                     Ok(result) => result?,
                     Err(_) => return Err(ProxyError::new(kind)),
                 },
+            };
+            let response = match limits.first_event {
+                None => response,
+                Some(after) => {
+                    // The total deadline may come first.
+                    let (at, kind) = match deadline {
+                        Some((total_at, total)) if total_at < started + after => {
+                            (total_at, ErrorKind::RequestTimeout(total))
+                        }
+                        _ => (started + after, ErrorKind::FirstEventTimeout(after)),
+                    };
+                    match tokio::time::timeout_at(at, first_frame(response)).await {
+                        Ok(Ok(response)) => response,
+                        Ok(Err(error)) => return Err(ErrorKind::from_response_body(error).into()),
+                        Err(_) => return Err(ProxyError::new(kind)),
+                    }
+                }
             };
             if limits.idle.is_none() && deadline.is_none() {
                 return Ok(response);
@@ -349,6 +369,7 @@ mod tests {
             response_headers: secs(10),
             total: secs(5),
             idle: None,
+            first_event: None,
         })
         .await;
         assert_eq!(result.unwrap_err().kind().reason(), "request_timeout");
@@ -358,6 +379,7 @@ mod tests {
             response_headers: secs(10),
             total: secs(60),
             idle: None,
+            first_event: None,
         })
         .await;
         assert_eq!(
@@ -369,5 +391,63 @@ mod tests {
         let (result, after) = time_to_headers(Limits::default()).await;
         assert!(result.is_ok(), "no limit, no timeout");
         assert_eq!(after, Duration::from_secs(100));
+    }
+
+    /// A server that sends its headers at once and its first event after
+    /// `first_ms`.
+    async fn first_event_after(
+        first_ms: u64,
+        limits: Limits,
+    ) -> (Result<Response<ProxyBody>, ProxyError>, Duration) {
+        let sse = tower::service_fn(move |_req: Request<ProxyBody>| async move {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(first_ms)).await;
+                let _ = tx.send(Bytes::from_static(b"data: 1\n\n")).await;
+            });
+            Ok::<_, ProxyError>(Response::new(boxed(ChannelBody(rx))))
+        });
+        let started = Instant::now();
+        let result = TimeoutLayer::new(limits)
+            .layer(sse)
+            .oneshot(Request::new(empty()))
+            .await;
+        (result, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_event_limit_holds_the_headers_until_the_first_bytes() {
+        let limits = Limits {
+            response_headers: Some(Duration::from_secs(1)),
+            first_event: Some(Duration::from_secs(5)),
+            ..Limits::default()
+        };
+        // Headers at once, the first event in 3 s: within the limit, and
+        // the response is handed on only with its first bytes.
+        let (result, after) = first_event_after(3_000, limits).await;
+        assert_eq!(after, Duration::from_secs(3));
+        let mut body = result.unwrap().into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "data: 1\n\n");
+
+        // Headers at once, nothing for 8 s: a clean 504 at 5 s, although
+        // the headers came well within their own limit.
+        let (result, after) = first_event_after(8_000, limits).await;
+        assert_eq!(after, Duration::from_secs(5));
+        let error = result.unwrap_err();
+        assert_eq!(error.kind().reason(), "first_event_timeout");
+        assert_eq!(error.kind().status(), http::StatusCode::GATEWAY_TIMEOUT);
+
+        // A total limit that ends first wins.
+        let (result, after) = first_event_after(
+            8_000,
+            Limits {
+                total: Some(Duration::from_secs(2)),
+                ..limits
+            },
+        )
+        .await;
+        assert_eq!(after, Duration::from_secs(2));
+        assert_eq!(result.unwrap_err().kind().reason(), "request_timeout");
     }
 }

@@ -1,0 +1,352 @@
+//! One branch of a fan-out: its copy of the request, with the model name
+//! or path rewritten as configured, and its exchange with its backend, up
+//! to the whole JSON answer or, for a race, the first body bytes.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use serde_json::Value;
+use tower::Service;
+use tower::util::BoxCloneSyncService;
+
+use crate::balance::Upstream;
+use crate::body::{BoxFuture, ProxyBody, collect_limited, first_frame, full};
+use crate::error::ProxyError;
+use crate::model;
+
+/// The service a branch's request goes through: its backend's balancer.
+pub type BranchService = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
+
+/// A branch as configured.
+pub struct Branch {
+    /// Its name.
+    pub name: Arc<str>,
+    /// Its backend.
+    pub service: BranchService,
+    /// The model name it asks for instead of the request's.
+    pub model: Option<Arc<str>>,
+    /// The path it sends to instead of the request's.
+    pub path: Option<Arc<str>>,
+    /// Its own limit, from sending to its answer.
+    pub timeout: Option<Duration>,
+    /// Whether the request fails when it does.
+    pub required: bool,
+    /// Its weight in a mean.
+    pub weight: f64,
+}
+
+/// The client's request, read once and shared by the branches: its head,
+/// and its whole body as one `Bytes` that every branch sends without a
+/// copy (a branch whose body names another model gets its own).
+pub struct Original {
+    head: http::request::Parts,
+    body: Bytes,
+    fields: BodyFields,
+    json: OnceLock<Option<Value>>,
+}
+
+/// The top-level fields of a JSON request body that fan-out looks at.
+#[derive(Debug, Default, serde::Deserialize)]
+struct BodyFields {
+    #[serde(default)]
+    stream: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
+}
+
+impl Original {
+    /// The request with head `head` and whole body `body`.
+    pub fn new(head: http::request::Parts, body: Bytes) -> Self {
+        let fields = serde_json::from_slice(&body).unwrap_or_default();
+        Original {
+            head,
+            body,
+            fields,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// Whether the client asks for a streamed answer: `"stream": true` in
+    /// a JSON body (OpenAI-compatible APIs), or server-sent events in
+    /// `Accept`.
+    pub fn is_streaming(&self) -> bool {
+        let sse = self
+            .head
+            .headers
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/event-stream"));
+        sse || self.fields.stream == Some(Value::Bool(true))
+    }
+
+    /// The body, parsed once, when it is a JSON object naming a model.
+    fn json_naming_model(&self) -> Option<&Value> {
+        if !matches!(self.fields.model, Some(Value::String(_))) {
+            return None;
+        }
+        self.json
+            .get_or_init(|| serde_json::from_slice(&self.body).ok())
+            .as_ref()
+    }
+}
+
+/// Why a branch gave no usable answer.
+#[derive(Debug)]
+pub struct Failure {
+    /// The status it answered with, if it answered.
+    pub status: Option<StatusCode>,
+    /// Whether its own timeout ran out.
+    pub timed_out: bool,
+    /// What happened, for the report and errors.
+    pub reason: String,
+}
+
+impl Failure {
+    fn new(reason: impl Into<String>) -> Self {
+        Failure {
+            status: None,
+            timed_out: false,
+            reason: reason.into(),
+        }
+    }
+
+    /// The branch answered, with something the strategy cannot use.
+    pub fn unusable(status: StatusCode, reason: impl Into<String>) -> Self {
+        Failure {
+            status: Some(status),
+            ..Failure::new(reason)
+        }
+    }
+}
+
+/// A branch's usable answer.
+pub enum Answer {
+    /// A whole JSON answer.
+    Json {
+        /// Its status, a success.
+        status: StatusCode,
+        /// The parsed body.
+        value: Value,
+        /// Which endpoint answered.
+        upstream: Option<Upstream>,
+    },
+    /// A successful response whose first body bytes (or end) have arrived;
+    /// the rest streams on.
+    Stream(Response<ProxyBody>),
+}
+
+impl Answer {
+    /// The answer's status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Answer::Json { status, .. } => *status,
+            Answer::Stream(response) => response.status(),
+        }
+    }
+}
+
+/// What a branch waits for.
+#[derive(Clone, Copy, Debug)]
+pub enum Wanted {
+    /// The whole answer, parsed as JSON, of at most this many bytes.
+    Json(usize),
+    /// The first body bytes.
+    FirstBytes,
+}
+
+impl Branch {
+    /// This branch's copy of `original`.
+    fn request(&self, original: &Original) -> Result<Request<ProxyBody>, Failure> {
+        let head = &original.head;
+        let mut path = self.path.as_deref().unwrap_or(head.uri.path()).to_owned();
+        let mut body = original.body.clone();
+        if let Some(wanted) = &self.model {
+            if let Some(named) = model::from_path(&path) {
+                let rest = &path["/v2/models/".len() + named.len()..];
+                path = format!("/v2/models/{wanted}{rest}");
+            } else if let Some(json) = original.json_naming_model() {
+                let mut json = json.clone();
+                json["model"] = Value::String(wanted.to_string());
+                body = Bytes::from(serde_json::to_vec(&json).expect("a JSON value serializes"));
+            }
+        }
+        let uri = with_path(&head.uri, &path)
+            .ok_or_else(|| Failure::new(format!("{path:?} cannot be a request path")))?;
+        let mut headers: HeaderMap = head.headers.clone();
+        // The length is the branch's own body's.
+        headers.remove(CONTENT_LENGTH);
+        headers.remove(TRANSFER_ENCODING);
+        let mut request = Request::new(full(body));
+        *request.method_mut() = head.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = head.version;
+        *request.headers_mut() = headers;
+        *request.extensions_mut() = head.extensions.clone();
+        Ok(request)
+    }
+
+    /// Sends this branch's copy of `original` and waits for what the
+    /// strategy wants of the answer, within the branch's timeout. Dropping
+    /// the future cancels the exchange (an HTTP/2 stream reset, or the
+    /// HTTP/1.1 connection closed).
+    pub fn exchange(
+        &self,
+        original: &Original,
+        wanted: Wanted,
+    ) -> BoxFuture<Result<Answer, Failure>> {
+        let request = match self.request(original) {
+            Ok(request) => request,
+            Err(failure) => return Box::pin(std::future::ready(Err(failure))),
+        };
+        let sent = self.service.clone().call(request);
+        let exchange = async move {
+            let response = sent
+                .await
+                .map_err(|e: ProxyError| Failure::new(format!("{} ({})", e, e.kind().reason())))?;
+            let status = response.status();
+            if !status.is_success() {
+                return Err(Failure::unusable(status, format!("answered {status}")));
+            }
+            match wanted {
+                Wanted::FirstBytes => first_frame(response)
+                    .await
+                    .map(Answer::Stream)
+                    .map_err(|e| Failure::unusable(status, format!("the answer broke off: {e}"))),
+                Wanted::Json(limit) => {
+                    let upstream = response.extensions().get::<Upstream>().cloned();
+                    let bytes =
+                        collect_limited(response.into_body(), limit)
+                            .await
+                            .map_err(|e| {
+                                Failure::unusable(status, format!("reading the answer failed: {e}"))
+                            })?;
+                    let value = serde_json::from_slice(&bytes).map_err(|e| {
+                        Failure::unusable(status, format!("the answer is not JSON: {e}"))
+                    })?;
+                    Ok(Answer::Json {
+                        status,
+                        value,
+                        upstream,
+                    })
+                }
+            }
+        };
+        match self.timeout {
+            None => Box::pin(exchange),
+            Some(limit) => Box::pin(async move {
+                tokio::time::timeout(limit, exchange)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Failure {
+                            timed_out: true,
+                            ..Failure::new(format!("no answer within its timeout of {limit:?}"))
+                        })
+                    })
+            }),
+        }
+    }
+}
+
+/// `uri` with its path replaced, the query kept.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::empty;
+    use http_body_util::BodyExt;
+
+    fn original(uri: &str, body: &str) -> Original {
+        let (head, _) = Request::post(uri)
+            .header(CONTENT_LENGTH, body.len())
+            .header("x-request-id", "7")
+            .body(empty())
+            .unwrap()
+            .into_parts();
+        Original::new(head, Bytes::from(body.to_owned()))
+    }
+
+    fn branch(model: Option<&str>, path: Option<&str>) -> Branch {
+        Branch {
+            name: Arc::from("b"),
+            service: BoxCloneSyncService::new(tower::service_fn(|_| async {
+                Err::<Response<ProxyBody>, _>(ProxyError::new(crate::error::ErrorKind::NoEndpoint))
+            })),
+            model: model.map(Arc::from),
+            path: path.map(Arc::from),
+            timeout: None,
+            required: false,
+            weight: 1.0,
+        }
+    }
+
+    async fn sent(branch: &Branch, original: &Original) -> (Uri, HeaderMap, String) {
+        let request = branch.request(original).unwrap();
+        let (head, body) = request.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            head.uri,
+            head.headers,
+            String::from_utf8(body.to_vec()).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_kserve_path_gets_the_branch_model_and_the_body_is_shared() {
+        let body = r#"{"inputs":[]}"#;
+        let original = original("/v2/models/ensemble/infer?x=1", body);
+        let (uri, headers, sent_body) = sent(&branch(Some("resnet"), None), &original).await;
+        assert_eq!(uri, "/v2/models/resnet/infer?x=1");
+        assert_eq!(sent_body, body);
+        assert_eq!(headers["x-request-id"], "7");
+        assert!(headers.get(CONTENT_LENGTH).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_openai_body_gets_the_branch_model_and_keeps_every_other_field() {
+        let original = original(
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"model":"ensemble","temperature":0}"#,
+        );
+        let (uri, _, body) = sent(&branch(Some("llama"), None), &original).await;
+        assert_eq!(uri, "/v1/chat/completions");
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"messages":[{"role":"user","content":"hi"}],"model":"llama","temperature":0})
+        );
+        assert!(!original.is_streaming());
+    }
+
+    #[tokio::test]
+    async fn opaque_json_goes_as_is_and_a_path_rewrite_keeps_the_query() {
+        let body = r#"{"features":[1,2,3]}"#;
+        let original = original("/score?v=2", body);
+        let (uri, _, sent_body) = sent(&branch(Some("m"), Some("/predict")), &original).await;
+        assert_eq!(uri, "/predict?v=2");
+        assert_eq!(sent_body, body);
+    }
+
+    #[test]
+    fn streaming_requests_are_recognised() {
+        assert!(original("/v1/completions", r#"{"model":"m","stream":true}"#).is_streaming());
+        assert!(!original("/v1/completions", r#"{"model":"m","stream":false}"#).is_streaming());
+        assert!(!original("/v1/completions", "not json").is_streaming());
+        let (mut head, _) = Request::post("/x").body(()).unwrap().into_parts();
+        head.headers
+            .insert(http::header::ACCEPT, "text/event-stream".parse().unwrap());
+        assert!(Original::new(head, Bytes::new()).is_streaming());
+    }
+}
