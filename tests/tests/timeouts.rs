@@ -76,7 +76,10 @@ async fn an_active_stream_outlives_its_limits() {
         events(16, Duration::from_millis(100), false),
     )
     .await;
-    let gateway = gateway(&upstream, "{ responseHeaders: 300ms, idle: 300ms }");
+    let gateway = gateway(
+        &upstream,
+        "{ responseHeaders: 300ms, firstEvent: 300ms, idle: 300ms }",
+    );
     let reply = client::get(&client::http1(), &gateway.url("web", "/v1/completions")).await;
     assert_eq!(reply.status, 200);
     let expected: String = (0..16).map(|i| format!("data: {i}\n\n")).collect();
@@ -126,6 +129,21 @@ async fn slow_response_headers_get_504() {
     );
     assert_eq!(reply.json()["route"], "gen");
     assert_eq!(access_line(&gateway)["error"], "response_headers_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_whose_first_event_never_comes_gets_504() {
+    // Headers at once (as SSE servers send them), then silence.
+    let upstream =
+        MockBackend::start(Protocol::Http1, events(0, Duration::from_millis(10), true)).await;
+    let gateway = gateway(&upstream, "{ responseHeaders: 10s, firstEvent: 300ms }");
+    let reply = client::get(&client::http1(), &gateway.url("web", "/v1/completions")).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(
+        reply.header("x-infermesh-error"),
+        Some("first_event_timeout")
+    );
+    assert_eq!(access_line(&gateway)["error"], "first_event_timeout");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,6 +1,6 @@
 //! KServe v2 / Open Inference Protocol endpoints of the mock. Every model
-//! is an identity model: its outputs are its inputs, renamed
-//! `output_<input name>`.
+//! answers its inputs, renamed `output_<input name>`, each number times
+//! the model's `scale` (1: an identity model).
 
 use std::sync::Arc;
 
@@ -83,6 +83,7 @@ pub(super) async fn infer(
                 format!("inputs[{i}] needs name, shape, datatype and data"),
             ));
         };
+        let data = scaled(data, model.spec.scale);
         outputs.push(json!({ "name": format!("output_{input_name}"), "shape": shape, "datatype": datatype, "data": data }));
     }
     let plan = model.plan();
@@ -104,4 +105,13 @@ pub(super) async fn infer(
         response["id"] = id.clone();
     }
     Ok(super::json(StatusCode::OK, &response))
+}
+
+/// `data` with every number multiplied by `scale`.
+fn scaled(data: &Value, scale: f64) -> Value {
+    match data {
+        Value::Number(n) if scale != 1.0 => n.as_f64().map_or(Value::Null, |x| json!(x * scale)),
+        Value::Array(items) => Value::Array(items.iter().map(|i| scaled(i, scale)).collect()),
+        other => other.clone(),
+    }
 }

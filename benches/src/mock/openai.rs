@@ -76,11 +76,17 @@ pub(super) async fn generate(
         Err(response) => return Ok(response),
     };
     let spec = &model.spec;
-    let tokens = request["max_tokens"]
+    let mut words: Vec<String> = match &spec.reply {
+        Some(reply) => reply.split_inclusive(' ').map(str::to_owned).collect(),
+        None => (0..spec.tokens).map(|i| format!("token{i} ")).collect(),
+    };
+    if let Some(max) = request["max_tokens"]
         .as_u64()
         .or_else(|| request["max_completion_tokens"].as_u64())
-        .map_or(spec.tokens, |max| spec.tokens.min(max as usize));
-    let words: Vec<String> = (0..tokens).map(|i| format!("token{i} ")).collect();
+    {
+        words.truncate(max as usize);
+    }
+    let tokens = words.len();
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

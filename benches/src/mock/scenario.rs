@@ -97,6 +97,15 @@ pub struct ModelSpec {
     /// Length of the vectors `/v1/embeddings` returns.
     #[serde(default = "default_dimensions")]
     pub embedding_dimensions: usize,
+    /// The text of every completion, streamed a word at a time (a
+    /// request's `max_tokens` can ask for fewer words). Default: `tokens`
+    /// words `token0 token1 ...`.
+    #[serde(default)]
+    pub reply: Option<String>,
+    /// KServe v2 answers hold each number of the inputs times this (1, the
+    /// default: an identity model), so that models can differ.
+    #[serde(default = "default_scale")]
+    pub scale: f64,
 }
 
 fn default_inter_token_delay() -> Duration {
@@ -109,6 +118,10 @@ fn default_tokens() -> usize {
 
 fn default_dimensions() -> usize {
     8
+}
+
+fn default_scale() -> f64 {
+    1.0
 }
 
 impl ModelSpec {
@@ -130,6 +143,8 @@ impl ModelSpec {
             max_concurrency: None,
             errors: Vec::new(),
             embedding_dimensions: default_dimensions(),
+            reply: None,
+            scale: default_scale(),
         }
     }
 }
@@ -267,6 +282,9 @@ impl Scenario {
                         }
                         _ => {}
                     }
+                }
+                if !model.scale.is_finite() {
+                    return Err(format!("{at}.scale: must be a finite number"));
                 }
                 if model.max_concurrency == Some(0) {
                     return Err(format!("{at}.maxConcurrency: must be at least 1"));
