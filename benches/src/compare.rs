@@ -33,6 +33,12 @@
 //! route rule's `hedge` block from `infermesh.hedge`, to measure what
 //! hedging does to the tail against the same proxy without it.
 //!
+//! The target `infermesh-fanout` is infermesh-proxy whose route rule fans
+//! out as `infermesh.fanout` says (its branches name the backend `mock`,
+//! every mock server), to measure what a fan-out adds to its slowest
+//! branch: compare it with `direct` sending the load's `model`, the
+//! slowest branch's.
+//!
 //! The targets `infermesh-pair` and `infermesh-mtls-pair` are two
 //! infermesh-proxy processes in a row, the hops a caller's and a model's
 //! sidecars make (without the iptables redirection of real interception):
@@ -100,6 +106,8 @@ pub enum TargetKind {
     InfermeshBare,
     /// infermesh-proxy with hedged requests (`infermesh.hedge`).
     InfermeshHedged,
+    /// infermesh-proxy fanning each request out (`infermesh.fanout`).
+    InfermeshFanout,
     /// Two infermesh-proxy processes in a row, plaintext between them.
     InfermeshPair,
     /// Two infermesh-proxy processes in a row, mutual TLS between them.
@@ -117,6 +125,7 @@ impl TargetKind {
             TargetKind::Infermesh => "infermesh",
             TargetKind::InfermeshBare => "infermesh-bare",
             TargetKind::InfermeshHedged => "infermesh-hedged",
+            TargetKind::InfermeshFanout => "infermesh-fanout",
             TargetKind::InfermeshPair => "infermesh-pair",
             TargetKind::InfermeshMtlsPair => "infermesh-mtls-pair",
             TargetKind::Haproxy => "haproxy",
@@ -198,6 +207,10 @@ pub struct InfermeshSpec {
     /// The rule's `hedge` block for the `infermesh-hedged` target.
     #[serde(default)]
     pub hedge: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The rule's `fanout` block for the `infermesh-fanout` target, which
+    /// replaces the rule's backends (and `rule`).
+    #[serde(default)]
+    pub fanout: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// One target's figures from one round.
@@ -725,6 +738,10 @@ fn infermesh_config(
                 Value::Object(rule),
             )
         }
+        TargetKind::InfermeshFanout => {
+            rule = json!({ "fanout": infermesh.fanout.clone().unwrap_or_default() });
+            (Value::Object(infermesh.backend.clone()), json!({}))
+        }
         _ => (
             Value::Object(infermesh.backend.clone()),
             Value::Object(infermesh.rule.clone()),
@@ -905,7 +922,15 @@ fn start_target(
         TargetKind::InfermeshHedged if infermesh.hedge.is_none() => {
             anyhow::bail!("give the hedge settings in infermesh.hedge, e.g. {{ percentile: 95 }}")
         }
-        TargetKind::Infermesh | TargetKind::InfermeshBare | TargetKind::InfermeshHedged => {
+        TargetKind::InfermeshFanout if infermesh.fanout.is_none() => {
+            anyhow::bail!(
+                "give the fan-out in infermesh.fanout, e.g. {{ strategy: all, branches: [...] }}"
+            )
+        }
+        TargetKind::Infermesh
+        | TargetKind::InfermeshBare
+        | TargetKind::InfermeshHedged
+        | TargetKind::InfermeshFanout => {
             let hop = Hop::to(backends);
             let (started, port) = start_infermesh(kind, kind.name(), &hop, &[], infermesh, work)?;
             Ok(ready(port, vec![started]))
@@ -1012,7 +1037,7 @@ mod tests {
     #[test]
     fn infermesh_targets_get_a_valid_config_with_their_settings() {
         let spec: InfermeshSpec = serde_saphyr::from_str(
-            "backend: { circuitBreaker: { maxRequests: 7 } }\nrule: { retry: { nonIdempotent: true } }",
+            "backend: { circuitBreaker: { maxRequests: 7 } }\nrule: { retry: { nonIdempotent: true } }\nfanout: { strategy: all, branches: [{ name: a, backend: mock, model: m-5 }, { name: b, backend: mock, model: m-20 }] }",
         )
         .unwrap();
         let backends = ["127.0.0.1:9000".parse().unwrap()];
@@ -1044,6 +1069,12 @@ mod tests {
             bare.route("all").unwrap().spec.rules[0].retry.max_retries,
             0
         );
+
+        let fanout = load(TargetKind::InfermeshFanout);
+        let rule = &fanout.route("all").unwrap().spec.rules[0];
+        assert!(rule.backends.is_empty());
+        let branches = &rule.fanout.as_ref().unwrap().branches;
+        assert_eq!(branches[1].model.as_deref(), Some("m-20"));
     }
 
     /// The validated config of one proxy of the mTLS pair.
