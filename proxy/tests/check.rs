@@ -56,3 +56,19 @@ fn an_unreadable_file_is_named() {
         "{stderr}"
     );
 }
+
+#[test]
+fn the_gateway_examples_pass() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+    for example in ["gateway.yaml", "ensemble.yaml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_infermesh-proxy"))
+            .args(["check", "--config", &format!("{dir}/{example}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
