@@ -39,8 +39,9 @@ pub struct Fanout {
     /// From the request's arrival to the answer. At the deadline the proxy
     /// answers with what has arrived if the strategy's requirement is met,
     /// else 504 `fanout_deadline`; the branches still running are
-    /// cancelled. `0s` (the default): no deadline of its own (the rule's
-    /// `timeouts` still apply).
+    /// cancelled. `0s` (the default): the rule's
+    /// `timeouts.responseHeaders`, which on a fan-out rule is this deadline
+    /// rather than a limit of its own.
     #[serde(default)]
     pub deadline: Duration,
     /// The request body is read whole, once, and shared by the branches; a
@@ -157,7 +158,7 @@ impl Fanout {
     /// Default for [`Fanout::metadata_field`].
     pub const DEFAULT_METADATA_FIELD: &'static str = "infermesh_fanout";
     /// Largest [`Fanout::max_body_bytes`] accepted.
-    const MAX_BODY_BYTES_LIMIT: u64 = 256 * 1024 * 1024;
+    const MAX_BODY_BYTES_LIMIT: u64 = 64 * 1024 * 1024;
     /// Most branches a fan-out may have.
     const MAX_BRANCHES: usize = 32;
 
@@ -202,7 +203,7 @@ impl Fanout {
             checker.error(
                 at.key("maxBodyBytes"),
                 format!(
-                    "must be between 1 and {} (256 MiB)",
+                    "must be between 1 and {} (64 MiB)",
                     Self::MAX_BODY_BYTES_LIMIT
                 ),
             );
@@ -270,7 +271,7 @@ impl Fanout {
                     checker.error(at.key("mean").key("pointer"), e);
                 }
             }
-            (FanoutStrategy::Mean, None) | (_, None) => {}
+            (_, None) => {}
             (_, Some(_)) => checker.error(at.key("mean"), misplaced("mean", "mean")),
         }
     }
@@ -287,8 +288,17 @@ impl FanoutBranch {
                 ),
             );
         }
-        if self.model.as_ref().is_some_and(|m| m.trim().is_empty()) {
-            checker.error(at.key("model"), "give the model's name, e.g. llama-3-8b");
+        if let Some(model) = &self.model {
+            if model.trim().is_empty() {
+                checker.error(at.key("model"), "give the model's name, e.g. llama-3-8b");
+            } else if !model.chars().all(is_path_segment_char) {
+                checker.error(
+                    at.key("model"),
+                    format!(
+                        "{model:?} cannot stand in a KServe path: use letters, digits and -._~!$&'()*+,;=:@"
+                    ),
+                );
+            }
         }
         if let Some(path) = &self.path
             && (!path.starts_with('/') || http::uri::PathAndQuery::try_from(path.as_str()).is_err())
@@ -327,6 +337,12 @@ fn is_branch_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+/// A character a URI path segment holds as it is (RFC 3986 `pchar`
+/// without percent-encoding).
+fn is_path_segment_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@".contains(c)
 }
 
 /// A JSON pointer is empty (the whole value) or starts with `/`; `~` must

@@ -273,6 +273,30 @@ impl RouteRule {
     /// backend or try it again do not apply.
     fn check_fanout(&self, fanout: &Fanout, at: &FieldPath, checker: &mut Checker<'_>) {
         fanout.check(&at.key("fanout"), checker);
+        // The fan-out answers with what has arrived at its deadline; the
+        // total limit must not cut it off first.
+        let deadline = if fanout.deadline == Duration::ZERO {
+            self.timeouts.response_headers
+        } else {
+            fanout.deadline
+        };
+        if self.timeouts.total != Duration::ZERO
+            && deadline != Duration::ZERO
+            && deadline >= self.timeouts.total
+        {
+            checker.error(
+                at.key("fanout").key("deadline"),
+                format!(
+                    "the fan-out's deadline ({deadline}{}) must end before timeouts.total ({}), which would cut it off without the answers that arrived",
+                    if fanout.deadline == Duration::ZERO {
+                        ", timeouts.responseHeaders when none is given"
+                    } else {
+                        ""
+                    },
+                    self.timeouts.total
+                ),
+            );
+        }
         if !self.backends.is_empty() {
             checker.error(
                 at.key("backends"),

@@ -568,6 +568,11 @@ fn a_fanout_loads_with_its_defaults_and_is_checked_where_written() {
     assert_eq!(fanout.branches[0].model.as_deref(), Some("llama"));
     assert!(!fanout.branches[0].required && fanout.branches[1].required);
     assert_eq!(fanout.branches[1].timeout, Duration::from_secs(2));
+    // A deadline within the total limit is fine.
+    load(&rule(
+        "timeouts: { total: 10s }\n      fanout: { strategy: all, deadline: 9s, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+    ))
+    .unwrap();
 
     let cases = [
         (
@@ -637,6 +642,22 @@ fn a_fanout_loads_with_its_defaults_and_is_checked_where_written() {
         (
             "timeouts: {}",
             "spec.rules[0].backends: a rule needs at least one backend (or a fanout)",
+        ),
+        (
+            "fanout: { strategy: all, branches: [{ name: x, backend: a, model: \"org/llama 3\" }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.branches[0].model: \"org/llama 3\" cannot stand in a KServe path",
+        ),
+        (
+            "timeouts: { total: 10s }\n      fanout: { strategy: all, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.deadline: the fan-out's deadline (5m, timeouts.responseHeaders when none is given) must end before timeouts.total (10s)",
+        ),
+        (
+            "timeouts: { total: 10s }\n      fanout: { strategy: all, deadline: 10s, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.deadline: the fan-out's deadline (10s) must end before timeouts.total (10s)",
+        ),
+        (
+            "fanout: { strategy: all, branches: [{ name: infermesh_fanout, backend: a }, { name: y, backend: b }] }",
+            "spec.rules[0].fanout.branches[0].name: \"infermesh_fanout\" is the metadataField",
         ),
     ];
     for (text, expected) in cases {

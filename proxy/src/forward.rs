@@ -51,7 +51,15 @@ pub fn rule_service(
     backends: &BTreeMap<String, Arc<Backend>>,
     metrics: &Metrics,
 ) -> RuleService {
-    let limits = Limits::from_config(&rule.timeouts);
+    let mut limits = Limits::from_config(&rule.timeouts);
+    // A fan-out answers with what has arrived at its deadline, which is
+    // the rule's responseHeaders limit unless it has its own: the limit
+    // must not cut the fan-out off above it.
+    let fanout_deadline = rule.fanout.as_ref().and_then(|fanout| {
+        let deadline = fanout.deadline.non_zero().or(limits.response_headers);
+        limits.response_headers = None;
+        deadline
+    });
     let rate_limit = rule.rate_limit.map(|limit| {
         RateLimitLayer::new(TokenBucket::new(
             limit.requests_per_second,
@@ -78,9 +86,13 @@ pub fn rule_service(
                 weight: b.weight,
             })
             .collect();
-        return BoxCloneSyncService::new(
-            top.service(Fanout::new(fanout, branches, route, metrics)),
-        );
+        return BoxCloneSyncService::new(top.service(Fanout::new(
+            fanout,
+            fanout_deadline,
+            branches,
+            route,
+            metrics,
+        )));
     }
     let split = Split::new(
         rule.backends

@@ -100,7 +100,8 @@ pub struct Metrics {
     /// `infermesh_fanout_answers_total{route,decision}`: fan-outs by how
     /// they were decided: `all` (every branch finished), `quorum` (enough
     /// answered first: a quorum, a majority, the first success),
-    /// `deadline`, or `failed`.
+    /// `deadline`, `failed`, or `abandoned` (dropped before a decision: the
+    /// client went away, or the rule's total limit cut it).
     pub fanout_answers: IntCounterVec,
 }
 
@@ -258,7 +259,7 @@ impl Metrics {
             .expect("valid histogram"),
             fanout_answers: counter(
                 "infermesh_fanout_answers_total",
-                "Fan-outs by route and how they were decided (all, quorum, deadline, failed).",
+                "Fan-outs by route and how they were decided (all, quorum, deadline, failed, abandoned).",
                 &["route", "decision"],
             ),
             registry,

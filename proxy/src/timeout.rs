@@ -117,15 +117,20 @@ where
         let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
             Box::pin(self.inner.call(request));
         Box::pin(async move {
-            // Whichever of the headers limit and the total deadline ends first applies.
-            let headers_limit = limits
-                .response_headers
-                .map(|after| (started + after, ErrorKind::ResponseHeadersTimeout(after)));
-            let total_limit = deadline.map(|(at, total)| (at, ErrorKind::RequestTimeout(total)));
-            let limit = match (headers_limit, total_limit) {
-                (Some(h), Some(t)) => Some(if t.0 < h.0 { t } else { h }),
-                (h, t) => h.or(t),
-            };
+            // Whichever of the headers limit, the first-event limit (which
+            // headers come before) and the total deadline ends first applies.
+            let limit = [
+                limits
+                    .response_headers
+                    .map(|after| (started + after, ErrorKind::ResponseHeadersTimeout(after))),
+                limits
+                    .first_event
+                    .map(|after| (started + after, ErrorKind::FirstEventTimeout(after))),
+                deadline.map(|(at, total)| (at, ErrorKind::RequestTimeout(total))),
+            ]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(at, _)| *at);
             let response = match limit {
                 None => response.await?,
                 Some((at, kind)) => match tokio::time::timeout_at(at, response).await {
@@ -429,6 +434,23 @@ mod tests {
         let mut body = result.unwrap().into_body();
         let frame = body.frame().await.unwrap().unwrap();
         assert_eq!(frame.into_data().unwrap(), "data: 1\n\n");
+
+        // No headers for 8 s: the first-event limit covers them too.
+        let late_headers = tower::service_fn(|_req: Request<ProxyBody>| async {
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            Ok::<_, ProxyError>(Response::new(crate::body::full("late")))
+        });
+        let started = Instant::now();
+        let error = TimeoutLayer::new(Limits {
+            response_headers: Some(Duration::from_secs(60)),
+            ..limits
+        })
+        .layer(late_headers)
+        .oneshot(Request::new(empty()))
+        .await
+        .unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(error.kind().reason(), "first_event_timeout");
 
         // Headers at once, nothing for 8 s: a clean 504 at 5 s, although
         // the headers came well within their own limit.

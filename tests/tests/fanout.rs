@@ -27,6 +27,8 @@ servers:
       - { name: llama, latency: { fixed: 5ms }, reply: "Paris is the capital." }
       - { name: mistral, latency: { fixed: 10ms }, reply: "Paris is the capital." }
       - { name: qwen, latency: { fixed: 1ms }, reply: "Lyon is the capital." }
+      - { name: gemma, latency: { fixed: 15ms }, reply: "Paris is the capital." }
+      - { name: phi, latency: { fixed: 30s }, reply: "Lyon is the capital." }
       - name: fast-stream
         timeToFirstToken: { fixed: 20ms }
         interTokenDelay: 300ms
@@ -141,10 +143,16 @@ async fn all_merges_each_kserve_models_answer_by_branch_and_mean_averages_them()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vote_over_openai_chat_answers_with_the_majority() {
-    let setup = start(&[(
-        "/v1/chat",
-        "{ strategy: vote, vote: { pointer: /choices/0/message/content }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: qwen, backend: models, model: qwen }] }",
-    )]);
+    let setup = start(&[
+        (
+            "/v1/chat",
+            "{ strategy: vote, vote: { pointer: /choices/0/message/content }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: qwen, backend: models, model: qwen }] }",
+        ),
+        (
+            "/v1/completions",
+            "{ strategy: vote, vote: { pointer: /choices/0/text }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: gemma, backend: models, model: gemma }, { name: qwen, backend: models, model: qwen }, { name: phi, backend: models, model: phi }] }",
+        ),
+    ]);
     let reply = post(&setup.gateway, "/v1/chat/completions", chat_request()).await;
     assert_eq!(reply.status, 200, "{reply:?}");
     let body = reply.json();
@@ -161,6 +169,20 @@ async fn a_vote_over_openai_chat_answers_with_the_majority() {
     assert_eq!(branches["mistral"]["outcome"], "used");
     // Every branch answered before the majority stood (qwen first).
     assert_eq!(body["infermesh_fanout"]["decision"], "all");
+
+    // Five voters: three agree within 15 ms, so the vote is decided
+    // without the slow one, which the model server sees cancelled.
+    let request = json!({ "model": "ensemble", "prompt": "Capital of France?" });
+    let reply = post(&setup.gateway, "/v1/completions", request).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let body = reply.json();
+    assert_eq!(body["choices"][0]["text"], "Paris is the capital.");
+    assert_eq!(body["infermesh_fanout"]["decision"], "quorum");
+    assert_eq!(
+        body["infermesh_fanout"]["branches"]["phi"]["outcome"],
+        "cancelled"
+    );
+    setup.models.wait_for_cancellations(0, "phi", 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -367,6 +389,27 @@ async fn strategies_that_combine_whole_answers_refuse_streams_and_large_bodies()
     assert_eq!(
         reply.header("x-infermesh-error"),
         Some("request_body_too_large")
+    );
+
+    // A request the models refuse (not JSON) gets their own 400.
+    let request = Request::post(setup.gateway.url("web", "/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{not json")))
+        .unwrap();
+    let reply = client::send(&client::http1(), request).await.unwrap();
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert!(
+        reply.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON body"),
+        "{reply:?}"
+    );
+    assert_eq!(
+        reply
+            .header("x-infermesh-fanout")
+            .map(|h| h.contains("qwen;outcome=failed;status=400")),
+        Some(true)
     );
 
     // Within the limit, both models answer, keyed by branch.

@@ -6,10 +6,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use serde_json::Value;
-use tower::Service;
+use tower::ServiceExt;
 use tower::util::BoxCloneSyncService;
 
 use crate::balance::Upstream;
@@ -19,6 +19,10 @@ use crate::model;
 
 /// The service a branch's request goes through: its backend's balancer.
 pub type BranchService = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
+
+/// The most of a 4xx answer kept in a race, at least (a refusal rarely
+/// exceeds its request).
+const MIN_REFUSAL_BYTES: usize = 64 * 1024;
 
 /// A branch as configured.
 pub struct Branch {
@@ -70,17 +74,21 @@ impl Original {
     }
 
     /// Whether the client asks for a streamed answer: `"stream": true` in
-    /// a JSON body (OpenAI-compatible APIs), or server-sent events in
-    /// `Accept`.
+    /// a JSON body (OpenAI-compatible APIs), or an `Accept` that takes
+    /// server-sent events only.
     pub fn is_streaming(&self) -> bool {
-        let sse = self
+        let mut accepted = self
             .head
             .headers
             .get_all(http::header::ACCEPT)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.contains("text/event-stream"));
-        sse || self.fields.stream == Some(Value::Bool(true))
+            .flat_map(|v| v.split(','))
+            .map(|media| media.split(';').next().unwrap_or_default().trim())
+            .peekable();
+        let only_events = accepted.peek().is_some()
+            && accepted.all(|media| media.eq_ignore_ascii_case("text/event-stream"));
+        only_events || self.fields.stream == Some(Value::Bool(true))
     }
 
     /// The body, parsed once, when it is a JSON object naming a model.
@@ -103,6 +111,18 @@ pub struct Failure {
     pub timed_out: bool,
     /// What happened, for the report and errors.
     pub reason: String,
+    /// A 4xx answer, whole: the model refused the request itself, which
+    /// the client should hear about if every branch does.
+    pub refusal: Option<Box<Refusal>>,
+}
+
+/// A branch's 4xx answer.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Its headers.
+    pub headers: HeaderMap,
+    /// Its body.
+    pub body: Bytes,
 }
 
 impl Failure {
@@ -111,6 +131,7 @@ impl Failure {
             status: None,
             timed_out: false,
             reason: reason.into(),
+            refusal: None,
         }
     }
 
@@ -160,7 +181,7 @@ pub enum Wanted {
 
 impl Branch {
     /// This branch's copy of `original`.
-    fn request(&self, original: &Original) -> Result<Request<ProxyBody>, Failure> {
+    fn request(&self, original: &Original, wanted: Wanted) -> Result<Request<ProxyBody>, Failure> {
         let head = &original.head;
         let mut path = self.path.as_deref().unwrap_or(head.uri.path()).to_owned();
         let mut body = original.body.clone();
@@ -180,6 +201,10 @@ impl Branch {
         // The length is the branch's own body's.
         headers.remove(CONTENT_LENGTH);
         headers.remove(TRANSFER_ENCODING);
+        if let Wanted::Json(_) = wanted {
+            // The answer is read as JSON: it must not come compressed.
+            headers.remove(ACCEPT_ENCODING);
+        }
         let mut request = Request::new(full(body));
         *request.method_mut() = head.method.clone();
         *request.uri_mut() = uri;
@@ -198,16 +223,32 @@ impl Branch {
         original: &Original,
         wanted: Wanted,
     ) -> BoxFuture<Result<Answer, Failure>> {
-        let request = match self.request(original) {
+        let request = match self.request(original, wanted) {
             Ok(request) => request,
             Err(failure) => return Box::pin(std::future::ready(Err(failure))),
         };
-        let sent = self.service.clone().call(request);
+        let limit = match wanted {
+            Wanted::Json(limit) => limit,
+            Wanted::FirstBytes => original.body.len().max(MIN_REFUSAL_BYTES),
+        };
+        let sent: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
+            Box::pin(self.service.clone().oneshot(request));
         let exchange = async move {
             let response = sent
                 .await
                 .map_err(|e: ProxyError| Failure::new(format!("{} ({})", e, e.kind().reason())))?;
             let status = response.status();
+            if status.is_client_error() {
+                let (head, body) = response.into_parts();
+                let body = collect_limited(body, limit).await.unwrap_or_default();
+                return Err(Failure {
+                    refusal: Some(Box::new(Refusal {
+                        headers: head.headers,
+                        body,
+                    })),
+                    ..Failure::unusable(status, format!("answered {status}"))
+                });
+            }
             if !status.is_success() {
                 return Err(Failure::unusable(status, format!("answered {status}")));
             }
@@ -293,7 +334,7 @@ mod tests {
     }
 
     async fn sent(branch: &Branch, original: &Original) -> (Uri, HeaderMap, String) {
-        let request = branch.request(original).unwrap();
+        let request = branch.request(original, Wanted::Json(1024)).unwrap();
         let (head, body) = request.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
         (
@@ -344,9 +385,17 @@ mod tests {
         assert!(original("/v1/completions", r#"{"model":"m","stream":true}"#).is_streaming());
         assert!(!original("/v1/completions", r#"{"model":"m","stream":false}"#).is_streaming());
         assert!(!original("/v1/completions", "not json").is_streaming());
-        let (mut head, _) = Request::post("/x").body(()).unwrap().into_parts();
-        head.headers
-            .insert(http::header::ACCEPT, "text/event-stream".parse().unwrap());
-        assert!(Original::new(head, Bytes::new()).is_streaming());
+        let (head, _) = Request::post("/x").body(()).unwrap().into_parts();
+        let accepting = |accept: &str| {
+            let (mut head, _) = Request::post("/x").body(()).unwrap().into_parts();
+            head.headers
+                .insert(http::header::ACCEPT, accept.parse().unwrap());
+            Original::new(head, Bytes::new()).is_streaming()
+        };
+        assert!(accepting("text/event-stream"));
+        assert!(accepting("text/event-stream; charset=utf-8"));
+        assert!(!accepting("application/json, text/event-stream"));
+        assert!(!accepting("*/*"));
+        assert!(!Original::new(head, Bytes::new()).is_streaming());
     }
 }

@@ -50,7 +50,7 @@ pub(super) fn leader<'a>(
         .min_by_key(|t| (std::cmp::Reverse(t.votes), t.best_rank))
 }
 
-/// Why an answer cannot be averaged with the first one.
+/// An answer a mean leaves out, and why.
 #[derive(Debug, PartialEq)]
 pub(super) struct Incompatible {
     /// Its position in the answers given.
@@ -59,72 +59,105 @@ pub(super) struct Incompatible {
     pub(super) reason: String,
 }
 
-/// The element-wise weighted mean of the answers' numeric tensors, in the
-/// shape of the first answer: at `pointer` in each answer, or else each of
-/// a KServe v2 answer's `outputs[].data`, matched by output name (integer
-/// outputs become `FP64`). Fails naming the first answer that has no such
-/// tensor or one of another shape.
-pub(super) fn mean(
-    answers: &[(&Value, f64)],
-    pointer: Option<&str>,
-) -> Result<Value, Incompatible> {
-    let Some(&(base, _)) = answers.first() else {
-        return Err(Incompatible {
-            index: 0,
-            reason: "no answers to average".into(),
-        });
+/// What a mean makes of the answers.
+#[derive(Debug, PartialEq)]
+pub(super) struct Averaged {
+    /// The answer averaged over the largest group of answers whose tensors
+    /// have the same names and shapes; none when no answer has tensors.
+    pub(super) value: Option<Value>,
+    /// The answers left out.
+    pub(super) left_out: Vec<Incompatible>,
+}
+
+/// The element-wise weighted mean of the answers' numeric tensors: the
+/// array at `pointer` in each answer, or else each of a KServe v2 answer's
+/// `outputs[].data`, by output name (integer outputs become `FP64`).
+///
+/// The answers averaged are the largest group whose tensors have the same
+/// names and shapes (a tie goes to the group of the earliest answer); the
+/// rest are left out, so one odd model cannot veto the others. The result
+/// is the group's first answer with its tensors replaced by the means.
+pub(super) fn mean(answers: &[(&Value, f64)], pointer: Option<&str>) -> Averaged {
+    let shapes: Vec<Result<(Tensors<'_>, String), String>> = answers
+        .iter()
+        .map(|(answer, _)| {
+            let tensors = tensors_of(answer, pointer)?;
+            let shape = signature(&tensors)?;
+            Ok((tensors, shape))
+        })
+        .collect();
+    let group_of = |shape: &String| {
+        shapes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_ok_and(|(_, other)| other == shape))
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
     };
-    let mut combined = base.clone();
-    match pointer {
-        Some(pointer) => {
-            let tensors = answers
-                .iter()
-                .enumerate()
-                .map(|(index, (answer, weight))| {
-                    let tensor = answer.pointer(pointer).ok_or_else(|| Incompatible {
-                        index,
-                        reason: format!("the answer has nothing at {pointer}"),
-                    })?;
-                    Ok((tensor, *weight))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let averaged = average(&tensors)?;
-            *combined
-                .pointer_mut(pointer)
-                .expect("the first answer has the pointer") = averaged;
+    let mut group: Vec<usize> = Vec::new();
+    for (_, shape) in shapes.iter().flatten() {
+        let candidate = group_of(shape);
+        if candidate.len() > group.len() {
+            group = candidate;
         }
-        None => {
-            let outputs = |index: usize, answer: &Value| -> Result<Vec<Value>, Incompatible> {
-                answer["outputs"]
-                    .as_array()
-                    .filter(|o| !o.is_empty())
-                    .cloned()
-                    .ok_or_else(|| Incompatible {
-                        index,
-                        reason: "the answer has no KServe v2 `outputs`".into(),
-                    })
-            };
-            let mut merged = outputs(0, base)?;
-            for output in &mut merged {
-                let name = output["name"].as_str().unwrap_or_default().to_owned();
-                let mut tensors = Vec::with_capacity(answers.len());
-                for (index, (answer, weight)) in answers.iter().enumerate() {
-                    let theirs = outputs(index, answer)?;
-                    let data = theirs
-                        .iter()
-                        .find(|o| o["name"] == output["name"])
-                        .map(|o| o["data"].clone())
-                        .ok_or_else(|| Incompatible {
-                            index,
-                            reason: format!("the answer has no output {name:?}"),
-                        })?;
-                    tensors.push((data, *weight));
+    }
+    let left_out = shapes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !group.contains(i))
+        .map(|(index, shape)| Incompatible {
+            index,
+            reason: match shape {
+                Err(reason) => reason.clone(),
+                Ok(_) => {
+                    "its tensors differ in name or shape from those of the most answers".to_owned()
                 }
-                let borrowed: Vec<(&Value, f64)> = tensors.iter().map(|(d, w)| (d, *w)).collect();
-                output["data"] = average(&borrowed).map_err(|e| Incompatible {
-                    index: e.index,
-                    reason: format!("output {name:?}: {}", e.reason),
-                })?;
+            },
+        })
+        .collect();
+    let Some(&first) = group.first() else {
+        return Averaged {
+            value: None,
+            left_out,
+        };
+    };
+    let Ok((base_tensors, _)) = &shapes[first] else {
+        unreachable!("the group holds answers with tensors")
+    };
+    let mut averaged = answers[first].0.clone();
+    for (position, (name, base)) in base_tensors.iter().enumerate() {
+        let mut sums = Vec::new();
+        let mut total_weight = 0.0;
+        let mut numbers = Vec::new();
+        for &i in &group {
+            let Ok((tensors, _)) = &shapes[i] else {
+                unreachable!("the group holds answers with tensors")
+            };
+            let data = tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, d)| *d)
+                .expect("answers of one group have the same tensor names");
+            numbers.clear();
+            flatten(data, &mut numbers);
+            sums.resize(numbers.len(), 0.0);
+            let weight = answers[i].1;
+            for (sum, x) in sums.iter_mut().zip(&numbers) {
+                *sum += weight * x;
+            }
+            total_weight += weight;
+        }
+        let mut means = sums.into_iter().map(|s| s / total_weight);
+        let mean = rebuild(base, &mut means);
+        match pointer {
+            Some(pointer) => {
+                *averaged
+                    .pointer_mut(pointer)
+                    .expect("the answer has the pointer") = mean;
+            }
+            None => {
+                let output = &mut averaged["outputs"][position];
+                output["data"] = mean;
                 let integer = output["datatype"]
                     .as_str()
                     .is_some_and(|t| t.starts_with("INT") || t.starts_with("UINT"));
@@ -132,46 +165,73 @@ pub(super) fn mean(
                     output["datatype"] = "FP64".into();
                 }
             }
-            combined["outputs"] = Value::Array(merged);
         }
     }
-    Ok(combined)
-}
-
-/// The weighted mean of same-shaped (possibly nested) arrays of numbers.
-fn average(tensors: &[(&Value, f64)]) -> Result<Value, Incompatible> {
-    let (base, _) = tensors[0];
-    let mut sums = Vec::new();
-    flatten(base, &mut sums).map_err(|reason| Incompatible { index: 0, reason })?;
-    sums.iter_mut().for_each(|x| *x = 0.0);
-    let mut total_weight = 0.0;
-    let mut numbers = Vec::with_capacity(sums.len());
-    for (index, (tensor, weight)) in tensors.iter().enumerate() {
-        numbers.clear();
-        flatten(tensor, &mut numbers).map_err(|reason| Incompatible { index, reason })?;
-        if !same_shape(base, tensor) {
-            return Err(Incompatible {
-                index,
-                reason: "its tensor has another shape than the first answer's".into(),
-            });
-        }
-        for (sum, x) in sums.iter_mut().zip(&numbers) {
-            *sum += weight * x;
-        }
-        total_weight += weight;
+    Averaged {
+        value: Some(averaged),
+        left_out,
     }
-    let mut means = sums.into_iter().map(|s| s / total_weight);
-    Ok(rebuild(base, &mut means))
 }
 
-/// Appends the numbers of a (nested) array, or says why it is not one.
-fn flatten(value: &Value, out: &mut Vec<f64>) -> Result<(), String> {
+/// An answer's tensors, by name.
+type Tensors<'a> = Vec<(&'a str, &'a Value)>;
+
+/// The tensors of an answer, by name (one unnamed tensor at a pointer).
+fn tensors_of<'a>(answer: &'a Value, pointer: Option<&str>) -> Result<Tensors<'a>, String> {
+    match pointer {
+        Some(pointer) => answer
+            .pointer(pointer)
+            .map(|tensor| vec![("", tensor)])
+            .ok_or_else(|| format!("the answer has nothing at {pointer}")),
+        None => {
+            let outputs = answer["outputs"]
+                .as_array()
+                .filter(|o| !o.is_empty())
+                .ok_or("the answer has no KServe v2 `outputs`")?;
+            outputs
+                .iter()
+                .map(|o| {
+                    let name = o["name"].as_str().ok_or("an output has no name")?;
+                    Ok((name, &o["data"]))
+                })
+                .collect()
+        }
+    }
+}
+
+/// The names and shapes of `tensors`, as text two answers can compare, or
+/// why they are not all numbers.
+fn signature(tensors: &[(&str, &Value)]) -> Result<String, String> {
+    let mut named: Vec<String> = tensors
+        .iter()
+        .map(|(name, data)| {
+            let mut shape = String::new();
+            shape_of(data, &mut shape).map_err(|e| match name {
+                &"" => e,
+                name => format!("output {name:?}: {e}"),
+            })?;
+            Ok(format!("{name}:{shape}"))
+        })
+        .collect::<Result<_, String>>()?;
+    named.sort();
+    Ok(named.join(";"))
+}
+
+/// Appends the nesting of a (nested) array of numbers to `out`.
+fn shape_of(value: &Value, out: &mut String) -> Result<(), String> {
     match value {
-        Value::Number(n) => {
-            out.push(n.as_f64().expect("JSON numbers are finite"));
+        Value::Number(_) => {
+            out.push('n');
             Ok(())
         }
-        Value::Array(items) => items.iter().try_for_each(|item| flatten(item, out)),
+        Value::Array(items) => {
+            out.push('[');
+            for item in items {
+                shape_of(item, out)?;
+            }
+            out.push(']');
+            Ok(())
+        }
         other => Err(format!(
             "expected numbers, found {}",
             match other {
@@ -184,13 +244,12 @@ fn flatten(value: &Value, out: &mut Vec<f64>) -> Result<(), String> {
     }
 }
 
-fn same_shape(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Array(a), Value::Array(b)) => {
-            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same_shape(a, b))
-        }
-        (Value::Array(_), _) | (_, Value::Array(_)) => false,
-        _ => true,
+/// Appends the numbers of a (nested) array whose shape was checked.
+fn flatten(value: &Value, out: &mut Vec<f64>) {
+    match value {
+        Value::Number(n) => out.push(n.as_f64().unwrap_or(0.0)),
+        Value::Array(items) => items.iter().for_each(|item| flatten(item, out)),
+        _ => {}
     }
 }
 
@@ -234,7 +293,7 @@ mod tests {
             { "name": "count", "datatype": "INT64", "shape": [1], "data": [4] },
             { "name": "scores", "datatype": "FP32", "shape": [3], "data": [4.0, 8.0, 12.0] },
         ]});
-        let averaged = mean(&[(&a, 2.0), (&b, 1.0)], None).unwrap();
+        let averaged = mean(&[(&a, 2.0), (&b, 1.0)], None).value.unwrap();
         assert_eq!(averaged["model_name"], "a");
         assert_eq!(averaged["outputs"][0]["data"], json!([2.0, 4.0, 6.0]));
         assert_eq!(averaged["outputs"][0]["datatype"], "FP32");
@@ -246,7 +305,9 @@ mod tests {
     fn a_pointer_averages_nested_arrays_in_place() {
         let a = json!({ "data": [{ "embedding": [[1, 2], [3, 4]] }], "model": "a" });
         let b = json!({ "data": [{ "embedding": [[3, 4], [5, 6]] }], "model": "b" });
-        let averaged = mean(&[(&a, 1.0), (&b, 1.0)], Some("/data/0/embedding")).unwrap();
+        let averaged = mean(&[(&a, 1.0), (&b, 1.0)], Some("/data/0/embedding"))
+            .value
+            .unwrap();
         assert_eq!(
             averaged,
             json!({ "data": [{ "embedding": [[2.0, 3.0], [4.0, 5.0]] }], "model": "a" })
@@ -254,23 +315,50 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_that_cannot_be_averaged_is_named() {
-        let a = json!({ "v": [1, 2] });
-        let short = json!({ "v": [1] });
+    fn the_largest_group_of_like_answers_is_averaged_and_the_rest_named() {
+        let odd = json!({ "v": [9] });
+        let a = json!({ "v": [1, 2], "from": "a" });
+        let b = json!({ "v": [3, 4], "from": "b" });
         let text = json!({ "v": ["x", "y"] });
         let missing = json!({ "w": [1, 2] });
         let at = Some("/v");
-        assert_eq!(mean(&[(&a, 1.0), (&short, 1.0)], at).unwrap_err().index, 1);
-        let err = mean(&[(&a, 1.0), (&a, 1.0), (&text, 1.0)], at).unwrap_err();
+        // An odd answer listed first does not decide the shape.
+        let averaged = mean(&[(&odd, 1.0), (&a, 1.0), (&b, 1.0)], at);
         assert_eq!(
-            (err.index, err.reason.as_str()),
-            (2, "expected numbers, found a string")
+            averaged.value,
+            Some(json!({ "v": [2.0, 3.0], "from": "a" }))
         );
         assert_eq!(
-            mean(&[(&missing, 1.0), (&a, 1.0)], at).unwrap_err().index,
-            0
+            averaged.left_out,
+            [Incompatible {
+                index: 0,
+                reason: "its tensors differ in name or shape from those of the most answers".into()
+            }]
         );
-        let no_outputs = mean(&[(&a, 1.0)], None).unwrap_err();
-        assert_eq!(no_outputs.reason, "the answer has no KServe v2 `outputs`");
+        // A tie goes to the group of the earliest answer.
+        assert_eq!(mean(&[(&odd, 1.0), (&a, 1.0)], at).left_out[0].index, 1);
+        let averaged = mean(&[(&text, 1.0), (&missing, 1.0), (&a, 1.0)], at);
+        assert_eq!(
+            averaged.value,
+            Some(json!({ "v": [1.0, 2.0], "from": "a" }))
+        );
+        let reasons: Vec<&str> = averaged
+            .left_out
+            .iter()
+            .map(|l| l.reason.as_str())
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "expected numbers, found a string",
+                "the answer has nothing at /v"
+            ]
+        );
+        let none = mean(&[(&a, 1.0)], None);
+        assert_eq!(none.value, None);
+        assert_eq!(
+            none.left_out[0].reason,
+            "the answer has no KServe v2 `outputs`"
+        );
     }
 }

@@ -32,7 +32,7 @@ use futures_util::stream::FuturesUnordered;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Request, Response, StatusCode};
 use infermesh_api::FanoutStrategy;
-use prometheus::{HistogramVec, IntCounterVec};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec};
 use serde_json::Value;
 use tokio::time::Instant;
 use tower::Service;
@@ -78,6 +78,8 @@ pub struct Fanout {
 /// A rule's fan-out, compiled from its config.
 struct Plan {
     route: Arc<str>,
+    /// The strategy's name as configured.
+    strategy_name: &'static str,
     strategy: Strategy,
     branches: Vec<Branch>,
     deadline: Option<Duration>,
@@ -102,16 +104,6 @@ enum Strategy {
 }
 
 impl Strategy {
-    fn name(&self) -> &'static str {
-        match self {
-            Strategy::All => "all",
-            Strategy::First => "first",
-            Strategy::Quorum(_) => "quorum",
-            Strategy::Vote { .. } => "vote",
-            Strategy::Mean { .. } => "mean",
-        }
-    }
-
     /// Successes needed for an answer.
     fn needed(&self) -> usize {
         match self {
@@ -145,8 +137,9 @@ enum Stage {
 
 /// A strategy's answer, before the report is added.
 enum Combined {
-    /// The winner of a race, streaming.
-    Stream(Response<ProxyBody>),
+    /// A response passed on as it is: the winner of a race, streaming, or
+    /// the models' refusal of the request.
+    AsIs(Response<ProxyBody>),
     /// A JSON answer, and the branch endpoint it is from, if one.
     Json(Value, Option<Upstream>),
 }
@@ -160,9 +153,11 @@ enum Verdict {
 }
 
 impl Fanout {
-    /// The fan-out of a rule of `route`, sending to `branches`.
+    /// The fan-out of a rule of `route`, sending to `branches`, deciding
+    /// at the latest at `deadline` after a request's arrival.
     pub fn new(
         config: &infermesh_api::Fanout,
+        deadline: Option<Duration>,
         branches: Vec<Branch>,
         route: &Arc<str>,
         metrics: &Metrics,
@@ -201,9 +196,10 @@ impl Fanout {
         Fanout {
             plan: Arc::new(Plan {
                 route: route.clone(),
+                strategy_name: config.strategy.as_str(),
                 strategy,
                 branches,
-                deadline: config.deadline.non_zero(),
+                deadline,
                 max_body_bytes: usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX),
                 metadata_field: Some(config.metadata_field.clone()).filter(|f| !f.is_empty()),
                 metrics: FanoutMetrics {
@@ -238,10 +234,18 @@ impl Plan {
         let started = Instant::now();
         // Phase: read.
         let (head, body) = request.into_parts();
-        let body = read_body(body, self.max_body_bytes).await?;
+        let deadline = self.deadline.map(|d| (started + d, d));
+        let body = read_body(body, self.max_body_bytes);
+        let body = match deadline {
+            None => body.await?,
+            // No branch is sent for a request still arriving at the deadline.
+            Some((at, after)) => tokio::time::timeout_at(at, body)
+                .await
+                .map_err(|_| ErrorKind::RequestTimeout(after))??,
+        };
         let original = Original::new(head, body);
         if original.is_streaming() && !matches!(self.strategy, Strategy::First) {
-            return Err(ErrorKind::FanoutStreaming(self.strategy.name()).into());
+            return Err(ErrorKind::FanoutStreaming(self.strategy_name).into());
         }
         let wanted = match self.strategy {
             Strategy::First => Wanted::FirstBytes,
@@ -249,6 +253,11 @@ impl Plan {
         };
 
         // Phase: scatter.
+        let mut undecided = Undecided(Some(
+            self.metrics
+                .answers
+                .with_label_values(&[&*self.route, "abandoned"]),
+        ));
         let sent_at = Instant::now();
         let mut running: FuturesUnordered<_> = self
             .branches
@@ -265,10 +274,9 @@ impl Plan {
         let mut states: Vec<State> = self.branches.iter().map(|_| State::Running).collect();
         let mut finished_at: Vec<Option<Instant>> = vec![None; self.branches.len()];
         let mut votes: Vec<Option<Value>> = vec![None; self.branches.len()];
-        let deadline = self.deadline.map(|d| started + d);
         let mut timer = std::pin::pin!(async move {
             match deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
+                Some((at, _)) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
         });
@@ -303,6 +311,7 @@ impl Plan {
 
         // Phase: cancel.
         let decided_at = Instant::now();
+        undecided.0 = None;
         drop(running);
 
         // Phase: combine.
@@ -340,11 +349,28 @@ impl Plan {
             .collect();
         let result = match verdict {
             Verdict::Answer(decision) => self.combine(states, votes, &mut reports, decision, stage),
+            // Every branch refused the request itself (a 4xx): the client
+            // hears the model's own answer, not a gateway error.
+            Verdict::Fail(FanoutCause::Insufficient) if refused_by_all(&states) => {
+                let Some(State::Failed(Failure {
+                    status: Some(status),
+                    refusal: Some(refusal),
+                    ..
+                })) = states.into_iter().next()
+                else {
+                    unreachable!("every branch refused")
+                };
+                let refusal = *refusal;
+                let mut response = Response::new(full(refusal.body));
+                *response.status_mut() = status;
+                *response.headers_mut() = refusal.headers;
+                Ok((Combined::AsIs(response), Decision::Failed))
+            }
             Verdict::Fail(cause) => Err(cause),
             Verdict::Wait => unreachable!("gathering stops only on a decision"),
         };
         let report = Report {
-            strategy: self.strategy.name(),
+            strategy: self.strategy_name,
             decision: match &result {
                 Ok((_, decision)) => *decision,
                 Err(_) => Decision::Failed,
@@ -461,7 +487,7 @@ impl Plan {
                 let State::Answered(Answer::Stream(response)) = states.swap_remove(winner) else {
                     unreachable!("first waits for streams")
                 };
-                return Ok((Combined::Stream(response), decision));
+                return Ok((Combined::AsIs(response), decision));
             }
             Strategy::All | Strategy::Quorum(_) => {
                 let answers = Self::json_answers(&states);
@@ -500,31 +526,33 @@ impl Plan {
                 };
                 (value.clone(), upstream.clone())
             }
-            Strategy::Mean { pointer } => loop {
+            Strategy::Mean { pointer } => {
                 let answers = Self::json_answers(&states);
                 let weighted: Vec<(&Value, f64)> = answers
                     .iter()
                     .map(|(i, v)| (*v, self.branches[*i].weight))
                     .collect();
-                match combine::mean(&weighted, pointer.as_deref()) {
-                    Ok(value) => break (value, None),
-                    Err(incompatible) => {
-                        let i = answers[incompatible.index].0;
-                        let status = reports[i].status.unwrap_or(StatusCode::OK);
-                        reports[i].outcome = Outcome::Failed;
-                        reports[i].error = Some(incompatible.reason.clone());
-                        states[i] = State::Failed(Failure::unusable(status, incompatible.reason));
-                        let final_stage = if stage == Stage::Deadline {
-                            Stage::Deadline
-                        } else {
-                            Stage::AllFinished
-                        };
-                        if let Verdict::Fail(cause) = self.verdict(&states, &votes, final_stage) {
-                            return Err(cause);
-                        }
-                    }
+                let averaged = combine::mean(&weighted, pointer.as_deref());
+                let left_out: Vec<(usize, String)> = averaged
+                    .left_out
+                    .into_iter()
+                    .map(|l| (answers[l.index].0, l.reason))
+                    .collect();
+                // Answers left out count as failed, which may leave too few.
+                for (i, reason) in &left_out {
+                    let status = reports[*i].status.unwrap_or(StatusCode::OK);
+                    reports[*i].outcome = Outcome::Failed;
+                    reports[*i].error = Some(reason.clone());
+                    states[*i] = State::Failed(Failure::unusable(status, reason.clone()));
                 }
-            },
+                if let Verdict::Fail(cause) = self.verdict(&states, &votes, stage) {
+                    return Err(cause);
+                }
+                let value = averaged
+                    .value
+                    .expect("a mean that leaves too few answers fails the verdict");
+                (value, None)
+            }
         };
         Ok((Combined::Json(value, upstream), decision))
     }
@@ -545,9 +573,12 @@ impl Plan {
     /// in its metadata field, every answer gets it in the header.
     fn respond(&self, combined: Combined, report: &Report) -> Response<ProxyBody> {
         let mut response = match combined {
-            Combined::Stream(response) => response,
+            Combined::AsIs(response) => response,
             Combined::Json(mut value, upstream) => {
-                if let (Some(field), Value::Object(object)) = (&self.metadata_field, &mut value) {
+                // Never in place of a field of the model's answer.
+                if let (Some(field), Value::Object(object)) = (&self.metadata_field, &mut value)
+                    && !object.contains_key(field)
+                {
                     object.insert(field.clone(), report.metadata());
                 }
                 let mut bytes = serde_json::to_vec(&value).expect("a JSON value serializes");
@@ -594,29 +625,26 @@ impl Plan {
                     None => "a required branch failed".to_owned(),
                 }
             }
-            FanoutCause::Insufficient => format!(
-                "{answered} of {n} branches answered, and strategy {} needs {}{} ({})",
-                self.strategy.name(),
-                self.strategy.needed(),
-                if self.branches.iter().any(|b| b.required) {
+            FanoutCause::Insufficient | FanoutCause::Deadline => {
+                let when = match cause {
+                    FanoutCause::Deadline => format!(
+                        "the fan-out deadline of {:?} came with ",
+                        self.deadline.unwrap_or_default()
+                    ),
+                    _ => String::new(),
+                };
+                let required = if self.branches.iter().any(|b| b.required) {
                     " and every required branch"
                 } else {
                     ""
-                },
-                report.failures()
-            ),
-            FanoutCause::Deadline => format!(
-                "the fan-out deadline of {:?} came with {answered} of {n} branches answered, and strategy {} needs {}{} ({})",
-                self.deadline.unwrap_or_default(),
-                self.strategy.name(),
-                self.strategy.needed(),
-                if self.branches.iter().any(|b| b.required) {
-                    " and every required branch"
-                } else {
-                    ""
-                },
-                report.failures()
-            ),
+                };
+                format!(
+                    "{when}{answered} of {n} branches answered, and strategy {} needs {}{required} ({})",
+                    self.strategy_name,
+                    self.strategy.needed(),
+                    report.failures()
+                )
+            }
         };
         ErrorKind::Fanout(Box::new(FanoutFailed {
             cause,
@@ -642,6 +670,32 @@ impl Plan {
             .with_label_values(&[&*self.route, report.decision.as_str()])
             .inc();
     }
+}
+
+/// Counts a fan-out dropped before its decision (the client went away, or
+/// the rule's total limit cut it) as `abandoned`.
+struct Undecided(Option<IntCounter>);
+
+impl Drop for Undecided {
+    fn drop(&mut self) {
+        if let Some(counter) = self.0.take() {
+            counter.inc();
+        }
+    }
+}
+
+/// Whether every branch answered with a 4xx.
+fn refused_by_all(states: &[State]) -> bool {
+    states.iter().all(|s| {
+        matches!(
+            s,
+            State::Failed(Failure {
+                status: Some(_),
+                refusal: Some(_),
+                ..
+            })
+        )
+    })
 }
 
 /// The whole request body, up to `limit` bytes.
@@ -774,7 +828,8 @@ mod tests {
             .map(|b| json!({ "name": &*b.name, "backend": "b" }))
             .collect();
         let config: infermesh_api::Fanout = serde_json::from_value(config).unwrap();
-        Fanout::new(&config, branches, &Arc::from("ensemble"), metrics)
+        let deadline = config.deadline.non_zero();
+        Fanout::new(&config, deadline, branches, &Arc::from("ensemble"), metrics)
     }
 
     fn post(body: &str) -> Request<ProxyBody> {
@@ -938,7 +993,10 @@ mod tests {
             vec![branch("a", answering(10, 200, json!(1), &seen)), required],
             &metrics,
         );
+        let started = Instant::now();
         let error = service.oneshot(post("{}")).await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
+        assert_eq!(seen.count(), 1, "the required branch was cancelled");
         assert_eq!(error.kind().reason(), "fanout_deadline");
         assert_eq!(error.kind().status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(error.to_string().contains("judge: deadline"), "{error}");
@@ -1038,12 +1096,13 @@ mod tests {
         let service = fanout(
             json!({ "strategy": "mean" }),
             vec![
+                // Listed first, the odd one out still does not set the shape.
+                branch("odd", answering(5, 200, output(json!([1.0])), &seen)),
                 branch(
                     "light",
                     answering(20, 200, output(json!([0.0, 4.0])), &seen),
                 ),
                 heavy,
-                branch("odd", answering(5, 200, output(json!([1.0])), &seen)),
             ],
             &metrics,
         );
@@ -1053,8 +1112,50 @@ mod tests {
         assert_eq!(odd["outcome"], "failed");
         assert_eq!(
             odd["error"],
-            "output \"p\": its tensor has another shape than the first answer's"
+            "its tensors differ in name or shape from those of the most answers"
         );
+        assert_eq!(body["model_name"], "m");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_every_model_refuses_the_request_the_client_gets_their_answer() {
+        let metrics = Metrics::new();
+        let seen = Cancellations::default();
+        let refusal = json!({ "error": "inputs[0] needs name, shape, datatype and data" });
+        let service = fanout(
+            json!({ "strategy": "all" }),
+            vec![
+                branch("a", answering(10, 400, refusal.clone(), &seen)),
+                branch("b", answering(20, 422, json!({ "error": "other" }), &seen)),
+            ],
+            &metrics,
+        );
+        let response = service.oneshot(post("{}")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            response.headers()[FANOUT_HEADER],
+            "a;outcome=failed;status=400;ms=10.0, b;outcome=failed;status=422;ms=20.0"
+        );
+        assert_eq!(json_of(response).await, refusal);
+        assert_eq!(decided(&metrics, "failed"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fanout_dropped_before_its_decision_cancels_its_branches_and_counts() {
+        let metrics = Metrics::new();
+        let seen = Cancellations::default();
+        let service = fanout(
+            json!({ "strategy": "all" }),
+            vec![
+                branch("a", answering(10_000, 200, json!(1), &seen)),
+                branch("b", answering(10_000, 200, json!(2), &seen)),
+            ],
+            &metrics,
+        );
+        let cut = tokio::time::timeout(Duration::from_millis(5), service.oneshot(post("{}"))).await;
+        assert!(cut.is_err());
+        assert_eq!(seen.count(), 2);
+        assert_eq!(decided(&metrics, "abandoned"), 1);
     }
 
     #[tokio::test(start_paused = true)]
