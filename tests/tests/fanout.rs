@@ -74,6 +74,13 @@ async fn post(gateway: &Gateway, path: &str, body: Value) -> Reply {
     client::send(&client::http1(), request).await.unwrap()
 }
 
+/// POSTs `body` and checks the answer is a 200.
+async fn answered(gateway: &Gateway, path: &str, body: Value) -> Reply {
+    let reply = post(gateway, path, body).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply
+}
+
 fn kserve_request() -> Value {
     json!({ "id": "42", "inputs": [{ "name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0, 3.0] }] })
 }
@@ -94,13 +101,12 @@ async fn all_merges_each_kserve_models_answer_by_branch_and_mean_averages_them()
             "{ strategy: mean, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: c, backend: models, model: resnet-c, weight: 2 }] }",
         ),
     ]);
-    let reply = post(
+    let reply = answered(
         &setup.gateway,
         "/v2/models/ensemble/infer",
         kserve_request(),
     )
     .await;
-    assert_eq!(reply.status, 200, "{reply:?}");
     let body = reply.json();
     for (branch, model, data) in [
         ("a", "resnet-a", json!([1.0, 2.0, 3.0])),
@@ -127,8 +133,7 @@ async fn all_merges_each_kserve_models_answer_by_branch_and_mean_averages_them()
     );
 
     // (1×1 + 2×1 + 3×2) / 4 = 2.25 times the inputs.
-    let reply = post(&setup.gateway, "/v2/models/blend/infer", kserve_request()).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
+    let reply = answered(&setup.gateway, "/v2/models/blend/infer", kserve_request()).await;
     let body = reply.json();
     assert_eq!(
         body["outputs"][0]["data"],
@@ -153,8 +158,7 @@ async fn a_vote_over_openai_chat_answers_with_the_majority() {
             "{ strategy: vote, vote: { pointer: /choices/0/text }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: gemma, backend: models, model: gemma }, { name: qwen, backend: models, model: qwen }, { name: phi, backend: models, model: phi }] }",
         ),
     ]);
-    let reply = post(&setup.gateway, "/v1/chat/completions", chat_request()).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
+    let reply = answered(&setup.gateway, "/v1/chat/completions", chat_request()).await;
     let body = reply.json();
     assert_eq!(
         body["choices"][0]["message"]["content"],
@@ -173,8 +177,7 @@ async fn a_vote_over_openai_chat_answers_with_the_majority() {
     // Five voters: three agree within 15 ms, so the vote is decided
     // without the slow one, which the model server sees cancelled.
     let request = json!({ "model": "ensemble", "prompt": "Capital of France?" });
-    let reply = post(&setup.gateway, "/v1/completions", request).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
+    let reply = answered(&setup.gateway, "/v1/completions", request).await;
     let body = reply.json();
     assert_eq!(body["choices"][0]["text"], "Paris is the capital.");
     assert_eq!(body["infermesh_fanout"]["decision"], "quorum");
@@ -197,13 +200,12 @@ async fn the_deadline_cuts_a_slow_optional_branch_which_the_model_sees_cancelled
             "{ strategy: quorum, quorum: 2, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: slow, backend: models, model: slow }] }",
         ),
     ]);
-    let reply = post(
+    let reply = answered(
         &setup.gateway,
         "/v2/models/ensemble/infer",
         kserve_request(),
     )
     .await;
-    assert_eq!(reply.status, 200, "{reply:?}");
     let body = reply.json();
     assert_eq!(body["a"]["outputs"][0]["data"], json!([1.0, 2.0, 3.0]));
     assert!(body.get("slow").is_none(), "{body}");
@@ -219,13 +221,12 @@ async fn the_deadline_cuts_a_slow_optional_branch_which_the_model_sees_cancelled
     setup.models.wait_for_cancellations(0, "slow", 2.0).await;
 
     // A quorum of two answers without the slow branch, which is cancelled.
-    let reply = post(
+    let reply = answered(
         &setup.gateway,
         "/v2/models/majority/infer",
         kserve_request(),
     )
     .await;
-    assert_eq!(reply.status, 200, "{reply:?}");
     let body = reply.json();
     assert_eq!(body["b"]["outputs"][0]["data"], json!([2.0, 4.0, 6.0]));
     assert_eq!(
@@ -413,8 +414,7 @@ async fn strategies_that_combine_whole_answers_refuse_streams_and_large_bodies()
     );
 
     // Within the limit, both models answer, keyed by branch.
-    let reply = post(&setup.gateway, "/v1/chat/completions", chat_request()).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
+    let reply = answered(&setup.gateway, "/v1/chat/completions", chat_request()).await;
     let body = reply.json();
     assert_eq!(body["llama"]["model"], "llama");
     assert_eq!(
