@@ -163,6 +163,7 @@ fn one() -> u32 {
 pub struct RouteTimeouts {
     /// From forwarding the request until the backend's response headers
     /// arrive (time to first byte). Past it: 504 `response_headers_timeout`.
+    /// On a fan-out rule it is the default deadline of the fan-out instead.
     pub response_headers: Duration,
     /// From forwarding the request until the response body's first bytes:
     /// the time to first token of a streamed generation, for servers that
