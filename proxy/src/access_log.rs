@@ -18,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::balance::Upstream;
 use crate::body::{BoxError, ProxyBody, boxed};
 use crate::error::{ErrorKind, ProxyError, find_source};
+use crate::fanout::FANOUT_HEADER;
 use crate::metrics::Metrics;
 use crate::timeout::TimeoutError;
 
@@ -41,6 +42,8 @@ pub struct RequestRecord {
     /// Whether the response is a stream of server-sent events.
     streamed: bool,
     first_event: Option<Duration>,
+    /// A fan-out's report of its branches (`x-infermesh-fanout`).
+    fanout: Option<http::HeaderValue>,
     status: StatusCode,
     error: Option<&'static str>,
     detail: Option<String>,
@@ -76,6 +79,7 @@ impl RequestRecord {
             first_byte: None,
             streamed: false,
             first_event: None,
+            fanout: None,
             status: StatusCode::OK,
             error: None,
             detail: None,
@@ -115,6 +119,7 @@ impl RequestRecord {
     /// Wraps the response body so the record is written when it ends.
     pub fn observe(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
         self.status = response.status();
+        self.fanout = response.headers().get(FANOUT_HEADER).cloned();
         self.streamed = response
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -190,6 +195,7 @@ impl RequestRecord {
             client = %self.client,
             peer_identity = self.peer_identity.as_deref(),
             listener = self.listener.as_deref().unwrap_or(""),
+            fanout = self.fanout.as_ref().and_then(|f| f.to_str().ok()),
             "request"
         );
     }

@@ -287,6 +287,13 @@ async fn a_failing_required_branch_fails_the_request_with_its_reason() {
         "{header}"
     );
     setup.models.wait_for_cancellations(0, "slow", 1.0).await;
+    // The access log line carries the same report.
+    let line = setup.gateway.wait_for_log(
+        |l| l["target"] == "infermesh::access",
+        std::time::Duration::from_secs(10),
+    );
+    assert_eq!(line["error"], "fanout_branch_failed");
+    assert_eq!(line["fanout"], header, "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
