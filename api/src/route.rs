@@ -163,13 +163,15 @@ fn one() -> u32 {
 pub struct RouteTimeouts {
     /// From forwarding the request until the backend's response headers
     /// arrive (time to first byte). Past it: 504 `response_headers_timeout`.
-    /// On a fan-out rule it is the default deadline of the fan-out instead.
+    /// On a fan-out rule it is the default deadline of the fan-out instead
+    /// ([`RouteRule::fanout_deadline`]).
     pub response_headers: Duration,
     /// From forwarding the request until the response body's first bytes:
     /// the time to first token of a streamed generation, for servers that
     /// send their headers at once. While it runs the response headers are
     /// held back, so that past it the client gets a clean 504
-    /// `first_event_timeout`. Off by default.
+    /// `first_event_timeout`. Off by default. On a fan-out rule it is the
+    /// deadline when shorter ([`RouteRule::fanout_deadline`]).
     pub first_event: Duration,
     /// Longest quiet time between two body frames, in either direction. Past
     /// it the stream is cut (504 `idle_timeout` if no response was sent yet).
@@ -276,24 +278,15 @@ impl RouteRule {
         fanout.check(&at.key("fanout"), checker);
         // The fan-out answers with what has arrived at its deadline; the
         // total limit must not cut it off first.
-        let deadline = if fanout.deadline == Duration::ZERO {
-            self.timeouts.response_headers
-        } else {
-            fanout.deadline
-        };
-        if self.timeouts.total != Duration::ZERO
-            && deadline != Duration::ZERO
-            && deadline >= self.timeouts.total
+        if let (Some(deadline), Some(total)) =
+            (self.fanout_deadline(), self.timeouts.total.non_zero())
+            && deadline >= total
         {
             checker.error(
                 at.key("fanout").key("deadline"),
                 format!(
-                    "the fan-out's deadline ({deadline}{}) must end before timeouts.total ({}), which would cut it off without the answers that arrived",
-                    if fanout.deadline == Duration::ZERO {
-                        ", timeouts.responseHeaders when none is given"
-                    } else {
-                        ""
-                    },
+                    "the fan-out's deadline ({}: fanout.deadline or timeouts.firstEvent, whichever is shorter, else timeouts.responseHeaders) must end before timeouts.total ({}), which would cut it off without the answers that arrived",
+                    Duration::from(deadline),
                     self.timeouts.total
                 ),
             );
@@ -317,6 +310,21 @@ impl RouteRule {
                 );
             }
         }
+    }
+
+    /// The deadline of the rule's fan-out, if it has one: `fanout.deadline`
+    /// or `timeouts.firstEvent` (for a race, the time to first event is
+    /// the time to the decision), whichever is shorter, else
+    /// `timeouts.responseHeaders`. On a fan-out rule these two timeouts
+    /// apply only through this deadline, so that the fan-out can answer
+    /// with what has arrived instead of being cut off.
+    pub fn fanout_deadline(&self) -> Option<std::time::Duration> {
+        let fanout = self.fanout.as_ref()?;
+        [fanout.deadline, self.timeouts.first_event]
+            .into_iter()
+            .filter_map(Duration::non_zero)
+            .min()
+            .or(self.timeouts.response_headers.non_zero())
     }
 
     /// Every backend the rule names, each with where it is named.

@@ -649,11 +649,11 @@ fn a_fanout_loads_with_its_defaults_and_is_checked_where_written() {
         ),
         (
             "timeouts: { total: 10s }\n      fanout: { strategy: all, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
-            "spec.rules[0].fanout.deadline: the fan-out's deadline (5m, timeouts.responseHeaders when none is given) must end before timeouts.total (10s)",
+            "spec.rules[0].fanout.deadline: the fan-out's deadline (5m: fanout.deadline or timeouts.firstEvent, whichever is shorter, else timeouts.responseHeaders) must end before timeouts.total (10s)",
         ),
         (
             "timeouts: { total: 10s }\n      fanout: { strategy: all, deadline: 10s, branches: [{ name: x, backend: a }, { name: y, backend: b }] }",
-            "spec.rules[0].fanout.deadline: the fan-out's deadline (10s) must end before timeouts.total (10s)",
+            "spec.rules[0].fanout.deadline: the fan-out's deadline (10s: fanout.deadline",
         ),
         (
             "fanout: { strategy: all, branches: [{ name: infermesh_fanout, backend: a }, { name: y, backend: b }] }",

@@ -284,8 +284,10 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
-        if let ErrorKind::Fanout(failed) = &self.kind {
-            headers.insert(FANOUT_HEADER, failed.report.clone());
+        if let ErrorKind::Fanout(failed) = &self.kind
+            && let Some(report) = &failed.report
+        {
+            headers.insert(FANOUT_HEADER, report.clone());
         }
         if let ErrorKind::RateLimited(wait) = self.kind {
             // Whole seconds, rounded up: a client that waits this long finds

@@ -52,14 +52,13 @@ pub fn rule_service(
     metrics: &Metrics,
 ) -> RuleService {
     let mut limits = Limits::from_config(&rule.timeouts);
-    // A fan-out answers with what has arrived at its deadline, which is
-    // the rule's responseHeaders limit unless it has its own: the limit
-    // must not cut the fan-out off above it.
-    let fanout_deadline = rule.fanout.as_ref().and_then(|fanout| {
-        let deadline = fanout.deadline.non_zero().or(limits.response_headers);
+    // A fan-out answers with what has arrived at its deadline, into which
+    // the rule's limits on the time to the answer are folded: they must not
+    // cut the fan-out off above it.
+    if rule.fanout.is_some() {
         limits.response_headers = None;
-        deadline
-    });
+        limits.first_event = None;
+    }
     let rate_limit = rule.rate_limit.map(|limit| {
         RateLimitLayer::new(TokenBucket::new(
             limit.requests_per_second,
@@ -88,7 +87,7 @@ pub fn rule_service(
             .collect();
         return BoxCloneSyncService::new(top.service(Fanout::new(
             fanout,
-            fanout_deadline,
+            rule.fanout_deadline(),
             branches,
             route,
             metrics,

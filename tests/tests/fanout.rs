@@ -42,15 +42,15 @@ struct Setup {
 }
 
 /// The mock models, and a gateway whose route `ensemble` has one rule per
-/// `(path prefix, fanout YAML)`. Backend `models` speaks HTTP/2 to the
+/// `(path prefix, more YAML of the rule)`. Backend `models` speaks HTTP/2 to the
 /// mock server, `models-h1` HTTP/1.1.
 fn start(rules: &[(&str, &str)]) -> Setup {
     let models = MockModels::start(SCENARIO);
     let server = models.servers[0];
     let rules: String = rules
         .iter()
-        .map(|(prefix, fanout)| {
-            format!("\n    - matches: [{{ path: {{ prefix: {prefix} }} }}]\n      fanout: {fanout}")
+        .map(|(prefix, rule)| {
+            format!("\n    - matches: [{{ path: {{ prefix: {prefix} }} }}]\n      {rule}")
         })
         .collect();
     let gateway = Gateway::start(&config(&[
@@ -94,11 +94,11 @@ async fn all_merges_each_kserve_models_answer_by_branch_and_mean_averages_them()
     let setup = start(&[
         (
             "/v2/models/ensemble",
-            "{ strategy: all, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: c, backend: models-h1, model: resnet-c }] }",
+            "fanout: { strategy: all, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: c, backend: models-h1, model: resnet-c }] }",
         ),
         (
             "/v2/models/blend",
-            "{ strategy: mean, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: c, backend: models, model: resnet-c, weight: 2 }] }",
+            "fanout: { strategy: mean, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: c, backend: models, model: resnet-c, weight: 2 }] }",
         ),
     ]);
     let reply = answered(
@@ -151,11 +151,11 @@ async fn a_vote_over_openai_chat_answers_with_the_majority() {
     let setup = start(&[
         (
             "/v1/chat",
-            "{ strategy: vote, vote: { pointer: /choices/0/message/content }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: qwen, backend: models, model: qwen }] }",
+            "fanout: { strategy: vote, vote: { pointer: /choices/0/message/content }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: qwen, backend: models, model: qwen }] }",
         ),
         (
             "/v1/completions",
-            "{ strategy: vote, vote: { pointer: /choices/0/text }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: gemma, backend: models, model: gemma }, { name: qwen, backend: models, model: qwen }, { name: phi, backend: models, model: phi }] }",
+            "fanout: { strategy: vote, vote: { pointer: /choices/0/text }, branches: [{ name: llama, backend: models, model: llama }, { name: mistral, backend: models, model: mistral }, { name: gemma, backend: models, model: gemma }, { name: qwen, backend: models, model: qwen }, { name: phi, backend: models, model: phi }] }",
         ),
     ]);
     let reply = answered(&setup.gateway, "/v1/chat/completions", chat_request()).await;
@@ -193,11 +193,22 @@ async fn the_deadline_cuts_a_slow_optional_branch_which_the_model_sees_cancelled
     let setup = start(&[
         (
             "/v2/models/ensemble",
-            "{ strategy: all, deadline: 300ms, branches: [{ name: a, backend: models, model: resnet-a }, { name: slow, backend: models-h1, model: slow }, { name: slow2, backend: models, model: slow }] }",
+            "fanout: { strategy: all, deadline: 300ms, branches: [{ name: a, backend: models, model: resnet-a }, { name: slow, backend: models-h1, model: slow }, { name: slow2, backend: models, model: slow }] }",
         ),
         (
             "/v2/models/majority",
-            "{ strategy: quorum, quorum: 2, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: slow, backend: models, model: slow }] }",
+            "fanout: { strategy: quorum, quorum: 2, branches: [{ name: a, backend: models, model: resnet-a }, { name: b, backend: models, model: resnet-b }, { name: slow, backend: models, model: slow }] }",
+        ),
+        // No deadline of its own: the rule's responseHeaders limit is the
+        // deadline, and it answers with what arrived rather than a bare 504.
+        (
+            "/v2/models/limited",
+            "timeouts: { responseHeaders: 300ms }\n      fanout: { strategy: all, branches: [{ name: b, backend: models, model: resnet-b }, { name: slow, backend: models, model: slow }] }",
+        ),
+        // A race whose first event must come within 300 ms.
+        (
+            "/v1",
+            "timeouts: { firstEvent: 300ms }\n      fanout: { strategy: first, branches: [{ name: one, backend: models, model: slow-stream }, { name: two, backend: models, model: slow-stream }] }",
         ),
     ]);
     let reply = answered(
@@ -235,10 +246,40 @@ async fn the_deadline_cuts_a_slow_optional_branch_which_the_model_sees_cancelled
     );
     setup.models.wait_for_cancellations(0, "slow", 3.0).await;
 
+    let reply = answered(&setup.gateway, "/v2/models/limited/infer", kserve_request()).await;
+    let body = reply.json();
+    assert_eq!(body["b"]["outputs"][0]["data"], json!([2.0, 4.0, 6.0]));
+    assert_eq!(body["infermesh_fanout"]["decision"], "deadline");
+    assert_eq!(
+        body["infermesh_fanout"]["branches"]["slow"]["outcome"],
+        "deadline"
+    );
+
+    let mut request = chat_request();
+    request["stream"] = json!(true);
+    let reply = post(&setup.gateway, "/v1/chat/completions", request).await;
+    assert_eq!(reply.status, 504, "{reply:?}");
+    assert_eq!(reply.header("x-infermesh-error"), Some("fanout_deadline"));
+    assert_eq!(
+        reply
+            .header("x-infermesh-fanout")
+            .map(|h| h.contains("two;outcome=deadline")),
+        Some(true),
+        "{reply:?}"
+    );
+    setup
+        .models
+        .wait_for_cancellations(0, "slow-stream", 2.0)
+        .await;
+
     let metrics = client::metrics(setup.gateway.health).await;
     let value = |series: &str| client::metric_value(&metrics, series);
     assert_eq!(
         value("infermesh_fanout_answers_total{decision=\"deadline\",route=\"ensemble\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        value("infermesh_fanout_answers_total{decision=\"failed\",route=\"ensemble\"}"),
         Some(1.0)
     );
     assert_eq!(
@@ -253,7 +294,7 @@ async fn the_deadline_cuts_a_slow_optional_branch_which_the_model_sees_cancelled
     );
     assert_eq!(
         value("infermesh_fanout_duration_seconds_count{route=\"ensemble\",strategy=\"all\"}"),
-        Some(1.0)
+        Some(2.0)
     );
 }
 
@@ -261,7 +302,7 @@ async fn the_deadline_cuts_a_slow_optional_branch_which_the_model_sees_cancelled
 async fn a_failing_required_branch_fails_the_request_with_its_reason() {
     let setup = start(&[(
         "/v2/models/ensemble",
-        "{ strategy: all, branches: [{ name: a, backend: models, model: resnet-a }, { name: judge, backend: models, model: broken, required: true }, { name: slow, backend: models, model: slow }] }",
+        "fanout: { strategy: all, branches: [{ name: a, backend: models, model: resnet-a }, { name: judge, backend: models, model: broken, required: true }, { name: slow, backend: models, model: slow }] }",
     )]);
     let reply = post(
         &setup.gateway,
@@ -300,7 +341,7 @@ async fn a_failing_required_branch_fails_the_request_with_its_reason() {
 async fn a_streaming_race_commits_to_the_fastest_branch_and_streams_its_events() {
     let setup = start(&[(
         "/v1",
-        "{ strategy: first, branches: [{ name: slow, backend: models, model: slow-stream }, { name: fast, backend: models, model: fast-stream }] }",
+        "fanout: { strategy: first, branches: [{ name: slow, backend: models, model: slow-stream }, { name: fast, backend: models, model: fast-stream }] }",
     )]);
     let mut request = chat_request();
     request["stream"] = json!(true);
@@ -373,7 +414,7 @@ async fn a_streaming_race_commits_to_the_fastest_branch_and_streams_its_events()
 async fn strategies_that_combine_whole_answers_refuse_streams_and_large_bodies() {
     let setup = start(&[(
         "/v1",
-        "{ strategy: all, maxBodyBytes: 1024, branches: [{ name: llama, backend: models, model: llama }, { name: qwen, backend: models, model: qwen }] }",
+        "fanout: { strategy: all, maxBodyBytes: 1024, branches: [{ name: llama, backend: models, model: llama }, { name: qwen, backend: models, model: qwen }] }",
     )]);
     let mut request = chat_request();
     request["stream"] = json!(true);

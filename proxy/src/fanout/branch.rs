@@ -64,7 +64,13 @@ struct BodyFields {
 impl Original {
     /// The request with head `head` and whole body `body`.
     pub fn new(head: http::request::Parts, body: Bytes) -> Self {
-        let fields = serde_json::from_slice(&body).unwrap_or_default();
+        // Only an object has fields (serde would fill them from an array).
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let fields = if object {
+            serde_json::from_slice(&body).unwrap_or_default()
+        } else {
+            BodyFields::default()
+        };
         Original {
             head,
             body,
@@ -99,6 +105,7 @@ impl Original {
         self.json
             .get_or_init(|| serde_json::from_slice(&self.body).ok())
             .as_ref()
+            .filter(|json| json.is_object())
     }
 }
 
@@ -191,7 +198,9 @@ impl Branch {
                 path = format!("/v2/models/{wanted}{rest}");
             } else if let Some(json) = original.json_naming_model() {
                 let mut json = json.clone();
-                json["model"] = Value::String(wanted.to_string());
+                if let Some(object) = json.as_object_mut() {
+                    object.insert("model".to_owned(), Value::String(wanted.to_string()));
+                }
                 body = Bytes::from(serde_json::to_vec(&json).expect("a JSON value serializes"));
             }
         }
@@ -239,14 +248,20 @@ impl Branch {
                 .map_err(|e: ProxyError| Failure::new(format!("{} ({})", e, e.kind().reason())))?;
             let status = response.status();
             if status.is_client_error() {
-                let (head, body) = response.into_parts();
-                let body = collect_limited(body, limit).await.unwrap_or_default();
+                let (mut head, body) = response.into_parts();
+                let refused = Failure::unusable(status, format!("answered {status}"));
+                let Ok(body) = collect_limited(body, limit).await else {
+                    return Err(refused);
+                };
+                // The length is the one the proxy sends.
+                head.headers.remove(CONTENT_LENGTH);
+                head.headers.remove(TRANSFER_ENCODING);
                 return Err(Failure {
                     refusal: Some(Box::new(Refusal {
                         headers: head.headers,
                         body,
                     })),
-                    ..Failure::unusable(status, format!("answered {status}"))
+                    ..refused
                 });
             }
             if !status.is_success() {
@@ -378,6 +393,16 @@ mod tests {
         let (uri, _, sent_body) = sent(&branch(Some("m"), Some("/predict")), &original).await;
         assert_eq!(uri, "/predict?v=2");
         assert_eq!(sent_body, body);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_a_json_object_goes_as_is() {
+        for body in [r#"[null,"x"]"#, r#""model""#, "{not json"] {
+            let original = original("/v1/chat/completions", body);
+            let (_, _, sent_body) = sent(&branch(Some("llama"), None), &original).await;
+            assert_eq!(sent_body, body);
+            assert!(!original.is_streaming());
+        }
     }
 
     #[test]

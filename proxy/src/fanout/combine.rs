@@ -214,6 +214,11 @@ fn signature(tensors: &[(&str, &Value)]) -> Result<String, String> {
         })
         .collect::<Result<_, String>>()?;
     named.sort();
+    let mut names: Vec<&str> = tensors.iter().map(|(name, _)| *name).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(format!("two outputs are named {:?}", twice[0]));
+    }
     Ok(named.join(";"))
 }
 

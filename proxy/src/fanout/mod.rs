@@ -65,8 +65,8 @@ pub struct FanoutFailed {
     pub cause: FanoutCause,
     /// What happened, naming the branches.
     pub message: String,
-    /// The value of [`FANOUT_HEADER`].
-    pub report: HeaderValue,
+    /// The value of [`FANOUT_HEADER`], once branches were sent.
+    pub report: Option<HeaderValue>,
 }
 
 /// The fan-out service of a rule.
@@ -232,32 +232,31 @@ impl Plan {
         request: Request<ProxyBody>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let started = Instant::now();
+        let mut undecided = Undecided(Some(
+            self.metrics
+                .answers
+                .with_label_values(&[&*self.route, "abandoned"]),
+        ));
         // Phase: read.
         let (head, body) = request.into_parts();
         let deadline = self.deadline.map(|d| (started + d, d));
-        let body = read_body(body, self.max_body_bytes);
-        let body = match deadline {
-            None => body.await?,
-            // No branch is sent for a request still arriving at the deadline.
-            Some((at, after)) => tokio::time::timeout_at(at, body)
-                .await
-                .map_err(|_| ErrorKind::RequestTimeout(after))??,
+        let original = match self.read(head, body, deadline).await {
+            Ok(original) => original,
+            Err(refused) => {
+                undecided.0 = None;
+                self.metrics
+                    .answers
+                    .with_label_values(&[&*self.route, Decision::Failed.as_str()])
+                    .inc();
+                return Err(refused.into());
+            }
         };
-        let original = Original::new(head, body);
-        if original.is_streaming() && !matches!(self.strategy, Strategy::First) {
-            return Err(ErrorKind::FanoutStreaming(self.strategy_name).into());
-        }
         let wanted = match self.strategy {
             Strategy::First => Wanted::FirstBytes,
             _ => Wanted::Json(self.max_body_bytes),
         };
 
         // Phase: scatter.
-        let mut undecided = Undecided(Some(
-            self.metrics
-                .answers
-                .with_label_values(&[&*self.route, "abandoned"]),
-        ));
         let sent_at = Instant::now();
         let mut running: FuturesUnordered<_> = self
             .branches
@@ -347,18 +346,25 @@ impl Plan {
                 }
             })
             .collect();
+        // A fan-out that failed only because models refused the request
+        // itself (4xx): the client hears the first-listed refusal, not a
+        // gateway error.
+        let refused = match verdict {
+            Verdict::Fail(FanoutCause::BranchFailed | FanoutCause::Insufficient) => {
+                first_refusal(&states)
+            }
+            _ => None,
+        };
         let result = match verdict {
             Verdict::Answer(decision) => self.combine(states, votes, &mut reports, decision, stage),
-            // Every branch refused the request itself (a 4xx): the client
-            // hears the model's own answer, not a gateway error.
-            Verdict::Fail(FanoutCause::Insufficient) if refused_by_all(&states) => {
+            Verdict::Fail(_) if refused.is_some() => {
                 let Some(State::Failed(Failure {
                     status: Some(status),
                     refusal: Some(refusal),
                     ..
-                })) = states.into_iter().next()
+                })) = refused.and_then(|i| states.into_iter().nth(i))
                 else {
-                    unreachable!("every branch refused")
+                    unreachable!("the refusal's branch refused")
                 };
                 let refusal = *refusal;
                 let mut response = Response::new(full(refusal.body));
@@ -649,8 +655,39 @@ impl Plan {
         ErrorKind::Fanout(Box::new(FanoutFailed {
             cause,
             message,
-            report: report.header_value(),
+            report: Some(report.header_value()),
         }))
+    }
+
+    /// Phase read: the whole request body, once, before the deadline; a
+    /// streaming request only for a race.
+    async fn read(
+        &self,
+        head: http::request::Parts,
+        body: ProxyBody,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<Original, ErrorKind> {
+        let body = read_body(body, self.max_body_bytes);
+        let body = match deadline {
+            None => body.await?,
+            Some((at, after)) => match tokio::time::timeout_at(at, body).await {
+                Ok(body) => body?,
+                Err(_) => {
+                    return Err(ErrorKind::Fanout(Box::new(FanoutFailed {
+                        cause: FanoutCause::Deadline,
+                        message: format!(
+                            "the request body was still arriving at the fan-out deadline of {after:?}; no branch was sent"
+                        ),
+                        report: None,
+                    })));
+                }
+            },
+        };
+        let original = Original::new(head, body);
+        if original.is_streaming() && !matches!(self.strategy, Strategy::First) {
+            return Err(ErrorKind::FanoutStreaming(self.strategy_name));
+        }
+        Ok(original)
     }
 
     fn count(&self, report: &Report, started: Instant) {
@@ -684,26 +721,30 @@ impl Drop for Undecided {
     }
 }
 
-/// Whether every branch answered with a 4xx.
-fn refused_by_all(states: &[State]) -> bool {
-    states.iter().all(|s| {
-        matches!(
-            s,
-            State::Failed(Failure {
-                status: Some(_),
-                refusal: Some(_),
-                ..
-            })
-        )
-    })
+/// The first branch that refused the request (a 4xx), when every branch
+/// that failed did so.
+fn first_refusal(states: &[State]) -> Option<usize> {
+    let failed: Vec<(usize, &Failure)> = states
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            State::Failed(f) => Some((i, f)),
+            _ => None,
+        })
+        .collect();
+    let refusal = |f: &Failure| f.status.is_some() && f.refusal.is_some();
+    if failed.iter().all(|(_, f)| refusal(f)) {
+        failed.first().map(|(i, _)| *i)
+    } else {
+        None
+    }
 }
 
 /// The whole request body, up to `limit` bytes.
-async fn read_body(body: ProxyBody, limit: usize) -> Result<Bytes, ProxyError> {
-    match collect_limited(body, limit).await {
-        Ok(bytes) => Ok(bytes),
-        Err(error) => Err(body_error(error, limit).into()),
-    }
+async fn read_body(body: ProxyBody, limit: usize) -> Result<Bytes, ErrorKind> {
+    collect_limited(body, limit)
+        .await
+        .map_err(|error| body_error(error, limit))
 }
 
 fn body_error(error: BoxError, limit: usize) -> ErrorKind {
@@ -1138,6 +1179,81 @@ mod tests {
         );
         assert_eq!(json_of(response).await, refusal);
         assert_eq!(decided(&metrics, "failed"), 1);
+
+        // A required branch's refusal, at once, with the others still
+        // running; and a quorum that can no longer be met.
+        let mut judge = branch("judge", answering(10, 400, refusal.clone(), &seen));
+        judge.required = true;
+        let required = fanout(
+            json!({ "strategy": "all" }),
+            vec![branch("a", answering(1_000, 200, json!(1), &seen)), judge],
+            &metrics,
+        );
+        let response = required.oneshot(post("{}")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json_of(response).await, refusal);
+        let quorum = fanout(
+            json!({ "strategy": "quorum", "quorum": 2 }),
+            vec![
+                branch("a", answering(10, 400, refusal.clone(), &seen)),
+                branch("b", answering(20, 400, json!({}), &seen)),
+                branch("c", answering(1_000, 200, json!(1), &seen)),
+            ],
+            &metrics,
+        );
+        let started = Instant::now();
+        let response = quorum.oneshot(post("{}")).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_millis(20));
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json_of(response).await, refusal);
+
+        // A failure of another kind makes it the proxy's error again.
+        let mixed = fanout(
+            json!({ "strategy": "all" }),
+            vec![
+                branch("a", answering(10, 400, refusal.clone(), &seen)),
+                branch("b", answering(20, 503, json!({}), &seen)),
+            ],
+            &metrics,
+        );
+        let error = mixed.oneshot(post("{}")).await.unwrap_err();
+        assert_eq!(error.kind().reason(), "fanout_insufficient_answers");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_still_arriving_at_the_deadline_sends_no_branch() {
+        let metrics = Metrics::new();
+        let seen = Cancellations::default();
+        let service = fanout(
+            json!({ "strategy": "all", "deadline": "100ms" }),
+            vec![
+                branch("a", answering(10, 200, json!(1), &seen)),
+                branch("b", answering(10, 200, json!(2), &seen)),
+            ],
+            &metrics,
+        );
+        // A body whose one frame comes after 1 s.
+        let slow = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"{}")))
+        });
+        let request = Request::post("/v1/chat/completions")
+            .body(boxed(StreamBody::new(slow)))
+            .unwrap();
+        let started = Instant::now();
+        let error = service.oneshot(request).await.unwrap_err();
+        assert_eq!(started.elapsed(), Duration::from_millis(100));
+        assert_eq!(error.kind().reason(), "fanout_deadline");
+        assert!(error.to_string().contains("no branch was sent"), "{error}");
+        assert!(
+            error
+                .to_response(None)
+                .headers()
+                .get(FANOUT_HEADER)
+                .is_none()
+        );
+        assert_eq!(decided(&metrics, "failed"), 1);
+        assert_eq!(decided(&metrics, "abandoned"), 0);
     }
 
     #[tokio::test(start_paused = true)]
