@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::Request;
 use http::header::CONTENT_TYPE;
 use http_body_util::BodyExt;
@@ -83,25 +83,55 @@ pub async fn read_body_model(request: Request<ProxyBody>) -> Request<ProxyBody> 
             }
         }
     }
-    let model = whole.then(|| model_field(&data.freeze())).flatten();
+    let model = whole
+        .then(|| BodyFields::of(&data).model.map(Arc::from))
+        .flatten();
     parts.extensions.insert(BodyModel(model));
     Request::from_parts(parts, prepend(read, body))
 }
 
-/// The string `model` field of a JSON object.
-fn model_field(body: &Bytes) -> Option<Arc<str>> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        model: Option<String>,
+/// The top-level fields of a JSON request body that the proxy looks at
+/// (OpenAI-compatible APIs): none for a body that is not a JSON object.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct BodyFields {
+    /// The model the body names, when it is a string.
+    #[serde(default, deserialize_with = "string_or_none")]
+    pub model: Option<String>,
+    /// Whether the body asks for a streamed answer (`"stream": true`).
+    #[serde(default, deserialize_with = "true_or_false")]
+    pub stream: bool,
+}
+
+impl BodyFields {
+    /// The fields of `body`.
+    pub fn of(body: &[u8]) -> Self {
+        // Only an object has fields (serde would fill them from an array).
+        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        if !object {
+            return BodyFields::default();
+        }
+        serde_json::from_slice(body).unwrap_or_default()
     }
-    let named: Named = serde_json::from_slice(body).ok()?;
-    named.model.map(Arc::from)
+}
+
+fn string_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value: serde_json::Value = serde::Deserialize::deserialize(d)?;
+    Ok(match value {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn true_or_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let value: serde_json::Value = serde::Deserialize::deserialize(d)?;
+    Ok(value == serde_json::Value::Bool(true))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::body::{boxed, full};
+    use bytes::Bytes;
 
     #[test]
     fn kserve_paths_name_their_model() {
@@ -151,6 +181,12 @@ mod tests {
 
         let request = read_body_model(Request::post("/x").body(full("model=m")).unwrap()).await;
         assert_eq!(of(&request), None);
+        // An array is not an object with a model field, though serde
+        // would read one from it; nor is a model that is not a string.
+        for body in [r#"["m"]"#, r#"{"model":7}"#] {
+            let request = read_body_model(Request::post("/x").body(full(body)).unwrap()).await;
+            assert_eq!(of(&request), None, "{body}");
+        }
         let request = Request::post("/x")
             .header(CONTENT_TYPE, "text/plain")
             .body(full("{}"))

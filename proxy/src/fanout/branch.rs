@@ -15,7 +15,7 @@ use tower::util::BoxCloneSyncService;
 use crate::balance::Upstream;
 use crate::body::{BoxFuture, ProxyBody, collect_limited, first_frame, full};
 use crate::error::ProxyError;
-use crate::model;
+use crate::model::{self, BodyFields};
 
 /// The service a branch's request goes through: its backend's balancer.
 pub type BranchService = BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
@@ -52,25 +52,10 @@ pub struct Original {
     json: OnceLock<Option<Value>>,
 }
 
-/// The top-level fields of a JSON request body that fan-out looks at.
-#[derive(Debug, Default, serde::Deserialize)]
-struct BodyFields {
-    #[serde(default)]
-    stream: Option<Value>,
-    #[serde(default)]
-    model: Option<Value>,
-}
-
 impl Original {
     /// The request with head `head` and whole body `body`.
     pub fn new(head: http::request::Parts, body: Bytes) -> Self {
-        // Only an object has fields (serde would fill them from an array).
-        let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        let fields = if object {
-            serde_json::from_slice(&body).unwrap_or_default()
-        } else {
-            BodyFields::default()
-        };
+        let fields = BodyFields::of(&body);
         Original {
             head,
             body,
@@ -94,14 +79,12 @@ impl Original {
             .peekable();
         let only_events = accepted.peek().is_some()
             && accepted.all(|media| media.eq_ignore_ascii_case("text/event-stream"));
-        only_events || self.fields.stream == Some(Value::Bool(true))
+        only_events || self.fields.stream
     }
 
     /// The body, parsed once, when it is a JSON object naming a model.
     fn json_naming_model(&self) -> Option<&Value> {
-        if !matches!(self.fields.model, Some(Value::String(_))) {
-            return None;
-        }
+        self.fields.model.as_ref()?;
         self.json
             .get_or_init(|| serde_json::from_slice(&self.body).ok())
             .as_ref()
