@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::Checker;
@@ -22,7 +23,7 @@ use crate::resilience::{CircuitBreaker, HealthCheck, LoadBalancer, OutlierDetect
 ///     - address: llama-1.models.svc:8000
 ///       weight: 2
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct BackendSpec {
     /// The servers requests are balanced over. May be empty (every request
@@ -33,6 +34,7 @@ pub struct BackendSpec {
     /// listener sends HTTP requests whose original destination is one of
     /// them, and that no route matched, to this backend.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::schema::socket_addresses")]
     pub addresses: Vec<std::net::SocketAddr>,
     /// The HTTP version spoken to the endpoints.
     pub protocol: UpstreamProtocol,
@@ -64,7 +66,7 @@ pub struct BackendSpec {
 /// ```yaml
 /// tls: { identity: spiffe://cluster.local/ns/models/sa/llama }
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendTls {
     /// The SPIFFE ID every endpoint must present.
@@ -97,11 +99,12 @@ impl Default for BackendSpec {
 }
 
 /// One endpoint of a backend.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointSpec {
     /// `ip:port`, `[ipv6]:port`, or `dns-name:port`. A DNS name stands for
     /// every address it resolves to, and is resolved again periodically.
+    #[schemars(schema_with = "crate::schema::endpoint_address")]
     pub address: String,
     /// Relative share of traffic, 1 or more.
     #[serde(default = "one")]
@@ -187,7 +190,7 @@ pub(crate) fn is_dns_name(host: &str) -> bool {
 }
 
 /// The HTTP version the proxy speaks to a backend's endpoints.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
     /// HTTP/1.1 with keep-alive connections, one request at a time each.
@@ -199,7 +202,7 @@ pub enum UpstreamProtocol {
 }
 
 /// How upstream connections are kept for reuse.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct PoolSpec {
     /// An idle HTTP/1.1 connection is closed after this long. Keep it below

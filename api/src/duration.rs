@@ -1,7 +1,9 @@
 //! Durations as written in config files: `250ms`, `30s`, `5m`, `1h30m`.
 
+use std::borrow::Cow;
 use std::fmt;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A span of time in a config file, written the way Kubernetes and Envoy users
@@ -117,6 +119,32 @@ impl<'de> Deserialize<'de> for Duration {
             }
         }
         deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// A string of format `duration`, in the sense of Kubernetes' OpenAPI
+/// formats (Go's `time.ParseDuration`: `250ms`, `30s`, `5m`, `1h30m`), not
+/// JSON Schema's ISO 8601 one. The loader also takes a bare `0`.
+impl JsonSchema for Duration {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn schema_id() -> Cow<'static, str> {
+        concat!(module_path!(), "::Duration").into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "format": "duration",
+            "description": "A span of time such as 250ms, 30s, 5m or 1h30m.",
+            "examples": ["250ms", "30s", "5m", "1h30m"],
+        })
     }
 }
 

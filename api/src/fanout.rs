@@ -13,6 +13,7 @@
 //!     - { name: qwen, backend: qwen, model: qwen-2-7b, timeout: 1500ms }
 //! ```
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::Checker;
@@ -20,7 +21,7 @@ use crate::duration::Duration;
 use crate::path::FieldPath;
 
 /// A rule's fan-out: where one request goes and how the answers combine.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Fanout {
     /// How the branches' answers become one.
@@ -60,7 +61,7 @@ pub struct Fanout {
 impl Eq for Fanout {}
 
 /// How a fan-out combines its branches' answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum FanoutStrategy {
     /// Every branch's answer, as one JSON object keyed by branch name (the
@@ -97,7 +98,7 @@ impl FanoutStrategy {
 }
 
 /// One branch of a fan-out.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FanoutBranch {
     /// The branch's name: in the combined answer, the header and metrics.
@@ -128,7 +129,7 @@ pub struct FanoutBranch {
 }
 
 /// What `strategy: vote` votes on.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Vote {
     /// A JSON pointer (RFC 6901) into each answer, e.g.
@@ -142,7 +143,7 @@ pub struct Vote {
 }
 
 /// Where `strategy: mean` finds its numbers.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Mean {
     /// A JSON pointer to a (possibly nested) array of numbers, e.g.

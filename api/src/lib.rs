@@ -30,6 +30,7 @@ mod path;
 pub mod policy;
 pub mod resilience;
 pub mod route;
+mod schema;
 mod yaml;
 
 use std::collections::HashMap;
@@ -109,6 +110,20 @@ impl Kind {
             Kind::Backend => "Backend",
             Kind::Route => "Route",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+        }
+    }
+
+    /// The JSON Schema (draft 2020-12) of this kind's `spec`: every field
+    /// with its type, default and documentation, every subschema inline (as
+    /// Kubernetes CRD schemas need them). Objects refuse unknown fields, as
+    /// the loader does; the checks made after parsing (ranges, references
+    /// between resources) are not in it.
+    pub fn spec_schema(self) -> schemars::Schema {
+        match self {
+            Kind::Listener => schema::spec_schema::<ListenerSpec>(),
+            Kind::Backend => schema::spec_schema::<BackendSpec>(),
+            Kind::Route => schema::spec_schema::<RouteSpec>(),
+            Kind::AuthorizationPolicy => schema::spec_schema::<AuthorizationPolicySpec>(),
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::Checker;
@@ -18,11 +19,12 @@ use crate::path::FieldPath;
 ///   address: 0.0.0.0:8080
 ///   protocol: http
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ListenerSpec {
     /// The socket address to bind, such as `0.0.0.0:8080` or `[::]:8080`.
     /// Port 0 binds an ephemeral port (the bound port is logged).
+    #[schemars(schema_with = "crate::schema::socket_address")]
     pub address: SocketAddr,
     /// Which HTTP versions clients may speak.
     #[serde(default)]
@@ -57,7 +59,7 @@ impl ListenerSpec {
 }
 
 /// Which of a pod's traffic a sidecar listener captures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Capture {
     /// Connections to the pod (iptables PREROUTING, port 15006 by
@@ -76,7 +78,7 @@ pub enum Capture {
 /// What an outbound capture listener does with traffic for a destination
 /// outside the mesh (no route matched and no backend holds the address),
 /// like Istio's `outboundTrafficPolicy`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutsideMesh {
     /// Forward it unchanged to its original destination: HTTP requests as
@@ -140,7 +142,7 @@ impl crate::Spec for ListenerSpec {
 ///   ports:
 ///     - { port: 9090, mode: disable }   # metrics scraped in plaintext
 /// ```
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ListenerTls {
     /// Whether plaintext clients are still accepted.
@@ -162,7 +164,7 @@ impl ListenerTls {
 }
 
 /// The peer-authentication mode of one original destination port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortTls {
     /// The port the client connected to.
@@ -173,7 +175,7 @@ pub struct PortTls {
 
 /// Whether a TLS listener also takes plaintext, as Istio's peer
 /// authentication modes say it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// Mutual TLS only; a plaintext connection is closed.
@@ -188,7 +190,7 @@ pub enum TlsMode {
 }
 
 /// The HTTP versions a listener accepts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
     /// HTTP/1.1, and HTTP/2 over cleartext with prior knowledge (h2c), told

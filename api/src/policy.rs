@@ -4,6 +4,7 @@
 //! policies are checked first; once an ALLOW policy applies to a listener,
 //! whatever no ALLOW rule matches is denied.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::Checker;
@@ -21,7 +22,7 @@ use crate::path::FieldPath;
 ///     - from: [{ namespaces: [edge] }]
 ///       to: [{ pathPrefixes: [/v1/chat], methods: [POST] }]
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
     /// The listeners the policy applies to. Empty: every listener.
@@ -38,7 +39,7 @@ pub struct AuthorizationPolicySpec {
 }
 
 /// What a policy does with the requests it matches.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyAction {
     /// Matching requests are allowed; on its listeners, requests that no
@@ -51,7 +52,7 @@ pub enum PolicyAction {
 
 /// One rule: a request matches when it comes from any of `from` (or `from`
 /// is empty) and goes to any of `to` (or `to` is empty).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyRule {
     /// Who calls.
@@ -64,7 +65,7 @@ pub struct PolicyRule {
 
 /// A caller. Every field given must match (one of its values); a plaintext
 /// caller has no identity and matches no identity condition.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicySource {
     /// Exact SPIFFE IDs.
@@ -79,7 +80,7 @@ pub struct PolicySource {
 }
 
 /// What is called. Every field given must match (one of its values).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyOperation {
     /// Path prefixes, whole segments as in route matches: `/v1` matches

@@ -4,6 +4,7 @@
 //! route rule. Defaults follow Envoy's where Envoy has one, and are noted
 //! where model traffic asks for something else.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::Checker;
@@ -15,7 +16,7 @@ use crate::path::FieldPath;
 /// ```yaml
 /// loadBalancer: { policy: leastRequest }
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct LoadBalancer {
     /// The balancing algorithm.
@@ -23,7 +24,7 @@ pub struct LoadBalancer {
 }
 
 /// A load-balancing algorithm. Endpoint weights apply to each.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum BalancePolicy {
     /// The better of two random endpoints by peak-EWMA latency times
@@ -41,7 +42,7 @@ pub enum BalancePolicy {
 /// Per-backend limits. A request past a limit is refused at once with 503
 /// and `x-infermesh-error: overloaded`; nothing queues without bound.
 /// The defaults are Envoy's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct CircuitBreaker {
     /// Open connections to all endpoints together.
@@ -76,7 +77,7 @@ impl Default for CircuitBreaker {
 /// then one probe request is let through, and its outcome restores or
 /// ejects the endpoint again. Each `baseEjectionTime` spent healthy forgets
 /// one earlier ejection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct OutlierDetection {
     /// Failures in a row that eject an endpoint; 0 turns ejection off.
@@ -107,7 +108,7 @@ impl Default for OutlierDetection {
 /// `interval`. An endpoint failing `unhealthyThreshold` checks in a row is
 /// taken out of the rotation until it passes `healthyThreshold` in a row.
 /// A check passes on a 2xx answer within `timeout`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheck {
     /// The path to request, e.g. `/health` (vLLM) or `/v2/health/ready`
@@ -154,7 +155,7 @@ impl HealthCheck {
 /// change state should not.
 ///
 /// Without a `retry` block, a rule retries with these defaults.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct RetryPolicy {
     /// Retries after the first attempt; 0 turns retries off.
@@ -209,7 +210,7 @@ impl Default for RetryPolicy {
 }
 
 /// A kind of failure a retry policy retries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryOn {
     /// The TCP connect or the TLS handshake failed or timed out: nothing
@@ -227,7 +228,7 @@ pub enum RetryOn {
 }
 
 /// A gRPC status code, by its canonical name in kebab-case.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 #[allow(missing_docs)]
 pub enum GrpcStatus {
@@ -258,7 +259,7 @@ impl GrpcStatus {
 
 /// Exponential backoff with full jitter: retry *n* (from 0) waits a random
 /// time between 0 and min(`max`, `base` × 2^*n*). Envoy's defaults.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Backoff {
     /// The first retry's ceiling.
@@ -279,7 +280,7 @@ impl Default for Backoff {
 /// Envoy's retry budget: retries in flight may be at most `percent` of the
 /// rule's requests in flight, or `minRetryConcurrency`, whichever is more.
 /// When every endpoint fails, this keeps retries from multiplying the load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct RetryBudget {
     /// Share of requests in flight that may be retries, 0 to 100.
@@ -301,7 +302,7 @@ impl Default for RetryBudget {
 /// answer is read and dropped; the client's answer never waits for it.
 /// The copy's `Host` gets a `-shadow` suffix (as Envoy does), so the shadow
 /// can tell copies from real traffic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Mirror {
     /// The `Backend` that receives the copies.
@@ -330,7 +331,7 @@ impl Mirror {
 /// ```yaml
 /// hedge: { percentile: 95, delay: 200ms, budgetPercent: 5 }
 /// ```
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct HedgePolicy {
     /// How long an attempt waits for response headers before a hedge is
@@ -400,7 +401,7 @@ impl HedgePolicy {
 /// A token bucket local to this proxy: `requestsPerSecond` on average,
 /// bursts of up to `burst`. Requests past it get 429 with `Retry-After`
 /// and `x-infermesh-error: rate_limited`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
     /// The sustained rate.

@@ -5,6 +5,7 @@
 //! Precedence follows the Kubernetes Gateway API, so a request's route does
 //! not depend on the order of files or documents: see [`RouteMatch`].
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::Checker;
@@ -29,7 +30,7 @@ use crate::resilience::{HedgePolicy, Mirror, RateLimit, RetryPolicy};
 ///         - { name: mistral, weight: 10 }
 ///       timeouts: { responseHeaders: 120s }
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteSpec {
     /// Names of the listeners this route serves. Empty: every listener.
@@ -46,7 +47,7 @@ pub struct RouteSpec {
 }
 
 /// One rule of a route: the requests it matches and what happens to them.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteRule {
     /// A request matches the rule when it matches any of these. Empty:
@@ -86,7 +87,7 @@ pub struct RouteRule {
 /// prefix, then a regex path, then rules for every path (prefix `/` or no
 /// path), then a model match, then a method match, then the most header
 /// matches. A remaining tie goes to the rule written first.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteMatch {
     /// The request path (without the query) must match.
@@ -107,7 +108,7 @@ pub struct RouteMatch {
 }
 
 /// How a request path is matched.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum PathMatch {
     /// The path equals this.
@@ -121,7 +122,7 @@ pub enum PathMatch {
 
 /// A condition on one request header. Exactly one of `exact`, `regex` and
 /// `present` is given.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HeaderMatch {
     /// Header name, case-insensitive.
@@ -138,7 +139,7 @@ pub struct HeaderMatch {
 }
 
 /// A weighted reference to a `Backend`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendRef {
     /// The backend's `metadata.name`.
@@ -158,7 +159,7 @@ fn one() -> u32 {
 /// The defaults never cut off a long generation: a model may think for
 /// minutes before its first byte, and a streamed answer may run for as long
 /// as tokens keep coming.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct RouteTimeouts {
     /// From forwarding the request until the backend's response headers
