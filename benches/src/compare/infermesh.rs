@@ -1,0 +1,403 @@
+//! The infermesh targets: the config each infermesh-proxy process gets
+//! (from the target and the file's `infermesh` settings), which binary runs
+//! it, the identities of the mutual-TLS pair, and starting one proxy or a
+//! pair of them in a row.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::spec::InfermeshSpec;
+use super::supervise::{self, Started};
+use super::targets::{Proxies, TargetKind};
+
+/// The SPIFFE ID of the caller's proxy of the mTLS pair.
+const CALLER_IDENTITY: &str = "spiffe://bench.local/ns/bench/sa/caller";
+/// The SPIFFE ID of the model's proxy of the mTLS pair.
+const MODEL_IDENTITY: &str = "spiffe://bench.local/ns/bench/sa/model";
+
+/// How one infermesh-proxy process of a target is set up.
+struct Hop<'a> {
+    /// Where it forwards.
+    upstream: &'a [SocketAddr],
+    /// Its listener requires mutual TLS.
+    tls_listener: bool,
+    /// It speaks HTTP/2 with mutual TLS to the upstream, which must
+    /// present this SPIFFE ID.
+    upstream_identity: Option<&'a str>,
+    /// It speaks HTTP/2 to the upstream (another proxy).
+    upstream_http2: bool,
+}
+
+impl<'a> Hop<'a> {
+    /// A proxy in front of `upstream`, the mock servers.
+    fn to(upstream: &'a [SocketAddr]) -> Self {
+        Hop {
+            upstream,
+            tls_listener: false,
+            upstream_identity: None,
+            upstream_http2: false,
+        }
+    }
+}
+
+/// Starts a target of one infermesh-proxy process (`infermesh`,
+/// `infermesh-bare`, `infermesh-hedged`,
+/// `infermesh-fanout`) in front of the mock servers at `backends`.
+pub(super) fn start_one(
+    kind: TargetKind,
+    backends: &[SocketAddr],
+    infermesh: &InfermeshSpec,
+    work: &Path,
+) -> anyhow::Result<Proxies> {
+    check_settings(kind, infermesh)?;
+    let (started, port) = start_proxy(kind, kind.name(), &Hop::to(backends), &[], infermesh, work)?;
+    Ok(Proxies {
+        processes: vec![started],
+        port,
+    })
+}
+
+/// That the `infermesh` block holds what target `kind` needs beyond the
+/// common settings.
+fn check_settings(kind: TargetKind, infermesh: &InfermeshSpec) -> anyhow::Result<()> {
+    match kind {
+        TargetKind::InfermeshHedged if infermesh.hedge.is_none() => {
+            anyhow::bail!("give the hedge settings in infermesh.hedge, e.g. {{ percentile: 95 }}")
+        }
+        TargetKind::InfermeshFanout if infermesh.fanout.is_none() => {
+            anyhow::bail!(
+                "give the fan-out in infermesh.fanout, e.g. {{ strategy: all, branches: [...] }}"
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Starts a pair target (`infermesh-pair`, `infermesh-mtls-pair`): the
+/// model's proxy in front of the mock servers at `backends`, then the
+/// caller's proxy in front of it, which takes the load.
+pub(super) fn start_pair(
+    kind: TargetKind,
+    backends: &[SocketAddr],
+    infermesh: &InfermeshSpec,
+    work: &Path,
+) -> anyhow::Result<Proxies> {
+    let mtls = kind == TargetKind::InfermeshMtlsPair;
+    let [caller_flags, model_flags] = if mtls {
+        pair_identities(work)?
+    } else {
+        [Vec::new(), Vec::new()]
+    };
+    let model_hop = Hop {
+        tls_listener: mtls,
+        ..Hop::to(backends)
+    };
+    let (model, model_port) = start_proxy(
+        kind,
+        "pair-model",
+        &model_hop,
+        &model_flags,
+        infermesh,
+        work,
+    )?;
+    let model_address = [SocketAddr::from(([127, 0, 0, 1], model_port))];
+    let caller_hop = Hop {
+        upstream: &model_address,
+        tls_listener: false,
+        upstream_identity: mtls.then_some(MODEL_IDENTITY),
+        upstream_http2: true,
+    };
+    let (caller, port) = start_proxy(
+        kind,
+        "pair-caller",
+        &caller_hop,
+        &caller_flags,
+        infermesh,
+        work,
+    )?;
+    Ok(Proxies {
+        processes: vec![caller, model],
+        port,
+    })
+}
+
+/// Starts one infermesh-proxy process of target `kind` as `hop`, named
+/// `name` (its config and log files), with more `args`; returns it and
+/// the port it listens on.
+fn start_proxy(
+    kind: TargetKind,
+    name: &'static str,
+    hop: &Hop<'_>,
+    args: &[String],
+    infermesh: &InfermeshSpec,
+    work: &Path,
+) -> anyhow::Result<(Started, u16)> {
+    let binary = sibling_binary("infermesh-proxy", infermesh.binary.as_ref())?;
+    let port = supervise::free_port()?;
+    let config = work.join(format!("{name}.yaml"));
+    std::fs::write(&config, infermesh_config(kind, port, hop, infermesh))?;
+    let mut command = Command::new(&binary);
+    command
+        .args([
+            "--log-format",
+            "json",
+            "--log-level",
+            log_filter(infermesh),
+            "gateway",
+            "--config",
+        ])
+        .arg(&config)
+        .args([
+            "--admin-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+        ])
+        .args(args);
+    let started = supervise::spawn(name, "infermesh-proxy", port, command, work)?;
+    Ok((started, port))
+}
+
+/// The `--log-level` filter: the access log only when asked for.
+fn log_filter(infermesh: &InfermeshSpec) -> &'static str {
+    if infermesh.access_log {
+        "info"
+    } else {
+        "info,infermesh::access=off"
+    }
+}
+
+/// A workspace binary next to `infermesh-bench` (or `configured`).
+fn sibling_binary(name: &str, configured: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    let binary = match configured {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name(name),
+    };
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} not found (build it with cargo build --release, or set infermesh.binary)",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// The config of one infermesh-proxy process of a target, as JSON
+/// documents (which are YAML too).
+fn infermesh_config(
+    kind: TargetKind,
+    port: u16,
+    hop: &Hop<'_>,
+    infermesh: &InfermeshSpec,
+) -> String {
+    use serde_json::{Value, json};
+    let endpoints: Vec<Value> = hop
+        .upstream
+        .iter()
+        .map(|b| json!({ "address": b.to_string() }))
+        .collect();
+    let mut backend = json!({ "endpoints": endpoints });
+    if hop.upstream_http2 {
+        backend["protocol"] = json!("http2");
+    }
+    if let Some(identity) = hop.upstream_identity {
+        backend["tls"] = json!({ "identity": identity });
+    }
+    let mut rule = json!({ "backends": [{ "name": "mock" }] });
+    let (more_backend, more_rule) = match kind {
+        TargetKind::InfermeshBare => (
+            json!({
+                "loadBalancer": { "policy": "roundRobin" },
+                "outlierDetection": { "consecutiveFailures": 0 },
+            }),
+            json!({ "retry": { "maxRetries": 0 } }),
+        ),
+        TargetKind::InfermeshHedged => {
+            let mut rule = infermesh.rule.clone();
+            rule.insert(
+                "hedge".to_owned(),
+                Value::Object(infermesh.hedge.clone().unwrap_or_default()),
+            );
+            (
+                Value::Object(infermesh.backend.clone()),
+                Value::Object(rule),
+            )
+        }
+        TargetKind::InfermeshFanout => {
+            rule = json!({ "fanout": infermesh.fanout.clone().unwrap_or_default() });
+            (Value::Object(infermesh.backend.clone()), json!({}))
+        }
+        // infermesh and both proxies of the pairs: the settings as given.
+        _ => (
+            Value::Object(infermesh.backend.clone()),
+            Value::Object(infermesh.rule.clone()),
+        ),
+    };
+    for (target, more) in [(&mut backend, more_backend), (&mut rule, more_rule)] {
+        if let (Value::Object(target), Value::Object(more)) = (target, more) {
+            target.extend(more);
+        }
+    }
+    let mut listener = json!({ "address": format!("127.0.0.1:{port}") });
+    if hop.tls_listener {
+        listener["tls"] = json!({ "mode": "strict" });
+    }
+    let documents = [
+        json!({ "kind": "Listener", "metadata": { "name": "bench" }, "spec": listener }),
+        json!({ "kind": "Backend", "metadata": { "name": "mock" }, "spec": backend }),
+        json!({ "kind": "Route", "metadata": { "name": "all" }, "spec": { "rules": [rule] } }),
+    ];
+    documents
+        .iter()
+        .map(|d| {
+            let mut d = d.clone();
+            d["apiVersion"] = json!(infermesh_api::API_VERSION);
+            format!("---\n{d}\n")
+        })
+        .collect()
+}
+
+/// A CA and the certificates of both proxies of the mTLS pair, made with
+/// `infermesh-control-plane ca`; returns the identity flags of each.
+fn pair_identities(work: &Path) -> anyhow::Result<[Vec<String>; 2]> {
+    let control_plane = sibling_binary("infermesh-control-plane", None)?;
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let output = Command::new(&control_plane).args(args).output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "infermesh-control-plane {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    let dir = work.join("identities");
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    run(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "bench.local",
+        "--out",
+        &path("ca"),
+        "--force",
+    ])?;
+    let mut flags = Vec::new();
+    for (identity, name) in [(CALLER_IDENTITY, "caller"), (MODEL_IDENTITY, "model")] {
+        run(&[
+            "ca",
+            "issue",
+            "--ca",
+            &path("ca"),
+            "--identity",
+            identity,
+            "--out",
+            &path(name),
+            "--force",
+        ])?;
+        let file = |f: &str| dir.join(name).join(f).to_string_lossy().into_owned();
+        flags.push(vec![
+            "--identity-cert".to_owned(),
+            file("cert.pem"),
+            "--identity-key".to_owned(),
+            file("key.pem"),
+            "--trust-bundle".to_owned(),
+            file("bundle.pem"),
+        ]);
+    }
+    let [caller, model]: [Vec<String>; 2] = flags.try_into().expect("two identities");
+    Ok([caller, model])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The config of target `kind` in front of `backends`, validated.
+    fn validated(
+        kind: TargetKind,
+        hop: &Hop<'_>,
+        infermesh: &InfermeshSpec,
+    ) -> infermesh_api::Config {
+        let text = infermesh_config(kind, 8080, hop, infermesh);
+        infermesh_api::Config::load(&[infermesh_api::Source {
+            name: "bench.yaml",
+            text: &text,
+        }])
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn infermesh_targets_get_a_valid_config_with_their_settings() {
+        let spec: InfermeshSpec = serde_saphyr::from_str(
+            "backend: { circuitBreaker: { maxRequests: 7 } }\nrule: { retry: { nonIdempotent: true } }\nfanout: { strategy: all, branches: [{ name: a, backend: mock, model: m-5 }, { name: b, backend: mock, model: m-20 }] }",
+        )
+        .unwrap();
+        let backends = ["127.0.0.1:9000".parse().unwrap()];
+        let load = |kind| validated(kind, &Hop::to(&backends), &spec);
+        let full = load(TargetKind::Infermesh);
+        let backend = &full.backend("mock").unwrap().spec;
+        assert_eq!(backend.circuit_breaker.max_requests, 7);
+        assert!(
+            full.route("all").unwrap().spec.rules[0]
+                .retry
+                .non_idempotent
+        );
+
+        let bare = load(TargetKind::InfermeshBare);
+        let backend = &bare.backend("mock").unwrap().spec;
+        assert_eq!(
+            backend.circuit_breaker.max_requests, 1024,
+            "settings are not for bare"
+        );
+        assert_eq!(backend.outlier_detection.consecutive_failures, 0);
+        assert_eq!(
+            bare.route("all").unwrap().spec.rules[0].retry.max_retries,
+            0
+        );
+
+        let fanout = load(TargetKind::InfermeshFanout);
+        let rule = &fanout.route("all").unwrap().spec.rules[0];
+        assert!(rule.backends.is_empty());
+        let branches = &rule.fanout.as_ref().unwrap().branches;
+        assert_eq!(branches[1].model.as_deref(), Some("m-20"));
+    }
+
+    #[test]
+    fn the_caller_of_an_mtls_pair_expects_the_models_identity_over_http2() {
+        let pair_config = |hop: &Hop<'_>| {
+            validated(
+                TargetKind::InfermeshMtlsPair,
+                hop,
+                &InfermeshSpec::default(),
+            )
+        };
+        let model = ["127.0.0.1:9001".parse().unwrap()];
+        let hop = Hop {
+            upstream: &model,
+            tls_listener: false,
+            upstream_identity: Some(MODEL_IDENTITY),
+            upstream_http2: true,
+        };
+        let config = pair_config(&hop);
+        let backend = &config.backend("mock").unwrap().spec;
+        assert_eq!(backend.tls.as_ref().unwrap().identity, MODEL_IDENTITY);
+        assert_eq!(backend.protocol, infermesh_api::UpstreamProtocol::Http2);
+
+        let model_side = Hop {
+            tls_listener: true,
+            ..Hop::to(&model)
+        };
+        let config = pair_config(&model_side);
+        assert_eq!(
+            config
+                .listener("bench")
+                .unwrap()
+                .spec
+                .tls
+                .as_ref()
+                .unwrap()
+                .mode,
+            infermesh_api::TlsMode::Strict
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! What a comparison reports: each round's figures per target, their
+//! medians, and the renderings: a Markdown table with what each proxy adds
+//! to the direct connection, JSON (through `Serialize`) and an SVG chart of
+//! the latency curves.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::targets::TargetKind;
+use crate::load::LoadReport;
+
+/// One target's figures from one round.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Measurement {
+    /// Requests per second in the closed-loop phase.
+    pub max_rps: Option<f64>,
+    /// The open-loop phase.
+    pub fixed_rate: LoadReport,
+    /// The proxy's CPU seconds per request during the open-loop phase.
+    pub cpu_seconds_per_request: Option<f64>,
+    /// Requests the mock servers received per request sent during the
+    /// open-loop phase: above 1 by the retries, hedges or mirrored copies.
+    pub upstream_requests_per_request: Option<f64>,
+}
+
+/// One target's medians over the rounds.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    /// The target.
+    pub target: TargetKind,
+    /// Median closed-loop requests per second.
+    pub max_rps: Option<f64>,
+    /// Median latency percentiles at the fixed rate, in seconds.
+    pub p50: f64,
+    /// p99.
+    pub p99: f64,
+    /// p99.9.
+    pub p999: f64,
+    /// Median proxy CPU microseconds per request.
+    pub cpu_micros_per_request: Option<f64>,
+    /// Median requests the backends received per request.
+    pub upstream_requests_per_request: Option<f64>,
+    /// Peak resident memory of the proxy, in bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// Failed requests over all rounds.
+    pub failed: u64,
+}
+
+/// Everything a comparison measured.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ComparisonReport {
+    /// Per target, every round.
+    pub rounds: Vec<(TargetKind, Vec<Measurement>)>,
+    /// Per target, the medians.
+    pub summary: Vec<Summary>,
+    /// Targets skipped, and why.
+    pub skipped: Vec<(TargetKind, String)>,
+    /// What was run, in words.
+    pub setup: String,
+}
+
+/// The median of `values`; `None` when there are none.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+/// The medians of `target`'s rounds, `measured`; `peak_rss_bytes` is its
+/// proxies' peak memory, read while they still run.
+pub(super) fn summarize(
+    target: TargetKind,
+    peak_rss_bytes: Option<u64>,
+    measured: &[Measurement],
+) -> Summary {
+    let of =
+        |f: &dyn Fn(&Measurement) -> Option<f64>| median(measured.iter().filter_map(f).collect());
+    Summary {
+        target,
+        max_rps: of(&|m| m.max_rps),
+        p50: of(&|m| Some(m.fixed_rate.latency.p50)).unwrap_or_default(),
+        p99: of(&|m| Some(m.fixed_rate.latency.p99)).unwrap_or_default(),
+        p999: of(&|m| Some(m.fixed_rate.latency.p999)).unwrap_or_default(),
+        cpu_micros_per_request: of(&|m| m.cpu_seconds_per_request.map(|c| c * 1e6)),
+        upstream_requests_per_request: of(&|m| m.upstream_requests_per_request),
+        peak_rss_bytes,
+        failed: measured.iter().map(|m| m.fixed_rate.errors.total()).sum(),
+    }
+}
+
+impl ComparisonReport {
+    /// The medians as a Markdown table, with ratios to the direct target.
+    pub fn markdown(&self) -> String {
+        let direct = self.summary.iter().find(|s| s.target == TargetKind::Direct);
+        let mut out = format!("{}.\n\n", self.setup);
+        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req | proxy peak RSS MiB | backend req/req | failed |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        for s in &self.summary {
+            out.push_str(&markdown_row(s, direct));
+        }
+        for (kind, why) in &self.skipped {
+            out.push_str(&format!("\n{} skipped: {why}\n", kind.name()));
+        }
+        out
+    }
+
+    /// The fixed-rate latency curve of each target (its median round by
+    /// p99) on one chart.
+    pub fn chart(&self, path: &Path) -> anyhow::Result<()> {
+        let picked: Vec<&LoadReport> = self
+            .rounds
+            .iter()
+            .filter_map(|(_, measured)| {
+                let mut by_p99: Vec<&LoadReport> = measured.iter().map(|m| &m.fixed_rate).collect();
+                by_p99.sort_by(|a, b| a.latency.p99.total_cmp(&b.latency.p99));
+                by_p99.get(by_p99.len() / 2).copied()
+            })
+            .collect();
+        let series: Vec<crate::plot::Series<'_>> = picked
+            .iter()
+            .map(|r| crate::plot::Series {
+                label: &r.label,
+                points: &r.spectrum,
+            })
+            .collect();
+        crate::plot::percentile_chart(
+            path,
+            "latency at a fixed rate (corrected for coordinated omission)",
+            &series,
+        )
+    }
+}
+
+/// The Markdown row of `s`, compared with `direct` when it was measured.
+fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
+    let f = |v: Option<f64>, digits: usize| v.map_or("—".to_owned(), |v| format!("{v:.digits$}"));
+    let ratio = match (s.max_rps, direct.and_then(|d| d.max_rps)) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let added = |mine: f64, theirs: fn(&Summary) -> f64| direct.map(|d| (mine - theirs(d)) * 1e3);
+    format!(
+        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
+        s.target.name(),
+        f(s.max_rps, 0),
+        f(ratio, 2),
+        s.p50 * 1e3,
+        f(added(s.p50, |d| d.p50), 3),
+        s.p99 * 1e3,
+        f(added(s.p99, |d| d.p99), 3),
+        s.p999 * 1e3,
+        f(added(s.p999, |d| d.p999), 3),
+        f(s.cpu_micros_per_request, 1),
+        f(s.peak_rss_bytes.map(|b| b as f64 / 1_048_576.0), 1),
+        f(s.upstream_requests_per_request, 4),
+        s.failed,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    fn summary(target: TargetKind, max_rps: f64, p50: f64) -> Summary {
+        Summary {
+            target,
+            max_rps: Some(max_rps),
+            p50,
+            p99: 2.0 * p50,
+            p999: 3.0 * p50,
+            cpu_micros_per_request: None,
+            upstream_requests_per_request: Some(1.0),
+            peak_rss_bytes: Some(2 * 1_048_576),
+            failed: 0,
+        }
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_target_against_direct() {
+        let report = ComparisonReport {
+            rounds: Vec::new(),
+            summary: vec![
+                summary(TargetKind::Direct, 1000.0, 0.001),
+                summary(TargetKind::Infermesh, 800.0, 0.0015),
+                summary(TargetKind::InfermeshBare, 500.0, 0.002),
+            ],
+            skipped: vec![(TargetKind::Nginx, "nginx is not installed".into())],
+            setup: "1 rounds".into(),
+        };
+        let table = report.markdown();
+        assert!(table.starts_with("1 rounds.\n\n| target |"), "{table}");
+        assert!(
+            table.contains(
+                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | — | 2.0 | 1.0000 | 0 |\n"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| infermesh-bare | 500 | 0.50 | 2.000 | 1.000 |"),
+            "{table}"
+        );
+        assert!(
+            table.ends_with("\nnginx skipped: nginx is not installed\n"),
+            "{table}"
+        );
+    }
+}

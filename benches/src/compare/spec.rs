@@ -1,0 +1,190 @@
+//! The YAML file of a comparison: its types, the defaults of the fields
+//! left out, and `Comparison::load`, which reads a file and checks it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+use super::targets::TargetKind;
+use crate::mock::Scenario;
+
+/// A comparison, as written in its YAML file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Comparison {
+    /// Rounds over all targets; medians are reported.
+    #[serde(default = "three")]
+    pub rounds: usize,
+    /// The targets, in the order each round visits them.
+    #[serde(default = "all_targets")]
+    pub targets: Vec<TargetKind>,
+    /// The mock model servers to put behind every target.
+    pub backends: Scenario,
+    /// The load each target gets.
+    pub load: LoadSpec,
+    /// How infermesh-proxy is run.
+    #[serde(default)]
+    pub infermesh: InfermeshSpec,
+}
+
+fn three() -> usize {
+    3
+}
+
+fn all_targets() -> Vec<TargetKind> {
+    vec![
+        TargetKind::Direct,
+        TargetKind::Infermesh,
+        TargetKind::Haproxy,
+        TargetKind::Nginx,
+    ]
+}
+
+/// The load of a comparison.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LoadSpec {
+    /// Request path (ignored when a template gives one).
+    #[serde(default = "root")]
+    pub path: String,
+    /// A built-in request (`openai-chat`, `kserve-v2`, ...).
+    #[serde(default)]
+    pub template: Option<String>,
+    /// The model the template names.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// Requests per second of the open-loop phase.
+    pub rate: f64,
+    /// Also run a closed-loop phase to find the highest throughput.
+    #[serde(default = "yes")]
+    pub max_throughput: bool,
+    /// Connections.
+    #[serde(default = "thirty_two")]
+    pub connections: usize,
+    /// Length of each measured phase.
+    #[serde(default = "ten_seconds")]
+    pub duration: infermesh_api::Duration,
+    /// Warm-up before each phase.
+    #[serde(default = "two_seconds")]
+    pub warmup: infermesh_api::Duration,
+    /// `http1` or `http2`.
+    #[serde(default = "http1")]
+    pub protocol: String,
+}
+
+fn root() -> String {
+    "/".into()
+}
+fn default_model() -> String {
+    "mock-llm".into()
+}
+fn yes() -> bool {
+    true
+}
+fn thirty_two() -> usize {
+    32
+}
+fn ten_seconds() -> infermesh_api::Duration {
+    infermesh_api::Duration::from_secs(10)
+}
+fn two_seconds() -> infermesh_api::Duration {
+    infermesh_api::Duration::from_secs(2)
+}
+fn http1() -> String {
+    "http1".into()
+}
+
+/// How infermesh-proxy runs in a comparison.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InfermeshSpec {
+    /// Write the access log (to a file) as a production gateway would.
+    #[serde(default)]
+    pub access_log: bool,
+    /// The binary; default: `infermesh-proxy` next to `infermesh-bench`.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// More fields of the `Backend` spec (not for `infermesh-bare`).
+    #[serde(default)]
+    pub backend: serde_json::Map<String, serde_json::Value>,
+    /// More fields of the route rule (not for `infermesh-bare`).
+    #[serde(default)]
+    pub rule: serde_json::Map<String, serde_json::Value>,
+    /// The rule's `hedge` block for the `infermesh-hedged` target.
+    #[serde(default)]
+    pub hedge: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The rule's `fanout` block for the `infermesh-fanout` target, which
+    /// replaces the rule's backends (and `rule`).
+    #[serde(default)]
+    pub fanout: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl Comparison {
+    /// Reads a comparison file and checks it: at least one round and one
+    /// target, and mock servers that can run.
+    pub fn load(path: &Path) -> anyhow::Result<Comparison> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Comparison::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+    }
+
+    /// Parses the text of a comparison file and checks what can be checked
+    /// without looking at other files.
+    fn parse(text: &str) -> anyhow::Result<Comparison> {
+        let comparison: Comparison =
+            serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        comparison
+            .backends
+            .check()
+            .map_err(|e| anyhow::anyhow!("backends.{e}"))?;
+        anyhow::ensure!(comparison.rounds > 0, "rounds must be at least 1");
+        anyhow::ensure!(!comparison.targets.is_empty(), "give at least one target");
+        Ok(comparison)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_file_parses() {
+        let text = r#"
+rounds: 3
+targets: [direct, infermesh, haproxy, nginx]
+backends:
+  servers:
+    - listen: 127.0.0.1:0
+      models: [{ name: mock-llm }]
+load:
+  path: /v1/models
+  rate: 2000
+  maxThroughput: true
+  connections: 32
+  duration: 10s
+  warmup: 2s
+infermesh:
+  accessLog: false
+"#;
+        let c: Comparison = serde_saphyr::from_str(text).unwrap();
+        assert_eq!(c.targets.len(), 4);
+        assert_eq!(c.load.duration, infermesh_api::Duration::from_secs(10));
+        assert_eq!(c.load.protocol, "http1");
+    }
+
+    #[test]
+    fn every_scenario_in_the_repository_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut read = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                Comparison::parse(&text).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                read += 1;
+            }
+        }
+        assert!(read > 0, "no scenario in {}", dir.display());
+    }
+}
