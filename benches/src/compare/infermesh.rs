@@ -42,7 +42,7 @@ impl<'a> Hop<'a> {
 }
 
 /// Starts a target of one infermesh-proxy process (`infermesh`,
-/// `infermesh-bare`, `infermesh-hedged`,
+/// `infermesh-baseline`, `infermesh-bare`, `infermesh-hedged`,
 /// `infermesh-fanout`) in front of the mock servers at `backends`.
 pub(super) fn start_one(
     kind: TargetKind,
@@ -133,7 +133,7 @@ fn start_proxy(
     infermesh: &InfermeshSpec,
     work: &Path,
 ) -> anyhow::Result<(Started, u16)> {
-    let binary = sibling_binary("infermesh-proxy", infermesh.binary.as_ref())?;
+    let binary = proxy_binary(kind, infermesh)?;
     let port = supervise::free_port()?;
     let config = work.join(format!("{name}.yaml"));
     std::fs::write(&config, infermesh_config(kind, port, hop, infermesh))?;
@@ -155,7 +155,12 @@ fn start_proxy(
             "127.0.0.1:0",
         ])
         .args(args);
-    let started = supervise::spawn(name, "infermesh-proxy", port, command, work)?;
+    let program = if kind == TargetKind::InfermeshBaseline {
+        "the baseline infermesh-proxy (infermesh.baselineBinary)"
+    } else {
+        "infermesh-proxy"
+    };
+    let started = supervise::spawn(name, program, port, command, work)?;
     Ok((started, port))
 }
 
@@ -165,6 +170,15 @@ fn log_filter(infermesh: &InfermeshSpec) -> &'static str {
         "info"
     } else {
         "info,infermesh::access=off"
+    }
+}
+
+/// The infermesh-proxy binary that runs target `kind`: the baseline build
+/// for `infermesh-baseline`, the configured or sibling one for the others.
+fn proxy_binary(kind: TargetKind, infermesh: &InfermeshSpec) -> anyhow::Result<PathBuf> {
+    match kind {
+        TargetKind::InfermeshBaseline => infermesh.baseline_binary(),
+        _ => sibling_binary("infermesh-proxy", infermesh.binary.as_ref()),
     }
 }
 
@@ -227,7 +241,8 @@ fn infermesh_config(
             rule = json!({ "fanout": infermesh.fanout.clone().unwrap_or_default() });
             (Value::Object(infermesh.backend.clone()), json!({}))
         }
-        // infermesh and both proxies of the pairs: the settings as given.
+        // infermesh and infermesh-baseline (which differ only in the
+        // binary) and both proxies of the pairs: the settings as given.
         _ => (
             Value::Object(infermesh.backend.clone()),
             Value::Object(infermesh.rule.clone()),
@@ -360,6 +375,62 @@ mod tests {
         assert!(rule.backends.is_empty());
         let branches = &rule.fanout.as_ref().unwrap().branches;
         assert_eq!(branches[1].model.as_deref(), Some("m-20"));
+    }
+
+    #[test]
+    fn the_baseline_runs_the_infermesh_config_with_its_own_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let baseline = dir.path().join("infermesh-proxy-before");
+        std::fs::write(&baseline, "").unwrap();
+        let spec: InfermeshSpec = serde_saphyr::from_str(&format!(
+            "baselineBinary: {}\nbackend: {{ circuitBreaker: {{ maxRequests: 7 }} }}\nrule: {{ retry: {{ nonIdempotent: true }} }}\nhedge: {{ percentile: 95 }}",
+            baseline.display()
+        ))
+        .unwrap();
+        let backends = ["127.0.0.1:9000".parse().unwrap()];
+        let hop = Hop::to(&backends);
+        assert_eq!(
+            infermesh_config(TargetKind::InfermeshBaseline, 8080, &hop, &spec),
+            infermesh_config(TargetKind::Infermesh, 8080, &hop, &spec),
+            "the same config, settings included (and no hedge)"
+        );
+        let config = validated(TargetKind::InfermeshBaseline, &hop, &spec);
+        assert_eq!(
+            config
+                .backend("mock")
+                .unwrap()
+                .spec
+                .circuit_breaker
+                .max_requests,
+            7
+        );
+
+        assert_eq!(
+            proxy_binary(TargetKind::InfermeshBaseline, &spec).unwrap(),
+            baseline
+        );
+        let configured = InfermeshSpec {
+            binary: Some(dir.path().to_owned()),
+            ..spec.clone()
+        };
+        let error = format!(
+            "{:#}",
+            proxy_binary(TargetKind::Infermesh, &configured).unwrap_err()
+        );
+        assert!(
+            error.contains("set infermesh.binary"),
+            "infermesh keeps infermesh.binary: {error}"
+        );
+
+        let without = InfermeshSpec {
+            baseline_binary: None,
+            ..spec
+        };
+        let error = format!(
+            "{:#}",
+            proxy_binary(TargetKind::InfermeshBaseline, &without).unwrap_err()
+        );
+        assert!(error.contains("infermesh.baselineBinary"), "{error}");
     }
 
     #[test]

@@ -29,6 +29,21 @@
 //! stack turned down as far as it goes (round robin, no outlier detection,
 //! no retries), to measure what the stack costs.
 //!
+//! The target `infermesh-baseline` is the `infermesh` target (the same
+//! config, the same `infermesh` settings) run with another build of
+//! infermesh-proxy, the one `infermesh.baselineBinary` names (a relative
+//! path is taken from the current directory). Listed next to `infermesh`,
+//! it measures two builds side by side in the same run, round-robin like
+//! every target: say the proxy from before a change against the current
+//! one. Loading the file fails, naming the field, when the target is
+//! listed and the field is missing or names no file.
+//!
+//! ```yaml
+//! targets: [direct, infermesh, infermesh-baseline]
+//! infermesh:
+//!   baselineBinary: target/baseline/infermesh-proxy
+//! ```
+//!
 //! The target `infermesh-hedged` is the `infermesh` target with the
 //! route rule's `hedge` block from `infermesh.hedge`, to measure what
 //! hedging does to the tail against the same proxy without it.

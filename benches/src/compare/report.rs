@@ -200,7 +200,7 @@ mod tests {
             summary: vec![
                 summary(TargetKind::Direct, 1000.0, 0.001),
                 summary(TargetKind::Infermesh, 800.0, 0.0015),
-                summary(TargetKind::InfermeshBare, 500.0, 0.002),
+                summary(TargetKind::InfermeshBaseline, 500.0, 0.002),
             ],
             skipped: vec![(TargetKind::Nginx, "nginx is not installed".into())],
             setup: "1 rounds".into(),
@@ -214,7 +214,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("| infermesh-bare | 500 | 0.50 | 2.000 | 1.000 |"),
+            table.contains("| infermesh-baseline | 500 | 0.50 | 2.000 | 1.000 |"),
             "{table}"
         );
         assert!(

@@ -105,6 +105,12 @@ pub struct InfermeshSpec {
     /// The binary; default: `infermesh-proxy` next to `infermesh-bench`.
     #[serde(default)]
     pub binary: Option<PathBuf>,
+    /// Another build of infermesh-proxy, which the `infermesh-baseline`
+    /// target runs with the `infermesh` target's config, to measure two
+    /// builds side by side. A relative path is taken from the current
+    /// directory; `Comparison::load` makes it absolute.
+    #[serde(default)]
+    pub baseline_binary: Option<PathBuf>,
     /// More fields of the `Backend` spec (not for `infermesh-bare`).
     #[serde(default)]
     pub backend: serde_json::Map<String, serde_json::Value>,
@@ -122,11 +128,16 @@ pub struct InfermeshSpec {
 
 impl Comparison {
     /// Reads a comparison file and checks it: at least one round and one
-    /// target, and mock servers that can run.
+    /// target, mock servers that can run, and, when the target
+    /// `infermesh-baseline` is listed, an `infermesh.baselineBinary` that
+    /// is a file (its path made absolute against the current directory).
     pub fn load(path: &Path) -> anyhow::Result<Comparison> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        Comparison::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+        let in_file = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
+        let mut comparison = Comparison::parse(&text).map_err(in_file)?;
+        comparison.resolve_baseline_binary().map_err(in_file)?;
+        Ok(comparison)
     }
 
     /// Parses the text of a comparison file and checks what can be checked
@@ -141,6 +152,46 @@ impl Comparison {
         anyhow::ensure!(comparison.rounds > 0, "rounds must be at least 1");
         anyhow::ensure!(!comparison.targets.is_empty(), "give at least one target");
         Ok(comparison)
+    }
+
+    /// When the target `infermesh-baseline` is listed, checks its binary
+    /// and makes its path absolute, so the run does not depend on where it
+    /// is started from.
+    fn resolve_baseline_binary(&mut self) -> anyhow::Result<()> {
+        if self.targets.contains(&TargetKind::InfermeshBaseline) {
+            self.infermesh.baseline_binary = Some(self.infermesh.baseline_binary()?);
+        }
+        Ok(())
+    }
+}
+
+impl InfermeshSpec {
+    /// The binary of the `infermesh-baseline` target, absolute (a relative
+    /// `infermesh.baselineBinary` is taken from the current directory); an
+    /// error naming that field when it is not given or is not a file.
+    pub(super) fn baseline_binary(&self) -> anyhow::Result<PathBuf> {
+        let given = self.baseline_binary.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "infermesh.baselineBinary is missing: the target infermesh-baseline runs the infermesh-proxy build it names, e.g. baselineBinary: target/baseline/infermesh-proxy"
+            )
+        })?;
+        let binary = std::path::absolute(given).with_context(|| {
+            format!(
+                "infermesh.baselineBinary: cannot make {} absolute",
+                given.display()
+            )
+        })?;
+        anyhow::ensure!(
+            binary.exists(),
+            "infermesh.baselineBinary: {} does not exist",
+            binary.display()
+        );
+        anyhow::ensure!(
+            binary.is_file(),
+            "infermesh.baselineBinary: {} is not a file",
+            binary.display()
+        );
+        Ok(binary)
     }
 }
 
@@ -186,5 +237,85 @@ infermesh:
             }
         }
         assert!(read > 0, "no scenario in {}", dir.display());
+    }
+
+    /// A comparison of `targets` whose `infermesh` block is `infermesh`.
+    fn comparison(targets: &str, infermesh: &str) -> Comparison {
+        Comparison::parse(&format!(
+            "targets: {targets}\nbackends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{{ name: mock-llm }}]\nload:\n  rate: 100\ninfermesh: {infermesh}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_baseline_binary_is_checked_only_when_its_target_is_listed() {
+        let mut c = comparison("[direct, infermesh]", "{}");
+        c.resolve_baseline_binary().unwrap();
+        assert_eq!(c.infermesh.baseline_binary, None);
+
+        let mut c = comparison("[infermesh, infermesh-baseline]", "{}");
+        let error = format!("{:#}", c.resolve_baseline_binary().unwrap_err());
+        assert!(
+            error.contains("infermesh.baselineBinary is missing"),
+            "{error}"
+        );
+
+        let mut c = comparison(
+            "[infermesh, infermesh-baseline]",
+            "{ baselineBinary: no/such/infermesh-proxy }",
+        );
+        let error = format!("{:#}", c.resolve_baseline_binary().unwrap_err());
+        let expected = std::env::current_dir()
+            .unwrap()
+            .join("no/such/infermesh-proxy");
+        assert_eq!(
+            error,
+            format!(
+                "infermesh.baselineBinary: {} does not exist",
+                expected.display()
+            )
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = comparison(
+            "[infermesh, infermesh-baseline]",
+            &format!("{{ baselineBinary: {} }}", dir.path().display()),
+        );
+        let error = format!("{:#}", c.resolve_baseline_binary().unwrap_err());
+        assert!(
+            error.starts_with("infermesh.baselineBinary:") && error.ends_with("is not a file"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_relative_baseline_binary_is_taken_from_the_current_directory() {
+        // `cargo test` runs unit tests in the package's directory, which
+        // holds Cargo.toml: a file, which is all the check asks of it.
+        let mut c = comparison(
+            "[infermesh, infermesh-baseline]",
+            "{ baselineBinary: Cargo.toml }",
+        );
+        c.resolve_baseline_binary().unwrap();
+        assert_eq!(
+            c.infermesh.baseline_binary,
+            Some(std::env::current_dir().unwrap().join("Cargo.toml"))
+        );
+    }
+
+    #[test]
+    fn loading_a_file_names_it_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ab.yaml");
+        std::fs::write(
+            &file,
+            "targets: [infermesh-baseline]\nbackends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{ name: mock-llm }]\nload:\n  rate: 100\n",
+        )
+        .unwrap();
+        let error = format!("{:#}", Comparison::load(&file).unwrap_err());
+        assert!(
+            error.starts_with(&format!("{}: infermesh.baselineBinary", file.display())),
+            "{error}"
+        );
     }
 }

@@ -21,6 +21,10 @@ pub enum TargetKind {
     Direct,
     /// infermesh-proxy in gateway mode.
     Infermesh,
+    /// The `infermesh` target (same config, same settings) run with another
+    /// build of infermesh-proxy, `infermesh.baselineBinary`: two builds
+    /// measured side by side.
+    InfermeshBaseline,
     /// infermesh-proxy without retries, outlier detection or a
     /// load-aware balancer.
     InfermeshBare,
@@ -44,6 +48,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct",
             TargetKind::Infermesh => "infermesh",
+            TargetKind::InfermeshBaseline => "infermesh-baseline",
             TargetKind::InfermeshBare => "infermesh-bare",
             TargetKind::InfermeshHedged => "infermesh-hedged",
             TargetKind::InfermeshFanout => "infermesh-fanout",
@@ -94,6 +99,7 @@ pub(super) fn start_target(
     let proxies = match kind {
         TargetKind::Direct => return Ok(direct(backends)),
         TargetKind::Infermesh
+        | TargetKind::InfermeshBaseline
         | TargetKind::InfermeshBare
         | TargetKind::InfermeshHedged
         | TargetKind::InfermeshFanout => infermesh::start_one(kind, backends, infermesh, work)?,
@@ -128,6 +134,7 @@ mod tests {
         for kind in [
             TargetKind::Direct,
             TargetKind::Infermesh,
+            TargetKind::InfermeshBaseline,
             TargetKind::InfermeshBare,
             TargetKind::InfermeshHedged,
             TargetKind::InfermeshFanout,
