@@ -4,6 +4,14 @@
 
 use std::collections::HashSet;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+/// The tests of this file count the proxies a comparison leaves running:
+/// one at a time, so that one's proxies are not taken for the other's.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Running processes (not zombies) whose command is one a comparison starts.
 fn started_by_compare() -> HashSet<u32> {
@@ -28,6 +36,7 @@ fn started_by_compare() -> HashSet<u32> {
 
 #[test]
 fn compare_measures_every_target_side_by_side() {
+    let _one = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let scenario = dir.path().join("compare.yaml");
     std::fs::write(
@@ -80,4 +89,94 @@ fn compare_measures_every_target_side_by_side() {
     assert_eq!(report["summary"].as_array().unwrap().len(), 4);
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.contains("infermesh") && chart.contains("nginx"));
+}
+
+#[test]
+fn compare_measures_two_proxy_builds_side_by_side() {
+    let _one = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    // The build to compare with: the same binary under another name, given
+    // relative to the directory compare runs in.
+    std::os::unix::fs::symlink(
+        infermesh_tests::binary("infermesh-proxy"),
+        dir.path().join("infermesh-proxy-before"),
+    )
+    .unwrap();
+    let scenario = dir.path().join("ab.yaml");
+    let comparison = |infermesh: &str| {
+        format!(
+            "rounds: 1\ntargets: [infermesh, infermesh-baseline]\nbackends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{{ name: mock-llm }}]\nload:\n  template: openai-chat\n  rate: 200\n  maxThroughput: false\n  connections: 4\n  duration: 500ms\n  warmup: 200ms\ninfermesh: {infermesh}\n"
+        )
+    };
+    let compare = || {
+        Command::new(infermesh_tests::binary("infermesh-bench"))
+            .current_dir(dir.path())
+            .arg("compare")
+            .arg(&scenario)
+            .arg("--json")
+            .arg("result.json")
+            .arg("--work")
+            .arg("work")
+            .output()
+            .unwrap()
+    };
+
+    std::fs::write(&scenario, comparison("{}")).unwrap();
+    let out = compare();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("infermesh.baselineBinary is missing"),
+        "a baseline without its binary is refused, naming the field:\n{stderr}"
+    );
+
+    std::fs::write(
+        &scenario,
+        comparison("{ baselineBinary: infermesh-proxy-before }"),
+    )
+    .unwrap();
+    let before = started_by_compare();
+    let out = compare();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
+    for target in ["infermesh", "infermesh-baseline"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {target} |")))
+            .unwrap_or_else(|| panic!("no row for {target}:\n{stdout}\n{stderr}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(
+            cells[cells.len() - 2],
+            "0",
+            "{target} had failed requests: {row}"
+        );
+        assert_ne!(
+            cells[10], "—",
+            "{target} has its proxy CPU per request: {row}"
+        );
+    }
+    let left: Vec<u32> = started_by_compare().difference(&before).copied().collect();
+    assert!(left.is_empty(), "compare left proxies running: {left:?}");
+    let work = dir.path().join("work");
+    let config = |name: &str| {
+        let text = std::fs::read_to_string(work.join(name)).unwrap();
+        // The listener's port (the first address) is the only difference.
+        let (head, tail) = text.split_once("127.0.0.1:").unwrap();
+        head.to_owned() + tail.trim_start_matches(|c: char| c.is_ascii_digit())
+    };
+    assert_eq!(
+        config("infermesh-baseline.yaml"),
+        config("infermesh.yaml"),
+        "the baseline runs the infermesh config"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
+            .unwrap();
+    let targets: Vec<&str> = report["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["infermesh", "infermesh-baseline"]);
 }
