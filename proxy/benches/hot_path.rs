@@ -10,11 +10,9 @@ use std::sync::Arc;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, Request};
 use infermesh_api::{BalancePolicy, HeaderMatch, PathMatch, RouteMatch, UpstreamProtocol};
-use infermesh_proxy::backend::{Endpoint, EndpointSet};
-use infermesh_proxy::balance::Balancer;
-use infermesh_proxy::headers::{add_forwarded, strip_hop_by_hop};
-use infermesh_proxy::pool::adapt_request;
-use infermesh_proxy::router::Router;
+use infermesh_proxy::hot_path::{
+    Balancer, Endpoint, EndpointSet, Router, adapt_request, add_forwarded, strip_hop_by_hop,
+};
 
 /// A route table like a gateway in front of `models` model servers: per
 /// model an OpenAI prefix, a KServe v2 exact path, and a tenant header rule.

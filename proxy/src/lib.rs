@@ -1,50 +1,54 @@
 //! The infermesh data plane: a streaming HTTP/1.1 and HTTP/2 proxy for
-//! model serving, run as a standalone gateway from one YAML file (and, in
-//! later work, as a mesh sidecar).
+//! model serving, run as a pod's sidecar or as a standalone gateway from
+//! one YAML file ([`run`]).
 //!
-//! A request goes through named phases ([`proxy`]): it is routed
-//! ([`router`]), forwarded through the rule's service stack ([`forward`]:
-//! [`timeout`] → [`headers`] → [`upgrade`] → backend split → [`balance`] →
-//! [`pool`]), answered, and observed ([`access_log`], [`metrics`]). The
-//! configuration is one immutable [`snapshot::Snapshot`] swapped atomically
-//! on reload; bodies are streamed frame by frame and never collected.
-//! [`intercept`] installs the iptables rules that send a pod's traffic
-//! through its sidecar proxy (`infermesh-proxy init`).
+//! The crate is built in layers, each a folder, each importing only from
+//! the layers below it (a test, `tests/layers.rs`, keeps that rule):
+//!
+//! | layer | owns |
+//! | --- | --- |
+//! | `app` | the process: gateway and sidecar runs, config and identity files, admin and health servers, logging |
+//! | `server` | listeners, each connection's and each request's phases, errors rendered as responses, the access log |
+//! | `snapshot` | the running config as one immutable value: routers, authorization, the build of services from config |
+//! | `route` | a rule's service stack: rate limit, timeouts, upgrades, mirror, retries with budget and replay, hedging, fan-out |
+//! | `backend` | endpoints, DNS, the connection pool, circuit breaker, outlier detection, peak EWMA, the endpoint pick |
+//! | `transport` | TLS, connecting to endpoints, original destination, protocol detection, TCP tunnels |
+//! | `core` | bodies, the error vocabulary and its classification, request context, header names, the metrics registry |
+//!
+//! A request goes down the layers and its response back up: the server
+//! accepts it and runs its phases (authorize, route, forward, respond,
+//! observe) against the serving snapshot; the matched rule's stack
+//! applies its policies and sends each attempt to a backend, whose
+//! balancer picks an endpoint and whose pool speaks HTTP to it over a
+//! transport connection. Bodies stream frame by frame and are never
+//! collected, except where a retry replays or a fan-out combines them.
+//!
+//! The public items below are what the `infermesh-proxy` binary and the
+//! hot-path benchmarks use; everything else is private to the crate.
 
 #![forbid(unsafe_code)]
 
-pub mod access_log;
-pub mod authorize;
-pub mod backend;
-pub mod balance;
-pub mod body;
-pub mod breaker;
-pub mod capture;
-pub mod config_file;
-pub mod error;
-pub mod fanout;
-pub mod forward;
-pub mod gateway;
-pub mod headers;
-pub mod hedge;
-pub mod identity;
-pub mod intercept;
-pub mod lifecycle;
-pub mod listener;
-pub mod logging;
-pub mod metrics;
-pub mod mirror;
-pub mod model;
-pub mod ops;
-pub mod outlier;
-pub mod pool;
-pub mod proxy;
-pub mod rate_limit;
-pub mod replay;
-pub mod retry;
-pub mod router;
-pub mod sidecar;
-pub mod snapshot;
-pub mod timeout;
-pub mod tls;
-pub mod upgrade;
+mod app;
+mod backend;
+mod core;
+mod route;
+mod server;
+mod snapshot;
+mod transport;
+
+pub use app::config_file::{ConfigFileError, load as load_config_file};
+pub use app::identity::IdentityFiles;
+pub use app::logging::{LogControl, LogFormat, init as init_logging};
+pub use app::run::{Mode, RunOptions, run};
+pub use app::sidecar::log_user as log_sidecar_user;
+
+/// The per-request work the proxy adds, public for the hot-path
+/// benchmarks (`benches/hot_path.rs`): route matching, header rules,
+/// adapting a request to the upstream's HTTP version, the endpoint pick.
+pub mod hot_path {
+    pub use crate::backend::endpoint::{Endpoint, EndpointSet};
+    pub use crate::backend::pick::Balancer;
+    pub use crate::backend::pool::adapt_request;
+    pub use crate::core::headers::{add_forwarded, strip_hop_by_hop};
+    pub use crate::snapshot::router::Router;
+}

@@ -8,15 +8,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use infermesh_api::Source;
-use infermesh_proxy::config_file::{self, ConfigFileError};
-use infermesh_proxy::gateway::{self, GatewayOptions};
-use infermesh_proxy::identity::IdentityFiles;
-use infermesh_proxy::intercept::{
-    self, CidrList, InterceptConfig, Iptables, Ipv4Cidr, PortList, Selection,
+use infermesh_init::{
+    self as intercept, CidrList, InterceptConfig, Iptables, Ipv4Cidr, PortList, Selection,
 };
-use infermesh_proxy::logging::{self, LogFormat};
-use infermesh_proxy::sidecar;
+use infermesh_proxy::{ConfigFileError, IdentityFiles, LogFormat, Mode, RunOptions};
 
 /// infermesh's proxy for model-serving traffic.
 #[derive(Parser, Debug)]
@@ -165,8 +160,9 @@ struct RunArgs {
 }
 
 impl RunArgs {
-    fn into_options(self, built_in: &'static [Source<'static>]) -> GatewayOptions {
-        GatewayOptions {
+    fn into_options(self, mode: Mode) -> RunOptions {
+        RunOptions {
+            mode,
             config: self.config,
             admin_address: self.admin_address,
             health_address: self.health_address,
@@ -177,7 +173,6 @@ impl RunArgs {
                 .zip(self.identity_key)
                 .zip(self.trust_bundle)
                 .map(|((cert, key), bundle)| IdentityFiles { cert, key, bundle }),
-            built_in,
         }
     }
 }
@@ -187,10 +182,17 @@ fn main() -> ExitCode {
     let sidecar = matches!(cli.command, Command::Sidecar(_));
     let options = match cli.command {
         Command::Check { config, sidecar } => {
-            return check(&config, if sidecar { sidecar::BUILT_IN } else { &[] });
+            return check(
+                &config,
+                if sidecar {
+                    Mode::Sidecar
+                } else {
+                    Mode::Gateway
+                },
+            );
         }
         Command::Init(args) => return init(&args),
-        Command::Gateway(args) => args.into_options(&[]),
+        Command::Gateway(args) => args.into_options(Mode::Gateway),
         Command::Sidecar(args) => {
             if args.identity_cert.is_none() {
                 eprintln!(
@@ -198,10 +200,10 @@ fn main() -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
-            args.into_options(sidecar::BUILT_IN)
+            args.into_options(Mode::Sidecar)
         }
     };
-    let log = match logging::init(cli.log_format, &cli.log_level) {
+    let log = match infermesh_proxy::init_logging(cli.log_format, &cli.log_level) {
         Ok(log) => Arc::new(log),
         Err(e) => {
             eprintln!("infermesh-proxy: {e}");
@@ -209,7 +211,7 @@ fn main() -> ExitCode {
         }
     };
     if sidecar {
-        sidecar::log_user();
+        infermesh_proxy::log_sidecar_user();
     }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.concurrency {
@@ -219,7 +221,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("the tokio runtime starts");
-    match runtime.block_on(gateway::run(options, log)) {
+    match runtime.block_on(infermesh_proxy::run(options, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -307,8 +309,8 @@ fn listed(items: &[String]) -> String {
         .join(", ")
 }
 
-fn check(path: &std::path::Path, built_in: &[Source<'_>]) -> ExitCode {
-    match config_file::load(path, built_in) {
+fn check(path: &std::path::Path, mode: Mode) -> ExitCode {
+    match infermesh_proxy::load_config_file(path, mode.built_in()) {
         Ok((config, _)) => {
             println!(
                 "{}: ok ({} listeners, {} backends, {} routes; version {})",

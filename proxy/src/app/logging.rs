@@ -1,0 +1,128 @@
+//! Logs through `tracing`: human-readable lines by default, or one JSON
+//! object per line (fields at the top level, as ELK and Loki ingest them),
+//! with a filter the admin `/log-level` endpoint changes at run time.
+//!
+//! Lines are written to standard output by a thread of their own, so a
+//! request never waits on the terminal or the log collector. If standard
+//! output stalls so long that the queue (128,000 lines) fills, further lines
+//! are dropped rather than traffic stopped, and counted in
+//! `infermesh_log_lines_dropped_total`.
+
+use std::io::IsTerminal;
+use std::sync::Mutex;
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines, coloured on a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Changes the log filter of the running process.
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+    current: Mutex<String>,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
+    /// Flushes the lines still queued when dropped, at exit.
+    _writer: tracing_appender::non_blocking::WorkerGuard,
+}
+
+impl LogControl {
+    /// The filter in force, in `RUST_LOG` syntax.
+    pub fn filter(&self) -> String {
+        self.current.lock().expect("log filter lock").clone()
+    }
+
+    /// A metric counting the log lines dropped because standard output
+    /// could not keep up.
+    pub fn dropped_lines_metric(&self) -> Box<dyn prometheus::core::Collector> {
+        Box::new(DroppedLines {
+            desc: prometheus::core::Desc::new(
+                DROPPED_LINES.into(),
+                DROPPED_LINES_HELP.into(),
+                Vec::new(),
+                Default::default(),
+            )
+            .expect("valid metric description"),
+            counter: self.dropped.clone(),
+        })
+    }
+
+    /// Replaces the filter, e.g. `debug` or `info,infermesh::access=off`.
+    pub fn set_filter(&self, directives: &str) -> Result<(), String> {
+        let filter = EnvFilter::try_new(directives)
+            .map_err(|e| format!("invalid log filter {directives:?}: {e}"))?;
+        self.handle.reload(filter).map_err(|e| e.to_string())?;
+        *self.current.lock().expect("log filter lock") = directives.to_owned();
+        Ok(())
+    }
+}
+
+/// Installs the global subscriber writing to standard output.
+pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
+    let filter = EnvFilter::try_new(directives)
+        .map_err(|e| anyhow::anyhow!("invalid log filter {directives:?}: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("infermesh-log")
+        // Lines queued together go out in one write; the thread flushes
+        // whenever it has drained the queue.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
+    let writer_errors = writer.error_counter();
+    let output = match format {
+        LogFormat::Human => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(std::io::stdout().is_terminal())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()?;
+    Ok(LogControl {
+        handle,
+        current: Mutex::new(directives.to_owned()),
+        dropped: writer_errors,
+        _writer: guard,
+    })
+}
+
+const DROPPED_LINES: &str = "infermesh_log_lines_dropped_total";
+const DROPPED_LINES_HELP: &str = "Log lines dropped because standard output could not keep up.";
+
+/// Reports the log writer's count of dropped lines when scraped.
+struct DroppedLines {
+    desc: prometheus::core::Desc,
+    counter: tracing_appender::non_blocking::ErrorCounter,
+}
+
+impl prometheus::core::Collector for DroppedLines {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let counter =
+            prometheus::IntCounter::new(DROPPED_LINES, DROPPED_LINES_HELP).expect("valid counter");
+        counter.inc_by(self.counter.dropped_lines() as u64);
+        prometheus::core::Collector::collect(&counter)
+    }
+}

@@ -1,0 +1,15 @@
+//! The app layer: the proxy as a process. Running it as a gateway or a
+//! sidecar and applying config changes ([`run`]), its config file
+//! ([`config_file`]) and identity files ([`identity`]), both watched, the
+//! admin and health servers ([`admin`]), readiness and drain
+//! ([`lifecycle`]), logging ([`logging`]), the sidecar's built-in capture
+//! listeners ([`sidecar`]) and the config metrics ([`metrics`]).
+
+pub(crate) mod admin;
+pub(crate) mod config_file;
+pub(crate) mod identity;
+pub(crate) mod lifecycle;
+pub(crate) mod logging;
+pub(crate) mod metrics;
+pub(crate) mod run;
+pub(crate) mod sidecar;

@@ -1,0 +1,587 @@
+//! Upstream connections to one endpoint: connect within the backend's
+//! connect timeout, then speak HTTP/1.1 (one exchange per connection at a
+//! time; idle connections kept for reuse, newest first) or HTTP/2 (one
+//! shared, multiplexed connection). Requests are adapted to the upstream's
+//! HTTP version here, whatever version the client spoke.
+//!
+//! A request that a reused connection refused before sending a byte (the
+//! server closed it while idle) is sent again on another connection; this is
+//! safe for any method, as nothing reached the server.
+//!
+//! Every open connection holds a permit of the backend's `maxConnections`.
+//! An HTTP/1.1 request that needs a new connection when none is left waits
+//! as a pending request (bounded by `maxPendingRequests`); meanwhile one
+//! idle connection of the backend is closed, and connections that finish
+//! an exchange are closed rather than kept idle, so their permits pass to
+//! the waiters. An HTTP/2 endpoint without its connection is refused at
+//! once when none is left, since HTTP/2 connections are not given up
+//! while they work.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use http::header::HOST;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use infermesh_api::UpstreamProtocol;
+use prometheus::IntGauge;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::backend::breaker::Breaker;
+use crate::core::body::ProxyBody;
+use crate::core::error::ErrorKind;
+use crate::core::headers::note_original_protocol;
+use crate::transport::connect::{BoxedIo, Connector};
+
+/// How a backend's connections are made and kept.
+pub(crate) struct PoolSettings {
+    /// The HTTP version spoken upstream.
+    pub protocol: UpstreamProtocol,
+    /// Limit on each TCP connect.
+    pub connect_timeout: Duration,
+    /// Idle HTTP/1.1 connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    pub max_idle: usize,
+    /// `infermesh_upstream_connections{backend}`.
+    pub open_gauge: IntGauge,
+    /// The backend's limits, whose connection permits every open
+    /// connection holds.
+    pub breaker: Arc<Breaker>,
+    /// Closes the longest-idle connection of one of the backend's
+    /// endpoints, if one is idle: what frees a connection permit when the
+    /// connection limit is reached. A narrow handle on the backend's
+    /// endpoints, which the pool otherwise knows nothing of.
+    pub reclaim_idle: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Opens the connections: TCP, and mutual TLS when the backend asks
+    /// for it.
+    pub connector: Arc<dyn Connector>,
+}
+
+impl std::fmt::Debug for PoolSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolSettings")
+            .field("protocol", &self.protocol)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_idle", &self.max_idle)
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolSettings {
+    /// A permit for one more connection: at once when the backend is
+    /// below its limit; otherwise after closing one idle connection, as one
+    /// of the bounded pending requests.
+    async fn connection_permit(&self) -> Result<OwnedSemaphorePermit, ErrorKind> {
+        if let Some(permit) = self.breaker.try_connection() {
+            return Ok(permit);
+        }
+        (self.reclaim_idle)();
+        self.breaker.wait_for_connection().await
+    }
+}
+
+/// How often an idle HTTP/2 upstream connection is checked with a PING, and
+/// how long the answer may take before the connection is given up: a
+/// backend whose host vanished without a reset is found within half a
+/// minute.
+const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One endpoint's connections.
+#[derive(Debug, Default)]
+pub struct Connections {
+    idle: Mutex<Vec<IdleConnection>>,
+    shared: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    connecting: tokio::sync::Mutex<()>,
+    /// Failed HTTP/2 connects so far, and the last one's cause: requests
+    /// that waited for a connect that failed fail with it at once rather
+    /// than each trying again in turn.
+    connect_failures: std::sync::atomic::AtomicU64,
+    last_connect_failure: Mutex<Option<ConnectFailure>>,
+    open: Arc<AtomicI64>,
+}
+
+/// A failed connect, kept to answer the requests that waited on it.
+#[derive(Clone, Debug)]
+enum ConnectFailure {
+    Timeout(Duration),
+    Refused(std::io::ErrorKind, String),
+}
+
+impl ConnectFailure {
+    fn of(error: &ErrorKind) -> Option<Self> {
+        match error {
+            ErrorKind::ConnectTimeout(after) => Some(ConnectFailure::Timeout(*after)),
+            ErrorKind::ConnectFailed(e) => Some(ConnectFailure::Refused(e.kind(), e.to_string())),
+            _ => None,
+        }
+    }
+
+    fn to_error(&self) -> ErrorKind {
+        match self {
+            ConnectFailure::Timeout(after) => ErrorKind::ConnectTimeout(*after),
+            ConnectFailure::Refused(kind, message) => {
+                ErrorKind::ConnectFailed(std::io::Error::new(*kind, message.clone()))
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct IdleConnection {
+    sender: http1::SendRequest<ProxyBody>,
+    held: UpstreamConnection,
+    since: Instant,
+}
+
+/// Keeps an HTTP/1.1 upstream connection counted (its `maxConnections`
+/// permit and the open-connections gauge) while held. Every response from
+/// such a connection carries one in its extensions: a connection that
+/// switched protocols lives on in the tunnel, which holds it until it
+/// closes.
+#[derive(Clone, Debug)]
+pub(crate) struct UpstreamConnection {
+    _open: Arc<OpenConnection>,
+}
+
+impl Connections {
+    /// Connections currently open to this endpoint.
+    pub fn open(&self) -> i64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Idle HTTP/1.1 connections waiting for reuse.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().expect("idle list lock").len()
+    }
+
+    /// Closes idle connections that outlived `idle_timeout` or that the
+    /// server has closed.
+    pub fn close_expired(&self, idle_timeout: Duration) {
+        let now = Instant::now();
+        self.idle
+            .lock()
+            .expect("idle list lock")
+            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
+    }
+
+    fn checkout(
+        &self,
+        idle_timeout: Duration,
+    ) -> Option<(http1::SendRequest<ProxyBody>, UpstreamConnection)> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("idle list lock");
+        while let Some(c) = idle.pop() {
+            if c.sender.is_ready() && now.duration_since(c.since) < idle_timeout {
+                return Some((c.sender, c.held));
+            }
+        }
+        None
+    }
+
+    /// Closes the longest-idle connection, if there is one.
+    pub fn close_oldest_idle(&self) -> bool {
+        let mut idle = self.idle.lock().expect("idle list lock");
+        if idle.is_empty() {
+            return false;
+        }
+        idle.remove(0);
+        true
+    }
+
+    fn put_back(
+        &self,
+        sender: http1::SendRequest<ProxyBody>,
+        held: UpstreamConnection,
+        settings: &PoolSettings,
+    ) {
+        if settings.breaker.has_waiters() {
+            return; // Closing it hands its permit to a waiting request.
+        }
+        let mut idle = self.idle.lock().expect("idle list lock");
+        if idle.len() < settings.max_idle {
+            idle.push(IdleConnection {
+                sender,
+                held,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// Sends `request` to the endpoint at `addr` and returns its response head
+/// (the body streams on).
+pub(crate) async fn send(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    if settings.connector.is_mesh_peer() {
+        // A mesh peer: its inbound sidecar speaks to its app in the
+        // version the app's caller spoke, whatever this hop speaks.
+        note_original_protocol(&mut request);
+    }
+    adapt_request(&mut request, settings.protocol, addr);
+    let mut response = match settings.protocol {
+        UpstreamProtocol::Http1 => send_http1(connections, addr, settings, request).await,
+        UpstreamProtocol::Http2 => send_http2(connections, addr, settings, request).await,
+    }?;
+    // The version belongs to the upstream hop; the client's connection
+    // answers in its own (an HTTP/1.0 server must not make it HTTP/1.0).
+    *response.version_mut() = Version::default();
+    Ok(response)
+}
+
+/// Sends `request` on a connection of its own, outside the pool and its
+/// limits, closed when the exchange ends: for health checks, which must
+/// neither queue behind traffic nor take its connection slots.
+pub(crate) async fn send_alone(
+    addr: SocketAddr,
+    settings: &PoolSettings,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    adapt_request(&mut request, settings.protocol, addr);
+    let io = connect(addr, settings).await?;
+    let sent = match settings.protocol {
+        UpstreamProtocol::Http1 => {
+            let (mut sender, connection) = http1::Builder::new()
+                .handshake::<_, ProxyBody>(io)
+                .await
+                .map_err(ErrorKind::UpstreamReset)?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        }
+        UpstreamProtocol::Http2 => {
+            let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake::<_, ProxyBody>(io)
+                .await
+                .map_err(ErrorKind::UpstreamReset)?;
+            tokio::spawn(connection);
+            sender.send_request(request).await
+        }
+    };
+    let mut response = sent.map_err(ErrorKind::from_upstream)?;
+    *response.version_mut() = Version::default();
+    Ok(response)
+}
+
+async fn send_http1(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    while let Some((mut sender, held)) = connections.checkout(settings.idle_timeout) {
+        match sender.try_send_request(request).await {
+            Ok(mut response) => {
+                response.extensions_mut().insert(held.clone());
+                return_when_ready(connections.clone(), settings.clone(), sender, held);
+                return Ok(response);
+            }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => request = unsent,
+                None => return Err(ErrorKind::from_upstream(e.into_error())),
+            },
+        }
+    }
+    let permit = settings.connection_permit().await?;
+    let io = connect(addr, settings).await?;
+    let (mut sender, connection) = http1::Builder::new()
+        .handshake::<_, ProxyBody>(io)
+        .await
+        .map_err(ErrorKind::UpstreamReset)?;
+    let held = UpstreamConnection {
+        _open: Arc::new(OpenConnection::new(connections, settings, permit)),
+    };
+    let guard = held.clone();
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
+        }
+        drop(guard);
+    });
+    let mut response = sender
+        .send_request(request)
+        .await
+        .map_err(ErrorKind::from_upstream)?;
+    response.extensions_mut().insert(held.clone());
+    return_when_ready(connections.clone(), settings.clone(), sender, held);
+    Ok(response)
+}
+
+/// An HTTP/1.1 connection can take the next request once the current
+/// response body has been read to its end; park it until then. It is
+/// dropped (and closed) instead if the exchange broke it or it upgraded.
+fn return_when_ready(
+    connections: Arc<Connections>,
+    settings: Arc<PoolSettings>,
+    mut sender: http1::SendRequest<ProxyBody>,
+    held: UpstreamConnection,
+) {
+    tokio::spawn(async move {
+        if sender.ready().await.is_ok() {
+            connections.put_back(sender, held, &settings);
+        }
+    });
+}
+
+async fn send_http2(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+    mut request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    let mut reconnected = false;
+    loop {
+        let shared = match connections.shared.load_full() {
+            Some(s) if !s.is_closed() => s,
+            _ => {
+                reconnected = true;
+                connect_http2(connections, addr, settings).await?
+            }
+        };
+        let mut sender = (*shared).clone();
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok(response),
+            Err(mut e) => match e.take_message() {
+                // The shared connection was closing (GOAWAY): forget it,
+                // unless another request already replaced it, and make
+                // one fresh try.
+                Some(unsent) if !reconnected => {
+                    connections.shared.compare_and_swap(&shared, None);
+                    request = unsent;
+                }
+                _ => return Err(ErrorKind::from_upstream(e.into_error())),
+            },
+        }
+    }
+}
+
+/// Returns the shared HTTP/2 connection, making it if none is open. One
+/// caller connects while the others wait for its result; if that connect
+/// fails, the waiters fail with it at once.
+async fn connect_http2(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+) -> Result<Arc<http2::SendRequest<ProxyBody>>, ErrorKind> {
+    let failures_before = connections.connect_failures.load(Ordering::Acquire);
+    let _one_at_a_time = connections.connecting.lock().await;
+    if let Some(s) = connections.shared.load_full()
+        && !s.is_closed()
+    {
+        return Ok(s);
+    }
+    if connections.connect_failures.load(Ordering::Acquire) != failures_before
+        && let Some(failure) = connections
+            .last_connect_failure
+            .lock()
+            .expect("connect failure lock")
+            .clone()
+    {
+        return Err(failure.to_error());
+    }
+    let permit = settings.breaker.connection_now()?;
+    let io = match connect(addr, settings).await {
+        Ok(io) => io,
+        Err(e) => {
+            *connections
+                .last_connect_failure
+                .lock()
+                .expect("connect failure lock") = ConnectFailure::of(&e);
+            connections.connect_failures.fetch_add(1, Ordering::Release);
+            return Err(e);
+        }
+    };
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .keep_alive_interval(HTTP2_PING_INTERVAL)
+        .keep_alive_timeout(HTTP2_PING_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake::<_, ProxyBody>(io)
+        .await
+        .map_err(ErrorKind::UpstreamReset)?;
+    let guard = OpenConnection::new(connections, settings, permit);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
+        }
+        drop(guard);
+    });
+    let sender = Arc::new(sender);
+    connections.shared.store(Some(sender.clone()));
+    Ok(sender)
+}
+
+/// Connects to the endpoint at `addr` through the backend's connector
+/// (with TLS when the backend asks for it), all within the backend's
+/// connect timeout.
+async fn connect(addr: SocketAddr, settings: &PoolSettings) -> Result<TokioIo<BoxedIo>, ErrorKind> {
+    let timeout = settings.connect_timeout;
+    match tokio::time::timeout(timeout, settings.connector.connect(addr)).await {
+        Err(_) => Err(ErrorKind::ConnectTimeout(timeout)),
+        Ok(result) => result.map(TokioIo::new),
+    }
+}
+
+/// Counts one open upstream connection, and holds its permit, for as long
+/// as it lives.
+#[derive(Debug)]
+struct OpenConnection {
+    open: Arc<AtomicI64>,
+    gauge: IntGauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OpenConnection {
+    fn new(
+        connections: &Connections,
+        settings: &PoolSettings,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        connections.open.fetch_add(1, Ordering::Relaxed);
+        settings.open_gauge.inc();
+        OpenConnection {
+            open: connections.open.clone(),
+            gauge: settings.open_gauge.clone(),
+            _permit: permit,
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// Rewrites the request line for the upstream's HTTP version, keeping the
+/// host the client asked for: HTTP/1.1 gets an origin-form target and a
+/// `Host` header; HTTP/2 gets an absolute URI whose authority becomes
+/// `:authority`.
+///
+/// The client's host is the request's authority (HTTP/2 `:authority`, or an
+/// absolute-form HTTP/1.1 target) when it has one, as RFC 9112 §3.2.2 and
+/// RFC 9113 §8.3.1 say, else its `Host` header: the same host the route
+/// was matched on.
+pub fn adapt_request<B>(
+    request: &mut Request<B>,
+    protocol: UpstreamProtocol,
+    endpoint: SocketAddr,
+) {
+    let from_uri = request.uri().authority().cloned();
+    let authority = from_uri
+        .clone()
+        .or_else(|| {
+            request
+                .headers()
+                .get(HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        })
+        .unwrap_or_else(|| {
+            Authority::try_from(endpoint.to_string()).expect("a socket address is an authority")
+        });
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            *request.version_mut() = Version::HTTP_11;
+            if (from_uri.is_some() || !request.headers().contains_key(HOST))
+                && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            {
+                request.headers_mut().insert(HOST, host);
+            }
+            *request.uri_mut() = Uri::from(path);
+        }
+        UpstreamProtocol::Http2 => {
+            *request.version_mut() = Version::HTTP_2;
+            request.headers_mut().remove(HOST);
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(authority);
+            parts.path_and_query = Some(path);
+            *request.uri_mut() =
+                Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> SocketAddr {
+        "10.0.0.1:8000".parse().unwrap()
+    }
+
+    #[test]
+    fn http2_client_to_http1_upstream_keeps_the_host() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("http://models.example.com/v1/chat?x=1")
+            .body(())
+            .unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
+        assert_eq!(req.uri(), "/v1/chat?x=1");
+        assert_eq!(req.headers()[HOST], "models.example.com");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn http1_client_to_http2_upstream_moves_host_to_authority() {
+        let mut req = Request::builder()
+            .uri("/v2/models/m/infer")
+            .header(HOST, "models.example.com:8080")
+            .body(())
+            .unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http2, endpoint());
+        assert_eq!(
+            req.uri(),
+            "http://models.example.com:8080/v2/models/m/infer"
+        );
+        assert!(!req.headers().contains_key(HOST));
+        assert_eq!(req.version(), Version::HTTP_2);
+    }
+
+    #[test]
+    fn the_authority_wins_over_a_different_host_header() {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let mut req = Request::builder()
+                .version(version)
+                .uri("http://public.example.com/v1/models")
+                .header(HOST, "internal.example.com")
+                .body(())
+                .unwrap();
+            adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
+            assert_eq!(req.headers()[HOST], "public.example.com", "{version:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_without_host_names_the_endpoint() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_10)
+            .uri("/")
+            .body(())
+            .unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
+        assert_eq!(req.headers()[HOST], "10.0.0.1:8000");
+    }
+}

@@ -1,0 +1,68 @@
+//! What a request or a response carries in its extensions as it passes the
+//! layers: the connection it came on (set by the server), the attempt the
+//! retry layer is making (read by the endpoint pick), the endpoint that
+//! answered (set by the balancer, read by retries, fan-out and the access
+//! log) and the model its body names (set by the model peek). Each is a
+//! plain value type, so every layer can read what the others wrote
+//! without depending on them.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use infermesh_api::Capture;
+
+/// Identifies a bound listener socket; it stays the same across reloads
+/// that keep the listener's address.
+pub(crate) type ListenerId = u64;
+
+/// What a request knows about the connection it came on.
+#[derive(Debug)]
+pub(crate) struct ConnectionInfo {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The listener socket that accepted it.
+    pub listener: ListenerId,
+    /// The scheme the client used (`http`, or `https` over TLS).
+    pub scheme: &'static str,
+    /// The SPIFFE ID the client presented over mutual TLS.
+    pub peer_identity: Option<Arc<str>>,
+    /// Where the client was connecting to before iptables redirected it
+    /// to a capture listener.
+    pub original_destination: Option<SocketAddr>,
+    /// The pod traffic the listener captures, for a sidecar's.
+    pub capture: Option<Capture>,
+}
+
+/// Which backend and endpoint answered; found in the extensions of every
+/// response that came from upstream.
+#[derive(Clone, Debug)]
+pub(crate) struct Upstream {
+    /// The backend's name.
+    pub backend: Arc<str>,
+    /// The endpoint's address.
+    pub endpoint: SocketAddr,
+    /// Retries made before this answer.
+    pub retries: u32,
+}
+
+/// What the retry layer tells the endpoint pick about one attempt.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Attempt {
+    /// 0 for the first attempt, then 1, 2, ... for retries.
+    pub retry: u32,
+    /// Endpoints this request already failed on, to be avoided.
+    pub avoid: Vec<SocketAddr>,
+    /// Limit on this attempt's wait for response headers.
+    pub timeout: Option<Duration>,
+    /// A hedge: sent only to an endpoint no other attempt of the request
+    /// uses.
+    pub hedge: bool,
+    /// Endpoints the request's other attempts in flight use (when it is
+    /// hedged): each attempt adds its pick and avoids the others'.
+    pub siblings: Option<Arc<Mutex<Vec<SocketAddr>>>>,
+}
+
+/// The model named in a request's body, once read.
+#[derive(Clone, Debug)]
+pub(crate) struct BodyModel(pub Option<Arc<str>>);

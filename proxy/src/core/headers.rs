@@ -1,0 +1,312 @@
+//! Header names and header rules at the proxy boundary: the names of the
+//! proxy's own headers; hop-by-hop headers (RFC 9110 §7.6.1) never cross
+//! the proxy in either direction; forwarded requests say who the client
+//! was (`x-forwarded-for`, `x-forwarded-proto`); sidecars tell each other
+//! the HTTP version of the app that made a request; and reading
+//! `Retry-After`.
+
+use std::fmt::Write;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use infermesh_api::UpstreamProtocol;
+
+use crate::core::body::ProxyBody;
+use crate::core::context::ConnectionInfo;
+
+/// The header naming the reason of a proxy-made error response
+/// (`x-infermesh-error: <reason>`), so a proxy timeout is never mistaken
+/// for a model failure.
+pub(crate) const ERROR_HEADER: &str = "x-infermesh-error";
+
+/// The response header that reports a fan-out, one entry per branch in the
+/// order they are configured, as a structured-field list (RFC 8941):
+/// `llama;outcome=used;status=200;ms=41.2, qwen;outcome=deadline;ms=2000.0`.
+pub(crate) const FANOUT_HEADER: &str = "x-infermesh-fanout";
+
+/// The header that carries, between sidecars, the HTTP version the app
+/// that made a request spoke, so that the sidecar in front of the app
+/// that answers speaks that version to it (HTTP/1.1 to a uvicorn server,
+/// HTTP/2 to a gRPC one) whatever version the two sidecars speak.
+pub(crate) const ORIGINAL_PROTOCOL: &str = "x-infermesh-original-protocol";
+
+/// `x-forwarded-for`: the chain of client addresses.
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `x-forwarded-proto`: the scheme the client used.
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Headers that describe one connection, not the message. `te` is handled
+/// apart, since `te: trailers` must reach gRPC servers.
+static HOP_BY_HOP: [HeaderName; 3] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    TRANSFER_ENCODING,
+];
+
+/// Whether `request` asks to switch protocols on its connection (an
+/// HTTP/1.1 `Connection: upgrade` with an `Upgrade` header, as WebSocket
+/// does).
+pub(crate) fn is_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() <= Version::HTTP_11
+        && request.method() != Method::CONNECT
+        && request.headers().contains_key(UPGRADE)
+        && connection_tokens(request.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers: the fixed list, and every header the
+/// `Connection` header names. With `keep_upgrade`, `Upgrade` and
+/// `Connection: upgrade` survive, so a protocol switch can be forwarded.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(CONNECTION) {
+        // `Connection: TE` is how a client says it sent `TE` (RFC 9110
+        // §10.1.4); `te: trailers` is handled below, not dropped here.
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+            .filter(|t| !t.eq_ignore_ascii_case("te"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(UPGRADE);
+    } else {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // `te` may only say `trailers` past a proxy (and in HTTP/2 at all).
+    if let Some(te) = headers.get(TE) {
+        let wants_trailers = te
+            .to_str()
+            .map(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+            .unwrap_or(false);
+        if wants_trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(TE);
+        }
+    }
+}
+
+/// Appends the client's address to `x-forwarded-for` and sets
+/// `x-forwarded-proto` to the scheme the client used, overwriting what the
+/// client sent (it cannot be trusted at the edge).
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
+    // Earlier hops may have sent several header lines; keep them all.
+    let mut value = String::with_capacity(64);
+    for existing in headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        if !existing.trim().is_empty() {
+            value.push_str(existing.trim());
+            value.push_str(", ");
+        }
+    }
+    let _ = write!(value, "{client}");
+    if let Ok(value) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+}
+
+/// Applies this module's rules to a request going upstream: hop-by-hop
+/// headers out, forwarded headers in. A sidecar's capture listeners leave
+/// the forwarded headers as the app sent them: a sidecar is not a hop the
+/// app knows of (as Envoy sidecars and Linkerd do).
+pub(crate) fn to_upstream(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
+    let upgrade = is_upgrade(&request);
+    strip_hop_by_hop(request.headers_mut(), upgrade);
+    if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned()
+        && conn.capture.is_none()
+    {
+        add_forwarded(request.headers_mut(), conn.client.ip(), conn.scheme);
+    }
+    request
+}
+
+/// Applies this module's rules to a response going back to the client:
+/// hop-by-hop headers out, unless the response switches protocols.
+pub(crate) fn to_downstream(mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(response.headers_mut(), switching);
+    response
+}
+
+/// Notes the version of `request` in [`ORIGINAL_PROTOCOL`], unless an
+/// earlier hop already did.
+pub(crate) fn note_original_protocol<B>(request: &mut Request<B>) {
+    if !request.headers().contains_key(ORIGINAL_PROTOCOL) {
+        let version = if request.version() == Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        };
+        request
+            .headers_mut()
+            .insert(ORIGINAL_PROTOCOL, HeaderValue::from_static(version));
+    }
+}
+
+/// The version to speak to the app for `request`: the one its caller's app
+/// spoke (taking the header off), or the one it came in.
+pub(crate) fn take_original_protocol<B>(request: &mut Request<B>) -> UpstreamProtocol {
+    match request.headers_mut().remove(ORIGINAL_PROTOCOL) {
+        Some(v) if v == "HTTP/2" => UpstreamProtocol::Http2,
+        Some(_) => UpstreamProtocol::Http1,
+        None if request.version() == Version::HTTP_2 => UpstreamProtocol::Http2,
+        None => UpstreamProtocol::Http1,
+    }
+}
+
+/// How long a response's `Retry-After` asks to wait: delay-seconds or an
+/// HTTP date (RFC 9110 §10.2.3). A date in the past is no wait at all.
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(std::time::Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn removes_fixed_and_connection_listed_headers() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Session"),
+            ("keep-alive", "timeout=5"),
+            ("x-session", "abc"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+            ("content-type", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers_for_grpc() {
+        let mut h = headers(&[("te", "trailers, deflate")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[TE], "trailers");
+    }
+
+    #[test]
+    fn keeps_te_trailers_when_connection_names_te() {
+        let mut h = headers(&[("connection", "TE"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h[TE], "trailers");
+        assert!(!h.contains_key(CONNECTION));
+    }
+
+    #[test]
+    fn keeps_upgrade_when_forwarding_a_protocol_switch() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, keep-alive"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[UPGRADE], "websocket");
+        assert_eq!(h[CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn detects_upgrade_requests() {
+        let req = Request::builder()
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(is_upgrade(&req));
+        let plain = Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(!is_upgrade(&plain));
+    }
+
+    #[test]
+    fn forwarded_for_appends_and_proto_overwrites() {
+        let mut h = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        let mut several = headers(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+        ]);
+        add_forwarded(&mut several, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(several.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(
+            several[&X_FORWARDED_FOR],
+            "203.0.113.9, 10.0.0.1, 10.0.0.2, 127.0.0.1"
+        );
+        let mut fresh = HeaderMap::new();
+        add_forwarded(&mut fresh, "::1".parse().unwrap(), "http");
+        assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let seconds = headers(&[("retry-after", "7")]);
+        assert_eq!(
+            retry_after(&seconds),
+            Some(std::time::Duration::from_secs(7))
+        );
+        let in_a_minute = std::time::SystemTime::now() + std::time::Duration::from_secs(61);
+        let date = headers(&[("retry-after", &httpdate::fmt_http_date(in_a_minute))]);
+        let wait = retry_after(&date).unwrap();
+        assert!((59..=61).contains(&wait.as_secs()), "{wait:?}");
+        let past = headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
+        assert_eq!(retry_after(&past), Some(std::time::Duration::ZERO));
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+}

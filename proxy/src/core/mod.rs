@@ -1,0 +1,14 @@
+//! The bottom layer: the vocabulary every other layer speaks, importing
+//! nothing else of the crate. The body type and its helpers ([`body`]),
+//! the error vocabulary with its own classification ([`error`]), what a
+//! request carries in its extensions ([`context`]), header names and
+//! header rules ([`headers`]), the model a request names ([`model`]) and
+//! the metrics registry every layer registers its families in
+//! ([`metrics`]).
+
+pub(crate) mod body;
+pub(crate) mod context;
+pub(crate) mod error;
+pub(crate) mod headers;
+pub(crate) mod metrics;
+pub(crate) mod model;

@@ -1,0 +1,178 @@
+//! A route rule's service stack, built once per rule when a config is
+//! applied. The `forward` action:
+//!
+//! ```text
+//! rate limit ─► timeouts ─► forwarded headers ─► upgrade ─► mirror ─► retry
+//!            ─► backend split ─► balance (breaker, endpoint pick) ─► pool
+//! ```
+//!
+//! The `fanout` action ([`crate::route::fanout`]) shares the top of the
+//! stack:
+//!
+//! ```text
+//! rate limit ─► timeouts ─► forwarded headers ─► fanout ─► N × balance ─► pool
+//! ```
+//!
+//! The order is the design. The rate limit is first, so a refused request
+//! costs nothing and is never retried. The rule's timeouts sit above the
+//! retries: they bound the request as the client sees it, all attempts
+//! included. Retries sit above the split and the balancer, so that each
+//! attempt picks its backend and endpoint afresh (avoiding the ones that
+//! failed) and counts against the limits of the backend it lands on.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use infermesh_api::{BackendRef, RetryPolicy, RouteRule};
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+
+use crate::backend::Backend;
+use crate::backend::balance::Balance;
+use crate::core::body::{BoxFuture, ProxyBody};
+use crate::core::error::ProxyError;
+use crate::core::headers;
+use crate::route::fanout::{Branch, Fanout};
+use crate::route::metrics::Metrics;
+use crate::route::mirror::MirrorLayer;
+use crate::route::rate_limit::{RateLimitLayer, TokenBucket};
+use crate::route::retry::{Retries, RetryLayer};
+use crate::route::split::Split;
+use crate::route::timeout::{Limits, TimeoutLayer};
+use crate::route::upgrade::UpgradeLayer;
+
+/// The service a rule's requests go through.
+pub(crate) type RuleService =
+    BoxCloneSyncService<Request<ProxyBody>, Response<ProxyBody>, ProxyError>;
+
+/// A rule, built: the name of its route (for logs and metrics) and its
+/// service stack.
+pub(crate) struct RuleStack {
+    /// The route's `metadata.name`.
+    pub route: Arc<str>,
+    /// The rule's service stack.
+    pub service: RuleService,
+}
+
+impl RuleStack {
+    /// Builds the stack of `rule`, a rule of `route`. Every backend it
+    /// names must be in `backends` (a validated config guarantees it).
+    pub(crate) fn build(
+        rule: &RouteRule,
+        route: &Arc<str>,
+        backends: &BTreeMap<String, Arc<Backend>>,
+        metrics: &Metrics,
+    ) -> Self {
+        RuleStack {
+            route: route.clone(),
+            service: rule_service(rule, route, backends, metrics),
+        }
+    }
+
+    /// Sends `request` through the stack. (A plain function returning a
+    /// boxed future: the future's type does not name the service's, which
+    /// rustc cannot yet prove `Send` inside an async block.)
+    pub(crate) fn send(
+        &self,
+        request: Request<ProxyBody>,
+    ) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
+        Box::pin(self.service.clone().oneshot(request))
+    }
+}
+
+fn rule_service(
+    rule: &RouteRule,
+    route: &Arc<str>,
+    backends: &BTreeMap<String, Arc<Backend>>,
+    metrics: &Metrics,
+) -> RuleService {
+    let mut limits = Limits::from_config(&rule.timeouts);
+    // A fan-out answers with what has arrived at its deadline, into which
+    // the rule's limits on the time to the answer are folded: they must not
+    // cut the fan-out off above it.
+    if rule.fanout.is_some() {
+        limits.response_headers = None;
+        limits.first_event = None;
+    }
+    let rate_limit = rule.rate_limit.map(|limit| {
+        RateLimitLayer::new(TokenBucket::new(
+            limit.requests_per_second,
+            limit.burst(),
+            metrics.rate_limited.with_label_values(&[&**route]),
+        ))
+    });
+    let top = ServiceBuilder::new()
+        .option_layer(rate_limit)
+        .layer(TimeoutLayer::new(limits))
+        .map_request(headers::to_upstream)
+        .map_response(headers::to_downstream);
+    if let Some(fanout) = &rule.fanout {
+        let branches = fanout
+            .branches
+            .iter()
+            .map(|b| Branch {
+                name: Arc::from(b.name.as_str()),
+                service: BoxCloneSyncService::new(Balance::new(backends[&b.backend].clone())),
+                model: b.model.as_deref().map(Arc::from),
+                path: b.path.as_deref().map(Arc::from),
+                timeout: b.timeout.non_zero(),
+                required: b.required,
+                weight: b.weight,
+            })
+            .collect();
+        return BoxCloneSyncService::new(top.service(Fanout::new(
+            fanout,
+            rule.fanout_deadline(),
+            branches,
+            route,
+            metrics,
+        )));
+    }
+    let split = Split::new(
+        rule.backends
+            .iter()
+            .map(|r| (Balance::new(backends[&r.name].clone()), r.weight))
+            .collect(),
+    );
+    let mirror = rule.mirror.as_ref().map(|mirror| {
+        let shadow = ServiceBuilder::new()
+            .layer(TimeoutLayer::new(limits))
+            .service(Balance::new(backends[&mirror.backend].clone()));
+        MirrorLayer::new(
+            BoxCloneSyncService::new(shadow),
+            &mirror.backend,
+            mirror.percent,
+            metrics,
+        )
+    });
+    BoxCloneSyncService::new(
+        top.layer(UpgradeLayer)
+            .option_layer(mirror)
+            .layer(RetryLayer::new(Retries::new(
+                &rule.retry,
+                rule.hedge.as_ref(),
+                route,
+                metrics,
+            )))
+            .service(split),
+    )
+}
+
+/// A rule that sends every request to `backend`, with every default: what
+/// a request to one of a backend's addresses goes through.
+pub(crate) fn default_rule(backend: &str) -> RouteRule {
+    RouteRule {
+        matches: Vec::new(),
+        backends: vec![BackendRef {
+            name: backend.to_owned(),
+            weight: 1,
+        }],
+        timeouts: Default::default(),
+        retry: RetryPolicy::default(),
+        mirror: None,
+        rate_limit: None,
+        hedge: None,
+        fanout: None,
+    }
+}

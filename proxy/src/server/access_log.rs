@@ -1,0 +1,274 @@
+//! Observing each request once its response has ended: one access-log line
+//! (target `infermesh::access`) and the request metrics.
+//!
+//! The response body is wrapped so that the record is written when the last
+//! frame goes out, when the body fails (a timeout or a backend reset
+//! mid-stream), or when the client goes away first.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::core::body::{BoxError, ProxyBody, boxed};
+use crate::core::context::Upstream;
+use crate::core::error::{ErrorKind, ProxyError};
+use crate::core::headers::FANOUT_HEADER;
+use crate::server::shared::Shared;
+
+/// What is known about one request, filled in as it goes through the
+/// phases and written out when its response ends.
+#[derive(Debug)]
+pub(crate) struct RequestRecord {
+    started: Instant,
+    method: Method,
+    uri: http::Uri,
+    host: Option<http::HeaderValue>,
+    version: Version,
+    client: SocketAddr,
+    peer_identity: Option<Arc<str>>,
+    listener: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    backend: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    retries: u32,
+    first_byte: Option<Duration>,
+    /// Whether the response is a stream of server-sent events.
+    streamed: bool,
+    first_event: Option<Duration>,
+    /// A fan-out's report of its branches (`x-infermesh-fanout`).
+    fanout: Option<http::HeaderValue>,
+    status: StatusCode,
+    error: Option<&'static str>,
+    detail: Option<String>,
+    shared: Arc<Shared>,
+}
+
+impl RequestRecord {
+    /// Starts the record of `request`, which arrived at `started` from
+    /// `client` (with its SPIFFE ID over mutual TLS), on `listener`.
+    pub(crate) fn start<B>(
+        request: &Request<B>,
+        started: Instant,
+        client: SocketAddr,
+        peer_identity: Option<Arc<str>>,
+        listener: Option<Arc<str>>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        RequestRecord {
+            started,
+            method: request.method().clone(),
+            // Cheap copies (reference counts): nothing is formatted unless
+            // the line is written.
+            uri: request.uri().clone(),
+            host: request.headers().get(http::header::HOST).cloned(),
+            version: request.version(),
+            client,
+            peer_identity,
+            listener,
+            route: None,
+            backend: None,
+            endpoint: None,
+            retries: 0,
+            first_byte: None,
+            streamed: false,
+            first_event: None,
+            fanout: None,
+            status: StatusCode::OK,
+            error: None,
+            detail: None,
+            shared,
+        }
+    }
+
+    /// Notes the route that matched.
+    pub(crate) fn set_route(&mut self, route: Arc<str>) {
+        self.route = Some(route);
+    }
+
+    /// Notes a response that came from a backend.
+    pub(crate) fn responded(&mut self, response: &Response<ProxyBody>) {
+        let first_byte = self.started.elapsed();
+        self.first_byte = Some(first_byte);
+        if let Some(upstream) = response.extensions().get::<Upstream>() {
+            self.backend = Some(upstream.backend.clone());
+            self.endpoint = Some(upstream.endpoint);
+            self.retries = upstream.retries;
+        }
+        self.shared
+            .metrics
+            .response_first_byte
+            .with_label_values(&[self.route_label(), self.backend_label()])
+            .observe(first_byte.as_secs_f64());
+    }
+
+    /// Notes a failure the proxy answers itself.
+    pub(crate) fn failed(&mut self, error: &ProxyError) {
+        self.backend = error.backend().cloned();
+        self.endpoint = error.endpoint();
+        self.retries = error.retries();
+        self.error = Some(error.kind().reason());
+        self.detail = Some(error.to_string());
+    }
+
+    /// Wraps the response body so the record is written when it ends.
+    pub(crate) fn observe(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        self.status = response.status();
+        self.fanout = response.headers().get(FANOUT_HEADER).cloned();
+        self.streamed = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        response.map(|inner| {
+            boxed(ObservedBody {
+                inner,
+                record: Some(self),
+                bytes: 0,
+            })
+        })
+    }
+
+    fn route_label(&self) -> &str {
+        self.route.as_deref().unwrap_or("")
+    }
+
+    fn backend_label(&self) -> &str {
+        self.backend.as_deref().unwrap_or("")
+    }
+
+    /// Notes the first response body bytes: for a stream, the time to its
+    /// first event.
+    fn first_data(&mut self) {
+        if self.streamed {
+            let first_event = self.started.elapsed();
+            self.first_event = Some(first_event);
+            self.shared
+                .metrics
+                .stream_first_event
+                .with_label_values(&[self.route_label(), self.backend_label()])
+                .observe(first_event.as_secs_f64());
+        }
+    }
+
+    fn finish(mut self, bytes: u64, body_error: Option<&'static str>) {
+        if self.error.is_none() {
+            self.error = body_error;
+        }
+        let duration = self.started.elapsed();
+        let route = self.route_label();
+        let backend = self.backend_label();
+        self.shared
+            .metrics
+            .requests
+            .with_label_values(&[route, backend, self.status.as_str()])
+            .inc();
+        self.shared
+            .metrics
+            .request_duration
+            .with_label_values(&[route, backend])
+            .observe(duration.as_secs_f64());
+        tracing::info!(
+            target: "infermesh::access",
+            method = %self.method,
+            path = self.uri.path_and_query().map_or("/", |p| p.as_str()),
+            authority = self
+                .uri
+                .authority()
+                .map(|a| a.as_str())
+                .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+                .unwrap_or(""),
+            protocol = ?self.version,
+            status = self.status.as_u16(),
+            duration_ms = millis(duration),
+            first_byte_ms = self.first_byte.map(millis),
+            first_event_ms = self.first_event.map(millis),
+            response_bytes = bytes,
+            route,
+            backend,
+            endpoint = self.endpoint.map(|e| e.to_string()),
+            retries = self.retries,
+            error = self.error,
+            detail = self.detail.as_deref(),
+            client = %self.client,
+            peer_identity = self.peer_identity.as_deref(),
+            listener = self.listener.as_deref().unwrap_or(""),
+            fanout = self.fanout.as_ref().and_then(|f| f.to_str().ok()),
+            "request"
+        );
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// A response body that writes its request's record when it ends.
+struct ObservedBody {
+    inner: ProxyBody,
+    record: Option<RequestRecord>,
+    bytes: u64,
+}
+
+impl ObservedBody {
+    fn finish(&mut self, error: Option<&'static str>) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.bytes, error);
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if self.bytes == 0
+                        && !data.is_empty()
+                        && let Some(record) = &mut self.record
+                    {
+                        record.first_data();
+                    }
+                    self.bytes += data.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(None);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reason = ErrorKind::reason_of_body_error(e.as_ref());
+                self.finish(Some(reason));
+            }
+            Poll::Ready(None) => self.finish(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        let error = (!self.inner.is_end_stream()).then_some("client_disconnected");
+        self.finish(error);
+    }
+}

@@ -1,0 +1,228 @@
+//! Listeners: binding sockets, accepting connections, and keeping the set
+//! of bound sockets in line with the config across reloads. A listener
+//! whose address did not change keeps its socket, so a reload never
+//! refuses a connection. Each accepted connection is served on its own
+//! task ([`crate::server::connection`]).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use infermesh_api::Config;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::core::context::ListenerId;
+use crate::server::connection::{self, ServerBuilders};
+use crate::server::shared::Shared;
+
+/// A listener socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot listen on {address} for listener {name:?}: {source}{}",
+    hint(holder)
+)]
+pub(crate) struct BindError {
+    name: String,
+    address: SocketAddr,
+    /// A running listener of ours on the same port, if any.
+    holder: Option<String>,
+    #[source]
+    source: std::io::Error,
+}
+
+fn hint(holder: &Option<String>) -> String {
+    match holder {
+        Some(h) => format!(
+            " (listener {h:?} still holds this port: give the listener another port, or restart to move it between a wildcard and a specific address)"
+        ),
+        None => String::new(),
+    }
+}
+
+struct Running {
+    id: ListenerId,
+    name: String,
+    configured: SocketAddr,
+    local: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The changes a config makes to the bound listeners, prepared (sockets
+/// already bound) but not yet applied.
+pub(crate) struct ListenerPlan {
+    /// The socket each listener name will use.
+    pub ids: HashMap<String, ListenerId>,
+    /// Listeners that the config drops, or dropped earlier, whose
+    /// connections are still finishing: the new snapshot keeps serving
+    /// them as before until they close.
+    pub draining: Vec<ListenerId>,
+    bind: Vec<(ListenerId, String, SocketAddr, TcpListener)>,
+    renamed: Vec<(ListenerId, String)>,
+    remove: Vec<ListenerId>,
+}
+
+/// The bound listeners and their accept loops.
+pub(crate) struct Listeners {
+    running: Vec<Running>,
+    /// Listeners no longer configured whose connections are finishing.
+    draining: Vec<Running>,
+    next_id: ListenerId,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Listeners {
+    /// No listeners yet.
+    pub(crate) fn new() -> Self {
+        Listeners {
+            running: Vec::new(),
+            draining: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Works out which sockets `config` needs, binding the new ones. On a
+    /// bind failure nothing changes (the new sockets are closed again).
+    pub(crate) async fn prepare(&mut self, config: &Config) -> Result<ListenerPlan, BindError> {
+        let mut claimed: Vec<ListenerId> = Vec::new();
+        self.draining.retain(|r| !r.task.is_finished());
+        let mut plan = ListenerPlan {
+            ids: HashMap::new(),
+            draining: Vec::new(),
+            bind: Vec::new(),
+            renamed: Vec::new(),
+            remove: Vec::new(),
+        };
+        for listener in &config.listeners {
+            let address = listener.spec.address;
+            let same_name = self.running.iter().find(|r| {
+                r.name == listener.name && r.configured == address && !claimed.contains(&r.id)
+            });
+            let same_address = || {
+                self.running.iter().find(|r| {
+                    address.port() != 0 && r.configured == address && !claimed.contains(&r.id)
+                })
+            };
+            if let Some(running) = same_name.or_else(same_address) {
+                claimed.push(running.id);
+                plan.ids.insert(listener.name.clone(), running.id);
+                if running.name != listener.name {
+                    plan.renamed.push((running.id, listener.name.clone()));
+                }
+                continue;
+            }
+            let socket = TcpListener::bind(address).await.map_err(|source| {
+                // Say which listener of ours holds the port, if one does.
+                let holder = self
+                    .running
+                    .iter()
+                    .find(|r| r.local.port() == address.port() && !claimed.contains(&r.id))
+                    .map(|r| r.name.clone());
+                BindError {
+                    name: listener.name.clone(),
+                    address,
+                    holder,
+                    source,
+                }
+            })?;
+            let id = self.next_id;
+            self.next_id += 1;
+            plan.ids.insert(listener.name.clone(), id);
+            plan.bind.push((id, listener.name.clone(), address, socket));
+        }
+        plan.remove = self
+            .running
+            .iter()
+            .map(|r| r.id)
+            .filter(|id| !claimed.contains(id))
+            .collect();
+        plan.draining = plan
+            .remove
+            .iter()
+            .copied()
+            .chain(self.draining.iter().map(|r| r.id))
+            .collect();
+        Ok(plan)
+    }
+
+    /// Applies `plan` once the snapshot that uses it is serving: starts
+    /// accepting on new sockets and drains the ones no longer configured.
+    pub(crate) fn commit(&mut self, plan: ListenerPlan, shared: &Arc<Shared>) {
+        for (id, name) in plan.renamed {
+            if let Some(r) = self.running.iter_mut().find(|r| r.id == id) {
+                r.name = name;
+            }
+        }
+        for (id, name, configured, socket) in plan.bind {
+            let local = socket.local_addr().unwrap_or(configured);
+            tracing::info!(listener = %name, address = %local, "listening");
+            let (stop, stopped) = watch::channel(false);
+            let task = tokio::spawn(accept_loop(id, socket, shared.clone(), stopped));
+            self.running.push(Running {
+                id,
+                name,
+                configured,
+                local,
+                stop,
+                task,
+            });
+        }
+        for id in plan.remove {
+            if let Some(pos) = self.running.iter().position(|r| r.id == id) {
+                let removed = self.running.remove(pos);
+                tracing::info!(listener = %removed.name, address = %removed.local, "listener removed; draining its connections");
+                let _ = removed.stop.send(true);
+                self.draining.push(removed);
+            }
+        }
+    }
+
+    /// Stops accepting on every listener and lets open connections finish
+    /// (HTTP/2 clients get GOAWAY, idle keep-alive connections close).
+    /// Resolves when every connection has closed.
+    pub(crate) async fn drain(&mut self) {
+        for r in &self.running {
+            let _ = r.stop.send(true);
+        }
+        self.draining.append(&mut self.running);
+        for r in &mut self.draining {
+            let _ = (&mut r.task).await;
+        }
+        self.draining.clear();
+    }
+}
+
+async fn accept_loop(
+    id: ListenerId,
+    socket: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(ServerBuilders::new());
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            accepted = socket.accept() => match accepted {
+                Ok((stream, client)) => connection::spawn(stream, client, id, &shared, &builders, &graceful),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drop(socket);
+    graceful.shutdown().await;
+}

@@ -1,0 +1,72 @@
+//! The server layer's metric families: client connections, what became of
+//! every request, and how long it took; plus the families of the layers
+//! below, which what the server builds (a capture listener's forwarding
+//! to the original destination) counts in.
+
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
+
+use crate::core::metrics::Registry;
+
+/// The server layer's metric families.
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    /// `infermesh_requests_total{route,backend,code}`: finished requests.
+    pub requests: IntCounterVec,
+    /// `infermesh_request_duration_seconds{route,backend}`: from request
+    /// arrival to the response's last byte.
+    pub request_duration: HistogramVec,
+    /// `infermesh_response_first_byte_seconds{route,backend}`: from request
+    /// arrival to the backend's response headers.
+    pub response_first_byte: HistogramVec,
+    /// `infermesh_stream_first_event_seconds{route,backend}`: from request
+    /// arrival to the first body bytes of a streamed (`text/event-stream`)
+    /// response: the time to first token a client of a generation sees.
+    pub stream_first_event: HistogramVec,
+    /// `infermesh_downstream_connections{listener}`: open client connections.
+    pub downstream_connections: IntGaugeVec,
+    /// `infermesh_outside_mesh_total{listener,protocol,action}`: traffic an
+    /// outbound capture listener saw for destinations outside the mesh:
+    /// HTTP requests (`http`) and other connections (`tcp`), passed through
+    /// or blocked.
+    pub outside_mesh: IntCounterVec,
+    /// The families of the snapshot layer and those below it.
+    pub snapshot: crate::snapshot::Metrics,
+}
+
+impl Metrics {
+    /// Registers the families of this layer and of the layers below in
+    /// `registry`.
+    pub(crate) fn register(registry: &Registry) -> Self {
+        let latency = |name: &str, help: &str| registry.latency(name, help, &["route", "backend"]);
+        Metrics {
+            requests: registry.counter(
+                "infermesh_requests_total",
+                "Requests finished, by route, backend and status code.",
+                &["route", "backend", "code"],
+            ),
+            request_duration: latency(
+                "infermesh_request_duration_seconds",
+                "Time from request arrival to the last byte of the response.",
+            ),
+            response_first_byte: latency(
+                "infermesh_response_first_byte_seconds",
+                "Time from request arrival to the backend's response headers.",
+            ),
+            stream_first_event: latency(
+                "infermesh_stream_first_event_seconds",
+                "Time from request arrival to the first body bytes of a streamed (text/event-stream) response.",
+            ),
+            downstream_connections: registry.gauge(
+                "infermesh_downstream_connections",
+                "Open client connections, by listener.",
+                &["listener"],
+            ),
+            outside_mesh: registry.counter(
+                "infermesh_outside_mesh_total",
+                "Traffic to destinations outside the mesh seen by outbound capture listeners, by protocol (http requests, tcp connections) and action (passthrough, blocked).",
+                &["listener", "protocol", "action"],
+            ),
+            snapshot: crate::snapshot::Metrics::register(registry),
+        }
+    }
+}

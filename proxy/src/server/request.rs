@@ -1,0 +1,191 @@
+//! What happens to each request a listener accepts, in named phases:
+//!
+//! 1. **authorize**: the listener's authorization policies decide by the
+//!    caller's SPIFFE identity and the request (403 `unauthorized`);
+//! 2. **read the model**: when the listener's rules match on models, the
+//!    model a JSON body names is read first, from at most its first
+//!    64 KiB ([`crate::core::model`]);
+//! 3. **route**: find the listener's most specific rule for the request;
+//!    on a sidecar's capture listeners, then the connection's original
+//!    destination: a backend that has this address, or the destination
+//!    itself (the app inbound, a server outside the mesh outbound, unless
+//!    blocked: 502 `outside_mesh`); 404 `no_route` when nothing matches;
+//! 4. **forward**: send it through the rule's stack
+//!    ([`crate::route::stack`]): rate limit, timeouts, forwarded headers,
+//!    upgrades, retries, backend split, balancing and the upstream pool;
+//! 5. **respond**: a failure made by the proxy becomes its error response
+//!    ([`crate::server::respond`]);
+//! 6. **observe**: the response body is wrapped so that the access log line
+//!    and the request metrics are written when it ends
+//!    ([`crate::server::access_log`]).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use infermesh_api::OutsideMesh;
+
+use crate::core::body::{BoxFuture, ProxyBody, boxed};
+use crate::core::context::ConnectionInfo;
+use crate::core::error::{ErrorKind, ProxyError};
+use crate::core::model;
+use crate::route::stack::RuleStack;
+use crate::server::access_log::RequestRecord;
+use crate::server::original::OriginalDestination;
+use crate::server::respond::error_response;
+use crate::server::shared::Shared;
+use crate::snapshot::{ListenerEntry, Snapshot};
+
+/// The hyper service of one client connection: every request it carries
+/// goes through the phases of the module docs.
+#[derive(Clone)]
+pub(crate) struct RequestService {
+    shared: Arc<Shared>,
+    connection: Arc<ConnectionInfo>,
+    original: Option<Arc<OriginalDestination>>,
+}
+
+/// Where the route phase sends a request.
+enum Destination {
+    /// A route rule, or the default rule of a backend found by address.
+    Rule(Arc<RuleStack>),
+    /// The connection's original destination.
+    Original(Arc<OriginalDestination>),
+    /// Nowhere: the destination is outside the mesh, and blocked.
+    Blocked(SocketAddr),
+}
+
+impl RequestService {
+    /// Serves requests arriving on `connection`. On a capture listener,
+    /// `original` forwards the requests that nothing else routes to the
+    /// connection's original destination.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        connection: Arc<ConnectionInfo>,
+        original: Option<Arc<OriginalDestination>>,
+    ) -> Self {
+        RequestService {
+            shared,
+            connection,
+            original,
+        }
+    }
+
+    /// Phase route: where a request goes, if anywhere.
+    fn route<B>(
+        &self,
+        request: &Request<B>,
+        snapshot: &Snapshot,
+        listener: &ListenerEntry,
+    ) -> Option<Destination> {
+        if let Some(rule) = listener.router.route(request) {
+            return Some(Destination::Rule(rule.clone()));
+        }
+        let destination = self.connection.original_destination?;
+        let count = |action: &str| {
+            self.shared
+                .metrics
+                .outside_mesh
+                .with_label_values(&[&*listener.name, "http", action])
+                .inc();
+        };
+        if listener.is_outbound_capture() {
+            if let Some(backend) = snapshot.by_address(destination) {
+                return Some(Destination::Rule(backend.clone()));
+            }
+            // Decided per request, by the listener as configured now.
+            if listener.outside_mesh == OutsideMesh::Blocked {
+                count("blocked");
+                return Some(Destination::Blocked(destination));
+            }
+            count("passthrough");
+        }
+        self.original.clone().map(Destination::Original)
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for RequestService {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let started = Instant::now();
+        let snapshot = self.shared.snapshot.load_full();
+        let mut request = request.map(boxed);
+        request.extensions_mut().insert(self.connection.clone());
+        let listener = snapshot.listener(self.connection.listener);
+        let mut record = RequestRecord::start(
+            &request,
+            started,
+            self.connection.client,
+            self.connection.peer_identity.clone(),
+            listener.map(|l| l.name.clone()),
+            self.shared.clone(),
+        );
+
+        // Phase: authorize.
+        let denied = listener
+            .and_then(|l| l.authorization.as_ref())
+            .and_then(|a| {
+                a.check(&request, self.connection.peer_identity.as_deref())
+                    .err()
+            });
+        let read_model = denied.is_none()
+            && listener.is_some_and(|l| l.router.matches_models())
+            && model::may_be_in_body(&request);
+        let this = self.clone();
+        Box::pin(async move {
+            // Phase: read the model a body names, for rules matching on it.
+            let request = if read_model {
+                model::read_body_model(request).await
+            } else {
+                request
+            };
+            // Phase: route.
+            let destination = match snapshot.listener(this.connection.listener) {
+                Some(listener) if denied.is_none() => this.route(&request, &snapshot, listener),
+                _ => None,
+            };
+            // Phase: forward.
+            let forwarded = match destination {
+                Some(Destination::Rule(stack)) => {
+                    record.set_route(stack.route.clone());
+                    Ok((stack.route.clone(), stack.send(request)))
+                }
+                Some(Destination::Original(original)) => {
+                    let route = original.name().clone();
+                    record.set_route(route.clone());
+                    Ok((route, original.send(request)))
+                }
+                Some(Destination::Blocked(destination)) => Err(ErrorKind::OutsideMesh(destination)),
+                None => Err(denied.unwrap_or(ErrorKind::NoRoute)),
+            };
+            // Phase: respond.
+            let response = match forwarded {
+                Ok((route, forwarded)) => match forwarded.await {
+                    Ok(response) => {
+                        record.responded(&response);
+                        response
+                    }
+                    Err(error) => {
+                        record.failed(&error);
+                        error_response(&error, Some(&route))
+                    }
+                },
+                Err(kind) => {
+                    let error = ProxyError::new(kind);
+                    record.failed(&error);
+                    error_response(&error, None)
+                }
+            };
+            // The snapshot stays alive until the response head is out.
+            drop(snapshot);
+            // Phase: observe.
+            Ok(record.observe(response))
+        })
+    }
+}

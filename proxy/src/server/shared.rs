@@ -1,0 +1,23 @@
+//! What every connection of the proxy shares: the serving snapshot, read
+//! once per request, and the metrics.
+
+use arc_swap::ArcSwap;
+
+use crate::server::metrics::Metrics;
+use crate::snapshot::Snapshot;
+
+/// State shared by every connection and the tasks that manage the proxy.
+pub(crate) struct Shared {
+    /// The serving configuration, swapped whole when a config is applied.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Every metric family.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("version", &self.snapshot.load().version)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,267 @@
+//! Building a [`Snapshot`] from a config, resource kind by resource kind:
+//! the backends (kept from the previous snapshot when their spec did not
+//! change, with their endpoints and connections), the rule stacks of the
+//! routes, the default rules of backends reached by address, and the
+//! listeners with their routers, policies and TLS.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use infermesh_api::{BackendSpec, BackendTls, Config, ListenerSpec, Resource};
+use infermesh_certs::{CertStore, SpiffeId};
+
+use crate::backend::Backend;
+use crate::core::context::ListenerId;
+use crate::route::stack::{RuleStack, default_rule};
+use crate::snapshot::authorize::Authorization;
+use crate::snapshot::router::Router;
+use crate::snapshot::{BuildError, ListenerEntry, Metrics, Snapshot};
+use crate::transport::connect::{Connector, TcpConnector};
+use crate::transport::tls;
+
+impl Snapshot {
+    /// Builds the snapshot of `config`. `listener_ids` gives the socket of
+    /// each listener name; the listeners in `draining` (no longer
+    /// configured, connections still open) keep what `previous` served on
+    /// them. Backends whose spec did not change are taken from `previous`
+    /// with their endpoints and open connections.
+    ///
+    /// `identity` is the proxy's own certificate store, needed by listeners
+    /// and backends that ask for mutual TLS.
+    ///
+    /// Fails when a listener or backend asks for mutual TLS and the proxy
+    /// has no identity, or on a route match that does not compile (which
+    /// validation already refuses; a config built by other means is refused
+    /// here rather than crashing the proxy).
+    pub(crate) async fn build(
+        config: Config,
+        listener_ids: &HashMap<String, ListenerId>,
+        draining: &[ListenerId],
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+        identity: Option<&Arc<CertStore>>,
+    ) -> Result<Snapshot, BuildError> {
+        let backends = build_backends(&config, previous, metrics, identity).await?;
+        let rules = build_rules(&config, &backends, metrics);
+        let addresses = build_addresses(&config, &backends, metrics);
+        let mut listeners = build_listeners(&config, &rules, listener_ids, metrics, identity)?;
+        if let Some(previous) = previous {
+            for id in draining {
+                if let Some(entry) = previous.listeners.get(id) {
+                    listeners.insert(*id, entry.clone());
+                }
+            }
+        }
+        Ok(Snapshot {
+            version: config.version(),
+            config: Arc::new(config),
+            applied_at: SystemTime::now(),
+            listeners,
+            backends,
+            addresses,
+        })
+    }
+}
+
+/// The backends: each taken from `previous` when its spec is unchanged,
+/// else made anew (resolving its DNS names once).
+async fn build_backends(
+    config: &Config,
+    previous: Option<&Snapshot>,
+    metrics: &Metrics,
+    identity: Option<&Arc<CertStore>>,
+) -> Result<BTreeMap<String, Arc<Backend>>, BuildError> {
+    let mut backends = BTreeMap::new();
+    for resource in &config.backends {
+        let before = previous.and_then(|p| p.backends.get(&resource.name));
+        let backend = match before {
+            Some(backend) if backend.spec == resource.spec => backend.clone(),
+            _ => {
+                let connector = connector(&resource.name, &resource.spec, identity, metrics)?;
+                Backend::new(
+                    &resource.name,
+                    resource.spec.clone(),
+                    before.map(|b| &**b),
+                    &metrics.backend,
+                    connector,
+                )
+                .await
+            }
+        };
+        backends.insert(resource.name.clone(), backend);
+    }
+    Ok(backends)
+}
+
+/// How the connections of backend `name` are made: TCP, with mutual TLS
+/// when its spec asks for it.
+fn connector(
+    name: &str,
+    spec: &BackendSpec,
+    identity: Option<&Arc<CertStore>>,
+    metrics: &Metrics,
+) -> Result<Arc<dyn Connector>, BuildError> {
+    let tls = match &spec.tls {
+        None => None,
+        Some(tls) => Some(backend_tls(name, tls, spec, identity, metrics)?),
+    };
+    Ok(Arc::new(TcpConnector::new(tls)))
+}
+
+/// The stacks of every rule of every route, by route in config order.
+fn build_rules(
+    config: &Config,
+    backends: &BTreeMap<String, Arc<Backend>>,
+    metrics: &Metrics,
+) -> Vec<Vec<Arc<RuleStack>>> {
+    config
+        .routes
+        .iter()
+        .map(|route| {
+            let name: Arc<str> = Arc::from(route.name.as_str());
+            route
+                .spec
+                .rules
+                .iter()
+                .map(|rule| Arc::new(RuleStack::build(rule, &name, backends, &metrics.route)))
+                .collect()
+        })
+        .collect()
+}
+
+/// A request sent to one of a backend's `addresses` goes through a rule of
+/// every default, logged under the backend's name.
+fn build_addresses(
+    config: &Config,
+    backends: &BTreeMap<String, Arc<Backend>>,
+    metrics: &Metrics,
+) -> HashMap<SocketAddr, Arc<RuleStack>> {
+    let mut addresses = HashMap::new();
+    for resource in &config.backends {
+        if resource.spec.addresses.is_empty() {
+            continue;
+        }
+        let name: Arc<str> = Arc::from(resource.name.as_str());
+        let stack = Arc::new(RuleStack::build(
+            &default_rule(&name),
+            &name,
+            backends,
+            &metrics.route,
+        ));
+        for address in &resource.spec.addresses {
+            addresses.insert(*address, stack.clone());
+        }
+    }
+    addresses
+}
+
+/// Every listener: its router over the rules of the routes attached to
+/// it, its authorization policies and its TLS.
+fn build_listeners(
+    config: &Config,
+    rules: &[Vec<Arc<RuleStack>>],
+    listener_ids: &HashMap<String, ListenerId>,
+    metrics: &Metrics,
+    identity: Option<&Arc<CertStore>>,
+) -> Result<HashMap<ListenerId, Arc<ListenerEntry>>, BuildError> {
+    let mut listeners = HashMap::new();
+    for listener in &config.listeners {
+        let id = listener_ids[&listener.name];
+        let entry = ListenerEntry {
+            id,
+            name: Arc::from(listener.name.as_str()),
+            protocol: listener.spec.protocol,
+            router: listener_router(config, rules, listener)?,
+            authorization: Authorization::for_listener(
+                listener,
+                &config.policies,
+                &metrics.authorization_decisions,
+            ),
+            capture: listener.spec.capture,
+            outside_mesh: listener.spec.outside_mesh.unwrap_or_default(),
+            tls: match &listener.spec.tls {
+                None => None,
+                Some(tls) => Some(listener_tls(listener, tls, identity, metrics)?),
+            },
+        };
+        listeners.insert(id, Arc::new(entry));
+    }
+    Ok(listeners)
+}
+
+/// The router of `listener`: the rules of every route attached to it.
+fn listener_router(
+    config: &Config,
+    rules: &[Vec<Arc<RuleStack>>],
+    listener: &Resource<ListenerSpec>,
+) -> Result<Router<Arc<RuleStack>>, BuildError> {
+    let mut router = Router::builder();
+    for (route, stacks) in config.routes.iter().zip(rules) {
+        // An inbound capture listener forwards to the app; a route takes
+        // its requests elsewhere only when it says so.
+        let attached = if route.spec.listeners.is_empty() {
+            !listener.spec.is_inbound_capture()
+        } else {
+            route.spec.listeners.contains(&listener.name)
+        };
+        if !attached {
+            continue;
+        }
+        for (rule, stack) in route.spec.rules.iter().zip(stacks) {
+            router
+                .add(&route.spec.hostnames, &rule.matches, stack.clone())
+                .map_err(BuildError::Routes)?;
+        }
+    }
+    Ok(router.build())
+}
+
+/// The store of a listener or backend (`what`) that asks for TLS.
+fn identity_for<'a>(
+    what: &str,
+    identity: Option<&'a Arc<CertStore>>,
+) -> Result<&'a Arc<CertStore>, BuildError> {
+    identity.ok_or_else(|| BuildError::NoIdentity(what.to_owned()))
+}
+
+fn tls_error(what: &str, error: impl std::fmt::Display) -> BuildError {
+    BuildError::Tls {
+        what: what.to_owned(),
+        error: error.to_string(),
+    }
+}
+
+/// How the connections of backend `name` are secured.
+fn backend_tls(
+    name: &str,
+    tls: &BackendTls,
+    spec: &BackendSpec,
+    identity: Option<&Arc<CertStore>>,
+    metrics: &Metrics,
+) -> Result<tls::Client, BuildError> {
+    let what = format!("backend {name:?}");
+    let store = identity_for(&what, identity)?;
+    let expected = SpiffeId::parse(&tls.identity).map_err(|e| tls_error(&what, e))?;
+    tls::Client::new(store, expected, spec.protocol, &metrics.transport)
+        .map_err(|e| tls_error(&what, e))
+}
+
+/// How the connections of `listener` are secured.
+fn listener_tls(
+    listener: &Resource<ListenerSpec>,
+    tls: &infermesh_api::ListenerTls,
+    identity: Option<&Arc<CertStore>>,
+    metrics: &Metrics,
+) -> Result<tls::Server, BuildError> {
+    let what = format!("listener {:?}", listener.name);
+    let store = identity_for(&what, identity)?;
+    tls::Server::new(
+        store,
+        listener.spec.protocol,
+        tls.clone(),
+        &metrics.transport,
+    )
+    .map_err(|e| tls_error(&what, e))
+}

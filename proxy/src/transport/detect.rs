@@ -1,0 +1,119 @@
+//! Telling protocols apart by a connection's first bytes, looked at and
+//! left unread: whether a captured connection speaks HTTP (else it is
+//! passed through as TCP), and how long to wait for a client that says
+//! nothing.
+
+use std::io;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+/// How long a captured connection may stay silent before it is taken for a
+/// protocol whose server speaks first (SMTP, MySQL...) and passed through
+/// as TCP. (To a destination known to speak HTTP, clients get
+/// [`MESH_DETECT_TIMEOUT`]: pools open connections ahead of requests.)
+pub(crate) const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a connection to a backend's address may stay silent before it
+/// is taken for another protocol than HTTP.
+pub(crate) const MESH_DETECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Request methods whose request line marks a connection as HTTP/1 (or the
+/// HTTP/2 preface, which starts with `PRI `).
+const METHODS: [&[u8]; 10] = [
+    b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PRI",
+];
+
+/// Whether `start`, the first bytes of a connection, begin an HTTP request:
+/// `Some(true)` or `Some(false)` once it can tell, `None` while every byte
+/// so far could still start one.
+fn looks_like_http(start: &[u8]) -> Option<bool> {
+    let mut undecided = false;
+    for method in METHODS {
+        let line = [method, b" "].concat();
+        if start.starts_with(&line) {
+            return Some(true);
+        }
+        undecided |= line.starts_with(start);
+    }
+    if undecided { None } else { Some(false) }
+}
+
+/// Whether the client on `stream` speaks HTTP, judged by its first bytes
+/// (left unread). A client that sends nothing for `wait` is not taken for
+/// HTTP.
+pub(crate) async fn speaks_http(stream: &TcpStream, wait: Duration) -> io::Result<bool> {
+    let decided = tokio::time::timeout(wait, async {
+        let mut start = [0u8; 8];
+        loop {
+            let read = stream.peek(&mut start).await?;
+            if read == 0 {
+                return Ok(false);
+            }
+            if let Some(decided) = looks_like_http(&start[..read]) {
+                return Ok(decided);
+            }
+            // A request line split over segments: wait for the rest. (The
+            // socket stays readable while bytes are unread, so poll slowly.)
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    decided.unwrap_or(Ok(false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_are_http_and_other_protocols_are_not() {
+        assert_eq!(looks_like_http(b"GET / HTTP/1.1\r\n"), Some(true));
+        assert_eq!(looks_like_http(b"POST /v1/chat"), Some(true));
+        assert_eq!(looks_like_http(b"PRI * HTTP/2.0"), Some(true));
+        // A TLS ClientHello, Redis, PostgreSQL's startup message.
+        assert_eq!(looks_like_http(&[0x16, 0x03, 0x01]), Some(false));
+        assert_eq!(looks_like_http(b"*1\r\n$4\r\nPING"), Some(false));
+        assert_eq!(looks_like_http(&[0, 0, 0, 8, 4, 210]), Some(false));
+        // Redis inline commands are upper case but are not methods.
+        assert_eq!(looks_like_http(b"PING\r\n"), Some(false));
+        assert_eq!(looks_like_http(b"GETX"), Some(false));
+    }
+
+    #[test]
+    fn a_split_request_line_is_awaited() {
+        assert_eq!(looks_like_http(b"G"), None);
+        assert_eq!(looks_like_http(b"PO"), None);
+        assert_eq!(looks_like_http(b"DELETE"), None);
+        assert_eq!(looks_like_http(b"OPTIONS "), Some(true));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn detection_reads_nothing_and_gives_up_on_silence() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GE").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(b"T / HTTP/1.1\r\n\r\n").await.unwrap();
+            s
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(speaks_http(&server, Duration::from_secs(5)).await.unwrap());
+        let mut buf = [0u8; 3];
+        server.peek(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"GET", "detection left the bytes unread");
+        let _client = client.await.unwrap();
+
+        let silent = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(
+            !speaks_http(&server, Duration::from_millis(50))
+                .await
+                .unwrap()
+        );
+        drop(silent);
+    }
+}

@@ -1,0 +1,180 @@
+//! Mutual TLS at both ends of the proxy: originating it to backends (the
+//! proxy's SPIFFE identity, the endpoints' expected identity, ALPN for the
+//! backend's HTTP version) and terminating it on listeners (accepting
+//! clients with the proxy's identity, reading theirs). Every handshake is
+//! counted in `infermesh_tls_handshakes_total`, this layer's one metric.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use infermesh_api::{ListenerProtocol, ListenerTls, TlsMode, UpstreamProtocol};
+use infermesh_certs::{
+    CertStore, ClientOptions, ExpectedIdentity, HandshakeFailure, ServerOptions, SpiffeId,
+    client_config_with, peer_identity, server_config,
+};
+use prometheus::IntCounterVec;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector, server};
+
+use crate::core::error::ErrorKind;
+use crate::core::metrics::Registry;
+use crate::transport::detect::DETECT_TIMEOUT;
+
+/// The transport layer's metrics.
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    /// `infermesh_tls_handshakes_total{direction,result,reason}`: TLS
+    /// handshakes with clients (`inbound`) and endpoints (`outbound`); the
+    /// reason of a failure is `unknown_ca`, `expired`, `bad_identity`,
+    /// `no_client_cert`...
+    pub tls_handshakes: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers the transport layer's families in `registry`.
+    pub(crate) fn register(registry: &Registry) -> Self {
+        Metrics {
+            tls_handshakes: registry.counter(
+                "infermesh_tls_handshakes_total",
+                "TLS handshakes with clients (inbound) and endpoints (outbound), by result and failure reason.",
+                &["direction", "result", "reason"],
+            ),
+        }
+    }
+}
+
+/// How a backend's connections are secured.
+#[derive(Clone, Debug)]
+pub(crate) struct Client {
+    config: Arc<ClientConfig>,
+    handshakes: IntCounterVec,
+}
+
+impl Client {
+    /// For a backend whose endpoints must present `identity`, offering the
+    /// ALPN protocol of `protocol`.
+    pub(crate) fn new(
+        store: &Arc<CertStore>,
+        identity: SpiffeId,
+        protocol: UpstreamProtocol,
+        metrics: &Metrics,
+    ) -> Result<Self, rustls::Error> {
+        let alpn = match protocol {
+            UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
+            UpstreamProtocol::Http2 => b"h2".to_vec(),
+        };
+        let config = client_config_with(
+            store,
+            ExpectedIdentity::Exact(identity),
+            &ClientOptions {
+                alpn_protocols: vec![alpn],
+                ..ClientOptions::default()
+            },
+        )?;
+        Ok(Client {
+            config,
+            handshakes: metrics.tls_handshakes.clone(),
+        })
+    }
+
+    /// Runs the TLS handshake over `stream` to the endpoint at `addr`. The
+    /// server name is the endpoint's IP address, so no SNI is sent: the
+    /// endpoint is checked by its SPIFFE ID, not by a name.
+    pub(crate) async fn handshake(
+        &self,
+        stream: TcpStream,
+        addr: SocketAddr,
+    ) -> Result<TlsStream<TcpStream>, ErrorKind> {
+        let name = ServerName::IpAddress(addr.ip().into());
+        let result = TlsConnector::from(self.config.clone())
+            .connect(name, stream)
+            .await;
+        count(&self.handshakes, "outbound", result.as_ref().err());
+        result.map_err(|e| ErrorKind::UpstreamTls(e.to_string()))
+    }
+}
+
+/// Counts a handshake that failed with `error`, or succeeded.
+fn count(handshakes: &IntCounterVec, direction: &str, error: Option<&io::Error>) {
+    let (result, reason) = match error {
+        None => ("success", ""),
+        Some(e) => ("failure", HandshakeFailure::from_io(e).as_str()),
+    };
+    handshakes
+        .with_label_values(&[direction, result, reason])
+        .inc();
+}
+
+/// How a listener's connections are secured.
+#[derive(Clone)]
+pub(crate) struct Server {
+    acceptor: TlsAcceptor,
+    modes: ListenerTls,
+    handshakes: IntCounterVec,
+}
+
+impl Server {
+    /// For a listener speaking `protocol`, in the modes of `modes`.
+    pub(crate) fn new(
+        store: &Arc<CertStore>,
+        protocol: ListenerProtocol,
+        modes: ListenerTls,
+        metrics: &Metrics,
+    ) -> Result<Self, rustls::Error> {
+        let alpn: &[&[u8]] = match protocol {
+            ListenerProtocol::Http => &[b"h2", b"http/1.1"],
+            ListenerProtocol::Http1 => &[b"http/1.1"],
+            ListenerProtocol::Http2 => &[b"h2"],
+        };
+        let config = server_config(
+            store,
+            &ServerOptions {
+                alpn_protocols: alpn.iter().map(|p| p.to_vec()).collect(),
+                ..ServerOptions::default()
+            },
+        )?;
+        Ok(Server {
+            acceptor: TlsAcceptor::from(config),
+            modes,
+            handshakes: metrics.tls_handshakes.clone(),
+        })
+    }
+
+    /// Whether the client on `stream`, which connected to `port`, is to
+    /// speak TLS: in strict mode every client must, in disable mode none
+    /// may, in permissive mode its first byte (looked at, not taken) says.
+    /// A TLS client speaks first, so one silent for a second is not one
+    /// (it may be waiting for a server that speaks first).
+    pub(crate) async fn wants_tls(&self, stream: &TcpStream, port: u16) -> io::Result<bool> {
+        match self.modes.mode_for(port) {
+            TlsMode::Strict => return Ok(true),
+            TlsMode::Disable => return Ok(false),
+            TlsMode::Permissive => {}
+        }
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(DETECT_TIMEOUT, stream.peek(&mut first));
+        let Ok(read) = peeked.await else {
+            return Ok(false);
+        };
+        let read = read?;
+        // 0x16: a TLS record of type handshake.
+        Ok(read == 1 && first[0] == 0x16)
+    }
+
+    /// Accepts a client over TLS, returning the stream and the client's
+    /// SPIFFE ID.
+    pub(crate) async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> io::Result<(server::TlsStream<TcpStream>, Option<SpiffeId>)> {
+        let result = self.acceptor.accept(stream).await;
+        count(&self.handshakes, "inbound", result.as_ref().err());
+        let tls = result?;
+        let peer = peer_identity(tls.get_ref().1);
+        Ok((tls, peer))
+    }
+}
