@@ -101,10 +101,10 @@ mod tests {
 
     #[test]
     fn nginx_keeps_its_files_in_the_work_directory() {
-        let config = nginx_config(8080, &backends(), 2, Path::new("/w"));
-        assert!(config.contains("worker_processes 2;\npid /w/nginx.pid;\n"));
-        assert!(config.contains("client_body_temp_path /w/body;"));
-        assert!(config.contains("proxy_temp_path /w/proxy;"));
+        let config = nginx_config(8080, &backends(), 2, Path::new("work"));
+        assert!(config.contains("worker_processes 2;\npid work/nginx.pid;\n"));
+        assert!(config.contains("client_body_temp_path work/body;"));
+        assert!(config.contains("proxy_temp_path work/proxy;"));
         assert!(config.contains(
             "        server 127.0.0.1:9000;\n        server 127.0.0.1:9001;\n        keepalive 64;"
         ));
