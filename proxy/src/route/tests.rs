@@ -69,7 +69,8 @@ struct Mesh {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Requests whose exchange was dropped before the endpoint answered.
     cancelled: Arc<AtomicUsize>,
-    metrics: crate::snapshot::Metrics,
+    backend_metrics: crate::backend::Metrics,
+    metrics: crate::route::Metrics,
 }
 
 /// Counts an exchange as cancelled unless it was answered.
@@ -91,12 +92,14 @@ impl Drop for Unanswered {
 
 impl Mesh {
     fn new() -> Self {
+        let registry = Registry::new();
         Mesh {
             network: MemoryNetwork::default(),
             started: Instant::now(),
             seen: Arc::default(),
             cancelled: Arc::default(),
-            metrics: crate::snapshot::Metrics::register(&Registry::new()),
+            backend_metrics: crate::backend::Metrics::register(&registry),
+            metrics: crate::route::Metrics::register(&registry),
         }
     }
 
@@ -147,7 +150,7 @@ impl Mesh {
                 &resource.name,
                 resource.spec.clone(),
                 None,
-                &self.metrics.backend,
+                &self.backend_metrics,
                 Arc::new(self.network.clone()),
             )
             .await;
@@ -158,7 +161,7 @@ impl Mesh {
             &route.spec.rules[0],
             &Arc::from(route.name.as_str()),
             &backends,
-            &self.metrics.route,
+            &self.metrics,
         )
     }
 
@@ -168,7 +171,6 @@ impl Mesh {
 
     fn retries(&self, reason: &str) -> u64 {
         self.metrics
-            .route
             .retries
             .with_label_values(&["chat", reason])
             .get()
@@ -176,7 +178,6 @@ impl Mesh {
 
     fn hedges(&self, outcome: &str) -> u64 {
         self.metrics
-            .route
             .hedges
             .with_label_values(&["chat", outcome])
             .get()
