@@ -5,7 +5,7 @@
 //! another CA, has expired, or carries another identity than expected are
 //! refused, each with its log line and metric. (Without iptables the app
 //! calls the outbound listener directly and the model's sidecar is reached
-//! on a listener of its own; `interception.rs` runs the same path through
+//! on a listener of its own; `sidecar_netns.rs` runs the same path through
 //! real iptables rules.)
 
 use std::net::SocketAddr;
