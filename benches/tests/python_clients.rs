@@ -1,6 +1,6 @@
 //! The mock model server against real client libraries: OpenAI's Python
 //! SDK (whole and streamed answers, embeddings, errors) and tritonclient
-//! (KServe v2). `.ci/run` installs them from PyPI.
+//! (KServe v2). `./test.sh` installs them from PyPI.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -45,7 +45,7 @@ fn openai_and_tritonclient_talk_to_the_mock() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "the Python clients failed (install them with: pip install openai 'tritonclient[http]' numpy):\n{stderr}"
+        "the Python clients failed (install them with `pip install -r benches/tests/python/requirements.txt`, or run ./test.sh):\n{stderr}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("python clients: ok"));
 }

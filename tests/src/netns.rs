@@ -5,7 +5,7 @@
 //!
 //! Making one needs root. A test that cannot make one calls [`skipped`],
 //! which says so where a plain `cargo test` shows it, or fails the test
-//! when `INFERMESH_REQUIRE_NETNS` is set (as `.ci/run` sets it), so that a
+//! when `INFERMESH_REQUIRE_NETNS` is set (as `./test.sh` sets it as root), so that a
 //! skip can never pass for a success in CI.
 
 use std::io::Write;

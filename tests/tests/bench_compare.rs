@@ -65,7 +65,7 @@ fn compare_measures_every_target_side_by_side() {
         let row = stdout
             .lines()
             .find(|l| l.starts_with(&format!("| {target} |")))
-            .unwrap_or_else(|| panic!("no row for {target} (HAProxy and nginx come from apt; .ci/run installs them):\n{stdout}\n{stderr}"));
+            .unwrap_or_else(|| panic!("no row for {target} (HAProxy and nginx come from apt: `apt install haproxy nginx-light`, or run ./test.sh, which installs them):\n{stdout}\n{stderr}"));
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         assert_eq!(
             cells[cells.len() - 2],

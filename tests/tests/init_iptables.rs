@@ -35,7 +35,7 @@ fn nat(ns: &Namespace) -> Vec<String> {
     let out = ns.exec("iptables-save", &["-t", "nat"]);
     assert!(
         out.status.success(),
-        "iptables-save -t nat failed (Debian package iptables; .ci/run installs it): {}",
+        "iptables-save -t nat failed (Debian package iptables; ./test.sh installs it): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout)

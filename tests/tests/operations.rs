@@ -433,7 +433,7 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+        .expect("promtool is installed (Debian package `prometheus`: `apt install prometheus`, or run ./test.sh, which installs it)");
     std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(

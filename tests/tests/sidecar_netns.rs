@@ -6,7 +6,7 @@
 //!
 //! Making namespaces needs root (CI runs as root). Where they cannot be
 //! made the test says so on stderr and returns, unless
-//! `INFERMESH_REQUIRE_NETNS` is set (as `.ci/run` sets it): then it fails.
+//! `INFERMESH_REQUIRE_NETNS` is set (as `./test.sh` sets it as root): then it fails.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what the tests need
+# that Cargo does not bring, then runs every test of the workspace.
+#
+#   ./test.sh                          every test
+#   ./test.sh -p infermesh-proxy       arguments go on to `cargo test`
+#
+# Installs, when missing (Debian or Ubuntu; as root, or with sudo):
+#   prometheus (promtool)      checks the /metrics page
+#   haproxy, nginx-light       the peers `infermesh-bench compare` measures
+#   curl, iproute2, iptables,  sidecars intercepting traffic in network
+#   util-linux (setpriv)       namespaces, and the demo
+# and, from PyPI, the pinned Python clients the mock model server is
+# tested against (benches/tests/python/requirements.txt).
+#
+# Run as root, the network-namespace tests must run; as another user they
+# say on stderr that they are skipped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null; then
+    sudo "$@"
+  else
+    echo "test.sh: installing $* needs root (or sudo)" >&2
+    return 1
+  fi
+}
+
+need=()
+command -v promtool >/dev/null || need+=(prometheus)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v curl >/dev/null || need+=(curl)
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables-save >/dev/null || need+=(iptables)
+command -v setpriv >/dev/null || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+python3 -m pip install --quiet --disable-pip-version-check -r benches/tests/python/requirements.txt
+
+if [ "$(id -u)" -eq 0 ]; then export INFERMESH_REQUIRE_NETNS=1; fi
+exec cargo test --workspace --locked "$@"
