@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Instructions per request of one or more infermesh-proxy builds, counted
+# by valgrind's callgrind: the same total for the same binary and load
+# whatever else the machine is doing, so two builds compare exactly where
+# a timed run on shared cores cannot.
+#
+#   benches/callgrind.sh target/release/infermesh-proxy [OTHER_BUILD...]
+#
+# For each build: a gateway (one worker thread) in front of the bundled
+# mock model server, run twice under callgrind, with SMALL and then LARGE
+# OpenAI chat requests sent at a fixed rate (open loop, so each run sends
+# exactly rate × time requests); the difference of the two totals, divided
+# by the difference of the requests, is the cost of one request without
+# start-up and shutdown. Prints one line per build. Needs valgrind (Debian
+# package `valgrind`) and infermesh-bench built next to the first build.
+# Every run is bounded in time and every process started is stopped.
+set -euo pipefail
+
+[ $# -ge 1 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is not installed (apt install valgrind)" >&2; exit 1; }
+bench="$(dirname "$1")/infermesh-bench"
+[ -x "$bench" ] || { echo "callgrind.sh: $bench not found; build it with cargo build --release" >&2; exit 1; }
+
+RATE=${RATE:-100}            # requests per second; callgrind slows the proxy ~50x
+SMALL=${SMALL:-3}            # seconds of load of the first run
+LARGE=${LARGE:-13}           # seconds of load of the second run
+work=$(mktemp -d)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT INT TERM
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "callgrind.sh: nothing listens on $1" >&2; return 1; }
+
+mock=$(free_port)
+"$bench" serve --listen "127.0.0.1:$mock" --model mock-llm >"$work/mock.log" 2>&1 &
+pids+=($!)
+wait_port "$mock"
+
+# Instructions (Ir) callgrind counted for one run of `proxy` with `seconds`
+# of load.
+count() {
+  local proxy=$1 seconds=$2 port admin health out
+  port=$(free_port); admin=$(free_port); health=$(free_port)
+  cat >"$work/gateway.yaml" <<EOF
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: { name: public }
+spec: { address: "127.0.0.1:$port" }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: mock }
+spec: { endpoints: [{ address: "127.0.0.1:$mock" }] }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: { name: all }
+spec: { rules: [{ backends: [{ name: mock }] }] }
+EOF
+  out="$work/callgrind.$seconds.out"
+  valgrind --tool=callgrind --callgrind-out-file="$out" \
+    "$proxy" --concurrency 1 --log-level warn gateway --config "$work/gateway.yaml" \
+    --admin-address "127.0.0.1:$admin" --health-address "127.0.0.1:$health" \
+    --shutdown-grace-period 5s >"$work/proxy.log" 2>&1 &
+  local pid=$!
+  pids+=("$pid")
+  wait_port "$port"
+  timeout $((seconds + 60)) "$bench" load "http://127.0.0.1:$port" --template openai-chat \
+    --rate "$RATE" --connections 4 --duration "${seconds}s" --warmup 0s >"$work/load.log" 2>&1
+  kill -TERM "$pid"
+  wait "$pid" || true
+  grep -E '^summary:' "$out" | awk '{print $2}'
+}
+
+printf '%-50s %14s\n' "build" "instructions/request"
+for proxy in "$@"; do
+  small=$(count "$proxy" "$SMALL")
+  large=$(count "$proxy" "$LARGE")
+  requests=$((RATE * (LARGE - SMALL)))
+  printf '%-50s %14d\n' "$proxy" $(((large - small) / requests))
+done
