@@ -50,5 +50,5 @@ pub mod hot_path {
     pub use crate::backend::pick::Balancer;
     pub use crate::backend::pool::adapt_request;
     pub use crate::core::headers::{add_forwarded, strip_hop_by_hop};
-    pub use crate::snapshot::router::Router;
+    pub use crate::snapshot::router::{Router, RouterBuilder};
 }

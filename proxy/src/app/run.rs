@@ -33,7 +33,7 @@ pub enum Mode {
     /// A gateway in front of model servers: the file as written.
     Gateway,
     /// A pod's sidecar: the file plus the capture listeners
-    /// ([`sidecar::BUILT_IN`]), which it may replace.
+    /// (`inbound` and `outbound`), which it may replace.
     Sidecar,
 }
 

@@ -142,13 +142,14 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::metrics::Registry;
 
     fn breaker(limits: CircuitBreaker) -> Breaker {
-        let overloaded = IntCounterVec::new(
-            prometheus::Opts::new("infermesh_overloaded_total", "Refused."),
+        let overloaded = Registry::new().counter(
+            "infermesh_overloaded_total",
+            "Refused.",
             &["backend", "limit"],
-        )
-        .unwrap();
+        );
         Breaker::new("b", limits, &overloaded)
     }
 

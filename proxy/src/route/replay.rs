@@ -121,7 +121,7 @@ impl Shared {
 }
 
 /// A request body that can be sent again: the first reader gets the
-/// client's frames as they arrive, and each [`replay`](Self::replay) gets
+/// client's frames as they arrive, and each [`replay`](ReplayHandle::replay) gets
 /// the same frames from the start.
 ///
 /// Every reader has its own position; they share the recorded frames and

@@ -148,6 +148,7 @@ fn segment_prefix(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::metrics::Registry;
 
     fn authorization(yaml_policies: &str) -> Option<Authorization> {
         let text = format!(
@@ -158,11 +159,11 @@ mod tests {
             text: &text,
         }])
         .unwrap_or_else(|e| panic!("{e}"));
-        let decisions = IntCounterVec::new(
-            prometheus::Opts::new("infermesh_authorization_decisions_total", "Decisions."),
+        let decisions = Registry::new().counter(
+            "infermesh_authorization_decisions_total",
+            "Decisions.",
             &["listener", "result", "policy"],
-        )
-        .unwrap();
+        );
         Authorization::for_listener(&config.listeners[0], &config.policies, &decisions)
     }
 

@@ -190,7 +190,7 @@ impl<T> Router<T> {
     }
 
     /// Whether a rule matches on the model a request names: its body may
-    /// have to be read before routing ([`crate::core::model`]).
+    /// have to be read before routing.
     pub fn matches_models(&self) -> bool {
         self.entries.iter().any(|e| e.model.is_some())
     }
