@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::spec::InfermeshSpec;
-use super::supervise::{self, Started};
-use super::targets::{Proxies, TargetKind};
+use super::spec::{InfermeshSpec, TargetKind};
+use super::supervise::{self, Proxies, Started};
 
 /// The SPIFFE ID of the caller's proxy of the mTLS pair.
 const CALLER_IDENTITY: &str = "spiffe://bench.local/ns/bench/sa/caller";

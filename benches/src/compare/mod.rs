@@ -79,12 +79,14 @@
 //!
 //! # Modules
 //!
-//! - `spec`: the YAML file's types, defaults and [`Comparison::load`];
-//! - `targets`: what each target is ([`TargetKind`]) and starting one;
+//! - `spec`: the YAML file's types (the targets among them,
+//!   [`TargetKind`]), defaults and [`Comparison::load`];
+//! - `targets`: starting each target;
 //! - `infermesh`: the infermesh targets' configs, binaries and processes;
 //! - `peers`: HAProxy's and nginx's configs and processes;
 //! - `supervise`: processes: starting, waiting for their port, CPU and
-//!   memory, and stopping them (children too) when dropped;
+//!   memory, and stopping them (children too) when dropped; a target's
+//!   processes and port ([`Proxies`](supervise::Proxies));
 //! - `measure`: one visit of one target;
 //! - `report`: medians, and the report as Markdown, JSON and a chart.
 
@@ -100,8 +102,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 pub use report::{ComparisonReport, Measurement, Summary};
-pub use spec::{Comparison, InfermeshSpec, LoadSpec};
-pub use targets::TargetKind;
+pub use spec::{Comparison, InfermeshSpec, LoadSpec, TargetKind};
 
 use measure::LoadPlan;
 use targets::Ready;

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use super::supervise;
-use super::targets::{Proxies, TargetKind};
+use super::spec::TargetKind;
+use super::supervise::{self, Proxies};
 
 /// Starts HAProxy in front of the mock servers at `backends`.
 pub(super) fn start_haproxy(backends: &[SocketAddr], work: &Path) -> anyhow::Result<Proxies> {

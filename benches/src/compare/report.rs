@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::targets::TargetKind;
+use super::spec::TargetKind;
 use crate::load::LoadReport;
 
 /// One target's figures from one round.

@@ -4,9 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::targets::TargetKind;
 use crate::mock::Scenario;
 
 /// A comparison, as written in its YAML file.
@@ -124,6 +123,53 @@ pub struct InfermeshSpec {
     /// replaces the rule's backends (and `rule`).
     #[serde(default)]
     pub fanout: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetKind {
+    /// Straight to the first mock server: the baseline.
+    Direct,
+    /// infermesh-proxy in gateway mode.
+    Infermesh,
+    /// The `infermesh` target (same config, same settings) run with another
+    /// build of infermesh-proxy, `infermesh.baselineBinary`: two builds
+    /// measured side by side.
+    InfermeshBaseline,
+    /// infermesh-proxy without retries, outlier detection or a
+    /// load-aware balancer.
+    InfermeshBare,
+    /// infermesh-proxy with hedged requests (`infermesh.hedge`).
+    InfermeshHedged,
+    /// infermesh-proxy fanning each request out (`infermesh.fanout`).
+    InfermeshFanout,
+    /// Two infermesh-proxy processes in a row, plaintext between them.
+    InfermeshPair,
+    /// Two infermesh-proxy processes in a row, mutual TLS between them.
+    InfermeshMtlsPair,
+    /// HAProxy in HTTP mode with keep-alive to the backends.
+    Haproxy,
+    /// nginx as a reverse proxy with upstream keep-alive.
+    Nginx,
+}
+
+impl TargetKind {
+    /// The target's name, as comparison files and reports write it.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            TargetKind::Direct => "direct",
+            TargetKind::Infermesh => "infermesh",
+            TargetKind::InfermeshBaseline => "infermesh-baseline",
+            TargetKind::InfermeshBare => "infermesh-bare",
+            TargetKind::InfermeshHedged => "infermesh-hedged",
+            TargetKind::InfermeshFanout => "infermesh-fanout",
+            TargetKind::InfermeshPair => "infermesh-pair",
+            TargetKind::InfermeshMtlsPair => "infermesh-mtls-pair",
+            TargetKind::Haproxy => "haproxy",
+            TargetKind::Nginx => "nginx",
+        }
+    }
 }
 
 impl Comparison {
@@ -317,5 +363,28 @@ infermesh:
             error.starts_with(&format!("{}: infermesh.baselineBinary", file.display())),
             "{error}"
         );
+    }
+
+    #[test]
+    fn every_target_is_named_as_files_write_it() {
+        for kind in [
+            TargetKind::Direct,
+            TargetKind::Infermesh,
+            TargetKind::InfermeshBaseline,
+            TargetKind::InfermeshBare,
+            TargetKind::InfermeshHedged,
+            TargetKind::InfermeshFanout,
+            TargetKind::InfermeshPair,
+            TargetKind::InfermeshMtlsPair,
+            TargetKind::Haproxy,
+            TargetKind::Nginx,
+        ] {
+            let parsed: TargetKind = serde_saphyr::from_str(kind.name()).unwrap();
+            assert_eq!(parsed, kind);
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.name())
+            );
+        }
     }
 }

@@ -15,6 +15,16 @@ use nix::sys::signal::Signal;
 use crate::mock::Scenario;
 use crate::process::{self, Usage};
 
+/// The running proxy processes of a target and the loopback port where it
+/// takes load.
+pub(super) struct Proxies {
+    /// Every proxy process of the target, the one that takes the load
+    /// first (so it is stopped first).
+    pub(super) processes: Vec<Started>,
+    /// The port on 127.0.0.1 the target listens on.
+    pub(super) port: u16,
+}
+
 /// A process this comparison started; killed when dropped.
 pub(super) struct Started {
     child: Child,
