@@ -86,7 +86,7 @@
 //! - `peers`: HAProxy's and nginx's configs and processes;
 //! - `supervise`: processes: starting, waiting for their port, CPU and
 //!   memory, and stopping them (children too) when dropped; a target's
-//!   processes and port ([`Proxies`](supervise::Proxies));
+//!   processes and port (`Proxies`);
 //! - `measure`: one visit of one target;
 //! - `report`: medians, and the report as Markdown, JSON and a chart.
 
