@@ -50,7 +50,8 @@ pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
 pub use fanout::{Fanout, FanoutBranch, FanoutStrategy, Mean, Vote};
 pub use listener::{
-    Capture, ListenerProtocol, ListenerSpec, ListenerTls, OutsideMesh, PortTls, TlsMode,
+    Capture, EscapedSlashes, ListenerProtocol, ListenerSpec, ListenerTls, OutsideMesh, PortTls,
+    TlsMode,
 };
 pub use path::FieldPath;
 pub use policy::{

@@ -42,6 +42,30 @@ pub struct ListenerSpec {
     /// `passthrough`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outside_mesh: Option<OutsideMesh>,
+    /// What escaped slashes (`%2F`, `%5C`) in a request's path become
+    /// when the path is normalised, before routing and authorization.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// What escaped slashes (`%2F` and `%5C`) in a request's path become when
+/// the proxy normalises it. Backends disagree on them (nginx decodes them
+/// before matching locations, most frameworks keep them), so a path that
+/// keeps them may mean one thing to an authorization policy and another
+/// to the model server; like Envoy's `path_with_escaped_slashes_action`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EscapedSlashes {
+    /// Decoded to `/` (both), then normalised with the rest of the path,
+    /// and forwarded so: every hop sees the same segments (Istio's
+    /// `DECODE_AND_MERGE_SLASHES`).
+    #[default]
+    Unescape,
+    /// The request is refused with 400 `invalid_path`.
+    Reject,
+    /// Kept as they are (in upper case), for APIs whose path segments
+    /// carry escaped slashes; safe only when no backend decodes them.
+    Keep,
 }
 
 impl ListenerSpec {

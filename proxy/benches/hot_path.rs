@@ -1,6 +1,7 @@
-//! Micro-benchmarks of the per-request work the proxy adds: matching a
-//! route, rewriting headers, adapting a request to the upstream's HTTP
-//! version, and picking an endpoint. Run with `cargo bench -p
+//! Micro-benchmarks of the per-request work the proxy adds: checking the
+//! host and normalising the path, matching a route, rewriting headers,
+//! adapting a request to the upstream's HTTP version, and picking an
+//! endpoint. Run with `cargo bench -p
 //! infermesh-proxy`.
 
 use std::hint::black_box;
@@ -9,9 +10,12 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, Request};
-use infermesh_api::{BalancePolicy, HeaderMatch, PathMatch, RouteMatch, UpstreamProtocol};
+use infermesh_api::{
+    BalancePolicy, EscapedSlashes, HeaderMatch, PathMatch, RouteMatch, UpstreamProtocol,
+};
 use infermesh_proxy::hot_path::{
-    Balancer, Endpoint, EndpointSet, Router, adapt_request, add_forwarded, strip_hop_by_hop,
+    Balancer, Endpoint, EndpointSet, Router, adapt_request, add_forwarded, check_host,
+    normalize_path, strip_hop_by_hop,
 };
 
 /// A route table like a gateway in front of `models` model servers: per
@@ -69,6 +73,24 @@ fn route_match(c: &mut Criterion) {
         let miss = inference_request("/unknown/path");
         group.bench_function(format!("{models}_models_fallback"), |b| {
             b.iter(|| router.route(black_box(&miss)))
+        });
+    }
+    group.finish();
+}
+
+fn request_check(c: &mut Criterion) {
+    let mut group = c.benchmark_group("request_check");
+    let request = inference_request("/v1/chat/completions");
+    group.bench_function("host", |b| b.iter(|| check_host(black_box(&request))));
+    for (name, path) in [
+        ("normal_path", "/v2/models/model-7/versions/2/infer"),
+        (
+            "path_to_normalise",
+            "/v2/models/./model-7//versions/%32/../2/infer",
+        ),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| normalize_path(black_box(path), EscapedSlashes::Unescape).map(|p| p.len()))
         });
     }
     group.finish();
@@ -132,5 +154,11 @@ fn endpoint_pick(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_match, header_rewrite, endpoint_pick);
+criterion_group!(
+    benches,
+    request_check,
+    route_match,
+    header_rewrite,
+    endpoint_pick
+);
 criterion_main!(benches);

@@ -43,12 +43,15 @@ pub use app::run::{Mode, RunOptions, run};
 pub use app::sidecar::log_user as log_sidecar_user;
 
 /// The per-request work the proxy adds, public for the hot-path
-/// benchmarks (`benches/hot_path.rs`): route matching, header rules,
-/// adapting a request to the upstream's HTTP version, the endpoint pick.
+/// benchmarks (`benches/hot_path.rs`): checking the host, normalising the
+/// path, route matching, header rules, adapting a request to the
+/// upstream's HTTP version, the endpoint pick.
 pub mod hot_path {
     pub use crate::backend::endpoint::{Endpoint, EndpointSet};
     pub use crate::backend::pick::Balancer;
     pub use crate::backend::pool::adapt_request;
+    pub use crate::core::authority::{HostError, check as check_host};
     pub use crate::core::headers::{add_forwarded, strip_hop_by_hop};
+    pub use crate::core::path::{PathError, normalize as normalize_path};
     pub use crate::snapshot::router::{Router, RouterBuilder};
 }

@@ -13,9 +13,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, StatusCode};
+use http::{HeaderValue, Method, StatusCode};
 
+use crate::core::authority::HostError;
 use crate::core::body::BoxError;
+use crate::core::path::PathError;
 
 /// What went wrong, without where.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,15 @@ pub(crate) enum ErrorKind {
     /// A fan-out could not answer.
     #[error("{}", .0.message)]
     Fanout(Box<FanoutFailed>),
+    /// The request's path cannot be normalised.
+    #[error("{0}")]
+    InvalidPath(PathError),
+    /// The request's host is missing, repeated or ambiguous.
+    #[error("{0}")]
+    InvalidHost(HostError),
+    /// A method the proxy does not serve (`CONNECT`: no listener tunnels).
+    #[error("the proxy does not serve {0} requests")]
+    MethodNotAllowed(Method),
 }
 
 /// Where a failure arose: whose fault it is, as Pingora's `ErrorSource`
@@ -167,6 +178,9 @@ impl ErrorKind {
                 FanoutCause::Insufficient => "fanout_insufficient_answers",
                 FanoutCause::Deadline => "fanout_deadline",
             },
+            ErrorKind::InvalidPath(_) => "invalid_path",
+            ErrorKind::InvalidHost(_) => "invalid_host",
+            ErrorKind::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
 
@@ -189,7 +203,11 @@ impl ErrorKind {
             ErrorKind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unauthorized(_) => StatusCode::FORBIDDEN,
             ErrorKind::RequestBodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
-            ErrorKind::RequestBody(_) | ErrorKind::FanoutStreaming(_) => StatusCode::BAD_REQUEST,
+            ErrorKind::RequestBody(_)
+            | ErrorKind::FanoutStreaming(_)
+            | ErrorKind::InvalidPath(_)
+            | ErrorKind::InvalidHost(_) => StatusCode::BAD_REQUEST,
+            ErrorKind::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::RequestBodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Fanout(failed) => match failed.cause {
                 FanoutCause::BranchFailed | FanoutCause::Insufficient => StatusCode::BAD_GATEWAY,
@@ -227,7 +245,10 @@ impl ErrorKind {
             ErrorKind::RequestBodyIdle(_)
             | ErrorKind::RequestBody(_)
             | ErrorKind::RequestBodyTooLarge(_)
-            | ErrorKind::FanoutStreaming(_) => (Downstream, None, false),
+            | ErrorKind::FanoutStreaming(_)
+            | ErrorKind::InvalidPath(_)
+            | ErrorKind::InvalidHost(_)
+            | ErrorKind::MethodNotAllowed(_) => (Downstream, None, false),
         };
         Class {
             origin,

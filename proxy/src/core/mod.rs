@@ -2,13 +2,16 @@
 //! nothing else of the crate. The body type and its helpers ([`body`]),
 //! the error vocabulary with its own classification ([`error`]), what a
 //! request carries in its extensions ([`context`]), header names and
-//! header rules ([`headers`]), the model a request names ([`model`]) and
-//! the metrics registry every layer registers its families in
-//! ([`metrics`]).
+//! header rules ([`headers`]), a request's path normalised ([`path`]) and
+//! its host checked ([`authority`]), the model a request names
+//! ([`model`]) and the metrics registry every layer registers its
+//! families in ([`metrics`]).
 
+pub(crate) mod authority;
 pub(crate) mod body;
 pub(crate) mod context;
 pub(crate) mod error;
 pub(crate) mod headers;
 pub(crate) mod metrics;
 pub(crate) mod model;
+pub(crate) mod path;

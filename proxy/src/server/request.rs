@@ -1,21 +1,25 @@
 //! What happens to each request a listener accepts, in named phases:
 //!
-//! 1. **authorize**: the listener's authorization policies decide by the
+//! 1. **check**: one unambiguous host (400 `invalid_host`), a method the
+//!    proxy serves (405 `method_not_allowed` for `CONNECT`), and the path
+//!    normalised ([`crate::core::path`]; 400 `invalid_path`), so that
+//!    every later phase and the backend read the same path;
+//! 2. **authorize**: the listener's authorization policies decide by the
 //!    caller's SPIFFE identity and the request (403 `unauthorized`);
-//! 2. **read the model**: when the listener's rules match on models, the
+//! 3. **read the model**: when the listener's rules match on models, the
 //!    model a JSON body names is read first, from at most its first
 //!    64 KiB ([`crate::core::model`]);
-//! 3. **route**: find the listener's most specific rule for the request;
+//! 4. **route**: find the listener's most specific rule for the request;
 //!    on a sidecar's capture listeners, then the connection's original
 //!    destination: a backend that has this address, or the destination
 //!    itself (the app inbound, a server outside the mesh outbound, unless
 //!    blocked: 502 `outside_mesh`); 404 `no_route` when nothing matches;
-//! 4. **forward**: send it through the rule's stack
+//! 5. **forward**: send it through the rule's stack
 //!    ([`crate::route::stack`]): rate limit, timeouts, forwarded headers,
 //!    upgrades, retries, backend split, balancing and the upstream pool;
-//! 5. **respond**: a failure made by the proxy becomes its error response
+//! 6. **respond**: a failure made by the proxy becomes its error response
 //!    ([`crate::server::respond`]);
-//! 6. **observe**: the response body is wrapped so that the access log line
+//! 7. **observe**: the response body is wrapped so that the access log line
 //!    and the request metrics are written when it ends
 //!    ([`crate::server::access_log`]).
 
@@ -24,14 +28,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response};
+use std::borrow::Cow;
+
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
-use infermesh_api::OutsideMesh;
+use infermesh_api::{EscapedSlashes, OutsideMesh};
 
 use crate::core::body::{BoxFuture, ProxyBody, boxed};
 use crate::core::context::ConnectionInfo;
 use crate::core::error::{ErrorKind, ProxyError};
-use crate::core::model;
+use crate::core::{authority, model, path};
 use crate::route::stack::RuleStack;
 use crate::server::access_log::RequestRecord;
 use crate::server::original::OriginalDestination;
@@ -107,6 +114,37 @@ impl RequestService {
     }
 }
 
+/// Phase check: the request's host is one and unambiguous, its method one
+/// the proxy serves, and its path normalised in place (the query kept).
+fn check(
+    request: &mut Request<ProxyBody>,
+    escaped_slashes: EscapedSlashes,
+) -> Result<(), ErrorKind> {
+    if request.method() == Method::CONNECT {
+        return Err(ErrorKind::MethodNotAllowed(Method::CONNECT));
+    }
+    authority::check(request).map_err(ErrorKind::InvalidHost)?;
+    let uri = request.uri();
+    // `OPTIONS *` asks about the server, not a path.
+    if uri.path() == "*" && request.method() == Method::OPTIONS {
+        return Ok(());
+    }
+    let Cow::Owned(normal) =
+        path::normalize(uri.path(), escaped_slashes).map_err(ErrorKind::InvalidPath)?
+    else {
+        return Ok(());
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(path_and_query).expect("a normalised path is a valid path"));
+    *request.uri_mut() = Uri::from_parts(parts).expect("the URI's own parts make a URI");
+    Ok(())
+}
+
 impl hyper::service::Service<Request<Incoming>> for RequestService {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
@@ -118,6 +156,9 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         let mut request = request.map(boxed);
         request.extensions_mut().insert(self.connection.clone());
         let listener = snapshot.listener(self.connection.listener);
+        // Phase: check.
+        let escaped_slashes = listener.map_or(EscapedSlashes::default(), |l| l.escaped_slashes);
+        let refused = check(&mut request, escaped_slashes).err();
         let mut record = RequestRecord::start(
             &request,
             started,
@@ -128,12 +169,14 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         );
 
         // Phase: authorize.
-        let denied = listener
-            .and_then(|l| l.authorization.as_ref())
-            .and_then(|a| {
-                a.check(&request, self.connection.peer_identity.as_deref())
-                    .err()
-            });
+        let denied = refused.or_else(|| {
+            listener
+                .and_then(|l| l.authorization.as_ref())
+                .and_then(|a| {
+                    a.check(&request, self.connection.peer_identity.as_deref())
+                        .err()
+                })
+        });
         let read_model = denied.is_none()
             && listener.is_some_and(|l| l.router.matches_models())
             && model::may_be_in_body(&request);

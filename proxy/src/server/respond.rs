@@ -3,7 +3,8 @@
 //! reason goes in `x-infermesh-error` and a small JSON body
 //! (`{"error", "reason", "route"}`), so a user can tell a proxy timeout
 //! from a model failure; a fan-out's failure carries the report of its
-//! branches, and a rate-limited request a `Retry-After`.
+//! branches, a rate-limited request a `Retry-After`, and a refused method
+//! the `Allow` list.
 
 use http::{HeaderValue, Response, header};
 
@@ -34,6 +35,13 @@ pub(crate) fn error_response(error: &ProxyError, route: Option<&str>) -> Respons
         && let Some(report) = &failed.report
     {
         headers.insert(FANOUT_HEADER, report.clone());
+    }
+    if let ErrorKind::MethodNotAllowed(_) = kind {
+        // Every method but CONNECT, which no listener tunnels.
+        headers.insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH, TRACE"),
+        );
     }
     if let ErrorKind::RateLimited(wait) = *kind {
         // Whole seconds, rounded up: a client that waits this long finds

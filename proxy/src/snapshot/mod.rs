@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use infermesh_api::{Capture, Config, ListenerProtocol, OutsideMesh};
+use infermesh_api::{Capture, Config, EscapedSlashes, ListenerProtocol, OutsideMesh};
 
 use crate::backend::Backend;
 use crate::core::context::ListenerId;
@@ -83,6 +83,8 @@ pub(crate) struct ListenerEntry {
     /// What an outbound capture listener does with destinations outside
     /// the mesh.
     pub outside_mesh: OutsideMesh,
+    /// What escaped slashes in request paths become.
+    pub escaped_slashes: EscapedSlashes,
 }
 
 impl ListenerEntry {
