@@ -347,6 +347,26 @@ async fn admin_endpoints_show_config_endpoints_and_control_logs_and_drain() {
         "access log silenced"
     );
 
+    // A web page on the operator's machine cannot drain the proxy: a
+    // browser's POST carries Origin, and a DNS-rebound one a host name.
+    for (name, value) in [
+        ("origin", "http://attacker.example"),
+        ("sec-fetch-site", "cross-site"),
+        ("host", "attacker.example:15000"),
+    ] {
+        let forged = Request::post(admin("/drain"))
+            .header(name, value)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(
+            client::send(&client, forged).await.unwrap().status,
+            403,
+            "{name}: {value}"
+        );
+    }
+    let ready = client::get(&client, &format!("http://{}/ready", gateway.health)).await;
+    assert_eq!(ready.status, 200, "not drained by a forged request");
+
     let drain = Request::post(admin("/drain"))
         .body(Full::default())
         .unwrap();

@@ -4,6 +4,14 @@
 //!   for the kubelet and Prometheus.
 //! - **admin** (default `127.0.0.1:15000`, local only): `/config`,
 //!   `/endpoints`, `POST /drain` and `/log-level`.
+//!
+//! A browser on the operator's machine can reach a loopback port too: a
+//! page of any site could `POST /drain` with a simple form. So the admin
+//! server refuses (403) every state-changing request a browser makes
+//! (it carries `Origin` or `Sec-Fetch-Site`) and every one addressed to a
+//! host name rather than an IP address or `localhost` (the shape of a DNS
+//! rebinding attack). Tools (`curl`, scripts, `kubectl port-forward`) send
+//! neither.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -125,6 +133,12 @@ async fn health(admin: Arc<Admin>, request: Request<Incoming>) -> Response<Proxy
 
 async fn admin_endpoints(admin: Arc<Admin>, request: Request<Incoming>) -> Response<ProxyBody> {
     let method = request.method().clone();
+    if matches!(method, Method::POST | Method::PUT)
+        && let Err(why) = not_from_a_browser(&request)
+    {
+        tracing::warn!(path = request.uri().path(), why, "admin request refused");
+        return text(StatusCode::FORBIDDEN, why);
+    }
     match (request.uri().path(), method) {
         ("/", Method::GET) => text(
             StatusCode::OK,
@@ -153,6 +167,36 @@ async fn admin_endpoints(admin: Arc<Admin>, request: Request<Incoming>) -> Respo
             "not found; see GET / for the admin endpoints\n",
         ),
     }
+}
+
+/// Whether a state-changing admin request comes from a tool rather than a
+/// web page: no `Origin` or `Sec-Fetch-Site` (browsers send them), and a
+/// `Host` that is an IP address or `localhost`, not a name an attacker's
+/// DNS could point at this machine.
+fn not_from_a_browser<B>(request: &Request<B>) -> Result<(), &'static str> {
+    let headers = request.headers();
+    if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
+        return Err(
+            "refused: admin requests that change state are not taken from web pages (the request carries Origin); use curl or a script\n",
+        );
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let name = match host.strip_prefix('[') {
+        Some(literal) => literal.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    if !(name.is_empty()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.parse::<std::net::IpAddr>().is_ok())
+    {
+        return Err(
+            "refused: admin requests that change state must be addressed to an IP address or localhost, not a host name\n",
+        );
+    }
+    Ok(())
 }
 
 fn config(admin: &Admin) -> Response<ProxyBody> {
