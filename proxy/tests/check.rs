@@ -19,16 +19,82 @@ fn check(text: &str) -> (bool, String, String) {
     (out.status.success(), stdout, stderr)
 }
 
+const LISTENER: &str = "apiVersion: infermesh.io/v1alpha1\nkind: Listener\nmetadata: { name: l }\nspec: { address: 127.0.0.1:8080 }\n---\n";
+
 #[test]
 fn a_valid_config_passes() {
-    let (ok, stdout, _) = check(
-        "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec:\n  endpoints: [{ address: 127.0.0.1:9000 }]\n",
-    );
+    let (ok, stdout, _) = check(&format!(
+        "{LISTENER}apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: m }}\nspec:\n  endpoints: [{{ address: 127.0.0.1:9000 }}]\n"
+    ));
     assert!(ok);
     assert!(
-        stdout.contains("ok (0 listeners, 1 backends, 0 routes; version "),
+        stdout.contains("ok (1 listeners, 1 backends, 0 routes; version "),
         "{stdout}"
     );
+}
+
+#[test]
+fn a_config_without_a_listener_is_refused() {
+    for text in [
+        "",
+        "# emptied\n",
+        "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec:\n  endpoints: [{ address: 127.0.0.1:9000 }]\n",
+    ] {
+        let (ok, _, stderr) = check(text);
+        assert!(!ok, "{text:?}");
+        assert!(
+            stderr.contains(
+                "config file gateway.yaml defines no Listener, so the proxy would serve nothing"
+            ),
+            "{text:?}: {stderr}"
+        );
+    }
+}
+
+/// `check` on `path`: whether it passed, and its stderr.
+fn check_path(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_infermesh-proxy"))
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn only_a_regular_file_of_sane_size_is_read() {
+    let (ok, stderr) = check_path(std::path::Path::new("/dev/zero"));
+    assert!(!ok);
+    assert!(
+        stderr.contains("/dev/zero is not a regular file (a device)"),
+        "{stderr}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("gateway.yaml");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let (ok, stderr) = check_path(&fifo);
+    assert!(!ok, "a FIFO is refused, not waited on");
+    assert!(
+        stderr.contains("is not a regular file (a FIFO)"),
+        "{stderr}"
+    );
+
+    let (ok, stderr) = check_path(dir.path());
+    assert!(!ok);
+    assert!(
+        stderr.contains("is not a regular file (a directory)"),
+        "{stderr}"
+    );
+
+    let large = dir.path().join("large.yaml");
+    let padding = "# padding\n".repeat(450_000);
+    std::fs::write(&large, format!("{LISTENER}{padding}")).unwrap();
+    let (ok, stderr) = check_path(&large);
+    assert!(!ok);
+    assert!(stderr.contains("is larger than 4 MiB"), "{stderr}");
 }
 
 #[test]

@@ -39,6 +39,32 @@ fn refused(l: &Value) -> bool {
     l["message"] == "config refused; still serving the previous version"
 }
 
+#[tokio::test]
+async fn an_emptied_config_file_is_refused_and_every_listener_stays() {
+    let a = MockBackend::echo("a", Protocol::Http1).await;
+    let b = MockBackend::echo("b", Protocol::Http1).await;
+    let gateway = Gateway::start(&two_backends(&a, &b, "a"));
+    let client = client::http1();
+    let url = gateway.url("web", "/v1/models");
+    assert_eq!(client::get(&client, &url).await.status, 200);
+    // A truncating write caught half-way, or a mistaken `>`.
+    gateway.write_config("");
+    gateway.wait_for_log(refused, Duration::from_secs(10));
+    assert!(
+        gateway.logs_matching(refused).iter().any(|l| l["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("defines no Listener"))),
+        "the refusal says why"
+    );
+    assert_eq!(
+        client::get(&client, &url).await.status,
+        200,
+        "still serving"
+    );
+    let ready = client::get(&client, &format!("http://{}/ready", gateway.health)).await;
+    assert_eq!(ready.status, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_config_is_refused_with_its_location_while_the_old_one_serves() {
     let a = MockBackend::echo("a", Protocol::Http1).await;
