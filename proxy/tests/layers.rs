@@ -4,8 +4,10 @@
 //! layer above (`use crate::server::...` in `route/`, or a `super::super`
 //! that climbs out of its layer into another), and on a file or folder
 //! that belongs to no layer, so that new code lands in a room of the
-//! house.
+//! house. Within a layer, no module may use one that uses it back: the
+//! crate reads bottom-up, module by module.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The layers, bottom first: a layer may use itself and those before it.
@@ -189,6 +191,176 @@ fn violations(src: &Path) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The paths a `crate::` occurrence names: one, or each of a `use` group
+/// (`crate::core::{body, error::ProxyError}`), as `::`-joined names.
+fn named_paths(tail: &str) -> Vec<String> {
+    let end = tail
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+        .unwrap_or(tail.len());
+    let prefix = tail[..end].trim_end_matches(':');
+    let Some(group) = tail[end..].strip_prefix('{') else {
+        return vec![prefix.to_owned()];
+    };
+    let (mut depth, mut start, mut items) = (0usize, 0usize, Vec::new());
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                items.push(&group[start..i]);
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&group[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    items
+        .into_iter()
+        .flat_map(|item| named_paths(item.trim()))
+        .map(|path| match (prefix.is_empty(), path.is_empty()) {
+            (true, _) => path,
+            (false, true) => prefix.to_owned(),
+            (false, false) => format!("{prefix}::{path}"),
+        })
+        .collect()
+}
+
+/// The circles of modules of the crate at `src` that use each other: a
+/// module uses another when it names it in a `crate::` path anywhere, its
+/// documentation included (a doc link is a reference a reader follows).
+/// Each circle is its modules, sorted.
+fn circles(src: &Path) -> Vec<Vec<String>> {
+    let mut files = Vec::new();
+    sources(src, &mut files);
+    let modules: BTreeMap<String, PathBuf> = files
+        .into_iter()
+        .map(|file| (module_of(src, &file).join("::"), file))
+        .filter(|(module, _)| !matches!(module.as_str(), "lib" | "main"))
+        .collect();
+    let mut uses: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (module, file) in &modules {
+        let source = std::fs::read_to_string(file).expect("a readable source");
+        for (at, _) in source.match_indices("crate::") {
+            if ends_in_name(&source[..at]) {
+                continue;
+            }
+            for path in named_paths(&source[at + "crate::".len()..]) {
+                // The longest prefix of the path that is a module.
+                let segments: Vec<&str> = path.split("::").collect();
+                let used = (1..=segments.len())
+                    .rev()
+                    .map(|n| segments[..n].join("::"))
+                    .find_map(|prefix| modules.get_key_value(&prefix).map(|(k, _)| k.as_str()));
+                if let Some(used) = used.filter(|used| used != module) {
+                    uses.entry(module).or_default().insert(used);
+                }
+            }
+        }
+    }
+    strongly_connected(&uses)
+}
+
+/// Tarjan's strongly connected components of `edges` with more than one
+/// node.
+fn strongly_connected(edges: &BTreeMap<&str, BTreeSet<&str>>) -> Vec<Vec<String>> {
+    struct Walk<'a> {
+        edges: &'a BTreeMap<&'a str, BTreeSet<&'a str>>,
+        index: BTreeMap<&'a str, (usize, usize)>,
+        stack: Vec<&'a str>,
+        found: Vec<Vec<String>>,
+    }
+    impl<'a> Walk<'a> {
+        fn visit(&mut self, node: &'a str) {
+            let n = self.index.len();
+            self.index.insert(node, (n, n));
+            self.stack.push(node);
+            for &next in self.edges.get(node).into_iter().flatten() {
+                let low = match self.index.get(next) {
+                    None => {
+                        self.visit(next);
+                        self.index[next].1
+                    }
+                    Some(&(index, _)) if self.stack.contains(&next) => index,
+                    Some(_) => continue,
+                };
+                let entry = self.index.get_mut(node).expect("visited");
+                entry.1 = entry.1.min(low);
+            }
+            let (index, low) = self.index[node];
+            if index == low {
+                let at = self
+                    .stack
+                    .iter()
+                    .rposition(|m| *m == node)
+                    .expect("on the stack");
+                let mut circle: Vec<String> = self
+                    .stack
+                    .split_off(at)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                if circle.len() > 1 {
+                    circle.sort();
+                    self.found.push(circle);
+                }
+            }
+        }
+    }
+    let mut walk = Walk {
+        edges,
+        index: BTreeMap::new(),
+        stack: Vec::new(),
+        found: Vec::new(),
+    };
+    for &node in edges.keys() {
+        if !walk.index.contains_key(node) {
+            walk.visit(node);
+        }
+    }
+    walk.found
+}
+
+#[test]
+fn no_module_uses_one_that_uses_it_back() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let found = circles(&src);
+    assert!(
+        found.is_empty(),
+        "modules that use each other (through `crate::` paths, doc links included): {found:?}"
+    );
+}
+
+#[test]
+fn circles_are_seen_through_code_and_doc_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path();
+    let write = |path: &str, text: &str| {
+        let file = src.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    };
+    write("lib.rs", "mod route;\n");
+    write(
+        "route/mod.rs",
+        "pub(crate) mod hedge;\npub(crate) mod retry;\n",
+    );
+    write(
+        "route/retry.rs",
+        "use crate::route::{hedge::Hedging, mod_item};\n",
+    );
+    write(
+        "route/hedge.rs",
+        "//! Run by the retry layer ([`crate::route::retry`]).\n",
+    );
+    write("route/split.rs", "use crate::route::retry::Retries;\n");
+    assert_eq!(circles(src), [["route::hedge", "route::retry"]]);
+    write("route/hedge.rs", "//! Run by the retry layer.\n");
+    assert!(circles(src).is_empty());
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! extra requests, and the race between attempts: the losers' futures are
 //! dropped, which resets their HTTP/2 stream or closes their HTTP/1.1
 //! connection, so the slow server stops working for nobody. The retry
-//! layer runs the race for each of its attempts ([`crate::route::retry`]).
+//! layer runs the race for each of its attempts: hedging sits inside
+//! retrying, never the other way round.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
