@@ -33,6 +33,7 @@ use crate::app::logging::LogControl;
 use crate::core::body::{ProxyBody, full};
 use crate::core::metrics::Registry;
 use crate::server::shared::Shared;
+use crate::snapshot::router::request_host;
 
 /// What the operator servers read and act on.
 pub(crate) struct Admin {
@@ -180,14 +181,11 @@ fn not_from_a_browser<B>(request: &Request<B>) -> Result<(), &'static str> {
             "refused: admin requests that change state are not taken from web pages (the request carries Origin); use curl or a script\n",
         );
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
-    let name = match host.strip_prefix('[') {
-        Some(literal) => literal.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
+    let name = request_host(request).unwrap_or_default();
+    let name = name
+        .strip_prefix('[')
+        .and_then(|literal| literal.strip_suffix(']'))
+        .unwrap_or(name);
     if !(name.is_empty()
         || name.eq_ignore_ascii_case("localhost")
         || name.parse::<std::net::IpAddr>().is_ok())
