@@ -23,7 +23,6 @@ use crate::server::shared::Shared;
 
 /// What is known about one request, filled in as it goes through the
 /// phases and written out when its response ends.
-#[derive(Debug)]
 pub(crate) struct RequestRecord {
     started: Instant,
     method: Method,

@@ -13,11 +13,3 @@ pub(crate) struct Shared {
     /// Every metric family.
     pub metrics: Metrics,
 }
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("version", &self.snapshot.load().version)
-            .finish_non_exhaustive()
-    }
-}

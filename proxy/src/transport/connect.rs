@@ -36,7 +36,7 @@ pub(crate) trait Connector: Send + Sync + fmt::Debug + 'static {
 }
 
 /// TCP, then mutual TLS when the backend asks for it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct TcpConnector {
     tls: Option<tls::Client>,
 }
