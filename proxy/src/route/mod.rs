@@ -6,6 +6,8 @@
 //! fan-out to several models ([`fanout`]). Below it, each attempt goes to
 //! the backend layer's balancer.
 
+#[cfg(test)]
+mod cancellations;
 pub(crate) mod fanout;
 pub(crate) mod hedge;
 pub(crate) mod metrics;

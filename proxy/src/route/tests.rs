@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use crate::backend::Backend;
 use crate::core::body::{ProxyBody, empty, full};
 use crate::core::error::ProxyError;
 use crate::core::metrics::Registry;
+use crate::route::cancellations::Cancellations;
 use crate::route::stack::RuleStack;
 use crate::transport::memory::MemoryNetwork;
 
@@ -68,26 +68,9 @@ struct Mesh {
     started: Instant,
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Requests whose exchange was dropped before the endpoint answered.
-    cancelled: Arc<AtomicUsize>,
+    cancelled: Cancellations,
     backend_metrics: crate::backend::Metrics,
     metrics: crate::route::Metrics,
-}
-
-/// Counts an exchange as cancelled unless it was answered.
-struct Unanswered(Option<Arc<AtomicUsize>>);
-
-impl Unanswered {
-    fn answered(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if let Some(cancelled) = self.0.take() {
-            cancelled.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 }
 
 impl Mesh {
@@ -97,7 +80,7 @@ impl Mesh {
             network: MemoryNetwork::default(),
             started: Instant::now(),
             seen: Arc::default(),
-            cancelled: Arc::default(),
+            cancelled: Cancellations::default(),
             backend_metrics: crate::backend::Metrics::register(&registry),
             metrics: crate::route::Metrics::register(&registry),
         }
@@ -121,7 +104,7 @@ impl Mesh {
                     request: request_id,
                     at: started.elapsed(),
                 });
-                let unanswered = Unanswered(Some(cancelled.clone()));
+                let unanswered = cancelled.start();
                 Box::pin(async move {
                     tokio::time::sleep(answer.delay).await;
                     unanswered.answered();
@@ -321,7 +304,7 @@ async fn the_rules_total_timeout_bounds_every_attempt_and_backoff() {
     assert_eq!(mesh.seen().len(), 3);
     settle().await;
     assert_eq!(
-        mesh.cancelled.load(Ordering::SeqCst),
+        mesh.cancelled.count(),
         1,
         "the attempt in flight was cancelled"
     );
@@ -363,11 +346,7 @@ async fn a_hedge_and_a_retry_together_use_three_different_endpoints() {
     );
     assert_eq!(started.elapsed(), retried);
     settle().await;
-    assert_eq!(
-        mesh.cancelled.load(Ordering::SeqCst),
-        1,
-        "the stalled attempt"
-    );
+    assert_eq!(mesh.cancelled.count(), 1, "the stalled attempt");
     assert_eq!((mesh.hedges("sent"), mesh.hedges("won")), (1, 0));
     assert_eq!(mesh.retries("gateway-error"), 1);
 }

@@ -820,7 +820,6 @@ fn body_error(error: BoxError, limit: usize) -> ErrorKind {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body::Frame;
     use http_body_util::{BodyExt, StreamBody};
@@ -832,42 +831,17 @@ mod tests {
     use super::*;
     use crate::core::body::boxed;
     use crate::core::metrics::Registry;
-
-    /// Counts requests a branch's backend saw dropped before they ended.
-    #[derive(Clone, Default)]
-    struct Cancellations(Arc<AtomicUsize>);
-
-    struct Running(Option<Cancellations>);
-
-    impl Running {
-        fn done(mut self) {
-            self.0 = None;
-        }
-    }
-
-    impl Drop for Running {
-        fn drop(&mut self) {
-            if let Some(c) = &self.0 {
-                c.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    }
-
-    impl Cancellations {
-        fn count(&self) -> usize {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
+    use crate::route::cancellations::Cancellations;
 
     /// A backend answering `status` with `body` after `ms` milliseconds.
     fn answering(ms: u64, status: u16, body: Value, seen: &Cancellations) -> BranchService {
         let seen = seen.clone();
         BoxCloneSyncService::new(tower::service_fn(move |_: Request<ProxyBody>| {
-            let running = Running(Some(seen.clone()));
+            let running = seen.start();
             let body = body.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
-                running.done();
+                running.answered();
                 let mut response = Response::new(full(body.to_string()));
                 *response.status_mut() = StatusCode::from_u16(status).unwrap();
                 Ok::<_, ProxyError>(response)
@@ -885,7 +859,7 @@ mod tests {
     ) -> BranchService {
         let seen = seen.clone();
         BoxCloneSyncService::new(tower::service_fn(move |_: Request<ProxyBody>| {
-            let running = Running(Some(seen.clone()));
+            let running = seen.start();
             async move {
                 tokio::time::sleep(Duration::from_millis(headers_ms)).await;
                 let frames = futures_util::stream::unfold(
@@ -893,7 +867,7 @@ mod tests {
                     move |(i, mut running)| async move {
                         if i == events.len() {
                             if let Some(running) = running.take() {
-                                running.done();
+                                running.answered();
                             }
                             return None;
                         }
