@@ -254,6 +254,18 @@ impl Config {
                     continue;
                 }
             };
+            // An emptied file (a truncating write caught half-way, a
+            // mistaken `>`) is a mistake, not a config of nothing.
+            if documents.is_empty() && !is_default {
+                diagnostics.push(Diagnostic {
+                    file: source.name.to_owned(),
+                    line: 1,
+                    column: 1,
+                    resource: None,
+                    field: String::new(),
+                    message: "the file holds no documents (it is empty, or only comments); a config needs at least one resource".into(),
+                });
+            }
             for document in documents {
                 if is_default && defined_already(&document.value, &defined) {
                     continue;

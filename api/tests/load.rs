@@ -279,6 +279,21 @@ fn errors_name_the_file_they_are_in() {
     assert_eq!(errors.len(), 1);
 }
 
+/// An emptied file (a truncating write caught half-way, a mistaken `>`)
+/// is a mistake, not a config of nothing.
+#[test]
+fn an_empty_file_is_refused_and_says_so() {
+    for text in ["", "\n\n", "# the gateway\n# (emptied)\n", "---\n---\n"] {
+        assert_eq!(
+            load(text).unwrap_err(),
+            [
+                "gw.yaml:1:1: the file holds no documents (it is empty, or only comments); a config needs at least one resource"
+            ],
+            "{text:?}"
+        );
+    }
+}
+
 #[test]
 fn syntax_errors_are_located() {
     let errors = load("apiVersion: infermesh.io/v1alpha1\nkind: [Backend\n").unwrap_err();
@@ -479,10 +494,12 @@ fn built_in_documents_give_way_to_the_files() {
     .unwrap();
     assert_eq!(config.listeners.len(), 1);
     assert_eq!(config.listeners[0].spec.address.port(), 25006);
+    let other =
+        "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec: {}\n";
     let config = Config::load_with_defaults(
         &[Source {
             name: "f.yaml",
-            text: "",
+            text: other,
         }],
         &[built_in],
     )

@@ -3,11 +3,18 @@
 use std::process::Command;
 
 fn check(text: &str) -> (bool, String, String) {
+    check_with(text, &[])
+}
+
+/// `check` with more `args` on a file holding `text`: whether it passed,
+/// its stdout and its stderr (the file named `gateway.yaml`).
+fn check_with(text: &str, args: &[&str]) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.yaml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_infermesh-proxy"))
         .arg("check")
+        .args(args)
         .arg("--config")
         .arg(&path)
         .output()
@@ -35,19 +42,30 @@ fn a_valid_config_passes() {
 
 #[test]
 fn a_config_without_a_listener_is_refused() {
-    for text in [
-        "",
-        "# emptied\n",
+    let (ok, _, stderr) = check(
         "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec:\n  endpoints: [{ address: 127.0.0.1:9000 }]\n",
-    ] {
-        let (ok, _, stderr) = check(text);
-        assert!(!ok, "{text:?}");
-        assert!(
-            stderr.contains(
-                "config file gateway.yaml defines no Listener, so the proxy would serve nothing"
-            ),
-            "{text:?}: {stderr}"
-        );
+    );
+    assert!(!ok);
+    assert!(
+        stderr.contains(
+            "config file gateway.yaml defines no Listener, so the proxy would serve nothing"
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_empty_file_is_refused_and_said_to_be_empty() {
+    for text in ["", "# emptied\n", "---\n"] {
+        for args in [&[][..], &["--sidecar"][..]] {
+            let (ok, stdout, stderr) = check_with(text, args);
+            assert!(!ok, "{text:?} {args:?}: {stdout}");
+            assert_eq!(
+                stderr,
+                "config has 1 error:\n  gateway.yaml:1:1: the file holds no documents (it is empty, or only comments); a config needs at least one resource\n",
+                "{text:?} {args:?}"
+            );
+        }
     }
 }
 

@@ -53,7 +53,7 @@ async fn an_emptied_config_file_is_refused_and_every_listener_stays() {
     assert!(
         gateway.logs_matching(refused).iter().any(|l| l["error"]
             .as_str()
-            .is_some_and(|e| e.contains("defines no Listener"))),
+            .is_some_and(|e| e.contains("the file holds no documents"))),
         "the refusal says why"
     );
     assert_eq!(

@@ -66,7 +66,9 @@ mod tests {
 
     #[test]
     fn a_sidecar_has_both_capture_listeners_by_default() {
-        let config = load("");
+        let config = load(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: { name: m }\nspec: {}\n",
+        );
         let inbound = config.listener("inbound").unwrap();
         assert_eq!(inbound.spec.address, "0.0.0.0:15006".parse().unwrap());
         assert_eq!(inbound.spec.capture, Some(Capture::Inbound));
