@@ -9,12 +9,17 @@ use crate::path::FieldPath;
 /// resource's [`Origin`] turns into a file, line and column.
 pub(crate) struct Checker<'a> {
     origin: &'a Origin,
-    resource: String,
+    /// `Kind/name`; `None` for a resource whose name is missing.
+    resource: Option<String>,
     out: &'a mut Vec<Diagnostic>,
 }
 
 impl<'a> Checker<'a> {
-    pub(crate) fn new(origin: &'a Origin, resource: String, out: &'a mut Vec<Diagnostic>) -> Self {
+    pub(crate) fn new(
+        origin: &'a Origin,
+        resource: Option<String>,
+        out: &'a mut Vec<Diagnostic>,
+    ) -> Self {
         Checker {
             origin,
             resource,
@@ -26,7 +31,7 @@ impl<'a> Checker<'a> {
     pub(crate) fn error(&mut self, path: FieldPath, message: impl Into<String>) {
         self.out.push(
             self.origin
-                .diagnostic(Some(self.resource.clone()), &path, message.into()),
+                .diagnostic(self.resource.clone(), &path, message.into()),
         );
     }
 

@@ -36,10 +36,10 @@ mod yaml;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -68,6 +68,7 @@ pub use route::{
 pub use yaml::Position;
 
 use check::Checker;
+use diagnostic::{closest, unknown_field};
 use yaml::Locations;
 
 /// The `apiVersion` every document must carry.
@@ -130,6 +131,19 @@ impl Kind {
 
     fn parse(text: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// [`Kind::spec_schema`] as a value, made once: specs are validated
+    /// against it.
+    fn validation_schema(self) -> &'static Value {
+        static SCHEMAS: OnceLock<Vec<Value>> = OnceLock::new();
+        let schemas = SCHEMAS.get_or_init(|| {
+            Kind::ALL
+                .iter()
+                .map(|kind| kind.spec_schema().to_value())
+                .collect()
+        });
+        &schemas[self as usize]
     }
 }
 
@@ -200,19 +214,8 @@ pub struct Config {
     pub policies: Vec<Resource<AuthorizationPolicySpec>>,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Envelope {
-    api_version: String,
-    kind: String,
-    metadata: Metadata,
-    spec: Value,
-}
-
-#[derive(Deserialize)]
-struct Metadata {
-    name: String,
-}
+/// The fields of a document, around its spec.
+const DOCUMENT_FIELDS: [&str; 4] = ["apiVersion", "kind", "metadata", "spec"];
 
 impl Config {
     /// Parses and validates every document of every source as one snapshot.
@@ -240,17 +243,18 @@ impl Config {
         let given = sources.iter().map(|s| (s, false));
         for (source, is_default) in given.chain(defaults.iter().map(|s| (s, true))) {
             let file: Arc<str> = Arc::from(source.name);
+            let syntax_error = |e: yaml::SyntaxError| Diagnostic {
+                file: source.name.to_owned(),
+                line: e.position.line,
+                column: e.position.column,
+                resource: None,
+                field: e.path.as_str().to_owned(),
+                message: e.message,
+            };
             let documents = match yaml::documents(source.text) {
                 Ok(documents) => documents,
                 Err(e) => {
-                    diagnostics.push(Diagnostic {
-                        file: source.name.to_owned(),
-                        line: e.position.line,
-                        column: e.position.column,
-                        resource: None,
-                        field: e.path.as_str().to_owned(),
-                        message: e.message,
-                    });
+                    diagnostics.push(syntax_error(e));
                     continue;
                 }
             };
@@ -275,6 +279,15 @@ impl Config {
                     position: document.locations.document(),
                     locations: Arc::new(document.locations),
                 };
+                if !document.problems.is_empty() {
+                    diagnostics.extend(document.problems.into_iter().map(syntax_error));
+                    // Named all the same, so that what refers to it is not
+                    // also reported.
+                    if let Some(key) = kind_and_name(&document.value) {
+                        defined.entry(key).or_insert(origin);
+                    }
+                    continue;
+                }
                 load_document(
                     document.value,
                     origin,
@@ -355,7 +368,8 @@ impl Config {
                         || addr.ip().is_unspecified())
             });
             if let Some(first) = clash {
-                Checker::new(&listener.origin, resource_label(Kind::Listener, &listener.name), out).error(
+                let label = resource_label(Kind::Listener, &listener.name);
+                Checker::new(&listener.origin, Some(label), out).error(
                     FieldPath::root().key("spec").key("address"),
                     format!(
                         "address {addr} clashes with listener {:?} on {}: a port can be bound once per address, and a wildcard address takes it on all of them",
@@ -380,7 +394,7 @@ impl Config {
                 };
                 Checker::new(
                     &backend.origin,
-                    resource_label(Kind::Backend, &backend.name),
+                    Some(resource_label(Kind::Backend, &backend.name)),
                     out,
                 )
                 .error(
@@ -391,8 +405,11 @@ impl Config {
         }
 
         for route in &self.routes {
-            let mut checker =
-                Checker::new(&route.origin, resource_label(Kind::Route, &route.name), out);
+            let mut checker = Checker::new(
+                &route.origin,
+                Some(resource_label(Kind::Route, &route.name)),
+                out,
+            );
             let spec = FieldPath::root().key("spec");
             for (i, listener) in route.spec.listeners.iter().enumerate() {
                 if !defined.contains_key(&(Kind::Listener, listener.clone())) {
@@ -422,7 +439,7 @@ impl Config {
         for policy in &self.policies {
             let mut checker = Checker::new(
                 &policy.origin,
-                resource_label(Kind::AuthorizationPolicy, &policy.name),
+                Some(resource_label(Kind::AuthorizationPolicy, &policy.name)),
                 out,
             );
             for (i, listener) in policy.spec.listeners.iter().enumerate() {
@@ -440,24 +457,28 @@ impl Config {
     }
 }
 
-/// Whether a resource of the kind and name of `document` is in `defined`.
-fn defined_already(document: &Value, defined: &HashMap<(Kind, String), Origin>) -> bool {
+/// The kind and name of `document`, when both are written plainly.
+fn kind_and_name(document: &Value) -> Option<(Kind, String)> {
     let kind = document
         .get("kind")
         .and_then(Value::as_str)
-        .and_then(Kind::parse);
-    let name = document.pointer("/metadata/name").and_then(Value::as_str);
-    match (kind, name) {
-        (Some(kind), Some(name)) => defined.contains_key(&(kind, name.to_owned())),
-        _ => false,
-    }
+        .and_then(Kind::parse)?;
+    let name = document.pointer("/metadata/name").and_then(Value::as_str)?;
+    Some((kind, name.to_owned()))
+}
+
+/// Whether a resource of the kind and name of `document` is in `defined`.
+fn defined_already(document: &Value, defined: &HashMap<(Kind, String), Origin>) -> bool {
+    kind_and_name(document).is_some_and(|key| defined.contains_key(&key))
 }
 
 fn resource_label(kind: Kind, name: &str) -> String {
     format!("{kind}/{name}")
 }
 
-/// Parses one document into `config`, recording every problem found.
+/// Parses one document into `config`, recording every problem found: in
+/// its envelope (apiVersion, kind, metadata), in its spec's shape (see
+/// [`schema::validate`]), then in its values, each where it was written.
 fn load_document(
     value: Value,
     origin: Origin,
@@ -465,73 +486,144 @@ fn load_document(
     defined: &mut HashMap<(Kind, String), Origin>,
     out: &mut Vec<Diagnostic>,
 ) {
-    let root = FieldPath::root();
-    if !value.is_object() {
+    let Value::Object(mut fields) = value else {
         out.push(origin.diagnostic(
             None,
-            &root,
+            &FieldPath::root(),
             "a document must be a mapping with apiVersion, kind, metadata and spec".into(),
         ));
         return;
-    }
-    let Some(envelope) = deserialize_located::<Envelope>(value, &root, &origin, None, out) else {
-        return;
     };
-    let mut problems = Vec::new();
-    if envelope.api_version != API_VERSION {
-        problems.push((
-            root.key("apiVersion"),
-            format!(
-                "unsupported apiVersion {:?}; expected {API_VERSION:?}",
-                envelope.api_version
-            ),
-        ));
-    }
-    let kind = Kind::parse(&envelope.kind);
-    if kind.is_none() {
-        let known: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
-        problems.push((
-            root.key("kind"),
-            format!(
-                "unknown kind {:?}; expected one of {}",
-                envelope.kind,
-                known.join(", ")
-            ),
-        ));
-    }
-    let name = envelope.metadata.name;
-    if let Err(e) = check_name(&name) {
-        problems.push((root.key("metadata").key("name"), e));
-    }
-    let label = kind.map(|k| resource_label(k, &name));
+    let (kind, name, problems) = read_envelope(&fields);
+    let spec = fields.shift_remove("spec");
+    let label = kind.zip(name.as_deref()).map(|(k, n)| resource_label(k, n));
     for (path, message) in problems {
         out.push(origin.diagnostic(label.clone(), &path, message));
     }
     let Some(kind) = kind else { return };
 
-    if let Some(first) = defined.get(&(kind, name.clone())) {
-        out.push(origin.diagnostic(
-            label.clone(),
-            &root.key("metadata").key("name"),
-            format!(
-                "{kind} {name:?} is already defined at {}:{}",
-                first.file, first.position.line
-            ),
-        ));
-        return;
-    }
-    defined.insert((kind, name.clone()), origin.clone());
-
-    let label = label.expect("kind is known");
-    let spec = envelope.spec;
-    match kind {
-        Kind::Listener => load_spec(spec, name, origin, label, &mut config.listeners, out),
-        Kind::Backend => load_spec(spec, name, origin, label, &mut config.backends, out),
-        Kind::Route => load_spec(spec, name, origin, label, &mut config.routes, out),
-        Kind::AuthorizationPolicy => {
-            load_spec(spec, name, origin, label, &mut config.policies, out)
+    // The first resource of a kind and name is the one loaded; a later one
+    // is reported, and its spec still checked.
+    let mut loaded_name = None;
+    if let Some(name) = name {
+        match defined.get(&(kind, name.clone())) {
+            Some(first) => out.push(origin.diagnostic(
+                label.clone(),
+                &FieldPath::root().key("metadata").key("name"),
+                format!(
+                    "{kind} {name:?} is already defined at {}:{}",
+                    first.file, first.position.line
+                ),
+            )),
+            None => {
+                defined.insert((kind, name.clone()), origin.clone());
+                loaded_name = Some(name);
+            }
         }
     }
+
+    let Some(spec) = spec else { return };
+    match kind {
+        Kind::Listener => load_spec::<ListenerSpec>(spec, loaded_name, origin, label, config, out),
+        Kind::Backend => load_spec::<BackendSpec>(spec, loaded_name, origin, label, config, out),
+        Kind::Route => load_spec::<RouteSpec>(spec, loaded_name, origin, label, config, out),
+        Kind::AuthorizationPolicy => {
+            load_spec::<AuthorizationPolicySpec>(spec, loaded_name, origin, label, config, out)
+        }
+    }
+}
+
+/// The kind and name a document's envelope (everything but its spec)
+/// gives, when it gives them, and every problem with it.
+fn read_envelope(
+    fields: &serde_json::Map<String, Value>,
+) -> (Option<Kind>, Option<String>, Vec<(FieldPath, String)>) {
+    let root = FieldPath::root();
+    let mut problems = Vec::new();
+    for field in fields.keys() {
+        if !DOCUMENT_FIELDS.contains(&field.as_str()) {
+            problems.push((root.key(field), unknown_field(field, &DOCUMENT_FIELDS)));
+        }
+    }
+    let missing = |field: &str| format!("missing field `{field}`");
+    let invalid = |value: &Value, expected: &str| {
+        format!(
+            "invalid type: {}, expected {expected}",
+            schema::unexpected(value)
+        )
+    };
+
+    match fields.get("apiVersion") {
+        None => problems.push((root.clone(), missing("apiVersion"))),
+        Some(Value::String(version)) if version == API_VERSION => {}
+        Some(Value::String(version)) => problems.push((
+            root.key("apiVersion"),
+            format!("unsupported apiVersion {version:?}; expected {API_VERSION:?}"),
+        )),
+        Some(other) => problems.push((root.key("apiVersion"), invalid(other, "a string"))),
+    }
+
+    let kinds = || Kind::ALL.iter().map(|k| k.as_str());
+    let kind = match fields.get("kind") {
+        None => {
+            problems.push((root.clone(), missing("kind")));
+            None
+        }
+        Some(Value::String(text)) => {
+            let kind = Kind::parse(text);
+            if kind.is_none() {
+                let hint = match closest(text, kinds()) {
+                    Some(meant) => format!("did you mean `{meant}`?"),
+                    None => format!("expected one of {}", kinds().collect::<Vec<_>>().join(", ")),
+                };
+                problems.push((root.key("kind"), format!("unknown kind {text:?}; {hint}")));
+            }
+            kind
+        }
+        Some(other) => {
+            let expected = format!("one of {}", kinds().collect::<Vec<_>>().join(", "));
+            problems.push((root.key("kind"), invalid(other, &expected)));
+            None
+        }
+    };
+
+    let metadata = root.key("metadata");
+    let name = match fields.get("metadata") {
+        None => {
+            problems.push((root.clone(), missing("metadata")));
+            None
+        }
+        Some(Value::Object(metadata_fields)) => {
+            for field in metadata_fields.keys().filter(|f| *f != "name") {
+                problems.push((metadata.key(field), unknown_field(field, &["name"])));
+            }
+            match metadata_fields.get("name") {
+                None => {
+                    problems.push((metadata.clone(), missing("name")));
+                    None
+                }
+                Some(Value::String(name)) => {
+                    if let Err(e) = check_name(name) {
+                        problems.push((metadata.key("name"), e));
+                    }
+                    Some(name.clone())
+                }
+                Some(other) => {
+                    problems.push((metadata.key("name"), invalid(other, "a string")));
+                    None
+                }
+            }
+        }
+        Some(other) => {
+            problems.push((metadata.clone(), invalid(other, "a mapping")));
+            None
+        }
+    };
+
+    if !fields.contains_key("spec") {
+        problems.push((root.clone(), missing("spec")));
+    }
+    (kind, name, problems)
 }
 
 /// A kind's spec: how to check one resource on its own (references
@@ -540,19 +632,72 @@ trait Spec: DeserializeOwned {
     fn check(&self, _checker: &mut Checker<'_>) {}
 }
 
-/// Parses and checks the spec of one resource, adding it to `into`.
-fn load_spec<S: Spec>(
-    spec: Value,
-    name: String,
+/// A spec's kind, and where its resources are kept in a [`Config`].
+trait OfKind: Spec {
+    const KIND: Kind;
+    fn resources(config: &mut Config) -> &mut Vec<Resource<Self>>;
+}
+
+impl OfKind for ListenerSpec {
+    const KIND: Kind = Kind::Listener;
+    fn resources(config: &mut Config) -> &mut Vec<Resource<Self>> {
+        &mut config.listeners
+    }
+}
+
+impl OfKind for BackendSpec {
+    const KIND: Kind = Kind::Backend;
+    fn resources(config: &mut Config) -> &mut Vec<Resource<Self>> {
+        &mut config.backends
+    }
+}
+
+impl OfKind for RouteSpec {
+    const KIND: Kind = Kind::Route;
+    fn resources(config: &mut Config) -> &mut Vec<Resource<Self>> {
+        &mut config.routes
+    }
+}
+
+impl OfKind for AuthorizationPolicySpec {
+    const KIND: Kind = Kind::AuthorizationPolicy;
+    fn resources(config: &mut Config) -> &mut Vec<Resource<Self>> {
+        &mut config.policies
+    }
+}
+
+/// Validates, parses and checks the spec of one resource, adding it to
+/// `config` under `name` (when it has one that no other resource of its
+/// kind took).
+///
+/// Every wrong value is reported by the schema's validation, which takes
+/// it out when its field has a default; what is left is deserialized and
+/// checked, so that the checks of the rest of the spec are reported in the
+/// same pass. A check is not reported where a value was taken out.
+fn load_spec<S: OfKind>(
+    mut spec: Value,
+    name: Option<String>,
     origin: Origin,
-    label: String,
-    into: &mut Vec<Resource<S>>,
+    label: Option<String>,
+    config: &mut Config,
     out: &mut Vec<Diagnostic>,
 ) {
     let path = FieldPath::root().key("spec");
-    if let Some(spec) = deserialize_located::<S>(spec, &path, &origin, Some(&label), out) {
-        Spec::check(&spec, &mut Checker::new(&origin, label, out));
-        into.push(Resource { name, spec, origin });
+    let validation = schema::validate(S::KIND.validation_schema(), &mut spec, &path);
+    for (at, message) in &validation.problems {
+        out.push(origin.diagnostic(label.clone(), at, message.clone()));
+    }
+    if !validation.usable {
+        return;
+    }
+    let Some(spec) = deserialize_located::<S>(spec, &path, &origin, label.as_deref(), out) else {
+        return;
+    };
+    let mut checked = Vec::new();
+    Spec::check(&spec, &mut Checker::new(&origin, label, &mut checked));
+    out.extend(checked.into_iter().filter(|d| !validation.hides(&d.field)));
+    if let Some(name) = name {
+        S::resources(config).push(Resource { name, spec, origin });
     }
 }
 
@@ -560,6 +705,9 @@ fn load_spec<S: Spec>(
 /// unknown field and the first type error, each at its own location.
 /// Returns the value whenever it could be built, so that it is checked
 /// further; an unknown field has already been reported.
+///
+/// Specs reach it validated against their schema, so that it finds
+/// nothing more unless the schema tells less than the types.
 fn deserialize_located<T: DeserializeOwned>(
     value: Value,
     base: &FieldPath,
@@ -578,7 +726,7 @@ fn deserialize_located<T: DeserializeOwned>(
     let resource = resource.map(str::to_owned);
     for path in &unknown {
         let field = path.as_str().rsplit(['.', '[']).next().unwrap_or_default();
-        out.push(origin.diagnostic(resource.clone(), path, format!("unknown field `{field}`")));
+        out.push(origin.diagnostic(resource.clone(), path, unknown_field(field, &[])));
     }
     match result {
         Ok(v) => Some(v),

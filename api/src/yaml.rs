@@ -60,6 +60,9 @@ impl Locations {
 pub(crate) struct Document {
     pub(crate) value: Value,
     pub(crate) locations: Locations,
+    /// Constructs the config format does not accept (each read as null);
+    /// a document with any is not validated further.
+    pub(crate) problems: Vec<SyntaxError>,
 }
 
 /// A YAML syntax problem, or a construct the config format does not accept.
@@ -70,7 +73,9 @@ pub(crate) struct SyntaxError {
 }
 
 /// Splits `text` into its documents. Empty documents (a stray `---`) are
-/// dropped.
+/// dropped. A syntax error fails the whole text (the parser cannot go on
+/// past it); a construct the format does not accept is a problem of its
+/// document only.
 pub(crate) fn documents(text: &str) -> Result<Vec<Document>, SyntaxError> {
     let docs = MarkedYaml::load_from_str(text).map_err(|e| SyntaxError {
         position: Position::of(e.marker()),
@@ -86,23 +91,35 @@ pub(crate) fn documents(text: &str) -> Result<Vec<Document>, SyntaxError> {
             by_path: HashMap::new(),
             document: Position::of(&doc.span.start),
         };
-        let value = convert(doc, &FieldPath::root(), &mut locations)?;
-        out.push(Document { value, locations });
+        let mut problems = Vec::new();
+        let value = convert(doc, &FieldPath::root(), &mut locations, &mut problems);
+        out.push(Document {
+            value,
+            locations,
+            problems,
+        });
     }
     Ok(out)
 }
 
+/// The value of `node`; a construct the format does not accept is added to
+/// `problems` and read as null.
 fn convert(
     node: &MarkedYaml<'_>,
     path: &FieldPath,
     locations: &mut Locations,
-) -> Result<Value, SyntaxError> {
-    let unsupported = |what: &str| SyntaxError {
-        position: Position::of(&node.span.start),
-        path: path.clone(),
-        message: format!("{what} are not supported in infermesh config"),
+    problems: &mut Vec<SyntaxError>,
+) -> Value {
+    let refuse = |problems: &mut Vec<SyntaxError>, message: String| {
+        problems.push(SyntaxError {
+            position: Position::of(&node.span.start),
+            path: path.clone(),
+            message,
+        });
+        Value::Null
     };
-    Ok(match &node.data {
+    let unsupported = |what: &str| format!("{what} are not supported in infermesh config");
+    match &node.data {
         YamlData::Value(scalar) => scalar_value(scalar),
         YamlData::Sequence(items) => {
             let mut out = Vec::with_capacity(items.len());
@@ -112,7 +129,7 @@ fn convert(
                     item_path.as_str().to_owned(),
                     Position::of(&item.span.start),
                 );
-                out.push(convert(item, &item_path, locations)?);
+                out.push(convert(item, &item_path, locations, problems));
             }
             Value::Array(out)
         }
@@ -126,11 +143,12 @@ fn convert(
                         other => other.to_string(),
                     },
                     _ => {
-                        return Err(SyntaxError {
+                        problems.push(SyntaxError {
                             position: Position::of(&key.span.start),
                             path: path.clone(),
                             message: "mapping keys must be plain strings".into(),
                         });
+                        continue;
                     }
                 };
                 let field_path = path.key(&key_text);
@@ -138,22 +156,16 @@ fn convert(
                     field_path.as_str().to_owned(),
                     Position::of(&key.span.start),
                 );
-                let converted = convert(value, &field_path, locations)?;
+                let converted = convert(value, &field_path, locations, problems);
                 out.insert(key_text, converted);
             }
             Value::Object(out)
         }
-        YamlData::Tagged(..) => return Err(unsupported("YAML tags")),
-        YamlData::Alias(_) => return Err(unsupported("unresolved YAML aliases")),
+        YamlData::Tagged(..) => refuse(problems, unsupported("YAML tags")),
+        YamlData::Alias(_) => refuse(problems, unsupported("unresolved YAML aliases")),
         YamlData::Representation(text, ..) => Value::String(text.to_string()),
-        YamlData::BadValue => {
-            return Err(SyntaxError {
-                position: Position::of(&node.span.start),
-                path: path.clone(),
-                message: "value does not match its YAML tag".into(),
-            });
-        }
-    })
+        YamlData::BadValue => refuse(problems, "value does not match its YAML tag".into()),
+    }
 }
 
 fn scalar_value(scalar: &Scalar<'_>) -> Value {
@@ -206,6 +218,21 @@ mod tests {
     fn aliases_resolve_and_tags_are_refused() {
         let docs = documents("a: &x {k: 1}\nb: *x\n").unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!(docs[0].value["b"]["k"], Value::from(1));
-        assert!(documents("a: !custom {k: 1}\n").is_err());
+        assert!(docs[0].problems.is_empty());
+    }
+
+    #[test]
+    fn every_construct_refused_is_a_problem_of_its_own_document() {
+        let text = "a: !custom {k: 1}\nb: !other 2\n---\nc: 3\n";
+        let docs = documents(text).unwrap_or_else(|e| panic!("{}", e.message));
+        let problems: Vec<(&str, usize)> = docs[0]
+            .problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.position.line))
+            .collect();
+        assert_eq!(problems, [("a", 1), ("b", 2)]);
+        assert_eq!(docs[0].value["a"], Value::Null);
+        assert!(docs[1].problems.is_empty());
+        assert_eq!(docs[1].value["c"], Value::from(3));
     }
 }

@@ -69,6 +69,56 @@ fn an_empty_file_is_refused_and_said_to_be_empty() {
     }
 }
 
+/// Eight problems in three documents, which took four rounds of `check`
+/// when it stopped at the first type error of each document.
+#[test]
+fn one_run_names_every_problem_with_its_line_field_and_the_name_meant() {
+    let (ok, _, stderr) = check(
+        r#"apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: { name: public }
+spec:
+  address: 127.0.0.1:8080
+  protocl: http2
+  outsideMesh: blocked
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: llama }
+spec:
+  connectTimeout: [5s]
+  dnsRefreshInterval: 10ms
+  endpoints:
+    - address: 127.0.0.1:9000
+      weight: heavy
+    - weight: 2
+  loadBalancer: { policy: leastRequests }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Rout
+metadata: { name: chat }
+spec:
+  listeners: [public]
+  rules: [{ backends: [{ name: llama }] }]
+"#,
+    );
+    assert!(!ok);
+    assert_eq!(
+        stderr,
+        concat!(
+            "config has 8 errors:\n",
+            "  gateway.yaml:6:3: Listener/public: spec.protocl: unknown field `protocl`; did you mean `protocol`?\n",
+            "  gateway.yaml:7:3: Listener/public: spec.outsideMesh: outsideMesh applies only to a listener with `capture: outbound`\n",
+            "  gateway.yaml:13:3: Backend/llama: spec.connectTimeout: invalid type: sequence, expected a duration such as 250ms, 30s, 5m or 1h30m\n",
+            "  gateway.yaml:14:3: Backend/llama: spec.dnsRefreshInterval: 10ms is too short; the minimum is 1s\n",
+            "  gateway.yaml:17:7: Backend/llama: spec.endpoints[0].weight: invalid type: string \"heavy\", expected an integer from 0 to 4294967295\n",
+            "  gateway.yaml:18:7: Backend/llama: spec.endpoints[1]: missing field `address`\n",
+            "  gateway.yaml:19:19: Backend/llama: spec.loadBalancer.policy: unknown variant `leastRequests`, expected one of `peakEwma`, `leastRequest`, `roundRobin`; did you mean `leastRequest`?\n",
+            "  gateway.yaml:22:1: kind: unknown kind \"Rout\"; did you mean `Route`?\n",
+        )
+    );
+}
+
 /// `check` on `path`: whether it passed, and its stderr.
 fn check_path(path: &std::path::Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_infermesh-proxy"))
@@ -123,7 +173,7 @@ fn every_error_is_printed_with_its_location_and_the_exit_code_is_nonzero() {
     assert!(!ok);
     assert_eq!(
         stderr,
-        "config has 2 errors:\n  gateway.yaml:6:20: Route/r: spec.rules[0].backends[0].name: backend \"missing\" is not defined (defined backends: none)\n  gateway.yaml:7:7: Route/r: spec.rules[0].timeout: unknown field `timeout`\n"
+        "config has 2 errors:\n  gateway.yaml:6:20: Route/r: spec.rules[0].backends[0].name: backend \"missing\" is not defined (defined backends: none)\n  gateway.yaml:7:7: Route/r: spec.rules[0].timeout: unknown field `timeout`; did you mean `timeouts`?\n"
     );
 }
 
