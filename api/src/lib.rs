@@ -50,8 +50,8 @@ pub use diagnostic::{Diagnostic, Diagnostics};
 pub use duration::Duration;
 pub use fanout::{Fanout, FanoutBranch, FanoutStrategy, Mean, Vote};
 pub use listener::{
-    Capture, EscapedSlashes, ListenerProtocol, ListenerSpec, ListenerTls, OutsideMesh, PortTls,
-    TlsMode,
+    Capture, EscapedSlashes, ListenerLimits, ListenerProtocol, ListenerSpec, ListenerTls,
+    OutsideMesh, PortTls, TlsMode,
 };
 pub use path::FieldPath;
 pub use policy::{

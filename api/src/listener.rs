@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::Duration;
 use crate::check::Checker;
 use crate::path::FieldPath;
 
@@ -46,6 +47,85 @@ pub struct ListenerSpec {
     /// when the path is normalised, before routing and authorization.
     #[serde(default)]
     pub escaped_slashes: EscapedSlashes,
+    /// How long connections and streams may live and how much each may
+    /// hold: what keeps slow, silent and abusive clients from tying the
+    /// proxy up. Every field has a safe default.
+    #[serde(default)]
+    pub limits: ListenerLimits,
+}
+
+/// The lifetimes and sizes of a listener's connections and streams, named
+/// after Envoy's HTTP connection manager settings where one exists.
+///
+/// ```yaml
+/// limits:
+///   maxConnections: 10000
+///   idleTimeout: 10m
+///   maxConnectionAge: 30m      # clients reconnect, and rebalance
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ListenerLimits {
+    /// Connections open at once on this listener; past it a new
+    /// connection is closed as soon as it is accepted (counted in
+    /// `infermesh_downstream_connections_refused_total`). Unlimited when
+    /// absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// How long a new connection may take to send enough bytes for its
+    /// protocol to be told (TLS or plaintext, HTTP/1 or HTTP/2). Envoy's
+    /// `listener_filters_timeout`. `0s` disables.
+    pub first_byte_timeout: Duration,
+    /// How long an HTTP/1 client may take to send a request's headers
+    /// once it has started them. `0s` disables.
+    pub request_headers_timeout: Duration,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/2 clients get GOAWAY first). Envoy's `idle_timeout`. `0s`
+    /// disables.
+    pub idle_timeout: Duration,
+    /// A connection this old is closed gracefully once its requests are
+    /// done (HTTP/2 GOAWAY, HTTP/1 `Connection: close`), so that
+    /// long-lived clients spread again over new proxies. Envoy's
+    /// `max_connection_duration`. `0s` (the default) disables.
+    pub max_connection_age: Duration,
+    /// Requests a connection may carry; the connection is then closed
+    /// gracefully. Unlimited when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+    /// Requests in flight at once on one HTTP/2 connection (the
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` the proxy advertises).
+    pub max_concurrent_streams: u32,
+    /// A response that sends the client nothing for this long is cut,
+    /// whether the model is silent or the client is not reading (its
+    /// flow-control window closed); its backend request is cancelled at
+    /// once, so a slow reader never holds a backend's limits. Envoy's
+    /// `stream_idle_timeout`. `0s` disables.
+    pub stream_idle_timeout: Duration,
+    /// The largest request header block, in bytes (HTTP/1: request line
+    /// and headers; HTTP/2: the decoded header list). Larger requests get
+    /// 431. At least 8192.
+    pub max_header_bytes: u32,
+    /// Interval of the HTTP/2 PINGs the proxy sends to each client, to
+    /// find dead peers; a PING not answered within 20 s closes the
+    /// connection. `0s` (the default) sends none.
+    pub keep_alive_interval: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: None,
+            first_byte_timeout: Duration::from_secs(15),
+            request_headers_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(3600),
+            max_connection_age: Duration::ZERO,
+            max_requests_per_connection: None,
+            max_concurrent_streams: 100,
+            stream_idle_timeout: Duration::from_secs(300),
+            max_header_bytes: 64 * 1024,
+            keep_alive_interval: Duration::ZERO,
+        }
+    }
 }
 
 /// What escaped slashes (`%2F` and `%5C`) in a request's path become when
@@ -117,6 +197,31 @@ pub enum OutsideMesh {
 impl crate::Spec for ListenerSpec {
     fn check(&self, checker: &mut Checker<'_>) {
         let spec = FieldPath::root().key("spec");
+        let limits = spec.key("limits");
+        if self.limits.max_header_bytes < 8192 {
+            checker.error(
+                limits.key("maxHeaderBytes"),
+                "must be at least 8192 (the smallest header block HTTP/1 parsers accept)",
+            );
+        }
+        if self.limits.max_concurrent_streams == 0 {
+            checker.error(
+                limits.key("maxConcurrentStreams"),
+                "must be at least 1: with 0, HTTP/2 clients can send no request",
+            );
+        }
+        if self.limits.max_connections == Some(0) {
+            checker.error(
+                limits.key("maxConnections"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+        if self.limits.max_requests_per_connection == Some(0) {
+            checker.error(
+                limits.key("maxRequestsPerConnection"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
         if self.outside_mesh.is_some() && !self.is_outbound_capture() {
             checker.error(
                 spec.key("outsideMesh"),

@@ -38,6 +38,13 @@ impl Gateway {
         Self::start_mode(&[], "gateway", config, args)
     }
 
+    /// Starts a gateway that may hold at most `files` open file
+    /// descriptors (`prlimit --nofile`, from util-linux).
+    pub fn start_with_open_files(config: &str, files: u32) -> Gateway {
+        let limit = format!("--nofile={files}:{files}");
+        Self::start_mode(&["prlimit", &limit, "--"], "gateway", config, &[])
+    }
+
     /// Starts `infermesh-proxy sidecar` with extra command-line arguments
     /// (the identity flags at least). `config` should redefine the
     /// `inbound` and `outbound` listeners on `127.0.0.1:0`, since several

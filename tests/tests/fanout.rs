@@ -425,10 +425,14 @@ async fn strategies_that_combine_whole_answers_refuse_streams_and_large_bodies()
         Some("fanout_streaming_unsupported")
     );
     assert!(
-        reply.json()["error"]
+        reply.json()["error"]["message"]
             .as_str()
             .unwrap()
             .contains("strategy all")
+    );
+    assert_eq!(
+        reply.json()["error"]["code"],
+        "fanout_streaming_unsupported"
     );
 
     let mut request = chat_request();

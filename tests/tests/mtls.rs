@@ -165,10 +165,17 @@ async fn the_gateway_speaks_mtls_to_backends_and_checks_their_identity() {
         reply.header("x-infermesh-error"),
         Some("upstream_tls_failed")
     );
+    // The client is told what failed; the identities are for operators.
     let error = reply.json()["error"].as_str().unwrap().to_owned();
+    assert_eq!(error, "the TLS handshake with the model server failed");
+    let logged = gateway.wait_for_log(
+        |l| l["message"] == "request" && l["error"] == "upstream_tls_failed",
+        std::time::Duration::from_secs(5),
+    );
+    let detail = logged["detail"].as_str().unwrap();
     assert!(
-        error.contains(LLAMA_ID) && error.contains("mistral"),
-        "the error names both identities: {error}"
+        detail.contains(LLAMA_ID) && detail.contains("mistral"),
+        "the log names both identities: {detail}"
     );
 
     // A renewed certificate is picked up from the files, no restart.
@@ -417,17 +424,28 @@ spec:
     let denied = send(&batch, "GET", "/v1/models").await.unwrap();
     assert_eq!(denied.status, 403);
     assert_eq!(denied.header("x-infermesh-error"), Some("unauthorized"));
+    // An OpenAI path: the OpenAI error shape, without the policy's name.
+    assert_eq!(denied.json()["error"]["type"], "permission_error");
+    assert_eq!(denied.json()["error"]["code"], "unauthorized");
+    let logged = model_proxy.wait_for_log(
+        |l| l["message"] == "request" && l["error"] == "unauthorized",
+        std::time::Duration::from_secs(5),
+    );
     assert!(
-        denied.json()["error"]
+        logged["detail"]
             .as_str()
             .unwrap()
             .contains("spiffe://cluster.local/ns/batch/sa/jobs"),
-        "{:?}",
-        denied.json()
+        "{logged}"
     );
     let admin = send(&edge, "GET", "/admin/reset").await.unwrap();
     assert_eq!(admin.status, 403, "deny is checked before allow");
-    assert!(admin.json()["error"].as_str().unwrap().contains("no-admin"));
+    assert!(
+        model_proxy
+            .logs_matching(|l| l["message"] == "request" && l["path"] == "/admin/reset")
+            .iter()
+            .any(|l| l["detail"].as_str().unwrap().contains("no-admin"))
+    );
 
     let text = client::metrics(model_proxy.health).await;
     let decisions = |result: &str, policy: &str| {

@@ -106,7 +106,12 @@ async fn health(admin: Arc<Admin>, request: Request<Incoming>) -> Response<Proxy
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => {
             let lifecycle = &admin.lifecycle;
-            if lifecycle.is_ready() {
+            if lifecycle.is_ready() && admin.shared.is_out_of_descriptors() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "out of file descriptors: new connections are being refused\n",
+                )
+            } else if lifecycle.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else if lifecycle.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")

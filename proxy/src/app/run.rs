@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use infermesh_api::Source;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -133,10 +132,7 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
     )
     .await
     .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
-    let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(snapshot),
-        metrics: server_metrics,
-    });
+    let shared = Arc::new(Shared::new(snapshot, server_metrics));
     listeners.commit(plan, &shared);
     let lifecycle = Arc::new(Lifecycle::default());
 

@@ -56,6 +56,10 @@ pub(crate) enum ErrorKind {
     /// The backend stopped sending its response body mid-stream.
     #[error("the backend sent no response data for {0:?}")]
     ResponseBodyIdle(Duration),
+    /// The response sent the client nothing for the listener's stream idle
+    /// timeout: the backend was silent, or the client stopped reading.
+    #[error("the response sent nothing to the client for {0:?} (stream idle timeout)")]
+    StreamIdle(Duration),
     /// Reading the request body from the client failed.
     #[error("reading the request body failed: {0}")]
     RequestBody(#[source] BoxError),
@@ -164,6 +168,7 @@ impl ErrorKind {
             ErrorKind::ResponseBodyFailed(_) => "upstream_reset",
             ErrorKind::RequestBodyIdle(_) => "request_body_idle_timeout",
             ErrorKind::ResponseBodyIdle(_) => "idle_timeout",
+            ErrorKind::StreamIdle(_) => "stream_idle_timeout",
             ErrorKind::RequestBody(_) => "request_body_error",
             ErrorKind::AttemptTimeout(_) => "per_try_timeout",
             ErrorKind::Overloaded(_) => "overloaded",
@@ -184,6 +189,29 @@ impl ErrorKind {
         }
     }
 
+    /// What the client is told: the failure without what only operators
+    /// should see (endpoint addresses, OS errors, policy names), which the
+    /// access log keeps.
+    pub(crate) fn public_message(&self) -> std::borrow::Cow<'static, str> {
+        let text = match self {
+            ErrorKind::ConnectFailed(_) => "connecting to the model server failed",
+            ErrorKind::UpstreamReset(_) => {
+                "the connection to the model server failed before it answered"
+            }
+            ErrorKind::ResponseBodyFailed(_) => {
+                "the model server's answer failed before its first bytes"
+            }
+            ErrorKind::RequestBody(_) => "reading the request body failed",
+            ErrorKind::UpstreamTls(_) => "the TLS handshake with the model server failed",
+            ErrorKind::Unauthorized(_) => "access denied by an authorization policy",
+            ErrorKind::OutsideMesh(_) => {
+                "the destination is outside the mesh, and this listener blocks such destinations"
+            }
+            _ => return self.to_string().into(),
+        };
+        text.into()
+    }
+
     /// The status the client gets.
     pub(crate) fn status(&self) -> StatusCode {
         match self {
@@ -199,6 +227,7 @@ impl ErrorKind {
             | ErrorKind::RequestTimeout(_)
             | ErrorKind::FirstEventTimeout(_)
             | ErrorKind::ResponseBodyIdle(_)
+            | ErrorKind::StreamIdle(_)
             | ErrorKind::AttemptTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unauthorized(_) => StatusCode::FORBIDDEN,
@@ -242,6 +271,8 @@ impl ErrorKind {
             | ErrorKind::RequestTimeout(_)
             | ErrorKind::ResponseBodyIdle(_)
             | ErrorKind::Fanout(_) => (Upstream, None, false),
+            // Either side may have stalled; nothing to retry either way.
+            ErrorKind::StreamIdle(_) => (Downstream, None, false),
             ErrorKind::RequestBodyIdle(_)
             | ErrorKind::RequestBody(_)
             | ErrorKind::RequestBodyTooLarge(_)
@@ -304,6 +335,16 @@ impl ErrorKind {
             None => "upstream_reset",
         }
     }
+
+    /// What the client is told of a body that failed mid-stream.
+    pub(crate) fn public_message_of_body_error(
+        error: &(dyn std::error::Error + 'static),
+    ) -> std::borrow::Cow<'static, str> {
+        match find_source::<TimeoutError>(error) {
+            Some(timeout) => ErrorKind::from(timeout).public_message(),
+            None => "the model server's answer failed mid-stream".into(),
+        }
+    }
 }
 
 /// Whether an HTTP/2 server refused the stream: it did not process it.
@@ -317,6 +358,7 @@ impl From<&TimeoutError> for ErrorKind {
             TimeoutError::RequestIdle(after) => ErrorKind::RequestBodyIdle(after),
             TimeoutError::ResponseIdle(after) => ErrorKind::ResponseBodyIdle(after),
             TimeoutError::Total(after) => ErrorKind::RequestTimeout(after),
+            TimeoutError::StreamIdle(after) => ErrorKind::StreamIdle(after),
         }
     }
 }
@@ -394,6 +436,9 @@ pub(crate) enum TimeoutError {
     /// The exchange ran past its total limit.
     #[error("total timeout of {0:?} reached")]
     Total(Duration),
+    /// The response sent the client nothing for this long.
+    #[error("stream idle for {0:?}")]
+    StreamIdle(Duration),
 }
 
 impl TimeoutError {
@@ -402,7 +447,8 @@ impl TimeoutError {
         match self {
             TimeoutError::RequestIdle(d)
             | TimeoutError::ResponseIdle(d)
-            | TimeoutError::Total(d) => d,
+            | TimeoutError::Total(d)
+            | TimeoutError::StreamIdle(d) => d,
         }
     }
 }

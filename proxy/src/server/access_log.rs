@@ -19,6 +19,8 @@ use crate::core::body::{BoxError, ProxyBody, boxed};
 use crate::core::context::Upstream;
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::FANOUT_HEADER;
+use crate::server::lifetime::{StreamGuard, Watched};
+use crate::server::respond::{Dialect, body_failure};
 use crate::server::shared::Shared;
 
 /// What is known about one request, filled in as it goes through the
@@ -115,8 +117,17 @@ impl RequestRecord {
         self.detail = Some(error.to_string());
     }
 
-    /// Wraps the response body so the record is written when it ends.
-    pub(crate) fn observe(mut self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    /// Wraps the response body so the record is written when it ends, and
+    /// so that `stream` watches it (its connection's stream limits).
+    ///
+    /// A body that fails mid-stream ends as `dialect` says it can (an SSE
+    /// error event, gRPC trailers), or is reset.
+    pub(crate) fn observe(
+        mut self,
+        response: Response<ProxyBody>,
+        stream: StreamGuard,
+        dialect: Dialect,
+    ) -> Response<ProxyBody> {
         self.status = response.status();
         self.fanout = response.headers().get(FANOUT_HEADER).cloned();
         self.streamed = response
@@ -126,9 +137,11 @@ impl RequestRecord {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         response.map(|inner| {
             boxed(ObservedBody {
-                inner,
+                inner: stream.watch(inner),
                 record: Some(self),
                 bytes: 0,
+                dialect,
+                failed: false,
             })
         })
     }
@@ -209,9 +222,12 @@ fn millis(d: Duration) -> f64 {
 
 /// A response body that writes its request's record when it ends.
 struct ObservedBody {
-    inner: ProxyBody,
+    inner: Watched,
     record: Option<RequestRecord>,
     bytes: u64,
+    dialect: Dialect,
+    /// The body failed and told its client so: it has ended.
+    failed: bool,
 }
 
 impl ObservedBody {
@@ -230,6 +246,9 @@ impl Body for ObservedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.failed {
+            return Poll::Ready(None);
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -248,7 +267,13 @@ impl Body for ObservedBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 let reason = ErrorKind::reason_of_body_error(e.as_ref());
+                let streamed = self.record.as_ref().is_some_and(|r| r.streamed);
+                let told = body_failure(self.dialect, streamed, e.as_ref());
                 self.finish(Some(reason));
+                if let Some(frame) = told {
+                    self.failed = true;
+                    return Poll::Ready(Some(Ok(frame)));
+                }
             }
             Poll::Ready(None) => self.finish(None),
             Poll::Pending => {}
@@ -257,7 +282,7 @@ impl Body for ObservedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.failed || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -267,7 +292,11 @@ impl Body for ObservedBody {
 
 impl Drop for ObservedBody {
     fn drop(&mut self) {
-        let error = (!self.inner.is_end_stream()).then_some("client_disconnected");
+        let error = if self.inner.was_cut() {
+            Some("stream_idle_timeout")
+        } else {
+            (!self.inner.is_end_stream()).then_some("client_disconnected")
+        };
         self.finish(error);
     }
 }

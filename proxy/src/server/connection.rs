@@ -3,19 +3,23 @@
 //! authentication by the port it connected to), whether it speaks HTTP
 //! (plaintext on inbound capture), then HTTP, every request of it going
 //! through [`RequestService`]. A connection that is not HTTP is passed
-//! through as TCP, or closed.
+//! through as TCP, or closed. While HTTP is served, the connection's
+//! [`Watchdog`] says when it must end ([`crate::server::lifetime`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use infermesh_api::{Capture, ListenerProtocol, OutsideMesh};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use crate::core::context::{ConnectionInfo, ListenerId};
+use crate::server::lifetime::{FirstBytes, Lifetime, Watchdog};
 use crate::server::original::OriginalDestination;
 use crate::server::request::RequestService;
 use crate::server::shared::Shared;
@@ -31,19 +35,66 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP passthrough (Envoy's default connect timeout).
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Starts serving an accepted connection on its own task.
+/// What an accept loop keeps for the connections it accepts: how many are
+/// open, the hyper settings of its listener as configured now, and the
+/// drain signal.
+pub(crate) struct Accepted {
+    open: Arc<AtomicUsize>,
+    builder: Option<(Weak<ListenerEntry>, Arc<auto::Builder<TokioExecutor>>)>,
+    drain: watch::Receiver<()>,
+}
+
+impl Accepted {
+    /// Nothing accepted yet; connections start to close gracefully when
+    /// `drain` changes.
+    pub(crate) fn new(drain: watch::Receiver<()>) -> Self {
+        Accepted {
+            open: Arc::new(AtomicUsize::new(0)),
+            builder: None,
+            drain,
+        }
+    }
+
+    /// The hyper settings of `listener`, built again only when a reload
+    /// changed the listener.
+    fn builder(&mut self, listener: &Arc<ListenerEntry>) -> Arc<auto::Builder<TokioExecutor>> {
+        if let Some((entry, builder)) = &self.builder
+            && Weak::as_ptr(entry) == Arc::as_ptr(listener)
+        {
+            return builder.clone();
+        }
+        let builder = Arc::new(http_builder(listener));
+        self.builder = Some((Arc::downgrade(listener), builder.clone()));
+        builder
+    }
+}
+
+/// Starts serving an accepted connection on its own task, or closes it
+/// when its listener is at `maxConnections`.
 pub(crate) fn spawn(
     stream: TcpStream,
     client: SocketAddr,
     id: ListenerId,
     shared: &Arc<Shared>,
-    builders: &Arc<ServerBuilders>,
-    graceful: &GracefulShutdown,
+    accepted: &mut Accepted,
 ) {
     let _ = stream.set_nodelay(true);
     let Some(listener) = shared.snapshot.load().listener_entry(id) else {
         return;
     };
+    let open = accepted.open.clone();
+    if let Some(max) = listener.limits.max_connections
+        && open.load(Ordering::Relaxed) >= max as usize
+    {
+        shared
+            .metrics
+            .connections_refused
+            .with_label_values(&[&*listener.name, "max_connections"])
+            .inc();
+        tracing::debug!(client = %client, listener = %listener.name, max, "connection refused: the listener is at its maxConnections");
+        return;
+    }
+    open.fetch_add(1, Ordering::Relaxed);
     let gauge = shared
         .metrics
         .downstream_connections
@@ -51,14 +102,15 @@ pub(crate) fn spawn(
     gauge.inc();
     let connection = Connection {
         client,
+        builder: accepted.builder(&listener),
         listener,
         shared: shared.clone(),
-        builders: builders.clone(),
-        watcher: graceful.watcher(),
+        drain: accepted.drain.clone(),
     };
     tokio::spawn(async move {
         connection.run(stream).await;
         gauge.dec();
+        open.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
@@ -67,8 +119,10 @@ struct Connection {
     client: SocketAddr,
     listener: Arc<ListenerEntry>,
     shared: Arc<Shared>,
-    builders: Arc<ServerBuilders>,
-    watcher: Watcher,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Changes when the listener drains; dropped when the connection ends
+    /// (the drain waits for every receiver to go).
+    drain: watch::Receiver<()>,
 }
 
 impl Connection {
@@ -161,10 +215,8 @@ impl Connection {
                 tracing::info!(client = %self.client, listener, destination = %destination, "connection refused: it does not speak HTTP, and the authorization policies of this listener can judge only HTTP requests");
                 return;
             }
-            let Connection {
-                client, watcher, ..
-            } = self;
-            drop(watcher);
+            let Connection { client, drain, .. } = self;
+            drop(drain);
             return log_tunnel(client, listener, destination, stream).await;
         }
         self.serve(stream, None, original).await
@@ -177,11 +229,11 @@ impl Connection {
             client,
             listener,
             shared,
-            watcher,
+            drain,
             ..
         } = self;
         // A tunnel is not an HTTP connection: a drain does not wait for it.
-        drop(watcher);
+        drop(drain);
         let action = match listener.outside_mesh {
             OutsideMesh::Passthrough => "passthrough",
             OutsideMesh::Blocked => "blocked",
@@ -231,14 +283,56 @@ impl Connection {
             original_destination,
             capture: self.listener.capture,
         });
-        let service = RequestService::new(self.shared, info, original_service);
-        let connection = self
-            .builders
-            .for_protocol(self.listener.protocol)
-            .serve_connection_with_upgrades(TokioIo::new(io), service)
-            .into_owned();
-        if let Err(e) = self.watcher.watch(connection).await {
-            tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
+        let lifetime = Lifetime::new(&self.listener.limits);
+        let io = TokioIo::new(FirstBytes::new(io, &lifetime));
+        let service = RequestService::new(
+            self.shared.clone(),
+            info,
+            original_service,
+            lifetime.clone(),
+        );
+        let mut connection = pin!(
+            self.builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned()
+        );
+        let mut watchdog = Watchdog::new(lifetime);
+        let mut drain = self.drain;
+        let mut draining = false;
+        // Counted once, by the first reason the proxy found to end it.
+        let mut counted = false;
+        let mut closed = |ending: &str| {
+            if !std::mem::replace(&mut counted, true) {
+                self.shared
+                    .metrics
+                    .connections_closed
+                    .with_label_values(&[&*self.listener.name, ending])
+                    .inc();
+            }
+        };
+        loop {
+            tokio::select! {
+                ended = connection.as_mut() => {
+                    if let Err(e) = ended {
+                        tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
+                    }
+                    return;
+                }
+                _ = drain.changed(), if !draining => {
+                    draining = true;
+                    watchdog.closing();
+                    connection.as_mut().graceful_shutdown();
+                }
+                ending = watchdog.next() => {
+                    closed(ending.as_str());
+                    if !ending.is_graceful() {
+                        tracing::info!(client = %self.client, listener = %self.listener.name, reason = ending.as_str(), "client connection closed");
+                        return;
+                    }
+                    tracing::debug!(client = %self.client, listener = %self.listener.name, reason = ending.as_str(), "closing client connection gracefully");
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
         }
     }
 }
@@ -260,40 +354,47 @@ async fn log_tunnel(
     }
 }
 
-/// hyper server settings for each listener protocol.
-pub(crate) struct ServerBuilders {
-    http: auto::Builder<TokioExecutor>,
-    http1: auto::Builder<TokioExecutor>,
-    http2: auto::Builder<TokioExecutor>,
-}
-
-impl ServerBuilders {
-    /// The settings of every protocol.
-    pub(crate) fn new() -> Self {
-        let base = || {
-            let mut b = auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30));
-            b.http2().timer(TokioTimer::new()).adaptive_window(true);
-            b
-        };
-        let mut http1 = base();
-        http1 = http1.http1_only();
-        let mut http2 = base();
-        http2 = http2.http2_only();
-        ServerBuilders {
-            http: base(),
-            http1,
-            http2,
-        }
+/// The hyper server settings of `listener`: its protocols and limits.
+/// Flow-control windows and send buffers are sized so that one stream
+/// holds tens of KiB, not MiB, whatever its client does.
+fn http_builder(listener: &ListenerEntry) -> auto::Builder<TokioExecutor> {
+    let limits = &listener.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut http1 = builder.http1();
+    http1
+        .timer(TokioTimer::new())
+        .max_buf_size(limits.max_header_bytes.max(8192) as usize);
+    // hyper's header timer also runs while a keep-alive connection waits
+    // for its next request: an idle HTTP/1 connection is closed after the
+    // shorter of this and the idle timeout.
+    http1.header_read_timeout(limits.request_headers_timeout.non_zero());
+    let mut http2 = builder.http2();
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buf_size(STREAM_WINDOW as usize);
+    if let Some(interval) = limits.keep_alive_interval.non_zero() {
+        http2
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
     }
-
-    fn for_protocol(&self, protocol: ListenerProtocol) -> &auto::Builder<TokioExecutor> {
-        match protocol {
-            ListenerProtocol::Http => &self.http,
-            ListenerProtocol::Http1 => &self.http1,
-            ListenerProtocol::Http2 => &self.http2,
-        }
+    match listener.protocol {
+        ListenerProtocol::Http => builder,
+        ListenerProtocol::Http1 => builder.http1_only(),
+        ListenerProtocol::Http2 => builder.http2_only(),
     }
 }
+
+/// How much of one request body an HTTP/2 client may send ahead of the
+/// backend reading it, and how much of one response waits for the client
+/// to read it: Envoy's recommended edge setting.
+const STREAM_WINDOW: u32 = 64 * 1024;
+
+/// How much of all its request bodies one HTTP/2 client may send ahead.
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// How long a client may take to answer a keep-alive PING.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);

@@ -9,14 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use infermesh_api::Config;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::core::context::ListenerId;
-use crate::server::connection::{self, ServerBuilders};
+use crate::server::connection::{self, Accepted};
 use crate::server::shared::Shared;
 
 /// A listener socket could not be bound.
@@ -207,16 +206,37 @@ async fn accept_loop(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builders = Arc::new(ServerBuilders::new());
+    let (drain, drained) = watch::channel(());
+    let mut accepted = Accepted::new(drained);
+    // A descriptor held in reserve: when the process runs out, it is
+    // given back for a moment to accept one waiting connection and close
+    // it, so that clients are refused at once instead of waiting in the
+    // backlog (libuv's and nginx's answer to EMFILE).
+    let mut reserve = open_reserve();
     loop {
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            accepted = socket.accept() => match accepted {
-                Ok((stream, client)) => connection::spawn(stream, client, id, &shared, &builders, &graceful),
+            result = socket.accept() => match result {
+                Ok((stream, client)) => connection::spawn(stream, client, id, &shared, &mut accepted),
+                Err(e) if is_out_of_descriptors(&e) => {
+                    shared.ran_out_of_descriptors();
+                    let listener = shared.snapshot.load().listener_entry(id).map(|l| l.name.clone());
+                    let name = listener.as_deref().unwrap_or("");
+                    tracing::warn!(listener = name, error = %e, "out of file descriptors: refusing new connections");
+                    if reserve.take().is_some() && let Ok((refused, _)) = socket.accept().await {
+                        drop(refused);
+                        shared
+                            .metrics
+                            .connections_refused
+                            .with_label_values(&[name, "out_of_descriptors"])
+                            .inc();
+                    }
+                    reserve = open_reserve();
+                    // Don't spin while nothing can be accepted.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off, don't spin.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -224,5 +244,20 @@ async fn accept_loop(
         }
     }
     drop(socket);
-    graceful.shutdown().await;
+    // Every connection closes gracefully; each holds a receiver of the
+    // drain signal until it is gone.
+    let _ = drain.send(());
+    drop(accepted);
+    drain.closed().await;
+}
+
+/// The descriptor kept in reserve for when the process runs out.
+fn open_reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+/// Whether `error` says the process or the system has no file descriptor
+/// left (EMFILE, ENFILE).
+fn is_out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(23 | 24))
 }

@@ -29,6 +29,15 @@ pub(crate) struct Metrics {
     /// HTTP requests (`http`) and other connections (`tcp`), passed through
     /// or blocked.
     pub outside_mesh: IntCounterVec,
+    /// `infermesh_downstream_connections_closed_total{listener,reason}`:
+    /// client connections the proxy ended for their lifetime or conduct
+    /// (`first_byte_timeout`, `idle_timeout`, `max_connection_age`,
+    /// `max_requests`, `premature_resets`, `stream_idle_timeout`).
+    pub connections_closed: IntCounterVec,
+    /// `infermesh_downstream_connections_refused_total{listener,reason}`:
+    /// client connections closed as soon as accepted (`max_connections`,
+    /// `out_of_descriptors`).
+    pub connections_refused: IntCounterVec,
     /// The families of the snapshot layer and those below it.
     pub snapshot: crate::snapshot::Metrics,
 }
@@ -65,6 +74,16 @@ impl Metrics {
                 "infermesh_outside_mesh_total",
                 "Traffic to destinations outside the mesh seen by outbound capture listeners, by protocol (http requests, tcp connections) and action (passthrough, blocked).",
                 &["listener", "protocol", "action"],
+            ),
+            connections_closed: registry.counter(
+                "infermesh_downstream_connections_closed_total",
+                "Client connections the proxy ended, by listener and reason (first_byte_timeout, idle_timeout, max_connection_age, max_requests, premature_resets, stream_idle_timeout).",
+                &["listener", "reason"],
+            ),
+            connections_refused: registry.counter(
+                "infermesh_downstream_connections_refused_total",
+                "Client connections closed as soon as accepted, by listener and reason (max_connections, out_of_descriptors).",
+                &["listener", "reason"],
             ),
             snapshot: crate::snapshot::Metrics::register(registry),
         }

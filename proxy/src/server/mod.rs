@@ -1,13 +1,15 @@
 //! The server layer: the proxy's edge towards clients. Binding and
 //! reloading listeners ([`listener`]), each accepted connection's phases
 //! ([`connection`]: original destination, protocol detection, TLS, HTTP),
-//! each request's phases ([`request`]: authorize, route, forward, respond,
+//! how long a connection and its streams may live ([`lifetime`]), each
+//! request's phases ([`request`]: authorize, route, forward, respond,
 //! observe), turning the proxy's errors into responses ([`respond`]),
 //! forwarding a capture listener's unrouted requests to their original
 //! destination ([`original`]) and the access log ([`access_log`]).
 
 pub(crate) mod access_log;
 pub(crate) mod connection;
+pub(crate) mod lifetime;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod original;

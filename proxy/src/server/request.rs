@@ -17,8 +17,8 @@
 //! 5. **forward**: send it through the rule's stack
 //!    ([`crate::route::stack`]): rate limit, timeouts, forwarded headers,
 //!    upgrades, retries, backend split, balancing and the upstream pool;
-//! 6. **respond**: a failure made by the proxy becomes its error response
-//!    ([`crate::server::respond`]);
+//! 6. **respond**: a failure made by the proxy becomes its error response,
+//!    in the error shape of the client's API ([`crate::server::respond`]);
 //! 7. **observe**: the response body is wrapped so that the access log line
 //!    and the request metrics are written when it ends
 //!    ([`crate::server::access_log`]).
@@ -41,8 +41,9 @@ use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::{authority, model, path};
 use crate::route::stack::RuleStack;
 use crate::server::access_log::RequestRecord;
+use crate::server::lifetime::Lifetime;
 use crate::server::original::OriginalDestination;
-use crate::server::respond::error_response;
+use crate::server::respond::{Dialect, error_response};
 use crate::server::shared::Shared;
 use crate::snapshot::{ListenerEntry, Snapshot};
 
@@ -53,6 +54,7 @@ pub(crate) struct RequestService {
     shared: Arc<Shared>,
     connection: Arc<ConnectionInfo>,
     original: Option<Arc<OriginalDestination>>,
+    lifetime: Arc<Lifetime>,
 }
 
 /// Where the route phase sends a request.
@@ -68,16 +70,19 @@ enum Destination {
 impl RequestService {
     /// Serves requests arriving on `connection`. On a capture listener,
     /// `original` forwards the requests that nothing else routes to the
-    /// connection's original destination.
+    /// connection's original destination. Each request reports to the
+    /// connection's `lifetime`.
     pub(crate) fn new(
         shared: Arc<Shared>,
         connection: Arc<ConnectionInfo>,
         original: Option<Arc<OriginalDestination>>,
+        lifetime: Arc<Lifetime>,
     ) -> Self {
         RequestService {
             shared,
             connection,
             original,
+            lifetime,
         }
     }
 
@@ -152,6 +157,9 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let started = Instant::now();
+        let stream = self
+            .lifetime
+            .start_stream(request.version() == http::Version::HTTP_2);
         let snapshot = self.shared.snapshot.load_full();
         let mut request = request.map(boxed);
         request.extensions_mut().insert(self.connection.clone());
@@ -159,6 +167,7 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         // Phase: check.
         let escaped_slashes = listener.map_or(EscapedSlashes::default(), |l| l.escaped_slashes);
         let refused = check(&mut request, escaped_slashes).err();
+        let dialect = Dialect::of(&request);
         let mut record = RequestRecord::start(
             &request,
             started,
@@ -216,19 +225,19 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
                     }
                     Err(error) => {
                         record.failed(&error);
-                        error_response(&error, Some(&route))
+                        error_response(&error, Some(&route), dialect)
                     }
                 },
                 Err(kind) => {
                     let error = ProxyError::new(kind);
                     record.failed(&error);
-                    error_response(&error, None)
+                    error_response(&error, None, dialect)
                 }
             };
             // The snapshot stays alive until the response head is out.
             drop(snapshot);
             // Phase: observe.
-            Ok(record.observe(response))
+            Ok(record.observe(response, stream, dialect))
         })
     }
 }

@@ -1,5 +1,9 @@
 //! What every connection of the proxy shares: the serving snapshot, read
-//! once per request, and the metrics.
+//! once per request, the metrics, and when the proxy last ran out of file
+//! descriptors.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -12,4 +16,41 @@ pub(crate) struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Every metric family.
     pub metrics: Metrics,
+    /// When a listener last could not accept for want of file
+    /// descriptors.
+    pub out_of_descriptors: Mutex<Option<Instant>>,
+}
+
+/// For how long after running out of file descriptors the proxy says it
+/// is not ready, so that load balancers send elsewhere.
+const OUT_OF_DESCRIPTORS_UNREADY: Duration = Duration::from_secs(5);
+
+impl Shared {
+    /// Shares `snapshot` and `metrics` with every connection.
+    pub(crate) fn new(snapshot: Snapshot, metrics: Metrics) -> Self {
+        Shared {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            out_of_descriptors: Mutex::new(None),
+        }
+    }
+
+    /// Notes that a listener could not accept for want of file
+    /// descriptors.
+    pub(crate) fn ran_out_of_descriptors(&self) {
+        let mut last = self
+            .out_of_descriptors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *last = Some(Instant::now());
+    }
+
+    /// Whether the proxy ran out of file descriptors a moment ago.
+    pub(crate) fn is_out_of_descriptors(&self) -> bool {
+        let last = self
+            .out_of_descriptors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        last.is_some_and(|at| at.elapsed() < OUT_OF_DESCRIPTORS_UNREADY)
+    }
 }

@@ -182,6 +182,7 @@ fn build_listeners(
             capture: listener.spec.capture,
             outside_mesh: listener.spec.outside_mesh.unwrap_or_default(),
             escaped_slashes: listener.spec.escaped_slashes,
+            limits: listener.spec.limits.clone(),
             tls: match &listener.spec.tls {
                 None => None,
                 Some(tls) => Some(listener_tls(listener, tls, identity, metrics)?),

@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use infermesh_api::{Capture, Config, EscapedSlashes, ListenerProtocol, OutsideMesh};
+use infermesh_api::{
+    Capture, Config, EscapedSlashes, ListenerLimits, ListenerProtocol, OutsideMesh,
+};
 
 use crate::backend::Backend;
 use crate::core::context::ListenerId;
@@ -85,6 +87,9 @@ pub(crate) struct ListenerEntry {
     pub outside_mesh: OutsideMesh,
     /// What escaped slashes in request paths become.
     pub escaped_slashes: EscapedSlashes,
+    /// How long its connections and streams may live, and how much each
+    /// may hold.
+    pub limits: ListenerLimits,
 }
 
 impl ListenerEntry {
