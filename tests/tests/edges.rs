@@ -232,3 +232,30 @@ async fn ambiguous_hosts_get_400_and_connect_405() {
     assert_eq!(absolute.status, 200);
     assert_eq!(absolute.json()["headers"]["host"], "a.test");
 }
+
+#[tokio::test]
+async fn a_refusal_reaches_a_client_still_uploading() {
+    // The proxy answers before reading the body; closed with the body
+    // unread, the socket would reset and the answer could be lost.
+    let (model, _gateway, public) = guarded(&policy("no-admin", "deny", "/admin")).await;
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(public).await.expect("connect");
+        let body = vec![b'x'; 4 << 20];
+        let head = format!(
+            "POST /admin/upload HTTP/1.1\r\nHost: models.test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.expect("send");
+        // The whole upload, as a client that reads only afterwards sends it.
+        let sent = stream.write_all(&body).await;
+        let mut answer = Vec::new();
+        let read = stream.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        let head = answer.lines().next().unwrap_or_default();
+        assert!(
+            head.starts_with("HTTP/1.1 403"),
+            "upload {sent:?}, read {read:?}: {head:?}"
+        );
+    }
+    assert_eq!(model.requests(), 0);
+}

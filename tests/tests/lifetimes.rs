@@ -311,9 +311,10 @@ async fn oversized_header_blocks_get_431() {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
+    let head = answer.lines().next().unwrap_or_default();
     assert!(
-        answer.starts_with("HTTP/1.1 431"),
-        "a 100 KiB header block: {answer:?}"
+        head.starts_with("HTTP/1.1 431"),
+        "a 100 KiB header block: {head:?}"
     );
     assert_eq!(model.requests(), 0);
     // One within the default 64 KiB passes.

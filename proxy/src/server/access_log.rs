@@ -141,7 +141,7 @@ impl RequestRecord {
                 record: Some(self),
                 bytes: 0,
                 dialect,
-                failed: false,
+                failed: None,
             })
         })
     }
@@ -226,8 +226,10 @@ struct ObservedBody {
     record: Option<RequestRecord>,
     bytes: u64,
     dialect: Dialect,
-    /// The body failed and told its client so: it has ended.
-    failed: bool,
+    /// The body failed and told its client so: what is left to yield of
+    /// the failure (the error itself after an SSE error event, nothing
+    /// after gRPC trailers).
+    failed: Option<Option<BoxError>>,
 }
 
 impl ObservedBody {
@@ -246,8 +248,8 @@ impl Body for ObservedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.failed {
-            return Poll::Ready(None);
+        if let Some(rest) = &mut self.failed {
+            return Poll::Ready(rest.take().map(Err));
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
@@ -271,7 +273,14 @@ impl Body for ObservedBody {
                 let told = body_failure(self.dialect, streamed, e.as_ref());
                 self.finish(Some(reason));
                 if let Some(frame) = told {
-                    self.failed = true;
+                    // Trailers end a gRPC response properly; an event
+                    // stream still fails after its error event, so that
+                    // no client takes it for complete.
+                    let rest = match polled {
+                        Poll::Ready(Some(Err(e))) if frame.is_data() => Some(e),
+                        _ => None,
+                    };
+                    self.failed = Some(rest);
                     return Poll::Ready(Some(Ok(frame)));
                 }
             }
@@ -282,7 +291,7 @@ impl Body for ObservedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed || self.inner.is_end_stream()
+        self.failed.as_ref().is_some_and(Option::is_none) || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::core::context::{ConnectionInfo, ListenerId};
-use crate::server::lifetime::{FirstBytes, Lifetime, Watchdog};
+use crate::server::lifetime::{ClientIo, Lifetime, Watchdog};
 use crate::server::original::OriginalDestination;
 use crate::server::request::RequestService;
 use crate::server::shared::Shared;
@@ -284,7 +284,7 @@ impl Connection {
             capture: self.listener.capture,
         });
         let lifetime = Lifetime::new(&self.listener.limits);
-        let io = TokioIo::new(FirstBytes::new(io, &lifetime));
+        let io = TokioIo::new(ClientIo::new(io, &lifetime));
         let service = RequestService::new(
             self.shared.clone(),
             info,

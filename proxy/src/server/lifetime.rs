@@ -8,7 +8,9 @@
 //! A connection's [`Lifetime`] is shared by its requests, which report to
 //! it ([`Lifetime::start_stream`], [`Watched`]), and by its [`Watchdog`],
 //! which the connection task polls beside hyper's connection and which
-//! says when the connection must end, and how.
+//! says when the connection must end, and how. [`ClientIo`], the
+//! connection's byte stream, reports its first bytes, and closes lingering
+//! when the proxy answered before reading a request's body.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,7 +22,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use infermesh_api::ListenerLimits;
 use slab::Slab;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -37,6 +39,13 @@ const PREMATURE_LIFETIME: Duration = Duration::from_secs(1);
 /// lower count than Envoy's 500: every request that reaches a model costs
 /// it far more than one that reaches a web server).
 const PREMATURE_JUDGED_AFTER: u64 = 100;
+
+/// How long a closing HTTP/1 connection keeps reading (and discarding)
+/// what its client still sends, after the proxy answered without reading
+/// the whole request body: closed with unread input, the socket would
+/// send a reset that can destroy the answer before the client reads it
+/// (nginx's `lingering_time`, shorter).
+const LINGER: Duration = Duration::from_secs(5);
 
 /// The HTTP/2 preface every client connection speaking HTTP/2 starts with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -113,6 +122,9 @@ pub(crate) struct Lifetime {
     /// When the last request in flight ended, in milliseconds since
     /// `opened`.
     idle_since: AtomicU64,
+    /// The proxy answered a request before reading its whole body: close
+    /// lingering.
+    linger: AtomicBool,
     /// Streams ended, and those of them the client reset prematurely.
     ended: AtomicU64,
     premature: AtomicU64,
@@ -144,6 +156,7 @@ impl Lifetime {
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
+            linger: AtomicBool::new(false),
             ended: AtomicU64::new(0),
             premature: AtomicU64::new(0),
             streams: Mutex::new(Slab::new()),
@@ -181,6 +194,12 @@ impl Lifetime {
         if offered != &H2_PREFACE[before..end] || end == H2_PREFACE.len() {
             self.detected.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Notes that a request was answered before its body was read: the
+    /// connection closes lingering.
+    pub(crate) fn linger_on_close(&self) {
+        self.linger.store(true, Ordering::Relaxed);
     }
 
     /// A request arrived: counts it and tracks it until its response
@@ -624,41 +643,81 @@ impl Watchdog {
     }
 }
 
-/// A client connection's byte stream, reporting its first bytes to the
-/// connection's [`Lifetime`] until its protocol can be told.
-pub(crate) struct FirstBytes<I> {
-    io: I,
-    lifetime: Option<Arc<Lifetime>>,
-    seen: usize,
+/// A client connection's byte stream: reports its first bytes to the
+/// connection's [`Lifetime`] until its protocol can be told, and closes
+/// lingering ([`LINGER`]) when the proxy answered an HTTP/1 request before
+/// reading its body.
+pub(crate) struct ClientIo<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    io: Option<I>,
+    lifetime: Arc<Lifetime>,
+    /// Bytes seen while the protocol is not told yet; `None` once it is.
+    detecting: Option<usize>,
 }
 
-impl<I> FirstBytes<I> {
-    /// Watches the first bytes of `io`.
+impl<I> ClientIo<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Watches `io` for `lifetime`.
     pub(crate) fn new(io: I, lifetime: &Arc<Lifetime>) -> Self {
-        FirstBytes {
-            io,
-            lifetime: lifetime.limits.first_byte.map(|_| lifetime.clone()),
-            seen: 0,
+        ClientIo {
+            io: Some(io),
+            lifetime: lifetime.clone(),
+            detecting: lifetime.limits.first_byte.map(|_| 0),
         }
+    }
+
+    fn io(&mut self) -> Pin<&mut I> {
+        Pin::new(self.io.as_mut().expect("taken only on drop"))
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
+impl<I> Drop for ClientIo<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn drop(&mut self) {
+        let lifetime = &self.lifetime;
+        if !lifetime.linger.load(Ordering::Relaxed) || lifetime.http2.load(Ordering::Relaxed) {
+            return;
+        }
+        let (Some(mut io), Ok(runtime)) = (self.io.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(LINGER, async {
+                let _ = io.shutdown().await;
+                let mut discard = [0u8; 16 * 1024];
+                while matches!(io.read(&mut discard).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        });
+    }
+}
+
+impl<I> AsyncRead for ClientIo<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
         let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let Some(lifetime) = &this.lifetime {
+        let polled = self.io().poll_read(cx, buf);
+        let this = &mut *self;
+        if let Some(seen) = this.detecting {
             let read = &buf.filled()[before..];
             if !read.is_empty() {
-                lifetime.saw_first_bytes(read, this.seen);
-                this.seen += read.len();
-                if lifetime.detected.load(Ordering::Relaxed) {
-                    this.lifetime = None;
+                this.lifetime.saw_first_bytes(read, seen);
+                this.detecting = Some(seen + read.len());
+                if this.lifetime.detected.load(Ordering::Relaxed) {
+                    this.detecting = None;
                 }
             }
         }
@@ -666,13 +725,16 @@ impl<I: AsyncRead + Unpin> AsyncRead for FirstBytes<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
+impl<I> AsyncWrite for ClientIo<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        self.io().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -680,19 +742,23 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for FirstBytes<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        self.io().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        self.io.as_ref().is_some_and(I::is_write_vectored)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        self.io().poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        // A lingering close shuts the write side itself, once dropped.
+        if self.lifetime.linger.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        self.io().poll_shutdown(cx)
     }
 }
 

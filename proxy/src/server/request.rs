@@ -168,6 +168,7 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         let escaped_slashes = listener.map_or(EscapedSlashes::default(), |l| l.escaped_slashes);
         let refused = check(&mut request, escaped_slashes).err();
         let dialect = Dialect::of(&request);
+        let has_body = !http_body::Body::is_end_stream(request.body());
         let mut record = RequestRecord::start(
             &request,
             started,
@@ -225,10 +226,16 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
                     }
                     Err(error) => {
                         record.failed(&error);
+                        if has_body {
+                            this.lifetime.linger_on_close();
+                        }
                         error_response(&error, Some(&route), dialect)
                     }
                 },
                 Err(kind) => {
+                    if has_body {
+                        this.lifetime.linger_on_close();
+                    }
                     let error = ProxyError::new(kind);
                     record.failed(&error);
                     error_response(&error, None, dialect)
