@@ -334,8 +334,9 @@ impl StreamGuard {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .insert(slot.clone());
-                // The watchdog may be asleep until another deadline.
-                lifetime.wake.notify_one();
+                // No need to wake the watchdog: it looks again one stream
+                // idle timeout after its last look at the latest, before
+                // this stream can be due.
                 Inner::Slot(slot, key)
             }
         };
@@ -620,8 +621,8 @@ impl Watchdog {
         {
             consider(lifetime.opened + limit);
         }
-        if let Some(due) = self.stream_due {
-            consider(due);
+        if let Some(limit) = limits.stream_idle {
+            consider(self.stream_due.unwrap_or(now + limit));
         }
         if !self.closing {
             if let Some(limit) = limits.max_age {
@@ -872,6 +873,20 @@ mod tests {
         assert!(!watching.is_finished(), "another stream is still answered");
         drop(other);
         assert_eq!(watching.await.unwrap(), Ending::StreamIdle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_starts_while_the_watchdog_sleeps_is_cut_in_time() {
+        let lifetime = Lifetime::new(&limits());
+        lifetime.saw_first_bytes(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 0);
+        let mut watchdog = Watchdog::new(lifetime.clone());
+        let watching = tokio::spawn(async move { watchdog.next().await });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut unread = lifetime.start_stream(true).watch(one_chunk_then_silence());
+        assert!(unread.frame().await.unwrap().is_ok());
+        let started = Instant::now();
+        assert_eq!(watching.await.unwrap(), Ending::UnreadStream);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 
     #[tokio::test(start_paused = true)]
