@@ -11,4 +11,5 @@ pub mod load;
 pub mod mock;
 pub mod plot;
 pub mod process;
+pub mod soak;
 pub mod tls;
