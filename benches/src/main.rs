@@ -4,7 +4,9 @@
 //! - `serve`: run mock model servers;
 //! - `compare`: the same load against a direct connection, infermesh and
 //!   its peers, side by side;
-//! - `plot`: draw the latency curves of saved `load --json` reports.
+//! - `plot`: draw the latency curves of saved `load --json` reports;
+//! - `soak`: steady load on the real proxy through reloads, certificate
+//!   rotation, backend restarts and hostile clients.
 
 #![forbid(unsafe_code)]
 
@@ -18,6 +20,7 @@ use infermesh_bench::compare::{self, Comparison};
 use infermesh_bench::load::{self, LoadOptions, LoadReport, Protocol, RequestTemplate, Template};
 use infermesh_bench::mock::{self, ModelSpec, Scenario, ServerSpec, TlsSpec};
 use infermesh_bench::plot;
+use infermesh_bench::soak;
 use infermesh_bench::tls::ClientTls;
 
 /// infermesh's load harness.
@@ -39,6 +42,10 @@ enum Command {
     Compare(CompareArgs),
     /// Draw the latency curves of saved `load --json` reports on one chart.
     Plot(PlotArgs),
+    /// Soak infermesh-proxy: steady load while its config reloads, its
+    /// certificate rotates, a backend is killed and restarted, and hostile
+    /// clients run beside it. Exits 1 unless every check passes.
+    Soak(SoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -175,6 +182,30 @@ struct PlotArgs {
     title: String,
 }
 
+#[derive(Args, Debug)]
+struct SoakArgs {
+    /// The whole run (at least 4s).
+    #[arg(short = 'z', long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Requests per second of each well-behaved client (one over HTTP/1.1,
+    /// one over HTTP/2).
+    #[arg(short = 'r', long, default_value_t = 200.0)]
+    rate: f64,
+    /// The infermesh-proxy binary [default: the one next to infermesh-bench].
+    #[arg(long)]
+    proxy: Option<PathBuf>,
+    /// Keep the config, certificates and the proxy's log here [default: a
+    /// temporary directory, removed when the soak passes].
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// No event lines on standard error.
+    #[arg(short = 'q', long)]
+    quiet: bool,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -182,6 +213,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve_command(args).await,
         Command::Compare(args) => compare_command(args).await,
         Command::Plot(args) => plot_command(args),
+        Command::Soak(args) => soak_command(args).await,
     }
 }
 
@@ -342,6 +374,38 @@ async fn compare_command(args: CompareArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.svg {
         report.chart(path)?;
+    }
+    Ok(())
+}
+
+async fn soak_command(args: SoakArgs) -> anyhow::Result<()> {
+    let options = soak::SoakOptions {
+        duration: args.duration,
+        rate: args.rate,
+        proxy: args.proxy,
+        work: args.work,
+        progress: !args.quiet,
+        ..soak::SoakOptions::default()
+    };
+    let report = soak::run(options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    if !report.passed {
+        eprintln!(
+            "soak failed: {}; the proxy's log is in {}",
+            report
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            report.work
+        );
+        std::process::exit(1);
     }
     Ok(())
 }
