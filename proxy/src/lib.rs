@@ -43,15 +43,18 @@ pub use app::run::{Mode, RunOptions, run};
 pub use app::sidecar::log_user as log_sidecar_user;
 
 /// The per-request work the proxy adds, public for the hot-path
-/// benchmarks (`benches/hot_path.rs`): checking the host, normalising the
-/// path, route matching, header rules, adapting a request to the
-/// upstream's HTTP version, the endpoint pick.
+/// benchmarks (`benches/hot_path.rs`) and the fuzz targets (`fuzz/`):
+/// checking the host, normalising the path, route matching, header rules,
+/// adapting a request to the upstream's HTTP version, the endpoint pick,
+/// reading a JSON body's fields and combining fan-out answers.
 pub mod hot_path {
     pub use crate::backend::endpoint::{Endpoint, EndpointSet};
     pub use crate::backend::pick::Balancer;
     pub use crate::backend::pool::adapt_request;
     pub use crate::core::authority::{HostError, check as check_host};
     pub use crate::core::headers::{add_forwarded, strip_hop_by_hop};
+    pub use crate::core::model::BodyFields;
     pub use crate::core::path::{PathError, normalize as normalize_path};
+    pub use crate::route::fanout::combine::{Averaged, Incompatible, Tally, keyed, leader, mean};
     pub use crate::snapshot::router::{Router, RouterBuilder};
 }

@@ -90,7 +90,7 @@ pub(crate) async fn read_body_model(request: Request<ProxyBody>) -> Request<Prox
 /// The top-level fields of a JSON request body that the proxy looks at
 /// (OpenAI-compatible APIs): none for a body that is not a JSON object.
 #[derive(Debug, Default, serde::Deserialize)]
-pub(crate) struct BodyFields {
+pub struct BodyFields {
     /// The model the body names, when it is a string.
     #[serde(default, deserialize_with = "string_or_none")]
     pub model: Option<String>,
@@ -101,7 +101,7 @@ pub(crate) struct BodyFields {
 
 impl BodyFields {
     /// The fields of `body`.
-    pub(crate) fn of(body: &[u8]) -> Self {
+    pub fn of(body: &[u8]) -> Self {
         // Only an object has fields (serde would fill them from an array).
         let object = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
         if !object {

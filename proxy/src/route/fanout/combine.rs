@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 /// The answers keyed by branch name: the shape of a KServe InferenceGraph
 /// `Ensemble` step.
-pub(super) fn keyed<'a>(answers: impl IntoIterator<Item = (&'a str, Value)>) -> Map<String, Value> {
+pub fn keyed<'a>(answers: impl IntoIterator<Item = (&'a str, Value)>) -> Map<String, Value> {
     answers
         .into_iter()
         .map(|(name, value)| (name.to_owned(), value))
@@ -17,20 +17,18 @@ pub(super) fn keyed<'a>(answers: impl IntoIterator<Item = (&'a str, Value)>) -> 
 
 /// One distinct value voted for.
 #[derive(Debug, PartialEq)]
-pub(super) struct Tally<'a> {
+pub struct Tally<'a> {
     /// The value.
-    pub(super) value: &'a Value,
+    pub value: &'a Value,
     /// How many branches voted for it.
-    pub(super) votes: usize,
+    pub votes: usize,
     /// The best tie-break rank among its voters (lower wins).
-    pub(super) best_rank: usize,
+    pub best_rank: usize,
 }
 
 /// The value with the most votes, a tie going to the value whose best
 /// voter ranks first. `ballots` are each voter's tie-break rank and vote.
-pub(super) fn leader<'a>(
-    ballots: impl IntoIterator<Item = (usize, &'a Value)>,
-) -> Option<Tally<'a>> {
+pub fn leader<'a>(ballots: impl IntoIterator<Item = (usize, &'a Value)>) -> Option<Tally<'a>> {
     let mut tallies: Vec<Tally<'a>> = Vec::new();
     for (rank, value) in ballots {
         match tallies.iter_mut().find(|t| t.value == value) {
@@ -52,21 +50,21 @@ pub(super) fn leader<'a>(
 
 /// An answer a mean leaves out, and why.
 #[derive(Debug, PartialEq)]
-pub(super) struct Incompatible {
+pub struct Incompatible {
     /// Its position in the answers given.
-    pub(super) index: usize,
+    pub index: usize,
     /// What is wrong with it.
-    pub(super) reason: String,
+    pub reason: String,
 }
 
 /// What a mean makes of the answers.
 #[derive(Debug, PartialEq)]
-pub(super) struct Averaged {
+pub struct Averaged {
     /// The answer averaged over the largest group of answers whose tensors
     /// have the same names and shapes; none when no answer has tensors.
-    pub(super) value: Option<Value>,
+    pub value: Option<Value>,
     /// The answers left out.
-    pub(super) left_out: Vec<Incompatible>,
+    pub left_out: Vec<Incompatible>,
 }
 
 /// The element-wise weighted mean of the answers' numeric tensors: the
@@ -77,7 +75,7 @@ pub(super) struct Averaged {
 /// names and shapes (a tie goes to the group of the earliest answer); the
 /// rest are left out, so one odd model cannot veto the others. The result
 /// is the group's first answer with its tensors replaced by the means.
-pub(super) fn mean(answers: &[(&Value, f64)], pointer: Option<&str>) -> Averaged {
+pub fn mean(answers: &[(&Value, f64)], pointer: Option<&str>) -> Averaged {
     let shapes: Vec<Result<(Tensors<'_>, String), String>> = answers
         .iter()
         .map(|(answer, _)| {

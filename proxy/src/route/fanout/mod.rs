@@ -22,7 +22,7 @@
 //!    metrics.
 
 mod branch;
-mod combine;
+pub(crate) mod combine;
 mod report;
 
 use std::sync::Arc;
