@@ -67,10 +67,12 @@ fn decode(path: &str, escaped_slashes: EscapedSlashes) -> Result<String, PathErr
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
-        let b = bytes[i];
-        if b != b'%' {
-            out.push(char::from(b));
-            i += 1;
+        // Text up to the next escape is copied whole: byte by byte would
+        // split the UTF-8 of non-ASCII characters.
+        let run = path[i..].find('%').unwrap_or(path.len() - i);
+        if run > 0 {
+            out.push_str(&path[i..i + run]);
+            i += run;
             continue;
         }
         let (Some(high), Some(low)) = (
@@ -181,6 +183,15 @@ mod tests {
             assert_eq!(normal(spelling), expected, "{spelling}");
         }
         assert_eq!(normal("/admin%2fsecret"), "/admin/secret");
+    }
+
+    #[test]
+    fn characters_beyond_ascii_survive_normalisation() {
+        // Found by the path_normalize fuzz target: copied byte by byte,
+        // UTF-8 became Latin-1 mojibake, again at every hop.
+        assert_eq!(normal("/café/%41"), "/café/A");
+        assert_eq!(normal("/模型//x"), "/模型/x");
+        assert_eq!(normal(&normal("/café/%41")), "/café/A");
     }
 
     #[test]

@@ -208,7 +208,9 @@ fn signature(tensors: &[(&str, &Value)]) -> Result<String, String> {
                 &"" => e,
                 name => format!("output {name:?}: {e}"),
             })?;
-            Ok(format!("{name}:{shape}"))
+            // The name JSON-quoted: names holding `:` or `;` cannot make
+            // two different sets of outputs read alike.
+            Ok(format!("{}:{shape}", Value::from(*name)))
         })
         .collect::<Result<_, String>>()?;
     named.sort();
@@ -283,6 +285,21 @@ mod tests {
         assert_eq!(
             leader([(0, &text), (1, &one), (2, &one)]).unwrap().value,
             &one
+        );
+    }
+
+    #[test]
+    fn outputs_whose_names_hold_separators_are_not_confused() {
+        // Found with the fanout_combine fuzz target: `:n;a` alone and
+        // `""` with `a` made the same signature, and averaging panicked.
+        let one = json!({ "outputs": [{ "name": ":n;a", "data": 1 }] });
+        let two = json!({ "outputs": [{ "name": "", "data": 2 }, { "name": "a", "data": 3 }] });
+        let averaged = mean(&[(&one, 1.0), (&two, 1.0)], None);
+        assert!(averaged.value.is_some());
+        assert_eq!(
+            averaged.left_out.len(),
+            1,
+            "different outputs, not averaged"
         );
     }
 
