@@ -670,7 +670,7 @@ fn checks(
                 .join(", "),
         ),
         check(
-            "memory came back after the hostile clients",
+            "memory flat after the hostile clients",
             memory.flat,
             format!(
                 "{} before, {} peak, {} after ({:+.1} MiB)",

@@ -405,7 +405,8 @@ impl Metrics {
                         .all(|(k, v)| labels.get(*k).is_some_and(|l| l == v))
             })
             .map(|(_, _, v)| v)
-            .sum()
+            // An empty sum of floats is -0, which would print as such.
+            .fold(0.0, |sum, v| sum + v)
     }
 
     /// `name` summed by the value of `label`, series of value 0 left out.
@@ -467,6 +468,7 @@ mod tests {
             7.0
         );
         assert_eq!(m.sum("process_open_fds", &[]), 42.0);
+        assert_eq!(m.sum("infermesh_no_such_metric", &[]).to_string(), "0");
         assert_eq!(
             m.by("infermesh_downstream_connections_closed_total", "reason")["premature_resets"],
             2.0
