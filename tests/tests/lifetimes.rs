@@ -113,6 +113,33 @@ async fn silent_connections_and_half_prefaces_are_closed() {
 }
 
 #[tokio::test]
+async fn slow_headers_are_cut_and_counted() {
+    let model = MockBackend::echo("model", Protocol::Http1).await;
+    let gateway = gateway(
+        "requestHeadersTimeout: 300ms",
+        &backend("model", "http1", &[model.addr]),
+    );
+    let mut slowloris = TcpStream::connect(gateway.listener("public"))
+        .await
+        .unwrap();
+    slowloris
+        .write_all(b"GET /v1/models HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    assert!(
+        closed_by_proxy(&mut slowloris).await,
+        "headers never finished"
+    );
+    wait_for_metric(
+        gateway.health,
+        "infermesh_downstream_connections_closed_total{listener=\"public\",reason=\"request_headers_timeout\"}",
+        |v| v == 1.0,
+        "the slow headers are counted",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn idle_http2_connections_get_goaway_and_are_closed() {
     let model = MockBackend::echo("model", Protocol::Http1).await;
     let gateway = gateway(

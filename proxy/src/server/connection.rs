@@ -314,7 +314,16 @@ impl Connection {
             tokio::select! {
                 ended = connection.as_mut() => {
                     if let Err(e) = ended {
-                        tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
+                        // hyper's own limit: requestHeadersTimeout.
+                        let timed_out = e
+                            .downcast_ref::<hyper::Error>()
+                            .is_some_and(hyper::Error::is_timeout);
+                        if timed_out {
+                            closed("request_headers_timeout");
+                            tracing::info!(client = %self.client, listener = %self.listener.name, reason = "request_headers_timeout", "client connection closed");
+                        } else {
+                            tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
+                        }
                     }
                     return;
                 }

@@ -31,8 +31,9 @@ pub(crate) struct Metrics {
     pub outside_mesh: IntCounterVec,
     /// `infermesh_downstream_connections_closed_total{listener,reason}`:
     /// client connections the proxy ended for their lifetime or conduct
-    /// (`first_byte_timeout`, `idle_timeout`, `max_connection_age`,
-    /// `max_requests`, `premature_resets`, `stream_idle_timeout`).
+    /// (`first_byte_timeout`, `request_headers_timeout`, `idle_timeout`,
+    /// `max_connection_age`, `max_requests`, `premature_resets`,
+    /// `stream_idle_timeout`).
     pub connections_closed: IntCounterVec,
     /// `infermesh_downstream_connections_refused_total{listener,reason}`:
     /// client connections closed as soon as accepted (`max_connections`,
@@ -77,7 +78,7 @@ impl Metrics {
             ),
             connections_closed: registry.counter(
                 "infermesh_downstream_connections_closed_total",
-                "Client connections the proxy ended, by listener and reason (first_byte_timeout, idle_timeout, max_connection_age, max_requests, premature_resets, stream_idle_timeout).",
+                "Client connections the proxy ended, by listener and reason (first_byte_timeout, request_headers_timeout, idle_timeout, max_connection_age, max_requests, premature_resets, stream_idle_timeout).",
                 &["listener", "reason"],
             ),
             connections_refused: registry.counter(
