@@ -551,6 +551,30 @@ impl CertificateAuthority {
 
 /// Parses `csr` (PEM or DER), verifies its self-signature, and returns only
 /// its public key.
+/// The URI names a CSR (PEM or DER) asks for in its subject alternative
+/// names: what a signer compares with the identity the caller's
+/// credential proves, to refuse a request for another name rather than
+/// silently sign a different one.
+pub fn csr_uri_names(csr: &[u8]) -> Result<Vec<String>, CaError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+    let der = pem_io::csr(csr).map_err(CaError::MalformedCsr)?;
+    let (_, request) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| CaError::MalformedCsr(e.to_string()))?;
+    let mut names = Vec::new();
+    for extension in request.requested_extensions().into_iter().flatten() {
+        if let ParsedExtension::SubjectAlternativeName(san) = extension {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    names.push((*uri).to_owned());
+                }
+            }
+        }
+    }
+    Ok(names)
+}
+
 fn csr_public_key(csr: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo, CaError> {
     use x509_parser::certification_request::X509CertificationRequest;
 

@@ -54,7 +54,7 @@ pub mod workload;
 
 pub use ca::{
     CaError, CaOptions, CertificateAuthority, DEFAULT_CA_VALIDITY, DEFAULT_CLOCK_SKEW,
-    DEFAULT_LEAF_TTL, IssuedCertificate,
+    DEFAULT_LEAF_TTL, IssuedCertificate, csr_uri_names,
 };
 pub use config::{ClientOptions, ServerOptions, client_config, client_config_with, server_config};
 pub use failure::HandshakeFailure;

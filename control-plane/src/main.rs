@@ -1,16 +1,19 @@
 //! `infermesh-control-plane`: today, the certificate authority commands
-//! `ca init` and `ca issue`.
+//! `ca init` and `ca issue`, and `token create` for the join tokens proxies
+//! will prove their workload with.
 
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use infermesh_certs::{SpiffeId, TrustDomain};
 use infermesh_control_plane::ca_files::{self, InitRequest, IssueRequest, WrittenFile};
+use infermesh_control_plane::certify::Workload;
+use infermesh_control_plane::join_tokens::JoinTokens;
 
 /// The infermesh control plane.
 #[derive(Debug, Parser)]
@@ -25,6 +28,36 @@ enum Command {
     /// Certificate authority: create one, issue workload certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Join tokens: the credentials proxies prove their workload with.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token for one namespace and service account: its
+    /// digest is added to the tokens file, the token itself written to the
+    /// workload's credential file (mode 0600) and nowhere else.
+    Create {
+        /// The control plane's tokens file (created when missing).
+        #[arg(long)]
+        tokens: PathBuf,
+        /// The workload's namespace.
+        #[arg(long)]
+        namespace: String,
+        /// The workload's service account.
+        #[arg(long)]
+        service_account: String,
+        /// How long the token is accepted, e.g. `24h`.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// The credential file to write, for the workload's proxy.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite the credential file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +118,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let written = match cli.command {
+        Command::Token(TokenCommand::Create {
+            tokens,
+            namespace,
+            service_account,
+            ttl,
+            out,
+            force,
+        }) => create_token(&tokens, namespace, service_account, ttl, &out, force)
+            .context("token create failed")?,
         Command::Ca(CaCommand::Init {
             trust_domain,
             out,
@@ -116,6 +158,57 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     report(&written);
     Ok(())
+}
+
+/// Adds a token's digest to `tokens` and writes the token to `out`.
+fn create_token(
+    tokens: &Path,
+    namespace: String,
+    service_account: String,
+    ttl: Duration,
+    out: &Path,
+    force: bool,
+) -> anyhow::Result<Vec<WrittenFile>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    // Checked before anything is written: the SPIFFE ID the token will
+    // grant must be valid.
+    SpiffeId::workload("example.org", &namespace, &service_account)
+        .context("the namespace and service account must make a SPIFFE ID")?;
+    let mut file = std::fs::OpenOptions::new();
+    file.write(true).mode(0o600);
+    if force {
+        file.create(true).truncate(true);
+    } else {
+        file.create_new(true);
+    }
+    let mut credential = file.open(out).with_context(|| {
+        format!(
+            "cannot write {} (pass --force to replace it)",
+            out.display()
+        )
+    })?;
+    let mut set = JoinTokens::load(tokens)?;
+    let workload = Workload {
+        namespace,
+        service_account,
+    };
+    let token = set.create(&workload, ttl, SystemTime::now());
+    credential
+        .write_all(format!("{token}\n").as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    set.save(tokens)?;
+    Ok(vec![
+        WrittenFile {
+            path: tokens.to_path_buf(),
+            description: "the tokens file, with the new token's digest".into(),
+        },
+        WrittenFile {
+            path: out.to_path_buf(),
+            description: "the credential, for the workload's proxy only".into(),
+        },
+    ])
 }
 
 fn report(written: &[WrittenFile]) {

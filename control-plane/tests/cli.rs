@@ -318,3 +318,61 @@ fn bad_input_is_explained() {
     }
     assert!(!out_dir.exists(), "nothing written on refusal");
 }
+
+#[test]
+fn token_create_keeps_the_token_out_of_the_control_planes_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    let credential = dir.path().join("llama.token");
+    let args = [
+        "token",
+        "create",
+        "--tokens",
+        path(&tokens),
+        "--namespace",
+        "models",
+        "--service-account",
+        "llama",
+        "--ttl",
+        "1h",
+        "--out",
+        path(&credential),
+    ];
+    let stdout = ok(&args);
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let token = std::fs::read_to_string(&credential).unwrap();
+    let token = token.trim();
+    assert!(token.starts_with("imjt_"), "{token}");
+    assert_eq!(mode(&credential), 0o600);
+    assert_eq!(mode(&tokens), 0o600);
+    let kept = std::fs::read_to_string(&tokens).unwrap();
+    assert!(!kept.contains(token), "only a digest is kept: {kept}");
+    let set = infermesh_control_plane::join_tokens::JoinTokens::load(&tokens).unwrap();
+    let workload = set
+        .authenticate(token, std::time::SystemTime::now())
+        .unwrap();
+    assert_eq!(
+        (
+            workload.namespace.as_str(),
+            workload.service_account.as_str()
+        ),
+        ("models", "llama")
+    );
+    // A second token for another workload joins the same file; the first
+    // credential file is not overwritten without --force.
+    let refused = run(&args);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    let mut other = args;
+    other[7] = "mistral";
+    other[11] = path(&dir.path().join("mistral.token")).to_owned().leak();
+    ok(&other);
+    let set = infermesh_control_plane::join_tokens::JoinTokens::load(&tokens).unwrap();
+    assert_eq!(set.tokens.len(), 2);
+    // A namespace that makes no SPIFFE ID writes nothing.
+    let mut bad = args;
+    bad[5] = "a/b";
+    bad[11] = path(&dir.path().join("bad.token")).to_owned().leak();
+    assert!(!run(&bad).status.success());
+    assert!(!dir.path().join("bad.token").exists());
+}

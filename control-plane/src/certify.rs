@@ -1,0 +1,398 @@
+//! The certificate service's decision: a proxy sends a CSR (its key never
+//! leaves it) with a credential; the control plane authenticates the
+//! credential, derives the workload's SPIFFE ID from what the credential
+//! proves — never from the CSR — and signs for that ID alone. A CSR that
+//! asks for another name is refused, not quietly signed for a different
+//! one, so a confused or hostile proxy learns at once.
+//!
+//! Credentials are checked by an [`Authenticator`]: join tokens today
+//! ([`crate::join_tokens`]); a Kubernetes service-account token checked
+//! with a TokenReview is a second implementation of the same trait. Every
+//! certificate signed and every refusal, by reason, is counted.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use infermesh_certs::{CaError, CertificateAuthority, IssuedCertificate, SpiffeId, csr_uri_names};
+use prometheus::{IntCounterVec, Opts, Registry};
+
+use crate::join_tokens::JoinTokens;
+
+/// The workload a credential proves: its namespace and service account,
+/// from which its SPIFFE ID `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its service account.
+    pub service_account: String,
+}
+
+/// What a proxy presents to prove its workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// A join token (the contents of its credential file).
+    JoinToken(String),
+}
+
+/// Why a certificate was refused: the `reason` label of
+/// `infermesh_control_plane_certificates_refused_total`, and what the
+/// proxy is told.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No token the control plane knows.
+    #[error("the credential is not a join token this control plane knows")]
+    UnknownToken,
+    /// A known token past its expiry.
+    #[error("join token {id} has expired; ask for a new one")]
+    ExpiredToken {
+        /// The token's public id.
+        id: String,
+    },
+    /// This kind of credential is not accepted here.
+    #[error("this control plane does not accept {0} credentials")]
+    UnsupportedCredential(&'static str),
+    /// The CSR names another identity than the credential proves.
+    #[error("the CSR asks for {asked}, but the credential grants {granted}")]
+    IdentityNotGranted {
+        /// What the CSR asked for.
+        asked: String,
+        /// What the credential proves.
+        granted: String,
+    },
+    /// The CSR cannot be read or its signature does not verify.
+    #[error("the CSR is not valid: {0}")]
+    MalformedCsr(String),
+    /// The credential's workload makes no valid SPIFFE ID.
+    #[error("the credential's workload makes no valid SPIFFE ID: {0}")]
+    InvalidWorkload(String),
+    /// Signing failed on the control plane's side.
+    #[error("the control plane could not sign: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::UnknownToken => "unknown_token",
+            Refusal::ExpiredToken { .. } => "expired_token",
+            Refusal::UnsupportedCredential(_) => "unsupported_credential",
+            Refusal::IdentityNotGranted { .. } => "identity_not_granted",
+            Refusal::MalformedCsr(_) => "malformed_csr",
+            Refusal::InvalidWorkload(_) => "invalid_workload",
+            Refusal::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Checks a credential and says which workload it proves. Asynchronous, so
+/// that a check which asks another service (Kubernetes' TokenReview) fits.
+pub trait Authenticator: Send + Sync {
+    /// The workload `credential` proves at `now`, or why none.
+    fn authenticate<'a>(
+        &'a self,
+        credential: &'a Credential,
+        now: SystemTime,
+    ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>>;
+}
+
+/// Join tokens as an [`Authenticator`]; the set can be replaced while
+/// serving (when the tokens file changes).
+#[derive(Debug, Default)]
+pub struct JoinTokenAuthenticator {
+    tokens: RwLock<JoinTokens>,
+}
+
+impl JoinTokenAuthenticator {
+    /// Accepts `tokens`.
+    pub fn new(tokens: JoinTokens) -> Self {
+        JoinTokenAuthenticator {
+            tokens: RwLock::new(tokens),
+        }
+    }
+
+    /// Accepts `tokens` from now on, instead of the previous set.
+    pub fn replace(&self, tokens: JoinTokens) {
+        *self
+            .tokens
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokens;
+    }
+}
+
+impl Authenticator for JoinTokenAuthenticator {
+    fn authenticate<'a>(
+        &'a self,
+        credential: &'a Credential,
+        now: SystemTime,
+    ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>> {
+        let Credential::JoinToken(token) = credential;
+        let tokens = self
+            .tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let decided = tokens.authenticate(token, now);
+        Box::pin(std::future::ready(decided))
+    }
+}
+
+/// The certificate service: authenticates, derives the identity, signs.
+pub struct Certifier {
+    ca: Arc<CertificateAuthority>,
+    authenticator: Arc<dyn Authenticator>,
+    ttl: Duration,
+    signed: IntCounterVec,
+    refused: IntCounterVec,
+}
+
+impl Certifier {
+    /// Signs with `ca` for the workloads `authenticator` admits, for
+    /// `ttl`; registers its counters in `registry`.
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        authenticator: Arc<dyn Authenticator>,
+        ttl: Duration,
+        registry: &Registry,
+    ) -> Result<Self, prometheus::Error> {
+        let signed = IntCounterVec::new(
+            Opts::new(
+                "infermesh_control_plane_certificates_signed_total",
+                "Workload certificates signed, by namespace.",
+            ),
+            &["namespace"],
+        )?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "infermesh_control_plane_certificates_refused_total",
+                "Certificate requests refused, by reason (unknown_token, expired_token, unsupported_credential, identity_not_granted, malformed_csr, invalid_workload, internal).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(signed.clone()))?;
+        registry.register(Box::new(refused.clone()))?;
+        Ok(Certifier {
+            ca,
+            authenticator,
+            ttl,
+            signed,
+            refused,
+        })
+    }
+
+    /// Signs `csr` (PEM or DER) for the workload `credential` proves.
+    pub async fn certify(
+        &self,
+        credential: &Credential,
+        csr: &[u8],
+    ) -> Result<IssuedCertificate, Refusal> {
+        self.certify_at(credential, csr, SystemTime::now()).await
+    }
+
+    /// [`Self::certify`] as if the time were `now`.
+    pub async fn certify_at(
+        &self,
+        credential: &Credential,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, Refusal> {
+        let decided = self.decide(credential, csr, now).await;
+        match &decided {
+            Ok(issued) => {
+                let namespace = issued.identity().namespace().unwrap_or("");
+                self.signed.with_label_values(&[namespace]).inc();
+            }
+            Err(refusal) => self.refused.with_label_values(&[refusal.reason()]).inc(),
+        }
+        decided
+    }
+
+    async fn decide(
+        &self,
+        credential: &Credential,
+        csr: &[u8],
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, Refusal> {
+        let workload = self.authenticator.authenticate(credential, now).await?;
+        let identity = SpiffeId::workload(
+            self.ca.trust_domain().as_str(),
+            &workload.namespace,
+            &workload.service_account,
+        )
+        .map_err(|e| Refusal::InvalidWorkload(e.to_string()))?;
+        let asked = csr_uri_names(csr).map_err(|e| Refusal::MalformedCsr(e.to_string()))?;
+        if let Some(other) = asked.iter().find(|name| **name != identity.to_string()) {
+            return Err(Refusal::IdentityNotGranted {
+                asked: other.clone(),
+                granted: identity.to_string(),
+            });
+        }
+        self.ca
+            .sign_csr_at(csr, &identity, self.ttl, now)
+            .map_err(|e| match e {
+                CaError::MalformedCsr(_) | CaError::CsrSignature | CaError::UnsupportedKey(_) => {
+                    Refusal::MalformedCsr(e.to_string())
+                }
+                e => Refusal::Internal(e.to_string()),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use infermesh_certs::{CaOptions, TrustDomain, WorkloadKey};
+
+    use super::*;
+
+    struct Setup {
+        certifier: Certifier,
+        registry: Registry,
+        token: String,
+        expired: String,
+        now: SystemTime,
+    }
+
+    fn setup() -> Setup {
+        let now = SystemTime::now();
+        let domain = TrustDomain::new("mesh.test").unwrap();
+        let ca = CertificateAuthority::new_root(&domain, &CaOptions::default()).unwrap();
+        let mut tokens = JoinTokens::default();
+        let llama = Workload {
+            namespace: "models".into(),
+            service_account: "llama".into(),
+        };
+        let token = tokens.create(&llama, Duration::from_secs(3600), now);
+        let expired = tokens.create(
+            &llama,
+            Duration::from_secs(1),
+            now - Duration::from_secs(10),
+        );
+        let registry = Registry::new();
+        let certifier = Certifier::new(
+            Arc::new(ca),
+            Arc::new(JoinTokenAuthenticator::new(tokens)),
+            Duration::from_secs(600),
+            &registry,
+        )
+        .unwrap();
+        Setup {
+            certifier,
+            registry,
+            token,
+            expired,
+            now,
+        }
+    }
+
+    fn csr_for(id: &str) -> Vec<u8> {
+        let key = WorkloadKey::generate().unwrap();
+        key.csr(&SpiffeId::parse(id).unwrap())
+            .unwrap()
+            .pem()
+            .as_bytes()
+            .to_vec()
+    }
+
+    fn counted(registry: &Registry, name: &str, label: &str) -> u64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| m.get_label().iter().any(|l| l.value() == label))
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn the_identity_comes_from_the_credential() {
+        let s = setup();
+        let llama = "spiffe://mesh.test/ns/models/sa/llama";
+        let issued = s
+            .certifier
+            .certify_at(
+                &Credential::JoinToken(s.token.clone()),
+                &csr_for(llama),
+                s.now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(issued.identity().to_string(), llama);
+        let ttl = issued
+            .not_after()
+            .duration_since(issued.not_before())
+            .unwrap();
+        assert!(ttl <= Duration::from_secs(600 + 300), "{ttl:?}");
+        assert_eq!(
+            counted(
+                &s.registry,
+                "infermesh_control_plane_certificates_signed_total",
+                "models"
+            ),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn every_refusal_has_its_reason_and_is_counted() {
+        let s = setup();
+        let llama = csr_for("spiffe://mesh.test/ns/models/sa/llama");
+        let cases = [
+            (
+                Credential::JoinToken(s.token.clone()),
+                csr_for("spiffe://mesh.test/ns/models/sa/admin"),
+                "identity_not_granted",
+            ),
+            (
+                Credential::JoinToken("imjt_0_guess".into()),
+                llama.clone(),
+                "unknown_token",
+            ),
+            (
+                Credential::JoinToken(s.expired.clone()),
+                llama.clone(),
+                "expired_token",
+            ),
+            (
+                Credential::JoinToken(s.token.clone()),
+                b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .to_vec(),
+                "malformed_csr",
+            ),
+        ];
+        for (credential, csr, reason) in cases {
+            let refusal = s
+                .certifier
+                .certify_at(&credential, &csr, s.now)
+                .await
+                .unwrap_err();
+            assert_eq!(refusal.reason(), reason, "{refusal}");
+            assert_eq!(
+                counted(
+                    &s.registry,
+                    "infermesh_control_plane_certificates_refused_total",
+                    reason
+                ),
+                1,
+                "{reason}"
+            );
+        }
+        let refusal = s
+            .certifier
+            .certify_at(
+                &Credential::JoinToken(s.token.clone()),
+                &csr_for("spiffe://other.test/ns/models/sa/llama"),
+                s.now,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            refusal
+                .to_string()
+                .contains("spiffe://mesh.test/ns/models/sa/llama"),
+            "says what it grants: {refusal}"
+        );
+    }
+}
