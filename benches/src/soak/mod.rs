@@ -316,6 +316,20 @@ async fn soak(options: &SoakOptions, binary: &Path, work: &Path) -> anyhow::Resu
                 ));
             }
             Action::Kill(i) => {
+                // One at a time: a model server is killed only once the
+                // other serves again (restarted and no longer ejected),
+                // or a short run would kill both at once.
+                let waited = Instant::now();
+                while waited.elapsed() < Duration::from_secs(10) {
+                    let endpoints = proxy.endpoints().await.unwrap_or(Value::Null);
+                    let others_healthy = (0..addrs.len()).filter(|j| *j != i).all(|j| {
+                        endpoint(&endpoints, addrs[j]).is_some_and(|(_, state)| state == "healthy")
+                    });
+                    if others_healthy {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 backends[i].kill();
                 restarts.push(Restart {
                     backend: addrs[i].to_string(),
