@@ -141,7 +141,7 @@ impl RequestRecord {
                 record: Some(self),
                 bytes: 0,
                 dialect,
-                failed: None,
+                failed: false,
             })
         })
     }
@@ -226,10 +226,8 @@ struct ObservedBody {
     record: Option<RequestRecord>,
     bytes: u64,
     dialect: Dialect,
-    /// The body failed and told its client so: what is left to yield of
-    /// the failure (the error itself after an SSE error event, nothing
-    /// after gRPC trailers).
-    failed: Option<Option<BoxError>>,
+    /// The body failed and told its client so: it has ended.
+    failed: bool,
 }
 
 impl ObservedBody {
@@ -248,8 +246,8 @@ impl Body for ObservedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(rest) = &mut self.failed {
-            return Poll::Ready(rest.take().map(Err));
+        if self.failed {
+            return Poll::Ready(None);
         }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
@@ -273,14 +271,13 @@ impl Body for ObservedBody {
                 let told = body_failure(self.dialect, streamed, e.as_ref());
                 self.finish(Some(reason));
                 if let Some(frame) = told {
-                    // Trailers end a gRPC response properly; an event
-                    // stream still fails after its error event, so that
-                    // no client takes it for complete.
-                    let rest = match polled {
-                        Poll::Ready(Some(Err(e))) if frame.is_data() => Some(e),
-                        _ => None,
-                    };
-                    self.failed = Some(rest);
+                    // The response then ends: trailers end a gRPC response
+                    // properly, and an event stream ends after its error
+                    // event (without OpenAI's `[DONE]`). Failing the stream
+                    // after the event instead would let HTTP/1 close the
+                    // connection before the event is flushed, and SDKs
+                    // would report a connection error, not the proxy's.
+                    self.failed = true;
                     return Poll::Ready(Some(Ok(frame)));
                 }
             }
@@ -291,7 +288,7 @@ impl Body for ObservedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed.as_ref().is_some_and(Option::is_none) || self.inner.is_end_stream()
+        self.failed || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
