@@ -51,6 +51,9 @@ pub enum Refusal {
         /// The token's public id.
         id: String,
     },
+    /// The request carries no credential.
+    #[error("the request carries no credential")]
+    NoCredential,
     /// This kind of credential is not accepted here.
     #[error("this control plane does not accept {0} credentials")]
     UnsupportedCredential(&'static str),
@@ -79,6 +82,7 @@ impl Refusal {
         match self {
             Refusal::UnknownToken => "unknown_token",
             Refusal::ExpiredToken { .. } => "expired_token",
+            Refusal::NoCredential => "no_credential",
             Refusal::UnsupportedCredential(_) => "unsupported_credential",
             Refusal::IdentityNotGranted { .. } => "identity_not_granted",
             Refusal::MalformedCsr(_) => "malformed_csr",
@@ -167,7 +171,7 @@ impl Certifier {
         let refused = IntCounterVec::new(
             Opts::new(
                 "infermesh_control_plane_certificates_refused_total",
-                "Certificate requests refused, by reason (unknown_token, expired_token, unsupported_credential, identity_not_granted, malformed_csr, invalid_workload, internal).",
+                "Certificate requests refused, by reason (unknown_token, expired_token, no_credential, unsupported_credential, identity_not_granted, malformed_csr, invalid_workload, internal).",
             ),
             &["reason"],
         )?;
@@ -207,6 +211,13 @@ impl Certifier {
             Err(refusal) => self.refused.with_label_values(&[refusal.reason()]).inc(),
         }
         decided
+    }
+
+    /// Counts a refusal decided before a credential could be checked (a
+    /// request without one), and returns it.
+    pub fn refuse(&self, refusal: Refusal) -> Refusal {
+        self.refused.with_label_values(&[refusal.reason()]).inc();
+        refusal
     }
 
     async fn decide(

@@ -6,8 +6,8 @@
 //! and `ca issue` commands run; join tokens, the local credential a proxy
 //! proves its workload with ([`join_tokens`], `token create`); and the
 //! certificate service's decision ([`certify`]): a CSR signed for the
-//! identity a credential proves, never the one the CSR names. The signing
-//! itself lives in `infermesh-certs`.
+//! identity a credential proves, never the one the CSR names, served over
+//! gRPC by [`grpc`]. The signing itself lives in `infermesh-certs`.
 //!
 //! Still to come (issue 14): the gRPC API that serves the certificate
 //! service and the push of routes and endpoints to proxies, the config
@@ -18,4 +18,5 @@
 
 pub mod ca_files;
 pub mod certify;
+pub mod grpc;
 pub mod join_tokens;
