@@ -31,6 +31,9 @@ pub struct ServerOptions {
     pub allow_tls12: bool,
     /// ALPN protocols to offer, most preferred first (default: none).
     pub alpn_protocols: Vec<Vec<u8>>,
+    /// Also accept clients without a certificate (default: required); one
+    /// that is presented is still verified.
+    pub client_certificate_optional: bool,
 }
 
 /// Settings for [`client_config_with`].
@@ -52,7 +55,10 @@ pub fn server_config(
     store: &Arc<CertStore>,
     options: &ServerOptions,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let verifier = SpiffeClientVerifier::new(store.clone(), options.clients.clone());
+    let mut verifier = SpiffeClientVerifier::new(store.clone(), options.clients.clone());
+    if options.client_certificate_optional {
+        verifier = verifier.optional();
+    }
     let mut config = ServerConfig::builder_with_provider(store.provider().clone())
         .with_protocol_versions(versions(options.allow_tls12))?
         .with_client_cert_verifier(Arc::new(verifier))

@@ -102,6 +102,7 @@ pub struct SpiffeClientVerifier {
     store: Arc<CertStore>,
     allowed: Option<ExpectedIdentity>,
     algorithms: WebPkiSupportedAlgorithms,
+    optional: bool,
 }
 
 impl SpiffeClientVerifier {
@@ -113,7 +114,17 @@ impl SpiffeClientVerifier {
             store,
             allowed,
             algorithms,
+            optional: false,
         }
+    }
+
+    /// Also accepts clients that present no certificate (a certificate
+    /// that is presented is still verified): for a server whose callers
+    /// may not have one yet, such as the control plane's certificate
+    /// service. The server then tells them apart by `peer_identity`.
+    pub fn optional(mut self) -> Self {
+        self.optional = true;
+        self
     }
 }
 
@@ -123,7 +134,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        !self.optional
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {

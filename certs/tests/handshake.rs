@@ -297,6 +297,46 @@ async fn client_certificate_without_a_spiffe_id_is_refused() {
 }
 
 #[tokio::test]
+async fn a_server_may_take_clients_without_a_certificate_but_still_checks_those_with_one() {
+    let ca = root_ca(TD);
+    let web = workload_id("web");
+    let options = ServerOptions {
+        client_certificate_optional: true,
+        ..ServerOptions::default()
+    };
+    let server = server_config(&store(&ca, &web), &options).unwrap();
+    let bare = Arc::new(CertStore::new(td(TD), vec![ca.root_der().clone()]).unwrap());
+    let (s, _) = handshake(server.clone(), client_config(&bare, expect(&web)).unwrap())
+        .await
+        .expect_ok();
+    assert_eq!(
+        peer_identity(s.get_ref().1),
+        None,
+        "no certificate, no identity"
+    );
+    let api = workload_id("api");
+    let (s, _) = handshake(
+        server.clone(),
+        client_config(&store(&ca, &api), expect(&web)).unwrap(),
+    )
+    .await
+    .expect_ok();
+    assert_eq!(peer_identity(s.get_ref().1), Some(api));
+    // A certificate from another CA is refused, optional or not.
+    let other = root_ca(TD);
+    let stranger_store = store(&other, &workload_id("api"));
+    stranger_store
+        .update_bundle(vec![other.root_der().clone(), ca.root_der().clone()])
+        .unwrap();
+    let stranger = client_config(&stranger_store, expect(&web)).unwrap();
+    let (server_err, _) = handshake(server, stranger)
+        .await
+        .expect_server_refused()
+        .await;
+    assert_reason(&server_err, HandshakeFailure::UnknownCa);
+}
+
+#[tokio::test]
 async fn server_can_restrict_clients() {
     let ca = root_ca(TD);
     let web = workload_id("web");

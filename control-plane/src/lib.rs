@@ -20,3 +20,4 @@ pub mod ca_files;
 pub mod certify;
 pub mod grpc;
 pub mod join_tokens;
+pub mod server;

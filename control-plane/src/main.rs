@@ -1,6 +1,7 @@
-//! `infermesh-control-plane`: today, the certificate authority commands
-//! `ca init` and `ca issue`, and `token create` for the join tokens proxies
-//! will prove their workload with.
+//! `infermesh-control-plane`: `serve` (the gRPC certificate service and
+//! the admin port), the certificate authority commands `ca init` and
+//! `ca issue`, and `token create` for the join tokens proxies prove their
+//! workload with.
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +15,7 @@ use infermesh_certs::{SpiffeId, TrustDomain};
 use infermesh_control_plane::ca_files::{self, InitRequest, IssueRequest, WrittenFile};
 use infermesh_control_plane::certify::Workload;
 use infermesh_control_plane::join_tokens::JoinTokens;
+use infermesh_control_plane::server::{self, ServeOptions};
 
 /// The infermesh control plane.
 #[derive(Debug, Parser)]
@@ -25,6 +27,31 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the gRPC API (TLS, port 15012: the certificate service, with
+    /// server reflection) and the admin port (15014: /metrics, /ready).
+    Serve {
+        /// A CA directory made by `ca init`; it signs every certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The join tokens file (`token create`); read again when it changes.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// The gRPC address.
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: std::net::SocketAddr,
+        /// The admin address.
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        admin: std::net::SocketAddr,
+        /// The lifetime of the workload certificates it signs.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// The namespace of the control plane's own identity.
+        #[arg(long, default_value = "infermesh-system")]
+        namespace: String,
+        /// The service account of the control plane's own identity.
+        #[arg(long, default_value = "control-plane")]
+        service_account: String,
+    },
     /// Certificate authority: create one, issue workload certificates.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -118,6 +145,37 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let written = match cli.command {
+        Command::Serve {
+            ca,
+            tokens,
+            listen,
+            admin,
+            ttl,
+            namespace,
+            service_account,
+        } => {
+            let options = ServeOptions {
+                ca_dir: ca,
+                tokens,
+                listen,
+                admin,
+                ttl,
+                namespace,
+                service_account,
+            };
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
+            return runtime.block_on(server::serve(
+                options,
+                |bound| {
+                    println!("infermesh-control-plane listening on {} (grpc)", bound.grpc);
+                    println!(
+                        "infermesh-control-plane listening on {} (admin)",
+                        bound.admin
+                    );
+                },
+                shutdown_signal(),
+            ));
+        }
         Command::Token(TokenCommand::Create {
             tokens,
             namespace,
@@ -158,6 +216,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     report(&written);
     Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }
 
 /// Adds a token's digest to `tokens` and writes the token to `out`.

@@ -1,0 +1,339 @@
+//! `infermesh-control-plane serve`: the control plane's gRPC port (15012)
+//! and its admin port (15014).
+//!
+//! The gRPC port serves TLS with the control plane's own certificate,
+//! signed at start by the mesh CA for
+//! `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` and
+//! renewed at about half its life. A client certificate is optional: a
+//! proxy without one yet may call the certificate service, proving its
+//! workload with a join token; one that presents a certificate must
+//! present a valid one. Server reflection is on, so `grpcurl` can list
+//! and describe the API. The join tokens file is read again when it
+//! changes.
+//!
+//! The admin port serves `/metrics` (Prometheus text) and `/ready`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use infermesh_certs::{
+    CertStore, CertificateAuthority, IssuedCertificate, ServerOptions, SpiffeId, WorkloadKey,
+    peer_identity, renewal_time, server_config,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::ca_files;
+use crate::certify::{Certifier, JoinTokenAuthenticator};
+use crate::grpc::Certificates;
+use crate::join_tokens::JoinTokens;
+
+/// How `serve` runs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// A CA directory made by `ca init`.
+    pub ca_dir: PathBuf,
+    /// The join tokens file.
+    pub tokens: PathBuf,
+    /// The gRPC address.
+    pub listen: SocketAddr,
+    /// The admin address (`/metrics`, `/ready`).
+    pub admin: SocketAddr,
+    /// The lifetime of the workload certificates it signs.
+    pub ttl: Duration,
+    /// The namespace of the control plane's own identity.
+    pub namespace: String,
+    /// The service account of the control plane's own identity.
+    pub service_account: String,
+}
+
+/// Where a running control plane listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    /// The gRPC port.
+    pub grpc: SocketAddr,
+    /// The admin port.
+    pub admin: SocketAddr,
+}
+
+/// Runs the control plane until `shutdown` resolves; `bound` is told
+/// where it listens once it does.
+pub async fn serve(
+    options: ServeOptions,
+    bound: impl FnOnce(Bound),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let ca = Arc::new(ca_files::load_ca(&options.ca_dir).context("cannot load the CA")?);
+    let identity = SpiffeId::workload(
+        ca.trust_domain().as_str(),
+        &options.namespace,
+        &options.service_account,
+    )
+    .context("the control plane's own identity")?;
+    let store = Arc::new(CertStore::new(
+        ca.trust_domain().clone(),
+        vec![ca.root_der().clone()],
+    )?);
+    let own = certify_self(&ca, &identity, &store)?;
+
+    let registry = prometheus::Registry::new();
+    let tokens = JoinTokens::load(&options.tokens)?;
+    let authenticator = Arc::new(JoinTokenAuthenticator::new(tokens));
+    let certifier = Certifier::new(ca.clone(), authenticator.clone(), options.ttl, &registry)?;
+    let certificates = Certificates::new(Arc::new(certifier), ca.root_pem()).into_service();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(infermesh_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("server reflection")?;
+
+    let tls = TlsAcceptor::from(server_config(
+        &store,
+        &ServerOptions {
+            client_certificate_optional: true,
+            alpn_protocols: vec![b"h2".to_vec()],
+            ..ServerOptions::default()
+        },
+    )?);
+    let grpc = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let admin = TcpListener::bind(options.admin)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.admin))?;
+    bound(Bound {
+        grpc: grpc.local_addr()?,
+        admin: admin.local_addr()?,
+    });
+
+    tokio::spawn(renew_self(ca.clone(), identity, store.clone(), own));
+    tokio::spawn(watch_tokens(options.tokens.clone(), authenticator));
+    let registry = Arc::new(registry);
+    tokio::spawn(serve_admin(admin, registry));
+    let (connections, incoming) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(accept_tls(grpc, tls, connections));
+    tonic::transport::Server::builder()
+        .add_service(certificates)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(incoming),
+            shutdown,
+        )
+        .await
+        .context("the gRPC server failed")
+}
+
+/// Signs the control plane's own certificate and puts it in `store`.
+fn certify_self(
+    ca: &CertificateAuthority,
+    identity: &SpiffeId,
+    store: &CertStore,
+) -> anyhow::Result<IssuedCertificate> {
+    let key = WorkloadKey::generate()?;
+    let csr = key.csr(identity)?;
+    let issued = ca.sign_csr(csr.pem().as_bytes(), identity, OWN_CERTIFICATE_TTL)?;
+    store.update_certificate(issued.chain_der().to_vec(), key.private_key_der())?;
+    Ok(issued)
+}
+
+/// The lifetime of the control plane's own certificate.
+const OWN_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Renews the control plane's own certificate at about half its life.
+async fn renew_self(
+    ca: Arc<CertificateAuthority>,
+    identity: SpiffeId,
+    store: Arc<CertStore>,
+    mut current: IssuedCertificate,
+) {
+    loop {
+        let at = renewal_time(current.not_before(), current.not_after(), 0.1);
+        let wait = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+        match certify_self(&ca, &identity, &store) {
+            Ok(renewed) => current = renewed,
+            Err(e) => {
+                eprintln!("infermesh-control-plane: cannot renew its own certificate: {e:#}");
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+    }
+}
+
+/// Reads the tokens file again whenever it changes (checked every
+/// second), so that `token create` takes effect without a restart. A file
+/// that cannot be read leaves the tokens as they were.
+async fn watch_tokens(path: PathBuf, authenticator: Arc<JoinTokenAuthenticator>) {
+    let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = modified(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match JoinTokens::load(&path) {
+            Ok(tokens) => authenticator.replace(tokens),
+            Err(e) => eprintln!("infermesh-control-plane: tokens file not reloaded: {e}"),
+        }
+    }
+}
+
+/// A client connection after its TLS handshake, with its SPIFFE ID if it
+/// presented a certificate.
+pub struct ClientConnection(TlsStream<TcpStream>);
+
+/// What a gRPC handler can learn of its connection.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    /// The client's address.
+    pub address: Option<SocketAddr>,
+    /// The SPIFFE ID of its certificate, if it presented one.
+    pub identity: Option<SpiffeId>,
+}
+
+impl Connected for ClientConnection {
+    type ConnectInfo = ClientInfo;
+
+    fn connect_info(&self) -> ClientInfo {
+        let (tcp, tls) = self.0.get_ref();
+        ClientInfo {
+            address: tcp.peer_addr().ok(),
+            identity: peer_identity(tls),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ClientConnection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientConnection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections and hands each to the gRPC server once its TLS
+/// handshake is done; handshakes run side by side, so a slow client holds
+/// up no other.
+async fn accept_tls(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    connections: tokio::sync::mpsc::Sender<std::io::Result<ClientConnection>>,
+) {
+    loop {
+        let (stream, client) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("infermesh-control-plane: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (tls, connections) = (tls.clone(), connections.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let _ = connections.send(Ok(ClientConnection(stream))).await;
+                }
+                Ok(Err(e)) => {
+                    eprintln!("infermesh-control-plane: TLS handshake with {client} failed: {e}")
+                }
+                Err(_) => {
+                    eprintln!("infermesh-control-plane: TLS handshake with {client} timed out")
+                }
+            }
+        });
+    }
+}
+
+/// The admin port: `/metrics` and `/ready`.
+async fn serve_admin(listener: TcpListener, registry: Arc<prometheus::Registry>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let registry = registry.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin(&request, &registry)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn admin(request: &Request<Incoming>, registry: &prometheus::Registry) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => {
+            let mut text = String::new();
+            let encoded = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut text);
+            match encoded {
+                Ok(()) => (StatusCode::OK, "text/plain; version=0.0.4", text),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    e.to_string(),
+                ),
+            }
+        }
+        "/ready" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics or /ready\n".to_owned(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
