@@ -7,12 +7,13 @@
 //! - [`certify`]: the certificate service's decision, a CSR signed for the
 //!   identity a credential proves, never the one the CSR names;
 //! - [`grpc`]: the gRPC services over the types of `infermesh-proto`;
-//! - [`server`]: `serve`, the TLS gRPC port and the admin port.
+//! - [`server`]: `serve`, the TLS gRPC port and the admin port;
+//! - [`source`]: where the mesh's config comes from, as whole validated
+//!   snapshots: a watched directory of the YAML documents the gateway
+//!   also reads.
 //!
 //! The signing itself lives in `infermesh-certs`. Still to come (issue
-//! 14): the config source (a watched directory of the same YAML documents
-//! the gateway reads), the push of routes and endpoints to proxies, and
-//! the proxy's side.
+//! 14): the push of routes and endpoints to proxies, and the proxy's side.
 
 #![forbid(unsafe_code)]
 
@@ -21,3 +22,4 @@ pub mod certify;
 pub mod grpc;
 pub mod join_tokens;
 pub mod server;
+pub mod source;
