@@ -5,143 +5,17 @@
 //! asks for another name is refused, not quietly signed for a different
 //! one, so a confused or hostile proxy learns at once.
 //!
-//! Credentials are checked by an [`Authenticator`]: join tokens today
-//! ([`crate::join_tokens`]); a Kubernetes service-account token checked
-//! with a TokenReview is a second implementation of the same trait. Every
-//! certificate signed and every refusal, by reason, is counted.
+//! Credentials are checked by an [`Authenticator`]
+//! ([`crate::credential`]). Every certificate signed and every refusal, by
+//! reason, is counted.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use infermesh_certs::{CaError, CertificateAuthority, IssuedCertificate, SpiffeId, csr_uri_names};
 use prometheus::{IntCounterVec, Opts, Registry};
 
-use crate::join_tokens::JoinTokens;
-
-/// The workload a credential proves: its namespace and service account,
-/// from which its SPIFFE ID `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Workload {
-    /// Its namespace.
-    pub namespace: String,
-    /// Its service account.
-    pub service_account: String,
-}
-
-/// What a proxy presents to prove its workload.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Credential {
-    /// A join token (the contents of its credential file).
-    JoinToken(String),
-}
-
-/// Why a certificate was refused: the `reason` label of
-/// `infermesh_control_plane_certificates_refused_total`, and what the
-/// proxy is told.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// No token the control plane knows.
-    #[error("the credential is not a join token this control plane knows")]
-    UnknownToken,
-    /// A known token past its expiry.
-    #[error("join token {id} has expired; ask for a new one")]
-    ExpiredToken {
-        /// The token's public id.
-        id: String,
-    },
-    /// The request carries no credential.
-    #[error("the request carries no credential")]
-    NoCredential,
-    /// This kind of credential is not accepted here.
-    #[error("this control plane does not accept {0} credentials")]
-    UnsupportedCredential(&'static str),
-    /// The CSR names another identity than the credential proves.
-    #[error("the CSR asks for {asked}, but the credential grants {granted}")]
-    IdentityNotGranted {
-        /// What the CSR asked for.
-        asked: String,
-        /// What the credential proves.
-        granted: String,
-    },
-    /// The CSR cannot be read or its signature does not verify.
-    #[error("the CSR is not valid: {0}")]
-    MalformedCsr(String),
-    /// The credential's workload makes no valid SPIFFE ID.
-    #[error("the credential's workload makes no valid SPIFFE ID: {0}")]
-    InvalidWorkload(String),
-    /// Signing failed on the control plane's side.
-    #[error("the control plane could not sign: {0}")]
-    Internal(String),
-}
-
-impl Refusal {
-    /// The metric label.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::UnknownToken => "unknown_token",
-            Refusal::ExpiredToken { .. } => "expired_token",
-            Refusal::NoCredential => "no_credential",
-            Refusal::UnsupportedCredential(_) => "unsupported_credential",
-            Refusal::IdentityNotGranted { .. } => "identity_not_granted",
-            Refusal::MalformedCsr(_) => "malformed_csr",
-            Refusal::InvalidWorkload(_) => "invalid_workload",
-            Refusal::Internal(_) => "internal",
-        }
-    }
-}
-
-/// Checks a credential and says which workload it proves. Asynchronous, so
-/// that a check which asks another service (Kubernetes' TokenReview) fits.
-pub trait Authenticator: Send + Sync {
-    /// The workload `credential` proves at `now`, or why none.
-    fn authenticate<'a>(
-        &'a self,
-        credential: &'a Credential,
-        now: SystemTime,
-    ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>>;
-}
-
-/// Join tokens as an [`Authenticator`]; the set can be replaced while
-/// serving (when the tokens file changes).
-#[derive(Debug, Default)]
-pub struct JoinTokenAuthenticator {
-    tokens: RwLock<JoinTokens>,
-}
-
-impl JoinTokenAuthenticator {
-    /// Accepts `tokens`.
-    pub fn new(tokens: JoinTokens) -> Self {
-        JoinTokenAuthenticator {
-            tokens: RwLock::new(tokens),
-        }
-    }
-
-    /// Accepts `tokens` from now on, instead of the previous set.
-    pub fn replace(&self, tokens: JoinTokens) {
-        *self
-            .tokens
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokens;
-    }
-}
-
-impl Authenticator for JoinTokenAuthenticator {
-    fn authenticate<'a>(
-        &'a self,
-        credential: &'a Credential,
-        now: SystemTime,
-    ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>> {
-        let Credential::JoinToken(token) = credential;
-        let tokens = self
-            .tokens
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let decided = tokens.authenticate(token, now);
-        Box::pin(std::future::ready(decided))
-    }
-}
+use crate::credential::{Authenticator, Credential, Refusal};
 
 /// The certificate service: authenticates, derives the identity, signs.
 pub struct Certifier {
@@ -256,6 +130,8 @@ mod tests {
     use infermesh_certs::{CaOptions, TrustDomain, WorkloadKey};
 
     use super::*;
+    use crate::credential::Workload;
+    use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
 
     struct Setup {
         certifier: Certifier,

@@ -13,7 +13,8 @@ use infermesh_proto::v1::{SignRequest, SignResponse, sign_request};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
-use crate::certify::{Certifier, Credential, Refusal};
+use crate::certify::Certifier;
+use crate::credential::{Credential, Refusal};
 
 /// The metadata key that carries a refusal's reason.
 pub const REFUSAL_METADATA: &str = "x-infermesh-refusal";

@@ -16,13 +16,16 @@
 //!     expires: 2026-12-05T00:00:00Z
 //! ```
 
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::certify::{Refusal, Workload};
+use crate::credential::{Authenticator, Credential, Refusal, Workload};
 
 /// A token's prefix, so that a token pasted in the wrong place is
 /// recognisable (GitHub's `ghp_`, Vault's `hvs.`).
@@ -157,6 +160,46 @@ impl JoinTokens {
             namespace: entry.namespace.clone(),
             service_account: entry.service_account.clone(),
         })
+    }
+}
+
+/// Join tokens as an [`Authenticator`]; the set can be replaced while
+/// serving (when the tokens file changes).
+#[derive(Debug, Default)]
+pub struct JoinTokenAuthenticator {
+    tokens: RwLock<JoinTokens>,
+}
+
+impl JoinTokenAuthenticator {
+    /// Accepts `tokens`.
+    pub fn new(tokens: JoinTokens) -> Self {
+        JoinTokenAuthenticator {
+            tokens: RwLock::new(tokens),
+        }
+    }
+
+    /// Accepts `tokens` from now on, instead of the previous set.
+    pub fn replace(&self, tokens: JoinTokens) {
+        *self
+            .tokens
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tokens;
+    }
+}
+
+impl Authenticator for JoinTokenAuthenticator {
+    fn authenticate<'a>(
+        &'a self,
+        credential: &'a Credential,
+        now: SystemTime,
+    ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>> {
+        let Credential::JoinToken(token) = credential;
+        let tokens = self
+            .tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let decided = tokens.authenticate(token, now);
+        Box::pin(std::future::ready(decided))
     }
 }
 

@@ -2,8 +2,10 @@
 //!
 //! - [`ca_files`]: the certificate authority on disk, `ca init` and
 //!   `ca issue`;
-//! - [`join_tokens`]: the local credential a proxy proves its workload
-//!   with (`token create`);
+//! - [`credential`]: what a proxy proves its workload with, and the
+//!   `Authenticator` that checks it;
+//! - [`join_tokens`]: the local credential, join tokens (`token create`),
+//!   and their authenticator;
 //! - [`certify`]: the certificate service's decision, a CSR signed for the
 //!   identity a credential proves, never the one the CSR names;
 //! - [`grpc`]: the gRPC services over the types of `infermesh-proto`;
@@ -19,6 +21,7 @@
 
 pub mod ca_files;
 pub mod certify;
+pub mod credential;
 pub mod grpc;
 pub mod join_tokens;
 pub mod server;

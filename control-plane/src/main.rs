@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use infermesh_certs::{SpiffeId, TrustDomain};
 use infermesh_control_plane::ca_files::{self, InitRequest, IssueRequest, WrittenFile};
-use infermesh_control_plane::certify::Workload;
+use infermesh_control_plane::credential::Workload;
 use infermesh_control_plane::join_tokens::JoinTokens;
 use infermesh_control_plane::server::{self, ServeOptions};
 

@@ -34,9 +34,9 @@ use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
 use crate::ca_files;
-use crate::certify::{Certifier, JoinTokenAuthenticator};
+use crate::certify::Certifier;
 use crate::grpc::Certificates;
-use crate::join_tokens::JoinTokens;
+use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
 
 /// How `serve` runs.
 #[derive(Clone, Debug)]

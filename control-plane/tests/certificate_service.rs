@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use infermesh_certs::{CaOptions, CertificateAuthority, SpiffeId, TrustDomain, WorkloadKey};
-use infermesh_control_plane::certify::{Certifier, JoinTokenAuthenticator, Workload};
+use infermesh_control_plane::certify::Certifier;
+use infermesh_control_plane::credential::Workload;
 use infermesh_control_plane::grpc::{Certificates, REFUSAL_METADATA};
-use infermesh_control_plane::join_tokens::JoinTokens;
+use infermesh_control_plane::join_tokens::{JoinTokenAuthenticator, JoinTokens};
 use infermesh_proto::v1::certificate_service_client::CertificateServiceClient;
 use infermesh_proto::v1::{SignRequest, sign_request};
 use tonic::Code;
