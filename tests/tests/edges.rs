@@ -246,8 +246,10 @@ async fn a_refusal_reaches_a_client_still_uploading() {
             body.len()
         );
         stream.write_all(head.as_bytes()).await.expect("send");
-        // The whole upload, as a client that reads only afterwards sends it.
+        // The whole upload, as a client that reads only afterwards sends
+        // it: the proxy drains it rather than reset the connection under it.
         let sent = stream.write_all(&body).await;
+        assert!(sent.is_ok(), "the upload was cut: {sent:?}");
         let mut answer = Vec::new();
         let read = stream.read_to_end(&mut answer).await;
         let answer = String::from_utf8_lossy(&answer);
