@@ -280,7 +280,7 @@ impl Lifetime {
             }
         }
         for slot in &expired {
-            slot.cut(limit);
+            slot.cut();
             if slot.handed_off.load(Ordering::Relaxed) {
                 // hyper holds its last chunk for a client that does not
                 // read, and will not poll the body again.
@@ -323,7 +323,6 @@ impl StreamGuard {
                     body: Mutex::new(Some(body)),
                     progress: AtomicU64::new(lifetime.now()),
                     cut: AtomicBool::new(false),
-                    cut_after: Mutex::new(None),
                     end_stream: AtomicBool::new(end_stream),
                     handed_off: AtomicBool::new(false),
                     stuck: AtomicBool::new(false),
@@ -370,7 +369,6 @@ struct StreamSlot {
     /// since the connection opened.
     progress: AtomicU64,
     cut: AtomicBool,
-    cut_after: Mutex<Option<Duration>>,
     end_stream: AtomicBool,
     /// The last poll handed hyper a frame: until hyper polls again, the
     /// response waits for its client, not its backend.
@@ -382,11 +380,7 @@ struct StreamSlot {
 }
 
 impl StreamSlot {
-    fn cut(&self, after: Duration) {
-        *self
-            .cut_after
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(after);
+    fn cut(&self) {
         self.cut.store(true, Ordering::Relaxed);
         let body = self
             .body
@@ -425,11 +419,8 @@ impl Body for Watched {
                 let mut guard = slot.body.lock().unwrap_or_else(PoisonError::into_inner);
                 let Some(body) = guard.as_mut() else {
                     this.guard.finished = true;
-                    let after = slot
-                        .cut_after
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .unwrap_or_default();
+                    // Only the listener's stream idle timeout empties a slot.
+                    let after = this.guard.lifetime.limits.stream_idle.unwrap_or_default();
                     return Poll::Ready(Some(Err(TimeoutError::StreamIdle(after).into())));
                 };
                 let polled = Pin::new(&mut *body).poll_frame(cx);
