@@ -16,33 +16,7 @@ fn load(text: &str) -> Result<Config, Vec<String>> {
 
 /// Eight problems in three documents; fixing them one load at a time took
 /// four rounds.
-const EIGHT_PROBLEMS: &str = r#"apiVersion: infermesh.io/v1alpha1
-kind: Listener
-metadata: { name: public }
-spec:
-  address: 127.0.0.1:8080
-  protocl: http2
-  outsideMesh: blocked
----
-apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: { name: llama }
-spec:
-  connectTimeout: [5s]
-  dnsRefreshInterval: 10ms
-  endpoints:
-    - address: 127.0.0.1:9000
-      weight: heavy
-    - weight: 2
-  loadBalancer: { policy: leastRequests }
----
-apiVersion: infermesh.io/v1alpha1
-kind: Rout
-metadata: { name: chat }
-spec:
-  listeners: [public]
-  rules: [{ backends: [{ name: llama }] }]
-"#;
+const EIGHT_PROBLEMS: &str = include_str!("fixtures/eight-problems.yaml");
 
 #[test]
 fn one_load_reports_every_problem_with_its_place_and_the_name_meant() {

@@ -73,35 +73,8 @@ fn an_empty_file_is_refused_and_said_to_be_empty() {
 /// when it stopped at the first type error of each document.
 #[test]
 fn one_run_names_every_problem_with_its_line_field_and_the_name_meant() {
-    let (ok, _, stderr) = check(
-        r#"apiVersion: infermesh.io/v1alpha1
-kind: Listener
-metadata: { name: public }
-spec:
-  address: 127.0.0.1:8080
-  protocl: http2
-  outsideMesh: blocked
----
-apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: { name: llama }
-spec:
-  connectTimeout: [5s]
-  dnsRefreshInterval: 10ms
-  endpoints:
-    - address: 127.0.0.1:9000
-      weight: heavy
-    - weight: 2
-  loadBalancer: { policy: leastRequests }
----
-apiVersion: infermesh.io/v1alpha1
-kind: Rout
-metadata: { name: chat }
-spec:
-  listeners: [public]
-  rules: [{ backends: [{ name: llama }] }]
-"#,
-    );
+    // The file api's own test loads (api/tests/every_problem.rs).
+    let (ok, _, stderr) = check(include_str!("../../api/tests/fixtures/eight-problems.yaml"));
     assert!(!ok);
     assert_eq!(
         stderr,
