@@ -31,6 +31,7 @@ pub mod policy;
 pub mod resilience;
 pub mod route;
 mod schema;
+pub mod sidecar;
 mod yaml;
 
 use std::collections::HashMap;
@@ -56,6 +57,7 @@ pub use listener::{
 pub use path::FieldPath;
 pub use policy::{
     AuthorizationPolicySpec, PolicyAction, PolicyOperation, PolicyRule, PolicySource,
+    WorkloadSelector,
 };
 pub use resilience::{
     Backoff, BalancePolicy, CircuitBreaker, GrpcStatus, HealthCheck, HedgePolicy, LoadBalancer,
@@ -65,6 +67,7 @@ pub use route::{
     BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts,
     full_match_regex,
 };
+pub use sidecar::SidecarSpec;
 pub use yaml::Position;
 
 use check::Checker;
@@ -94,15 +97,19 @@ pub enum Kind {
     Route,
     /// Who may call what: [`AuthorizationPolicySpec`].
     AuthorizationPolicy,
+    /// Which backends the sidecars of some workloads are told about:
+    /// [`SidecarSpec`]. Read by the control plane only.
+    Sidecar,
 }
 
 impl Kind {
     /// Every kind, in the order documents of a config dump are written.
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 5] = [
         Kind::Listener,
         Kind::Backend,
         Kind::Route,
         Kind::AuthorizationPolicy,
+        Kind::Sidecar,
     ];
 
     /// The name written in `kind:`.
@@ -112,6 +119,7 @@ impl Kind {
             Kind::Backend => "Backend",
             Kind::Route => "Route",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::Sidecar => "Sidecar",
         }
     }
 
@@ -126,10 +134,12 @@ impl Kind {
             Kind::Backend => schema::spec_schema::<BackendSpec>(),
             Kind::Route => schema::spec_schema::<RouteSpec>(),
             Kind::AuthorizationPolicy => schema::spec_schema::<AuthorizationPolicySpec>(),
+            Kind::Sidecar => schema::spec_schema::<SidecarSpec>(),
         }
     }
 
-    fn parse(text: &str) -> Option<Kind> {
+    /// The kind written `text`.
+    pub fn parse(text: &str) -> Option<Kind> {
         Kind::ALL.into_iter().find(|k| k.as_str() == text)
     }
 
@@ -192,8 +202,13 @@ impl Origin {
 /// One named resource of a config.
 #[derive(Clone, Debug)]
 pub struct Resource<S> {
-    /// `metadata.name`, unique among resources of its kind.
+    /// The name the resource is known by, unique among resources of its
+    /// kind: `metadata.name`, followed by `.` and `metadata.namespace`
+    /// when the resource has a namespace (`llama.models`, as a Kubernetes
+    /// Service is named in DNS).
     pub name: String,
+    /// `metadata.namespace`, if given.
+    pub namespace: Option<String>,
     /// The resource's spec, with defaults filled in.
     pub spec: S,
     /// Where it was written.
@@ -212,6 +227,8 @@ pub struct Config {
     pub routes: Vec<Resource<RouteSpec>>,
     /// `AuthorizationPolicy` resources, in file order.
     pub policies: Vec<Resource<AuthorizationPolicySpec>>,
+    /// `Sidecar` resources, in file order.
+    pub sidecars: Vec<Resource<SidecarSpec>>,
 }
 
 /// The fields of a document, around its spec.
@@ -298,6 +315,7 @@ impl Config {
             }
         }
 
+        config.resolve_in_namespaces(&defined);
         config.check_references(&defined, &mut diagnostics);
         if diagnostics.is_empty() {
             Ok(config)
@@ -333,6 +351,51 @@ impl Config {
     /// The route named `name`.
     pub fn route(&self, name: &str) -> Option<&Resource<RouteSpec>> {
         self.routes.iter().find(|r| r.name == name)
+    }
+
+    /// Resolves the names a namespaced resource refers to as a Kubernetes
+    /// pod's DNS search does: `llama`, written in namespace `models`, is
+    /// `llama.models` when that is defined, and `llama` otherwise (so
+    /// `mistral.other` reaches into another namespace, and resources
+    /// without a namespace stay reachable).
+    fn resolve_in_namespaces(&mut self, defined: &HashMap<(Kind, String), Origin>) {
+        let resolve = |kind: Kind, namespace: &str, name: &mut String| {
+            let qualified = format!("{name}.{namespace}");
+            if defined.contains_key(&(kind, qualified.clone())) {
+                *name = qualified;
+            }
+        };
+        for route in &mut self.routes {
+            let Some(namespace) = route.namespace.as_deref() else {
+                continue;
+            };
+            for listener in &mut route.spec.listeners {
+                resolve(Kind::Listener, namespace, listener);
+            }
+            for rule in &mut route.spec.rules {
+                for backend in rule.backend_names_mut() {
+                    resolve(Kind::Backend, namespace, backend);
+                }
+            }
+        }
+        for policy in &mut self.policies {
+            let Some(namespace) = policy.namespace.as_deref() else {
+                continue;
+            };
+            for listener in &mut policy.spec.listeners {
+                resolve(Kind::Listener, namespace, listener);
+            }
+        }
+        for sidecar in &mut self.sidecars {
+            let Some(namespace) = sidecar.namespace.as_deref() else {
+                continue;
+            };
+            for backend in &mut sidecar.spec.egress {
+                if !backend.starts_with('*') {
+                    resolve(Kind::Backend, namespace, backend);
+                }
+            }
+        }
     }
 
     fn check_references(
@@ -454,7 +517,100 @@ impl Config {
                 }
             }
         }
+        for sidecar in &self.sidecars {
+            let mut checker = Checker::new(
+                &sidecar.origin,
+                Some(resource_label(Kind::Sidecar, &sidecar.name)),
+                out,
+            );
+            for (i, backend) in sidecar.spec.egress.iter().enumerate() {
+                if !backend.starts_with('*')
+                    && !defined.contains_key(&(Kind::Backend, backend.clone()))
+                {
+                    checker.error(
+                        FieldPath::root().key("spec").key("egress").index(i),
+                        format!(
+                            "backend {backend:?} is not defined (defined backends: {})",
+                            names(Kind::Backend)
+                        ),
+                    );
+                }
+            }
+        }
     }
+
+    /// Problems with what only the control plane reads (`Sidecar`
+    /// resources, policy selectors, namespaces): a proxy's own file has no
+    /// workloads to select or namespaces to search, so there they would
+    /// silently mean nothing.
+    pub fn mesh_only_problems(&self) -> Diagnostics {
+        let mut out = Vec::new();
+        let control_plane_only = "is read by the control plane (`infermesh-control-plane serve --config-dir`); a proxy's own file cannot use it";
+        for sidecar in &self.sidecars {
+            out.push(sidecar.origin.diagnostic(
+                Some(resource_label(Kind::Sidecar, &sidecar.name)),
+                &FieldPath::root().key("kind"),
+                format!("kind Sidecar {control_plane_only}"),
+            ));
+        }
+        for policy in &self.policies {
+            if policy.spec.selector.is_some() {
+                out.push(policy.origin.diagnostic(
+                    Some(resource_label(Kind::AuthorizationPolicy, &policy.name)),
+                    &FieldPath::root().key("spec").key("selector"),
+                    format!("a workload selector {control_plane_only}; use `listeners`"),
+                ));
+            }
+        }
+        fn namespaced<S>(kind: Kind, resources: &[Resource<S>], out: &mut Vec<Diagnostic>) {
+            for r in resources.iter().filter(|r| r.namespace.is_some()) {
+                out.push(r.origin.diagnostic(
+                    Some(resource_label(kind, &r.name)),
+                    &FieldPath::root().key("metadata").key("namespace"),
+                    "namespaces are read by the control plane; a proxy's own file is one namespace, so leave `metadata.namespace` out".into(),
+                ));
+            }
+        }
+        namespaced(Kind::Listener, &self.listeners, &mut out);
+        namespaced(Kind::Backend, &self.backends, &mut out);
+        namespaced(Kind::Route, &self.routes, &mut out);
+        namespaced(Kind::AuthorizationPolicy, &self.policies, &mut out);
+        out.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        Diagnostics(out)
+    }
+
+    /// Every resource as its own document (defaults filled in, names
+    /// qualified, no namespace): what a proxy is sent, one resource at a
+    /// time, and can load back with [`Config::load`].
+    pub fn documents(&self) -> Vec<Document> {
+        fn each<S: Serialize>(kind: Kind, resources: &[Resource<S>], out: &mut Vec<Document>) {
+            for r in resources {
+                out.push(Document {
+                    kind,
+                    name: r.name.clone(),
+                    value: serde_json::to_value(doc(kind, r)).expect("a spec serializes to JSON"),
+                });
+            }
+        }
+        let mut out = Vec::new();
+        each(Kind::Listener, &self.listeners, &mut out);
+        each(Kind::Backend, &self.backends, &mut out);
+        each(Kind::Route, &self.routes, &mut out);
+        each(Kind::AuthorizationPolicy, &self.policies, &mut out);
+        each(Kind::Sidecar, &self.sidecars, &mut out);
+        out
+    }
+}
+
+/// One resource written as a document of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Document {
+    /// Its kind.
+    pub kind: Kind,
+    /// Its (qualified) name.
+    pub name: String,
+    /// The whole document: `apiVersion`, `kind`, `metadata`, `spec`.
+    pub value: Value,
 }
 
 /// The kind and name of `document`, when both are written plainly.
@@ -494,7 +650,11 @@ fn load_document(
         ));
         return;
     };
-    let (kind, name, problems) = read_envelope(&fields);
+    let (kind, name, namespace, problems) = read_envelope(&fields);
+    let name = name.map(|name| match &namespace {
+        Some(namespace) => format!("{name}.{namespace}"),
+        None => name,
+    });
     let spec = fields.shift_remove("spec");
     let label = kind.zip(name.as_deref()).map(|(k, n)| resource_label(k, n));
     for (path, message) in problems {
@@ -517,7 +677,7 @@ fn load_document(
             )),
             None => {
                 defined.insert((kind, name.clone()), origin.clone());
-                loaded_name = Some(name);
+                loaded_name = Some((name, namespace));
             }
         }
     }
@@ -530,14 +690,21 @@ fn load_document(
         Kind::AuthorizationPolicy => {
             load_spec::<AuthorizationPolicySpec>(spec, loaded_name, origin, label, config, out)
         }
+        Kind::Sidecar => load_spec::<SidecarSpec>(spec, loaded_name, origin, label, config, out),
     }
 }
 
 /// The kind and name a document's envelope (everything but its spec)
 /// gives, when it gives them, and every problem with it.
+#[allow(clippy::type_complexity)]
 fn read_envelope(
     fields: &serde_json::Map<String, Value>,
-) -> (Option<Kind>, Option<String>, Vec<(FieldPath, String)>) {
+) -> (
+    Option<Kind>,
+    Option<String>,
+    Option<String>,
+    Vec<(FieldPath, String)>,
+) {
     let root = FieldPath::root();
     let mut problems = Vec::new();
     for field in fields.keys() {
@@ -588,15 +755,33 @@ fn read_envelope(
     };
 
     let metadata = root.key("metadata");
+    let mut namespace = None;
     let name = match fields.get("metadata") {
         None => {
             problems.push((root.clone(), missing("metadata")));
             None
         }
         Some(Value::Object(metadata_fields)) => {
-            for field in metadata_fields.keys().filter(|f| *f != "name") {
-                problems.push((metadata.key(field), unknown_field(field, &["name"])));
+            const METADATA_FIELDS: [&str; 2] = ["name", "namespace"];
+            for field in metadata_fields
+                .keys()
+                .filter(|f| !METADATA_FIELDS.contains(&f.as_str()))
+            {
+                problems.push((metadata.key(field), unknown_field(field, &METADATA_FIELDS)));
             }
+            namespace = match metadata_fields.get("namespace") {
+                None => None,
+                Some(Value::String(namespace)) => {
+                    if let Err(e) = check_namespace(namespace) {
+                        problems.push((metadata.key("namespace"), e));
+                    }
+                    Some(namespace.clone())
+                }
+                Some(other) => {
+                    problems.push((metadata.key("namespace"), invalid(other, "a string")));
+                    None
+                }
+            };
             match metadata_fields.get("name") {
                 None => {
                     problems.push((metadata.clone(), missing("name")));
@@ -623,7 +808,7 @@ fn read_envelope(
     if !fields.contains_key("spec") {
         problems.push((root.clone(), missing("spec")));
     }
-    (kind, name, problems)
+    (kind, name, namespace, problems)
 }
 
 /// A kind's spec: how to check one resource on its own (references
@@ -666,6 +851,13 @@ impl OfKind for AuthorizationPolicySpec {
     }
 }
 
+impl OfKind for SidecarSpec {
+    const KIND: Kind = Kind::Sidecar;
+    fn resources(config: &mut Config) -> &mut Vec<Resource<Self>> {
+        &mut config.sidecars
+    }
+}
+
 /// Validates, parses and checks the spec of one resource, adding it to
 /// `config` under `name` (when it has one that no other resource of its
 /// kind took).
@@ -676,7 +868,7 @@ impl OfKind for AuthorizationPolicySpec {
 /// same pass. A check is not reported where a value was taken out.
 fn load_spec<S: OfKind>(
     mut spec: Value,
-    name: Option<String>,
+    name: Option<(String, Option<String>)>,
     origin: Origin,
     label: Option<String>,
     config: &mut Config,
@@ -696,8 +888,13 @@ fn load_spec<S: OfKind>(
     let mut checked = Vec::new();
     Spec::check(&spec, &mut Checker::new(&origin, label, &mut checked));
     out.extend(checked.into_iter().filter(|d| !validation.hides(&d.field)));
-    if let Some(name) = name {
-        S::resources(config).push(Resource { name, spec, origin });
+    if let Some((name, namespace)) = name {
+        S::resources(config).push(Resource {
+            name,
+            namespace,
+            spec,
+            origin,
+        });
     }
 }
 
@@ -738,6 +935,25 @@ fn deserialize_located<T: DeserializeOwned>(
     }
 }
 
+/// Namespaces follow Kubernetes namespace names (RFC 1123 labels).
+fn check_namespace(namespace: &str) -> Result<(), String> {
+    let valid_chars = namespace
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if namespace.is_empty()
+        || namespace.len() > 63
+        || !valid_chars
+        || !alnum(namespace.as_bytes().first())
+        || !alnum(namespace.as_bytes().last())
+    {
+        return Err(format!(
+            "{namespace:?} is not a valid namespace: use lower-case letters, digits and '-', starting and ending with a letter or digit (at most 63)"
+        ));
+    }
+    Ok(())
+}
+
 /// Names follow Kubernetes object names (RFC 1123 sub-domains): lower-case
 /// letters, digits, `-` and `.`, starting and ending with a letter or digit.
 fn check_name(name: &str) -> Result<(), String> {
@@ -773,20 +989,25 @@ struct MetadataRef<'a> {
     name: &'a str,
 }
 
+fn doc<T>(kind: Kind, r: &Resource<T>) -> DocumentRef<'_, T> {
+    DocumentRef {
+        api_version: API_VERSION,
+        kind: kind.as_str(),
+        metadata: MetadataRef { name: &r.name },
+        spec: &r.spec,
+    }
+}
+
 impl Serialize for Config {
     /// A config serializes as the list of its documents, defaults filled in.
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        fn doc<'a, T>(kind: Kind, r: &'a Resource<T>) -> DocumentRef<'a, T> {
-            DocumentRef {
-                api_version: API_VERSION,
-                kind: kind.as_str(),
-                metadata: MetadataRef { name: &r.name },
-                spec: &r.spec,
-            }
-        }
         let mut seq = serializer.serialize_seq(Some(
-            self.listeners.len() + self.backends.len() + self.routes.len() + self.policies.len(),
+            self.listeners.len()
+                + self.backends.len()
+                + self.routes.len()
+                + self.policies.len()
+                + self.sidecars.len(),
         ))?;
         for r in &self.listeners {
             seq.serialize_element(&doc(Kind::Listener, r))?;
@@ -799,6 +1020,9 @@ impl Serialize for Config {
         }
         for r in &self.policies {
             seq.serialize_element(&doc(Kind::AuthorizationPolicy, r))?;
+        }
+        for r in &self.sidecars {
+            seq.serialize_element(&doc(Kind::Sidecar, r))?;
         }
         seq.end()
     }

@@ -28,6 +28,13 @@ pub struct AuthorizationPolicySpec {
     /// The listeners the policy applies to. Empty: every listener.
     #[serde(default)]
     pub listeners: Vec<String>,
+    /// In a mesh (the control plane's config): the workloads of the
+    /// policy's namespace whose sidecars apply it, by their labels, as
+    /// Istio's `selector`. Absent: every workload of the namespace (every
+    /// workload of the mesh for a policy without a namespace). A proxy's
+    /// own file cannot have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
     /// What a matching request gets.
     #[serde(default)]
     pub action: PolicyAction,
@@ -36,6 +43,30 @@ pub struct AuthorizationPolicySpec {
     /// denies every request on its listeners; `[{}]` matches every request).
     #[serde(default)]
     pub rules: Vec<PolicyRule>,
+}
+
+/// Workloads picked by their labels, as a Kubernetes label selector's
+/// `matchLabels`.
+///
+/// ```yaml
+/// selector: { matchLabels: { app: chat } }
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Every label given must be on the workload, with this value. Empty:
+    /// every workload.
+    #[serde(default)]
+    pub match_labels: std::collections::BTreeMap<String, String>,
+}
+
+impl WorkloadSelector {
+    /// Whether a workload with `labels` is selected.
+    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(key, value)| labels.get(key) == Some(value))
+    }
 }
 
 /// What a policy does with the requests it matches.

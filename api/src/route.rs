@@ -328,6 +328,27 @@ impl RouteRule {
             .or(self.timeouts.response_headers.non_zero())
     }
 
+    /// The name of every backend the rule sends to (forwards, mirrors,
+    /// fan-out branches).
+    pub fn backend_names(&self) -> Vec<&str> {
+        self.backend_references(&FieldPath::root())
+            .into_iter()
+            .map(|(_, name)| name)
+            .collect()
+    }
+
+    /// Every backend name the rule holds, to be resolved in place.
+    pub(crate) fn backend_names_mut(&mut self) -> Vec<&mut String> {
+        let mut names: Vec<&mut String> = self.backends.iter_mut().map(|b| &mut b.name).collect();
+        if let Some(mirror) = &mut self.mirror {
+            names.push(&mut mirror.backend);
+        }
+        if let Some(fanout) = &mut self.fanout {
+            names.extend(fanout.branches.iter_mut().map(|b| &mut b.backend));
+        }
+        names
+    }
+
     /// Every backend the rule names, each with where it is named.
     pub(crate) fn backend_references(&self, at: &FieldPath) -> Vec<(FieldPath, &str)> {
         let mut references: Vec<(FieldPath, &str)> = self

@@ -579,6 +579,7 @@ mod tests {
             Kind::Backend => takes::<crate::BackendSpec>(spec),
             Kind::Route => takes::<crate::RouteSpec>(spec),
             Kind::AuthorizationPolicy => takes::<crate::AuthorizationPolicySpec>(spec),
+            Kind::Sidecar => takes::<crate::SidecarSpec>(spec),
         }
     }
 

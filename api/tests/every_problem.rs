@@ -55,10 +55,10 @@ spec: []
             "gw.yaml:1:1: missing field `spec`",
             "gw.yaml:3:1: metadata: missing field `name`",
             "gw.yaml:3:13: metadata.nmae: unknown field `nmae`; did you mean `name`?",
-            "gw.yaml:3:22: metadata.labels: unknown field `labels`; expected `name`",
+            "gw.yaml:3:22: metadata.labels: unknown field `labels`; expected one of `name`, `namespace`",
             "gw.yaml:4:1: specs: unknown field `specs`; did you mean `spec`?",
             "gw.yaml:6:1: apiVersion: invalid type: integer `1`, expected a string",
-            "gw.yaml:7:1: kind: invalid type: sequence, expected one of Listener, Backend, Route, AuthorizationPolicy",
+            "gw.yaml:7:1: kind: invalid type: sequence, expected one of Listener, Backend, Route, AuthorizationPolicy, Sidecar",
             "gw.yaml:8:1: metadata: invalid type: string \"x\", expected a mapping",
         ]
     );

@@ -124,6 +124,10 @@ pub(crate) fn parse(
         text: &text.0,
     };
     let config = Config::load_with_defaults(&[file], built_in).map_err(ConfigFileError::Invalid)?;
+    let mesh_only = config.mesh_only_problems();
+    if !mesh_only.is_empty() {
+        return Err(ConfigFileError::Invalid(mesh_only));
+    }
     if config.listeners.is_empty() {
         return Err(ConfigFileError::NoListeners {
             path: path.to_owned(),
