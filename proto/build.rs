@@ -3,7 +3,10 @@
 //! build needs no `protoc` installed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["infermesh/mesh/v1/certificates.proto"];
+    let protos = [
+        "infermesh/mesh/v1/certificates.proto",
+        "infermesh/mesh/v1/config.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

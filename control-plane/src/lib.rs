@@ -12,10 +12,14 @@
 //! - [`server`]: `serve`, the TLS gRPC port and the admin port;
 //! - [`source`]: where the mesh's config comes from, as whole validated
 //!   snapshots: a watched directory of the YAML documents the gateway
-//!   also reads.
+//!   also reads;
+//! - [`scope`]: what each proxy is told, chosen from a snapshot prepared
+//!   once for all of them;
+//! - [`push`]: the config stream of each proxy, incremental and
+//!   acknowledged, and the register of the proxies and where they stand;
+//! - [`status`]: `status`, every replica's proxies in one table.
 //!
-//! The signing itself lives in `infermesh-certs`. Still to come (issue
-//! 14): the push of routes and endpoints to proxies, and the proxy's side.
+//! The signing itself lives in `infermesh-certs`.
 
 #![forbid(unsafe_code)]
 
@@ -24,5 +28,8 @@ pub mod certify;
 pub mod credential;
 pub mod grpc;
 pub mod join_tokens;
+pub mod push;
+pub mod scope;
 pub mod server;
 pub mod source;
+pub mod status;

@@ -16,6 +16,7 @@ use infermesh_control_plane::ca_files::{self, InitRequest, IssueRequest, Written
 use infermesh_control_plane::credential::Workload;
 use infermesh_control_plane::join_tokens::JoinTokens;
 use infermesh_control_plane::server::{self, ServeOptions};
+use infermesh_control_plane::status;
 
 /// The infermesh control plane.
 #[derive(Debug, Parser)]
@@ -27,8 +28,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the gRPC API (TLS, port 15012: the certificate service, with
-    /// server reflection) and the admin port (15014: /metrics, /ready).
+    /// Serve the gRPC API (TLS, port 15012: the certificate service, the
+    /// config push with --config-dir, server reflection) and the admin
+    /// port (15014: /metrics, /ready, /debug/proxies, /debug/config).
     Serve {
         /// A CA directory made by `ca init`; it signs every certificate.
         #[arg(long)]
@@ -51,6 +53,26 @@ enum Command {
         /// The service account of the control plane's own identity.
         #[arg(long, default_value = "control-plane")]
         service_account: String,
+        /// A directory of YAML documents (the mesh's backends, routes,
+        /// policies), watched and pushed to proxies; without it only
+        /// certificates are served.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+        /// How often each side of a config stream says it is alive; three
+        /// silent intervals end the stream.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        heartbeat: Duration,
+    },
+    /// Show every proxy streaming config from the given replicas: its
+    /// identity, since when, the version it holds, and whether it is in
+    /// sync, stale, or refused the latest (with the error).
+    Status {
+        /// The admin addresses of the replicas (host:port), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:15014")]
+        admin: Vec<String>,
+        /// Print the JSON the replicas gave instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Certificate authority: create one, issue workload certificates.
     #[command(subcommand)]
@@ -153,6 +175,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ttl,
             namespace,
             service_account,
+            config_dir,
+            heartbeat,
         } => {
             let options = ServeOptions {
                 ca_dir: ca,
@@ -162,6 +186,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ttl,
                 namespace,
                 service_account,
+                config_dir,
+                heartbeat,
             };
             let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
             return runtime.block_on(server::serve(
@@ -175,6 +201,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 shutdown_signal(),
             ));
+        }
+        Command::Status { admin, json } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            return runtime.block_on(status::print(&admin, json));
         }
         Command::Token(TokenCommand::Create {
             tokens,

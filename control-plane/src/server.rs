@@ -11,7 +11,16 @@
 //! and describe the API. The join tokens file is read again when it
 //! changes.
 //!
-//! The admin port serves `/metrics` (Prometheus text) and `/ready`.
+//! With a config directory, the same port serves the config push
+//! ([`crate::push`]) of the directory's snapshots ([`crate::source`]); a
+//! change the directory's files make that does not validate is logged
+//! with its file, line and field, counted, and the last good snapshot
+//! stays.
+//!
+//! The admin port serves `/metrics` (Prometheus text), `/ready`,
+//! `/debug/proxies` (every proxy streaming from this replica and where it
+//! stands, JSON) and `/debug/config?proxy=NAME` (the documents that proxy
+//! is given, JSON).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +46,9 @@ use crate::ca_files;
 use crate::certify::Certifier;
 use crate::grpc::Certificates;
 use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
+use crate::push::{ConfigPush, Proxies, PushMetrics};
+use crate::scope::Prepared;
+use crate::source::{DirectorySource, Refused, Source as _};
 
 /// How `serve` runs.
 #[derive(Clone, Debug)]
@@ -55,6 +67,11 @@ pub struct ServeOptions {
     pub namespace: String,
     /// The service account of the control plane's own identity.
     pub service_account: String,
+    /// The directory of YAML documents pushed to proxies; without it only
+    /// certificates are served.
+    pub config_dir: Option<PathBuf>,
+    /// How often each side of a config stream says it is alive.
+    pub heartbeat: Duration,
 }
 
 /// Where a running control plane listens.
@@ -96,6 +113,25 @@ pub async fn serve(
         .build_v1()
         .context("server reflection")?;
 
+    let proxies = Arc::new(Proxies::default());
+    let (push, prepared, _source) = match &options.config_dir {
+        Some(directory) => {
+            let (refusals, refused) = tokio::sync::mpsc::unbounded_channel();
+            let source = DirectorySource::start(directory, refusals)?;
+            let prepared = prepare(source.snapshots());
+            tokio::spawn(report_refusals(refused, refusals_metric(&registry)?));
+            let metrics = PushMetrics::register(&registry)?;
+            let push = ConfigPush::new(
+                prepared.clone(),
+                proxies.clone(),
+                metrics,
+                options.heartbeat,
+            );
+            (Some(push.into_service()), Some(prepared), Some(source))
+        }
+        None => (None, None, None),
+    };
+
     let tls = TlsAcceptor::from(server_config(
         &store,
         &ServerOptions {
@@ -117,12 +153,21 @@ pub async fn serve(
 
     tokio::spawn(renew_self(ca.clone(), identity, store.clone(), own));
     tokio::spawn(watch_tokens(options.tokens.clone(), authenticator));
-    let registry = Arc::new(registry);
-    tokio::spawn(serve_admin(admin, registry));
+    let state = Arc::new(AdminState {
+        registry,
+        proxies,
+        prepared,
+    });
+    tokio::spawn(serve_admin(admin, state));
     let (connections, incoming) = tokio::sync::mpsc::channel(64);
     tokio::spawn(accept_tls(grpc, tls, connections));
     tonic::transport::Server::builder()
+        // A dead peer under a config stream is noticed by the heartbeats;
+        // these catch a connection that stopped carrying anything at all.
+        .http2_keepalive_interval(Some(options.heartbeat))
+        .http2_keepalive_timeout(Some(options.heartbeat * 2))
         .add_service(certificates)
+        .add_optional_service(push)
         .add_service(reflection)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(incoming),
@@ -130,6 +175,50 @@ pub async fn serve(
         )
         .await
         .context("the gRPC server failed")
+}
+
+/// Prepares each snapshot of `snapshots` for push, once, as it comes.
+fn prepare(
+    mut snapshots: tokio::sync::watch::Receiver<Arc<crate::source::Snapshot>>,
+) -> tokio::sync::watch::Receiver<Arc<Prepared>> {
+    let first = Prepared::new(&snapshots.borrow_and_update());
+    let (publish, prepared) = tokio::sync::watch::channel(Arc::new(first));
+    tokio::spawn(async move {
+        while snapshots.changed().await.is_ok() {
+            let snapshot = snapshots.borrow_and_update().clone();
+            eprintln!(
+                "infermesh-control-plane: config version {} accepted",
+                snapshot.version
+            );
+            if publish.send(Arc::new(Prepared::new(&snapshot))).is_err() {
+                return;
+            }
+        }
+    });
+    prepared
+}
+
+fn refusals_metric(registry: &prometheus::Registry) -> prometheus::Result<prometheus::IntCounter> {
+    let refusals = prometheus::IntCounter::new(
+        "infermesh_control_plane_config_refusals_total",
+        "Changes to the config source refused because they do not validate; the last good snapshot stays in force.",
+    )?;
+    registry.register(Box::new(refusals.clone()))?;
+    Ok(refusals)
+}
+
+/// Logs every refused change of the source, each problem with its file,
+/// line and field.
+async fn report_refusals(
+    mut refused: tokio::sync::mpsc::UnboundedReceiver<Refused>,
+    counter: prometheus::IntCounter,
+) {
+    while let Some(Refused { diagnostics, kept }) = refused.recv().await {
+        counter.inc();
+        eprintln!(
+            "infermesh-control-plane: config change refused, version {kept} stays in force; nothing was pushed:\n{diagnostics}"
+        );
+    }
 }
 
 /// Signs the control plane's own certificate and puts it in `store`.
@@ -288,18 +377,25 @@ async fn accept_tls(
     }
 }
 
-/// The admin port: `/metrics` and `/ready`.
-async fn serve_admin(listener: TcpListener, registry: Arc<prometheus::Registry>) {
+/// What the admin port reads.
+struct AdminState {
+    registry: prometheus::Registry,
+    proxies: Arc<Proxies>,
+    prepared: Option<tokio::sync::watch::Receiver<Arc<Prepared>>>,
+}
+
+/// The admin port.
+async fn serve_admin(listener: TcpListener, state: Arc<AdminState>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let registry = registry.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let registry = registry.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin(&request, &registry)) }
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin(&request, &state)) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -308,11 +404,68 @@ async fn serve_admin(listener: TcpListener, registry: Arc<prometheus::Registry>)
     }
 }
 
-fn admin(request: &Request<Incoming>, registry: &prometheus::Registry) -> Response<Full<Bytes>> {
+fn admin(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let json = |value: serde_json::Value| {
+        let mut text = serde_json::to_string_pretty(&value).expect("JSON");
+        text.push('\n');
+        text
+    };
     let (status, content_type, body) = match request.uri().path() {
+        "/debug/proxies" => (
+            StatusCode::OK,
+            "application/json",
+            json(serde_json::json!({ "proxies": state.proxies.list() })),
+        ),
+        "/debug/config" => {
+            let proxy = request.uri().query().and_then(|query| {
+                form_urlencoded::parse(query.as_bytes())
+                    .find(|(key, _)| key == "proxy")
+                    .map(|(_, value)| value.into_owned())
+            });
+            match (proxy, &state.prepared) {
+                (None, _) => (
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    "name the proxy: /debug/config?proxy=NAME\n".to_owned(),
+                ),
+                (Some(_), None) => (
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "this control plane pushes no config (it was started without --config-dir)\n"
+                        .to_owned(),
+                ),
+                (Some(name), Some(prepared)) => match state.proxies.find(&name) {
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        "text/plain",
+                        format!(
+                            "no proxy named {name:?} is connected to this replica; see /debug/proxies\n"
+                        ),
+                    ),
+                    Some(proxy) => {
+                        let view = prepared.borrow().sidecar_view(&proxy.workload);
+                        let documents: Vec<serde_json::Value> = view
+                            .resources
+                            .values()
+                            .map(|r| serde_json::from_str(&r.document_json).expect("JSON"))
+                            .collect();
+                        (
+                            StatusCode::OK,
+                            "application/json",
+                            json(serde_json::json!({
+                                "proxy": proxy,
+                                "version": view.version,
+                                "documents": documents,
+                            })),
+                        )
+                    }
+                },
+            }
+        }
         "/metrics" => {
             let mut text = String::new();
-            let encoded = prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut text);
+            let encoded =
+                prometheus::TextEncoder::new().encode_utf8(&state.registry.gather(), &mut text);
             match encoded {
                 Ok(()) => (StatusCode::OK, "text/plain; version=0.0.4", text),
                 Err(e) => (
@@ -326,7 +479,8 @@ fn admin(request: &Request<Incoming>, registry: &prometheus::Registry) -> Respon
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /metrics or /ready\n".to_owned(),
+            "not found; try /metrics, /ready, /debug/proxies or /debug/config?proxy=NAME\n"
+                .to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));

@@ -1,0 +1,403 @@
+//! What each proxy is told: the part of the mesh's config in a proxy's
+//! scope, as the documents it loads.
+//!
+//! A snapshot of the source is [`Prepared`] once: every resource is written
+//! as the document a sidecar receives (its mesh routes attached to the
+//! sidecar's `outbound` listener, its policies to `inbound`, selectors
+//! dropped) and given a version, the digest of that document. A proxy's
+//! [`View`] is then a choice among them, so that 2,000 proxies cost 2,000
+//! choices and no serialisation. A sidecar's scope:
+//!
+//! - the backends its workload calls: all of them, unless `Sidecar`
+//!   resources of its namespace select it, and then the union of their
+//!   `egress`;
+//! - the mesh routes (those that name no listener) whose backends are all
+//!   in that set;
+//! - the authorization policies that select it: those of its namespace
+//!   whose selector matches its labels (or that have none), and the
+//!   mesh-wide ones (no namespace), when they name no listener.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use infermesh_api::{Config, Kind};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::source::Snapshot;
+
+/// The proxy a view is for, as its certificate and its hello say.
+#[derive(Clone, Debug, Serialize)]
+pub struct Workload {
+    /// The proxy's name (a pod name).
+    pub node: String,
+    /// Its namespace, from its certificate's SPIFFE ID.
+    pub namespace: String,
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// Its labels, which `Sidecar` resources and policy selectors match.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One resource as proxies receive it.
+#[derive(Debug, Serialize)]
+pub struct Pushed {
+    /// Its kind.
+    #[serde(serialize_with = "kind_name")]
+    pub kind: Kind,
+    /// Its qualified name.
+    pub name: String,
+    /// A digest of the document.
+    pub version: String,
+    /// The document, JSON.
+    #[serde(skip)]
+    pub document_json: String,
+}
+
+fn kind_name<S: serde::Serializer>(kind: &Kind, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(kind.as_str())
+}
+
+impl Pushed {
+    /// The key a proxy holds it under: `Kind/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.kind, self.name)
+    }
+
+    fn new(kind: Kind, name: String, document: &Value) -> Self {
+        let document_json = document.to_string();
+        let version = digest(document_json.as_bytes());
+        Pushed {
+            kind,
+            name,
+            version,
+            document_json,
+        }
+    }
+}
+
+/// What one proxy should hold: its resources by key.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// The resources, by [`Pushed::key`].
+    pub resources: BTreeMap<String, Arc<Pushed>>,
+    /// A digest of every key and version: equal views, equal versions.
+    pub version: String,
+}
+
+impl View {
+    fn new(resources: BTreeMap<String, Arc<Pushed>>) -> Self {
+        let mut hasher = Sha256::new();
+        for (key, resource) in &resources {
+            hasher.update(key.as_bytes());
+            hasher.update([0]);
+            hasher.update(resource.version.as_bytes());
+            hasher.update([0]);
+        }
+        let version = hex(&hasher.finalize()[..8]);
+        View { resources, version }
+    }
+}
+
+/// A snapshot of the source, its documents written once for every proxy.
+pub struct Prepared {
+    /// The source snapshot's version.
+    pub source_version: String,
+    /// When the control plane saw this snapshot: pushes of it are timed
+    /// from here to the proxy's acknowledgement.
+    pub seen: Instant,
+    config: Arc<Config>,
+    backends: HashMap<String, Arc<Pushed>>,
+    routes: HashMap<String, Arc<Pushed>>,
+    policies: HashMap<String, Arc<Pushed>>,
+}
+
+impl Prepared {
+    /// Writes every resource of `snapshot` as a sidecar receives it.
+    pub fn new(snapshot: &Snapshot) -> Self {
+        let config = snapshot.config.clone();
+        let mut documents: HashMap<(Kind, String), Value> = config
+            .documents()
+            .into_iter()
+            .map(|d| ((d.kind, d.name), d.value))
+            .collect();
+        let mut take = |kind: Kind, name: &str| {
+            documents
+                .remove(&(kind, name.to_owned()))
+                .expect("every resource has a document")
+        };
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| {
+                let document = take(Kind::Backend, &b.name);
+                let pushed = Pushed::new(Kind::Backend, b.name.clone(), &document);
+                (b.name.clone(), Arc::new(pushed))
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .filter(|r| r.spec.listeners.is_empty())
+            .map(|r| {
+                let mut document = take(Kind::Route, &r.name);
+                document["spec"]["listeners"] = Value::from(vec![OUTBOUND]);
+                let pushed = Pushed::new(Kind::Route, r.name.clone(), &document);
+                (r.name.clone(), Arc::new(pushed))
+            })
+            .collect();
+        let policies = config
+            .policies
+            .iter()
+            .filter(|p| p.spec.listeners.is_empty())
+            .map(|p| {
+                let mut document = take(Kind::AuthorizationPolicy, &p.name);
+                document["spec"]["listeners"] = Value::from(vec![INBOUND]);
+                if let Some(spec) = document["spec"].as_object_mut() {
+                    spec.remove("selector");
+                }
+                let pushed = Pushed::new(Kind::AuthorizationPolicy, p.name.clone(), &document);
+                (p.name.clone(), Arc::new(pushed))
+            })
+            .collect();
+        Prepared {
+            source_version: snapshot.version.clone(),
+            seen: Instant::now(),
+            config,
+            backends,
+            routes,
+            policies,
+        }
+    }
+
+    /// What the sidecar of `workload` should hold.
+    pub fn sidecar_view(&self, workload: &Workload) -> View {
+        let config = &self.config;
+        let in_namespace =
+            |namespace: &Option<String>| namespace.as_deref() == Some(&workload.namespace);
+        let narrowing: Vec<_> = config
+            .sidecars
+            .iter()
+            .filter(|s| in_namespace(&s.namespace))
+            .filter(|s| {
+                s.spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|selector| selector.matches(&workload.labels))
+            })
+            .collect();
+        let calls = |backend: &str| {
+            narrowing.is_empty() || {
+                let namespace = config.backend(backend).and_then(|b| b.namespace.as_deref());
+                narrowing.iter().any(|s| s.spec.allows(backend, namespace))
+            }
+        };
+        let mut resources = BTreeMap::new();
+        let mut add = |pushed: &Arc<Pushed>| {
+            resources.insert(pushed.key(), pushed.clone());
+        };
+        for backend in &config.backends {
+            if calls(&backend.name) {
+                add(&self.backends[&backend.name]);
+            }
+        }
+        for route in &config.routes {
+            let Some(pushed) = self.routes.get(&route.name) else {
+                continue;
+            };
+            let reachable = route
+                .spec
+                .rules
+                .iter()
+                .flat_map(|rule| rule.backend_names())
+                .all(calls);
+            if reachable {
+                add(pushed);
+            }
+        }
+        for policy in &config.policies {
+            let Some(pushed) = self.policies.get(&policy.name) else {
+                continue;
+            };
+            let applies = (policy.namespace.is_none() || in_namespace(&policy.namespace))
+                && policy
+                    .spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|selector| selector.matches(&workload.labels));
+            if applies {
+                add(pushed);
+            }
+        }
+        View::new(resources)
+    }
+}
+
+/// The sidecar's capture listeners, which mesh routes and policies attach to.
+const OUTBOUND: &str = "outbound";
+const INBOUND: &str = "inbound";
+
+/// A short hex digest.
+fn digest(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes)[..8])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_api::Source;
+
+    const MESH: &str = "apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: llama, namespace: models }
+spec: { endpoints: [{ address: 127.0.0.1:9001 }] }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: mistral, namespace: models }
+spec: { endpoints: [{ address: 127.0.0.1:9002 }] }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: { name: chat, namespace: models }
+spec:
+  hostnames: [chat.models]
+  rules: [{ backends: [{ name: llama }, { name: mistral }] }]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Sidecar
+metadata: { name: narrow, namespace: apps }
+spec:
+  selector: { matchLabels: { app: chat } }
+  egress: [llama.models]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: { name: callers, namespace: models }
+spec:
+  selector: { matchLabels: { app: llama } }
+  rules: [{ from: [{ namespaces: [apps] }] }]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: { name: public }
+spec: { address: 127.0.0.1:8080 }
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: { name: edge }
+spec:
+  listeners: [public]
+  rules: [{ backends: [{ name: llama.models }] }]
+";
+
+    fn prepared(text: &str) -> Prepared {
+        let config = Config::load(&[Source {
+            name: "mesh.yaml",
+            text,
+        }])
+        .unwrap_or_else(|e| panic!("{e}"));
+        Prepared::new(&Snapshot {
+            version: config.version(),
+            config: Arc::new(config),
+        })
+    }
+
+    fn workload(namespace: &str, app: &str) -> Workload {
+        Workload {
+            node: format!("{app}-0"),
+            namespace: namespace.into(),
+            identity: format!("spiffe://cluster.local/ns/{namespace}/sa/{app}"),
+            labels: BTreeMap::from([("app".into(), app.into())]),
+        }
+    }
+
+    fn keys(view: &View) -> Vec<&str> {
+        view.resources.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_sidecar_sees_what_its_workload_calls_and_the_policies_that_select_it() {
+        let mesh = prepared(MESH);
+        // Narrowed to llama: the route, which also needs mistral, is out.
+        assert_eq!(
+            keys(&mesh.sidecar_view(&workload("apps", "chat"))),
+            ["Backend/llama.models"]
+        );
+        // Not narrowed: every backend and mesh route; the gateway's route
+        // (it names a listener) is never a sidecar's.
+        assert_eq!(
+            keys(&mesh.sidecar_view(&workload("apps", "batch"))),
+            [
+                "Backend/llama.models",
+                "Backend/mistral.models",
+                "Route/chat.models"
+            ]
+        );
+        assert_eq!(
+            keys(&mesh.sidecar_view(&workload("models", "llama"))),
+            [
+                "AuthorizationPolicy/callers.models",
+                "Backend/llama.models",
+                "Backend/mistral.models",
+                "Route/chat.models"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_view_loads_as_a_sidecar_config_with_its_routes_and_policies_on_the_capture_listeners() {
+        let mesh = prepared(MESH);
+        let view = mesh.sidecar_view(&workload("models", "llama"));
+        let texts: Vec<(String, String)> = view
+            .resources
+            .iter()
+            .map(|(key, r)| (key.clone(), r.document_json.clone()))
+            .collect();
+        let sources: Vec<Source<'_>> = texts
+            .iter()
+            .map(|(name, text)| Source { name, text })
+            .collect();
+        let builtin = Source {
+            name: "builtin",
+            text: "apiVersion: infermesh.io/v1alpha1\nkind: Listener\nmetadata: { name: inbound }\nspec: { address: 127.0.0.1:15006 }\n---\napiVersion: infermesh.io/v1alpha1\nkind: Listener\nmetadata: { name: outbound }\nspec: { address: 127.0.0.1:15001 }\n",
+        };
+        let config =
+            Config::load_with_defaults(&sources, &[builtin]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.mesh_only_problems().is_empty());
+        assert_eq!(
+            config.route("chat.models").unwrap().spec.listeners,
+            [OUTBOUND]
+        );
+        let policy = &config.policies[0];
+        assert_eq!(policy.spec.listeners, [INBOUND]);
+        assert_eq!(policy.spec.selector, None);
+    }
+
+    #[test]
+    fn an_endpoint_change_changes_only_the_views_that_hold_its_backend() {
+        let before = prepared(MESH);
+        let after = prepared(&MESH.replace("127.0.0.1:9002", "127.0.0.1:9012"));
+        let chat = workload("apps", "chat");
+        let batch = workload("apps", "batch");
+        assert_eq!(
+            before.sidecar_view(&chat).version,
+            after.sidecar_view(&chat).version
+        );
+        let (old, new) = (before.sidecar_view(&batch), after.sidecar_view(&batch));
+        assert_ne!(old.version, new.version);
+        let changed: Vec<&String> = new
+            .resources
+            .iter()
+            .filter(|(key, r)| old.resources[*key].version != r.version)
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(changed, ["Backend/mistral.models"]);
+    }
+}
