@@ -553,6 +553,15 @@ impl Config {
                 format!("kind Sidecar {control_plane_only}"),
             ));
         }
+        for listener in &self.listeners {
+            if listener.spec.selector.is_some() {
+                out.push(listener.origin.diagnostic(
+                    Some(resource_label(Kind::Listener, &listener.name)),
+                    &FieldPath::root().key("spec").key("selector"),
+                    format!("a gateway selector {control_plane_only}"),
+                ));
+            }
+        }
         for policy in &self.policies {
             if policy.spec.selector.is_some() {
                 out.push(policy.origin.diagnostic(

@@ -52,6 +52,12 @@ pub struct ListenerSpec {
     /// proxy up. Every field has a safe default.
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// In a mesh (the control plane's config): the gateways that run this
+    /// listener, by their labels (`infermesh-proxy gateway --label`), as
+    /// Istio's `Gateway` selector. Absent: every gateway the control plane
+    /// feeds. A proxy's own file cannot have one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<crate::policy::WorkloadSelector>,
 }
 
 /// The lifetimes and sizes of a listener's connections and streams, named

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::scope::{Prepared, View, Workload};
+use crate::scope::{Prepared, ProxyMode, View, Workload};
 use crate::server::ClientInfo;
 
 /// How often each side of a stream says it is alive; three intervals of
@@ -222,7 +222,14 @@ impl ConfigService for ConfigPush {
         if hello.node.is_empty() {
             return Err(Status::invalid_argument("Hello.node must name the proxy"));
         }
+        let Some(mode) = ProxyMode::parse(&hello.mode) else {
+            return Err(Status::invalid_argument(format!(
+                "Hello.mode is {:?}; expected sidecar or gateway",
+                hello.mode
+            )));
+        };
         let workload = Workload {
+            mode,
             node: hello.node.clone(),
             namespace,
             identity: identity.to_string(),
@@ -231,7 +238,7 @@ impl ConfigService for ConfigPush {
         let (outbound, receiver) = mpsc::channel(4);
         let id = self.proxies.next.fetch_add(1, Ordering::Relaxed);
         let prepared = self.prepared.clone();
-        let view = prepared.borrow().sidecar_view(&workload);
+        let view = prepared.borrow().view(&workload);
         self.proxies.lock().insert(
             id,
             ProxyStatus {
@@ -352,7 +359,7 @@ impl Session {
         if self.in_flight.is_some() {
             return Ok(());
         }
-        let view = prepared.sidecar_view(&self.workload);
+        let view = prepared.view(&self.workload);
         let up_to_date = self.held_version.as_deref() == Some(view.version.as_str());
         let refused = self.refused.as_deref() == Some(view.version.as_str());
         self.record(|status| status.desired_version = view.version.clone());
@@ -419,7 +426,7 @@ impl Session {
                     .collect();
                 self.held_version = Some(view.version.clone());
                 self.refused = None;
-                let synced = current.sidecar_view(&self.workload).version == view.version;
+                let synced = current.view(&self.workload).version == view.version;
                 self.record(|status| {
                     status.acked_version = Some(view.version.clone());
                     status.state = if synced {

@@ -16,8 +16,12 @@
 //! - the authorization policies that select it: those of its namespace
 //!   whose selector matches its labels (or that have none), and the
 //!   mesh-wide ones (no namespace), when they name no listener.
+//!
+//! A gateway's scope: the listeners whose selector matches its labels (or
+//! that have none), the routes and policies that name them (attached to
+//! those listeners only), and the backends those routes send to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,9 +32,32 @@ use sha2::{Digest, Sha256};
 
 use crate::source::Snapshot;
 
+/// What a proxy runs as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// A pod's sidecar.
+    Sidecar,
+    /// A gateway.
+    Gateway,
+}
+
+impl ProxyMode {
+    /// The mode a hello names.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "sidecar" => Some(ProxyMode::Sidecar),
+            "gateway" => Some(ProxyMode::Gateway),
+            _ => None,
+        }
+    }
+}
+
 /// The proxy a view is for, as its certificate and its hello say.
 #[derive(Clone, Debug, Serialize)]
 pub struct Workload {
+    /// Sidecar or gateway.
+    pub mode: ProxyMode,
     /// The proxy's name (a pod name).
     pub node: String,
     /// Its namespace, from its certificate's SPIFFE ID.
@@ -109,6 +136,9 @@ pub struct Prepared {
     /// from here to the proxy's acknowledgement.
     pub seen: Instant,
     config: Arc<Config>,
+    /// Every document as written, for the views that attach it
+    /// differently (gateways).
+    documents: HashMap<(Kind, String), Value>,
     backends: HashMap<String, Arc<Pushed>>,
     routes: HashMap<String, Arc<Pushed>>,
     policies: HashMap<String, Arc<Pushed>>,
@@ -118,14 +148,15 @@ impl Prepared {
     /// Writes every resource of `snapshot` as a sidecar receives it.
     pub fn new(snapshot: &Snapshot) -> Self {
         let config = snapshot.config.clone();
-        let mut documents: HashMap<(Kind, String), Value> = config
+        let documents: HashMap<(Kind, String), Value> = config
             .documents()
             .into_iter()
             .map(|d| ((d.kind, d.name), d.value))
             .collect();
-        let mut take = |kind: Kind, name: &str| {
+        let take = |kind: Kind, name: &str| {
             documents
-                .remove(&(kind, name.to_owned()))
+                .get(&(kind, name.to_owned()))
+                .cloned()
                 .expect("every resource has a document")
         };
         let backends = config
@@ -166,14 +197,87 @@ impl Prepared {
             source_version: snapshot.version.clone(),
             seen: Instant::now(),
             config,
+            documents,
             backends,
             routes,
             policies,
         }
     }
 
+    /// What `workload` should hold.
+    pub fn view(&self, workload: &Workload) -> View {
+        match workload.mode {
+            ProxyMode::Sidecar => self.sidecar_view(workload),
+            ProxyMode::Gateway => self.gateway_view(workload),
+        }
+    }
+
+    /// What the gateway `workload` should hold: its listeners, what names
+    /// them (attached to them alone), and the backends its routes use.
+    fn gateway_view(&self, workload: &Workload) -> View {
+        let config = &self.config;
+        let runs: BTreeSet<&str> = config
+            .listeners
+            .iter()
+            .filter(|l| {
+                l.spec
+                    .selector
+                    .as_ref()
+                    .is_none_or(|selector| selector.matches(&workload.labels))
+            })
+            .map(|l| l.name.as_str())
+            .collect();
+        let mut resources = BTreeMap::new();
+        let mut add = |kind: Kind, name: &str, attached: Option<Vec<&str>>| {
+            let mut document = self.documents[&(kind, name.to_owned())].clone();
+            if let Some(spec) = document["spec"].as_object_mut() {
+                spec.remove("selector");
+                if let Some(listeners) = attached {
+                    spec.insert("listeners".into(), Value::from(listeners));
+                }
+            }
+            let pushed = Pushed::new(kind, name.to_owned(), &document);
+            resources.insert(pushed.key(), Arc::new(pushed));
+        };
+        for listener in &runs {
+            add(Kind::Listener, listener, None);
+        }
+        let mut backends = BTreeSet::new();
+        for route in &config.routes {
+            let attached: Vec<&str> = route
+                .spec
+                .listeners
+                .iter()
+                .map(String::as_str)
+                .filter(|l| runs.contains(l))
+                .collect();
+            if attached.is_empty() {
+                continue;
+            }
+            backends.extend(route.spec.rules.iter().flat_map(|r| r.backend_names()));
+            add(Kind::Route, &route.name, Some(attached));
+        }
+        for policy in &config.policies {
+            let attached: Vec<&str> = policy
+                .spec
+                .listeners
+                .iter()
+                .map(String::as_str)
+                .filter(|l| runs.contains(l))
+                .collect();
+            if !attached.is_empty() {
+                add(Kind::AuthorizationPolicy, &policy.name, Some(attached));
+            }
+        }
+        for backend in backends {
+            let pushed = &self.backends[backend];
+            resources.insert(pushed.key(), pushed.clone());
+        }
+        View::new(resources)
+    }
+
     /// What the sidecar of `workload` should hold.
-    pub fn sidecar_view(&self, workload: &Workload) -> View {
+    fn sidecar_view(&self, workload: &Workload) -> View {
         let config = &self.config;
         let in_namespace =
             |namespace: &Option<String>| namespace.as_deref() == Some(&workload.namespace);
@@ -311,6 +415,7 @@ spec:
 
     fn workload(namespace: &str, app: &str) -> Workload {
         Workload {
+            mode: ProxyMode::Sidecar,
             node: format!("{app}-0"),
             namespace: namespace.into(),
             identity: format!("spiffe://cluster.local/ns/{namespace}/sa/{app}"),
@@ -327,13 +432,13 @@ spec:
         let mesh = prepared(MESH);
         // Narrowed to llama: the route, which also needs mistral, is out.
         assert_eq!(
-            keys(&mesh.sidecar_view(&workload("apps", "chat"))),
+            keys(&mesh.view(&workload("apps", "chat"))),
             ["Backend/llama.models"]
         );
         // Not narrowed: every backend and mesh route; the gateway's route
         // (it names a listener) is never a sidecar's.
         assert_eq!(
-            keys(&mesh.sidecar_view(&workload("apps", "batch"))),
+            keys(&mesh.view(&workload("apps", "batch"))),
             [
                 "Backend/llama.models",
                 "Backend/mistral.models",
@@ -341,7 +446,7 @@ spec:
             ]
         );
         assert_eq!(
-            keys(&mesh.sidecar_view(&workload("models", "llama"))),
+            keys(&mesh.view(&workload("models", "llama"))),
             [
                 "AuthorizationPolicy/callers.models",
                 "Backend/llama.models",
@@ -354,7 +459,7 @@ spec:
     #[test]
     fn a_view_loads_as_a_sidecar_config_with_its_routes_and_policies_on_the_capture_listeners() {
         let mesh = prepared(MESH);
-        let view = mesh.sidecar_view(&workload("models", "llama"));
+        let view = mesh.view(&workload("models", "llama"));
         let texts: Vec<(String, String)> = view
             .resources
             .iter()
@@ -381,16 +486,51 @@ spec:
     }
 
     #[test]
+    fn a_gateway_runs_the_listeners_that_select_it_and_what_names_them() {
+        let text = format!(
+            "{MESH}---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: internal }}
+spec: {{ address: 127.0.0.1:8081, selector: {{ matchLabels: {{ gateway: internal }} }} }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: both }}
+spec:
+  listeners: [public, internal]
+  rules: [{{ backends: [{{ name: mistral.models }}] }}]
+"
+        );
+        let mesh = prepared(&text);
+        let mut edge = workload("edge", "edge");
+        edge.mode = ProxyMode::Gateway;
+        let view = mesh.view(&edge);
+        assert_eq!(
+            keys(&view),
+            [
+                "Backend/llama.models",
+                "Backend/mistral.models",
+                "Listener/public",
+                "Route/both",
+                "Route/edge"
+            ]
+        );
+        let both: Value =
+            serde_json::from_str(&view.resources["Route/both"].document_json).unwrap();
+        assert_eq!(both["spec"]["listeners"], serde_json::json!(["public"]));
+        edge.labels.insert("gateway".into(), "internal".into());
+        assert!(mesh.view(&edge).resources.contains_key("Listener/internal"));
+    }
+
+    #[test]
     fn an_endpoint_change_changes_only_the_views_that_hold_its_backend() {
         let before = prepared(MESH);
         let after = prepared(&MESH.replace("127.0.0.1:9002", "127.0.0.1:9012"));
         let chat = workload("apps", "chat");
         let batch = workload("apps", "batch");
-        assert_eq!(
-            before.sidecar_view(&chat).version,
-            after.sidecar_view(&chat).version
-        );
-        let (old, new) = (before.sidecar_view(&batch), after.sidecar_view(&batch));
+        assert_eq!(before.view(&chat).version, after.view(&chat).version);
+        let (old, new) = (before.view(&batch), after.view(&batch));
         assert_ne!(old.version, new.version);
         let changed: Vec<&String> = new
             .resources

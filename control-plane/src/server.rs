@@ -443,7 +443,7 @@ fn admin(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes
                         ),
                     ),
                     Some(proxy) => {
-                        let view = prepared.borrow().sidecar_view(&proxy.workload);
+                        let view = prepared.borrow().view(&proxy.workload);
                         let documents: Vec<serde_json::Value> = view
                             .resources
                             .values()
