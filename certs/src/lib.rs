@@ -66,6 +66,14 @@ pub use resolve::StoreCertResolver;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use store::{CertStore, CertificateInfo, StoreError};
 pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier};
+/// The certificates of a PEM text (every `CERTIFICATE` block, in order),
+/// or what is wrong with it.
+pub fn parse_certificates(
+    pem: &str,
+) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    pem_io::certificates(pem.as_bytes())
+}
+
 pub use workload::{
     CertificateRequest, DEFAULT_RENEWAL_JITTER, WorkloadError, WorkloadKey, renewal_time,
 };

@@ -70,11 +70,24 @@ impl WorkloadKey {
     /// a hint for humans and logs: the CA takes the identity from the caller's
     /// authenticated credential and uses nothing but the public key.
     pub fn csr(&self, identity: &SpiffeId) -> Result<CertificateRequest, WorkloadError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
         let uri =
             rcgen::string::Ia5String::try_from(identity.to_string()).map_err(WorkloadError::Csr)?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        self.request(vec![SanType::URI(uri)])
+    }
+
+    /// A CSR that names no identity, for a workload that does not know
+    /// its own yet: the CA gives it the one its credential proves.
+    pub fn csr_without_identity(&self) -> Result<CertificateRequest, WorkloadError> {
+        self.request(Vec::new())
+    }
+
+    fn request(
+        &self,
+        subject_alt_names: Vec<SanType>,
+    ) -> Result<CertificateRequest, WorkloadError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = subject_alt_names;
         let csr = params
             .serialize_request(&self.key)
             .map_err(WorkloadError::Csr)?;
