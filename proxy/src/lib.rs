@@ -37,10 +37,11 @@ mod snapshot;
 mod transport;
 
 pub use app::config_file::{ConfigFileError, load as load_config_file};
+pub use app::control_plane::ControlPlaneOptions;
 pub use app::identity::IdentityFiles;
 pub use app::logging::{LogControl, LogFormat, init as init_logging};
-pub use app::run::{Mode, RunOptions, run};
-pub use app::sidecar::log_user as log_sidecar_user;
+pub use app::run::{ConfigFrom, Mode, RunOptions, run};
+pub use app::sidecar::{CaptureAddresses, log_user as log_sidecar_user};
 
 /// The per-request work the proxy adds, public for the hot-path
 /// benchmarks (`benches/hot_path.rs`) and the fuzz targets (`fuzz/`):

@@ -11,7 +11,10 @@ use clap::{Args, Parser, Subcommand};
 use infermesh_init::{
     self as intercept, CidrList, InterceptConfig, Iptables, Ipv4Cidr, PortList, Selection,
 };
-use infermesh_proxy::{ConfigFileError, IdentityFiles, LogFormat, Mode, RunOptions};
+use infermesh_proxy::{
+    CaptureAddresses, ConfigFileError, ConfigFrom, ControlPlaneOptions, IdentityFiles, LogFormat,
+    Mode, RunOptions,
+};
 
 /// infermesh's proxy for model-serving traffic.
 #[derive(Parser, Debug)]
@@ -34,13 +37,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a gateway in front of model servers, from one YAML file.
-    Gateway(RunArgs),
-    /// Run as a pod's sidecar: the file's listeners, backends, routes and
-    /// policies, plus the capture listeners `inbound` (0.0.0.0:15006) and
-    /// `outbound` (127.0.0.1:15001) unless the file defines listeners of
-    /// those names. Needs an identity (--identity-cert...).
-    Sidecar(RunArgs),
+    /// Run a gateway in front of model servers, from one YAML file
+    /// (--config), or with the listeners the control plane selects for it
+    /// (--control-plane, with --label).
+    Gateway(GatewayArgs),
+    /// Run as a pod's sidecar: the capture listeners `inbound`
+    /// (0.0.0.0:15006) and `outbound` (127.0.0.1:15001), plus the
+    /// backends, routes and policies of the control plane
+    /// (--control-plane, which also signs its certificate) or of a file
+    /// (--config, with --identity-cert...), which may redefine either
+    /// listener.
+    Sidecar(SidecarArgs),
     /// Validate a config file without starting; prints every problem with
     /// its file, line, column and field.
     Check {
@@ -132,7 +139,7 @@ struct RunArgs {
     /// The config file (Listener, Backend, Route and AuthorizationPolicy
     /// documents).
     #[arg(long, short, env = "INFERMESH_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Admin server address: /config, /endpoints, /drain, /log-level.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_address: SocketAddr,
@@ -155,15 +162,112 @@ struct RunArgs {
     #[arg(long, requires = "identity_cert", env = "INFERMESH_IDENTITY_KEY")]
     identity_key: Option<PathBuf>,
     /// The trusted root certificates (PEM).
-    #[arg(long, requires = "identity_cert", env = "INFERMESH_TRUST_BUNDLE")]
+    #[arg(long, env = "INFERMESH_TRUST_BUNDLE")]
     trust_bundle: Option<PathBuf>,
 }
 
+/// `infermesh-proxy gateway`'s options.
+#[derive(Args, Debug)]
+struct GatewayArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    mesh: ControlPlaneArgs,
+}
+
+/// `infermesh-proxy sidecar`'s options.
+#[derive(Args, Debug)]
+struct SidecarArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    capture: CaptureArgs,
+    #[command(flatten)]
+    mesh: ControlPlaneArgs,
+}
+
+/// Where the sidecar's capture listeners bind.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Capture")]
+struct CaptureArgs {
+    /// The `inbound` capture listener's address (where `init`'s iptables
+    /// rules send incoming connections).
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    inbound_address: SocketAddr,
+    /// The `outbound` capture listener's address (where `init`'s iptables
+    /// rules send the app's own calls).
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound_address: SocketAddr,
+}
+
+/// How a sidecar reaches its control plane.
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Control plane")]
+struct ControlPlaneArgs {
+    /// Control plane addresses (host:port), comma-separated: the sidecar
+    /// gets its certificate and config from any of them (instead of
+    /// --config and --identity-cert), and fails over between them.
+    #[arg(long, value_delimiter = ',', env = "INFERMESH_CONTROL_PLANE", conflicts_with_all = ["config", "identity_cert"], requires_all = ["credential", "trust_bundle"])]
+    control_plane: Vec<String>,
+    /// The file with the workload's credential: a join token
+    /// (`infermesh-control-plane token create`).
+    #[arg(long, env = "INFERMESH_CREDENTIAL")]
+    credential: Option<PathBuf>,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local", env = "INFERMESH_TRUST_DOMAIN")]
+    trust_domain: String,
+    /// The control plane's SPIFFE ID [default:
+    /// spiffe://<trust domain>/ns/infermesh-system/sa/control-plane].
+    #[arg(long)]
+    control_plane_identity: Option<String>,
+    /// The proxy's name in the mesh, as `status` shows it [default: the
+    /// host name, which is the pod name in Kubernetes].
+    #[arg(long, env = "INFERMESH_NODE")]
+    node: Option<String>,
+    /// The workload's labels (key=value, comma-separated), which `Sidecar`
+    /// resources and policy selectors match.
+    #[arg(long = "label", value_delimiter = ',', value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+}
+
+impl ControlPlaneArgs {
+    /// The control plane to get the config from, if one is given.
+    fn into_config(self, run: &RunArgs) -> Result<Option<ConfigFrom>, String> {
+        if self.control_plane.is_empty() {
+            if !self.labels.is_empty() || self.credential.is_some() {
+                return Err("--label and --credential go with --control-plane".into());
+            }
+            return Ok(None);
+        }
+        let node = self.node.or_else(host_name).unwrap_or_default();
+        if node.is_empty() {
+            return Err("name the proxy with --node (the host name is unknown)".into());
+        }
+        Ok(Some(ConfigFrom::ControlPlane(ControlPlaneOptions {
+            addresses: self.control_plane,
+            credential: self.credential.expect("clap requires it"),
+            trust_bundle: run.trust_bundle.clone().expect("clap requires it"),
+            trust_domain: self.trust_domain,
+            control_plane_identity: self.control_plane_identity,
+            node,
+            labels: self.labels.into_iter().collect(),
+        })))
+    }
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not key=value")),
+    }
+}
+
 impl RunArgs {
-    fn into_options(self, mode: Mode) -> RunOptions {
+    fn into_options(self, mode: Mode, config: ConfigFrom, capture: CaptureAddresses) -> RunOptions {
         RunOptions {
             mode,
-            config: self.config,
+            config,
+            capture,
             admin_address: self.admin_address,
             health_address: self.health_address,
             shutdown_grace_period: self.shutdown_grace_period,
@@ -192,15 +296,53 @@ fn main() -> ExitCode {
             );
         }
         Command::Init(args) => return init(&args),
-        Command::Gateway(args) => args.into_options(Mode::Gateway),
-        Command::Sidecar(args) => {
-            if args.identity_cert.is_none() {
-                eprintln!(
-                    "infermesh-proxy: a sidecar needs its identity for mutual TLS: give --identity-cert, --identity-key and --trust-bundle (see `infermesh-control-plane ca issue`)"
-                );
-                return ExitCode::from(2);
-            }
-            args.into_options(Mode::Sidecar)
+        Command::Gateway(GatewayArgs { run, mesh }) => {
+            let config = match mesh.into_config(&run) {
+                Ok(Some(control_plane)) => control_plane,
+                Ok(None) => {
+                    let Some(config) = run.config.clone() else {
+                        eprintln!(
+                            "infermesh-proxy: a gateway runs from its config file (--config) or from the control plane (--control-plane)"
+                        );
+                        return ExitCode::from(2);
+                    };
+                    if run.trust_bundle.is_some() && run.identity_cert.is_none() {
+                        eprintln!(
+                            "infermesh-proxy: --trust-bundle goes with --identity-cert and --identity-key"
+                        );
+                        return ExitCode::from(2);
+                    }
+                    ConfigFrom::File(config)
+                }
+                Err(e) => {
+                    eprintln!("infermesh-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run.into_options(Mode::Gateway, config, CaptureAddresses::default())
+        }
+        Command::Sidecar(SidecarArgs { run, capture, mesh }) => {
+            let config = match mesh.into_config(&run) {
+                Ok(Some(control_plane)) => control_plane,
+                Ok(None) => {
+                    let (Some(config), Some(_)) = (run.config.clone(), &run.identity_cert) else {
+                        eprintln!(
+                            "infermesh-proxy: a sidecar needs its config and its identity for mutual TLS: give --control-plane (with --credential and --trust-bundle), or --config with --identity-cert, --identity-key and --trust-bundle (see `infermesh-control-plane ca issue`)"
+                        );
+                        return ExitCode::from(2);
+                    };
+                    ConfigFrom::File(config)
+                }
+                Err(e) => {
+                    eprintln!("infermesh-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let capture = CaptureAddresses {
+                inbound: capture.inbound_address,
+                outbound: capture.outbound_address,
+            };
+            run.into_options(Mode::Sidecar, config, capture)
         }
     };
     let log = match infermesh_proxy::init_logging(cli.log_format, &cli.log_level) {
@@ -229,6 +371,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The machine's host name (a pod's name in Kubernetes).
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME").ok().or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|name| name.trim().to_owned())
+    })
 }
 
 /// `init`: a one-shot that runs the iptables programs; it needs neither
@@ -310,7 +461,18 @@ fn listed(items: &[String]) -> String {
 }
 
 fn check(path: &std::path::Path, mode: Mode) -> ExitCode {
-    match infermesh_proxy::load_config_file(path, mode.built_in()) {
+    let built_in = match mode {
+        Mode::Gateway => Vec::new(),
+        Mode::Sidecar => vec![CaptureAddresses::default().built_in_documents()],
+    };
+    let sources: Vec<infermesh_api::Source<'_>> = built_in
+        .iter()
+        .map(|text| infermesh_api::Source {
+            name: "<sidecar built-in listeners>",
+            text,
+        })
+        .collect();
+    match infermesh_proxy::load_config_file(path, &sources) {
         Ok((config, _)) => {
             println!(
                 "{}: ok ({} listeners, {} backends, {} routes; version {})",

@@ -45,8 +45,9 @@ pub(crate) struct Admin {
     pub registry: Registry,
     /// The log filter.
     pub log: Arc<LogControl>,
-    /// The config file being served.
-    pub config_file: PathBuf,
+    /// The config file being served; none when the control plane pushes
+    /// the config.
+    pub config_file: Option<PathBuf>,
 }
 
 type Handler =
@@ -209,7 +210,7 @@ fn config(admin: &Admin) -> Response<ProxyBody> {
         &json!({
             "version": snapshot.version,
             "appliedAt": humantime::format_rfc3339_seconds(snapshot.applied_at).to_string(),
-            "file": admin.config_file.display().to_string(),
+            "file": admin.config_file.as_ref().map(|f| f.display().to_string()),
             "documents": &*snapshot.config,
         }),
     )

@@ -1,12 +1,14 @@
 //! The app layer: the proxy as a process. Running it as a gateway or a
 //! sidecar and applying config changes ([`run`]), its config file
-//! ([`config_file`]) and identity files ([`identity`]), both watched, the
+//! ([`config_file`]) and identity files ([`identity`]), both watched, or
+//! the control plane's push and certificates ([`control_plane`]), the
 //! admin and health servers ([`admin`]), readiness and drain
 //! ([`lifecycle`]), logging ([`logging`]), the sidecar's built-in capture
 //! listeners ([`sidecar`]) and the config metrics ([`metrics`]).
 
 pub(crate) mod admin;
 pub(crate) mod config_file;
+pub(crate) mod control_plane;
 pub(crate) mod identity;
 pub(crate) mod lifecycle;
 pub(crate) mod logging;

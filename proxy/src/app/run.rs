@@ -1,26 +1,31 @@
-//! Running the proxy, as a gateway or as a sidecar, from one YAML file:
-//! loads the file, binds its listeners and the operator servers, and then
-//! applies changes to the file (seen by a watch, or on SIGHUP) without
-//! dropping a request, until SIGTERM or `POST /drain` drains it. A gateway
-//! runs the file as written; a sidecar ([`crate::app::sidecar`]) adds its
-//! capture listeners as built-in documents the file may replace.
+//! Running the proxy, as a gateway or as a sidecar, from one YAML file or
+//! from the control plane: loads the config, binds its listeners and the
+//! operator servers, and then applies changes (to the file, seen by a
+//! watch or on SIGHUP; or pushed by the control plane) without dropping a
+//! request, until SIGTERM or `POST /drain` drains it. A gateway runs the
+//! file as written; a sidecar ([`crate::app::sidecar`]) adds its capture
+//! listeners as built-in documents the config may replace. A proxy fed by
+//! the control plane ([`crate::app::control_plane`]) serves nothing, and
+//! is not ready, until its first certificate and config have come.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_api::Source;
+use infermesh_api::{Config, Source};
+use infermesh_certs::CertStore;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::app::admin::{self, Admin};
 use crate::app::config_file::{self, ConfigFileError, FileText};
+use crate::app::control_plane::{self, ControlPlaneOptions, Pushed};
 use crate::app::identity::{Identity, IdentityFiles};
 use crate::app::lifecycle::Lifecycle;
 use crate::app::logging::LogControl;
 use crate::app::metrics::Metrics;
-use crate::app::sidecar;
+use crate::app::sidecar::{self, CaptureAddresses};
 use crate::core::metrics::Registry;
 use crate::server::listener::{BindError, Listeners};
 use crate::server::shared::Shared;
@@ -37,14 +42,23 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The documents loaded with the file, which it may replace by
-    /// defining a resource of the same kind and name.
-    pub fn built_in(self) -> &'static [Source<'static>] {
+    fn as_str(self) -> &'static str {
         match self {
-            Mode::Gateway => &[],
-            Mode::Sidecar => sidecar::BUILT_IN,
+            Mode::Gateway => "gateway",
+            Mode::Sidecar => "sidecar",
         }
     }
+}
+
+/// Where the proxy's config comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigFrom {
+    /// A YAML file, watched, with the proxy's listeners, backends, routes
+    /// and policies.
+    File(PathBuf),
+    /// The control plane's push; the control plane also signs the proxy's
+    /// certificate.
+    ControlPlane(ControlPlaneOptions),
 }
 
 /// How the proxy is started.
@@ -52,9 +66,8 @@ impl Mode {
 pub struct RunOptions {
     /// Gateway or sidecar.
     pub mode: Mode,
-    /// The YAML file with the proxy's listeners, backends, routes and
-    /// policies.
-    pub config: PathBuf,
+    /// Where the config comes from.
+    pub config: ConfigFrom,
     /// Admin server address (keep it on loopback).
     pub admin_address: SocketAddr,
     /// Health and metrics server address.
@@ -67,6 +80,31 @@ pub struct RunOptions {
     /// The proxy's own certificate files, for listeners and backends with
     /// mutual TLS.
     pub identity: Option<IdentityFiles>,
+    /// Where a sidecar's capture listeners bind.
+    pub capture: CaptureAddresses,
+}
+
+impl RunOptions {
+    /// The text of the documents loaded with the config, which it may
+    /// replace by defining a resource of the same kind and name: a
+    /// sidecar's capture listeners.
+    fn built_in(&self) -> String {
+        match self.mode {
+            Mode::Gateway => String::new(),
+            Mode::Sidecar => self.capture.built_in_documents(),
+        }
+    }
+}
+
+/// `text` as the built-in documents of a config, if there are any.
+fn built_in_sources(text: &str) -> Vec<Source<'_>> {
+    if text.is_empty() {
+        return Vec::new();
+    }
+    vec![Source {
+        name: sidecar::BUILT_IN_NAME,
+        text,
+    }]
 }
 
 /// Why a config could not be applied.
@@ -104,11 +142,24 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
     ));
     let metrics = Metrics::register(&registry);
     let server_metrics = crate::server::Metrics::register(&registry);
-    let built_in = options.mode.built_in();
-    let (config, text) = config_file::load(&options.config, built_in).map_err(|e| match e {
-        ConfigFileError::Invalid(d) => anyhow::anyhow!("refusing to start: {d}"),
-        other => anyhow::anyhow!(other),
-    })?;
+    let built_in = options.built_in();
+    let (config, source) = match &options.config {
+        ConfigFrom::File(path) => {
+            let (config, text) =
+                config_file::load(path, &built_in_sources(&built_in)).map_err(|e| match e {
+                    ConfigFileError::Invalid(d) => anyhow::anyhow!("refusing to start: {d}"),
+                    other => anyhow::anyhow!(other),
+                })?;
+            let source = ConfigSource::File {
+                path: path.clone(),
+                text,
+                refused: None,
+            };
+            (config, source)
+        }
+        // Nothing to serve until the control plane says what.
+        ConfigFrom::ControlPlane(_) => (Config::default(), ConfigSource::ControlPlane),
+    };
 
     let health_socket = admin::bind("health", options.health_address).await?;
     let admin_socket = admin::bind("admin", options.admin_address).await?;
@@ -120,6 +171,14 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
         ),
         None => None,
     };
+    let (store, updates) = match &options.config {
+        ConfigFrom::ControlPlane(cp) => {
+            let client = control_plane::start(cp.clone(), options.mode.as_str(), &registry)
+                .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
+            (Some(client.store), Some(client.updates))
+        }
+        ConfigFrom::File(_) => (identity.as_ref().map(|i| i.store().clone()), None),
+    };
     let mut listeners = Listeners::new();
     let plan = listeners.prepare(&config).await?;
     let snapshot = Snapshot::build(
@@ -128,7 +187,7 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
         &plan.draining,
         None,
         &server_metrics.snapshot,
-        identity.as_ref().map(Identity::store),
+        store.as_ref(),
     )
     .await
     .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
@@ -141,7 +200,10 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
         lifecycle: lifecycle.clone(),
         registry,
         log,
-        config_file: options.config.clone(),
+        config_file: match &source {
+            ConfigSource::File { path, .. } => Some(path.clone()),
+            ConfigSource::ControlPlane => None,
+        },
     });
     admin::spawn_health(health_socket, admin.clone());
     admin::spawn_admin(admin_socket, admin);
@@ -152,14 +214,18 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
         lifecycle,
         metrics,
         listeners,
-        text,
-        refused: None,
+        source,
         identity,
+        store,
     };
-    serving.metrics.applied(&serving.shared.snapshot.load());
-    serving.lifecycle.set_serving();
-    tracing::info!(version = %serving.shared.snapshot.load().version, "serving");
-    serving.serve_until_shutdown(signals).await
+    if matches!(serving.source, ConfigSource::File { .. }) {
+        serving.metrics.applied(&serving.shared.snapshot.load());
+        serving.lifecycle.set_serving();
+        tracing::info!(version = %serving.shared.snapshot.load().version, "serving");
+    } else {
+        tracing::info!("waiting for a certificate and a config from the control plane");
+    }
+    serving.serve_until_shutdown(signals, updates).await
 }
 
 /// The signals the gateway acts on.
@@ -186,23 +252,50 @@ struct Serving {
     lifecycle: Arc<Lifecycle>,
     metrics: Metrics,
     listeners: Listeners,
-    /// The text of the config file that is serving.
-    text: FileText,
-    /// The text of the file as last refused, until it changes.
-    refused: Option<FileText>,
-    /// The proxy's own certificate, if it has one.
+    /// Where the config comes from.
+    source: ConfigSource,
+    /// The proxy's own certificate files, if it reads them.
     identity: Option<Identity>,
+    /// The proxy's own certificate, from its files or the control plane.
+    store: Option<Arc<CertStore>>,
+}
+
+/// Where the serving config came from.
+enum ConfigSource {
+    File {
+        path: PathBuf,
+        /// The text of the config file that is serving.
+        text: FileText,
+        /// The text of the file as last refused, until it changes.
+        refused: Option<FileText>,
+    },
+    ControlPlane,
+}
+
+/// The next update the control plane pushed; never, without one.
+async fn next_update(updates: &mut Option<mpsc::Receiver<Pushed>>) -> Option<Pushed> {
+    match updates {
+        Some(updates) => updates.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Serving {
-    async fn serve_until_shutdown(&mut self, mut signals: Signals) -> anyhow::Result<()> {
+    async fn serve_until_shutdown(
+        &mut self,
+        mut signals: Signals,
+        mut updates: Option<mpsc::Receiver<Pushed>>,
+    ) -> anyhow::Result<()> {
         let (file_changed, mut changes) = mpsc::channel(1);
-        let _watcher = match config_file::watch(&self.options.config, file_changed) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the config file; reload it with SIGHUP");
-                None
-            }
+        let _watcher = match &self.source {
+            ConfigSource::File { path, .. } => match config_file::watch(path, file_changed) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the config file; reload it with SIGHUP");
+                    None
+                }
+            },
+            ConfigSource::ControlPlane => None,
         };
         let (identity_changed, mut identity_changes) = mpsc::channel(1);
         let _identity_watchers = match self.identity.as_ref().map(|i| i.watch(identity_changed)) {
@@ -232,6 +325,10 @@ impl Serving {
                         identity.reload();
                     }
                     self.reload(Trigger::Signal).await
+                }
+                Some(pushed) = next_update(&mut updates) => {
+                    let applied = self.apply_pushed(&pushed).await;
+                    let _ = pushed.applied.send(applied);
                 }
                 _ = self.lifecycle.drain_requested() => {
                     self.drain().await;
@@ -266,17 +363,66 @@ impl Serving {
         }
     }
 
+    /// Applies an update of the control plane whole, or not at all: the
+    /// error says why not, for the control plane to record.
+    async fn apply_pushed(&mut self, pushed: &Pushed) -> Result<(), String> {
+        if self.lifecycle.is_draining() {
+            return Err("the proxy is draining; it applies no more config".into());
+        }
+        let sources: Vec<Source<'_>> = pushed
+            .documents
+            .iter()
+            .map(|(name, text)| Source { name, text })
+            .collect();
+        let built_in = self.options.built_in();
+        let config = Config::load_with_defaults(&sources, &built_in_sources(&built_in))
+            .map_err(|d| d.to_string().trim_end().to_owned())?;
+        let mesh_only = config.mesh_only_problems();
+        if !mesh_only.is_empty() {
+            return Err(mesh_only.to_string().trim_end().to_owned());
+        }
+        match self.apply(config).await {
+            Ok(()) => {
+                self.metrics.last_reload_successful.set(1);
+                if !self.lifecycle.is_ready() {
+                    self.metrics.applied(&self.shared.snapshot.load());
+                    self.lifecycle.set_serving();
+                    tracing::info!(version = %self.shared.snapshot.load().version, control_plane_version = %pushed.version, "serving the control plane's config");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.refuse(&e);
+                Err(e.to_string())
+            }
+        }
+    }
+
     async fn reload(&mut self, trigger: Trigger) {
         if self.lifecycle.is_draining() {
             tracing::info!("draining; config changes are no longer applied");
             return;
         }
-        let text = match config_file::read(&self.options.config) {
+        let ConfigSource::File {
+            path,
+            text: serving,
+            refused,
+        } = &self.source
+        else {
+            if trigger == Trigger::Signal {
+                tracing::info!(
+                    "the config comes from the control plane; SIGHUP reloads only identity files"
+                );
+            }
+            return;
+        };
+        let path = path.clone();
+        let text = match config_file::read(&path) {
             Ok(text) => text,
             Err(e) => return self.refuse(&ReloadError::File(e)),
         };
-        if text == self.text {
-            if self.refused.is_some() {
+        if &text == serving {
+            if refused.is_some() {
                 tracing::info!(version = %self.shared.snapshot.load().version, "config file is back to the serving version");
                 self.accept(text);
             } else if trigger == Trigger::Signal {
@@ -286,23 +432,28 @@ impl Serving {
         }
         // A change elsewhere in the directory is no reason to refuse the
         // same broken file again; SIGHUP asks for it explicitly.
-        if trigger == Trigger::FileChanged && self.refused.as_ref() == Some(&text) {
+        if trigger == Trigger::FileChanged && refused.as_ref() == Some(&text) {
             return;
         }
-        match self.apply(&text).await {
+        let built_in = self.options.built_in();
+        let applied = match config_file::parse(&path, &text, &built_in_sources(&built_in)) {
+            Ok(config) => self.apply(config).await,
+            Err(e) => Err(ReloadError::File(e)),
+        };
+        match applied {
             Ok(()) => self.accept(text),
             Err(e) => {
-                self.refused = Some(text);
+                if let ConfigSource::File { refused, .. } = &mut self.source {
+                    *refused = Some(text);
+                }
                 self.refuse(&e);
             }
         }
     }
 
-    /// Validates `text` and, if it is valid, swaps in its snapshot and
-    /// brings the listeners in line. Nothing changes on an error.
-    async fn apply(&mut self, text: &FileText) -> Result<(), ReloadError> {
-        let config = config_file::parse(&self.options.config, text, self.options.mode.built_in())
-            .map_err(ReloadError::File)?;
+    /// Swaps in the snapshot of a valid `config` and brings the listeners
+    /// in line. Nothing changes on an error.
+    async fn apply(&mut self, config: Config) -> Result<(), ReloadError> {
         let current = self.shared.snapshot.load_full();
         if config.version() == current.version {
             tracing::info!(version = %current.version, "config file changed, but not its meaning");
@@ -319,7 +470,7 @@ impl Serving {
             &plan.draining,
             Some(&current),
             &self.shared.metrics.snapshot,
-            self.identity.as_ref().map(Identity::store),
+            self.store.as_ref(),
         )
         .await
         .map_err(ReloadError::Build)?;
@@ -334,8 +485,15 @@ impl Serving {
 
     /// Remembers `text` as the file content being served.
     fn accept(&mut self, text: FileText) {
-        self.text = text;
-        self.refused = None;
+        if let ConfigSource::File {
+            text: serving,
+            refused,
+            ..
+        } = &mut self.source
+        {
+            *serving = text;
+            *refused = None;
+        }
         self.metrics.last_reload_successful.set(1);
     }
 

@@ -8,9 +8,8 @@
 //! outside the mesh passed through). The config file may redefine either
 //! listener by name to change its address or modes.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
-
-use infermesh_api::Source;
 
 /// Logs the user the sidecar runs as: `infermesh-proxy init` must exempt
 /// it (`--proxy-uid`, default 1337), or the sidecar's own connections are
@@ -27,39 +26,70 @@ pub fn log_user() {
     }
 }
 
-/// The capture listeners every sidecar has unless its config file defines
+/// Where a sidecar's capture listeners bind, unless its config defines
 /// listeners of the same names.
-pub(crate) const BUILT_IN: &[Source<'static>] = &[Source {
-    name: "<sidecar built-in listeners>",
-    text: "apiVersion: infermesh.io/v1alpha1
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureAddresses {
+    /// `inbound`: where iptables sends the pod's incoming connections.
+    pub inbound: SocketAddr,
+    /// `outbound`: where iptables sends the app's own calls.
+    pub outbound: SocketAddr,
+}
+
+impl Default for CaptureAddresses {
+    /// The ports `infermesh-proxy init` redirects to: 15006 and 15001.
+    fn default() -> Self {
+        CaptureAddresses {
+            inbound: SocketAddr::from(([0, 0, 0, 0], 15006)),
+            outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
+        }
+    }
+}
+
+/// How errors name the built-in documents.
+pub(crate) const BUILT_IN_NAME: &str = "<sidecar built-in listeners>";
+
+impl CaptureAddresses {
+    /// The built-in documents of the two capture listeners: `inbound`
+    /// (mutual TLS permissive, as Istio's is) and `outbound`.
+    pub fn built_in_documents(&self) -> String {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1
 kind: Listener
-metadata: { name: inbound }
+metadata: {{ name: inbound }}
 spec:
-  address: 0.0.0.0:15006
+  address: \"{}\"
   capture: inbound
-  tls: { mode: permissive }
+  tls: {{ mode: permissive }}
 ---
 apiVersion: infermesh.io/v1alpha1
 kind: Listener
-metadata: { name: outbound }
+metadata: {{ name: outbound }}
 spec:
-  address: 127.0.0.1:15001
+  address: \"{}\"
   capture: outbound
 ",
-}];
+            self.inbound, self.outbound
+        )
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infermesh_api::{Capture, Config, OutsideMesh, TlsMode};
+    use infermesh_api::{Capture, Config, OutsideMesh, Source, TlsMode};
 
     fn load(file: &str) -> Config {
+        let built_in = CaptureAddresses::default().built_in_documents();
         Config::load_with_defaults(
             &[Source {
                 name: "sidecar.yaml",
                 text: file,
             }],
-            BUILT_IN,
+            &[Source {
+                name: BUILT_IN_NAME,
+                text: &built_in,
+            }],
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }
