@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod client;
 pub mod identity;
+pub mod mesh;
 pub mod models;
 pub mod netns;
 pub mod process;

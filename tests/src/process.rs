@@ -60,12 +60,25 @@ impl Gateway {
         Self::start_mode(&["ip", "netns", "exec", namespace], "sidecar", config, args)
     }
 
+    /// Starts `infermesh-proxy <mode>` fed by a control plane (`args`
+    /// give `--control-plane` and the rest), and waits until it serves
+    /// the control plane's first config.
+    pub fn start_from_control_plane(mode: &str, args: &[&str]) -> Gateway {
+        Self::start_with(&[], mode, None, args)
+    }
+
     /// Starts the proxy in `mode`, through the `wrapper` command if any
     /// (which must exec the proxy, so that killing it kills the proxy).
     fn start_mode(wrapper: &[&str], mode: &str, config: &str, args: &[&str]) -> Gateway {
+        Self::start_with(wrapper, mode, Some(config), args)
+    }
+
+    fn start_with(wrapper: &[&str], mode: &str, config: Option<&str>, args: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("gateway.yaml");
-        std::fs::write(&path, config).expect("write the config");
+        if let Some(config) = config {
+            std::fs::write(&path, config).expect("write the config");
+        }
         let proxy = crate::binary("infermesh-proxy");
         let mut command = match wrapper.split_first() {
             None => Command::new(&proxy),
@@ -78,8 +91,8 @@ impl Gateway {
         let mut child = command
             .args(["--log-format", "json", "--log-level", "info"])
             .arg(mode)
-            .arg("--config")
-            .arg(&path)
+            .args(config.map(|_| "--config"))
+            .args(config.map(|_| &path))
             .args([
                 "--admin-address",
                 "127.0.0.1:0",
@@ -103,7 +116,12 @@ impl Gateway {
             admin: "0.0.0.0:0".parse().expect("address"),
             health: "0.0.0.0:0".parse().expect("address"),
         };
-        gateway.wait_for_log(|l| l["message"] == "serving", Duration::from_secs(30));
+        let serving = if config.is_some() {
+            "serving"
+        } else {
+            "serving the control plane's config"
+        };
+        gateway.wait_for_log(|l| l["message"] == serving, Duration::from_secs(30));
         gateway.admin = gateway.server_address("admin");
         gateway.health = gateway.server_address("health");
         gateway
@@ -150,6 +168,12 @@ impl Gateway {
         &self.config
     }
 
+    /// Kills the proxy at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.exited = self.child.wait().ok();
+    }
+
     /// Sends `signal` to the gateway.
     pub fn signal(&self, signal: Signal) {
         let pid = i32::try_from(self.child.id()).expect("pid fits i32");
@@ -187,6 +211,13 @@ impl Gateway {
                     "no matching log line within {timeout:?}; log:\n{}",
                     self.dump()
                 );
+                // The binary prints why it stopped before it exits.
+                let stopped = self.logs.lock().expect("log lock").iter().any(|l| {
+                    l["raw"]
+                        .as_str()
+                        .is_some_and(|raw| raw.starts_with("infermesh-proxy: "))
+                });
+                assert!(!stopped, "the proxy stopped; log:\n{}", self.dump());
                 std::thread::sleep(Duration::from_millis(10));
             }
         })

@@ -1,0 +1,446 @@
+//! A mesh on loopback, every part the real binary: one control plane fed
+//! by a config directory, two sidecars (`chat-0`, narrowed by a `Sidecar`
+//! resource to the llama backends, and `batch-0`, which sees every
+//! backend), a gateway (`edge-0`), and mock model servers. The proxies get
+//! their certificates and config from the control plane; these tests
+//! change the directory under load and check what each proxy receives,
+//! applies or refuses, and what `status` says of it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::Full;
+use infermesh_tests::backend::{MockBackend, Protocol};
+use infermesh_tests::client::{self, SteadyLoad, metric_value};
+use infermesh_tests::mesh::{ControlPlane, MeshFiles};
+use infermesh_tests::process::Gateway;
+
+const SYNC: Duration = Duration::from_secs(15);
+
+/// The mesh's documents: `llama` (hostname `llama.models`) and the
+/// gateway's `edge` route both send to backend `target`; `mistral` has
+/// `mistral_endpoints`; the gateway's listener binds `public`.
+fn documents(
+    v1: SocketAddr,
+    v2: SocketAddr,
+    mistral_endpoints: &[SocketAddr],
+    target: &str,
+    public: &str,
+) -> String {
+    let mistral: Vec<String> = mistral_endpoints
+        .iter()
+        .map(|e| format!("{{ address: \"{e}\" }}"))
+        .collect();
+    format!(
+        "apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: llama-v1, namespace: models }}
+spec: {{ endpoints: [{{ address: \"{v1}\" }}] }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: llama-v2, namespace: models }}
+spec: {{ endpoints: [{{ address: \"{v2}\" }}] }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: mistral, namespace: models }}
+spec: {{ endpoints: [{mistral}] }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: llama, namespace: models }}
+spec:
+  hostnames: [llama.models]
+  rules: [{{ backends: [{{ name: {target} }}] }}]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Sidecar
+metadata: {{ name: chat, namespace: apps }}
+spec:
+  selector: {{ matchLabels: {{ app: chat }} }}
+  egress: [llama-v1.models, llama-v2.models]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: public }}
+spec: {{ address: \"{public}\" }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: edge }}
+spec:
+  listeners: [public]
+  rules: [{{ backends: [{{ name: {target}.models }}] }}]
+",
+        mistral = mistral.join(", ")
+    )
+}
+
+/// A running mesh and its model servers.
+struct Mesh {
+    files: MeshFiles,
+    control_plane: ControlPlane,
+    chat: Gateway,
+    batch: Gateway,
+    edge: Gateway,
+    v1: MockBackend,
+    v2: MockBackend,
+}
+
+fn sidecar(files: &MeshFiles, control_planes: &[SocketAddr], node: &str, app: &str) -> Gateway {
+    let credential = files.credential("apps", app, "1h");
+    let label = format!("app={app}");
+    let mut args = files.proxy_args(control_planes, node, &credential, &[&label]);
+    // Several sidecars share this host: the capture listeners move to
+    // ephemeral ports.
+    args.extend(
+        [
+            "--inbound-address",
+            "127.0.0.1:0",
+            "--outbound-address",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Gateway::start_from_control_plane("sidecar", &args)
+}
+
+fn gateway(files: &MeshFiles, control_planes: &[SocketAddr]) -> Gateway {
+    let credential = files.credential("edge", "gateway", "1h");
+    let args = files.proxy_args(control_planes, "edge-0", &credential, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Gateway::start_from_control_plane("gateway", &args)
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let v1 = MockBackend::echo("llama-v1", Protocol::Http1).await;
+        let v2 = MockBackend::echo("llama-v2", Protocol::Http1).await;
+        let files = MeshFiles::new(&documents(v1.addr, v2.addr, &[], "llama-v1", "127.0.0.1:0"));
+        let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s"]);
+        let at = [control_plane.grpc];
+        let chat = sidecar(&files, &at, "chat-0", "chat");
+        let batch = sidecar(&files, &at, "batch-0", "batch");
+        let edge = gateway(&files, &at);
+        control_plane.wait_synced(3, SYNC).await;
+        Mesh {
+            files,
+            control_plane,
+            chat,
+            batch,
+            edge,
+            v1,
+            v2,
+        }
+    }
+
+    /// Rewrites the directory with `llama` sending to `target`.
+    fn route_to(&self, target: &str) {
+        self.files.write(
+            "mesh.yaml",
+            &documents(self.v1.addr, self.v2.addr, &[], target, "127.0.0.1:0"),
+        );
+    }
+}
+
+/// `GET /v1/models` from the app beside `sidecar`, to `llama.models`.
+fn via_sidecar(sidecar: &Gateway) -> impl Fn() -> Request<Full<bytes::Bytes>> + Clone + use<> {
+    let url = sidecar.url("outbound", "/v1/models");
+    move || {
+        Request::get(&url)
+            .header("host", "llama.models")
+            .body(Full::default())
+            .expect("a request")
+    }
+}
+
+/// `GET /v1/models` through the gateway's `public` listener.
+fn via_gateway(edge: &Gateway) -> impl Fn() -> Request<Full<bytes::Bytes>> + Clone + use<> {
+    let url = edge.url("public", "/v1/models");
+    move || Request::get(&url).body(Full::default()).expect("a request")
+}
+
+/// Which backend answers `request` now.
+async fn answered_by(request: Request<Full<bytes::Bytes>>) -> String {
+    let reply = client::send(&client::http1(), request)
+        .await
+        .expect("an answer");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.header("x-backend").unwrap_or_default().to_owned()
+}
+
+/// Waits until every proxy of `control_plane` is in sync at another
+/// version than in `before` (the control plane may not have seen a
+/// change yet when it is written); returns the new versions.
+async fn wait_all_moved(
+    control_plane: &ControlPlane,
+    before: &[(String, String)],
+) -> Vec<(String, String)> {
+    let deadline = tokio::time::Instant::now() + SYNC;
+    loop {
+        let now = versions(&control_plane.wait_synced(before.len(), SYNC).await);
+        if now.iter().zip(before).all(|(new, old)| new.1 != old.1) {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every proxy moved from {before:?}: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn versions(proxies: &[serde_json::Value]) -> Vec<(String, String)> {
+    let mut versions: Vec<(String, String)> = proxies
+        .iter()
+        .map(|p| {
+            (
+                p["workload"]["node"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                p["acked_version"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    versions.sort();
+    versions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_changed_under_load_shifts_traffic_without_a_failure_and_every_proxy_acks_it() {
+    let mesh = Mesh::start().await;
+    let before = versions(&mesh.control_plane.wait_synced(3, SYNC).await);
+    assert_eq!(answered_by(via_sidecar(&mesh.chat)()).await, "llama-v1");
+    assert_eq!(answered_by(via_gateway(&mesh.edge)()).await, "llama-v1");
+
+    let load_chat = SteadyLoad::start(vec![client::http1()], via_sidecar(&mesh.chat));
+    let load_batch = SteadyLoad::start(vec![client::http1()], via_sidecar(&mesh.batch));
+    let load_edge = SteadyLoad::start(vec![client::http1()], via_gateway(&mesh.edge));
+    load_chat.progress(50).await;
+    mesh.route_to("llama-v2");
+    // Every proxy's view holds the route: each acknowledges a new version.
+    wait_all_moved(&mesh.control_plane, &before).await;
+    let served_by_v1 = mesh.v1.requests();
+    for load in [&load_chat, &load_batch, &load_edge] {
+        load.progress(30).await;
+    }
+    assert_eq!(
+        mesh.v1.requests(),
+        served_by_v1,
+        "once every proxy acknowledged, nothing goes to llama-v1"
+    );
+    for load in [load_chat, load_batch, load_edge] {
+        let (ok, failures) = load.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} failed: {failures:?}",
+            failures.len()
+        );
+        assert!(ok > 0);
+    }
+    assert!(mesh.v2.requests() > 90);
+    let metrics = mesh.control_plane.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "infermesh_control_plane_pushes_total{result=\"ack\"}"
+        ),
+        Some(6.0),
+        "a first config and one change for each of three proxies:\n{metrics}"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "infermesh_control_plane_convergence_seconds_count"
+        ) >= Some(6.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "infermesh_control_plane_connected_proxies"),
+        Some(3.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_file_is_refused_with_its_place_and_nothing_is_pushed() {
+    let mesh = Mesh::start().await;
+    let before = versions(&mesh.control_plane.wait_synced(3, SYNC).await);
+    mesh.route_to("llama-v3");
+    let refusal = mesh.control_plane.wait_for_log(
+        "Route/llama.models: spec.rules[0].backends[0].name: backend \"llama-v3\" is not defined",
+        SYNC,
+    );
+    assert!(refusal.contains("mesh.yaml:21:"), "{refusal}");
+    let logs = mesh.control_plane.logs().join("\n");
+    assert!(
+        logs.contains("config change refused") && logs.contains("nothing was pushed"),
+        "{logs}"
+    );
+    let metrics = mesh.control_plane.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "infermesh_control_plane_config_refusals_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "infermesh_control_plane_pushes_total{result=\"ack\"}"
+        ),
+        Some(3.0),
+        "only the first configs were pushed"
+    );
+    assert_eq!(versions(&mesh.control_plane.proxies().await), before);
+    assert_eq!(answered_by(via_sidecar(&mesh.chat)()).await, "llama-v1");
+    assert_eq!(answered_by(via_gateway(&mesh.edge)()).await, "llama-v1");
+    // Fixed, it goes out.
+    mesh.route_to("llama-v2");
+    wait_all_moved(&mesh.control_plane, &before).await;
+    assert_eq!(answered_by(via_sidecar(&mesh.chat)()).await, "llama-v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_a_proxy_cannot_apply_is_nacked_shown_by_status_and_the_old_config_serves() {
+    let mesh = Mesh::start().await;
+    let old_public = mesh.edge.listener("public");
+    // The gateway's host has the new port taken: the update validates,
+    // but the gateway cannot bind it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let taken_at = taken.local_addr().expect("bound").to_string();
+    mesh.files.write(
+        "mesh.yaml",
+        &documents(mesh.v1.addr, mesh.v2.addr, &[], "llama-v1", &taken_at),
+    );
+    let control_plane = &mesh.control_plane;
+    let deadline = tokio::time::Instant::now() + SYNC;
+    let nacked = loop {
+        let proxies = control_plane.proxies().await;
+        let edge = proxies
+            .iter()
+            .find(|p| p["workload"]["node"] == "edge-0")
+            .cloned()
+            .expect("edge-0 is connected");
+        if edge["state"] == "nacked" {
+            break edge;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{proxies:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let error = nacked["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&taken_at), "{nacked:#}");
+    // The sidecars' views did not change: they are still in sync.
+    let proxies = control_plane.proxies().await;
+    for node in ["chat-0", "batch-0"] {
+        let proxy = proxies
+            .iter()
+            .find(|p| p["workload"]["node"] == node)
+            .unwrap();
+        assert_eq!(proxy["state"], "synced", "{proxy:#}");
+    }
+    // `status` shows it, with the error.
+    let output = std::process::Command::new(infermesh_tests::binary("infermesh-control-plane"))
+        .args(["status", "--admin", &control_plane.admin.to_string()])
+        .output()
+        .expect("run status");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("edge-0"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains("NACKED") && row.contains(&taken_at), "{table}");
+    assert!(
+        row.contains("spiffe://cluster.local/ns/edge/sa/gateway"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains("SYNCED")).count(),
+        2,
+        "{table}"
+    );
+    // The gateway keeps serving its old config, and it is counted.
+    assert_eq!(mesh.edge.listener("public"), old_public);
+    assert_eq!(answered_by(via_gateway(&mesh.edge)()).await, "llama-v1");
+    let metrics = client::metrics(mesh.edge.health).await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "infermesh_control_plane_updates_total{result=\"refused\"}"
+        ),
+        Some(1.0)
+    );
+    let cp_metrics = control_plane.metrics().await;
+    assert_eq!(
+        metric_value(
+            &cp_metrics,
+            "infermesh_control_plane_pushes_total{result=\"nack\"}"
+        ),
+        Some(1.0)
+    );
+    // The refused version is not sent again; the next change is.
+    drop(taken);
+    mesh.files.write(
+        "mesh.yaml",
+        &documents(mesh.v1.addr, mesh.v2.addr, &[], "llama-v2", &taken_at),
+    );
+    control_plane.wait_synced(3, SYNC).await;
+    assert_eq!(mesh.edge.listener("public").to_string(), taken_at);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_added_and_removed_reaches_only_the_proxies_that_call_its_backend() {
+    let mesh = Mesh::start().await;
+    let mistral = MockBackend::echo("mistral", Protocol::Http1).await;
+    let applied = |text: &str| {
+        metric_value(
+            text,
+            "infermesh_control_plane_updates_total{result=\"applied\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let counts = async || {
+        let mut counts = Vec::new();
+        for proxy in [&mesh.chat, &mesh.batch, &mesh.edge] {
+            counts.push(applied(&client::metrics(proxy.health).await));
+        }
+        counts
+    };
+    assert_eq!(counts().await, [1.0, 1.0, 1.0]);
+    for (change, endpoints) in [&[mistral.addr][..], &[]].into_iter().enumerate() {
+        mesh.files.write(
+            "mesh.yaml",
+            &documents(
+                mesh.v1.addr,
+                mesh.v2.addr,
+                endpoints,
+                "llama-v1",
+                "127.0.0.1:0",
+            ),
+        );
+        // Only batch-0 holds `mistral`: chat-0 is narrowed to llama, and
+        // the gateway's routes do not use it.
+        let expected = 2.0 + change as f64;
+        let deadline = tokio::time::Instant::now() + SYNC;
+        while counts().await[1] < expected {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                counts().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        mesh.control_plane.wait_synced(3, SYNC).await;
+    }
+    assert_eq!(counts().await, [1.0, 3.0, 1.0]);
+    let metrics = mesh.control_plane.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "infermesh_control_plane_pushes_total{result=\"ack\"}"
+        ),
+        Some(5.0),
+        "three first configs, then one update of batch-0 for each change:\n{metrics}"
+    );
+}
