@@ -558,7 +558,7 @@ impl Config {
                 out.push(listener.origin.diagnostic(
                     Some(resource_label(Kind::Listener, &listener.name)),
                     &FieldPath::root().key("spec").key("selector"),
-                    format!("a gateway selector {control_plane_only}"),
+                    format!("a listener selector {control_plane_only}"),
                 ));
             }
         }

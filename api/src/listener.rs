@@ -52,10 +52,11 @@ pub struct ListenerSpec {
     /// proxy up. Every field has a safe default.
     #[serde(default)]
     pub limits: ListenerLimits,
-    /// In a mesh (the control plane's config): the gateways that run this
-    /// listener, by their labels (`infermesh-proxy gateway --label`), as
-    /// Istio's `Gateway` selector. Absent: every gateway the control plane
-    /// feeds. A proxy's own file cannot have one.
+    /// In a mesh (the control plane's config): the proxies that run this
+    /// listener, by their labels (`infermesh-proxy gateway|sidecar
+    /// --label`), as Istio's `Gateway` selector. Absent: every gateway the
+    /// control plane feeds (and no sidecar). A proxy's own file cannot
+    /// have one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<crate::policy::WorkloadSelector>,
 }

@@ -17,9 +17,12 @@
 //!   whose selector matches its labels (or that have none), and the
 //!   mesh-wide ones (no namespace), when they name no listener.
 //!
-//! A gateway's scope: the listeners whose selector matches its labels (or
-//! that have none), the routes and policies that name them (attached to
-//! those listeners only), and the backends those routes send to.
+//! Listeners go to the proxies they select by label: a gateway runs those
+//! whose selector matches its labels and those without one; a sidecar,
+//! beside its capture listeners, those whose selector matches (a model's
+//! own mutual-TLS port, say). With a listener come the routes and
+//! policies that name it (attached to the proxy's listeners only) and the
+//! backends those routes send to.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -206,28 +209,30 @@ impl Prepared {
 
     /// What `workload` should hold.
     pub fn view(&self, workload: &Workload) -> View {
-        match workload.mode {
-            ProxyMode::Sidecar => self.sidecar_view(workload),
-            ProxyMode::Gateway => self.gateway_view(workload),
+        let mut resources = BTreeMap::new();
+        self.add_listeners(workload, &mut resources);
+        if workload.mode == ProxyMode::Sidecar {
+            self.add_sidecar_scope(workload, &mut resources);
         }
+        View::new(resources)
     }
 
-    /// What the gateway `workload` should hold: its listeners, what names
-    /// them (attached to them alone), and the backends its routes use.
-    fn gateway_view(&self, workload: &Workload) -> View {
+    /// The listeners `workload` runs, what names them (attached to them
+    /// alone), and the backends those routes use. A gateway runs every
+    /// listener whose selector matches its labels, and those without a
+    /// selector; a sidecar (which has its capture listeners) only those
+    /// whose selector matches.
+    fn add_listeners(&self, workload: &Workload, resources: &mut BTreeMap<String, Arc<Pushed>>) {
         let config = &self.config;
         let runs: BTreeSet<&str> = config
             .listeners
             .iter()
-            .filter(|l| {
-                l.spec
-                    .selector
-                    .as_ref()
-                    .is_none_or(|selector| selector.matches(&workload.labels))
+            .filter(|l| match &l.spec.selector {
+                Some(selector) => selector.matches(&workload.labels),
+                None => workload.mode == ProxyMode::Gateway,
             })
             .map(|l| l.name.as_str())
             .collect();
-        let mut resources = BTreeMap::new();
         let mut add = |kind: Kind, name: &str, attached: Option<Vec<&str>>| {
             let mut document = self.documents[&(kind, name.to_owned())].clone();
             if let Some(spec) = document["spec"].as_object_mut() {
@@ -242,42 +247,41 @@ impl Prepared {
         for listener in &runs {
             add(Kind::Listener, listener, None);
         }
+        fn attached<'a>(listeners: &'a [String], runs: &BTreeSet<&str>) -> Vec<&'a str> {
+            listeners
+                .iter()
+                .map(String::as_str)
+                .filter(|l| runs.contains(l))
+                .collect()
+        }
         let mut backends = BTreeSet::new();
         for route in &config.routes {
-            let attached: Vec<&str> = route
-                .spec
-                .listeners
-                .iter()
-                .map(String::as_str)
-                .filter(|l| runs.contains(l))
-                .collect();
-            if attached.is_empty() {
-                continue;
+            let on = attached(&route.spec.listeners, &runs);
+            if !on.is_empty() {
+                backends.extend(route.spec.rules.iter().flat_map(|r| r.backend_names()));
+                add(Kind::Route, &route.name, Some(on));
             }
-            backends.extend(route.spec.rules.iter().flat_map(|r| r.backend_names()));
-            add(Kind::Route, &route.name, Some(attached));
         }
         for policy in &config.policies {
-            let attached: Vec<&str> = policy
-                .spec
-                .listeners
-                .iter()
-                .map(String::as_str)
-                .filter(|l| runs.contains(l))
-                .collect();
-            if !attached.is_empty() {
-                add(Kind::AuthorizationPolicy, &policy.name, Some(attached));
+            let on = attached(&policy.spec.listeners, &runs);
+            if !on.is_empty() {
+                add(Kind::AuthorizationPolicy, &policy.name, Some(on));
             }
         }
         for backend in backends {
             let pushed = &self.backends[backend];
             resources.insert(pushed.key(), pushed.clone());
         }
-        View::new(resources)
     }
 
-    /// What the sidecar of `workload` should hold.
-    fn sidecar_view(&self, workload: &Workload) -> View {
+    /// What the sidecar of `workload` should hold beside its listeners:
+    /// the backends and mesh routes of the services it calls, and the
+    /// policies that select it.
+    fn add_sidecar_scope(
+        &self,
+        workload: &Workload,
+        resources: &mut BTreeMap<String, Arc<Pushed>>,
+    ) {
         let config = &self.config;
         let in_namespace =
             |namespace: &Option<String>| namespace.as_deref() == Some(&workload.namespace);
@@ -298,7 +302,6 @@ impl Prepared {
                 narrowing.iter().any(|s| s.spec.allows(backend, namespace))
             }
         };
-        let mut resources = BTreeMap::new();
         let mut add = |pushed: &Arc<Pushed>| {
             resources.insert(pushed.key(), pushed.clone());
         };
@@ -335,7 +338,6 @@ impl Prepared {
                 add(pushed);
             }
         }
-        View::new(resources)
     }
 }
 
@@ -521,6 +523,47 @@ spec:
         assert_eq!(both["spec"]["listeners"], serde_json::json!(["public"]));
         edge.labels.insert("gateway".into(), "internal".into());
         assert!(mesh.view(&edge).resources.contains_key("Listener/internal"));
+    }
+
+    #[test]
+    fn a_sidecar_runs_only_the_listeners_that_select_it() {
+        let text = format!(
+            "{MESH}---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: llama-mtls, namespace: models }}
+spec: {{ address: 127.0.0.1:15443, tls: {{ mode: strict }}, selector: {{ matchLabels: {{ app: llama }} }} }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: llama-app, namespace: models }}
+spec: {{ endpoints: [{{ address: 127.0.0.1:9000 }}] }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: llama-in, namespace: models }}
+spec:
+  listeners: [llama-mtls]
+  rules: [{{ backends: [{{ name: llama-app }}] }}]
+"
+        );
+        let mesh = prepared(&text);
+        let llama = keys(&mesh.view(&workload("models", "llama")))
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        for key in [
+            "Listener/llama-mtls.models",
+            "Route/llama-in.models",
+            "Backend/llama-app.models",
+        ] {
+            assert!(llama.iter().any(|k| k == key), "{key} not in {llama:?}");
+        }
+        // The gateway's listener (no selector) is not a sidecar's, and a
+        // sidecar of another app does not run llama's.
+        assert!(!llama.iter().any(|k| k == "Listener/public"));
+        let batch = mesh.view(&workload("apps", "batch"));
+        assert!(!batch.resources.contains_key("Listener/llama-mtls.models"));
     }
 
     #[test]
