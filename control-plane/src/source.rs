@@ -154,8 +154,10 @@ impl Source for DirectorySource {
     }
 }
 
-/// Reads every YAML file of `directory`, in name order, as one config.
-fn read(directory: &Path) -> Result<Snapshot, DirectoryError> {
+/// Reads every YAML file of `directory` (`*.yaml`, `*.yml`, not hidden),
+/// in name order, as one config: what `serve --config-dir` would push, or
+/// every problem with it.
+pub fn read(directory: &Path) -> Result<Snapshot, DirectoryError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| DirectoryError::Io { path, source }
