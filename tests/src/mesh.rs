@@ -167,6 +167,13 @@ impl ControlPlane {
         }
     }
 
+    /// Sends `signal` (SIGSTOP freezes it: its connections stay open and
+    /// silent, as a hung process's do).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits i32");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
+    }
+
     /// Kills it at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -67,6 +67,13 @@ impl Gateway {
         Self::start_with(&[], mode, None, args)
     }
 
+    /// Starts `infermesh-proxy <mode>` fed by a control plane, and waits
+    /// only for its health server: for proxies that are not to become
+    /// ready.
+    pub fn spawn_from_control_plane(mode: &str, args: &[&str]) -> Gateway {
+        Self::spawn(&[], mode, None, args)
+    }
+
     /// Starts the proxy in `mode`, through the `wrapper` command if any
     /// (which must exec the proxy, so that killing it kills the proxy).
     fn start_mode(wrapper: &[&str], mode: &str, config: &str, args: &[&str]) -> Gateway {
@@ -74,6 +81,17 @@ impl Gateway {
     }
 
     fn start_with(wrapper: &[&str], mode: &str, config: Option<&str>, args: &[&str]) -> Gateway {
+        let gateway = Self::spawn(wrapper, mode, config, args);
+        let serving = if config.is_some() {
+            "serving"
+        } else {
+            "serving the control plane's config"
+        };
+        gateway.wait_for_log(|l| l["message"] == serving, Duration::from_secs(30));
+        gateway
+    }
+
+    fn spawn(wrapper: &[&str], mode: &str, config: Option<&str>, args: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let path = dir.path().join("gateway.yaml");
         if let Some(config) = config {
@@ -116,12 +134,6 @@ impl Gateway {
             admin: "0.0.0.0:0".parse().expect("address"),
             health: "0.0.0.0:0".parse().expect("address"),
         };
-        let serving = if config.is_some() {
-            "serving"
-        } else {
-            "serving the control plane's config"
-        };
-        gateway.wait_for_log(|l| l["message"] == serving, Duration::from_secs(30));
         gateway.admin = gateway.server_address("admin");
         gateway.health = gateway.server_address("health");
         gateway

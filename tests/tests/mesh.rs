@@ -89,10 +89,33 @@ struct Mesh {
     v2: MockBackend,
 }
 
-fn sidecar(files: &MeshFiles, control_planes: &[SocketAddr], node: &str, app: &str) -> Gateway {
-    let credential = files.credential("apps", app, "1h");
+/// The credentials of the mesh's proxies, made before its control plane
+/// starts (it reads new tokens within a second; made first, none waits).
+struct Credentials {
+    chat: std::path::PathBuf,
+    batch: std::path::PathBuf,
+    edge: std::path::PathBuf,
+}
+
+impl Credentials {
+    fn new(files: &MeshFiles) -> Self {
+        Credentials {
+            chat: files.credential("apps", "chat", "1h"),
+            batch: files.credential("apps", "batch", "1h"),
+            edge: files.credential("edge", "gateway", "1h"),
+        }
+    }
+}
+
+fn sidecar(
+    files: &MeshFiles,
+    control_planes: &[SocketAddr],
+    node: &str,
+    app: &str,
+    credential: &std::path::Path,
+) -> Gateway {
     let label = format!("app={app}");
-    let mut args = files.proxy_args(control_planes, node, &credential, &[&label]);
+    let mut args = files.proxy_args(control_planes, node, credential, &[&label]);
     // Several sidecars share this host: the capture listeners move to
     // ephemeral ports.
     args.extend(
@@ -108,9 +131,12 @@ fn sidecar(files: &MeshFiles, control_planes: &[SocketAddr], node: &str, app: &s
     Gateway::start_from_control_plane("sidecar", &args)
 }
 
-fn gateway(files: &MeshFiles, control_planes: &[SocketAddr]) -> Gateway {
-    let credential = files.credential("edge", "gateway", "1h");
-    let args = files.proxy_args(control_planes, "edge-0", &credential, &[]);
+fn gateway(
+    files: &MeshFiles,
+    control_planes: &[SocketAddr],
+    credential: &std::path::Path,
+) -> Gateway {
+    let args = files.proxy_args(control_planes, "edge-0", credential, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Gateway::start_from_control_plane("gateway", &args)
 }
@@ -120,11 +146,12 @@ impl Mesh {
         let v1 = MockBackend::echo("llama-v1", Protocol::Http1).await;
         let v2 = MockBackend::echo("llama-v2", Protocol::Http1).await;
         let files = MeshFiles::new(&documents(v1.addr, v2.addr, &[], "llama-v1", "127.0.0.1:0"));
+        let credentials = Credentials::new(&files);
         let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s"]);
         let at = [control_plane.grpc];
-        let chat = sidecar(&files, &at, "chat-0", "chat");
-        let batch = sidecar(&files, &at, "batch-0", "batch");
-        let edge = gateway(&files, &at);
+        let chat = sidecar(&files, &at, "chat-0", "chat", &credentials.chat);
+        let batch = sidecar(&files, &at, "batch-0", "batch", &credentials.batch);
+        let edge = gateway(&files, &at, &credentials.edge);
         control_plane.wait_synced(3, SYNC).await;
         Mesh {
             files,
@@ -443,4 +470,257 @@ async fn an_endpoint_added_and_removed_reaches_only_the_proxies_that_call_its_ba
         Some(5.0),
         "three first configs, then one update of batch-0 for each change:\n{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_goes_on_while_the_control_plane_is_away_and_the_proxies_converge_when_it_returns()
+{
+    let mut mesh = Mesh::start().await;
+    let before = versions(&mesh.control_plane.wait_synced(3, SYNC).await);
+    let load_chat = SteadyLoad::start(vec![client::http1()], via_sidecar(&mesh.chat));
+    let load_edge = SteadyLoad::start(vec![client::http1()], via_gateway(&mesh.edge));
+    let grpc = mesh.control_plane.grpc;
+    mesh.control_plane.kill();
+    load_chat.progress(100).await;
+    load_edge.progress(100).await;
+    // Changed while no control plane runs: the proxies learn it when one
+    // comes back.
+    mesh.route_to("llama-v2");
+    mesh.control_plane = ControlPlane::start(&mesh.files, Some(grpc), &["--heartbeat", "1s"]);
+    wait_all_moved(&mesh.control_plane, &before).await;
+    load_chat.progress(30).await;
+    for load in [load_chat, load_edge] {
+        let (ok, failures) = load.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} failed: {failures:?}",
+            failures.len()
+        );
+        assert!(ok >= 100);
+    }
+    assert_eq!(answered_by(via_sidecar(&mesh.chat)()).await, "llama-v2");
+    let metrics = client::metrics(mesh.chat.health).await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!("infermesh_control_plane_connected{{address=\"{grpc}\"}}")
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "infermesh_control_plane_last_update_timestamp_seconds"
+        )
+        .is_some_and(|t| t > 0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_whose_replica_goes_silent_moves_to_another_within_seconds() {
+    let v1 = MockBackend::echo("llama-v1", Protocol::Http1).await;
+    let v2 = MockBackend::echo("llama-v2", Protocol::Http1).await;
+    let files = MeshFiles::new(&documents(v1.addr, v2.addr, &[], "llama-v1", "127.0.0.1:0"));
+    let credentials = Credentials::new(&files);
+    // Two replicas of one source and one CA; they share nothing else.
+    let replicas = [
+        ControlPlane::start(&files, None, &["--heartbeat", "1s"]),
+        ControlPlane::start(&files, None, &["--heartbeat", "1s"]),
+    ];
+    let both = [replicas[0].grpc, replicas[1].grpc];
+    let chat = sidecar(&files, &both, "chat-0", "chat", &credentials.chat);
+    let batch = sidecar(&files, &both, "batch-0", "batch", &credentials.batch);
+    let edge = gateway(&files, &both, &credentials.edge);
+    let deadline = tokio::time::Instant::now() + SYNC;
+    let (first, second) = loop {
+        let (first, second) = (replicas[0].proxies().await, replicas[1].proxies().await);
+        if first.len() + second.len() == 3 {
+            break (first, second);
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Each replica knows its own proxies only.
+    let busy = usize::from(first.is_empty());
+    let (silent, other) = (&replicas[busy], &replicas[1 - busy]);
+    let moving = if busy == 0 { first.len() } else { second.len() };
+    let load = SteadyLoad::start(vec![client::http1()], via_sidecar(&chat));
+    // Frozen, not killed: its connections stay open, and only the
+    // heartbeats tell the proxies it is gone.
+    silent.signal(nix::sys::signal::Signal::SIGSTOP);
+    let frozen = std::time::Instant::now();
+    other.wait_synced(3, SYNC).await;
+    let moved_in = frozen.elapsed();
+    assert!(moving >= 1);
+    assert!(
+        moved_in < Duration::from_secs(10),
+        "{moving} proxies took {moved_in:?} to move"
+    );
+    load.progress(50).await;
+    let (_, failures) = load.stop().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    // A change now reaches every proxy through the replica left.
+    files.write(
+        "mesh.yaml",
+        &documents(v1.addr, v2.addr, &[], "llama-v2", "127.0.0.1:0"),
+    );
+    let deadline = tokio::time::Instant::now() + SYNC;
+    while answered_by(via_gateway(&edge)()).await != "llama-v2"
+        || answered_by(via_sidecar(&batch)()).await != "llama-v2"
+    {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    silent.signal(nix::sys::signal::Signal::SIGCONT);
+}
+
+/// A port free now, for a listener whose address must be known before it
+/// binds.
+fn free_port() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    socket.local_addr().expect("bound")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_seconds_are_renewed_under_mutual_tls_load_without_a_failed_request() {
+    let model = MockBackend::echo("llama", Protocol::Http1).await;
+    let mesh_port = free_port();
+    // chat-0 calls `llama.models` through the gateway's strict mutual-TLS
+    // listener, which must present the gateway's identity.
+    let files = MeshFiles::new(&format!(
+        "apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: mesh }}
+spec: {{ address: \"{mesh_port}\", tls: {{ mode: strict }} }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: model, namespace: models }}
+spec: {{ endpoints: [{{ address: \"{model}\" }}] }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: to-model }}
+spec:
+  listeners: [mesh]
+  rules: [{{ backends: [{{ name: model.models }}] }}]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: llama, namespace: models }}
+spec:
+  protocol: http2
+  endpoints: [{{ address: \"{mesh_port}\" }}]
+  tls: {{ identity: spiffe://cluster.local/ns/edge/sa/gateway }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: llama, namespace: models }}
+spec:
+  hostnames: [llama.models]
+  rules: [{{ backends: [{{ name: llama }}] }}]
+",
+        model = model.addr
+    ));
+    let credentials = Credentials::new(&files);
+    let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s", "--ttl", "4s"]);
+    let at = [control_plane.grpc];
+    let edge = gateway(&files, &at, &credentials.edge);
+    let chat = sidecar(&files, &at, "chat-0", "chat", &credentials.chat);
+    control_plane.wait_synced(2, SYNC).await;
+    let loads: Vec<SteadyLoad> = (0..2)
+        .map(|_| SteadyLoad::start(vec![client::http1()], via_sidecar(&chat)))
+        .collect();
+    // Each certificate lives 4 s and is renewed at about half its life:
+    // wait for three renewals of each.
+    let renewed = |text: &str| {
+        metric_value(
+            text,
+            "infermesh_identity_certificate_requests_total{result=\"success\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let edge_count = renewed(&client::metrics(edge.health).await);
+        let chat_count = renewed(&client::metrics(chat.health).await);
+        if edge_count >= 4.0 && chat_count >= 4.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "renewals: edge {edge_count}, chat {chat_count}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut answered = 0;
+    for load in loads {
+        let (ok, failures) = load.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} failed: {failures:?}",
+            failures.len()
+        );
+        answered += ok;
+    }
+    assert!(answered > 100, "{answered}");
+    assert_eq!(model.requests(), answered);
+    let metrics = control_plane.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "infermesh_control_plane_certificates_signed_total{namespace=\"apps\"}"
+        ) >= Some(4.0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_a_valid_credential_is_refused_with_its_reason_and_never_ready() {
+    let v1 = MockBackend::echo("llama-v1", Protocol::Http1).await;
+    let files = MeshFiles::new(&documents(v1.addr, v1.addr, &[], "llama-v1", "127.0.0.1:0"));
+    let unknown = files.path().join("unknown.token");
+    std::fs::write(
+        &unknown,
+        "imjt_0000000000000000_00000000000000000000000000000000\n",
+    )
+    .expect("write");
+    let expired = files.credential("apps", "old", "1s");
+    let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s"]);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for (credential, reason) in [(unknown, "unknown_token"), (expired, "expired_token")] {
+        let args = files.proxy_args(&[control_plane.grpc], "stranger-0", &credential, &[]);
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend([
+            "--inbound-address",
+            "127.0.0.1:0",
+            "--outbound-address",
+            "127.0.0.1:0",
+        ]);
+        let proxy = Gateway::spawn_from_control_plane("sidecar", &args);
+        let refused = proxy.wait_for_log(
+            |l| l["message"] == "cannot get a workload certificate; the current one (if any) stays until it expires",
+            SYNC,
+        );
+        assert!(
+            refused["error"]
+                .as_str()
+                .is_some_and(|e| e.contains(reason)),
+            "{refused}"
+        );
+        let ready = client::get(&client::http1(), &format!("http://{}/ready", proxy.health)).await;
+        assert_eq!(ready.status, 503);
+        let metrics = control_plane.metrics().await;
+        assert!(
+            metric_value(
+                &metrics,
+                &format!(
+                    "infermesh_control_plane_certificates_refused_total{{reason=\"{reason}\"}}"
+                )
+            ) >= Some(1.0),
+            "{metrics}"
+        );
+    }
+    assert!(control_plane.proxies().await.is_empty());
 }
