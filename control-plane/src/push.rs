@@ -5,7 +5,8 @@
 //! acknowledged last), and, whenever the source publishes or the proxy
 //! answers, compares that with the proxy's [`View`]: it sends the
 //! resources that differ and the keys to drop, one update in flight at a
-//! time. An `Ack` makes the update what the proxy holds; a `Nack` is
+//! time, in parts of about 16 KiB (so no stream's buffers grow with the
+//! size of a view). An `Ack` makes the update what the proxy holds; a `Nack` is
 //! recorded with its error, and that version is not sent again (the next
 //! change of the view is). A proxy whose view did not change hears
 //! nothing but heartbeats.
@@ -275,7 +276,7 @@ impl ConfigService for ConfigPush {
 /// An update sent and not yet answered.
 struct InFlight {
     nonce: String,
-    view: View,
+    view: Arc<View>,
     seen: Instant,
 }
 
@@ -304,11 +305,14 @@ impl Session {
         mut inbound: Streaming<ProxyMessage>,
     ) {
         let mut current = prepared.borrow_and_update().clone();
+        // The view is made again only when the snapshot changes, not on
+        // every message: most messages are heartbeats.
+        let mut desired = current.view(&self.workload);
         let mut ticker = tokio::time::interval(self.heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = tokio::time::Instant::now();
         let ended = loop {
-            if self.push(&current).await.is_err() {
+            if self.push(&desired, current.seen).await.is_err() {
                 break "the proxy stopped reading";
             }
             tokio::select! {
@@ -317,11 +321,13 @@ impl Session {
                         break "the control plane is shutting down";
                     }
                     current = prepared.borrow_and_update().clone();
+                    desired = current.view(&self.workload);
+                    self.record(|status| status.desired_version = desired.version.clone());
                 }
                 message = inbound.message() => {
                     heard = tokio::time::Instant::now();
                     match message {
-                        Ok(Some(message)) => self.answer(message, &current),
+                        Ok(Some(message)) => self.answer(message, &desired),
                         Ok(None) => break "the proxy closed its stream",
                         Err(_) => break "the stream failed",
                     }
@@ -355,18 +361,16 @@ impl Session {
 
     /// Sends what the proxy's view holds and the proxy does not, unless an
     /// update is in flight or the proxy refused this very version.
-    async fn push(&mut self, prepared: &Prepared) -> Result<(), ()> {
+    async fn push(&mut self, view: &Arc<View>, seen: Instant) -> Result<(), ()> {
         if self.in_flight.is_some() {
             return Ok(());
         }
-        let view = prepared.view(&self.workload);
         let up_to_date = self.held_version.as_deref() == Some(view.version.as_str());
         let refused = self.refused.as_deref() == Some(view.version.as_str());
-        self.record(|status| status.desired_version = view.version.clone());
         if self.first_sent && (up_to_date || refused) {
             return Ok(());
         }
-        let resources: Vec<Resource> = view
+        let changed: Vec<Resource> = view
             .resources
             .iter()
             .filter(|(key, r)| self.held.get(*key) != Some(&r.version))
@@ -385,30 +389,36 @@ impl Session {
             .collect();
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let update = ControlPlaneMessage {
-            message: Some(control_plane_message::Message::Update(Update {
-                nonce: nonce.clone(),
-                version: view.version.clone(),
-                resources,
-                removed,
-                heartbeat_seconds: u32::try_from(self.heartbeat.as_secs()).unwrap_or(u32::MAX),
-            })),
-        };
-        self.metrics
-            .bytes
-            .inc_by(prost::Message::encoded_len(&update) as u64);
-        self.outbound.send(Ok(update)).await.map_err(|_| ())?;
+        let heartbeat_seconds = u32::try_from(self.heartbeat.as_secs()).unwrap_or(u32::MAX);
+        let mut parts = split(changed);
+        let last = parts.len() - 1;
+        for (i, resources) in parts.drain(..).enumerate() {
+            let update = ControlPlaneMessage {
+                message: Some(control_plane_message::Message::Update(Update {
+                    nonce: nonce.clone(),
+                    version: view.version.clone(),
+                    resources,
+                    removed: if i == 0 { removed.clone() } else { Vec::new() },
+                    heartbeat_seconds,
+                    more: i < last,
+                })),
+            };
+            self.metrics
+                .bytes
+                .inc_by(prost::Message::encoded_len(&update) as u64);
+            self.outbound.send(Ok(update)).await.map_err(|_| ())?;
+        }
         self.first_sent = true;
         self.in_flight = Some(InFlight {
             nonce,
-            view,
-            seen: prepared.seen,
+            view: view.clone(),
+            seen,
         });
         self.record(|status| status.state = SyncState::Stale);
         Ok(())
     }
 
-    fn answer(&mut self, message: ProxyMessage, current: &Prepared) {
+    fn answer(&mut self, message: ProxyMessage, desired: &View) {
         let answered = |in_flight: &Option<InFlight>, nonce: &str| {
             in_flight.as_ref().is_some_and(|f| f.nonce == nonce)
         };
@@ -426,7 +436,7 @@ impl Session {
                     .collect();
                 self.held_version = Some(view.version.clone());
                 self.refused = None;
-                let synced = current.view(&self.workload).version == view.version;
+                let synced = desired.version == view.version;
                 self.record(|status| {
                     status.acked_version = Some(view.version.clone());
                     status.state = if synced {
@@ -462,6 +472,29 @@ impl Session {
             change(status);
         }
     }
+}
+
+/// The largest part of an update, roughly: resources are added to a part
+/// until it holds this many bytes of documents (one larger resource
+/// makes a part of its own).
+const PART_BYTES: usize = 6 * 1024;
+
+/// `resources` in parts of about [`PART_BYTES`]; always at least one part
+/// (an update with nothing to add still says the version).
+fn split(resources: Vec<Resource>) -> Vec<Vec<Resource>> {
+    let mut parts = vec![Vec::new()];
+    let mut size = 0;
+    for resource in resources {
+        let bytes = resource.document_json.len() + resource.name.len() + 64;
+        let part = parts.last_mut().expect("one part at least");
+        if !part.is_empty() && size + bytes > PART_BYTES {
+            parts.push(Vec::new());
+            size = 0;
+        }
+        size += bytes;
+        parts.last_mut().expect("one part at least").push(resource);
+    }
+    parts
 }
 
 fn unix_now() -> u64 {

@@ -24,8 +24,8 @@
 //! policies that name it (attached to the proxy's listeners only) and the
 //! backends those routes send to.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use infermesh_api::{Config, Kind};
@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use crate::source::Snapshot;
 
 /// What a proxy runs as.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
     /// A pod's sidecar.
@@ -145,7 +145,13 @@ pub struct Prepared {
     backends: HashMap<String, Arc<Pushed>>,
     routes: HashMap<String, Arc<Pushed>>,
     policies: HashMap<String, Arc<Pushed>>,
+    /// Views made so far: proxies of one mode, namespace and labels (the
+    /// replicas of a workload) share one.
+    views: Mutex<HashMap<ViewKey, Arc<View>>>,
 }
+
+/// What a view depends on.
+type ViewKey = (ProxyMode, String, BTreeMap<String, String>);
 
 impl Prepared {
     /// Writes every resource of `snapshot` as a sidecar receives it.
@@ -204,11 +210,27 @@ impl Prepared {
             backends,
             routes,
             policies,
+            views: Mutex::default(),
         }
     }
 
-    /// What `workload` should hold.
-    pub fn view(&self, workload: &Workload) -> View {
+    /// What `workload` should hold; made once for every workload of the
+    /// same mode, namespace and labels.
+    pub fn view(&self, workload: &Workload) -> Arc<View> {
+        let key = (
+            workload.mode,
+            workload.namespace.clone(),
+            workload.labels.clone(),
+        );
+        // Poisoning leaves a map of whole views: each insert is one step.
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        views
+            .entry(key)
+            .or_insert_with(|| Arc::new(self.make_view(workload)))
+            .clone()
+    }
+
+    fn make_view(&self, workload: &Workload) -> View {
         let mut resources = BTreeMap::new();
         self.add_listeners(workload, &mut resources);
         if workload.mode == ProxyMode::Sidecar {
@@ -296,12 +318,18 @@ impl Prepared {
                     .is_none_or(|selector| selector.matches(&workload.labels))
             })
             .collect();
-        let calls = |backend: &str| {
-            narrowing.is_empty() || {
-                let namespace = config.backend(backend).and_then(|b| b.namespace.as_deref());
-                narrowing.iter().any(|s| s.spec.allows(backend, namespace))
-            }
-        };
+        let called: HashSet<&str> = config
+            .backends
+            .iter()
+            .filter(|b| {
+                narrowing.is_empty()
+                    || narrowing
+                        .iter()
+                        .any(|s| s.spec.allows(&b.name, b.namespace.as_deref()))
+            })
+            .map(|b| b.name.as_str())
+            .collect();
+        let calls = |backend: &str| called.contains(backend);
         let mut add = |pushed: &Arc<Pushed>| {
             resources.insert(pushed.key(), pushed.clone());
         };
