@@ -64,7 +64,7 @@ pub struct ControlPlaneOptions {
 
 /// An update for the serving loop to apply: the documents of the whole
 /// config it would make, and where to say whether it could.
-pub(crate) struct Pushed {
+pub struct Pushed {
     /// Every resource the proxy would hold: `(Kind/name, document)`.
     pub documents: Vec<(String, String)>,
     /// The update's version.
@@ -124,7 +124,7 @@ impl Metrics {
 
 /// Why the client could not start.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum StartError {
+pub enum StartError {
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -136,6 +136,30 @@ pub(crate) enum StartError {
     /// An option is not valid.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The client without a proxy around it: the certificate and config
+/// tasks, whose updates the caller applies and answers. The load harness
+/// runs thousands of these in one process, as simulated proxies speaking
+/// the real protocol with the real client.
+pub struct Detached {
+    /// The proxy's identity, filled by the certificate service.
+    pub store: Arc<CertStore>,
+    /// Updates, in order; each must be answered.
+    pub updates: mpsc::Receiver<Pushed>,
+}
+
+/// Starts a [`Detached`] client as a proxy of `mode` (`sidecar` or
+/// `gateway`); its metrics go to a registry of its own.
+pub fn start_detached(
+    options: ControlPlaneOptions,
+    mode: &'static str,
+) -> Result<Detached, StartError> {
+    let client = start(options, mode, &Registry::new())?;
+    Ok(Detached {
+        store: client.store,
+        updates: client.updates,
+    })
 }
 
 /// Starts the certificate and config tasks.
@@ -422,6 +446,8 @@ impl Client {
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = tokio::time::Instant::now();
+        // The parts of an update received so far.
+        let mut parts: Option<Update> = None;
         loop {
             tokio::select! {
                 message = inbound.message() => {
@@ -438,8 +464,11 @@ impl Client {
                                 self.metrics.last_update.set(unix_now());
                             }
                         }
-                        control_plane_message::Message::Update(update) => {
+                        control_plane_message::Message::Update(part) => {
                             backoff.reset();
+                            let Some(update) = gather(&mut parts, part) else {
+                                continue;
+                            };
                             if update.heartbeat_seconds > 0 {
                                 let wanted = Duration::from_secs(update.heartbeat_seconds.into());
                                 if wanted != heartbeat {
@@ -522,6 +551,28 @@ impl Client {
     }
 }
 
+/// Adds `part` to the update being gathered; the whole update once its
+/// last part came. A part of another update than the one gathered starts
+/// afresh (the control plane sends one update at a time, so that one was
+/// abandoned).
+fn gather(gathered: &mut Option<Update>, part: Update) -> Option<Update> {
+    let update = match gathered.take() {
+        Some(mut update) if update.nonce == part.nonce => {
+            update.resources.extend(part.resources);
+            update.removed.extend(part.removed);
+            update.more = part.more;
+            update
+        }
+        _ => part,
+    };
+    if update.more {
+        *gathered = Some(update);
+        None
+    } else {
+        Some(update)
+    }
+}
+
 /// What the proxy holds: each resource's version and document.
 #[derive(Default)]
 struct Held {
@@ -558,4 +609,42 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_proto::v1::Resource;
+
+    fn part(nonce: &str, name: &str, more: bool) -> Update {
+        Update {
+            nonce: nonce.into(),
+            version: format!("v{nonce}"),
+            resources: vec![Resource {
+                kind: "Backend".into(),
+                name: name.into(),
+                version: "1".into(),
+                document_json: "{}".into(),
+            }],
+            removed: Vec::new(),
+            heartbeat_seconds: 5,
+            more,
+        }
+    }
+
+    #[test]
+    fn an_update_in_parts_is_applied_whole_once_its_last_part_comes() {
+        let mut gathered = None;
+        assert!(gather(&mut gathered, part("1", "a", true)).is_none());
+        assert!(gather(&mut gathered, part("1", "b", true)).is_none());
+        let whole = gather(&mut gathered, part("1", "c", false)).expect("the last part");
+        let names: Vec<&str> = whole.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        assert!(gathered.is_none());
+        // A part of another update drops what was gathered.
+        assert!(gather(&mut gathered, part("2", "a", true)).is_none());
+        let next = gather(&mut gathered, part("3", "z", false)).expect("a whole update");
+        assert_eq!(next.resources.len(), 1);
+        assert_eq!(next.nonce, "3");
+    }
 }
