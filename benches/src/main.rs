@@ -46,6 +46,36 @@ enum Command {
     /// certificate rotates, a backend is killed and restarted, and hostile
     /// clients run beside it. Exits 1 unless every check passes.
     Soak(SoakArgs),
+    /// The control plane under a mesh of simulated proxies (the proxy's
+    /// own control-plane client, thousands in this process): bootstrap,
+    /// a change all see, an endpoint change, a restart; time to the last
+    /// acknowledgement, bytes pushed, the control plane's CPU and memory.
+    MeshScale(MeshScaleArgs),
+}
+
+#[derive(Args, Debug)]
+struct MeshScaleArgs {
+    /// Simulated sidecars.
+    #[arg(long, default_value_t = 2000)]
+    proxies: usize,
+    /// Services (a backend and a route each).
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// Namespaces the services are spread over.
+    #[arg(long, default_value_t = 50)]
+    namespaces: usize,
+    /// Every sidecar holds every service (no `Sidecar` resources).
+    #[arg(long)]
+    full_mesh: bool,
+    /// The infermesh-control-plane binary [default: beside this one].
+    #[arg(long)]
+    control_plane: Option<std::path::PathBuf>,
+    /// How long any one phase may take.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    phase_timeout: std::time::Duration,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -214,7 +244,32 @@ async fn main() -> anyhow::Result<()> {
         Command::Compare(args) => compare_command(args).await,
         Command::Plot(args) => plot_command(args),
         Command::Soak(args) => soak_command(args).await,
+        Command::MeshScale(args) => mesh_scale_command(args).await,
     }
+}
+
+async fn mesh_scale_command(args: MeshScaleArgs) -> anyhow::Result<()> {
+    let control_plane = match args.control_plane {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|dir| dir.join("infermesh-control-plane"))
+            .ok_or_else(|| anyhow::anyhow!("cannot tell where this binary is"))?,
+    };
+    let report = infermesh_bench::mesh_scale::run(infermesh_bench::mesh_scale::ScaleOptions {
+        control_plane,
+        proxies: args.proxies,
+        services: args.services,
+        namespaces: args.namespaces,
+        full_mesh: args.full_mesh,
+        phase_timeout: args.phase_timeout,
+    })
+    .await?;
+    println!("{report}");
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
 }
 
 async fn load_command(args: LoadArgs) -> anyhow::Result<()> {

@@ -38,6 +38,12 @@ mod transport;
 
 pub use app::config_file::{ConfigFileError, load as load_config_file};
 pub use app::control_plane::ControlPlaneOptions;
+
+/// The proxy's client of the control plane, on its own: for the load
+/// harness's simulated proxies (`infermesh-bench mesh-scale`).
+pub mod control_plane_client {
+    pub use crate::app::control_plane::{Detached, Pushed, StartError, start_detached};
+}
 pub use app::identity::IdentityFiles;
 pub use app::logging::{LogControl, LogFormat, init as init_logging};
 pub use app::run::{ConfigFrom, Mode, RunOptions, run};
