@@ -73,6 +73,10 @@ struct MeshScaleArgs {
     /// How long any one phase may take.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     phase_timeout: std::time::Duration,
+    /// How long the control plane is left idle after the changes before
+    /// its settled memory is read.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    settle: std::time::Duration,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -263,6 +267,7 @@ async fn mesh_scale_command(args: MeshScaleArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces,
         full_mesh: args.full_mesh,
         phase_timeout: args.phase_timeout,
+        settle: args.settle,
     })
     .await?;
     println!("{report}");

@@ -50,6 +50,9 @@ pub struct ScaleOptions {
     pub full_mesh: bool,
     /// How long any one phase may take.
     pub phase_timeout: Duration,
+    /// How long the control plane is left idle after the changes before
+    /// its settled memory is read.
+    pub settle: Duration,
 }
 
 /// One phase's figures.
@@ -94,7 +97,7 @@ pub struct ScaleReport {
     /// The phases, in order.
     pub phases: Vec<Phase>,
     /// The first control plane's resident memory after the changes and
-    /// 15 s idle, with every proxy connected, bytes.
+    /// `settle` idle, with every proxy connected, bytes.
     pub control_plane_settled_rss_bytes: u64,
     /// The restarted control plane's highest resident memory, bytes.
     pub control_plane_peak_rss_bytes: u64,
@@ -141,7 +144,7 @@ impl std::fmt::Display for ScaleReport {
         }
         write!(
             f,
-            "control plane RSS settled (15 s idle after the changes): {:.1} MB; restarted, peak: {:.1} MB",
+            "control plane RSS settled (idle after the changes): {:.1} MB; restarted, peak: {:.1} MB",
             self.control_plane_settled_rss_bytes as f64 / 1e6,
             self.control_plane_peak_rss_bytes as f64 / 1e6
         )
@@ -260,7 +263,7 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
 
     // Memory once the changes are behind it: freed memory goes back to
     // the system within about ten seconds (jemalloc's decay).
-    tokio::time::sleep(SETTLE).await;
+    tokio::time::sleep(options.settle).await;
     let settled_rss = control_plane.usage().rss_bytes;
 
     // A restart on the same address: every proxy reconnects and
@@ -293,10 +296,6 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
         control_plane_peak_rss_bytes: peak,
     })
 }
-
-/// How long the control plane is left idle before its settled memory is
-/// read.
-const SETTLE: Duration = Duration::from_secs(15);
 
 /// What one phase collected.
 struct Collected {
