@@ -9,6 +9,7 @@
 //! - [`certify`]: the certificate service's decision, a CSR signed for the
 //!   identity a credential proves, never the one the CSR names;
 //! - [`grpc`]: the gRPC services over the types of `infermesh-proto`;
+//! - [`client`]: a client of the gRPC port, and its SPIFFE ID;
 //! - [`server`]: `serve`, the TLS gRPC port and the admin port;
 //! - [`source`]: where the mesh's config comes from, as whole validated
 //!   snapshots: a watched directory of the YAML documents the gateway
@@ -25,6 +26,7 @@
 
 pub mod ca_files;
 pub mod certify;
+pub mod client;
 pub mod credential;
 pub mod grpc;
 pub mod join_tokens;

@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::client::ClientInfo;
 use crate::scope::{Prepared, ProxyMode, View, Workload};
-use crate::server::ClientInfo;
 
 /// How often each side of a stream says it is alive; three intervals of
 /// silence end the stream.

@@ -35,15 +35,14 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use infermesh_certs::{
     CertStore, CertificateAuthority, IssuedCertificate, ServerOptions, SpiffeId, WorkloadKey,
-    peer_identity, renewal_time, server_config,
+    renewal_time, server_config,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tonic::transport::server::Connected;
 
 use crate::ca_files;
 use crate::certify::Certifier;
+use crate::client::ClientConnection;
 use crate::grpc::Certificates;
 use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
 use crate::push::{ConfigPush, Proxies, PushMetrics};
@@ -277,65 +276,6 @@ async fn watch_tokens(path: PathBuf, authenticator: Arc<JoinTokenAuthenticator>)
             Ok(tokens) => authenticator.replace(tokens),
             Err(e) => eprintln!("infermesh-control-plane: tokens file not reloaded: {e}"),
         }
-    }
-}
-
-/// A client connection after its TLS handshake, with its SPIFFE ID if it
-/// presented a certificate.
-pub struct ClientConnection(TlsStream<TcpStream>);
-
-/// What a gRPC handler can learn of its connection.
-#[derive(Clone, Debug)]
-pub struct ClientInfo {
-    /// The client's address.
-    pub address: Option<SocketAddr>,
-    /// The SPIFFE ID of its certificate, if it presented one.
-    pub identity: Option<SpiffeId>,
-}
-
-impl Connected for ClientConnection {
-    type ConnectInfo = ClientInfo;
-
-    fn connect_info(&self) -> ClientInfo {
-        let (tcp, tls) = self.0.get_ref();
-        ClientInfo {
-            address: tcp.peer_addr().ok(),
-            identity: peer_identity(tls),
-        }
-    }
-}
-
-impl tokio::io::AsyncRead for ClientConnection {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for ClientConnection {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
