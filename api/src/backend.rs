@@ -61,7 +61,8 @@ pub struct BackendSpec {
 /// Mutual TLS to a backend's endpoints with SPIFFE identities: the proxy
 /// presents its own certificate (`infermesh-proxy gateway --identity-cert`)
 /// and accepts an endpoint only if its certificate chains to the trust
-/// bundle and carries `identity`. Host names play no part.
+/// bundle and carries the endpoint's identity: its own
+/// (`endpoints[].identity`), else `identity`. Host names play no part.
 ///
 /// ```yaml
 /// tls: { identity: spiffe://cluster.local/ns/models/sa/llama }
@@ -69,8 +70,10 @@ pub struct BackendSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendTls {
-    /// The SPIFFE ID every endpoint must present.
-    pub identity: String,
+    /// The SPIFFE ID an endpoint must present unless it names its own.
+    /// Without it, every endpoint names its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl BackendSpec {
@@ -109,6 +112,12 @@ pub struct EndpointSpec {
     /// Relative share of traffic, 1 or more.
     #[serde(default = "one")]
     pub weight: u32,
+    /// The SPIFFE ID this endpoint must present, when the backend has
+    /// `tls` and its endpoints are different workloads (as Linkerd's
+    /// destination service gives each endpoint its identity). Only for an
+    /// `ip:port` address: a DNS name stands for addresses that change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 fn one() -> u32 {
@@ -281,10 +290,35 @@ impl crate::Spec for BackendSpec {
         if let Some(health_check) = &self.health_check {
             health_check.check(&spec.key("healthCheck"), checker);
         }
-        if let Some(tls) = &self.tls
-            && let Err(e) = infermesh_certs::SpiffeId::parse(&tls.identity)
+        if let Some(identity) = self.tls.as_ref().and_then(|t| t.identity.as_ref())
+            && let Err(e) = infermesh_certs::SpiffeId::parse(identity)
         {
             checker.error(spec.key("tls").key("identity"), e.to_string());
+        }
+        let default_identity = self.tls.as_ref().is_some_and(|t| t.identity.is_some());
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let at = endpoints.index(i);
+            match (&endpoint.identity, &self.tls) {
+                (Some(_), None) => checker.error(
+                    at.key("identity"),
+                    "an endpoint's identity is checked by mutual TLS: give the backend `tls: {}`",
+                ),
+                (Some(identity), Some(_)) => {
+                    if let Err(e) = infermesh_certs::SpiffeId::parse(identity) {
+                        checker.error(at.key("identity"), e.to_string());
+                    } else if matches!(endpoint.target(), Ok(EndpointTarget::Dns { .. })) {
+                        checker.error(
+                            at.key("identity"),
+                            "an endpoint's own identity needs an ip:port address (a DNS name stands for addresses that change); give the backend's tls.identity instead",
+                        );
+                    }
+                }
+                (None, Some(_)) if !default_identity => checker.error(
+                    at.key("identity"),
+                    "this endpoint has no identity to check: give it one, or give the backend tls.identity",
+                ),
+                _ => {}
+            }
         }
     }
 }

@@ -608,9 +608,22 @@ mod tests {
     #[test]
     fn the_schema_takes_what_the_types_take_and_nothing_else() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples");
+        // The examples, and those of their folders (the mesh's).
+        let mut files = Vec::new();
+        let mut folders = vec![std::path::PathBuf::from(dir)];
+        while let Some(folder) = folders.pop() {
+            for entry in std::fs::read_dir(folder).expect("examples") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    folders.push(path);
+                } else {
+                    files.push(path);
+                }
+            }
+        }
         let mut specs = Vec::new();
-        for entry in std::fs::read_dir(dir).expect("examples") {
-            let text = std::fs::read_to_string(entry.expect("entry").path()).expect("read");
+        for file in files {
+            let text = std::fs::read_to_string(file).expect("read");
             for document in
                 crate::yaml::documents(&text).unwrap_or_else(|e| panic!("{}", e.message))
             {

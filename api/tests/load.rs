@@ -673,3 +673,52 @@ fn a_fanout_loads_with_its_defaults_and_is_checked_where_written() {
         );
     }
 }
+
+#[test]
+fn an_endpoint_s_own_identity_needs_mutual_tls_and_an_address() {
+    let backend = |spec: &str| {
+        format!(
+            "apiVersion: infermesh.io/v1alpha1\nkind: Backend\nmetadata: {{ name: b }}\nspec:\n{spec}"
+        )
+    };
+    let load = |text: &str| {
+        Config::load(&[Source {
+            name: "b.yaml",
+            text,
+        }])
+        .map_err(|d| d.iter().map(|d| d.to_string()).collect::<Vec<_>>())
+    };
+    let good = backend(
+        "  tls: {}\n  endpoints:\n    - { address: 127.0.0.1:1, identity: spiffe://td/ns/a/sa/one }\n    - { address: 127.0.0.1:2, identity: spiffe://td/ns/b/sa/two }\n",
+    );
+    let config = load(&good).unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(
+        config.backends[0].spec.endpoints[1].identity.as_deref(),
+        Some("spiffe://td/ns/b/sa/two")
+    );
+    let cases = [
+        (
+            "  endpoints: [{ address: 127.0.0.1:1, identity: spiffe://td/ns/a/sa/one }]\n",
+            "spec.endpoints[0].identity: an endpoint's identity is checked by mutual TLS",
+        ),
+        (
+            "  tls: {}\n  endpoints: [{ address: 127.0.0.1:1 }]\n",
+            "spec.endpoints[0].identity: this endpoint has no identity to check",
+        ),
+        (
+            "  tls: {}\n  endpoints: [{ address: models.svc:80, identity: spiffe://td/ns/a/sa/one }]\n",
+            "spec.endpoints[0].identity: an endpoint's own identity needs an ip:port address",
+        ),
+        (
+            "  tls: { identity: spiffe://td/ns/a/sa/one }\n  endpoints: [{ address: 127.0.0.1:1, identity: \"https://x\" }]\n",
+            "spec.endpoints[0].identity:",
+        ),
+    ];
+    for (spec, expected) in cases {
+        let errors = load(&backend(spec)).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains(expected)),
+            "{spec}\nexpected: {expected}\ngot: {errors:#?}"
+        );
+    }
+}

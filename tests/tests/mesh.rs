@@ -206,10 +206,24 @@ async fn wait_all_moved(
     control_plane: &ControlPlane,
     before: &[(String, String)],
 ) -> Vec<(String, String)> {
+    wait_moved(control_plane, before, |_| true).await
+}
+
+/// Waits until every proxy is in sync, those `moving` names at another
+/// version than in `before`.
+async fn wait_moved(
+    control_plane: &ControlPlane,
+    before: &[(String, String)],
+    moving: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
     let deadline = tokio::time::Instant::now() + SYNC;
     loop {
         let now = versions(&control_plane.wait_synced(before.len(), SYNC).await);
-        if now.iter().zip(before).all(|(new, old)| new.1 != old.1) {
+        if now
+            .iter()
+            .zip(before)
+            .all(|(new, old)| !moving(&new.0) || new.1 != old.1)
+        {
             return now;
         }
         assert!(
@@ -723,4 +737,120 @@ async fn a_proxy_without_a_valid_credential_is_refused_with_its_reason_and_never
         );
     }
     assert!(control_plane.proxies().await.is_empty());
+}
+
+/// The mesh of the per-endpoint identity test: `llama.models` has two
+/// endpoints, the gateway's mutual-TLS port and the model sidecar's, each
+/// given the identity in `identities` (edge's first).
+fn two_workloads(
+    model: SocketAddr,
+    edge_port: SocketAddr,
+    llama_port: SocketAddr,
+    identities: [&str; 2],
+) -> String {
+    format!(
+        "apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: model, namespace: models }}
+spec: {{ endpoints: [{{ address: \"{model}\" }}] }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: edge-mesh }}
+spec: {{ address: \"{edge_port}\", tls: {{ mode: strict }} }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: llama-mesh, namespace: models }}
+spec: {{ address: \"{llama_port}\", tls: {{ mode: strict }}, selector: {{ matchLabels: {{ app: llama }} }} }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: to-model }}
+spec:
+  listeners: [edge-mesh, llama-mesh.models]
+  rules: [{{ backends: [{{ name: model.models }}] }}]
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: llama, namespace: models }}
+spec:
+  protocol: http2
+  tls: {{}}
+  endpoints:
+    - {{ address: \"{edge_port}\", identity: \"{}\" }}
+    - {{ address: \"{llama_port}\", identity: \"{}\" }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: llama, namespace: models }}
+spec:
+  hostnames: [llama.models]
+  rules: [{{ backends: [{{ name: llama }}], retry: {{ maxRetries: 0 }} }}]
+",
+        identities[0], identities[1]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_endpoint_must_present_its_own_identity() {
+    const EDGE: &str = "spiffe://cluster.local/ns/edge/sa/gateway";
+    const LLAMA: &str = "spiffe://cluster.local/ns/models/sa/llama";
+    let model = MockBackend::echo("model", Protocol::Http1).await;
+    let (edge_port, llama_port) = (free_port(), free_port());
+    let files = MeshFiles::new(&two_workloads(
+        model.addr,
+        edge_port,
+        llama_port,
+        [EDGE, LLAMA],
+    ));
+    let credentials = Credentials::new(&files);
+    let llama_credential = files.credential("models", "llama", "1h");
+    let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s"]);
+    let at = [control_plane.grpc];
+    let _edge = gateway(&files, &at, &credentials.edge);
+    let _llama = sidecar(&files, &at, "llama-0", "llama", &llama_credential);
+    let chat = sidecar(&files, &at, "chat-0", "chat", &credentials.chat);
+    let before = versions(&control_plane.wait_synced(3, SYNC).await);
+    let handshakes = |text: &str, result: &str, reason: &str| {
+        metric_value(
+            text,
+            &format!("infermesh_tls_handshakes_total{{direction=\"outbound\",reason=\"{reason}\",result=\"{result}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    for _ in 0..20 {
+        assert_eq!(answered_by(via_sidecar(&chat)()).await, "model");
+    }
+    // One connection to each endpoint, each checked against its own ID.
+    let metrics = client::metrics(chat.health).await;
+    assert_eq!(handshakes(&metrics, "success", ""), 2.0, "{metrics}");
+
+    // Each endpoint now expected to be the other workload: no handshake
+    // passes, so no request reaches the model through a workload it was
+    // not meant to.
+    files.write(
+        "mesh.yaml",
+        &two_workloads(model.addr, edge_port, llama_port, [LLAMA, EDGE]),
+    );
+    // The gateway holds no copy of `llama`: only the sidecars move.
+    wait_moved(&control_plane, &before, |node| node != "edge-0").await;
+    let served = model.requests();
+    for _ in 0..4 {
+        let request = via_sidecar(&chat)();
+        let reply = client::send(&client::http1(), request)
+            .await
+            .expect("an answer");
+        assert_eq!(reply.status, 502, "{:?}", reply.body);
+        assert_eq!(
+            reply.header("x-infermesh-error"),
+            Some("upstream_tls_failed")
+        );
+    }
+    assert_eq!(model.requests(), served);
+    let metrics = client::metrics(chat.health).await;
+    assert!(
+        handshakes(&metrics, "failure", "bad_identity") >= 2.0,
+        "{metrics}"
+    );
 }

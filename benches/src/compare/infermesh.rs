@@ -450,7 +450,10 @@ mod tests {
         };
         let config = pair_config(&hop);
         let backend = &config.backend("mock").unwrap().spec;
-        assert_eq!(backend.tls.as_ref().unwrap().identity, MODEL_IDENTITY);
+        assert_eq!(
+            backend.tls.as_ref().unwrap().identity.as_deref(),
+            Some(MODEL_IDENTITY)
+        );
         assert_eq!(backend.protocol, infermesh_api::UpstreamProtocol::Http2);
 
         let model_side = Hop {

@@ -71,6 +71,7 @@ impl OriginalDestination {
                 endpoints: vec![EndpointSpec {
                     address: self.destination.to_string(),
                     weight: 1,
+                    identity: None,
                 }],
                 protocol,
                 ..BackendSpec::default()

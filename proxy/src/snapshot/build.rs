@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use infermesh_api::{BackendSpec, BackendTls, Config, ListenerSpec, Resource};
+use infermesh_api::{BackendSpec, BackendTls, Config, EndpointTarget, ListenerSpec, Resource};
 use infermesh_certs::{CertStore, SpiffeId};
 
 use crate::backend::Backend;
@@ -245,9 +245,25 @@ fn backend_tls(
 ) -> Result<tls::Client, BuildError> {
     let what = format!("backend {name:?}");
     let store = identity_for(&what, identity)?;
-    let expected = SpiffeId::parse(&tls.identity).map_err(|e| tls_error(&what, e))?;
-    tls::Client::new(store, expected, spec.protocol, &metrics.transport)
-        .map_err(|e| tls_error(&what, e))
+    let parse = |id: &str| SpiffeId::parse(id).map_err(|e| tls_error(&what, e));
+    let default = tls.identity.as_deref().map(parse).transpose()?;
+    let mut by_endpoint = Vec::new();
+    for endpoint in &spec.endpoints {
+        // Validation allows an endpoint's own identity on ip:port only.
+        if let (Some(id), Ok(EndpointTarget::Socket(addr))) =
+            (&endpoint.identity, endpoint.target())
+        {
+            by_endpoint.push((addr, parse(id)?));
+        }
+    }
+    tls::Client::new(
+        store,
+        default,
+        &by_endpoint,
+        spec.protocol,
+        &metrics.transport,
+    )
+    .map_err(|e| tls_error(&what, e))
 }
 
 /// How the connections of `listener` are secured.

@@ -4,6 +4,7 @@
 //! clients with the proxy's identity, reading theirs). Every handshake is
 //! counted in `infermesh_tls_handshakes_total`, this layer's one metric.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,19 +48,25 @@ impl Metrics {
     }
 }
 
-/// How a backend's connections are secured.
+/// How a backend's connections are secured: the identity each endpoint
+/// must present, one client config per distinct identity.
 #[derive(Clone, Debug)]
 pub(crate) struct Client {
-    config: Arc<ClientConfig>,
+    /// For endpoints without an identity of their own.
+    default: Option<Arc<ClientConfig>>,
+    /// For endpoints with their own, by address.
+    by_endpoint: Arc<HashMap<SocketAddr, Arc<ClientConfig>>>,
     handshakes: IntCounterVec,
 }
 
 impl Client {
-    /// For a backend whose endpoints must present `identity`, offering the
-    /// ALPN protocol of `protocol`.
+    /// For a backend whose endpoints must present `default` unless
+    /// `by_endpoint` names their own, offering the ALPN protocol of
+    /// `protocol`.
     pub(crate) fn new(
         store: &Arc<CertStore>,
-        identity: SpiffeId,
+        default: Option<SpiffeId>,
+        by_endpoint: &[(SocketAddr, SpiffeId)],
         protocol: UpstreamProtocol,
         metrics: &Metrics,
     ) -> Result<Self, rustls::Error> {
@@ -67,30 +74,52 @@ impl Client {
             UpstreamProtocol::Http1 => b"http/1.1".to_vec(),
             UpstreamProtocol::Http2 => b"h2".to_vec(),
         };
-        let config = client_config_with(
-            store,
-            ExpectedIdentity::Exact(identity),
-            &ClientOptions {
-                alpn_protocols: vec![alpn],
-                ..ClientOptions::default()
-            },
-        )?;
+        let mut configs: HashMap<SpiffeId, Arc<ClientConfig>> = HashMap::new();
+        let mut config_for = |identity: &SpiffeId| -> Result<Arc<ClientConfig>, rustls::Error> {
+            if let Some(config) = configs.get(identity) {
+                return Ok(config.clone());
+            }
+            let config = client_config_with(
+                store,
+                ExpectedIdentity::Exact(identity.clone()),
+                &ClientOptions {
+                    alpn_protocols: vec![alpn.clone()],
+                    ..ClientOptions::default()
+                },
+            )?;
+            configs.insert(identity.clone(), config.clone());
+            Ok(config)
+        };
+        let default = default.as_ref().map(&mut config_for).transpose()?;
+        let by_endpoint = by_endpoint
+            .iter()
+            .map(|(addr, identity)| Ok((*addr, config_for(identity)?)))
+            .collect::<Result<HashMap<_, _>, rustls::Error>>()?;
         Ok(Client {
-            config,
+            default,
+            by_endpoint: Arc::new(by_endpoint),
             handshakes: metrics.tls_handshakes.clone(),
         })
     }
 
-    /// Runs the TLS handshake over `stream` to the endpoint at `addr`. The
-    /// server name is the endpoint's IP address, so no SNI is sent: the
-    /// endpoint is checked by its SPIFFE ID, not by a name.
+    /// Runs the TLS handshake over `stream` to the endpoint at `addr`,
+    /// which must present its identity. The server name is the endpoint's
+    /// IP address, so no SNI is sent: the endpoint is checked by its
+    /// SPIFFE ID, not by a name.
     pub(crate) async fn handshake(
         &self,
         stream: TcpStream,
         addr: SocketAddr,
     ) -> Result<TlsStream<TcpStream>, ErrorKind> {
+        let Some(config) = self.by_endpoint.get(&addr).or(self.default.as_ref()) else {
+            // Validation gives every endpoint an identity; a DNS name's
+            // addresses have the backend's.
+            return Err(ErrorKind::UpstreamTls(format!(
+                "endpoint {addr} has no identity to check"
+            )));
+        };
         let name = ServerName::IpAddress(addr.ip().into());
-        let result = TlsConnector::from(self.config.clone())
+        let result = TlsConnector::from(config.clone())
             .connect(name, stream)
             .await;
         count(&self.handshakes, "outbound", result.as_ref().err());
