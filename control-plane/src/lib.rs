@@ -14,6 +14,8 @@
 //! - [`source`]: where the mesh's config comes from, as whole validated
 //!   snapshots: a watched directory of the YAML documents the gateway
 //!   also reads;
+//! - [`resolve`]: the DNS names of endpoints, resolved by the control
+//!   plane and pushed as addresses;
 //! - [`scope`]: what each proxy is told, chosen from a snapshot prepared
 //!   once for all of them;
 //! - [`push`]: the config stream of each proxy, incremental and
@@ -31,6 +33,7 @@ pub mod credential;
 pub mod grpc;
 pub mod join_tokens;
 pub mod push;
+pub mod resolve;
 pub mod scope;
 pub mod server;
 pub mod source;

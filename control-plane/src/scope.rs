@@ -33,6 +33,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use crate::resolve::Resolved;
 use crate::source::Snapshot;
 
 /// What a proxy runs as.
@@ -154,8 +155,10 @@ pub struct Prepared {
 type ViewKey = (ProxyMode, String, BTreeMap<String, String>);
 
 impl Prepared {
-    /// Writes every resource of `snapshot` as a sidecar receives it.
-    pub fn new(snapshot: &Snapshot) -> Self {
+    /// Writes every resource of `snapshot` as a sidecar receives it, with
+    /// the DNS names of endpoints replaced by the addresses `resolved`
+    /// gives them.
+    pub fn new(snapshot: &Snapshot, resolved: &Resolved) -> Self {
         let config = snapshot.config.clone();
         let documents: HashMap<(Kind, String), Value> = config
             .documents()
@@ -172,7 +175,10 @@ impl Prepared {
             .backends
             .iter()
             .map(|b| {
-                let document = take(Kind::Backend, &b.name);
+                let mut document = take(Kind::Backend, &b.name);
+                if let Some(endpoints) = resolved_endpoints(&b.spec, resolved) {
+                    document["spec"]["endpoints"] = endpoints;
+                }
                 let pushed = Pushed::new(Kind::Backend, b.name.clone(), &document);
                 (b.name.clone(), Arc::new(pushed))
             })
@@ -369,6 +375,44 @@ impl Prepared {
     }
 }
 
+/// A backend's endpoints with every DNS name replaced by the addresses it
+/// resolved to (each with the name's weight); `None` when it names none.
+/// An address met twice is kept once: a proxy refuses duplicates.
+fn resolved_endpoints(spec: &infermesh_api::BackendSpec, resolved: &Resolved) -> Option<Value> {
+    use infermesh_api::EndpointTarget;
+    let targets: Vec<_> = spec.endpoints.iter().map(|e| (e, e.target())).collect();
+    if !targets
+        .iter()
+        .any(|(_, t)| matches!(t, Ok(EndpointTarget::Dns { .. })))
+    {
+        return None;
+    }
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::new();
+    for (endpoint, target) in targets {
+        match target {
+            Ok(EndpointTarget::Dns { host, port }) => {
+                let addresses = resolved.get(&(host, port)).into_iter().flatten();
+                for address in addresses {
+                    if seen.insert(*address) {
+                        endpoints.push(serde_json::json!({
+                            "address": address.to_string(),
+                            "weight": endpoint.weight,
+                        }));
+                    }
+                }
+            }
+            Ok(EndpointTarget::Socket(address)) => {
+                if seen.insert(address) {
+                    endpoints.push(serde_json::to_value(endpoint).expect("JSON"));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    Some(Value::from(endpoints))
+}
+
 /// The sidecar's capture listeners, which mesh routes and policies attach to.
 const OUTBOUND: &str = "outbound";
 const INBOUND: &str = "inbound";
@@ -437,10 +481,13 @@ spec:
             text,
         }])
         .unwrap_or_else(|e| panic!("{e}"));
-        Prepared::new(&Snapshot {
-            version: config.version(),
-            config: Arc::new(config),
-        })
+        Prepared::new(
+            &Snapshot {
+                version: config.version(),
+                config: Arc::new(config),
+            },
+            &Resolved::new(),
+        )
     }
 
     fn workload(namespace: &str, app: &str) -> Workload {
@@ -592,6 +639,57 @@ spec:
         assert!(!llama.iter().any(|k| k == "Listener/public"));
         let batch = mesh.view(&workload("apps", "batch"));
         assert!(!batch.resources.contains_key("Listener/llama-mtls.models"));
+    }
+
+    #[test]
+    fn proxies_are_sent_the_addresses_a_name_resolved_to_never_the_name() {
+        let text = "apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: { name: llama, namespace: models }
+spec:
+  endpoints:
+    - { address: llama.models.svc:8000, weight: 3 }
+    - { address: 10.0.0.1:8000 }
+    - { address: 10.0.0.9:8000 }
+";
+        let config = Config::load(&[Source {
+            name: "mesh.yaml",
+            text,
+        }])
+        .unwrap();
+        let snapshot = Snapshot {
+            version: config.version(),
+            config: Arc::new(config),
+        };
+        let resolved = Resolved::from([(
+            ("llama.models.svc".to_owned(), 8000),
+            [
+                "10.0.0.1:8000".parse().unwrap(),
+                "10.0.0.2:8000".parse().unwrap(),
+            ]
+            .into(),
+        )]);
+        let mesh = Prepared::new(&snapshot, &resolved);
+        let view = mesh.view(&workload("apps", "chat"));
+        let backend: Value =
+            serde_json::from_str(&view.resources["Backend/llama.models"].document_json).unwrap();
+        // The name's addresses take its weight; an address met twice is
+        // kept once (a proxy refuses duplicates).
+        assert_eq!(
+            backend["spec"]["endpoints"],
+            serde_json::json!([
+                { "address": "10.0.0.1:8000", "weight": 3 },
+                { "address": "10.0.0.2:8000", "weight": 3 },
+                { "address": "10.0.0.9:8000", "weight": 1 },
+            ])
+        );
+        // Resolving to other addresses is a change of the backend.
+        let moved = Resolved::from([(
+            ("llama.models.svc".to_owned(), 8000),
+            ["10.0.0.3:8000".parse().unwrap()].into(),
+        )]);
+        let again = Prepared::new(&snapshot, &moved);
+        assert_ne!(view.version, again.view(&workload("apps", "chat")).version);
     }
 
     #[test]

@@ -46,6 +46,7 @@ use crate::client::ClientConnection;
 use crate::grpc::Certificates;
 use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
 use crate::push::{ConfigPush, Proxies, PushMetrics};
+use crate::resolve::{self, Resolved};
 use crate::scope::Prepared;
 use crate::source::{DirectorySource, Refused, Source as _};
 
@@ -117,7 +118,7 @@ pub async fn serve(
         Some(directory) => {
             let (refusals, refused) = tokio::sync::mpsc::unbounded_channel();
             let source = DirectorySource::start(directory, refusals)?;
-            let prepared = prepare(source.snapshots());
+            let prepared = prepare(source.snapshots(), resolve::system()).await;
             tokio::spawn(report_refusals(refused, refusals_metric(&registry)?));
             let metrics = PushMetrics::register(&registry)?;
             let push = ConfigPush::new(
@@ -176,25 +177,75 @@ pub async fn serve(
         .context("the gRPC server failed")
 }
 
-/// Prepares each snapshot of `snapshots` for push, once, as it comes.
-fn prepare(
+/// Prepares each snapshot of `snapshots` for push, once, as it comes,
+/// with the DNS names of its endpoints resolved; and again whenever a name
+/// resolves to other addresses (each name on its backend's
+/// `dnsRefreshInterval`).
+async fn prepare(
     mut snapshots: tokio::sync::watch::Receiver<Arc<crate::source::Snapshot>>,
+    lookup: resolve::Lookup,
 ) -> tokio::sync::watch::Receiver<Arc<Prepared>> {
-    let first = Prepared::new(&snapshots.borrow_and_update());
-    let (publish, prepared) = tokio::sync::watch::channel(Arc::new(first));
+    let mut snapshot = snapshots.borrow_and_update().clone();
+    let mut names = resolve::names(&snapshot.config);
+    // No proxy is sent a name: the first snapshot waits for its lookups.
+    let mut resolved = Resolved::new();
+    resolve::refresh(&lookup, names.keys().cloned(), &mut resolved).await;
+    let mut due: std::collections::HashMap<resolve::Name, tokio::time::Instant> = names
+        .iter()
+        .map(|(name, every)| (name.clone(), tokio::time::Instant::now() + *every))
+        .collect();
+    let (publish, prepared) =
+        tokio::sync::watch::channel(Arc::new(Prepared::new(&snapshot, &resolved)));
     tokio::spawn(async move {
-        while snapshots.changed().await.is_ok() {
-            let snapshot = snapshots.borrow_and_update().clone();
-            eprintln!(
-                "infermesh-control-plane: config version {} accepted",
-                snapshot.version
-            );
-            if publish.send(Arc::new(Prepared::new(&snapshot))).is_err() {
-                return;
+        let mut changed = false;
+        loop {
+            // Names seen for the first time, and those due again.
+            let now = tokio::time::Instant::now();
+            let lookups: Vec<resolve::Name> = names
+                .keys()
+                .filter(|name| due.get(*name).is_none_or(|at| *at <= now))
+                .cloned()
+                .collect();
+            changed |= resolve::refresh(&lookup, lookups.iter().cloned(), &mut resolved).await;
+            for name in lookups {
+                due.insert(name.clone(), tokio::time::Instant::now() + names[&name]);
+            }
+            if changed {
+                let fresh = Prepared::new(&snapshot, &resolved);
+                if publish.send(Arc::new(fresh)).is_err() {
+                    return;
+                }
+                changed = false;
+            }
+            let next = due.values().min().copied();
+            tokio::select! {
+                alive = snapshots.changed() => {
+                    if alive.is_err() {
+                        return;
+                    }
+                    snapshot = snapshots.borrow_and_update().clone();
+                    eprintln!(
+                        "infermesh-control-plane: config version {} accepted",
+                        snapshot.version
+                    );
+                    names = resolve::names(&snapshot.config);
+                    resolved.retain(|name, _| names.contains_key(name));
+                    due.retain(|name, _| names.contains_key(name));
+                    changed = true;
+                }
+                _ = sleep_until(next) => {}
             }
         }
     });
     prepared
+}
+
+/// Sleeps until `at`; forever without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn refusals_metric(registry: &prometheus::Registry) -> prometheus::Result<prometheus::IntCounter> {

@@ -19,8 +19,10 @@ use infermesh_tests::process::Gateway;
 const SYNC: Duration = Duration::from_secs(15);
 
 /// The mesh's documents: `llama` (hostname `llama.models`) and the
-/// gateway's `edge` route both send to backend `target`; `mistral` has
-/// `mistral_endpoints`; the gateway's listener binds `public`.
+/// gateway's `edge` route both send to backend `target`; `llama-v2` is
+/// written with a DNS name (`localhost`), which the control plane
+/// resolves; `mistral` has `mistral_endpoints`; the gateway's listener
+/// binds `public`.
 fn documents(
     v1: SocketAddr,
     v2: SocketAddr,
@@ -41,7 +43,7 @@ spec: {{ endpoints: [{{ address: \"{v1}\" }}] }}
 apiVersion: infermesh.io/v1alpha1
 kind: Backend
 metadata: {{ name: llama-v2, namespace: models }}
-spec: {{ endpoints: [{{ address: \"{v2}\" }}] }}
+spec: {{ endpoints: [{{ address: \"localhost:{v2_port}\" }}] }}
 ---
 apiVersion: infermesh.io/v1alpha1
 kind: Backend
@@ -74,7 +76,8 @@ spec:
   listeners: [public]
   rules: [{{ backends: [{{ name: {target}.models }}] }}]
 ",
-        mistral = mistral.join(", ")
+        mistral = mistral.join(", "),
+        v2_port = v2.port(),
     )
 }
 
@@ -284,6 +287,28 @@ async fn a_route_changed_under_load_shifts_traffic_without_a_failure_and_every_p
         assert!(ok > 0);
     }
     assert!(mesh.v2.requests() > 90);
+    // llama-v2's name was resolved by the control plane: the proxies hold
+    // its address.
+    let sent = client::get(
+        &client::http1(),
+        &format!(
+            "http://{}/debug/config?proxy=batch-0",
+            mesh.control_plane.admin
+        ),
+    )
+    .await
+    .json();
+    let v2 = sent["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["metadata"]["name"] == "llama-v2.models")
+        .cloned()
+        .unwrap_or_else(|| panic!("{sent:#}"));
+    assert_eq!(
+        v2["spec"]["endpoints"],
+        serde_json::json!([{ "address": mesh.v2.addr.to_string(), "weight": 1 }])
+    );
     let metrics = mesh.control_plane.metrics().await;
     assert_eq!(
         metric_value(
