@@ -78,8 +78,8 @@ pub async fn refresh(
                     "infermesh-control-plane: cannot resolve {}:{} ({e}); its endpoints stay as last resolved",
                     name.0, name.1
                 );
-                if !resolved.contains_key(&name) {
-                    resolved.insert(name, BTreeSet::new());
+                if let std::collections::hash_map::Entry::Vacant(never) = resolved.entry(name) {
+                    never.insert(BTreeSet::new());
                     changed = true;
                 }
             }
