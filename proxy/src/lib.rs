@@ -47,7 +47,7 @@ pub mod control_plane_client {
 pub use app::identity::IdentityFiles;
 pub use app::logging::{LogControl, LogFormat, init as init_logging};
 pub use app::run::{ConfigFrom, Mode, RunOptions, run};
-pub use app::sidecar::{CaptureAddresses, log_user as log_sidecar_user};
+pub use app::sidecar::{BUILT_IN_NAME, CaptureAddresses, log_user as log_sidecar_user};
 
 /// The per-request work the proxy adds, public for the hot-path
 /// benchmarks (`benches/hot_path.rs`) and the fuzz targets (`fuzz/`):

@@ -468,7 +468,7 @@ fn check(path: &std::path::Path, mode: Mode) -> ExitCode {
     let sources: Vec<infermesh_api::Source<'_>> = built_in
         .iter()
         .map(|text| infermesh_api::Source {
-            name: "<sidecar built-in listeners>",
+            name: infermesh_proxy::BUILT_IN_NAME,
             text,
         })
         .collect();

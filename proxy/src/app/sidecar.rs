@@ -47,7 +47,7 @@ impl Default for CaptureAddresses {
 }
 
 /// How errors name the built-in documents.
-pub(crate) const BUILT_IN_NAME: &str = "<sidecar built-in listeners>";
+pub const BUILT_IN_NAME: &str = "<sidecar built-in listeners>";
 
 impl CaptureAddresses {
     /// The built-in documents of the two capture listeners: `inbound`
