@@ -64,8 +64,8 @@ pub use resilience::{
     Mirror, OutlierDetection, RateLimit, RetryBudget, RetryOn, RetryPolicy,
 };
 pub use route::{
-    BackendRef, HeaderMatch, PathMatch, RouteMatch, RouteRule, RouteSpec, RouteTimeouts,
-    full_match_regex,
+    BackendRef, HeaderMatch, ParentKind, ParentRef, PathMatch, RouteMatch, RouteRule, RouteSpec,
+    RouteTimeouts, full_match_regex,
 };
 pub use sidecar::SidecarSpec;
 pub use yaml::Position;
@@ -372,6 +372,13 @@ impl Config {
             for listener in &mut route.spec.listeners {
                 resolve(Kind::Listener, namespace, listener);
             }
+            for parent in &mut route.spec.parent_refs {
+                let kind = match parent.kind {
+                    ParentKind::Backend => Kind::Backend,
+                    ParentKind::Listener => Kind::Listener,
+                };
+                resolve(kind, namespace, &mut parent.name);
+            }
             for rule in &mut route.spec.rules {
                 for backend in rule.backend_names_mut() {
                     resolve(Kind::Backend, namespace, backend);
@@ -485,6 +492,22 @@ impl Config {
                     );
                 }
             }
+            for (i, parent) in route.spec.parent_refs.iter().enumerate() {
+                let (kind, what) = match parent.kind {
+                    ParentKind::Backend => (Kind::Backend, "backend"),
+                    ParentKind::Listener => (Kind::Listener, "listener"),
+                };
+                if !defined.contains_key(&(kind, parent.name.clone())) {
+                    checker.error(
+                        spec.key("parentRefs").index(i).key("name"),
+                        format!(
+                            "{what} {:?} is not defined (defined {what}s: {})",
+                            parent.name,
+                            names(kind)
+                        ),
+                    );
+                }
+            }
             for (r, rule) in route.spec.rules.iter().enumerate() {
                 for (at, name) in rule.backend_references(&spec.key("rules").index(r)) {
                     if !defined.contains_key(&(Kind::Backend, name.to_owned())) {
@@ -559,6 +582,15 @@ impl Config {
                     Some(resource_label(Kind::Listener, &listener.name)),
                     &FieldPath::root().key("spec").key("selector"),
                     format!("a listener selector {control_plane_only}"),
+                ));
+            }
+        }
+        for route in &self.routes {
+            if !route.spec.parent_refs.is_empty() {
+                out.push(route.origin.diagnostic(
+                    Some(resource_label(Kind::Route, &route.name)),
+                    &FieldPath::root().key("spec").key("parentRefs"),
+                    format!("parentRefs {control_plane_only}; use `listeners` and `hostnames`"),
                 ));
             }
         }

@@ -36,6 +36,15 @@ pub struct RouteSpec {
     /// Names of the listeners this route serves. Empty: every listener.
     #[serde(default)]
     pub listeners: Vec<String>,
+    /// In a mesh (the control plane's config): what the route attaches to,
+    /// as the Gateway API's `parentRefs`. A `Backend` parent is GAMMA's
+    /// service: the route applies to every caller's requests for that
+    /// backend (by its names, `NAME.NAMESPACE` and
+    /// `NAME.NAMESPACE.svc.cluster.local`); a `Listener` parent is the
+    /// same as naming it in `listeners`. A proxy's own file uses
+    /// `listeners` and `hostnames` instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_refs: Vec<ParentRef>,
     /// Host names (from `Host` or `:authority`, port ignored) this route
     /// serves: exact (`api.example.com`) or a leading wildcard
     /// (`*.example.com`, which matches any sub-domain but not
@@ -154,6 +163,46 @@ fn one() -> u32 {
     1
 }
 
+/// What a route attaches to.
+///
+/// ```yaml
+/// parentRefs: [{ kind: Backend, name: llama }]
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentRef {
+    /// `Backend` (a service: the route applies to its callers) or
+    /// `Listener`.
+    pub kind: ParentKind,
+    /// Its name, searched in the route's namespace first.
+    pub name: String,
+}
+
+/// The kinds a route may attach to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ParentKind {
+    /// A backend: GAMMA's service.
+    Backend,
+    /// A listener: a gateway's, or one a sidecar runs.
+    Listener,
+}
+
+impl RouteSpec {
+    /// The host names the route serves for the `Backend` parent `backend`
+    /// (a qualified name): the name callers use, and for a namespaced
+    /// backend its Kubernetes Service names.
+    pub fn service_hostnames(backend: &str, namespace: Option<&str>) -> Vec<String> {
+        match namespace {
+            Some(_) => vec![
+                backend.to_owned(),
+                format!("{backend}.svc"),
+                format!("{backend}.svc.cluster.local"),
+            ],
+            None => vec![backend.to_owned()],
+        }
+    }
+}
+
 /// Time limits for a request. `0s` disables a limit.
 ///
 /// The defaults never cut off a long generation: a model may think for
@@ -213,6 +262,12 @@ impl crate::Spec for RouteSpec {
         }
         if self.rules.is_empty() {
             checker.error(spec.key("rules"), "a route needs at least one rule");
+        }
+        if !self.parent_refs.is_empty() && !self.listeners.is_empty() {
+            checker.error(
+                spec.key("parentRefs"),
+                "a route attaches by parentRefs or by listeners, not both: name its listeners as parentRefs of kind Listener",
+            );
         }
         for (i, rule) in self.rules.iter().enumerate() {
             rule.check(&spec.key("rules").index(i), checker);

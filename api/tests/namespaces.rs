@@ -139,3 +139,47 @@ fn each_resource_is_a_document_that_loads_back_alone() {
     assert_eq!(alone.backends[0].namespace, None);
     assert_eq!(alone.backends[0].spec, config.backends[0].spec);
 }
+
+#[test]
+fn a_route_attaches_to_a_service_by_parent_refs_searched_in_its_namespace() {
+    let text = format!(
+        "{MESH}---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: canary, namespace: models }}
+spec:
+  parentRefs: [{{ kind: Backend, name: llama }}, {{ kind: Backend, name: llama.lab }}]
+  rules: [{{ backends: [{{ name: llama }}] }}]
+"
+    );
+    let config = load(&text).unwrap_or_else(|e| panic!("{e:#?}"));
+    let parents: Vec<&str> = config
+        .route("canary.models")
+        .unwrap()
+        .spec
+        .parent_refs
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(parents, ["llama.models", "llama.lab"]);
+    let problems = config.mesh_only_problems();
+    assert!(
+        problems.iter().any(|d| d.field == "spec.parentRefs"),
+        "{problems}"
+    );
+
+    let errors = load(&text.replace("name: llama.lab }]", "name: llama.labs }]")).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("spec.parentRefs[1].name: backend \"llama.labs\" is not defined")),
+        "{errors:#?}"
+    );
+    let errors =
+        load(&text.replace("  parentRefs:", "  listeners: [x]\n  parentRefs:")).unwrap_err();
+    assert!(
+        errors.iter().any(|e| e
+            .contains("spec.parentRefs: a route attaches by parentRefs or by listeners, not both")),
+        "{errors:#?}"
+    );
+}

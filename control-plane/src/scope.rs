@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use infermesh_api::{Config, Kind};
+use infermesh_api::{Config, Kind, ParentKind, RouteSpec};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -186,10 +186,20 @@ impl Prepared {
         let routes = config
             .routes
             .iter()
-            .filter(|r| r.spec.listeners.is_empty())
+            .filter(|r| is_mesh_route(&r.spec))
             .map(|r| {
                 let mut document = take(Kind::Route, &r.name);
-                document["spec"]["listeners"] = Value::from(vec![OUTBOUND]);
+                // A service's route serves the names its callers use.
+                let mut hostnames = r.spec.hostnames.clone();
+                for parent in service_parents(&r.spec) {
+                    let namespace = config.backend(parent).and_then(|b| b.namespace.as_deref());
+                    hostnames.extend(RouteSpec::service_hostnames(parent, namespace));
+                }
+                if let Some(spec) = document["spec"].as_object_mut() {
+                    spec.remove("parentRefs");
+                    spec.insert("listeners".into(), Value::from(vec![OUTBOUND]));
+                    spec.insert("hostnames".into(), Value::from(hostnames));
+                }
                 let pushed = Pushed::new(Kind::Route, r.name.clone(), &document);
                 (r.name.clone(), Arc::new(pushed))
             })
@@ -265,6 +275,7 @@ impl Prepared {
             let mut document = self.documents[&(kind, name.to_owned())].clone();
             if let Some(spec) = document["spec"].as_object_mut() {
                 spec.remove("selector");
+                spec.remove("parentRefs");
                 if let Some(listeners) = attached {
                     spec.insert("listeners".into(), Value::from(listeners));
                 }
@@ -275,23 +286,24 @@ impl Prepared {
         for listener in &runs {
             add(Kind::Listener, listener, None);
         }
-        fn attached<'a>(listeners: &'a [String], runs: &BTreeSet<&str>) -> Vec<&'a str> {
+        fn attached<'a>(listeners: &[&'a str], runs: &BTreeSet<&str>) -> Vec<&'a str> {
             listeners
                 .iter()
-                .map(String::as_str)
+                .copied()
                 .filter(|l| runs.contains(l))
                 .collect()
         }
         let mut backends = BTreeSet::new();
         for route in &config.routes {
-            let on = attached(&route.spec.listeners, &runs);
+            let on = attached(&listener_parents(&route.spec), &runs);
             if !on.is_empty() {
                 backends.extend(route.spec.rules.iter().flat_map(|r| r.backend_names()));
                 add(Kind::Route, &route.name, Some(on));
             }
         }
         for policy in &config.policies {
-            let on = attached(&policy.spec.listeners, &runs);
+            let listeners: Vec<&str> = policy.spec.listeners.iter().map(String::as_str).collect();
+            let on = attached(&listeners, &runs);
             if !on.is_empty() {
                 add(Kind::AuthorizationPolicy, &policy.name, Some(on));
             }
@@ -354,7 +366,9 @@ impl Prepared {
                 .iter()
                 .flat_map(|rule| rule.backend_names())
                 .all(calls);
-            if reachable {
+            // A service's route matters to the service's callers only.
+            let parents: Vec<&str> = service_parents(&route.spec).collect();
+            if reachable && (parents.is_empty() || parents.into_iter().any(calls)) {
                 add(pushed);
             }
         }
@@ -373,6 +387,41 @@ impl Prepared {
             }
         }
     }
+}
+
+/// Whether `route` is for sidecars' calls: it names no listener (a mesh
+/// route of host names) or has a `Backend` parent (GAMMA's service).
+fn is_mesh_route(route: &RouteSpec) -> bool {
+    let listener_parent = route
+        .parent_refs
+        .iter()
+        .any(|p| p.kind == ParentKind::Listener);
+    (route.listeners.is_empty() && !listener_parent) || service_parents(route).next().is_some()
+}
+
+/// The backends `route` attaches to (GAMMA's services).
+fn service_parents(route: &RouteSpec) -> impl Iterator<Item = &str> {
+    route
+        .parent_refs
+        .iter()
+        .filter(|p| p.kind == ParentKind::Backend)
+        .map(|p| p.name.as_str())
+}
+
+/// The listeners `route` attaches to: `listeners` and its `Listener`
+/// parents.
+fn listener_parents(route: &RouteSpec) -> Vec<&str> {
+    let parents = route
+        .parent_refs
+        .iter()
+        .filter(|p| p.kind == ParentKind::Listener)
+        .map(|p| p.name.as_str());
+    route
+        .listeners
+        .iter()
+        .map(String::as_str)
+        .chain(parents)
+        .collect()
 }
 
 /// A backend's endpoints with every DNS name replaced by the addresses it
@@ -639,6 +688,40 @@ spec:
         assert!(!llama.iter().any(|k| k == "Listener/public"));
         let batch = mesh.view(&workload("apps", "batch"));
         assert!(!batch.resources.contains_key("Listener/llama-mtls.models"));
+    }
+
+    #[test]
+    fn a_route_attached_to_a_backend_serves_its_callers_by_its_service_names() {
+        let text = format!(
+            "{MESH}---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: canary, namespace: models }}
+spec:
+  parentRefs: [{{ kind: Backend, name: mistral }}]
+  rules:
+    - matches: [{{ headers: [{{ name: x-canary, exact: \"1\" }}] }}]
+      backends: [{{ name: llama }}]
+    - backends: [{{ name: mistral }}]
+"
+        );
+        let mesh = prepared(&text);
+        let batch = mesh.view(&workload("apps", "batch"));
+        let route: Value =
+            serde_json::from_str(&batch.resources["Route/canary.models"].document_json).unwrap();
+        assert_eq!(route["spec"]["listeners"], serde_json::json!([OUTBOUND]));
+        assert_eq!(
+            route["spec"]["hostnames"],
+            serde_json::json!([
+                "mistral.models",
+                "mistral.models.svc",
+                "mistral.models.svc.cluster.local"
+            ])
+        );
+        assert!(route["spec"].get("parentRefs").is_none());
+        // chat-0 does not call mistral: the route is not its concern.
+        let chat = mesh.view(&workload("apps", "chat"));
+        assert!(!chat.resources.contains_key("Route/canary.models"));
     }
 
     #[test]
