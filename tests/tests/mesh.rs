@@ -554,6 +554,23 @@ async fn traffic_goes_on_while_the_control_plane_is_away_and_the_proxies_converg
         )
         .is_some_and(|t| t > 0.0)
     );
+    // The proxy says which of the control plane's versions it holds.
+    let held = mesh
+        .control_plane
+        .proxies()
+        .await
+        .into_iter()
+        .find(|p| p["workload"]["node"] == "chat-0")
+        .map(|p| p["acked_version"].as_str().unwrap_or_default().to_owned())
+        .expect("chat-0 is connected");
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!("infermesh_control_plane_version_info{{version=\"{held}\"}}")
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

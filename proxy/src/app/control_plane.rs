@@ -86,6 +86,7 @@ pub(crate) struct ControlPlane {
 #[derive(Clone)]
 struct Metrics {
     connected: IntGaugeVec,
+    version: IntGaugeVec,
     updates: IntCounterVec,
     last_update: Gauge,
     renewals: IntCounterVec,
@@ -99,6 +100,11 @@ impl Metrics {
                 "infermesh_control_plane_connected",
                 "1 for the control plane address the config stream is attached to.",
                 &["address"],
+            ),
+            version: registry.gauge(
+                "infermesh_control_plane_version_info",
+                "1 for the control plane's version of this proxy's config that it applied last (the VERSION `infermesh-control-plane status` shows).",
+                &["version"],
             ),
             updates: registry.counter(
                 "infermesh_control_plane_updates_total",
@@ -526,6 +532,11 @@ impl Client {
             Ok(()) => {
                 self.metrics.updates.with_label_values(&["applied"]).inc();
                 self.metrics.last_update.set(unix_now());
+                self.metrics.version.reset();
+                self.metrics
+                    .version
+                    .with_label_values(&[update.version.as_str()])
+                    .set(1);
                 held.resources = candidate;
                 held.version = update.version.clone();
                 held.in_sync = true;
