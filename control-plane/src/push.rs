@@ -5,7 +5,7 @@
 //! acknowledged last), and, whenever the source publishes or the proxy
 //! answers, compares that with the proxy's [`View`]: it sends the
 //! resources that differ and the keys to drop, one update in flight at a
-//! time, in parts of about 16 KiB (so no stream's buffers grow with the
+//! time, in parts of about 6 KiB (so no stream's buffers grow with the
 //! size of a view). An `Ack` makes the update what the proxy holds; a `Nack` is
 //! recorded with its error, and that version is not sent again (the next
 //! change of the view is). A proxy whose view did not change hears
@@ -236,7 +236,11 @@ impl ConfigService for ConfigPush {
             identity: identity.to_string(),
             labels: hello.labels.clone().into_iter().collect(),
         };
-        let (outbound, receiver) = mpsc::channel(4);
+        // One message waiting at most: tonic encodes every message waiting
+        // into one buffer, which keeps the size it grew to for the life of
+        // the stream, so parts queued together would cost every stream
+        // their sum.
+        let (outbound, receiver) = mpsc::channel(1);
         let id = self.proxies.next.fetch_add(1, Ordering::Relaxed);
         let prepared = self.prepared.clone();
         let view = prepared.borrow().view(&workload);

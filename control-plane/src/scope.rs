@@ -218,6 +218,20 @@ impl Prepared {
                 (p.name.clone(), Arc::new(pushed))
             })
             .collect();
+        // Kept as values only what listener views attach afresh: the
+        // listeners, and what names them.
+        let mut documents = documents;
+        documents.retain(|(kind, name), _| match kind {
+            Kind::Listener => true,
+            Kind::Route => config
+                .route(name)
+                .is_some_and(|r| !listener_parents(&r.spec).is_empty()),
+            Kind::AuthorizationPolicy => config
+                .policies
+                .iter()
+                .any(|p| p.name == *name && !p.spec.listeners.is_empty()),
+            _ => false,
+        });
         Prepared {
             source_version: snapshot.version.clone(),
             seen: Instant::now(),

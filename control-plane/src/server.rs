@@ -154,6 +154,7 @@ pub async fn serve(
     tokio::spawn(renew_self(ca.clone(), identity, store.clone(), own));
     tokio::spawn(watch_tokens(options.tokens.clone(), authenticator));
     let state = Arc::new(AdminState {
+        memory: Memory::register(&registry)?,
         registry,
         proxies,
         prepared,
@@ -368,8 +369,48 @@ async fn accept_tls(
     }
 }
 
+/// The allocator's own account of memory, as Envoy's `server.memory_*`:
+/// what is allocated, and what the allocator holds resident for it.
+struct Memory {
+    allocated: prometheus::IntGauge,
+    resident: prometheus::IntGauge,
+}
+
+impl Memory {
+    fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let allocated = prometheus::IntGauge::new(
+            "infermesh_control_plane_memory_allocated_bytes",
+            "Bytes allocated and in use (jemalloc's stats.allocated).",
+        )?;
+        let resident = prometheus::IntGauge::new(
+            "infermesh_control_plane_memory_resident_bytes",
+            "Bytes of memory the allocator holds resident (jemalloc's stats.resident); the rest of the process's RSS is code and stacks.",
+        )?;
+        registry.register(Box::new(allocated.clone()))?;
+        registry.register(Box::new(resident.clone()))?;
+        Ok(Memory {
+            allocated,
+            resident,
+        })
+    }
+
+    /// Reads the allocator's statistics (left as they were if it cannot).
+    fn read(&self) {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        if epoch::advance().is_ok() {
+            if let Ok(bytes) = stats::allocated::read() {
+                self.allocated.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+            if let Ok(bytes) = stats::resident::read() {
+                self.resident.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            }
+        }
+    }
+}
+
 /// What the admin port reads.
 struct AdminState {
+    memory: Memory,
     registry: prometheus::Registry,
     proxies: Arc<Proxies>,
     prepared: Option<tokio::sync::watch::Receiver<Arc<Prepared>>>,
@@ -454,6 +495,7 @@ fn admin(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes
             }
         }
         "/metrics" => {
+            state.memory.read();
             let mut text = String::new();
             let encoded =
                 prometheus::TextEncoder::new().encode_utf8(&state.registry.gather(), &mut text);
