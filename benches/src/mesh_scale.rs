@@ -99,6 +99,8 @@ pub struct ScaleReport {
     /// The first control plane's resident memory after the changes and
     /// `settle` idle, with every proxy connected, bytes.
     pub control_plane_settled_rss_bytes: u64,
+    /// Of that, what its allocator counts as allocated and in use, bytes.
+    pub control_plane_settled_allocated_bytes: u64,
     /// The restarted control plane's highest resident memory, bytes.
     pub control_plane_peak_rss_bytes: u64,
 }
@@ -144,8 +146,9 @@ impl std::fmt::Display for ScaleReport {
         }
         write!(
             f,
-            "control plane RSS settled (idle after the changes): {:.1} MB; restarted, peak: {:.1} MB",
+            "control plane RSS settled (idle after the changes): {:.1} MB, of which allocated: {:.1} MB; restarted, peak: {:.1} MB",
             self.control_plane_settled_rss_bytes as f64 / 1e6,
+            self.control_plane_settled_allocated_bytes as f64 / 1e6,
             self.control_plane_peak_rss_bytes as f64 / 1e6
         )
     }
@@ -265,6 +268,9 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
     // the system within about ten seconds (jemalloc's decay).
     tokio::time::sleep(options.settle).await;
     let settled_rss = control_plane.usage().rss_bytes;
+    let settled_allocated = control_plane
+        .metric("infermesh_control_plane_memory_allocated_bytes")
+        .await?;
 
     // A restart on the same address: every proxy reconnects and
     // acknowledges its config again.
@@ -293,6 +299,7 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
         resources_per_proxy,
         phases,
         control_plane_settled_rss_bytes: settled_rss,
+        control_plane_settled_allocated_bytes: settled_allocated,
         control_plane_peak_rss_bytes: peak,
     })
 }
@@ -583,15 +590,16 @@ impl ControlPlane {
         crate::process::tree(self.child.id()).unwrap_or_default()
     }
 
+    /// One series of its metrics (0 when absent).
+    async fn metric(&self, series: &str) -> anyhow::Result<u64> {
+        let text = admin_get(self.admin, "/metrics").await?;
+        Ok(series_value(&text, series))
+    }
+
     /// `(bytes pushed, pushes)` so far.
     async fn push_counters(&self) -> anyhow::Result<(u64, u64)> {
         let text = admin_get(self.admin, "/metrics").await?;
-        let value = |series: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(series))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0) as u64
-        };
+        let value = |series: &str| series_value(&text, series);
         let pushes = value("infermesh_control_plane_pushes_total{result=\"ack\"}")
             + value("infermesh_control_plane_pushes_total{result=\"nack\"}")
             + value("infermesh_control_plane_pushes_total{result=\"none\"}");
@@ -608,6 +616,14 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The value of `series` on a metrics page (0 when absent).
+fn series_value(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
 }
 
 /// The body of `GET path` on the admin port.
