@@ -28,7 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::client::ClientInfo;
-use crate::scope::{Prepared, ProxyMode, View, Workload};
+use crate::scope::{Prepared, ProxyMode, Pushed, View, Workload};
 
 /// How often each side of a stream says it is alive; three intervals of
 /// silence end the stream.
@@ -261,7 +261,7 @@ impl ConfigService for ConfigPush {
         let session = Session {
             id,
             workload,
-            held: hello.held,
+            held: Held::Reported(hello.held),
             held_version: (!hello.version.is_empty()).then_some(hello.version),
             in_flight: None,
             refused: None,
@@ -284,12 +284,39 @@ struct InFlight {
     seen: Instant,
 }
 
+/// What a proxy holds.
+enum Held {
+    /// What it said it held when it connected: key → version.
+    Reported(HashMap<String, String>),
+    /// The view it acknowledged last, shared with every proxy of that
+    /// view: no copy per proxy of what thousands hold alike.
+    Acked(Arc<View>),
+}
+
+impl Held {
+    /// The version of `key` the proxy holds, if it holds it.
+    fn version_of(&self, key: &str) -> Option<&str> {
+        match self {
+            Held::Reported(versions) => versions.get(key).map(String::as_str),
+            Held::Acked(view) => view.resources.get(key).map(|r| r.version.as_str()),
+        }
+    }
+
+    /// The keys the proxy holds.
+    fn keys(&self) -> Vec<&String> {
+        match self {
+            Held::Reported(versions) => versions.keys().collect(),
+            Held::Acked(view) => view.resources.keys().collect(),
+        }
+    }
+}
+
 /// One proxy's stream.
 struct Session {
     id: u64,
     workload: Workload,
-    /// What the proxy holds: key → version.
-    held: HashMap<String, String>,
+    /// What the proxy holds.
+    held: Held,
     held_version: Option<String>,
     in_flight: Option<InFlight>,
     /// The version the proxy refused last.
@@ -374,29 +401,36 @@ impl Session {
         if self.first_sent && (up_to_date || refused) {
             return Ok(());
         }
-        let changed: Vec<Resource> = view
+        // Shared resources, not copies: a part's documents are copied into
+        // its message only as it is sent.
+        let changed: Vec<&Arc<Pushed>> = view
             .resources
             .iter()
-            .filter(|(key, r)| self.held.get(*key) != Some(&r.version))
-            .map(|(_, r)| Resource {
-                kind: r.kind.as_str().to_owned(),
-                name: r.name.clone(),
-                version: r.version.clone(),
-                document_json: r.document_json.clone(),
-            })
+            .filter(|(key, r)| self.held.version_of(key) != Some(r.version.as_str()))
+            .map(|(_, r)| r)
             .collect();
         let removed: Vec<String> = self
             .held
             .keys()
+            .into_iter()
             .filter(|key| !view.resources.contains_key(*key))
             .cloned()
             .collect();
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         let heartbeat_seconds = u32::try_from(self.heartbeat.as_secs()).unwrap_or(u32::MAX);
-        let mut parts = split(changed);
+        let parts = split(&changed);
         let last = parts.len() - 1;
-        for (i, resources) in parts.drain(..).enumerate() {
+        for (i, part) in parts.into_iter().enumerate() {
+            let resources = part
+                .iter()
+                .map(|r| Resource {
+                    kind: r.kind.as_str().to_owned(),
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    document_json: r.document_json.clone(),
+                })
+                .collect();
             let update = ControlPlaneMessage {
                 message: Some(control_plane_message::Message::Update(Update {
                     nonce: nonce.clone(),
@@ -433,11 +467,7 @@ impl Session {
                 self.metrics
                     .convergence
                     .observe(seen.elapsed().as_secs_f64());
-                self.held = view
-                    .resources
-                    .iter()
-                    .map(|(key, r)| (key.clone(), r.version.clone()))
-                    .collect();
+                self.held = Held::Acked(view.clone());
                 self.held_version = Some(view.version.clone());
                 self.refused = None;
                 let synced = desired.version == view.version;
@@ -485,10 +515,10 @@ const PART_BYTES: usize = 6 * 1024;
 
 /// `resources` in parts of about [`PART_BYTES`]; always at least one part
 /// (an update with nothing to add still says the version).
-fn split(resources: Vec<Resource>) -> Vec<Vec<Resource>> {
+fn split<'a>(resources: &[&'a Arc<Pushed>]) -> Vec<Vec<&'a Arc<Pushed>>> {
     let mut parts = vec![Vec::new()];
     let mut size = 0;
-    for resource in resources {
+    for &resource in resources {
         let bytes = resource.document_json.len() + resource.name.len() + 64;
         let part = parts.last_mut().expect("one part at least");
         if !part.is_empty() && size + bytes > PART_BYTES {
