@@ -1,9 +1,10 @@
 //! What a proxy proves its workload with, before it has a certificate,
 //! and what can be decided of it: the [`Credential`] it presents, the
 //! [`Workload`] a credential proves, why one is refused ([`Refusal`]), and
-//! the [`Authenticator`] trait that checks credentials. Join tokens
-//! ([`crate::join_tokens`]) are one authenticator; a Kubernetes
-//! service-account token checked with a TokenReview is to be another.
+//! the [`Authenticator`] trait that checks credentials. Join tokens (the
+//! `join_tokens` module, above this one) are one authenticator; a
+//! Kubernetes service-account token checked with a TokenReview is to be
+//! another.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -5,7 +5,9 @@
 //! that climbs out of its layer into another), and on a file or folder
 //! that belongs to no layer, so that new code lands in a room of the
 //! house. Within a layer, no module may use one that uses it back: the
-//! crate reads bottom-up, module by module.
+//! crate reads bottom-up, module by module. The other crates of the
+//! workspace are held to that last rule too, here, where the reading of
+//! paths is.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -333,6 +335,27 @@ fn no_module_uses_one_that_uses_it_back() {
         found.is_empty(),
         "modules that use each other (through `crate::` paths, doc links included): {found:?}"
     );
+}
+
+#[test]
+fn no_module_of_another_crate_uses_one_that_uses_it_back() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for krate in [
+        "api",
+        "certs",
+        "control-plane",
+        "init",
+        "proto",
+        "benches",
+        "tests",
+    ] {
+        let src = workspace.join(krate).join("src");
+        let found = circles(&src);
+        assert!(
+            found.is_empty(),
+            "{krate}: modules that use each other (through `crate::` paths, doc links included): {found:?}"
+        );
+    }
 }
 
 #[test]
