@@ -15,7 +15,7 @@ use infermesh_certs::{SpiffeId, TrustDomain};
 use infermesh_control_plane::ca_files::{self, InitRequest, IssueRequest, WrittenFile};
 use infermesh_control_plane::credential::Workload;
 use infermesh_control_plane::join_tokens::JoinTokens;
-use infermesh_control_plane::server::{self, ServeOptions};
+use infermesh_control_plane::server::{self, ServeOptions, parse_duration};
 use infermesh_control_plane::status;
 
 /// jemalloc rather than the system allocator: each config change builds a
@@ -38,38 +38,7 @@ enum Command {
     /// Serve the gRPC API (TLS, port 15012: the certificate service, the
     /// config push with --config-dir, server reflection) and the admin
     /// port (15014: /metrics, /ready, /debug/proxies, /debug/config).
-    Serve {
-        /// A CA directory made by `ca init`; it signs every certificate.
-        #[arg(long)]
-        ca: PathBuf,
-        /// The join tokens file (`token create`); read again when it changes.
-        #[arg(long)]
-        tokens: PathBuf,
-        /// The gRPC address.
-        #[arg(long, default_value = "0.0.0.0:15012")]
-        listen: std::net::SocketAddr,
-        /// The admin address.
-        #[arg(long, default_value = "127.0.0.1:15014")]
-        admin: std::net::SocketAddr,
-        /// The lifetime of the workload certificates it signs.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        ttl: Duration,
-        /// The namespace of the control plane's own identity.
-        #[arg(long, default_value = "infermesh-system")]
-        namespace: String,
-        /// The service account of the control plane's own identity.
-        #[arg(long, default_value = "control-plane")]
-        service_account: String,
-        /// A directory of YAML documents (the mesh's backends, routes,
-        /// policies), watched and pushed to proxies; without it only
-        /// certificates are served.
-        #[arg(long)]
-        config_dir: Option<PathBuf>,
-        /// How often each side of a config stream says it is alive; three
-        /// silent intervals end the stream.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        heartbeat: Duration,
-    },
+    Serve(ServeOptions),
     /// Validate a config directory as `serve --config-dir` reads it,
     /// without starting; prints every problem with its file, line, column
     /// and field.
@@ -165,11 +134,6 @@ enum CaCommand {
     },
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e}; write a duration such as 30m, 24h or 365d"))
-}
-
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -182,28 +146,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let written = match cli.command {
-        Command::Serve {
-            ca,
-            tokens,
-            listen,
-            admin,
-            ttl,
-            namespace,
-            service_account,
-            config_dir,
-            heartbeat,
-        } => {
-            let options = ServeOptions {
-                ca_dir: ca,
-                tokens,
-                listen,
-                admin,
-                ttl,
-                namespace,
-                service_account,
-                config_dir,
-                heartbeat,
-            };
+        Command::Serve(options) => {
             let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
             return runtime.block_on(server::serve(
                 options,

@@ -50,28 +50,45 @@ use crate::resolve::{self, Resolved};
 use crate::scope::Prepared;
 use crate::source::{DirectorySource, Refused, Source as _};
 
-/// How `serve` runs.
-#[derive(Clone, Debug)]
+/// How `serve` runs: the command's flags.
+#[derive(Clone, Debug, clap::Args)]
 pub struct ServeOptions {
-    /// A CA directory made by `ca init`.
+    /// A CA directory made by `ca init`; it signs every certificate.
+    #[arg(long = "ca")]
     pub ca_dir: PathBuf,
-    /// The join tokens file.
+    /// The join tokens file (`token create`); read again when it changes.
+    #[arg(long)]
     pub tokens: PathBuf,
     /// The gRPC address.
+    #[arg(long, default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
-    /// The admin address (`/metrics`, `/ready`).
+    /// The admin address.
+    #[arg(long, default_value = "127.0.0.1:15014")]
     pub admin: SocketAddr,
     /// The lifetime of the workload certificates it signs.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub ttl: Duration,
     /// The namespace of the control plane's own identity.
+    #[arg(long, default_value = "infermesh-system")]
     pub namespace: String,
     /// The service account of the control plane's own identity.
+    #[arg(long, default_value = "control-plane")]
     pub service_account: String,
-    /// The directory of YAML documents pushed to proxies; without it only
+    /// A directory of YAML documents (the mesh's backends, routes,
+    /// policies), watched and pushed to proxies; without it only
     /// certificates are served.
+    #[arg(long)]
     pub config_dir: Option<PathBuf>,
-    /// How often each side of a config stream says it is alive.
+    /// How often each side of a config stream says it is alive; three
+    /// silent intervals end the stream.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub heartbeat: Duration,
+}
+
+/// A duration flag: `30m`, `24h`, `365d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write a duration such as 30m, 24h or 365d"))
 }
 
 /// Where a running control plane listens.

@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// How long one replica may take to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,49 +24,26 @@ pub async fn fetch(admin: &str) -> anyhow::Result<Vec<Value>> {
     }
 }
 
-/// A plain HTTP/1.1 GET of the admin port (loopback or a trusted
+/// A GET of a control plane's admin port (loopback or a trusted
 /// network), returning the body of a 200.
-async fn get(admin: &str, path: &str) -> anyhow::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(admin)
+pub async fn get(admin: &str, path: &str) -> anyhow::Result<String> {
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::TcpStream::connect(admin)
         .await
         .with_context(|| format!("cannot reach the admin port {admin}"))?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8(response).context("the answer is not UTF-8")?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("the answer is not HTTP")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "{admin}{path} answered {}",
-            head.lines().next().unwrap_or("")
-        );
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, admin)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    if status != hyper::StatusCode::OK {
+        bail!("{admin}{path} answered {status}");
     }
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        return Ok(dechunk(body));
-    }
-    Ok(body.to_owned())
-}
-
-/// The body of a chunked answer.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
+    String::from_utf8(body.to_vec()).context("the answer is not UTF-8")
 }
 
 /// The table of every replica's proxies; a replica that cannot be asked
@@ -210,13 +186,5 @@ mod tests {
         );
         assert!(lines[2].ends_with("NACKED bb: route: bad line"), "{table}");
         assert_eq!(lines[3], "replica 10.0.0.2:15014: connection refused");
-    }
-
-    #[test]
-    fn a_chunked_body_is_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
-        );
     }
 }
