@@ -628,15 +628,5 @@ fn series_value(text: &str, series: &str) -> u64 {
 
 /// The body of `GET path` on the admin port.
 async fn admin_get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(admin).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = http::Request::get(path)
-        .header("host", admin.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await?;
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok(String::from_utf8_lossy(&body).into_owned())
+    infermesh_control_plane::status::get(&admin.to_string(), path).await
 }
