@@ -134,8 +134,6 @@ impl View {
 
 /// A snapshot of the source, its documents written once for every proxy.
 pub struct Prepared {
-    /// The source snapshot's version.
-    pub source_version: String,
     /// When the control plane saw this snapshot: pushes of it are timed
     /// from here to the proxy's acknowledgement.
     pub seen: Instant,
@@ -160,48 +158,56 @@ impl Prepared {
     /// gives them.
     pub fn new(snapshot: &Snapshot, resolved: &Resolved) -> Self {
         let config = snapshot.config.clone();
-        let documents: HashMap<(Kind, String), Value> = config
+        let mut documents: HashMap<(Kind, String), Value> = config
             .documents()
             .into_iter()
             .map(|d| ((d.kind, d.name), d.value))
             .collect();
-        let take = |kind: Kind, name: &str| {
-            documents
-                .get(&(kind, name.to_owned()))
-                .cloned()
-                .expect("every resource has a document")
-        };
-        let backends = config
+        // A resource as sidecars receive it: its document, with `edit`
+        // made to its spec.
+        let pushed =
+            |kind: Kind, name: &str, edit: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+                let mut document = documents[&(kind, name.to_owned())].clone();
+                if let Some(spec) = document["spec"].as_object_mut() {
+                    edit(spec);
+                }
+                (
+                    name.to_owned(),
+                    Arc::new(Pushed::new(kind, name.to_owned(), &document)),
+                )
+            };
+        let backends: HashMap<String, Arc<Pushed>> = config
             .backends
             .iter()
             .map(|b| {
-                let mut document = take(Kind::Backend, &b.name);
-                if let Some(endpoints) = resolved_endpoints(&b.spec, resolved) {
-                    document["spec"]["endpoints"] = endpoints;
-                }
-                let pushed = Pushed::new(Kind::Backend, b.name.clone(), &document);
-                (b.name.clone(), Arc::new(pushed))
+                pushed(Kind::Backend, &b.name, &|spec| {
+                    if let Some(endpoints) = resolved_endpoints(&b.spec, resolved) {
+                        spec.insert("endpoints".into(), endpoints);
+                    }
+                })
             })
+            .collect();
+        let namespaces: HashMap<&str, Option<&str>> = config
+            .backends
+            .iter()
+            .map(|b| (b.name.as_str(), b.namespace.as_deref()))
             .collect();
         let routes = config
             .routes
             .iter()
             .filter(|r| is_mesh_route(&r.spec))
             .map(|r| {
-                let mut document = take(Kind::Route, &r.name);
                 // A service's route serves the names its callers use.
                 let mut hostnames = r.spec.hostnames.clone();
                 for parent in service_parents(&r.spec) {
-                    let namespace = config.backend(parent).and_then(|b| b.namespace.as_deref());
+                    let namespace = namespaces.get(parent).copied().flatten();
                     hostnames.extend(RouteSpec::service_hostnames(parent, namespace));
                 }
-                if let Some(spec) = document["spec"].as_object_mut() {
+                pushed(Kind::Route, &r.name, &|spec| {
                     spec.remove("parentRefs");
                     spec.insert("listeners".into(), Value::from(vec![OUTBOUND]));
-                    spec.insert("hostnames".into(), Value::from(hostnames));
-                }
-                let pushed = Pushed::new(Kind::Route, r.name.clone(), &document);
-                (r.name.clone(), Arc::new(pushed))
+                    spec.insert("hostnames".into(), Value::from(hostnames.clone()));
+                })
             })
             .collect();
         let policies = config
@@ -209,34 +215,42 @@ impl Prepared {
             .iter()
             .filter(|p| p.spec.listeners.is_empty())
             .map(|p| {
-                let mut document = take(Kind::AuthorizationPolicy, &p.name);
-                document["spec"]["listeners"] = Value::from(vec![INBOUND]);
-                if let Some(spec) = document["spec"].as_object_mut() {
+                pushed(Kind::AuthorizationPolicy, &p.name, &|spec| {
                     spec.remove("selector");
-                }
-                let pushed = Pushed::new(Kind::AuthorizationPolicy, p.name.clone(), &document);
-                (p.name.clone(), Arc::new(pushed))
+                    spec.insert("listeners".into(), Value::from(vec![INBOUND]));
+                })
             })
             .collect();
         // Kept as values only what listener views attach afresh: the
         // listeners, and what names them.
-        let mut documents = documents;
-        documents.retain(|(kind, name), _| match kind {
-            Kind::Listener => true,
-            Kind::Route => config
-                .route(name)
-                .is_some_and(|r| !listener_parents(&r.spec).is_empty()),
-            Kind::AuthorizationPolicy => config
-                .policies
-                .iter()
-                .any(|p| p.name == *name && !p.spec.listeners.is_empty()),
-            _ => false,
-        });
+        let mut attached = HashMap::new();
+        let mut keep = |kind: Kind, name: &str| {
+            let key = (kind, name.to_owned());
+            if let Some(document) = documents.remove(&key) {
+                attached.insert(key, document);
+            }
+        };
+        for listener in &config.listeners {
+            keep(Kind::Listener, &listener.name);
+        }
+        for route in config
+            .routes
+            .iter()
+            .filter(|r| !listener_parents(&r.spec).is_empty())
+        {
+            keep(Kind::Route, &route.name);
+        }
+        for policy in config
+            .policies
+            .iter()
+            .filter(|p| !p.spec.listeners.is_empty())
+        {
+            keep(Kind::AuthorizationPolicy, &policy.name);
+        }
         Prepared {
-            source_version: snapshot.version.clone(),
             seen: Instant::now(),
             config,
-            documents,
+            documents: attached,
             backends,
             routes,
             policies,
