@@ -66,7 +66,8 @@ pub struct ControlPlaneOptions {
 /// config it would make, and where to say whether it could.
 pub struct Pushed {
     /// Every resource the proxy would hold: `(Kind/name, document)`.
-    pub documents: Vec<(String, String)>,
+    /// Shared with what the client holds: an update copies no document.
+    pub documents: Vec<(String, Arc<str>)>,
     /// The update's version.
     pub version: String,
     /// `Ok` once applied; the error that refused it otherwise.
@@ -515,7 +516,7 @@ impl Client {
         }
         for resource in update.resources {
             let key = format!("{}/{}", resource.kind, resource.name);
-            candidate.insert(key, (resource.version, resource.document_json));
+            candidate.insert(key, (resource.version, Arc::from(resource.document_json)));
         }
         let (applied, answer) = oneshot::channel();
         let documents = candidate
@@ -587,7 +588,7 @@ fn gather(gathered: &mut Option<Update>, part: Update) -> Option<Update> {
 /// What the proxy holds: each resource's version and document.
 #[derive(Default)]
 struct Held {
-    resources: BTreeMap<String, (String, String)>,
+    resources: BTreeMap<String, (String, Arc<str>)>,
     version: String,
     /// Whether the last update was applied (a refused one leaves the
     /// proxy behind the control plane).
