@@ -440,11 +440,14 @@ spec:
     );
     let admin = send(&edge, "GET", "/admin/reset").await.unwrap();
     assert_eq!(admin.status, 403, "deny is checked before allow");
+    // The access log is written by its own thread, after the response.
+    let logged = model_proxy.wait_for_log(
+        |l| l["message"] == "request" && l["path"] == "/admin/reset",
+        std::time::Duration::from_secs(5),
+    );
     assert!(
-        model_proxy
-            .logs_matching(|l| l["message"] == "request" && l["path"] == "/admin/reset")
-            .iter()
-            .any(|l| l["detail"].as_str().unwrap().contains("no-admin"))
+        logged["detail"].as_str().unwrap().contains("no-admin"),
+        "{logged}"
     );
 
     let text = client::metrics(model_proxy.health).await;

@@ -92,8 +92,10 @@ spec:
     // The SDK obeyed `x-should-retry: false`: its call reached the proxy
     // once (its default is two retries more), and the backend saw only
     // the proxy's attempts.
-    let calls =
-        gateway.logs_matching(|l| l["message"] == "request" && l["path"] == "/v1/chat/completions");
+    let is_call =
+        |l: &serde_json::Value| l["message"] == "request" && l["path"] == "/v1/chat/completions";
+    gateway.wait_for_log(is_call, std::time::Duration::from_secs(5));
+    let calls = gateway.logs_matching(is_call);
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert!(attempts.load(Ordering::SeqCst) >= 1);
 }
