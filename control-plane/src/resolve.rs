@@ -27,14 +27,11 @@ pub type Lookup = Arc<
         + Sync,
 >;
 
-/// The system resolver (`getaddrinfo`, through tokio).
+/// The system's resolver (`/etc/hosts`, then the name servers of
+/// `/etc/resolv.conf`), without libc: see `infermesh_dns`.
 pub fn system() -> Lookup {
     Arc::new(|(host, port): Name| {
-        Box::pin(async move {
-            tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .map(|addresses| addresses.collect())
-        })
+        Box::pin(async move { infermesh_dns::system().lookup(&host, port).await })
     })
 }
 

@@ -65,10 +65,11 @@ impl Target {
             .trim_end_matches(']')
             .to_owned();
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let addr = tokio::net::lookup_host((host.as_str(), port))
+        let addr = *infermesh_dns::system()
+            .lookup(&host, port)
             .await
             .with_context(|| format!("cannot resolve {host}"))?
-            .next()
+            .first()
             .with_context(|| format!("{host} resolves to no address"))?;
         let path = uri
             .path_and_query()

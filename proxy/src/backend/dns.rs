@@ -32,16 +32,13 @@ pub(crate) struct Resolved {
 /// Resolves a host name and port to addresses.
 type Resolver = fn(String, u16) -> BoxFuture<std::io::Result<Vec<SocketAddr>>>;
 
-/// The operating system's resolver (`getaddrinfo`: `/etc/hosts`, then DNS).
+/// The system's resolver (`/etc/hosts`, then the name servers of
+/// `/etc/resolv.conf`), without libc: see `infermesh_dns`.
 pub(crate) fn system_resolver(
     host: String,
     port: u16,
 ) -> BoxFuture<std::io::Result<Vec<SocketAddr>>> {
-    Box::pin(async move {
-        tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map(Iterator::collect)
-    })
+    Box::pin(async move { infermesh_dns::system().lookup(&host, port).await })
 }
 
 /// Looks every target up. A DNS name whose lookup fails keeps the addresses
