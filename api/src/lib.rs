@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod app_probes;
 pub mod backend;
 mod check;
 mod diagnostic;

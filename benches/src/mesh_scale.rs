@@ -180,7 +180,7 @@ pub async fn run(options: ScaleOptions) -> anyhow::Result<ScaleReport> {
             ControlPlaneOptions {
                 addresses: vec![grpc.to_string()],
                 credential: proxy.credential.clone(),
-                trust_bundle: dir.path().join("ca").join("root-cert.pem"),
+                trust_bundle: dir.path().join("ca").join("root-cert.pem").into(),
                 trust_domain: "cluster.local".into(),
                 control_plane_identity: None,
                 node: proxy.node.clone(),

@@ -91,6 +91,11 @@ pub enum CaError {
         "cannot issue {0}: it names the trust domain itself; a workload identity has a path such as `/ns/<namespace>/sa/<service-account>`"
     )]
     NotAWorkload(SpiffeId),
+    /// A DNS name given for a server certificate is not one.
+    #[error(
+        "`{0}` is not a DNS name for a certificate (lowercase letters, digits, `-` and `.`, like `svc.ns.svc`)"
+    )]
+    InvalidDnsName(String),
     /// The CA (or one of its issuers) is not valid at signing time.
     #[error(
         "the CA chain is not valid at {at} (it is valid from {not_before} until {not_after}); create or load a new CA"
@@ -469,6 +474,44 @@ impl CertificateAuthority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedCertificate, CaError> {
+        self.sign_leaf(csr, identity, &[], ttl, now)
+    }
+
+    /// Signs a CSR into a server certificate that carries, besides the
+    /// URI SAN `identity`, the DNS names `dns_names` as DNS SANs: for a
+    /// server that clients outside the mesh reach by name and check by
+    /// name, not by SPIFFE ID. The Kubernetes API server calling the
+    /// control plane's injection webhook at `<service>.<namespace>.svc` is
+    /// one; it trusts the root of this CA (the webhook's `caBundle`).
+    ///
+    /// Otherwise as [`Self::sign_csr`]: the CSR gives only its public key,
+    /// the leaf is valid for `ttl` backdated by the clock skew, and it can
+    /// serve and be a client (serverAuth + clientAuth), so a
+    /// [`crate::CertStore`] of the trust domain takes it. Each name must be
+    /// a DNS name (letters, digits, `-`, `.`; a leading `*.` is allowed);
+    /// one that is not is refused with [`CaError::InvalidDnsName`].
+    pub fn sign_csr_with_dns_names(
+        &self,
+        csr: &[u8],
+        identity: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<IssuedCertificate, CaError> {
+        self.sign_leaf(csr, identity, dns_names, ttl, SystemTime::now())
+    }
+
+    fn sign_leaf(
+        &self,
+        csr: &[u8],
+        identity: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, CaError> {
+        let mut dns_sans = Vec::with_capacity(dns_names.len());
+        for name in dns_names {
+            dns_sans.push(dns_san(name)?);
+        }
         if identity.path().is_empty() {
             return Err(CaError::NotAWorkload(identity.clone()));
         }
@@ -501,6 +544,7 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![uri_san(identity)?];
+        params.subject_alt_names.extend(dns_sans);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -671,6 +715,29 @@ fn uri_san(id: &SpiffeId) -> Result<SanType, CaError> {
             source,
         })?;
     Ok(SanType::URI(uri))
+}
+
+/// `name` as a DNS SAN, checked: labels of letters, digits and `-` (not
+/// at either end) of at most 63 characters, at most 253 in all, an
+/// optional leading `*.` label.
+fn dns_san(name: &str) -> Result<SanType, CaError> {
+    let invalid = || CaError::InvalidDnsName(name.to_owned());
+    let labels = name.strip_prefix("*.").unwrap_or(name);
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.len() > 253 || !labels.split('.').all(label_ok) {
+        return Err(invalid());
+    }
+    let ia5 =
+        rcgen::string::Ia5String::try_from(name.to_ascii_lowercase()).map_err(|_| invalid())?;
+    Ok(SanType::DnsName(ia5))
 }
 
 /// 128 random bits, positive, never zero.

@@ -59,6 +59,14 @@ pub enum CaFilesError {
     /// Key or CSR generation failed.
     #[error(transparent)]
     Workload(#[from] WorkloadError),
+    /// A file is not what the command needs.
+    #[error("{path}: {reason}", path = .path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 fn list(paths: &[PathBuf]) -> String {
@@ -82,6 +90,22 @@ pub struct InitRequest {
     pub intermediate: bool,
     /// Replace existing files.
     pub force: bool,
+    /// When `out` already holds a CA for the same trust domain, keep it
+    /// and write nothing (for a start script run on every start).
+    pub keep_existing: bool,
+}
+
+/// What `ca init` did.
+#[derive(Debug)]
+pub enum Initialized {
+    /// A new CA, in these files.
+    Created(Vec<WrittenFile>),
+    /// The directory already held a CA for the trust domain, kept as it
+    /// was; it expires then.
+    Kept {
+        /// When the kept CA's certificate expires.
+        not_after: std::time::SystemTime,
+    },
 }
 
 /// What `ca issue` should create.
@@ -109,8 +133,57 @@ pub struct WrittenFile {
 }
 
 /// Creates a root CA (and optionally an intermediate) in `request.out`.
-/// Refuses, writing nothing, if any of the files exists and `force` is off.
-pub fn init(request: &InitRequest) -> Result<Vec<WrittenFile>, CaFilesError> {
+/// Refuses, writing nothing, if any of the files exists and `force` is off
+/// (with `keep_existing`, a whole CA of the same trust domain is kept).
+pub fn init(request: &InitRequest) -> Result<Initialized, CaFilesError> {
+    if request.keep_existing && !request.force && request.out.join(ROOT_CERT).exists() {
+        let ca = load_ca(&request.out)?;
+        if ca.trust_domain() != &request.trust_domain {
+            return Err(CaFilesError::Invalid {
+                path: request.out.join(ROOT_CERT),
+                reason: format!(
+                    "it is the CA of {}, not of {}",
+                    ca.trust_domain(),
+                    request.trust_domain
+                ),
+            });
+        }
+        return Ok(Initialized::Kept {
+            not_after: ca.not_after(),
+        });
+    }
+    create(request).map(Initialized::Created)
+}
+
+/// Writes the trust bundle of the CA in `ca_dir` (its root certificate) to
+/// `out`: the file proxies are given as `--trust-bundle`.
+pub fn bundle(ca_dir: &Path, out: &Path, force: bool) -> Result<Vec<WrittenFile>, CaFilesError> {
+    let ca = load_ca(ca_dir)?;
+    let (dir, name) = match (out.parent(), out.file_name()) {
+        (Some(dir), Some(name)) => (dir, name),
+        _ => {
+            return Err(CaFilesError::Invalid {
+                path: out.to_owned(),
+                reason: "not a file path".to_owned(),
+            });
+        }
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let name = name.to_string_lossy().into_owned();
+    let paths = check_targets(dir, &[name.as_str()], force)?;
+    create_dir(dir)?;
+    write_file(&paths[0], &ca.root_pem(), false)?;
+    Ok(vec![WrittenFile {
+        path: paths[0].clone(),
+        description: format!("trust bundle: the root CA of {}", ca.trust_domain()),
+    }])
+}
+
+fn create(request: &InitRequest) -> Result<Vec<WrittenFile>, CaFilesError> {
     let mut names = vec![ROOT_CERT, ROOT_KEY];
     if request.intermediate {
         names.extend([INTERMEDIATE_CERT, INTERMEDIATE_KEY]);

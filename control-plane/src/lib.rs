@@ -20,7 +20,9 @@
 //!   once for all of them;
 //! - [`push`]: the config stream of each proxy, incremental and
 //!   acknowledged, and the register of the proxies and where they stand;
-//! - [`status`]: `status`, every replica's proxies in one table.
+//! - [`status`]: `status`, every replica's proxies in one table;
+//! - [`inject`]: the sidecar injector, a mutating admission webhook that
+//!   adds the init container and the native sidecar to pods.
 //!
 //! The signing itself lives in `infermesh-certs`.
 
@@ -31,6 +33,7 @@ pub mod certify;
 pub mod client;
 pub mod credential;
 pub mod grpc;
+pub mod inject;
 pub mod join_tokens;
 pub mod push;
 pub mod resolve;

@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use infermesh_certs::{SpiffeId, TrustDomain};
-use infermesh_control_plane::ca_files::{self, InitRequest, IssueRequest, WrittenFile};
+use infermesh_control_plane::ca_files::{
+    self, InitRequest, Initialized, IssueRequest, WrittenFile,
+};
 use infermesh_control_plane::credential::Workload;
 use infermesh_control_plane::join_tokens::JoinTokens;
 use infermesh_control_plane::server::{self, ServeOptions, parse_duration};
@@ -36,9 +38,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the gRPC API (TLS, port 15012: the certificate service, the
-    /// config push with --config-dir, server reflection) and the admin
-    /// port (15014: /metrics, /ready, /debug/proxies, /debug/config).
-    Serve(ServeOptions),
+    /// config push with --config-dir, server reflection), the admin
+    /// port (15014: /metrics, /ready, /debug/proxies, /debug/config) and,
+    /// with --injector-listen, the sidecar injection webhook (HTTPS, 15017).
+    Serve(Box<ServeOptions>),
     /// Validate a config directory as `serve --config-dir` reads it,
     /// without starting; prints every problem with its file, line, column
     /// and field.
@@ -113,6 +116,23 @@ enum CaCommand {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+        /// When --out already holds a CA of this trust domain, keep it and
+        /// succeed (a start script can run it every time).
+        #[arg(long, conflicts_with = "force")]
+        keep_existing: bool,
+    },
+    /// Write a CA's trust bundle (its root certificate), the file proxies
+    /// are given as --trust-bundle.
+    Bundle {
+        /// A directory created by `ca init`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite the file.
+        #[arg(long)]
+        force: bool,
     },
     /// Generate a key and a certificate for a workload identity.
     Issue {
@@ -149,13 +169,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(options) => {
             let runtime = tokio::runtime::Runtime::new().context("cannot start the runtime")?;
             return runtime.block_on(server::serve(
-                options,
+                *options,
                 |bound| {
-                    println!("infermesh-control-plane listening on {} (grpc)", bound.grpc);
-                    println!(
-                        "infermesh-control-plane listening on {} (admin)",
-                        bound.admin
+                    // One write: a reader that stops after the lines it
+                    // wants leaves none of them unwritten.
+                    let mut lines = format!(
+                        "infermesh-control-plane listening on {} (grpc)\ninfermesh-control-plane listening on {} (admin)\n",
+                        bound.grpc, bound.admin
                     );
+                    if let Some(injector) = bound.injector {
+                        lines.push_str(&format!(
+                            "infermesh-control-plane listening on {injector} (injector)\n"
+                        ));
+                    }
+                    print!("{lines}");
+                    use std::io::Write as _;
+                    let _ = std::io::stdout().flush();
                 },
                 shutdown_signal(),
             ));
@@ -197,14 +226,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             validity,
             intermediate,
             force,
-        }) => ca_files::init(&InitRequest {
+            keep_existing,
+        }) => match ca_files::init(&InitRequest {
             trust_domain,
-            out,
+            out: out.clone(),
             validity,
             intermediate,
             force,
+            keep_existing,
         })
-        .context("ca init failed")?,
+        .context("ca init failed")?
+        {
+            Initialized::Created(written) => written,
+            Initialized::Kept { not_after } => {
+                println!(
+                    "kept the CA in {} (valid until {})",
+                    out.display(),
+                    humantime::format_rfc3339_seconds(not_after)
+                );
+                Vec::new()
+            }
+        },
+        Command::Ca(CaCommand::Bundle { ca, out, force }) => {
+            ca_files::bundle(&ca, &out, force).context("ca bundle failed")?
+        }
         Command::Ca(CaCommand::Issue {
             ca,
             identity,

@@ -17,6 +17,9 @@
 //! with its file, line and field, counted, and the last good snapshot
 //! stays.
 //!
+//! With `--injector-listen`, a third port serves the sidecar injection
+//! webhook ([`crate::inject`]), its certificate signed by the same CA.
+//!
 //! The admin port serves `/metrics` (Prometheus text), `/ready`,
 //! `/debug/proxies` (every proxy streaming from this replica and where it
 //! stands, JSON) and `/debug/config?proxy=NAME` (the documents that proxy
@@ -44,6 +47,8 @@ use crate::ca_files;
 use crate::certify::Certifier;
 use crate::client::ClientConnection;
 use crate::grpc::Certificates;
+use crate::inject::webhook::{self, WebhookCertificate};
+use crate::inject::{FailurePolicy, Injector, Template};
 use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
 use crate::push::{ConfigPush, Proxies, PushMetrics};
 use crate::resolve::{self, Resolved};
@@ -83,6 +88,41 @@ pub struct ServeOptions {
     /// silent intervals end the stream.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub heartbeat: Duration,
+    /// Serve the sidecar injection webhook (HTTPS, `POST /inject`) on this
+    /// address, e.g. 0.0.0.0:15017; without it there is no webhook.
+    #[arg(long, help_heading = "Sidecar injection")]
+    pub injector_listen: Option<SocketAddr>,
+    /// The Service the API server calls the webhook by: its certificate
+    /// names NAME.NAMESPACE.svc and NAME.NAMESPACE.svc.cluster.local
+    /// (NAMESPACE is --namespace).
+    #[arg(
+        long,
+        default_value = "infermesh-control-plane",
+        help_heading = "Sidecar injection"
+    )]
+    pub injector_service: String,
+    /// The image of the injected init container and sidecar.
+    #[arg(
+        long,
+        default_value = concat!("infermesh-proxy:", env!("CARGO_PKG_VERSION")),
+        help_heading = "Sidecar injection"
+    )]
+    pub proxy_image: String,
+    /// What the webhook answers for a pod it cannot inject (a bad
+    /// annotation, a probe on an undeclared port): `fail` refuses the pod
+    /// with the reason, `ignore` creates it without the mesh, with the
+    /// reason as a warning.
+    #[arg(
+        long,
+        value_enum,
+        default_value_t = FailurePolicy::Fail,
+        help_heading = "Sidecar injection"
+    )]
+    pub injection_failure_policy: FailurePolicy,
+    /// The control plane address the injected sidecars dial [default:
+    /// INJECTOR_SERVICE.NAMESPACE.svc:15012].
+    #[arg(long, value_name = "ADDR", help_heading = "Sidecar injection")]
+    pub injected_control_plane: Option<String>,
 }
 
 /// A duration flag: `30m`, `24h`, `365d`.
@@ -98,6 +138,8 @@ pub struct Bound {
     pub grpc: SocketAddr,
     /// The admin port.
     pub admin: SocketAddr,
+    /// The injection webhook's port, with `--injector-listen`.
+    pub injector: Option<SocketAddr>,
 }
 
 /// Runs the control plane until `shutdown` resolves; `bound` is told
@@ -163,9 +205,14 @@ pub async fn serve(
     let admin = TcpListener::bind(options.admin)
         .await
         .with_context(|| format!("cannot listen on {}", options.admin))?;
+    let injector = match options.injector_listen {
+        Some(address) => Some(start_injector(&options, address, &ca, &identity, &registry).await?),
+        None => None,
+    };
     bound(Bound {
         grpc: grpc.local_addr()?,
         admin: admin.local_addr()?,
+        injector,
     });
 
     tokio::spawn(renew_self(ca.clone(), identity, store.clone(), own));
@@ -193,6 +240,48 @@ pub async fn serve(
         )
         .await
         .context("the gRPC server failed")
+}
+
+/// Starts the injection webhook on `address`: its certificate, signed
+/// by the mesh CA for the control plane's identity and its Service's
+/// names, and the port; returns where it listens.
+async fn start_injector(
+    options: &ServeOptions,
+    address: SocketAddr,
+    ca: &Arc<CertificateAuthority>,
+    identity: &SpiffeId,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<SocketAddr> {
+    let service = &options.injector_service;
+    let template = Template {
+        proxy_image: options.proxy_image.clone(),
+        control_plane: options
+            .injected_control_plane
+            .clone()
+            .unwrap_or_else(|| format!("{service}.{}.svc:15012", options.namespace)),
+        control_plane_identity: identity.to_string(),
+        trust_domain: ca.trust_domain().as_str().to_owned(),
+        trust_bundle_pem: ca.root_pem(),
+    };
+    let injector = Arc::new(Injector::new(
+        template,
+        options.injection_failure_policy,
+        registry,
+    )?);
+    let (certificate, issued) = WebhookCertificate::sign(
+        ca.clone(),
+        identity.clone(),
+        webhook::dns_names(service, &options.namespace),
+    )
+    .context("the injection webhook's certificate")?;
+    let tls = certificate.acceptor()?;
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} for the injection webhook"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(certificate.keep_renewed(issued));
+    tokio::spawn(webhook::serve(listener, tls, injector));
+    Ok(bound)
 }
 
 /// Prepares each snapshot of `snapshots` for push, once, as it comes,

@@ -232,6 +232,51 @@ fn existing_files_are_not_overwritten_without_force() {
 }
 
 #[test]
+fn a_start_script_keeps_its_ca_and_hands_out_its_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let init = |trust_domain: &str| {
+        run(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            trust_domain,
+            "--out",
+            path(&ca),
+            "--keep-existing",
+        ])
+    };
+    assert!(init("cluster.local").status.success());
+    let root = std::fs::read_to_string(ca.join("root-cert.pem")).unwrap();
+    let again = init("cluster.local");
+    assert!(again.status.success());
+    assert!(
+        String::from_utf8(again.stdout)
+            .unwrap()
+            .contains("kept the CA"),
+        "says it kept it"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ca.join("root-cert.pem")).unwrap(),
+        root
+    );
+    // Another trust domain's CA is not silently taken for this one.
+    let other = init("example.org");
+    assert!(!other.status.success());
+    let stderr = String::from_utf8(other.stderr).unwrap();
+    assert!(stderr.contains("not of example.org"), "{stderr}");
+
+    let bundle = dir.path().join("workload/trust-bundle.pem");
+    let args = ["ca", "bundle", "--ca", path(&ca), "--out", path(&bundle)];
+    ok(&args);
+    assert_eq!(std::fs::read_to_string(&bundle).unwrap(), root);
+    assert!(!run(&args).status.success(), "no overwrite without --force");
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    ok(&forced);
+}
+
+#[test]
 fn bad_input_is_explained() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");

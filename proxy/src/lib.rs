@@ -37,7 +37,7 @@ mod snapshot;
 mod transport;
 
 pub use app::config_file::{ConfigFileError, load as load_config_file};
-pub use app::control_plane::ControlPlaneOptions;
+pub use app::control_plane::{ControlPlaneOptions, TrustBundle};
 
 /// The proxy's client of the control plane, on its own: for the load
 /// harness's simulated proxies (`infermesh-bench mesh-scale`).

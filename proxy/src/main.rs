@@ -8,12 +8,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use infermesh_api::app_probes::{self, AppProbes};
 use infermesh_init::{
     self as intercept, CidrList, InterceptConfig, Iptables, Ipv4Cidr, PortList, Selection,
 };
 use infermesh_proxy::{
     CaptureAddresses, ConfigFileError, ConfigFrom, ControlPlaneOptions, IdentityFiles, LogFormat,
-    Mode, RunOptions,
+    Mode, RunOptions, TrustBundle,
 };
 
 /// infermesh's proxy for model-serving traffic.
@@ -164,6 +165,27 @@ struct RunArgs {
     /// The trusted root certificates (PEM).
     #[arg(long, env = "INFERMESH_TRUST_BUNDLE")]
     trust_bundle: Option<PathBuf>,
+    /// The trusted root certificates as PEM text rather than a file, for a
+    /// proxy fed by the control plane that has no file to read (the
+    /// injector sets it in injected sidecars).
+    #[arg(
+        long,
+        env = "INFERMESH_TRUST_BUNDLE_PEM",
+        value_name = "PEM",
+        hide_env_values = true,
+        conflicts_with = "trust_bundle"
+    )]
+    trust_bundle_pem: Option<String>,
+    /// The app's HTTP probes the health server answers under
+    /// /app-health/, as JSON (the injector sets it when it moves the app's
+    /// probes to the sidecar).
+    #[arg(
+        long,
+        env = "INFERMESH_APP_PROBES",
+        value_name = "JSON",
+        hide_env_values = true
+    )]
+    app_probes: Option<String>,
 }
 
 /// `infermesh-proxy gateway`'s options.
@@ -207,10 +229,11 @@ struct ControlPlaneArgs {
     /// Control plane addresses (host:port), comma-separated: the sidecar
     /// gets its certificate and config from any of them (instead of
     /// --config and --identity-cert), and fails over between them.
-    #[arg(long, value_delimiter = ',', env = "INFERMESH_CONTROL_PLANE", conflicts_with_all = ["config", "identity_cert"], requires_all = ["credential", "trust_bundle"])]
+    #[arg(long, value_delimiter = ',', env = "INFERMESH_CONTROL_PLANE", conflicts_with_all = ["config", "identity_cert"], requires = "credential")]
     control_plane: Vec<String>,
     /// The file with the workload's credential: a join token
-    /// (`infermesh-control-plane token create`).
+    /// (`infermesh-control-plane token create`) or a projected
+    /// ServiceAccount token; read again for every certificate request.
     #[arg(long, env = "INFERMESH_CREDENTIAL")]
     credential: Option<PathBuf>,
     /// The mesh's trust domain.
@@ -239,6 +262,15 @@ impl ControlPlaneArgs {
             }
             return Ok(None);
         }
+        let trust_bundle = match (&run.trust_bundle, &run.trust_bundle_pem) {
+            (Some(path), _) => TrustBundle::File(path.clone()),
+            (None, Some(pem)) => TrustBundle::Pem(pem.clone()),
+            (None, None) => {
+                return Err(
+                    "--control-plane needs the roots to check it by: --trust-bundle FILE, or the PEM text in INFERMESH_TRUST_BUNDLE_PEM".into(),
+                );
+            }
+        };
         let node = self.node.or_else(host_name).unwrap_or_default();
         if node.is_empty() {
             return Err("name the proxy with --node (the host name is unknown)".into());
@@ -246,7 +278,7 @@ impl ControlPlaneArgs {
         Ok(Some(ConfigFrom::ControlPlane(ControlPlaneOptions {
             addresses: self.control_plane,
             credential: self.credential.expect("clap requires it"),
-            trust_bundle: run.trust_bundle.clone().expect("clap requires it"),
+            trust_bundle,
             trust_domain: self.trust_domain,
             control_plane_identity: self.control_plane_identity,
             node,
@@ -263,7 +295,22 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 impl RunArgs {
-    fn into_options(self, mode: Mode, config: ConfigFrom, capture: CaptureAddresses) -> RunOptions {
+    /// The app probes of `--app-probes` (`INFERMESH_APP_PROBES`), checked.
+    fn app_probes(&self) -> Result<AppProbes, String> {
+        match &self.app_probes {
+            None => Ok(AppProbes::new()),
+            Some(text) => app_probes::parse(text)
+                .map_err(|e| format!("{e} (given with --app-probes or INFERMESH_APP_PROBES)")),
+        }
+    }
+
+    fn into_options(
+        self,
+        mode: Mode,
+        config: ConfigFrom,
+        capture: CaptureAddresses,
+        app_probes: AppProbes,
+    ) -> RunOptions {
         RunOptions {
             mode,
             config,
@@ -277,6 +324,7 @@ impl RunArgs {
                 .zip(self.identity_key)
                 .zip(self.trust_bundle)
                 .map(|((cert, key), bundle)| IdentityFiles { cert, key, bundle }),
+            app_probes,
         }
     }
 }
@@ -312,6 +360,12 @@ fn main() -> ExitCode {
                         );
                         return ExitCode::from(2);
                     }
+                    if run.trust_bundle_pem.is_some() {
+                        eprintln!(
+                            "infermesh-proxy: INFERMESH_TRUST_BUNDLE_PEM goes with --control-plane; with --config give --trust-bundle"
+                        );
+                        return ExitCode::from(2);
+                    }
                     ConfigFrom::File(config)
                 }
                 Err(e) => {
@@ -319,12 +373,30 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            run.into_options(Mode::Gateway, config, CaptureAddresses::default())
+            let app_probes = match run.app_probes() {
+                Ok(probes) => probes,
+                Err(e) => {
+                    eprintln!("infermesh-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run.into_options(
+                Mode::Gateway,
+                config,
+                CaptureAddresses::default(),
+                app_probes,
+            )
         }
         Command::Sidecar(SidecarArgs { run, capture, mesh }) => {
             let config = match mesh.into_config(&run) {
                 Ok(Some(control_plane)) => control_plane,
                 Ok(None) => {
+                    if run.trust_bundle_pem.is_some() {
+                        eprintln!(
+                            "infermesh-proxy: INFERMESH_TRUST_BUNDLE_PEM goes with --control-plane; with --config give --trust-bundle"
+                        );
+                        return ExitCode::from(2);
+                    }
                     let (Some(config), Some(_)) = (run.config.clone(), &run.identity_cert) else {
                         eprintln!(
                             "infermesh-proxy: a sidecar needs its config and its identity for mutual TLS: give --control-plane (with --credential and --trust-bundle), or --config with --identity-cert, --identity-key and --trust-bundle (see `infermesh-control-plane ca issue`)"
@@ -342,7 +414,14 @@ fn main() -> ExitCode {
                 inbound: capture.inbound_address,
                 outbound: capture.outbound_address,
             };
-            run.into_options(Mode::Sidecar, config, capture)
+            let app_probes = match run.app_probes() {
+                Ok(probes) => probes,
+                Err(e) => {
+                    eprintln!("infermesh-proxy: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run.into_options(Mode::Sidecar, config, capture, app_probes)
         }
     };
     let log = match infermesh_proxy::init_logging(cli.log_format, &cli.log_level) {

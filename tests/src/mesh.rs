@@ -115,6 +115,9 @@ pub struct ControlPlane {
     pub grpc: SocketAddr,
     /// The admin port.
     pub admin: SocketAddr,
+    /// The injection webhook's port, when started with
+    /// `--injector-listen`.
+    pub injector: Option<SocketAddr>,
 }
 
 impl ControlPlane {
@@ -159,11 +162,15 @@ impl ControlPlane {
         };
         let grpc = address("grpc");
         let admin = address("admin");
+        let injector = args
+            .contains(&"--injector-listen")
+            .then(|| address("injector"));
         ControlPlane {
             child,
             logs,
             grpc,
             admin,
+            injector,
         }
     }
 

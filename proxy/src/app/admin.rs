@@ -1,7 +1,8 @@
 //! The two small HTTP servers operators and their tools talk to.
 //!
 //! - **health** (default `0.0.0.0:15020`): `/live`, `/ready` and `/metrics`,
-//!   for the kubelet and Prometheus.
+//!   for the kubelet and Prometheus, and `/app-health/...`, the app's own
+//!   probes moved there by the injector ([`crate::app::app_health`]).
 //! - **admin** (default `127.0.0.1:15000`, local only): `/config`,
 //!   `/endpoints`, `POST /drain` and `/log-level`.
 //!
@@ -28,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::app::app_health::AppHealth;
 use crate::app::lifecycle::Lifecycle;
 use crate::app::logging::LogControl;
 use crate::core::body::{ProxyBody, full};
@@ -48,6 +50,8 @@ pub(crate) struct Admin {
     /// The config file being served; none when the control plane pushes
     /// the config.
     pub config_file: Option<PathBuf>,
+    /// The app's probes, answered under `/app-health/`.
+    pub app_health: AppHealth,
 }
 
 type Handler =
@@ -104,6 +108,9 @@ async fn health(admin: Arc<Admin>, request: Request<Incoming>) -> Response<Proxy
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
     match request.uri().path() {
+        path if path.starts_with(infermesh_api::app_probes::PATH_PREFIX) => {
+            admin.app_health.answer(path, &request).await
+        }
         "/live" => text(StatusCode::OK, "live\n"),
         "/ready" => {
             let lifecycle = &admin.lifecycle;

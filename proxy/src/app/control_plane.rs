@@ -2,8 +2,10 @@
 //! certificate, and its config stream.
 //!
 //! - **Certificate.** The proxy makes its key in memory (it never leaves
-//!   the process), sends a CSR with its credential (a join token read
-//!   from `--credential`) and puts what comes back in the store every
+//!   the process), sends a CSR with its credential (a join token, or a
+//!   projected ServiceAccount token, read from `--credential` again for
+//!   every request, so that a token kubelet rotates in the file is the
+//!   one sent) and puts what comes back in the store every
 //!   handshake reads. It renews at about half the certificate's life,
 //!   with jitter, retrying with backoff; until the current certificate
 //!   expires it keeps serving on it.
@@ -16,7 +18,8 @@
 //!
 //! The control plane is trusted as the holder of
 //! `spiffe://<trust domain>/ns/infermesh-system/sa/control-plane` (or
-//! `--control-plane-identity`) under the roots of `--trust-bundle`.
+//! `--control-plane-identity`) under the roots of `--trust-bundle` (or of
+//! `INFERMESH_TRUST_BUNDLE_PEM`, for an injected sidecar).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -46,10 +49,12 @@ use crate::core::metrics::Registry;
 pub struct ControlPlaneOptions {
     /// Control plane addresses (`host:port`); any of them will do.
     pub addresses: Vec<String>,
-    /// The file holding the proxy's credential (a join token).
+    /// The file holding the proxy's credential (a join token, or a
+    /// ServiceAccount token kubelet keeps fresh); read again for every
+    /// certificate request.
     pub credential: PathBuf,
-    /// The roots the control plane's certificate chains to (PEM).
-    pub trust_bundle: PathBuf,
+    /// The roots the control plane's certificate chains to.
+    pub trust_bundle: TrustBundle,
     /// The mesh's trust domain.
     pub trust_domain: String,
     /// The control plane's SPIFFE ID; by default
@@ -60,6 +65,33 @@ pub struct ControlPlaneOptions {
     /// The workload's labels, which `Sidecar` resources and policy
     /// selectors match.
     pub labels: BTreeMap<String, String>,
+}
+
+/// Where the roots the control plane is checked against come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TrustBundle {
+    /// A PEM file (`--trust-bundle`).
+    File(PathBuf),
+    /// PEM text, for a proxy that has no file to read them from: an
+    /// injected sidecar is given them in `INFERMESH_TRUST_BUNDLE_PEM`, as
+    /// Linkerd's proxy is given `LINKERD2_PROXY_IDENTITY_TRUST_ANCHORS`.
+    Pem(String),
+}
+
+impl From<PathBuf> for TrustBundle {
+    fn from(path: PathBuf) -> Self {
+        TrustBundle::File(path)
+    }
+}
+
+impl std::fmt::Display for TrustBundle {
+    /// Where the roots came from, for errors.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrustBundle::File(path) => write!(f, "{}", path.display()),
+            TrustBundle::Pem(_) => f.write_str("INFERMESH_TRUST_BUNDLE_PEM"),
+        }
+    }
 }
 
 /// An update for the serving loop to apply: the documents of the whole
@@ -181,16 +213,24 @@ pub(crate) fn start(
             source,
         })
     };
-    let credential = read(&options.credential)?.trim().to_owned();
-    if credential.is_empty() {
-        return Err(StartError::Invalid(format!(
-            "the credential file {} is empty; write the join token from `infermesh-control-plane token create` there",
+    // Read here to fail at start on a missing or empty file; read again
+    // for each certificate request.
+    read_credential(&options.credential).map_err(|e| match e {
+        CredentialError::Read(source) => StartError::Read {
+            path: options.credential.clone(),
+            source,
+        },
+        empty @ CredentialError::Empty => StartError::Invalid(format!(
+            "the credential file {}: {empty}",
             options.credential.display()
-        )));
-    }
-    let bundle = read(&options.trust_bundle)?;
+        )),
+    })?;
+    let bundle = match &options.trust_bundle {
+        TrustBundle::File(path) => read(path)?,
+        TrustBundle::Pem(text) => text.clone(),
+    };
     let roots = infermesh_certs::parse_certificates(&bundle)
-        .map_err(|e| StartError::Invalid(format!("{}: {e}", options.trust_bundle.display())))?;
+        .map_err(|e| StartError::Invalid(format!("{}: {e}", options.trust_bundle)))?;
     let trust_domain =
         TrustDomain::new(&options.trust_domain).map_err(|e| StartError::Invalid(e.to_string()))?;
     let control_plane = match &options.control_plane_identity {
@@ -198,10 +238,10 @@ pub(crate) fn start(
         None => SpiffeId::workload(trust_domain.as_str(), "infermesh-system", "control-plane"),
     }
     .map_err(|e| StartError::Invalid(format!("--control-plane-identity: {e}")))?;
-    let store =
-        Arc::new(CertStore::new(trust_domain, roots).map_err(|e| {
-            StartError::Invalid(format!("{}: {e}", options.trust_bundle.display()))
-        })?);
+    let store = Arc::new(
+        CertStore::new(trust_domain, roots)
+            .map_err(|e| StartError::Invalid(format!("{}: {e}", options.trust_bundle)))?,
+    );
     if options.addresses.is_empty() {
         return Err(StartError::Invalid(
             "--control-plane needs at least one address".into(),
@@ -220,7 +260,6 @@ pub(crate) fn start(
     let client = Arc::new(Client {
         options,
         tls: TlsConnector::from(tls),
-        credential,
         mode,
         metrics,
     });
@@ -237,9 +276,29 @@ pub(crate) fn start(
 struct Client {
     options: ControlPlaneOptions,
     tls: TlsConnector,
-    credential: String,
     mode: &'static str,
     metrics: Metrics,
+}
+
+/// Why the credential file cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum CredentialError {
+    #[error("cannot read it: {0}")]
+    Read(std::io::Error),
+    #[error(
+        "it is empty; write the join token from `infermesh-control-plane token create` there (or mount the ServiceAccount token)"
+    )]
+    Empty,
+}
+
+/// The credential in `path`, trimmed.
+fn read_credential(path: &std::path::Path) -> Result<String, CredentialError> {
+    let text = std::fs::read_to_string(path).map_err(CredentialError::Read)?;
+    let credential = text.trim();
+    if credential.is_empty() {
+        return Err(CredentialError::Empty);
+    }
+    Ok(credential.to_owned())
 }
 
 /// How long a connection attempt to one control plane may take.
@@ -294,7 +353,7 @@ impl Client {
         let connector = tower::service_fn(move |_: http::Uri| {
             let (tls, name, target) = (tls.clone(), name.clone(), target.clone());
             async move {
-                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                let tcp = infermesh_dns::connect(&target).await?;
                 let _ = tcp.set_nodelay(true);
                 let stream = tls.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
@@ -359,6 +418,14 @@ impl Client {
         address: &str,
         store: &CertStore,
     ) -> Result<(SystemTime, SystemTime), String> {
+        // Read for each request: a projected ServiceAccount token is
+        // rewritten by kubelet before it expires.
+        let credential = read_credential(&self.options.credential).map_err(|e| {
+            format!(
+                "the credential file {}: {e}",
+                self.options.credential.display()
+            )
+        })?;
         let key = WorkloadKey::generate().map_err(|e| e.to_string())?;
         // The CSR names no identity of its own choosing: the control plane
         // derives it from the credential. It carries the public key.
@@ -366,7 +433,7 @@ impl Client {
         let channel = self.channel(address).await?;
         let answer = CertificateServiceClient::new(channel)
             .sign(SignRequest {
-                credential: Some(sign_request::Credential::JoinToken(self.credential.clone())),
+                credential: Some(sign_request::Credential::JoinToken(credential)),
                 csr_pem: csr.pem().to_owned(),
             })
             .await

@@ -2,11 +2,13 @@
 //! sidecar and applying config changes ([`run`]), its config file
 //! ([`config_file`]) and identity files ([`identity`]), both watched, or
 //! the control plane's push and certificates ([`control_plane`]), the
-//! admin and health servers ([`admin`]), readiness and drain
+//! admin and health servers ([`admin`]), the app's probes they answer
+//! ([`app_health`]), readiness and drain
 //! ([`lifecycle`]), logging ([`logging`]), the sidecar's built-in capture
 //! listeners ([`sidecar`]) and the config metrics ([`metrics`]).
 
 pub(crate) mod admin;
+pub(crate) mod app_health;
 pub(crate) mod config_file;
 pub(crate) mod control_plane;
 pub(crate) mod identity;

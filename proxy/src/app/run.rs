@@ -13,12 +13,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use infermesh_api::app_probes::AppProbes;
 use infermesh_api::{Config, Source};
 use infermesh_certs::CertStore;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::app::admin::{self, Admin};
+use crate::app::app_health::AppHealth;
 use crate::app::config_file::{self, ConfigFileError, FileText};
 use crate::app::control_plane::{self, ControlPlaneOptions, Pushed};
 use crate::app::identity::{Identity, IdentityFiles};
@@ -82,6 +84,9 @@ pub struct RunOptions {
     pub identity: Option<IdentityFiles>,
     /// Where a sidecar's capture listeners bind.
     pub capture: CaptureAddresses,
+    /// The app's HTTP probes, answered on the health server under
+    /// `/app-health/` (`INFERMESH_APP_PROBES`, set by the injector).
+    pub app_probes: AppProbes,
 }
 
 impl RunOptions {
@@ -204,6 +209,7 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
             ConfigSource::File { path, .. } => Some(path.clone()),
             ConfigSource::ControlPlane => None,
         },
+        app_health: AppHealth::new(options.app_probes.clone()),
     });
     admin::spawn_health(health_socket, admin.clone());
     admin::spawn_admin(admin_socket, admin);
