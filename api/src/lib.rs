@@ -23,6 +23,7 @@
 pub mod app_probes;
 pub mod backend;
 mod check;
+pub mod crd;
 mod diagnostic;
 pub mod duration;
 pub mod fanout;
