@@ -9,7 +9,8 @@ Run by tests/tests/kubernetes_manifests.rs (no cluster needed):
   (unknown fields fail), against the newest Kubernetes version the package
   knows: the Deployment, the Service, RBAC, the webhook configuration, and
   the CustomResourceDefinitions as apiextensions.k8s.io/v1 objects.
-- Every document of deploy/examples validates against its kind's CRD
+- Every document of deploy/examples, deploy/compose/config and
+  deploy/nomad/config validates against its kind's CRD
   schema, unknown fields refused as `kubectl apply` refuses them; a spoiled
   example must fail, so that the check cannot pass by checking nothing.
 - The objects agree with each other: namespaced objects are in
@@ -134,7 +135,13 @@ def validate_examples(docs):
             api_version = f"{spec['group']}/{version['name']}"
             schema = version["schema"]["openAPIV3Schema"]
             crds[(api_version, spec["names"]["kind"])] = checker(schema)
-    examples = sorted((ROOT / "deploy/examples").rglob("*.y*ml"))
+    # The example configs, and the mesh configs of the Compose and Nomad
+    # set-ups: the same documents users apply to Kubernetes.
+    examples = sorted(
+        path
+        for folder in ("deploy/examples", "deploy/compose/config", "deploy/nomad/config")
+        for path in (ROOT / folder).rglob("*.y*ml")
+    )
     since = len(failures)
     checked = 0
     first = None
@@ -156,7 +163,7 @@ def validate_examples(docs):
     if checked == 0:
         fail("deploy/examples", "no documents found")
         return
-    ok(f"{checked} documents of deploy/examples validate against their CRDs", since)
+    ok(f"{checked} example documents (deploy/examples, compose, nomad) validate against their CRDs", since)
     # The check refuses what the API server refuses.
     since = len(failures)
     validator, doc = first
