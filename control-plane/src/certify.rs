@@ -45,7 +45,7 @@ impl Certifier {
         let refused = IntCounterVec::new(
             Opts::new(
                 "infermesh_control_plane_certificates_refused_total",
-                "Certificate requests refused, by reason (unknown_token, expired_token, no_credential, unsupported_credential, identity_not_granted, malformed_csr, invalid_workload, internal).",
+                "Certificate requests refused, by reason (unknown_token, expired_token, no_credential, unsupported_credential, token_review_refused, token_review_failed, identity_not_granted, malformed_csr, invalid_workload, internal).",
             ),
             &["reason"],
         )?;

@@ -3,11 +3,13 @@
 //! [`Workload`] a credential proves, why one is refused ([`Refusal`]), and
 //! the [`Authenticator`] trait that checks credentials. Join tokens (the
 //! `join_tokens` module, above this one) are one authenticator; a
-//! Kubernetes service-account token checked with a TokenReview is to be
-//! another.
+//! Kubernetes service-account token checked with a TokenReview
+//! (`kubernetes::token_review`) is another; [`ByKind`] hands each
+//! credential to the one for its kind.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// The workload a credential proves: its namespace and service account,
@@ -25,6 +27,19 @@ pub struct Workload {
 pub enum Credential {
     /// A join token (the contents of its credential file).
     JoinToken(String),
+    /// A Kubernetes ServiceAccount token (a JWT the API server signed),
+    /// checked with a TokenReview.
+    KubernetesToken(String),
+}
+
+impl Credential {
+    /// What kind of credential it is, as refusals name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Credential::JoinToken(_) => "join token",
+            Credential::KubernetesToken(_) => "Kubernetes ServiceAccount token",
+        }
+    }
 }
 
 /// Why a certificate was refused: the `reason` label of
@@ -61,6 +76,15 @@ pub enum Refusal {
     /// The credential's workload makes no valid SPIFFE ID.
     #[error("the credential's workload makes no valid SPIFFE ID: {0}")]
     InvalidWorkload(String),
+    /// The Kubernetes API server did not vouch for the token: it is not
+    /// authenticated, is not a ServiceAccount's, or is not meant for
+    /// infermesh (its audiences lack `infermesh`).
+    #[error("the Kubernetes token was refused: {0}")]
+    TokenReviewRefused(String),
+    /// The Kubernetes API server could not be asked about the token (it is
+    /// unreachable, or refused the TokenReview itself); the proxy retries.
+    #[error("the Kubernetes token could not be checked (TokenReview failed): {0}")]
+    TokenReviewFailed(String),
     /// Signing failed on the control plane's side.
     #[error("the control plane could not sign: {0}")]
     Internal(String),
@@ -77,6 +101,8 @@ impl Refusal {
             Refusal::IdentityNotGranted { .. } => "identity_not_granted",
             Refusal::MalformedCsr(_) => "malformed_csr",
             Refusal::InvalidWorkload(_) => "invalid_workload",
+            Refusal::TokenReviewRefused(_) => "token_review_refused",
+            Refusal::TokenReviewFailed(_) => "token_review_failed",
             Refusal::Internal(_) => "internal",
         }
     }
@@ -91,4 +117,68 @@ pub trait Authenticator: Send + Sync {
         credential: &'a Credential,
         now: SystemTime,
     ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>>;
+}
+
+/// One authenticator per kind of credential, each optional: join tokens
+/// (`serve --tokens`), Kubernetes tokens (`serve --kubernetes`), or both.
+/// A credential of a kind no authenticator is given for is refused as
+/// [`Refusal::UnsupportedCredential`].
+#[derive(Clone, Default)]
+pub struct ByKind {
+    /// Checks join tokens.
+    pub join_tokens: Option<Arc<dyn Authenticator>>,
+    /// Checks Kubernetes ServiceAccount tokens.
+    pub kubernetes: Option<Arc<dyn Authenticator>>,
+}
+
+impl Authenticator for ByKind {
+    fn authenticate<'a>(
+        &'a self,
+        credential: &'a Credential,
+        now: SystemTime,
+    ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>> {
+        let authenticator = match credential {
+            Credential::JoinToken(_) => &self.join_tokens,
+            Credential::KubernetesToken(_) => &self.kubernetes,
+        };
+        match authenticator {
+            Some(authenticator) => authenticator.authenticate(credential, now),
+            None => Box::pin(std::future::ready(Err(Refusal::UnsupportedCredential(
+                credential.kind(),
+            )))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
+
+    #[tokio::test]
+    async fn each_kind_goes_to_its_authenticator_and_a_missing_one_refuses() {
+        let now = SystemTime::now();
+        let mut tokens = JoinTokens::default();
+        let llama = Workload {
+            namespace: "models".into(),
+            service_account: "llama".into(),
+        };
+        let token = tokens.create(&llama, std::time::Duration::from_secs(60), now);
+        let join_only = ByKind {
+            join_tokens: Some(Arc::new(JoinTokenAuthenticator::new(tokens))),
+            kubernetes: None,
+        };
+        assert_eq!(
+            join_only
+                .authenticate(&Credential::JoinToken(token), now)
+                .await,
+            Ok(llama)
+        );
+        let refusal = join_only
+            .authenticate(&Credential::KubernetesToken("a.b.c".into()), now)
+            .await
+            .unwrap_err();
+        assert_eq!(refusal.reason(), "unsupported_credential");
+        assert!(refusal.to_string().contains("Kubernetes"), "{refusal}");
+    }
 }

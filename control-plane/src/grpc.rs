@@ -1,5 +1,5 @@
 //! The control plane's gRPC services, over the types `infermesh-proto`
-//! generates: today the certificate service, which hands each request to
+//! generates: the certificate service, which hands each request to
 //! [`Certifier`] and turns a refusal into the gRPC status a client can act
 //! on, with the refusal's reason in the `x-infermesh-refusal` metadata.
 
@@ -47,6 +47,9 @@ impl CertificateService for Certificates {
         let request = request.into_inner();
         let credential = match request.credential {
             Some(sign_request::Credential::JoinToken(token)) => Credential::JoinToken(token),
+            Some(sign_request::Credential::KubernetesToken(token)) => {
+                Credential::KubernetesToken(token)
+            }
             None => {
                 return Err(refused(&self.certifier.refuse(Refusal::NoCredential)));
             }
@@ -77,7 +80,9 @@ fn refused(refusal: &Refusal) -> Status {
         Refusal::UnknownToken
         | Refusal::ExpiredToken { .. }
         | Refusal::NoCredential
-        | Refusal::UnsupportedCredential(_) => Code::Unauthenticated,
+        | Refusal::UnsupportedCredential(_)
+        | Refusal::TokenReviewRefused(_) => Code::Unauthenticated,
+        Refusal::TokenReviewFailed(_) => Code::Unavailable,
         Refusal::IdentityNotGranted { .. } => Code::PermissionDenied,
         Refusal::MalformedCsr(_) | Refusal::InvalidWorkload(_) => Code::InvalidArgument,
         Refusal::Internal(_) => Code::Internal,

@@ -193,7 +193,11 @@ impl Authenticator for JoinTokenAuthenticator {
         credential: &'a Credential,
         now: SystemTime,
     ) -> Pin<Box<dyn Future<Output = Result<Workload, Refusal>> + Send + 'a>> {
-        let Credential::JoinToken(token) = credential;
+        let Credential::JoinToken(token) = credential else {
+            return Box::pin(std::future::ready(Err(Refusal::UnsupportedCredential(
+                credential.kind(),
+            ))));
+        };
         let tokens = self
             .tokens
             .read()

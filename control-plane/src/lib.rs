@@ -13,7 +13,7 @@
 //! - [`server`]: `serve`, the TLS gRPC port and the admin port;
 //! - [`source`]: where the mesh's config comes from, as whole validated
 //!   snapshots: a watched directory of the YAML documents the gateway
-//!   also reads;
+//!   also reads (or the Kubernetes API, [`kubernetes`]);
 //! - [`resolve`]: the DNS names of endpoints, resolved by the control
 //!   plane and pushed as addresses;
 //! - [`scope`]: what each proxy is told, chosen from a snapshot prepared
@@ -22,7 +22,10 @@
 //!   acknowledged, and the register of the proxies and where they stand;
 //! - [`status`]: `status`, every replica's proxies in one table;
 //! - [`inject`]: the sidecar injector, a mutating admission webhook that
-//!   adds the init container and the native sidecar to pods.
+//!   adds the init container and the native sidecar to pods;
+//! - [`kubernetes`]: the Kubernetes API server as config source (CRDs,
+//!   Services, EndpointSlices, Pods, HTTPRoutes), as the judge of
+//!   ServiceAccount tokens (TokenReview), and the webhook's `caBundle`.
 //!
 //! The signing itself lives in `infermesh-certs`.
 
@@ -35,6 +38,7 @@ pub mod credential;
 pub mod grpc;
 pub mod inject;
 pub mod join_tokens;
+pub mod kubernetes;
 pub mod push;
 pub mod resolve;
 pub mod scope;

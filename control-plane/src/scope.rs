@@ -17,6 +17,10 @@
 //!   whose selector matches its labels (or that have none), and the
 //!   mesh-wide ones (no namespace), when they name no listener.
 //!
+//! A sidecar's labels are those its proxy declares, unless the source
+//! vouches for its Pod (Kubernetes: the injected Pod of the proxy's node
+//! name, namespace and identity), whose labels are used instead.
+//!
 //! Listeners go to the proxies they select by label: a gateway runs those
 //! whose selector matches its labels and those without one; a sidecar,
 //! beside its capture listeners, those whose selector matches (a model's
@@ -34,7 +38,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::resolve::Resolved;
-use crate::source::Snapshot;
+use crate::source::{Snapshot, WorkloadLabels};
 
 /// What a proxy runs as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
@@ -138,6 +142,8 @@ pub struct Prepared {
     /// from here to the proxy's acknowledgement.
     pub seen: Instant,
     config: Arc<Config>,
+    /// The Pods whose labels stand for their proxies' own.
+    workloads: Arc<WorkloadLabels>,
     /// Every document as written, for the views that attach it
     /// differently (gateways).
     documents: HashMap<(Kind, String), Value>,
@@ -250,6 +256,7 @@ impl Prepared {
         Prepared {
             seen: Instant::now(),
             config,
+            workloads: snapshot.workloads.clone(),
             documents: attached,
             backends,
             routes,
@@ -261,6 +268,23 @@ impl Prepared {
     /// What `workload` should hold; made once for every workload of the
     /// same mode, namespace and labels.
     pub fn view(&self, workload: &Workload) -> Arc<View> {
+        // A Pod the source vouches for (Kubernetes) gives its own labels,
+        // whatever its proxy declares; only to the proxy of its identity.
+        let vouched = self
+            .workloads
+            .get(&(workload.namespace.clone(), workload.node.clone()))
+            .filter(|(identity, _)| *identity == workload.identity);
+        let with_pod_labels;
+        let workload = match vouched {
+            Some((_, labels)) => {
+                with_pod_labels = Workload {
+                    labels: labels.clone(),
+                    ..workload.clone()
+                };
+                &with_pod_labels
+            }
+            None => workload,
+        };
         let key = (
             workload.mode,
             workload.namespace.clone(),
@@ -562,6 +586,7 @@ spec:
             &Snapshot {
                 version: config.version(),
                 config: Arc::new(config),
+                workloads: Arc::default(),
             },
             &Resolved::new(),
         )
@@ -771,6 +796,7 @@ spec:
         let snapshot = Snapshot {
             version: config.version(),
             config: Arc::new(config),
+            workloads: Arc::default(),
         };
         let resolved = Resolved::from([(
             ("llama.models.svc".to_owned(), 8000),
@@ -801,6 +827,39 @@ spec:
         )]);
         let again = Prepared::new(&snapshot, &moved);
         assert_ne!(view.version, again.view(&workload("apps", "chat")).version);
+    }
+
+    #[test]
+    fn a_pod_the_source_vouches_for_gives_its_labels_to_its_own_proxy_only() {
+        let config = Config::load(&[Source {
+            name: "mesh.yaml",
+            text: MESH,
+        }])
+        .unwrap();
+        let chat = workload("apps", "chat");
+        // The Pod `chat-0` is labelled `app: batch` now, whatever its
+        // proxy declares.
+        let workloads = WorkloadLabels::from([(
+            ("apps".to_owned(), "chat-0".to_owned()),
+            (
+                chat.identity.clone(),
+                BTreeMap::from([("app".to_owned(), "batch".to_owned())]),
+            ),
+        )]);
+        let mesh = Prepared::new(
+            &Snapshot {
+                version: config.version(),
+                config: Arc::new(config),
+                workloads: Arc::new(workloads),
+            },
+            &Resolved::new(),
+        );
+        let batch = mesh.view(&workload("apps", "batch"));
+        assert_eq!(mesh.view(&chat).version, batch.version);
+        // Another identity naming the Pod keeps its own labels.
+        let mut impostor = chat.clone();
+        impostor.identity = "spiffe://cluster.local/ns/apps/sa/other".into();
+        assert_eq!(keys(&mesh.view(&impostor)), ["Backend/llama.models"]);
     }
 
     #[test]

@@ -9,13 +9,14 @@
 //! workload with a join token; one that presents a certificate must
 //! present a valid one. Server reflection is on, so `grpcurl` can list
 //! and describe the API. The join tokens file is read again when it
-//! changes.
+//! changes; with `--kubernetes`, ServiceAccount tokens are checked with
+//! TokenReviews (either credential, or both, may be accepted).
 //!
-//! With a config directory, the same port serves the config push
-//! ([`crate::push`]) of the directory's snapshots ([`crate::source`]); a
-//! change the directory's files make that does not validate is logged
-//! with its file, line and field, counted, and the last good snapshot
-//! stays.
+//! With a config directory, or `--kubernetes` ([`crate::kubernetes`]),
+//! the same port serves the config push ([`crate::push`]) of the source's
+//! snapshots ([`crate::source`]); a change that does not validate is
+//! logged with its file (or object), line and field, counted, and the
+//! last good snapshot stays.
 //!
 //! With `--injector-listen`, a third port serves the sidecar injection
 //! webhook ([`crate::inject`]), its certificate signed by the same CA.
@@ -46,14 +47,18 @@ use tokio_rustls::TlsAcceptor;
 use crate::ca_files;
 use crate::certify::Certifier;
 use crate::client::ClientConnection;
+use crate::credential::ByKind;
 use crate::grpc::Certificates;
 use crate::inject::webhook::{self, WebhookCertificate};
 use crate::inject::{FailurePolicy, Injector, Template};
 use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
+use crate::kubernetes::{
+    self, source::KubernetesSource, token_review::TokenReviewAuthenticator, webhook_ca,
+};
 use crate::push::{ConfigPush, Proxies, PushMetrics};
 use crate::resolve::{self, Resolved};
 use crate::scope::Prepared;
-use crate::source::{DirectorySource, Refused, Source as _};
+use crate::source::{DirectorySource, Refused, Source};
 
 /// How `serve` runs: the command's flags.
 #[derive(Clone, Debug, clap::Args)]
@@ -62,8 +67,17 @@ pub struct ServeOptions {
     #[arg(long = "ca")]
     pub ca_dir: PathBuf,
     /// The join tokens file (`token create`); read again when it changes.
+    /// Required unless --kubernetes is given (both may be).
     #[arg(long)]
-    pub tokens: PathBuf,
+    pub tokens: Option<PathBuf>,
+    /// Use the Kubernetes API server (in a pod, its ServiceAccount;
+    /// elsewhere KUBECONFIG): its infermesh resources, Services,
+    /// EndpointSlices, Pods and HTTPRoutes are the config pushed to
+    /// proxies (instead of --config-dir), ServiceAccount tokens are checked
+    /// with TokenReviews, and with --injector-listen the webhook
+    /// configuration's caBundle is kept equal to the CA's root.
+    #[arg(long, conflicts_with = "config_dir")]
+    pub kubernetes: bool,
     /// The gRPC address.
     #[arg(long, default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
@@ -80,8 +94,8 @@ pub struct ServeOptions {
     #[arg(long, default_value = "control-plane")]
     pub service_account: String,
     /// A directory of YAML documents (the mesh's backends, routes,
-    /// policies), watched and pushed to proxies; without it only
-    /// certificates are served.
+    /// policies), watched and pushed to proxies; without it (or
+    /// --kubernetes) only certificates are served.
     #[arg(long)]
     pub config_dir: Option<PathBuf>,
     /// How often each side of a config stream says it is alive; three
@@ -149,6 +163,11 @@ pub async fn serve(
     bound: impl FnOnce(Bound),
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    if options.tokens.is_none() && !options.kubernetes {
+        anyhow::bail!(
+            "serve needs a way to check proxies' credentials: --tokens FILE (join tokens), --kubernetes (ServiceAccount tokens, checked with TokenReviews), or both"
+        );
+    }
     let ca = Arc::new(ca_files::load_ca(&options.ca_dir).context("cannot load the CA")?);
     let identity = SpiffeId::workload(
         ca.trust_domain().as_str(),
@@ -163,9 +182,23 @@ pub async fn serve(
     let own = certify_self(&ca, &identity, &store)?;
 
     let registry = prometheus::Registry::new();
-    let tokens = JoinTokens::load(&options.tokens)?;
-    let authenticator = Arc::new(JoinTokenAuthenticator::new(tokens));
-    let certifier = Certifier::new(ca.clone(), authenticator.clone(), options.ttl, &registry)?;
+    let kubernetes = match options.kubernetes {
+        true => Some(kubernetes::client().await?),
+        false => None,
+    };
+    let mut authenticator = ByKind::default();
+    let join_tokens = match &options.tokens {
+        Some(path) => {
+            let tokens = Arc::new(JoinTokenAuthenticator::new(JoinTokens::load(path)?));
+            authenticator.join_tokens = Some(tokens.clone());
+            Some((path.clone(), tokens))
+        }
+        None => None,
+    };
+    if let Some(client) = &kubernetes {
+        authenticator.kubernetes = Some(Arc::new(TokenReviewAuthenticator::new(client.clone())));
+    }
+    let certifier = Certifier::new(ca.clone(), Arc::new(authenticator), options.ttl, &registry)?;
     let certificates = Certificates::new(Arc::new(certifier), ca.root_pem()).into_service();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(infermesh_proto::FILE_DESCRIPTOR_SET)
@@ -173,12 +206,25 @@ pub async fn serve(
         .context("server reflection")?;
 
     let proxies = Arc::new(Proxies::default());
-    let (push, prepared, _source) = match &options.config_dir {
-        Some(directory) => {
-            let (refusals, refused) = tokio::sync::mpsc::unbounded_channel();
-            let source = DirectorySource::start(directory, refusals)?;
+    let (refusals, refused) = tokio::sync::mpsc::unbounded_channel();
+    if options.config_dir.is_some() || kubernetes.is_some() {
+        // Spawned first: the Kubernetes source reports refusals while it
+        // waits for its first valid set.
+        tokio::spawn(report_refusals(refused, refusals_metric(&registry)?));
+    }
+    let source: Option<Box<dyn Source>> = match (&options.config_dir, &kubernetes) {
+        (Some(directory), _) => Some(Box::new(DirectorySource::start(directory, refusals)?)),
+        (None, Some(client)) => {
+            let trust_domain = ca.trust_domain().as_str().to_owned();
+            Some(Box::new(
+                KubernetesSource::start(client.clone(), trust_domain, refusals).await,
+            ))
+        }
+        (None, None) => None,
+    };
+    let (push, prepared, _source) = match source {
+        Some(source) => {
             let prepared = prepare(source.snapshots(), resolve::system()).await;
-            tokio::spawn(report_refusals(refused, refusals_metric(&registry)?));
             let metrics = PushMetrics::register(&registry)?;
             let push = ConfigPush::new(
                 prepared.clone(),
@@ -215,8 +261,13 @@ pub async fn serve(
         injector,
     });
 
+    if let (Some(client), Some(_)) = (&kubernetes, options.injector_listen) {
+        tokio::spawn(webhook_ca::keep_ca_bundle(client.clone(), ca.root_pem()));
+    }
     tokio::spawn(renew_self(ca.clone(), identity, store.clone(), own));
-    tokio::spawn(watch_tokens(options.tokens.clone(), authenticator));
+    if let Some((path, tokens)) = join_tokens {
+        tokio::spawn(watch_tokens(path, tokens));
+    }
     let state = Arc::new(AdminState {
         memory: Memory::register(&registry)?,
         registry,
@@ -569,7 +620,7 @@ fn admin(request: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes
                 (Some(_), None) => (
                     StatusCode::NOT_FOUND,
                     "text/plain",
-                    "this control plane pushes no config (it was started without --config-dir)\n"
+                    "this control plane pushes no config (it was started without --config-dir or --kubernetes)\n"
                         .to_owned(),
                 ),
                 (Some(name), Some(prepared)) => match state.proxies.find(&name) {

@@ -3,7 +3,8 @@
 //! validate is reported, file, line and field, and the last good snapshot
 //! stays in force. [`DirectorySource`] reads a directory of the YAML
 //! documents the gateway also reads, and reads it again when it changes;
-//! the Kubernetes watcher (issue 15) is a second implementation.
+//! the Kubernetes watcher (`kubernetes::source`) is a second
+//! implementation.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +21,18 @@ pub struct Snapshot {
     pub version: String,
     /// The config.
     pub config: Arc<Config>,
+    /// The workloads the source vouches for (Kubernetes: the injected
+    /// Pods), whose labels are used instead of those a proxy declares;
+    /// empty for a directory.
+    pub workloads: Arc<WorkloadLabels>,
 }
+
+/// Pods by namespace and name: the SPIFFE ID of their service account, and
+/// their labels.
+pub type WorkloadLabels = std::collections::HashMap<
+    (String, String),
+    (String, std::collections::BTreeMap<String, String>),
+>;
 
 /// A source of the mesh's config.
 pub trait Source: Send + Sync {
@@ -184,6 +196,7 @@ pub fn read(directory: &Path) -> Result<Snapshot, DirectoryError> {
     Ok(Snapshot {
         version: config.version(),
         config: Arc::new(config),
+        workloads: Arc::default(),
     })
 }
 

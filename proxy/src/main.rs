@@ -233,7 +233,11 @@ struct ControlPlaneArgs {
     control_plane: Vec<String>,
     /// The file with the workload's credential: a join token
     /// (`infermesh-control-plane token create`) or a projected
-    /// ServiceAccount token; read again for every certificate request.
+    /// ServiceAccount token; read again for every certificate request (kubelet
+    /// rewrites a projected token before it expires). Content that is a JWT
+    /// (three base64url segments, the first a JSON header naming its `alg`)
+    /// is sent as a Kubernetes token, which the control plane checks with a
+    /// TokenReview; anything else as a join token.
     #[arg(long, env = "INFERMESH_CREDENTIAL")]
     credential: Option<PathBuf>,
     /// The mesh's trust domain.

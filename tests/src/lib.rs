@@ -1,12 +1,14 @@
 //! Support for infermesh's end-to-end tests: starting the real binaries on
 //! ephemeral loopback ports (and stopping every process started), mock
-//! model backends, and HTTP/1.1 and HTTP/2 clients.
+//! model backends, HTTP/1.1 and HTTP/2 clients, and a fake Kubernetes API
+//! server.
 
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod client;
 pub mod identity;
+pub mod kube_api;
 pub mod mesh;
 pub mod models;
 pub mod netns;

@@ -125,7 +125,8 @@ impl ControlPlane {
     /// address instead), with `args` added.
     pub fn start(files: &MeshFiles, listen: Option<SocketAddr>, args: &[&str]) -> ControlPlane {
         let listen = listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
-        let mut child = Command::new(crate::binary("infermesh-control-plane"))
+        let mut command = Command::new(crate::binary("infermesh-control-plane"));
+        command
             .arg("serve")
             .arg("--ca")
             .arg(files.path().join("ca"))
@@ -133,7 +134,29 @@ impl ControlPlane {
             .arg(files.path().join("tokens.yaml"))
             .arg("--config-dir")
             .arg(files.path().join("config"))
-            .args(["--listen", &listen, "--admin", "127.0.0.1:0"])
+            .args(["--listen", &listen, "--admin", "127.0.0.1:0"]);
+        Self::run(command, args)
+    }
+
+    /// Serves `files`' CA on ephemeral ports with `--kubernetes`, the API
+    /// server being the one `kubeconfig` names (a fake one:
+    /// [`crate::kube_api`]), with `args` added. It starts once the API
+    /// server's objects make a valid config.
+    pub fn start_kubernetes(files: &MeshFiles, kubeconfig: &Path, args: &[&str]) -> ControlPlane {
+        let mut command = Command::new(crate::binary("infermesh-control-plane"));
+        command
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .arg("serve")
+            .arg("--kubernetes")
+            .arg("--ca")
+            .arg(files.path().join("ca"))
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+        Self::run(command, args)
+    }
+
+    fn run(mut command: Command, args: &[&str]) -> ControlPlane {
+        let mut child = command
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -301,6 +301,37 @@ fn read_credential(path: &std::path::Path) -> Result<String, CredentialError> {
     Ok(credential.to_owned())
 }
 
+/// The credential as the certificate service takes it: a JWT (three
+/// base64url segments, the first a JSON header with `alg`), which is what
+/// a projected ServiceAccount token is, goes as a Kubernetes token, to be
+/// checked with a TokenReview; anything else as a join token.
+fn credential_kind(credential: String) -> sign_request::Credential {
+    if is_jwt(&credential) {
+        sign_request::Credential::KubernetesToken(credential)
+    } else {
+        sign_request::Credential::JoinToken(credential)
+    }
+}
+
+/// Whether `text` is a JWT in compact form: three base64url segments (no
+/// padding), the first decoding to a JSON object that names its `alg`.
+/// The signature is not checked here: the API server does that.
+fn is_jwt(text: &str) -> bool {
+    use base64::Engine as _;
+    let segments: Vec<&str> = text.split('.').collect();
+    let [header, payload, signature] = segments[..] else {
+        return false;
+    };
+    if payload.is_empty() || signature.is_empty() {
+        return false;
+    }
+    let Ok(header) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&header)
+        .is_ok_and(|header| header.get("alg").is_some_and(serde_json::Value::is_string))
+}
+
 /// How long a connection attempt to one control plane may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnection backoff: full jitter between zero and a ceiling that
@@ -433,7 +464,7 @@ impl Client {
         let channel = self.channel(address).await?;
         let answer = CertificateServiceClient::new(channel)
             .sign(SignRequest {
-                credential: Some(sign_request::Credential::JoinToken(credential)),
+                credential: Some(credential_kind(credential)),
                 csr_pem: csr.pem().to_owned(),
             })
             .await
@@ -708,6 +739,31 @@ mod tests {
             removed: Vec::new(),
             heartbeat_seconds: 5,
             more,
+        }
+    }
+
+    #[test]
+    fn a_jwt_goes_as_a_kubernetes_token_anything_else_as_a_join_token() {
+        // A projected ServiceAccount token's shape (header
+        // {"alg":"RS256","kid":"k"}, a payload, a signature).
+        let jwt = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6bW9kZWxzOmxsYW1hIn0.c2lnbmF0dXJl";
+        assert_eq!(
+            credential_kind(jwt.to_owned()),
+            sign_request::Credential::KubernetesToken(jwt.to_owned())
+        );
+        for other in [
+            "imjt_5f0c1a2b_9f86d081884c7d659a2feaa0c55ad015",
+            // Three segments, but the header is not JSON with an `alg`.
+            "aGVsbG8.d29ybGQ.c2ln",
+            "eyJ0eXAiOiJKV1QifQ.e30.c2ln",
+            // Two segments.
+            "eyJhbGciOiJSUzI1NiJ9.e30",
+        ] {
+            assert_eq!(
+                credential_kind(other.to_owned()),
+                sign_request::Credential::JoinToken(other.to_owned()),
+                "{other}"
+            );
         }
     }
 
