@@ -21,7 +21,7 @@ use crate::backend::endpoint::Endpoint;
 use crate::backend::outlier::Probe;
 use crate::backend::pool;
 use crate::core::body::{BoxFuture, ProxyBody, boxed, holding};
-use crate::core::context::{Attempt, Upstream};
+use crate::core::context::{Attempt, LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::retry_after;
 
@@ -68,6 +68,13 @@ impl Service<Request<ProxyBody>> for Balance {
                     .at_backend(&backend.name)
                     .after_retries(retry));
             };
+            if let Some(last) = request.extensions().get::<LastAttempt>() {
+                last.note(Upstream {
+                    backend: backend.name.clone(),
+                    endpoint: endpoint.addr,
+                    retries: retry,
+                });
+            }
             let probe = endpoint.health.on_send(now);
             endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight::start(endpoint.clone());

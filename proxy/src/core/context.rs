@@ -2,7 +2,8 @@
 //! layers: the connection it came on (set by the server), the attempt the
 //! retry layer is making (read by the endpoint pick), the endpoint that
 //! answered (set by the balancer, read by retries, fan-out and the access
-//! log) and the model its body names (set by the model peek). Each is a
+//! log), the endpoint last tried (noted by the balancer, read by the
+//! access log) and the model its body names (set by the model peek). Each is a
 //! plain value type, so every layer can read what the others wrote
 //! without depending on them.
 
@@ -44,6 +45,28 @@ pub(crate) struct Upstream {
     pub endpoint: SocketAddr,
     /// Retries made before this answer.
     pub retries: u32,
+}
+
+/// The backend and endpoint a request's latest attempt was sent to, noted
+/// by the balancer as it sends and read by the access log: a request that
+/// ends with no response from upstream (a route timeout fired, the client
+/// went away) is still attributed to the backend and endpoint it was
+/// waiting on, as Envoy logs the upstream host of a UT or a DC. One per
+/// request (the server makes it); every copy of the request (retries,
+/// hedges, fan-out branches) shares it, except a mirror's.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LastAttempt(Arc<Mutex<Option<Upstream>>>);
+
+impl LastAttempt {
+    /// Notes an attempt sent to `upstream`.
+    pub(crate) fn note(&self, upstream: Upstream) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(upstream);
+    }
+
+    /// The latest attempt's backend and endpoint, if one was sent.
+    pub(crate) fn get(&self) -> Option<Upstream> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// What the retry layer tells the endpoint pick about one attempt.

@@ -3,7 +3,11 @@
 //!
 //! The response body is wrapped so that the record is written when the last
 //! frame goes out, when the body fails (a timeout or a backend reset
-//! mid-stream), or when the client goes away first.
+//! mid-stream), or when the client goes away first. A request the client
+//! gives up on before the response headers (an SDK's timeout on a slow
+//! model) is written when its handling is dropped, with status 499 (nginx's
+//! "client closed request"; Envoy logs 0 with its DC flag) and the backend
+//! and endpoint it was waiting on.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,7 +20,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::core::body::{BoxError, ProxyBody, boxed};
-use crate::core::context::Upstream;
+use crate::core::context::{LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::FANOUT_HEADER;
 use crate::server::lifetime::{StreamGuard, Watched};
@@ -45,20 +49,34 @@ pub(crate) struct RequestRecord {
     /// A fan-out's report of its branches (`x-infermesh-fanout`).
     fanout: Option<http::HeaderValue>,
     status: StatusCode,
+    /// The gRPC status of a gRPC response (trailers, or trailers-only
+    /// headers), which an HTTP 200 does not tell.
+    grpc_status: Option<u16>,
     error: Option<&'static str>,
     detail: Option<String>,
+    /// Where the latest attempt went, for a request that ends with no
+    /// response from upstream.
+    last_attempt: LastAttempt,
+    /// The record was written: it is written once.
+    written: bool,
     shared: Arc<Shared>,
 }
 
+/// The status logged and counted for a request whose client went away
+/// before the response headers (nginx's 499, "client closed request").
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 impl RequestRecord {
     /// Starts the record of `request`, which arrived at `started` from
-    /// `client` (with its SPIFFE ID over mutual TLS), on `listener`.
+    /// `client` (with its SPIFFE ID over mutual TLS), on `listener`;
+    /// `last_attempt` is the request's (in its extensions).
     pub(crate) fn start<B>(
         request: &Request<B>,
         started: Instant,
         client: SocketAddr,
         peer_identity: Option<Arc<str>>,
         listener: Option<Arc<str>>,
+        last_attempt: LastAttempt,
         shared: Arc<Shared>,
     ) -> Self {
         RequestRecord {
@@ -81,8 +99,11 @@ impl RequestRecord {
             first_event: None,
             fanout: None,
             status: StatusCode::OK,
+            grpc_status: None,
             error: None,
             detail: None,
+            last_attempt,
+            written: false,
             shared,
         }
     }
@@ -129,6 +150,8 @@ impl RequestRecord {
         dialect: Dialect,
     ) -> Response<ProxyBody> {
         self.status = response.status();
+        // A trailers-only gRPC response has its status in the headers.
+        self.grpc_status = grpc_status(response.headers());
         self.fanout = response.headers().get(FANOUT_HEADER).cloned();
         self.streamed = response
             .headers()
@@ -168,17 +191,38 @@ impl RequestRecord {
         }
     }
 
-    fn finish(mut self, bytes: u64, body_error: Option<&'static str>) {
+    /// Notes the trailers of the response: a gRPC status.
+    fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if let Some(status) = grpc_status(trailers) {
+            self.grpc_status = Some(status);
+        }
+    }
+
+    fn finish(&mut self, bytes: u64, body_error: Option<&'static str>) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
         if self.error.is_none() {
             self.error = body_error;
+        }
+        if self.backend.is_none()
+            && let Some(last) = self.last_attempt.get()
+        {
+            // No response came from upstream (a route timeout, the
+            // client gone): the attempt it was waiting on.
+            self.backend = Some(last.backend);
+            self.endpoint = Some(last.endpoint);
+            self.retries = last.retries;
         }
         let duration = self.started.elapsed();
         let route = self.route_label();
         let backend = self.backend_label();
+        let grpc_code = self.grpc_status.map(|s| s.to_string());
+        let grpc_label = grpc_code.as_deref().unwrap_or("");
         self.shared
             .metrics
             .requests
-            .with_label_values(&[route, backend, self.status.as_str()])
+            .with_label_values(&[route, backend, self.status.as_str(), grpc_label])
             .inc();
         self.shared
             .metrics
@@ -197,6 +241,7 @@ impl RequestRecord {
                 .unwrap_or(""),
             protocol = ?self.version,
             status = self.status.as_u16(),
+            grpc_status = self.grpc_status,
             duration_ms = millis(duration),
             first_byte_ms = self.first_byte.map(millis),
             first_event_ms = self.first_event.map(millis),
@@ -216,6 +261,29 @@ impl RequestRecord {
     }
 }
 
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if !self.written {
+            // Dropped before a response was observed: the client went
+            // away (its connection closed, or its HTTP/2 stream was reset)
+            // while the proxy waited for response headers.
+            self.status = StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("a valid status");
+            self.error = Some("client_disconnected");
+            self.detail =
+                Some("the client went away before the response headers were sent".to_owned());
+            self.finish(0, None);
+        }
+    }
+}
+
+/// The `grpc-status` of gRPC trailers (or of trailers-only headers).
+fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
@@ -232,7 +300,7 @@ struct ObservedBody {
 
 impl ObservedBody {
     fn finish(&mut self, error: Option<&'static str>) {
-        if let Some(record) = self.record.take() {
+        if let Some(mut record) = self.record.take() {
             record.finish(self.bytes, error);
         }
     }
@@ -261,6 +329,11 @@ impl Body for ObservedBody {
                     }
                     self.bytes += data.len() as u64;
                 }
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(record) = &mut self.record
+                {
+                    record.trailers(trailers);
+                }
                 if self.inner.is_end_stream() {
                     self.finish(None);
                 }
@@ -269,6 +342,11 @@ impl Body for ObservedBody {
                 let reason = ErrorKind::reason_of_body_error(e.as_ref());
                 let streamed = self.record.as_ref().is_some_and(|r| r.streamed);
                 let told = body_failure(self.dialect, streamed, e.as_ref());
+                if let Some(trailers) = told.as_ref().and_then(Frame::trailers_ref)
+                    && let Some(record) = &mut self.record
+                {
+                    record.trailers(trailers);
+                }
                 self.finish(Some(reason));
                 if let Some(frame) = told {
                     // The response then ends: trailers end a gRPC response

@@ -10,7 +10,8 @@ use crate::core::metrics::Registry;
 /// The server layer's metric families.
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
-    /// `infermesh_requests_total{route,backend,code}`: finished requests.
+    /// `infermesh_requests_total{route,backend,code,grpc_status}`:
+    /// finished requests.
     pub requests: IntCounterVec,
     /// `infermesh_request_duration_seconds{route,backend}`: from request
     /// arrival to the response's last byte.
@@ -51,8 +52,8 @@ impl Metrics {
         Metrics {
             requests: registry.counter(
                 "infermesh_requests_total",
-                "Requests finished, by route, backend and status code.",
-                &["route", "backend", "code"],
+                "Requests finished, by route, backend, status code (499: the client went away first) and gRPC status (empty unless gRPC).",
+                &["route", "backend", "code", "grpc_status"],
             ),
             request_duration: latency(
                 "infermesh_request_duration_seconds",

@@ -36,7 +36,7 @@ use hyper::body::Incoming;
 use infermesh_api::{EscapedSlashes, OutsideMesh};
 
 use crate::core::body::{BoxFuture, ProxyBody, boxed};
-use crate::core::context::ConnectionInfo;
+use crate::core::context::{ConnectionInfo, LastAttempt};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::{authority, model, path};
 use crate::route::stack::RuleStack;
@@ -169,12 +169,15 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         let refused = check(&mut request, escaped_slashes).err();
         let dialect = Dialect::of(&request);
         let has_body = !http_body::Body::is_end_stream(request.body());
+        let last_attempt = LastAttempt::default();
+        request.extensions_mut().insert(last_attempt.clone());
         let mut record = RequestRecord::start(
             &request,
             started,
             self.connection.client,
             self.connection.peer_identity.clone(),
             listener.map(|l| l.name.clone()),
+            last_attempt,
             self.shared.clone(),
         );
 
