@@ -433,7 +433,7 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
     assert_eq!(
         client::metric_value(
             &text,
-            "infermesh_requests_total{backend=\"a\",code=\"200\",route=\"r\"}"
+            "infermesh_requests_total{backend=\"a\",code=\"200\",grpc_status=\"\",route=\"r\"}"
         ),
         Some(6.0),
         "{text}"

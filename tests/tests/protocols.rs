@@ -125,6 +125,27 @@ async fn grpc_calls_work_end_to_end_with_status_in_trailers() {
         .await
         .expect_err("an unknown service is NOT_FOUND");
     assert_eq!(err.code(), tonic::Code::NotFound);
+    // Both calls are HTTP 200; the access log and the metrics tell them
+    // apart by their gRPC status (NOT_FOUND comes trailers-only).
+    let logged = |status: u64| {
+        gateway.wait_for_log(
+            |l| l["message"] == "request" && l["grpc_status"] == status,
+            Duration::from_secs(5),
+        )
+    };
+    assert_eq!(logged(0)["status"], 200);
+    assert_eq!(logged(5)["status"], 200);
+    let metrics = client::metrics(gateway.health).await;
+    for grpc_status in ["0", "5"] {
+        let series = format!(
+            "infermesh_requests_total{{backend=\"health\",code=\"200\",grpc_status=\"{grpc_status}\",route=\"r\"}}"
+        );
+        assert_eq!(
+            client::metric_value(&metrics, &series),
+            Some(1.0),
+            "{metrics}"
+        );
+    }
 
     // A server stream: the first message arrives while the call stays open.
     let mut watch = client
@@ -179,6 +200,9 @@ async fn trailers_pass_through_unchanged() {
     assert_eq!(trailers["grpc-status"], "13");
     assert_eq!(trailers["grpc-message"], "model exploded");
     assert_eq!(collected.to_bytes(), "partial");
+    // A failed call in an HTTP 200: its status is read from the trailers.
+    let line = gateway.wait_for_log(|l| l["message"] == "request", Duration::from_secs(5));
+    assert_eq!(line["grpc_status"], 13, "{line}");
 }
 
 /// A backend whose single response streams the events the test sends.

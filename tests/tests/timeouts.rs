@@ -134,7 +134,73 @@ async fn slow_response_headers_get_504() {
         Some("response_headers_timeout")
     );
     assert_eq!(reply.json()["route"], "gen");
-    assert_eq!(access_line(&gateway)["error"], "response_headers_timeout");
+    let line = access_line(&gateway);
+    assert_eq!(line["error"], "response_headers_timeout");
+    // Attributed to the backend and endpoint it waited on, although no
+    // response came from them (Envoy logs the upstream host of a UT).
+    assert_eq!(line["backend"], "m", "{line}");
+    assert_eq!(line["endpoint"], upstream.addr.to_string(), "{line}");
+    let metrics = client::metrics(gateway.health).await;
+    assert_eq!(
+        client::metric_value(
+            &metrics,
+            "infermesh_requests_total{backend=\"m\",code=\"504\",grpc_status=\"\",route=\"gen\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+/// A client that gives up before the response headers (an SDK's timeout
+/// on a slow model), over HTTP/1.1 (the connection closes) and HTTP/2
+/// (the stream is reset): each is logged and counted as 499 with the
+/// backend it was waiting on, and the backend's request is cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_gives_up_before_the_headers_is_logged_and_counted() {
+    let upstream = MockBackend::start(Protocol::Http1, delayed(Duration::from_secs(30))).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("m", "http1", &[upstream.addr]),
+        "kind: Route\nmetadata: { name: gen }\nspec:\n  rules:\n    - backends: [{ name: m }]",
+    ]));
+    for http in [client::http1(), client::http2()] {
+        let url = gateway.url("web", "/v1/chat/completions");
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(300), client::get(&http, &url)).await;
+        assert!(gave_up.is_err(), "the backend answers in 30 s");
+    }
+    let lines = {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let lines = gateway.logs_matching(|l| l["target"] == "infermesh::access");
+            if lines.len() >= 2 || std::time::Instant::now() > deadline {
+                break lines;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for line in &lines {
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["error"], "client_disconnected", "{line}");
+        assert_eq!(line["route"], "gen", "{line}");
+        assert_eq!(line["backend"], "m", "{line}");
+        assert_eq!(line["endpoint"], upstream.addr.to_string(), "{line}");
+    }
+    let versions: Vec<&str> = lines
+        .iter()
+        .map(|l| l["protocol"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(versions, ["HTTP/1.1", "HTTP/2.0"]);
+    let metrics = client::metrics(gateway.health).await;
+    assert_eq!(
+        client::metric_value(
+            &metrics,
+            "infermesh_requests_total{backend=\"m\",code=\"499\",grpc_status=\"\",route=\"gen\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
