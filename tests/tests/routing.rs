@@ -289,6 +289,56 @@ async fn each_request_gets_one_access_log_line_with_its_fields_at_the_top_level(
     );
 }
 
+/// `x-request-id`: kept when the client sends one, made when it does not;
+/// either way the backend gets it, the client gets it back, and the
+/// access log and the proxy's own error bodies carry it.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_is_known_by_one_request_id_end_to_end() {
+    let echo = MockBackend::echo("echo", Protocol::Http1).await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("echo", "http1", &[echo.addr]),
+        &route_by_prefix(&[("/v1/", "echo")]),
+    ]));
+    let client = client::http1();
+    let logged = |id: &str| {
+        let id = id.to_owned();
+        gateway.wait_for_log(
+            move |l| l["message"] == "request" && l["request_id"] == id.as_str(),
+            Duration::from_secs(5),
+        )
+    };
+
+    let kept = client::send(
+        &client,
+        Request::get(gateway.url("web", "/v1/models"))
+            .header("x-request-id", "trace-me-42")
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(kept.header("x-request-id"), Some("trace-me-42"));
+    assert_eq!(kept.json()["headers"]["x-request-id"], "trace-me-42");
+    assert_eq!(logged("trace-me-42")["status"], 200);
+
+    let made = client::get(&client, &gateway.url("web", "/v1/models")).await;
+    let id = made
+        .header("x-request-id")
+        .expect("an id is made")
+        .to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(made.json()["headers"]["x-request-id"], id.as_str());
+    assert_eq!(logged(&id)["path"], "/v1/models");
+
+    // An error the proxy makes itself: the id in its header and body.
+    let missing = client::get(&client, &gateway.url("web", "/nowhere")).await;
+    assert_eq!(missing.status, 404);
+    let id = missing.header("x-request-id").expect("an id").to_owned();
+    assert_eq!(missing.json()["request_id"], id.as_str());
+    assert_eq!(logged(&id)["error"], "no_route");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dns_named_endpoints_are_resolved() {
     // `localhost` must come from /etc/hosts: the test never asks a DNS server.

@@ -2,8 +2,8 @@
 //! proxy's own headers; hop-by-hop headers (RFC 9110 §7.6.1) never cross
 //! the proxy in either direction; forwarded requests say who the client
 //! was (`x-forwarded-for`, `x-forwarded-proto`); sidecars tell each other
-//! the HTTP version of the app that made a request; and reading
-//! `Retry-After`.
+//! the HTTP version of the app that made a request; every request has an
+//! `x-request-id`; and reading `Retry-After`.
 
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -31,6 +31,46 @@ pub(crate) const FANOUT_HEADER: &str = "x-infermesh-fanout";
 /// that answers speaks that version to it (HTTP/1.1 to a uvicorn server,
 /// HTTP/2 to a gRPC one) whatever version the two sidecars speak.
 pub(crate) const ORIGINAL_PROTOCOL: &str = "x-infermesh-original-protocol";
+
+/// `x-request-id`: the id a request is known by in every log and
+/// response along its way (Envoy's and nginx's header; the OpenAI SDKs
+/// show it as an error's `request_id`).
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest client-sent request id kept; a longer one is replaced.
+const MAX_REQUEST_ID_LEN: usize = 200;
+
+/// The request's id: the client's `x-request-id` when it sent a usable one
+/// (visible ASCII, at most 200 bytes), else a new random (version 4) UUID
+/// set on the request, so that it goes upstream with every attempt.
+pub(crate) fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let mut sent = headers.get_all(&X_REQUEST_ID).iter();
+    if let (Some(id), None) = (sent.next(), sent.next())
+        && !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    {
+        return id.clone();
+    }
+    let id = new_request_id();
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+/// A random UUID (RFC 9562 version 4), as text.
+fn new_request_id() -> HeaderValue {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let mut text = String::with_capacity(36);
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        let _ = write!(text, "{b:02x}");
+    }
+    HeaderValue::try_from(text).expect("hex digits and dashes")
+}
 
 /// `x-forwarded-for`: the chain of client addresses.
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -210,6 +250,40 @@ mod tests {
             );
         }
         map
+    }
+
+    #[test]
+    fn a_request_keeps_its_id_or_gets_a_new_one() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", HeaderValue::from_static("req-123"));
+        assert_eq!(ensure_request_id(&mut headers), "req-123");
+        assert_eq!(headers["x-request-id"], "req-123");
+
+        let mut headers = HeaderMap::new();
+        let id = ensure_request_id(&mut headers);
+        assert_eq!(headers["x-request-id"], id);
+        let text = id.to_str().unwrap();
+        let groups: Vec<usize> = text.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{text}");
+        assert_eq!(&text[14..15], "4", "version 4: {text}");
+        assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"), "{text}");
+        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id, "random");
+
+        // Unusable ids are replaced: empty, too long, spaces, two of them.
+        for bad in [
+            vec![HeaderValue::from_static("")],
+            vec![HeaderValue::try_from("x".repeat(201)).unwrap()],
+            vec![HeaderValue::from_static("two words")],
+            vec![HeaderValue::from_static("a"), HeaderValue::from_static("b")],
+        ] {
+            let mut headers = HeaderMap::new();
+            for value in &bad {
+                headers.append("x-request-id", value.clone());
+            }
+            let id = ensure_request_id(&mut headers);
+            assert_eq!(id.len(), 36, "{bad:?} replaced");
+            assert_eq!(headers.get_all("x-request-id").iter().count(), 1);
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::core::body::{BoxError, ProxyBody, boxed};
-use crate::core::context::{LastAttempt, Upstream};
+use crate::core::context::{ConnectionInfo, LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::FANOUT_HEADER;
 use crate::server::lifetime::{StreamGuard, Watched};
@@ -38,6 +38,8 @@ pub(crate) struct RequestRecord {
     client: SocketAddr,
     peer_identity: Option<Arc<str>>,
     listener: Option<Arc<str>>,
+    /// `x-request-id`, the client's or the proxy's.
+    request_id: http::HeaderValue,
     route: Option<Arc<str>>,
     backend: Option<Arc<str>>,
     endpoint: Option<SocketAddr>,
@@ -67,15 +69,16 @@ pub(crate) struct RequestRecord {
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 impl RequestRecord {
-    /// Starts the record of `request`, which arrived at `started` from
-    /// `client` (with its SPIFFE ID over mutual TLS), on `listener`;
-    /// `last_attempt` is the request's (in its extensions).
+    /// Starts the record of `request`, which arrived at `started` on
+    /// `connection` (its client, and its SPIFFE ID over mutual TLS) at
+    /// `listener`, known by `request_id`; `last_attempt` is the request's
+    /// (in its extensions).
     pub(crate) fn start<B>(
         request: &Request<B>,
         started: Instant,
-        client: SocketAddr,
-        peer_identity: Option<Arc<str>>,
+        connection: &ConnectionInfo,
         listener: Option<Arc<str>>,
+        request_id: http::HeaderValue,
         last_attempt: LastAttempt,
         shared: Arc<Shared>,
     ) -> Self {
@@ -87,9 +90,10 @@ impl RequestRecord {
             uri: request.uri().clone(),
             host: request.headers().get(http::header::HOST).cloned(),
             version: request.version(),
-            client,
-            peer_identity,
+            client: connection.client,
+            peer_identity: connection.peer_identity.clone(),
             listener,
+            request_id,
             route: None,
             backend: None,
             endpoint: None,
@@ -255,6 +259,7 @@ impl RequestRecord {
             client = %self.client,
             peer_identity = self.peer_identity.as_deref(),
             listener = self.listener.as_deref().unwrap_or(""),
+            request_id = self.request_id.to_str().unwrap_or(""),
             fanout = self.fanout.as_ref().and_then(|f| f.to_str().ok()),
             "request"
         );

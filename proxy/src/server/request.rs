@@ -38,6 +38,7 @@ use infermesh_api::{EscapedSlashes, OutsideMesh};
 use crate::core::body::{BoxFuture, ProxyBody, boxed};
 use crate::core::context::{ConnectionInfo, LastAttempt};
 use crate::core::error::{ErrorKind, ProxyError};
+use crate::core::headers::{X_REQUEST_ID, ensure_request_id};
 use crate::core::{authority, model, path};
 use crate::route::stack::RuleStack;
 use crate::server::access_log::RequestRecord;
@@ -167,6 +168,9 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         // Phase: check.
         let escaped_slashes = listener.map_or(EscapedSlashes::default(), |l| l.escaped_slashes);
         let refused = check(&mut request, escaped_slashes).err();
+        // Before anything can fail: every answer, log line and upstream
+        // attempt carries the id.
+        let request_id = ensure_request_id(request.headers_mut());
         let dialect = Dialect::of(&request);
         let has_body = !http_body::Body::is_end_stream(request.body());
         let last_attempt = LastAttempt::default();
@@ -174,9 +178,9 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         let mut record = RequestRecord::start(
             &request,
             started,
-            self.connection.client,
-            self.connection.peer_identity.clone(),
+            &self.connection,
             listener.map(|l| l.name.clone()),
+            request_id.clone(),
             last_attempt,
             self.shared.clone(),
         );
@@ -232,7 +236,7 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
                         if has_body {
                             this.lifetime.linger_on_close();
                         }
-                        error_response(&error, Some(&route), dialect)
+                        error_response(&error, Some(&route), Some(&request_id), dialect)
                     }
                 },
                 Err(kind) => {
@@ -241,12 +245,18 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
                     }
                     let error = ProxyError::new(kind);
                     record.failed(&error);
-                    error_response(&error, None, dialect)
+                    error_response(&error, None, Some(&request_id), dialect)
                 }
             };
             // The snapshot stays alive until the response head is out.
             drop(snapshot);
             // Phase: observe.
+            let mut response = response;
+            if !response.headers().contains_key(&X_REQUEST_ID) {
+                response
+                    .headers_mut()
+                    .insert(X_REQUEST_ID.clone(), request_id);
+            }
             Ok(record.observe(response, stream, dialect))
         })
     }

@@ -23,7 +23,7 @@ use http_body::Frame;
 
 use crate::core::body::{ProxyBody, full};
 use crate::core::error::{ErrorKind, Origin, ProxyError};
-use crate::core::headers::{ERROR_HEADER, FANOUT_HEADER};
+use crate::core::headers::{ERROR_HEADER, FANOUT_HEADER, X_REQUEST_ID};
 
 /// The error shape a client's SDK understands, told from its request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,13 +56,16 @@ impl Dialect {
     }
 }
 
-/// The response to `error`, for a request of `route` (if one matched),
-/// in `dialect`.
+/// The response to `error`, for a request of `route` (if one matched)
+/// known by `request_id`, in `dialect`; the id is in the body (as
+/// `request_id`) and in the `x-request-id` header.
 pub(crate) fn error_response(
     error: &ProxyError,
     route: Option<&str>,
+    request_id: Option<&HeaderValue>,
     dialect: Dialect,
 ) -> Response<ProxyBody> {
+    let id_text = request_id.and_then(|id| id.to_str().ok());
     let kind = error.kind();
     let reason = kind.reason();
     let message = kind.public_message();
@@ -82,11 +85,13 @@ pub(crate) fn error_response(
                 Dialect::OpenAi => serde_json::json!({
                     "error": openai_error(kind, &message),
                     "route": route,
+                    "request_id": id_text,
                 }),
                 _ => serde_json::json!({
                     "error": message,
                     "reason": reason,
                     "route": route,
+                    "request_id": id_text,
                 }),
             };
             let mut bytes = serde_json::to_vec(&body).expect("a JSON value serializes");
@@ -102,6 +107,9 @@ pub(crate) fn error_response(
     };
     let headers = response.headers_mut();
     headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    if let Some(id) = request_id {
+        headers.insert(X_REQUEST_ID.clone(), id.clone());
+    }
     if !client_may_retry(kind) {
         headers.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
     }
@@ -264,7 +272,7 @@ mod tests {
     #[tokio::test]
     async fn error_responses_carry_reason_header_and_json() {
         let err = ProxyError::new(ErrorKind::NoEndpoint).at_backend(&Arc::from("llama"));
-        let response = error_response(&err, Some("chat"), Dialect::Plain);
+        let response = error_response(&err, Some("chat"), None, Dialect::Plain);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[ERROR_HEADER], "no_endpoint");
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -277,11 +285,11 @@ mod tests {
     #[test]
     fn a_rate_limited_request_is_told_when_to_come_back() {
         let wait = ErrorKind::RateLimited(Duration::from_millis(1200));
-        let response = error_response(&ProxyError::new(wait), Some("chat"), Dialect::Plain);
+        let response = error_response(&ProxyError::new(wait), Some("chat"), None, Dialect::Plain);
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "2", "rounded up");
         let soon = ErrorKind::RateLimited(Duration::from_millis(10));
-        let response = error_response(&ProxyError::new(soon), None, Dialect::Plain);
+        let response = error_response(&ProxyError::new(soon), None, None, Dialect::Plain);
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     }
 
@@ -293,7 +301,12 @@ mod tests {
             message: "required branch a failed: answered 500".into(),
             report: Some(report.clone()),
         }));
-        let response = error_response(&ProxyError::new(failed), Some("ensemble"), Dialect::Plain);
+        let response = error_response(
+            &ProxyError::new(failed),
+            Some("ensemble"),
+            None,
+            Dialect::Plain,
+        );
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(response.headers()[ERROR_HEADER], "fanout_branch_failed");
         assert_eq!(response.headers()[FANOUT_HEADER], report);
@@ -313,7 +326,12 @@ mod tests {
 
     #[tokio::test]
     async fn openai_clients_get_openai_errors_without_internal_addresses() {
-        let response = error_response(&refused_at("10.1.2.3:8000"), Some("chat"), Dialect::OpenAi);
+        let response = error_response(
+            &refused_at("10.1.2.3:8000"),
+            Some("chat"),
+            None,
+            Dialect::OpenAi,
+        );
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(response.headers()[ERROR_HEADER], "connect_failed");
         assert_eq!(response.headers()[SHOULD_RETRY], "false", "already retried");
@@ -346,6 +364,7 @@ mod tests {
             let json = json_of(error_response(
                 &ProxyError::new(kind),
                 None,
+                None,
                 Dialect::OpenAi,
             ))
             .await;
@@ -370,7 +389,7 @@ mod tests {
         ];
         for (kind, code) in cases {
             let reason = kind.reason();
-            let response = error_response(&ProxyError::new(kind), None, Dialect::Grpc);
+            let response = error_response(&ProxyError::new(kind), None, None, Dialect::Grpc);
             assert_eq!(response.status(), StatusCode::OK, "{reason}");
             assert_eq!(response.headers()["content-type"], "application/grpc");
             assert_eq!(response.headers()["grpc-status"], code, "{reason}");
@@ -388,7 +407,7 @@ mod tests {
     #[test]
     fn clients_may_retry_only_what_clears_with_time() {
         let retried = |kind| {
-            error_response(&ProxyError::new(kind), None, Dialect::Plain)
+            error_response(&ProxyError::new(kind), None, None, Dialect::Plain)
                 .headers()
                 .get(SHOULD_RETRY)
                 .is_none()
