@@ -18,19 +18,25 @@ use infermesh_tests::backend::{BoxError, MockBackend, Protocol};
 use infermesh_tests::process::{Gateway, backend, config, listener};
 use tokio::net::TcpListener;
 
-/// A backend that accepts connections and resets them at once, counting
-/// them.
+/// A backend that accepts connections and resets each once the request's
+/// first bytes arrive, counting them. (Resetting at accept races the
+/// proxy's connect: a reset that lands before the connect is seen to
+/// complete fails the connect itself, `connect_failed`.)
 async fn dead_backend() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counted = accepted.clone();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        while let Ok((mut stream, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
-            // SO_LINGER 0: a reset, not a clean close.
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
-            drop(stream);
+            tokio::spawn(async move {
+                let mut first = [0u8; 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut first).await;
+                // SO_LINGER 0: a reset, not a clean close.
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+                drop(stream);
+            });
         }
     });
     (address, accepted)
