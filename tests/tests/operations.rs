@@ -475,6 +475,18 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         ),
         Some(1.0)
     );
+    assert_eq!(
+        client::metric_value(
+            &text,
+            concat!(
+                "infermesh_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"}"
+            )
+        ),
+        Some(1.0),
+        "which build runs"
+    );
 
     let mut promtool = std::process::Command::new("promtool")
         .args(["check", "metrics"])

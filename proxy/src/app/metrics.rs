@@ -1,5 +1,6 @@
-//! The app layer's metric families: which config is serving and how its
-//! reloads went (the identity's own are registered by `identity`).
+//! The app layer's metric families: which build is running, which config
+//! is serving and how its reloads went (the identity's own are registered
+//! by `identity`).
 
 use std::time::UNIX_EPOCH;
 
@@ -27,6 +28,17 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Registers the app layer's families in `registry`.
     pub(crate) fn register(registry: &Registry) -> Self {
+        // `infermesh_build_info{version}`: 1, for the running build (the
+        // `*_build_info` convention of Prometheus exporters: join on it to
+        // see which version each proxy runs). Set once; nothing updates it.
+        registry
+            .gauge(
+                "infermesh_build_info",
+                "The running build (value 1).",
+                &["version"],
+            )
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         Metrics {
             config_reloads: registry.counter(
                 "infermesh_config_reloads_total",
