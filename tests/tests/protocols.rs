@@ -260,6 +260,11 @@ async fn server_sent_events_arrive_one_by_one_before_the_stream_ends() {
                 });
             assert_eq!(frame, event, "{name}");
         }
+        // The stream is in flight at its backend (what an autoscaler
+        // reads) until it ends.
+        let in_flight = "infermesh_upstream_requests_in_flight{backend=\"m\"}";
+        let text = client::metrics(gateway.health).await;
+        assert_eq!(client::metric_value(&text, in_flight), Some(1.0), "{name}");
         events
             .send(Bytes::from_static(b"data: [DONE]\n\n"))
             .await
@@ -267,6 +272,7 @@ async fn server_sent_events_arrive_one_by_one_before_the_stream_ends() {
         drop(events);
         let rest = body.collect().await.unwrap().to_bytes();
         assert_eq!(rest, "data: [DONE]\n\n", "{name}");
+        client::wait_for_metric(gateway.health, in_flight, |v| v == 0.0, "the stream ended").await;
     }
 }
 

@@ -23,6 +23,7 @@ pub(crate) mod pick;
 pub(crate) mod pool;
 pub(crate) mod upkeep;
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -63,6 +64,12 @@ pub(crate) struct Metrics {
     /// `infermesh_endpoints{backend,state}`: endpoints by state, counted
     /// when scraped ([`Metrics::count_endpoint_states`]).
     pub endpoints: IntGaugeVec,
+    /// `infermesh_upstream_requests_in_flight{backend}`: attempts sent to
+    /// the backend's endpoints and not yet finished (their response bodies
+    /// included), summed from the endpoints' own counts when scraped, so
+    /// counting costs a request nothing more: the load signal autoscalers
+    /// (HPA, KEDA) read, as Envoy's `upstream_rq_active`.
+    pub requests_in_flight: IntGaugeVec,
 }
 
 impl Metrics {
@@ -94,22 +101,34 @@ impl Metrics {
                 "Backend endpoints, by state.",
                 &["backend", "state"],
             ),
+            requests_in_flight: registry.gauge(
+                "infermesh_upstream_requests_in_flight",
+                "Attempts sent to a backend's endpoints and not yet finished, response bodies included.",
+                &["backend"],
+            ),
         }
     }
 
-    /// Sets `infermesh_endpoints{backend,state}` from `backends`, as they
-    /// are now: called when the metrics are scraped.
+    /// Sets `infermesh_endpoints{backend,state}` and
+    /// `infermesh_upstream_requests_in_flight{backend}` from `backends`,
+    /// as they are now: called when the metrics are scraped.
     pub(crate) fn count_endpoint_states<'a>(
         &self,
         backends: impl Iterator<Item = &'a Arc<Backend>>,
     ) {
         self.endpoints.reset();
+        self.requests_in_flight.reset();
         let now = tokio::time::Instant::now();
         for backend in backends {
             let mut counts = [0i64; EndpointState::ALL.len()];
+            let mut in_flight = 0i64;
             for endpoint in &backend.endpoints().endpoints {
                 counts[endpoint.health.state(now) as usize] += 1;
+                in_flight += endpoint.stats.in_flight.load(Ordering::Relaxed) as i64;
             }
+            self.requests_in_flight
+                .with_label_values(&[&*backend.name])
+                .set(in_flight);
             for (state, count) in EndpointState::ALL.iter().zip(counts) {
                 self.endpoints
                     .with_label_values(&[&*backend.name, state.as_str()])
