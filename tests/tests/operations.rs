@@ -463,6 +463,21 @@ async fn the_metrics_page_passes_promtool_and_counts_requests() {
         Some(1.0),
         "one pooled connection"
     );
+    assert_eq!(
+        client::metric_value(
+            &text,
+            "infermesh_upstream_connects_total{backend=\"a\",result=\"success\"}"
+        ),
+        Some(1.0),
+        "made once, reused"
+    );
+    assert_eq!(
+        client::metric_value(
+            &text,
+            "infermesh_upstream_connect_duration_seconds_count{backend=\"a\"}"
+        ),
+        Some(1.0)
+    );
     let version =
         gateway.wait_for_log(|l| l["message"] == "serving", Duration::from_secs(1))["version"]
             .as_str()

@@ -321,5 +321,12 @@ async fn a_connect_that_hangs_fails_after_the_backends_connect_timeout() {
         "{:?}",
         reply.json()
     );
+    // Counted by reason, each attempt (retries included) a connect.
+    let metrics = client::metrics(gateway.health).await;
+    let timed_out = client::metric_value(
+        &metrics,
+        "infermesh_upstream_connects_total{backend=\"stuck\",result=\"connect_timeout\"}",
+    );
+    assert!(timed_out.is_some_and(|n| n >= 1.0), "{metrics}");
     drop(queued);
 }

@@ -30,7 +30,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::StatusCode;
 use infermesh_api::BackendSpec;
-use prometheus::{IntCounter, IntCounterVec, IntGaugeVec};
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGaugeVec};
 use tokio::task::AbortHandle;
 
 use crate::backend::breaker::Breaker;
@@ -38,7 +38,7 @@ use crate::backend::dns::{ConfiguredEndpoint, assemble, lookup, system_resolver}
 use crate::backend::endpoint::EndpointSet;
 use crate::backend::outlier::{Ejections, EndpointState};
 use crate::backend::pick::Balancer;
-use crate::backend::pool::PoolSettings;
+use crate::backend::pool::{ConnectMetrics, PoolSettings};
 use crate::core::metrics::Registry;
 use crate::transport::connect::Connector;
 
@@ -64,6 +64,14 @@ pub(crate) struct Metrics {
     /// `infermesh_endpoints{backend,state}`: endpoints by state, counted
     /// when scraped ([`Metrics::count_endpoint_states`]).
     pub endpoints: IntGaugeVec,
+    /// `infermesh_upstream_connects_total{backend,result}`: connection
+    /// attempts to endpoints (TCP, and TLS when the backend asks for it),
+    /// by `success` or the failure's reason (`connect_failed`,
+    /// `connect_timeout`, `upstream_tls_failed`).
+    pub upstream_connects: IntCounterVec,
+    /// `infermesh_upstream_connect_duration_seconds{backend}`: how long
+    /// successful connects took, handshakes included.
+    pub upstream_connect_duration: HistogramVec,
     /// `infermesh_upstream_requests_in_flight{backend}`: attempts sent to
     /// the backend's endpoints and not yet finished (their response bodies
     /// included), summed from the endpoints' own counts when scraped, so
@@ -100,6 +108,16 @@ impl Metrics {
                 "infermesh_endpoints",
                 "Backend endpoints, by state.",
                 &["backend", "state"],
+            ),
+            upstream_connects: registry.counter(
+                "infermesh_upstream_connects_total",
+                "Connection attempts to backend endpoints (TCP, and TLS when the backend asks for it), by result: success or the failure's reason.",
+                &["backend", "result"],
+            ),
+            upstream_connect_duration: registry.latency(
+                "infermesh_upstream_connect_duration_seconds",
+                "Time successful connects to backend endpoints took, TLS handshakes included.",
+                &["backend"],
             ),
             requests_in_flight: registry.gauge(
                 "infermesh_upstream_requests_in_flight",
@@ -234,6 +252,16 @@ impl Backend {
             idle_timeout: spec.pool.idle_timeout.get(),
             max_idle: spec.pool.max_idle_per_endpoint,
             open_gauge: metrics.upstream_connections.with_label_values(&[&*name]),
+            connects: ConnectMetrics {
+                name: name.clone(),
+                results: metrics.upstream_connects.clone(),
+                succeeded: metrics
+                    .upstream_connects
+                    .with_label_values(&[&*name, "success"]),
+                duration: metrics
+                    .upstream_connect_duration
+                    .with_label_values(&[&*name]),
+            },
             breaker: breaker.clone(),
             reclaim_idle: Box::new(reclaim_idle(Arc::downgrade(&endpoints))),
             connector,

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use infermesh_api::UpstreamProtocol;
-use prometheus::IntGauge;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -52,6 +52,8 @@ pub(crate) struct PoolSettings {
     pub max_idle: usize,
     /// `infermesh_upstream_connections{backend}`.
     pub open_gauge: IntGauge,
+    /// The backend's connect counters and timings.
+    pub connects: ConnectMetrics,
     /// The backend's limits, whose connection permits every open
     /// connection holds.
     pub breaker: Arc<Breaker>,
@@ -63,6 +65,20 @@ pub(crate) struct PoolSettings {
     /// Opens the connections: TCP, and mutual TLS when the backend asks
     /// for it.
     pub connector: Arc<dyn Connector>,
+}
+
+/// One backend's series of `infermesh_upstream_connects_total` and
+/// `infermesh_upstream_connect_duration_seconds`.
+pub(crate) struct ConnectMetrics {
+    /// The backend's name, the failures' first label.
+    pub name: Arc<str>,
+    /// Every backend's connects, by result (failures are labelled by
+    /// reason when they happen).
+    pub results: IntCounterVec,
+    /// This backend's successful connects.
+    pub succeeded: IntCounter,
+    /// This backend's connect times.
+    pub duration: Histogram,
 }
 
 impl std::fmt::Debug for PoolSettings {
@@ -431,10 +447,23 @@ async fn connect_http2(
 /// connect timeout.
 async fn connect(addr: SocketAddr, settings: &PoolSettings) -> Result<TokioIo<BoxedIo>, ErrorKind> {
     let timeout = settings.connect_timeout;
-    match tokio::time::timeout(timeout, settings.connector.connect(addr)).await {
+    let started = tokio::time::Instant::now();
+    let connected = match tokio::time::timeout(timeout, settings.connector.connect(addr)).await {
         Err(_) => Err(ErrorKind::ConnectTimeout(timeout)),
         Ok(result) => result.map(TokioIo::new),
+    };
+    let metrics = &settings.connects;
+    match &connected {
+        Ok(_) => {
+            metrics.succeeded.inc();
+            metrics.duration.observe(started.elapsed().as_secs_f64());
+        }
+        Err(kind) => metrics
+            .results
+            .with_label_values(&[&*metrics.name, kind.reason()])
+            .inc(),
     }
+    connected
 }
 
 /// Counts one open upstream connection, and holds its permit, for as long
