@@ -1,6 +1,7 @@
 //! Logs through `tracing`: human-readable lines by default, or one JSON
-//! object per line (fields at the top level, as ELK and Loki ingest them),
-//! with a filter the admin `/log-level` endpoint changes at run time.
+//! object per line (fields at the top level, as ELK and Loki ingest them;
+//! or the Elastic Common Schema: `log_lines`), with a filter the admin
+//! `/log-level` endpoint changes at run time.
 //!
 //! Lines are written to standard output by a thread of their own, so a
 //! request never waits on the terminal or the log collector. If standard
@@ -11,6 +12,9 @@
 use std::io::IsTerminal;
 use std::sync::Mutex;
 
+use crate::app::log_lines::{JsonLines, JsonShape};
+
+use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
@@ -21,8 +25,12 @@ pub enum LogFormat {
     /// Readable lines, coloured on a terminal.
     #[default]
     Human,
-    /// One JSON object per line.
+    /// One JSON object per line, the fields at the top level.
     Json,
+    /// One JSON object per line in the Elastic Common Schema: access lines
+    /// with `@timestamp`, `http.*`, `url.*`, `event.duration`...,
+    /// infermesh's own fields under `infermesh.`.
+    Ecs,
 }
 
 /// Changes the log filter of the running process.
@@ -85,13 +93,18 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
             .with_writer(writer)
             .with_ansi(std::io::stdout().is_terminal())
             .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .with_writer(writer)
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .boxed(),
+        LogFormat::Json | LogFormat::Ecs => {
+            let shape = if format == LogFormat::Ecs {
+                JsonShape::Ecs
+            } else {
+                JsonShape::Infermesh
+            };
+            tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .fmt_fields(JsonFields::new())
+                .event_format(JsonLines::new(shape))
+                .boxed()
+        }
     };
     tracing_subscriber::registry()
         .with(filter)

@@ -13,6 +13,7 @@ pub(crate) mod config_file;
 pub(crate) mod control_plane;
 pub(crate) mod identity;
 pub(crate) mod lifecycle;
+pub(crate) mod log_lines;
 pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod run;

@@ -235,6 +235,13 @@ impl RequestRecord {
             .observe(duration.as_secs_f64());
         tracing::info!(
             target: "infermesh::access",
+            // The line is stamped with the request's start (as Envoy's and
+            // ECS's are): the log formatter takes it as the timestamp.
+            start_time = %humantime::format_rfc3339_micros(
+                std::time::SystemTime::now()
+                    .checked_sub(duration)
+                    .unwrap_or(std::time::UNIX_EPOCH)
+            ),
             method = %self.method,
             path = self.uri.path_and_query().map_or("/", |p| p.as_str()),
             authority = self

@@ -1,0 +1,345 @@
+//! How a JSON log line is laid out: this module owns the two JSON shapes
+//! of `--log-format` — infermesh's own (`json`: the event's fields at the
+//! top level beside `timestamp`, `level` and `target`) and the Elastic
+//! Common Schema (`ecs`) — and the rule that an access-log line is stamped
+//! with the time its request *started*, as Envoy's and ECS's are, not the
+//! time its response ended.
+//!
+//! The access log's record (`server::access_log`) gives that time as its
+//! `start_time` field (RFC 3339); every other field keeps its name in the
+//! `json` shape, and in the `ecs` shape is moved to its ECS field (the
+//! mapping is [`ECS_ACCESS_FIELDS`]) or, when ECS has none, under
+//! `infermesh.`.
+
+use std::fmt;
+
+use serde_json::{Map, Value};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::{Format, Json, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// The target of access-log events.
+const ACCESS_TARGET: &str = "infermesh::access";
+
+/// The access record's field holding when its request started.
+const START_TIME: &str = "start_time";
+
+/// The version of the Elastic Common Schema the `ecs` lines follow.
+const ECS_VERSION: &str = "8.11.0";
+
+/// Access-log fields that have an ECS field, and its dotted path.
+/// (`duration_ms`, `client`, `path` and `protocol` are converted rather
+/// than renamed; see [`ecs_access_line`].)
+pub(crate) const ECS_ACCESS_FIELDS: &[(&str, &str)] = &[
+    ("method", "http.request.method"),
+    ("status", "http.response.status_code"),
+    ("response_bytes", "http.response.body.bytes"),
+    ("request_id", "http.request.id"),
+    ("authority", "url.domain"),
+    ("endpoint", "destination.address"),
+];
+
+/// The JSON shapes of `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum JsonShape {
+    /// infermesh's own: fields at the top level.
+    Infermesh,
+    /// The Elastic Common Schema.
+    Ecs,
+}
+
+/// Lays out each event as one JSON line in `shape`.
+pub(crate) struct JsonLines {
+    shape: JsonShape,
+    /// tracing's own JSON layout, for the `json` shape's other events.
+    plain: Format<Json>,
+}
+
+impl JsonLines {
+    /// Lines in `shape`.
+    pub(crate) fn new(shape: JsonShape) -> Self {
+        JsonLines {
+            shape,
+            plain: tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let access = event.metadata().target() == ACCESS_TARGET;
+        if self.shape == JsonShape::Infermesh && !access {
+            return self.plain.format_event(ctx, writer, event);
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let level = event.metadata().level().as_str();
+        let target = event.metadata().target();
+        let line = match self.shape {
+            JsonShape::Infermesh => infermesh_access_line(fields.0, level, target),
+            JsonShape::Ecs if access => ecs_access_line(fields.0, level),
+            JsonShape::Ecs => ecs_line(fields.0, level, target),
+        };
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// The `json` shape of an access line: tracing's layout, stamped with the
+/// request's start.
+fn infermesh_access_line(mut fields: Map<String, Value>, level: &str, target: &str) -> Value {
+    let mut line = Map::new();
+    line.insert(
+        "timestamp".into(),
+        fields.remove(START_TIME).unwrap_or_else(now),
+    );
+    line.insert("level".into(), level.into());
+    line.append(&mut fields);
+    line.insert("target".into(), target.into());
+    Value::Object(line)
+}
+
+/// An ECS line of an event other than an access line: its fields under
+/// `infermesh.`.
+fn ecs_line(mut fields: Map<String, Value>, level: &str, target: &str) -> Value {
+    let mut line = ecs_head(now(), level, fields.remove("message").unwrap_or_default());
+    line.insert("log.logger".into(), target.into());
+    if !fields.is_empty() {
+        line.insert("infermesh".into(), Value::Object(fields));
+    }
+    Value::Object(line)
+}
+
+/// The ECS line of an access-log record.
+fn ecs_access_line(mut fields: Map<String, Value>, level: &str) -> Value {
+    let start = fields.remove(START_TIME).unwrap_or_else(now);
+    let mut line = ecs_head(start, level, fields.remove("message").unwrap_or_default());
+    line.insert("log.logger".into(), ACCESS_TARGET.into());
+    insert(&mut line, "event.kind", "event".into());
+    insert(&mut line, "event.category", Value::from(vec!["web"]));
+    insert(&mut line, "event.dataset", "infermesh.access".into());
+    for (from, to) in ECS_ACCESS_FIELDS {
+        if let Some(value) = fields.remove(*from) {
+            insert(&mut line, to, value);
+        }
+    }
+    if let Some(ms) = fields.remove("duration_ms").and_then(|v| v.as_f64()) {
+        insert(
+            &mut line,
+            "event.duration",
+            ((ms * 1e6).round() as u64).into(),
+        );
+    }
+    let failed = fields.contains_key("error")
+        || line
+            .get("http")
+            .and_then(|h| h.pointer("/response/status_code"))
+            .and_then(Value::as_u64)
+            .is_some_and(|s| s >= 500);
+    insert(
+        &mut line,
+        "event.outcome",
+        if failed { "failure" } else { "success" }.into(),
+    );
+    if let Some(Value::String(target)) = fields.remove("path") {
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        insert(&mut line, "url.path", path.into());
+        if !query.is_empty() {
+            insert(&mut line, "url.query", query.into());
+        }
+        insert(&mut line, "url.original", target.as_str().into());
+    }
+    if let Some(Value::String(protocol)) = fields.remove("protocol") {
+        // `HTTP/1.1` -> `1.1`, `HTTP/2.0` -> `2`, as ECS writes versions.
+        let version = protocol.trim_start_matches("HTTP/");
+        let version = version.strip_suffix(".0").unwrap_or(version);
+        insert(&mut line, "http.version", version.into());
+    }
+    if let Some(Value::String(client)) = fields.remove("client") {
+        if let Ok(address) = client.parse::<std::net::SocketAddr>() {
+            insert(&mut line, "source.ip", address.ip().to_string().into());
+            insert(&mut line, "source.port", address.port().into());
+        }
+        insert(&mut line, "source.address", client.into());
+    }
+    if !fields.is_empty() {
+        line.insert("infermesh".into(), Value::Object(fields));
+    }
+    Value::Object(line)
+}
+
+/// The fields every ECS line begins with (the ecs-logging spec's order).
+fn ecs_head(timestamp: Value, level: &str, message: Value) -> Map<String, Value> {
+    let mut line = Map::new();
+    line.insert("@timestamp".into(), timestamp);
+    line.insert("log.level".into(), level.to_ascii_lowercase().into());
+    line.insert("message".into(), message);
+    line.insert("ecs.version".into(), ECS_VERSION.into());
+    line
+}
+
+/// Sets the field at a dotted ECS path in nested objects (`http.version`
+/// is `{"http": {"version": ...}}`); the `log.*` and `ecs.version` keys
+/// stay flat, as the ecs-logging libraries write them.
+fn insert(line: &mut Map<String, Value>, path: &str, value: Value) {
+    let mut parts = path.split('.').peekable();
+    let mut object = line;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            object.insert(part.to_owned(), value);
+            return;
+        }
+        let child = object
+            .entry(part.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !child.is_object() {
+            *child = Value::Object(Map::new());
+        }
+        object = child.as_object_mut().expect("made an object above");
+    }
+}
+
+/// Now, as tracing stamps its lines.
+fn now() -> Value {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now())
+        .to_string()
+        .into()
+}
+
+/// An event's fields, as JSON values.
+#[derive(Default)]
+struct Fields(Map<String, Value>);
+
+impl Visit for Fields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn access_fields() -> Map<String, Value> {
+        let Value::Object(fields) = json!({
+            "message": "request",
+            "start_time": "2026-12-05T09:14:07.512731Z",
+            "method": "POST",
+            "path": "/v1/chat/completions?stream=true",
+            "authority": "llm.example.com",
+            "protocol": "HTTP/2.0",
+            "status": 200,
+            "duration_ms": 5312.407,
+            "first_byte_ms": 41.207,
+            "response_bytes": 18422,
+            "route": "chat",
+            "backend": "llama",
+            "endpoint": "10.0.3.7:8000",
+            "retries": 0,
+            "client": "10.0.0.12:52114",
+            "listener": "public",
+            "request_id": "9f1c2b7e-3d4a-4c1e-8b0f-6a2d5e7c9b13",
+        }) else {
+            unreachable!()
+        };
+        fields
+    }
+
+    #[test]
+    fn the_json_access_line_is_stamped_with_the_start() {
+        let line = infermesh_access_line(access_fields(), "INFO", ACCESS_TARGET);
+        assert_eq!(line["timestamp"], "2026-12-05T09:14:07.512731Z");
+        assert!(line.get("start_time").is_none());
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["target"], ACCESS_TARGET);
+        let keys: Vec<&String> = line.as_object().unwrap().keys().collect();
+        assert_eq!(keys[..2], ["timestamp", "level"]);
+    }
+
+    #[test]
+    fn the_ecs_access_line_uses_ecs_fields() {
+        let line = ecs_access_line(access_fields(), "INFO");
+        assert_eq!(line["@timestamp"], "2026-12-05T09:14:07.512731Z");
+        assert_eq!(line["log.level"], "info");
+        assert_eq!(line["ecs.version"], ECS_VERSION);
+        assert_eq!(line["message"], "request");
+        assert_eq!(line["http"]["request"]["method"], "POST");
+        assert_eq!(
+            line["http"]["request"]["id"],
+            "9f1c2b7e-3d4a-4c1e-8b0f-6a2d5e7c9b13"
+        );
+        assert_eq!(line["http"]["response"]["status_code"], 200);
+        assert_eq!(line["http"]["response"]["body"]["bytes"], 18422);
+        assert_eq!(line["http"]["version"], "2");
+        assert_eq!(line["url"]["path"], "/v1/chat/completions");
+        assert_eq!(line["url"]["query"], "stream=true");
+        assert_eq!(line["url"]["domain"], "llm.example.com");
+        assert_eq!(line["event"]["duration"], 5_312_407_000_u64);
+        assert_eq!(line["event"]["outcome"], "success");
+        assert_eq!(line["source"]["ip"], "10.0.0.12");
+        assert_eq!(line["source"]["port"], 52114);
+        assert_eq!(line["destination"]["address"], "10.0.3.7:8000");
+        // What ECS has no field for stays, under one prefix.
+        assert_eq!(line["infermesh"]["route"], "chat");
+        assert_eq!(line["infermesh"]["backend"], "llama");
+        assert_eq!(line["infermesh"]["first_byte_ms"], 41.207);
+        assert!(
+            line["infermesh"].get("method").is_none(),
+            "moved, not copied"
+        );
+    }
+
+    #[test]
+    fn a_failed_request_is_an_ecs_failure() {
+        let mut fields = access_fields();
+        fields.insert("status".into(), 504.into());
+        fields.insert("error".into(), "response_headers_timeout".into());
+        let line = ecs_access_line(fields, "INFO");
+        assert_eq!(line["event"]["outcome"], "failure");
+        assert_eq!(line["infermesh"]["error"], "response_headers_timeout");
+    }
+
+    #[test]
+    fn other_ecs_lines_keep_their_fields_under_the_prefix() {
+        let Value::Object(fields) = json!({"message": "listening", "listener": "web"}) else {
+            unreachable!()
+        };
+        let line = ecs_line(fields, "WARN", "infermesh_proxy::server::listener");
+        assert_eq!(line["log.level"], "warn");
+        assert_eq!(line["message"], "listening");
+        assert_eq!(line["log.logger"], "infermesh_proxy::server::listener");
+        assert_eq!(line["infermesh"]["listener"], "web");
+    }
+}
