@@ -339,6 +339,121 @@ async fn every_request_is_known_by_one_request_id_end_to_end() {
     assert_eq!(logged(&id)["error"], "no_route");
 }
 
+/// The access line is stamped with the request's start, not its end:
+/// a request the backend answers after 400 ms is logged at the moment it
+/// was sent (Envoy's and ECS's timestamp).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_line_is_stamped_with_the_requests_start() {
+    let slow = MockBackend::start(
+        Protocol::Http1,
+        std::sync::Arc::new(|_request| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                http::Response::new(infermesh_tests::backend::full("late"))
+            })
+        }),
+    )
+    .await;
+    let gateway = Gateway::start(&config(&[
+        &listener("web", "http"),
+        &backend("slow", "http1", &[slow.addr]),
+        &route_by_prefix(&[("/", "slow")]),
+    ]));
+    let sent = std::time::SystemTime::now();
+    let reply = client::get(&client::http1(), &gateway.url("web", "/")).await;
+    assert_eq!(reply.status, 200);
+    let line = gateway.wait_for_log(|l| l["message"] == "request", Duration::from_secs(5));
+    let stamped = humantime::parse_rfc3339(line["timestamp"].as_str().unwrap()).unwrap();
+    let after_sending = stamped.duration_since(sent).unwrap_or_default();
+    assert!(
+        after_sending < Duration::from_millis(200),
+        "stamped {after_sending:?} after the request was sent, its 400 ms answer included: {line}"
+    );
+}
+
+/// `--log-format ecs`: the access log in the Elastic Common Schema, as
+/// Filebeat and Elastic Agent ingest it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_speaks_ecs_when_asked() {
+    use std::io::BufRead;
+
+    let echo = MockBackend::echo("echo", Protocol::Http1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &path,
+        config(&[
+            &listener("web", "http"),
+            &backend("echo", "http1", &[echo.addr]),
+            &route_by_prefix(&[("/", "echo")]),
+        ]),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(infermesh_tests::binary("infermesh-proxy"))
+        .args(["--log-format", "ecs", "gateway", "--config"])
+        .arg(&path)
+        .args([
+            "--admin-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let parsed = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+            if lines_tx.send(parsed).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |want: &dyn Fn(&serde_json::Value) -> bool| loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a log line");
+        if want(&line) {
+            break line;
+        }
+    };
+    let listening = next(&|l| l["message"] == "listening" && l["infermesh"]["listener"] == "web");
+    assert_eq!(listening["log.level"], "info");
+    assert!(listening["@timestamp"].is_string());
+    let address = listening["infermesh"]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let reply = client::get(&client::http1(), &format!("http://{address}/v1/models?x=1")).await;
+    assert_eq!(reply.status, 200);
+    let line = next(&|l| l["log.logger"] == "infermesh::access");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(line["ecs.version"], "8.11.0", "{line}");
+    assert_eq!(line["http"]["request"]["method"], "GET", "{line}");
+    assert_eq!(line["http"]["response"]["status_code"], 200, "{line}");
+    assert_eq!(line["url"]["path"], "/v1/models", "{line}");
+    assert_eq!(line["url"]["query"], "x=1", "{line}");
+    assert!(line["event"]["duration"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(line["event"]["outcome"], "success", "{line}");
+    assert_eq!(line["source"]["ip"], "127.0.0.1", "{line}");
+    assert_eq!(
+        line["http"]["request"]["id"],
+        reply.header("x-request-id").unwrap(),
+        "{line}"
+    );
+    assert_eq!(line["infermesh"]["route"], "r", "{line}");
+    assert_eq!(line["infermesh"]["backend"], "echo", "{line}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn dns_named_endpoints_are_resolved() {
     // `localhost` must come from /etc/hosts: the test never asks a DNS server.
