@@ -149,6 +149,14 @@ async fn slow_response_headers_get_504() {
         Some(1.0),
         "{metrics}"
     );
+    assert_eq!(
+        client::metric_value(
+            &metrics,
+            "infermesh_request_errors_total{backend=\"m\",reason=\"response_headers_timeout\",route=\"gen\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
 }
 
 /// A client that gives up before the response headers (an SDK's timeout
@@ -197,6 +205,14 @@ async fn a_client_that_gives_up_before_the_headers_is_logged_and_counted() {
         client::metric_value(
             &metrics,
             "infermesh_requests_total{backend=\"m\",code=\"499\",grpc_status=\"\",route=\"gen\"}"
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        client::metric_value(
+            &metrics,
+            "infermesh_request_errors_total{backend=\"m\",reason=\"client_disconnected\",route=\"gen\"}"
         ),
         Some(2.0),
         "{metrics}"

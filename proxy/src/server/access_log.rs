@@ -228,6 +228,13 @@ impl RequestRecord {
             .requests
             .with_label_values(&[route, backend, self.status.as_str(), grpc_label])
             .inc();
+        if let Some(reason) = self.error {
+            self.shared
+                .metrics
+                .request_errors
+                .with_label_values(&[route, backend, reason])
+                .inc();
+        }
         self.shared
             .metrics
             .request_duration

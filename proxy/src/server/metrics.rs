@@ -13,6 +13,11 @@ pub(crate) struct Metrics {
     /// `infermesh_requests_total{route,backend,code,grpc_status}`:
     /// finished requests.
     pub requests: IntCounterVec,
+    /// `infermesh_request_errors_total{route,backend,reason}`: requests
+    /// the proxy failed or cut short, by the reason it logs and sends in
+    /// `x-infermesh-error` (`response_headers_timeout`, `no_endpoint`,
+    /// `client_disconnected`...).
+    pub request_errors: IntCounterVec,
     /// `infermesh_request_duration_seconds{route,backend}`: from request
     /// arrival to the response's last byte.
     pub request_duration: HistogramVec,
@@ -54,6 +59,11 @@ impl Metrics {
                 "infermesh_requests_total",
                 "Requests finished, by route, backend, status code (499: the client went away first) and gRPC status (empty unless gRPC).",
                 &["route", "backend", "code", "grpc_status"],
+            ),
+            request_errors: registry.counter(
+                "infermesh_request_errors_total",
+                "Requests the proxy failed or cut short, by route, backend and reason (as in x-infermesh-error and the access log's error).",
+                &["route", "backend", "reason"],
             ),
             request_duration: latency(
                 "infermesh_request_duration_seconds",
