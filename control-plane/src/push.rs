@@ -162,21 +162,28 @@ pub struct ConfigPush {
     proxies: Arc<Proxies>,
     metrics: PushMetrics,
     heartbeat: Duration,
+    closing: watch::Receiver<bool>,
 }
 
 impl ConfigPush {
-    /// Serves the views of `prepared`, registering each proxy in `proxies`.
+    /// Serves the views of `prepared`, registering each proxy in
+    /// `proxies`, until `closing` turns true: then every stream is ended
+    /// with UNAVAILABLE, so that its proxy moves to another replica and
+    /// the server's graceful shutdown does not wait on streams that never
+    /// end by themselves.
     pub fn new(
         prepared: watch::Receiver<Arc<Prepared>>,
         proxies: Arc<Proxies>,
         metrics: PushMetrics,
         heartbeat: Duration,
+        closing: watch::Receiver<bool>,
     ) -> Self {
         ConfigPush {
             prepared,
             proxies,
             metrics,
             heartbeat,
+            closing,
         }
     }
 
@@ -272,7 +279,7 @@ impl ConfigService for ConfigPush {
             metrics: self.metrics.clone(),
             heartbeat: self.heartbeat,
         };
-        tokio::spawn(session.run(prepared, inbound));
+        tokio::spawn(session.run(prepared, inbound, self.closing.clone()));
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
 }
@@ -334,6 +341,7 @@ impl Session {
         mut self,
         mut prepared: watch::Receiver<Arc<Prepared>>,
         mut inbound: Streaming<ProxyMessage>,
+        mut closing: watch::Receiver<bool>,
     ) {
         let mut current = prepared.borrow_and_update().clone();
         // The view is made again only when the snapshot changes, not on
@@ -347,6 +355,14 @@ impl Session {
                 break "the proxy stopped reading";
             }
             tokio::select! {
+                // (The guard `wait_for` returns is dropped in the block: it
+                // must not live in the select's state.)
+                _ = async { drop(closing.wait_for(|closing| *closing).await) } => {
+                    let _ = self.outbound.try_send(Err(Status::unavailable(
+                        "the control plane is shutting down; connect to another replica",
+                    )));
+                    break "the control plane is shutting down";
+                }
                 changed = prepared.changed() => {
                     if changed.is_err() {
                         break "the control plane is shutting down";

@@ -206,6 +206,9 @@ pub async fn serve(
         .context("server reflection")?;
 
     let proxies = Arc::new(Proxies::default());
+    // Turned true at shutdown: the config streams end then, or the gRPC
+    // server's graceful shutdown would wait on them forever.
+    let (close_streams, closing) = tokio::sync::watch::channel(false);
     let (refusals, refused) = tokio::sync::mpsc::unbounded_channel();
     if options.config_dir.is_some() || kubernetes.is_some() {
         // Spawned first: the Kubernetes source reports refusals while it
@@ -231,6 +234,7 @@ pub async fn serve(
                 proxies.clone(),
                 metrics,
                 options.heartbeat,
+                closing.clone(),
             );
             (Some(push.into_service()), Some(prepared), Some(source))
         }
@@ -287,7 +291,10 @@ pub async fn serve(
         .add_service(reflection)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(incoming),
-            shutdown,
+            async move {
+                shutdown.await;
+                let _ = close_streams.send(true);
+            },
         )
         .await
         .context("the gRPC server failed")
