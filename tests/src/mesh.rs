@@ -204,6 +204,21 @@ impl ControlPlane {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
     }
 
+    /// Waits at most `timeout` for it to exit by itself; its exit status,
+    /// or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll the control plane") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills it at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -573,6 +573,32 @@ async fn traffic_goes_on_while_the_control_plane_is_away_and_the_proxies_converg
     );
 }
 
+/// SIGTERM (a rolling update, a node drain) stops a control plane with
+/// proxies attached within seconds: their config streams are ended with
+/// UNAVAILABLE rather than waited on, and the proxies keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_told_to_stop_ends_its_streams_and_exits() {
+    let mut mesh = Mesh::start().await;
+    let load = SteadyLoad::start(vec![client::http1()], via_gateway(&mesh.edge));
+    load.progress(20).await;
+    mesh.control_plane.signal(nix::sys::signal::Signal::SIGTERM);
+    let exited =
+        tokio::task::block_in_place(|| mesh.control_plane.wait_exit(Duration::from_secs(10)));
+    let status = exited.unwrap_or_else(|| {
+        panic!(
+            "still running 10 s after SIGTERM with 3 proxies attached; log:\n{}",
+            mesh.control_plane.logs().join("\n")
+        )
+    });
+    assert!(status.success(), "{status}");
+    mesh.control_plane
+        .wait_for_log("disconnected: the control plane is shutting down", SYNC);
+    load.progress(50).await;
+    let (ok, failures) = load.stop().await;
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(ok >= 70);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_whose_replica_goes_silent_moves_to_another_within_seconds() {
     let v1 = MockBackend::echo("llama-v1", Protocol::Http1).await;
