@@ -65,7 +65,7 @@ pub use peer::{
 pub use resolve::StoreCertResolver;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use store::{CertStore, CertificateInfo, StoreError};
-pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier};
+pub use verify::{AnyServerCertificate, SpiffeClientVerifier, SpiffeServerVerifier};
 /// The certificates of a PEM text (every `CERTIFICATE` block, in order),
 /// or what is wrong with it.
 pub fn parse_certificates(

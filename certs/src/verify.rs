@@ -2,6 +2,10 @@
 //! (through rustls' WebPKI verification), then the leaf's SPIFFE ID against
 //! the local trust domain and the expected identity.
 //!
+//! [`AnyServerCertificate`] is the one verifier that checks no chain, for
+//! the places where the peer is not in the mesh and checking it is not the
+//! point (an app's HTTPS probe, `infermesh-bench --insecure`).
+//!
 //! DNS names play no part: [`SpiffeServerVerifier`] ignores the
 //! `ServerName` the client connects with, because the SPIFFE check replaces
 //! the name check. Callers may pass any name (the peer's host name is a good
@@ -214,4 +218,63 @@ fn check_identity(
 
 fn rejected(error: PeerIdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+}
+
+/// Takes any server certificate, as kubelet's HTTPS probes and `curl
+/// --insecure` do, while still checking the handshake's signatures with
+/// the key it presents. Never for traffic between proxies: it proves
+/// nothing about who answers.
+#[derive(Debug)]
+pub struct AnyServerCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl AnyServerCertificate {
+    /// Checks handshake signatures with `provider`'s algorithms.
+    pub fn new(provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
+        AnyServerCertificate(provider)
+    }
+}
+
+impl ServerCertVerifier for AnyServerCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
