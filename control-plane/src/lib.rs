@@ -31,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod ca_files;
 pub mod certify;
 pub mod client;

@@ -49,7 +49,7 @@ use crate::certify::Certifier;
 use crate::client::ClientConnection;
 use crate::credential::ByKind;
 use crate::grpc::Certificates;
-use crate::inject::webhook::{self, WebhookCertificate};
+use crate::inject::webhook;
 use crate::inject::{FailurePolicy, Injector, Template};
 use crate::join_tokens::{JoinTokenAuthenticator, JoinTokens};
 use crate::kubernetes::{
@@ -179,7 +179,14 @@ pub async fn serve(
         ca.trust_domain().clone(),
         vec![ca.root_der().clone()],
     )?);
-    let own = certify_self(&ca, &identity, &store)?;
+    // With the injection webhook, the Service's names too: the API server
+    // checks the webhook's certificate by name, and one certificate serves
+    // both ports.
+    let dns_names = match options.injector_listen {
+        Some(_) => webhook::dns_names(&options.injector_service, &options.namespace),
+        None => Vec::new(),
+    };
+    let own = certify_self(&ca, &identity, &dns_names, &store)?;
 
     let registry = prometheus::Registry::new();
     let kubernetes = match options.kubernetes {
@@ -256,7 +263,9 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", options.admin))?;
     let injector = match options.injector_listen {
-        Some(address) => Some(start_injector(&options, address, &ca, &identity, &registry).await?),
+        Some(address) => {
+            Some(start_injector(&options, address, &ca, &identity, &store, &registry).await?)
+        }
         None => None,
     };
     bound(Bound {
@@ -268,7 +277,13 @@ pub async fn serve(
     if let (Some(client), Some(_)) = (&kubernetes, options.injector_listen) {
         tokio::spawn(webhook_ca::keep_ca_bundle(client.clone(), ca.root_pem()));
     }
-    tokio::spawn(renew_self(ca.clone(), identity, store.clone(), own));
+    tokio::spawn(renew_self(
+        ca.clone(),
+        identity,
+        dns_names,
+        store.clone(),
+        own,
+    ));
     if let Some((path, tokens)) = join_tokens {
         tokio::spawn(watch_tokens(path, tokens));
     }
@@ -279,8 +294,14 @@ pub async fn serve(
         prepared,
     });
     tokio::spawn(serve_admin(admin, state));
-    let (connections, incoming) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(accept_tls(grpc, tls, connections));
+    let (connections, incoming) =
+        tokio::sync::mpsc::channel::<std::io::Result<ClientConnection>>(64);
+    tokio::spawn(crate::accept::serve(grpc, tls, "grpc", move |stream, _| {
+        let connections = connections.clone();
+        async move {
+            let _ = connections.send(Ok(ClientConnection(stream))).await;
+        }
+    }));
     tonic::transport::Server::builder()
         // A dead peer under a config stream is noticed by the heartbeats;
         // these catch a connection that stopped carrying anything at all.
@@ -300,14 +321,14 @@ pub async fn serve(
         .context("the gRPC server failed")
 }
 
-/// Starts the injection webhook on `address`: its certificate, signed
-/// by the mesh CA for the control plane's identity and its Service's
-/// names, and the port; returns where it listens.
+/// Starts the injection webhook on `address`, presenting the control
+/// plane's certificate from `store`; returns where it listens.
 async fn start_injector(
     options: &ServeOptions,
     address: SocketAddr,
     ca: &Arc<CertificateAuthority>,
     identity: &SpiffeId,
+    store: &Arc<CertStore>,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<SocketAddr> {
     let service = &options.injector_service;
@@ -326,18 +347,11 @@ async fn start_injector(
         options.injection_failure_policy,
         registry,
     )?);
-    let (certificate, issued) = WebhookCertificate::sign(
-        ca.clone(),
-        identity.clone(),
-        webhook::dns_names(service, &options.namespace),
-    )
-    .context("the injection webhook's certificate")?;
-    let tls = certificate.acceptor()?;
+    let tls = webhook::acceptor(store.clone())?;
     let listener = TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address} for the injection webhook"))?;
     let bound = listener.local_addr()?;
-    tokio::spawn(certificate.keep_renewed(issued));
     tokio::spawn(webhook::serve(listener, tls, injector));
     Ok(bound)
 }
@@ -440,11 +454,17 @@ async fn report_refusals(
 fn certify_self(
     ca: &CertificateAuthority,
     identity: &SpiffeId,
+    dns_names: &[String],
     store: &CertStore,
 ) -> anyhow::Result<IssuedCertificate> {
     let key = WorkloadKey::generate()?;
     let csr = key.csr(identity)?;
-    let issued = ca.sign_csr(csr.pem().as_bytes(), identity, OWN_CERTIFICATE_TTL)?;
+    let issued = ca.sign_csr_with_dns_names(
+        csr.pem().as_bytes(),
+        identity,
+        dns_names,
+        OWN_CERTIFICATE_TTL,
+    )?;
     store.update_certificate(issued.chain_der().to_vec(), key.private_key_der())?;
     Ok(issued)
 }
@@ -456,6 +476,7 @@ const OWN_CERTIFICATE_TTL: Duration = Duration::from_secs(24 * 3600);
 async fn renew_self(
     ca: Arc<CertificateAuthority>,
     identity: SpiffeId,
+    dns_names: Vec<String>,
     store: Arc<CertStore>,
     mut current: IssuedCertificate,
 ) {
@@ -465,7 +486,7 @@ async fn renew_self(
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::from_secs(1));
         tokio::time::sleep(wait).await;
-        match certify_self(&ca, &identity, &store) {
+        match certify_self(&ca, &identity, &dns_names, &store) {
             Ok(renewed) => current = renewed,
             Err(e) => {
                 eprintln!("infermesh-control-plane: cannot renew its own certificate: {e:#}");
@@ -492,44 +513,6 @@ async fn watch_tokens(path: PathBuf, authenticator: Arc<JoinTokenAuthenticator>)
             Ok(tokens) => authenticator.replace(tokens),
             Err(e) => eprintln!("infermesh-control-plane: tokens file not reloaded: {e}"),
         }
-    }
-}
-
-/// How long a client may take over its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Accepts TCP connections and hands each to the gRPC server once its TLS
-/// handshake is done; handshakes run side by side, so a slow client holds
-/// up no other.
-async fn accept_tls(
-    listener: TcpListener,
-    tls: TlsAcceptor,
-    connections: tokio::sync::mpsc::Sender<std::io::Result<ClientConnection>>,
-) {
-    loop {
-        let (stream, client) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                eprintln!("infermesh-control-plane: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (tls, connections) = (tls.clone(), connections.clone());
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(stream)) => {
-                    let _ = connections.send(Ok(ClientConnection(stream))).await;
-                }
-                Ok(Err(e)) => {
-                    eprintln!("infermesh-control-plane: TLS handshake with {client} failed: {e}")
-                }
-                Err(_) => {
-                    eprintln!("infermesh-control-plane: TLS handshake with {client} timed out")
-                }
-            }
-        });
     }
 }
 
