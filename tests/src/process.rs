@@ -62,16 +62,17 @@ impl Gateway {
 
     /// Starts `infermesh-proxy <mode>` fed by a control plane (`args`
     /// give `--control-plane` and the rest), and waits until it serves
-    /// the control plane's first config.
+    /// the control plane's first config. A sidecar's capture listeners are
+    /// on ephemeral ports: several share this host.
     pub fn start_from_control_plane(mode: &str, args: &[&str]) -> Gateway {
-        Self::start_with(&[], mode, None, args)
+        Self::start_with(&[], mode, None, &with_ephemeral_capture(mode, args))
     }
 
     /// Starts `infermesh-proxy <mode>` fed by a control plane, and waits
     /// only for its health server: for proxies that are not to become
     /// ready.
     pub fn spawn_from_control_plane(mode: &str, args: &[&str]) -> Gateway {
-        Self::spawn(&[], mode, None, args)
+        Self::spawn(&[], mode, None, &with_ephemeral_capture(mode, args))
     }
 
     /// Starts the proxy in `mode`, through the `wrapper` command if any
@@ -311,6 +312,20 @@ fn parse_address(line: &Value) -> SocketAddr {
         .as_str()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("log line without an address: {line}"))
+}
+
+/// `args`, and for a sidecar its capture listeners on ephemeral ports.
+fn with_ephemeral_capture<'a>(mode: &str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    if mode == "sidecar" {
+        all.extend([
+            "--inbound-address",
+            "127.0.0.1:0",
+            "--outbound-address",
+            "127.0.0.1:0",
+        ]);
+    }
+    all
 }
 
 fn collect(stream: impl std::io::Read + Send + 'static, logs: Arc<Mutex<Vec<Value>>>) {

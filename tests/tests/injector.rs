@@ -169,16 +169,7 @@ spec: { endpoints: [{ address: 127.0.0.1:8000 }] }",
     let credential = files.credential("apps", "chat", "3s");
     let expires = tokio::time::Instant::now() + Duration::from_secs(3);
     let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s", "--ttl", "4s"]);
-    let mut args = files.proxy_args(&[control_plane.grpc], "chat-0", &credential, &[]);
-    args.extend(
-        [
-            "--inbound-address",
-            "127.0.0.1:0",
-            "--outbound-address",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-    );
+    let args = files.proxy_args(&[control_plane.grpc], "chat-0", &credential, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let proxy = Gateway::spawn_from_control_plane("sidecar", &args);
     let successes = || async {

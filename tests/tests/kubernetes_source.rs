@@ -140,16 +140,7 @@ fn injected_pod(namespace: &str, name: &str, service_account: &str, labels: Valu
 
 /// A sidecar `node` of this mesh with the token at `credential`.
 fn sidecar(files: &MeshFiles, control_plane: SocketAddr, node: &str, credential: &Path) -> Gateway {
-    let mut args = files.proxy_args(&[control_plane], node, credential, &["app=chat"]);
-    args.extend(
-        [
-            "--inbound-address",
-            "127.0.0.1:0",
-            "--outbound-address",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-    );
+    let args = files.proxy_args(&[control_plane], node, credential, &["app=chat"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Gateway::start_from_control_plane("sidecar", &args)
 }
@@ -373,16 +364,7 @@ async fn a_token_the_api_server_refuses_gets_no_certificate() {
     // one does, `authenticated: false` with the reason.
     let credential = files.path().join("stranger.token");
     std::fs::write(&credential, token("stranger")).expect("write the token");
-    let mut args = files.proxy_args(&[control_plane.grpc], "stranger-0", &credential, &[]);
-    args.extend(
-        [
-            "--inbound-address",
-            "127.0.0.1:0",
-            "--outbound-address",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-    );
+    let args = files.proxy_args(&[control_plane.grpc], "stranger-0", &credential, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let stranger = Gateway::spawn_from_control_plane("sidecar", &args);
     let series =

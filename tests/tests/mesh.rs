@@ -118,18 +118,7 @@ fn sidecar(
     credential: &std::path::Path,
 ) -> Gateway {
     let label = format!("app={app}");
-    let mut args = files.proxy_args(control_planes, node, credential, &[&label]);
-    // Several sidecars share this host: the capture listeners move to
-    // ephemeral ports.
-    args.extend(
-        [
-            "--inbound-address",
-            "127.0.0.1:0",
-            "--outbound-address",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-    );
+    let args = files.proxy_args(control_planes, node, credential, &[&label]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Gateway::start_from_control_plane("sidecar", &args)
 }
@@ -773,13 +762,7 @@ async fn a_proxy_without_a_valid_credential_is_refused_with_its_reason_and_never
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     for (credential, reason) in [(unknown, "unknown_token"), (expired, "expired_token")] {
         let args = files.proxy_args(&[control_plane.grpc], "stranger-0", &credential, &[]);
-        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-        args.extend([
-            "--inbound-address",
-            "127.0.0.1:0",
-            "--outbound-address",
-            "127.0.0.1:0",
-        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proxy = Gateway::spawn_from_control_plane("sidecar", &args);
         let refused = proxy.wait_for_log(
             |l| l["message"] == "cannot get a workload certificate; the current one (if any) stays until it expires",

@@ -1069,13 +1069,7 @@ async fn every_metric_the_files_name_is_one_infermesh_exposes() {
     let reply = client::get(&http, &edge.url("public", "/v1/stream")).await;
     assert_eq!(reply.status, 200);
     let args = files.proxy_args(&[control_plane.grpc], "stranger-0", &unknown, &[]);
-    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
-    args.extend([
-        "--inbound-address",
-        "127.0.0.1:0",
-        "--outbound-address",
-        "127.0.0.1:0",
-    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let stranger = Gateway::spawn_from_control_plane("sidecar", &args);
     stranger.wait_for_log(
         |l| {
