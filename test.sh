@@ -6,7 +6,8 @@
 #   ./test.sh -p infermesh-proxy       arguments go on to `cargo test`
 #
 # Installs, when missing (Debian or Ubuntu; as root, or with sudo):
-#   prometheus (promtool)      checks the /metrics page
+#   prometheus (promtool and   checks the /metrics page, the rules and
+#   the server)                the dashboard against real scrapes
 #   haproxy, nginx-light       the peers `infermesh-bench compare` measures
 #   curl, iproute2, iptables,  sidecars intercepting traffic in network
 #   util-linux (setpriv)       namespaces, and the demo
@@ -35,7 +36,7 @@ as_root() {
 }
 
 need=()
-command -v promtool >/dev/null || need+=(prometheus)
+{ command -v promtool && command -v prometheus; } >/dev/null || need+=(prometheus)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v nginx >/dev/null || need+=(nginx-light)
 command -v curl >/dev/null || need+=(curl)

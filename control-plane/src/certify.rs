@@ -49,6 +49,11 @@ impl Certifier {
             ),
             &["reason"],
         )?;
+        // Every reason counted from 0: a series that appears at 1 is no
+        // increase to Prometheus, and the first refusal would not alert.
+        for reason in Refusal::REASONS {
+            refused.with_label_values(&[reason]);
+        }
         registry.register(Box::new(signed.clone()))?;
         registry.register(Box::new(refused.clone()))?;
         Ok(Certifier {

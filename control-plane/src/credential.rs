@@ -91,6 +91,20 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every value of [`Refusal::reason`].
+    pub const REASONS: [&'static str; 10] = [
+        "unknown_token",
+        "expired_token",
+        "no_credential",
+        "unsupported_credential",
+        "identity_not_granted",
+        "malformed_csr",
+        "invalid_workload",
+        "token_review_refused",
+        "token_review_failed",
+        "internal",
+    ];
+
     /// The metric label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -153,6 +167,27 @@ impl Authenticator for ByKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reasons_lists_the_reason_of_every_refusal() {
+        let refusals = [
+            Refusal::UnknownToken,
+            Refusal::ExpiredToken { id: "t".into() },
+            Refusal::NoCredential,
+            Refusal::UnsupportedCredential("x"),
+            Refusal::IdentityNotGranted {
+                asked: "a".into(),
+                granted: "b".into(),
+            },
+            Refusal::MalformedCsr("x".into()),
+            Refusal::InvalidWorkload("x".into()),
+            Refusal::TokenReviewRefused("x".into()),
+            Refusal::TokenReviewFailed("x".into()),
+            Refusal::Internal("x".into()),
+        ];
+        let reasons: Vec<&str> = refusals.iter().map(Refusal::reason).collect();
+        assert_eq!(reasons, Refusal::REASONS);
+    }
 
     /// Grants its workload to any credential (join tokens and TokenReview
     /// have their own tests).
