@@ -118,6 +118,99 @@ async fn openai_chat_whole_and_streamed() {
     assert_eq!(finish["choices"][0]["finish_reason"], "stop");
 }
 
+/// The `data` of each event of an SSE body.
+fn sse_data(body: &Bytes) -> Vec<String> {
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn openai_streams_carry_usage_when_asked_as_the_whole_answer_does() {
+    let base = default_mock().await;
+    for (path, prompt) in [
+        (
+            "chat/completions",
+            json!({ "messages": [
+                { "role": "system", "content": "Be brief." },
+                { "role": "user", "content": [{ "type": "text", "text": "What is the capital of France?" }] },
+            ] }),
+        ),
+        (
+            "completions",
+            json!({ "prompt": "The capital of France is" }),
+        ),
+    ] {
+        let request = |extra: Value| {
+            let mut body = json!({ "model": "llama", "max_tokens": 4 });
+            for (k, v) in prompt
+                .as_object()
+                .unwrap()
+                .iter()
+                .chain(extra.as_object().unwrap())
+            {
+                body[k] = v.clone();
+            }
+            Some(body)
+        };
+        let url = format!("{base}/v1/{path}");
+        let (_, _, whole) = call("POST", url.clone(), request(json!({}))).await.unwrap();
+        let usage = json_of(&whole)["usage"].clone();
+        assert_eq!(usage["completion_tokens"], 4, "{path}: {usage}");
+        let prompt_tokens = usage["prompt_tokens"].as_u64().unwrap();
+        assert!(prompt_tokens > 0, "{path}: {usage}");
+        assert_eq!(usage["total_tokens"], prompt_tokens + 4, "{path}");
+
+        // Asked for: every chunk says `usage: null`, and one last chunk
+        // before [DONE] has no choices and the whole answer's usage.
+        let (status, _, streamed) = call(
+            "POST",
+            url.clone(),
+            request(json!({ "stream": true, "stream_options": { "include_usage": true } })),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+        let events = sse_data(&streamed);
+        assert_eq!(events.len(), 4 + 3, "{path}: tokens, finish, usage, [DONE]");
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let (last, others) = chunks.split_last().unwrap();
+        assert_eq!(last["choices"], json!([]), "{path}");
+        assert_eq!(
+            last["usage"], usage,
+            "{path}: the same counts as the whole answer"
+        );
+        assert_eq!(last["id"], others[0]["id"], "{path}");
+        for chunk in others {
+            assert_eq!(chunk["usage"], Value::Null, "{path}: {chunk}");
+            assert_eq!(chunk["choices"].as_array().unwrap().len(), 1, "{path}");
+        }
+
+        // Not asked for (or declined): the stream is as before, without
+        // usage.
+        for extra in [
+            json!({ "stream": true }),
+            json!({ "stream": true, "stream_options": { "include_usage": false } }),
+        ] {
+            let (_, _, streamed) = call("POST", url.clone(), request(extra.clone()))
+                .await
+                .unwrap();
+            let events = sse_data(&streamed);
+            assert_eq!(events.len(), 4 + 2, "{path} {extra}");
+            assert!(
+                events.iter().all(|e| !e.contains("usage")),
+                "{path} {extra}: {events:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn openai_embeddings_errors_and_model_list() {
     let base = default_mock().await;
@@ -409,4 +502,41 @@ async fn one_scenario_runs_several_servers() {
         [vec!["a".to_owned()], vec!["b".to_owned(), "c".to_owned()]]
     );
     assert_ne!(servers[0].local_addr(), servers[1].local_addr());
+}
+
+#[tokio::test]
+async fn the_otlp_collector_acknowledges_trace_exports_and_counts_them() {
+    let base = default_mock().await;
+    assert_eq!(
+        metric(&base, "infermesh_mock_otlp_exports_total").await,
+        0.0
+    );
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    // What it gets is counted, not decoded: any bytes will do.
+    let export = Bytes::from_static(b"\x0a\x05hello");
+    for _ in 0..2 {
+        let request = Request::builder()
+            .method("POST")
+            .uri(format!("{base}/v1/traces"))
+            .header("content-type", "application/x-protobuf")
+            .body(Full::new(export.clone()))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "application/x-protobuf");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.is_empty(), "an empty ExportTraceServiceResponse");
+    }
+    assert_eq!(
+        metric(&base, "infermesh_mock_otlp_exports_total").await,
+        2.0
+    );
+    assert_eq!(
+        metric(&base, "infermesh_mock_otlp_bytes_total").await,
+        2.0 * export.len() as f64
+    );
+    let (status, _, _) = call("GET", format!("{base}/v1/traces"), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 404, "only POST is an export");
 }

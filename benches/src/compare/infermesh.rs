@@ -1,7 +1,7 @@
 //! The infermesh targets: the config each infermesh-proxy process gets
-//! (from the target and the file's `infermesh` settings), which binary runs
-//! it, the identities of the mutual-TLS pair, and starting one proxy or a
-//! pair of them in a row.
+//! (from the target and the file's `infermesh` settings), its logging and
+//! tracing flags, which binary runs it, the identities of the mutual-TLS
+//! pair, and starting one proxy or a pair of them in a row.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,7 +42,9 @@ impl<'a> Hop<'a> {
 
 /// Starts a target of one infermesh-proxy process (`infermesh`,
 /// `infermesh-baseline`, `infermesh-bare`, `infermesh-hedged`,
-/// `infermesh-fanout`) in front of the mock servers at `backends`.
+/// `infermesh-fanout`, `infermesh-traced`, `infermesh-traced-sampled`,
+/// `infermesh-json-log`, `infermesh-ecs`) in front of the mock servers at
+/// `backends`.
 pub(super) fn start_one(
     kind: TargetKind,
     backends: &[SocketAddr],
@@ -50,7 +52,15 @@ pub(super) fn start_one(
     work: &Path,
 ) -> anyhow::Result<Proxies> {
     check_settings(kind, infermesh)?;
-    let (started, port) = start_proxy(kind, kind.name(), &Hop::to(backends), &[], infermesh, work)?;
+    let args = trace_flags(kind, backends, infermesh);
+    let (started, port) = start_proxy(
+        kind,
+        kind.name(),
+        &Hop::to(backends),
+        &args,
+        infermesh,
+        work,
+    )?;
     Ok(Proxies {
         processes: vec![started],
         port,
@@ -136,13 +146,19 @@ fn start_proxy(
     let port = supervise::free_port()?;
     let config = work.join(format!("{name}.yaml"));
     std::fs::write(&config, infermesh_config(kind, port, hop, infermesh))?;
+    let (log_format, log_level) = log_flags(kind, infermesh);
     let mut command = Command::new(&binary);
+    // Tracing is on only where `args` say: not by an OTLP endpoint in the
+    // harness's environment.
+    for name in OTLP_ENDPOINT_VARIABLES {
+        command.env_remove(name);
+    }
     command
         .args([
             "--log-format",
-            "json",
+            log_format,
             "--log-level",
-            log_filter(infermesh),
+            log_level,
             "gateway",
             "--config",
         ])
@@ -163,13 +179,52 @@ fn start_proxy(
     Ok((started, port))
 }
 
-/// The `--log-level` filter: the access log only when asked for.
-fn log_filter(infermesh: &InfermeshSpec) -> &'static str {
-    if infermesh.access_log {
-        "info"
-    } else {
-        "info,infermesh::access=off"
+/// The OpenTelemetry variables that would turn tracing on without
+/// `--trace-otlp-endpoint`.
+const OTLP_ENDPOINT_VARIABLES: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+/// The `--log-format` and `--log-level` of target `kind`: JSON with the
+/// access log only when `infermesh.accessLog` asks for it, but always on
+/// for `infermesh-json-log` and, in Elastic Common Schema, for
+/// `infermesh-ecs`.
+fn log_flags(kind: TargetKind, infermesh: &InfermeshSpec) -> (&'static str, &'static str) {
+    const ACCESS_LOG_ON: &str = "info";
+    const ACCESS_LOG_OFF: &str = "info,infermesh::access=off";
+    match kind {
+        TargetKind::InfermeshJsonLog => ("json", ACCESS_LOG_ON),
+        TargetKind::InfermeshEcs => ("ecs", ACCESS_LOG_ON),
+        _ if infermesh.access_log => ("json", ACCESS_LOG_ON),
+        _ => ("json", ACCESS_LOG_OFF),
     }
+}
+
+/// The tracing flags of target `kind`: for `infermesh-traced` and
+/// `infermesh-traced-sampled`, export over OTLP/HTTP to the first mock
+/// server's `/v1/traces`, recording every new trace or the share
+/// `infermesh.traceSampling` says; none (tracing off) for the others.
+/// The load carries no `traceparent`, so every request starts a new
+/// trace and the ratio alone decides.
+fn trace_flags(
+    kind: TargetKind,
+    backends: &[SocketAddr],
+    infermesh: &InfermeshSpec,
+) -> Vec<String> {
+    let sampling = match kind {
+        TargetKind::InfermeshTraced => 1.0,
+        TargetKind::InfermeshTracedSampled => infermesh.trace_sampling(),
+        _ => return Vec::new(),
+    };
+    vec![
+        "--trace-otlp-endpoint".to_owned(),
+        format!("http://{}/v1/traces", backends[0]),
+        "--trace-otlp-protocol".to_owned(),
+        "http/protobuf".to_owned(),
+        "--trace-sampling".to_owned(),
+        sampling.to_string(),
+    ]
 }
 
 /// The infermesh-proxy binary that runs target `kind`: the baseline build
@@ -241,7 +296,9 @@ fn infermesh_config(
             (Value::Object(infermesh.backend.clone()), json!({}))
         }
         // infermesh and infermesh-baseline (which differ only in the
-        // binary) and both proxies of the pairs: the settings as given.
+        // binary), the traced and logging targets (which differ only in
+        // their flags) and both proxies of the pairs: the settings as
+        // given.
         _ => (
             Value::Object(infermesh.backend.clone()),
             Value::Object(infermesh.rule.clone()),
@@ -430,6 +487,137 @@ mod tests {
             proxy_binary(TargetKind::InfermeshBaseline, &without).unwrap_err()
         );
         assert!(error.contains("infermesh.baselineBinary"), "{error}");
+    }
+
+    #[test]
+    fn the_tracing_and_logging_targets_run_the_infermesh_config() {
+        let spec: InfermeshSpec = serde_saphyr::from_str(
+            "backend: { circuitBreaker: { maxRequests: 7 } }\nrule: { retry: { nonIdempotent: true } }",
+        )
+        .unwrap();
+        let backends = ["127.0.0.1:9000".parse().unwrap()];
+        let hop = Hop::to(&backends);
+        for kind in [
+            TargetKind::InfermeshTraced,
+            TargetKind::InfermeshTracedSampled,
+            TargetKind::InfermeshJsonLog,
+            TargetKind::InfermeshEcs,
+        ] {
+            assert_eq!(
+                infermesh_config(kind, 8080, &hop, &spec),
+                infermesh_config(TargetKind::Infermesh, 8080, &hop, &spec),
+                "{}",
+                kind.name()
+            );
+            validated(kind, &hop, &spec);
+        }
+    }
+
+    /// The tracing options infermesh-proxy makes of `args`, parsed with
+    /// its own flags.
+    fn proxy_tracing(args: &[String]) -> Option<infermesh_proxy::TraceOptions> {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            tracing: infermesh_proxy::TraceArgs,
+        }
+        let flags = <Flags as clap::Parser>::try_parse_from(
+            std::iter::once("infermesh-proxy").chain(args.iter().map(String::as_str)),
+        )
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        flags.tracing.options("infermesh-proxy")
+    }
+
+    #[test]
+    fn only_the_traced_targets_trace_to_the_first_mock_server() {
+        let backends: [SocketAddr; 2] = [
+            "127.0.0.1:9000".parse().unwrap(),
+            "127.0.0.1:9001".parse().unwrap(),
+        ];
+        let default = InfermeshSpec::default();
+        let traced = proxy_tracing(&trace_flags(
+            TargetKind::InfermeshTraced,
+            &backends,
+            &default,
+        ))
+        .expect("tracing on");
+        assert_eq!(
+            traced.endpoint.as_deref(),
+            Some("http://127.0.0.1:9000/v1/traces")
+        );
+        assert_eq!(
+            format!("{:?}", traced.protocol),
+            "HttpProtobuf",
+            "OTLP over HTTP/protobuf"
+        );
+        assert_eq!(traced.sampling, 1.0);
+
+        let sampled = |spec: &InfermeshSpec| {
+            proxy_tracing(&trace_flags(
+                TargetKind::InfermeshTracedSampled,
+                &backends,
+                spec,
+            ))
+            .expect("tracing on")
+        };
+        let one_percent = sampled(&default);
+        assert_eq!(one_percent.endpoint, traced.endpoint);
+        assert_eq!(one_percent.sampling, 0.01);
+        let spec: InfermeshSpec = serde_saphyr::from_str("traceSampling: 0.25").unwrap();
+        assert_eq!(sampled(&spec).sampling, 0.25);
+        assert_eq!(
+            trace_flags(TargetKind::InfermeshTraced, &backends, &spec),
+            trace_flags(TargetKind::InfermeshTraced, &backends, &default),
+            "infermesh-traced records every trace whatever traceSampling says"
+        );
+
+        for kind in [
+            TargetKind::Infermesh,
+            TargetKind::InfermeshBaseline,
+            TargetKind::InfermeshBare,
+            TargetKind::InfermeshHedged,
+            TargetKind::InfermeshFanout,
+            TargetKind::InfermeshJsonLog,
+            TargetKind::InfermeshEcs,
+            TargetKind::InfermeshPair,
+            TargetKind::InfermeshMtlsPair,
+        ] {
+            assert!(
+                trace_flags(kind, &backends, &spec).is_empty(),
+                "{} traces",
+                kind.name()
+            );
+        }
+    }
+
+    #[test]
+    fn the_access_log_is_on_as_asked_and_always_for_the_logging_targets() {
+        use clap::ValueEnum as _;
+        let off = InfermeshSpec::default();
+        let on = InfermeshSpec {
+            access_log: true,
+            ..InfermeshSpec::default()
+        };
+        for kind in [TargetKind::Infermesh, TargetKind::InfermeshTraced] {
+            assert_eq!(
+                log_flags(kind, &off),
+                ("json", "info,infermesh::access=off")
+            );
+            assert_eq!(log_flags(kind, &on), ("json", "info"));
+        }
+        for spec in [&off, &on] {
+            assert_eq!(
+                log_flags(TargetKind::InfermeshJsonLog, spec),
+                ("json", "info")
+            );
+            assert_eq!(log_flags(TargetKind::InfermeshEcs, spec), ("ecs", "info"));
+        }
+        for format in ["json", "ecs"] {
+            assert!(
+                infermesh_proxy::LogFormat::from_str(format, false).is_ok(),
+                "infermesh-proxy takes --log-format {format}"
+            );
+        }
     }
 
     #[test]

@@ -230,6 +230,28 @@ mod tests {
     }
 
     #[test]
+    fn the_load_carries_no_trace_context() {
+        // So that a traced proxy starts a trace for every request and its
+        // sampling ratio alone decides which are recorded.
+        use clap::ValueEnum as _;
+        let mut templates: Vec<Option<String>> = Template::value_variants()
+            .iter()
+            .map(|t| Some(t.to_possible_value().unwrap().get_name().to_owned()))
+            .collect();
+        templates.push(None);
+        for template in templates {
+            let s = spec(template.as_deref(), "http1");
+            let plan = LoadPlan::new(&s).unwrap();
+            for name in ["traceparent", "tracestate", "b3", "x-b3-traceid"] {
+                assert!(
+                    !plan.request.headers.contains_key(name),
+                    "{template:?} sends {name}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_wrong_load_names_its_field() {
         let s = spec(Some("no-such"), "http1");
         let error = LoadPlan::new(&s).err().unwrap().to_string();

@@ -54,6 +54,30 @@
 //! branch: compare it with `direct` sending the load's `model`, the
 //! slowest branch's.
 //!
+//! The targets `infermesh-traced` and `infermesh-traced-sampled` are the
+//! `infermesh` target with OpenTelemetry tracing on, exporting over
+//! OTLP/HTTP to the first mock server's `/v1/traces` (the mock is a
+//! minimal collector): every trace recorded, or the share
+//! `infermesh.traceSampling` says (default 0.01, 1 %). The load sends no
+//! `traceparent`, so every request starts a trace and the ratio decides.
+//! The `infermesh` target itself never traces (an OTLP endpoint in the
+//! environment is not passed on). Side by side they measure what tracing
+//! costs: CPU per request and added p99.
+//!
+//! The targets `infermesh-json-log` and `infermesh-ecs` are the `infermesh`
+//! target with the access log on (written to its log file, as
+//! `accessLog: true` does), whatever `infermesh.accessLog` says: as JSON,
+//! and in Elastic Common Schema (`--log-format ecs`). With `accessLog:
+//! false`, `infermesh` is the access log off, so one run compares off,
+//! JSON and ECS.
+//!
+//! ```yaml
+//! targets: [direct, infermesh, infermesh-traced-sampled, infermesh-traced, infermesh-json-log, infermesh-ecs]
+//! infermesh:
+//!   accessLog: false
+//!   traceSampling: 0.01
+//! ```
+//!
 //! The targets `infermesh-pair` and `infermesh-mtls-pair` are two
 //! infermesh-proxy processes in a row, the hops a caller's and a model's
 //! sidecars make (without the iptables redirection of real interception):

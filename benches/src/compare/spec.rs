@@ -123,7 +123,15 @@ pub struct InfermeshSpec {
     /// replaces the rule's backends (and `rule`).
     #[serde(default)]
     pub fanout: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The share of new traces the `infermesh-traced-sampled` target
+    /// records, 0 to 1; default 0.01 (1 %).
+    #[serde(default)]
+    pub trace_sampling: Option<f64>,
 }
+
+/// The `infermesh-traced-sampled` target's sampling ratio when
+/// `infermesh.traceSampling` is not given: 1 % of the traces.
+pub(super) const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
 
 /// What is measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
@@ -144,6 +152,17 @@ pub enum TargetKind {
     InfermeshHedged,
     /// infermesh-proxy fanning each request out (`infermesh.fanout`).
     InfermeshFanout,
+    /// The `infermesh` target tracing every request, exporting over
+    /// OTLP/HTTP to the first mock server's `/v1/traces`.
+    InfermeshTraced,
+    /// The `infermesh-traced` target recording only a share of the
+    /// traces, `infermesh.traceSampling` (default 1 %).
+    InfermeshTracedSampled,
+    /// The `infermesh` target with the access log on, in the JSON format.
+    InfermeshJsonLog,
+    /// The `infermesh` target with the access log on, in Elastic Common
+    /// Schema JSON.
+    InfermeshEcs,
     /// Two infermesh-proxy processes in a row, plaintext between them.
     InfermeshPair,
     /// Two infermesh-proxy processes in a row, mutual TLS between them.
@@ -164,6 +183,10 @@ impl TargetKind {
             TargetKind::InfermeshBare => "infermesh-bare",
             TargetKind::InfermeshHedged => "infermesh-hedged",
             TargetKind::InfermeshFanout => "infermesh-fanout",
+            TargetKind::InfermeshTraced => "infermesh-traced",
+            TargetKind::InfermeshTracedSampled => "infermesh-traced-sampled",
+            TargetKind::InfermeshJsonLog => "infermesh-json-log",
+            TargetKind::InfermeshEcs => "infermesh-ecs",
             TargetKind::InfermeshPair => "infermesh-pair",
             TargetKind::InfermeshMtlsPair => "infermesh-mtls-pair",
             TargetKind::Haproxy => "haproxy",
@@ -197,6 +220,12 @@ impl Comparison {
             .map_err(|e| anyhow::anyhow!("backends.{e}"))?;
         anyhow::ensure!(comparison.rounds > 0, "rounds must be at least 1");
         anyhow::ensure!(!comparison.targets.is_empty(), "give at least one target");
+        if let Some(ratio) = comparison.infermesh.trace_sampling {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&ratio),
+                "infermesh.traceSampling: {ratio} is not a ratio between 0 and 1"
+            );
+        }
         Ok(comparison)
     }
 
@@ -212,6 +241,11 @@ impl Comparison {
 }
 
 impl InfermeshSpec {
+    /// The `infermesh-traced-sampled` target's sampling ratio.
+    pub(super) fn trace_sampling(&self) -> f64 {
+        self.trace_sampling.unwrap_or(DEFAULT_TRACE_SAMPLING)
+    }
+
     /// The binary of the `infermesh-baseline` target, absolute (a relative
     /// `infermesh.baselineBinary` is taken from the current directory); an
     /// error naming that field when it is not given or is not a file.
@@ -335,6 +369,37 @@ infermesh:
     }
 
     #[test]
+    fn the_trace_sampling_defaults_to_one_percent_and_is_a_ratio() {
+        let c = comparison(
+            "[direct, infermesh, infermesh-traced-sampled, infermesh-traced, infermesh-json-log, infermesh-ecs]",
+            "{}",
+        );
+        assert_eq!(c.targets[2], TargetKind::InfermeshTracedSampled);
+        assert_eq!(c.targets[5], TargetKind::InfermeshEcs);
+        assert_eq!(c.infermesh.trace_sampling(), 0.01);
+        let c = comparison("[infermesh-traced-sampled]", "{ traceSampling: 0.1 }");
+        assert_eq!(c.infermesh.trace_sampling(), 0.1);
+        let c: Comparison = serde_saphyr::from_str(
+            "backends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{ name: mock-llm }]\nload:\n  rate: 100\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.infermesh.trace_sampling(),
+            DEFAULT_TRACE_SAMPLING,
+            "without an infermesh block too"
+        );
+        let error = Comparison::parse(
+            "targets: [infermesh-traced-sampled]\nbackends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{ name: mock-llm }]\nload:\n  rate: 100\ninfermesh: { traceSampling: 2 }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            "infermesh.traceSampling: 2 is not a ratio between 0 and 1"
+        );
+    }
+
+    #[test]
     fn a_relative_baseline_binary_is_taken_from_the_current_directory() {
         // `cargo test` runs unit tests in the package's directory, which
         // holds Cargo.toml: a file, which is all the check asks of it.
@@ -374,6 +439,10 @@ infermesh:
             TargetKind::InfermeshBare,
             TargetKind::InfermeshHedged,
             TargetKind::InfermeshFanout,
+            TargetKind::InfermeshTraced,
+            TargetKind::InfermeshTracedSampled,
+            TargetKind::InfermeshJsonLog,
+            TargetKind::InfermeshEcs,
             TargetKind::InfermeshPair,
             TargetKind::InfermeshMtlsPair,
             TargetKind::Haproxy,

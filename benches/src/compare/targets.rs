@@ -42,7 +42,11 @@ pub(super) fn start_target(
         | TargetKind::InfermeshBaseline
         | TargetKind::InfermeshBare
         | TargetKind::InfermeshHedged
-        | TargetKind::InfermeshFanout => infermesh::start_one(kind, backends, infermesh, work)?,
+        | TargetKind::InfermeshFanout
+        | TargetKind::InfermeshTraced
+        | TargetKind::InfermeshTracedSampled
+        | TargetKind::InfermeshJsonLog
+        | TargetKind::InfermeshEcs => infermesh::start_one(kind, backends, infermesh, work)?,
         TargetKind::InfermeshPair | TargetKind::InfermeshMtlsPair => {
             infermesh::start_pair(kind, backends, infermesh, work)?
         }

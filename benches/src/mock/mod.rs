@@ -9,6 +9,14 @@
 //! stragglers, streaming pace, injected faults and concurrency, drawn from
 //! one seed. `/metrics` shows vLLM-style gauges and the requests whose
 //! client went away (cancellations).
+//!
+//! Each server is also a minimal OTLP/HTTP trace collector, for measuring
+//! what tracing costs a proxy that exports to it: `POST /v1/traces` answers
+//! 200 with an empty `application/x-protobuf` body (an empty
+//! `ExportTraceServiceResponse`, which encodes to zero bytes: no partial
+//! success to report) without decoding what it got; `/metrics` counts the
+//! exports (`infermesh_mock_otlp_exports_total`) and their bytes
+//! (`infermesh_mock_otlp_bytes_total`).
 
 mod kserve;
 mod model;
@@ -203,6 +211,7 @@ async fn handle(
             openai::generate(state, &body, openai::Api::Completions).await
         }
         (Method::POST, ["v1", "embeddings"]) => openai::embeddings(state, &body).await,
+        (Method::POST, ["v1", "traces"]) => Ok(otlp_traces(&state.metrics, &body)),
         (Method::GET, ["v2", "health", "live" | "ready"]) => {
             Ok(json(StatusCode::OK, &serde_json::json!({})))
         }
@@ -216,6 +225,20 @@ async fn handle(
         }
         _ => not_found(),
     }
+}
+
+/// The OTLP/HTTP collector's answer to a trace export: counted, not
+/// decoded, and acknowledged with an empty `ExportTraceServiceResponse`
+/// (zero bytes in protobuf).
+fn otlp_traces(metrics: &MockMetrics, body: &Bytes) -> Response<MockBody> {
+    metrics.otlp_exports.inc();
+    metrics.otlp_bytes.inc_by(body.len() as u64);
+    let mut response = Response::new(Full::new(Bytes::new()).boxed_unsync());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-protobuf"),
+    );
+    response
 }
 
 /// Admits a request to `model` and applies its plan's fault: `Ok(Ok(_))`

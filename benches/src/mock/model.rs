@@ -33,6 +33,10 @@ pub struct MockMetrics {
     waiting: IntGaugeVec,
     requests: IntCounterVec,
     cancellations: IntCounterVec,
+    /// OTLP trace exports received (`POST /v1/traces`).
+    pub(super) otlp_exports: IntCounter,
+    /// Their bodies' bytes, as sent (compressed or not).
+    pub(super) otlp_bytes: IntCounter,
 }
 
 impl MockMetrics {
@@ -69,12 +73,24 @@ impl MockMetrics {
             label,
         )
         .expect("valid counter");
+        let otlp_exports = IntCounter::new(
+            "infermesh_mock_otlp_exports_total",
+            "OTLP/HTTP trace exports received on /v1/traces.",
+        )
+        .expect("valid counter");
+        let otlp_bytes = IntCounter::new(
+            "infermesh_mock_otlp_bytes_total",
+            "Bytes of the OTLP/HTTP trace exports received, as sent.",
+        )
+        .expect("valid counter");
         let registry = Registry::new();
         for c in [
             Box::new(running.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(waiting.clone()),
             Box::new(requests.clone()),
             Box::new(cancellations.clone()),
+            Box::new(otlp_exports.clone()),
+            Box::new(otlp_bytes.clone()),
         ] {
             registry.register(c).expect("unique metric names");
         }
@@ -84,6 +100,8 @@ impl MockMetrics {
             waiting,
             requests,
             cancellations,
+            otlp_exports,
+            otlp_bytes,
         }
     }
 

@@ -1,6 +1,14 @@
 //! OpenAI-compatible endpoints of the mock: the model list, chat and text
 //! completions (whole, or streamed as server-sent events ending with
 //! `data: [DONE]`), and embeddings.
+//!
+//! Completions carry OpenAI's `usage` as OpenAI sends it: in a whole
+//! answer, and in a stream only when the request asks with
+//! `"stream_options": {"include_usage": true}` — then every chunk has
+//! `"usage": null` and one last chunk before `[DONE]` has no choices and
+//! the counts. The counts of one request are the same either way: the
+//! prompt's tokens are a quarter of its text's bytes (at least one), the
+//! completion's are its words.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -95,14 +103,22 @@ pub(super) async fn generate(
         "{}-mock-{created}",
         if api == Api::Chat { "chatcmpl" } else { "cmpl" }
     );
-    let prompt_tokens = body.len() / 4;
+    let prompt_tokens = prompt_tokens(api, &request);
+    let usage = json!({ "prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens });
 
     if request["stream"].as_bool() == Some(true) {
+        let include_usage = request["stream_options"]["include_usage"].as_bool() == Some(true);
+        let with_usage = |mut chunk: Value| {
+            if include_usage {
+                chunk["usage"] = Value::Null;
+            }
+            sse(&chunk)
+        };
         let mut chunks: Vec<Bytes> = words
             .iter()
             .enumerate()
             .map(|(i, word)| {
-                sse(&chunk(
+                with_usage(chunk(
                     api,
                     &id,
                     created,
@@ -113,7 +129,7 @@ pub(super) async fn generate(
                 ))
             })
             .collect();
-        chunks.push(sse(&chunk(
+        chunks.push(with_usage(chunk(
             api,
             &id,
             created,
@@ -122,6 +138,13 @@ pub(super) async fn generate(
             false,
             Some("stop"),
         )));
+        if include_usage {
+            // OpenAI's last chunk: no choices, the whole answer's usage.
+            let mut last = chunk(api, &id, created, &spec.name, None, false, None);
+            last["choices"] = json!([]);
+            last["usage"] = usage;
+            chunks.push(sse(&last));
+        }
         chunks.push(Bytes::from_static(b"data: [DONE]\n\n"));
         let body = Paced::new(
             chunks,
@@ -162,9 +185,37 @@ pub(super) async fn generate(
             "created": created,
             "model": spec.name,
             "choices": [choice],
-            "usage": { "prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens },
+            "usage": usage,
         }),
     ))
+}
+
+/// The prompt's tokens, by the mock's rule: a quarter of the bytes of its
+/// text (the messages' contents, or the completion prompt), at least one.
+/// They depend on the prompt only, so a request counts the same whether
+/// it asks for a stream or not.
+fn prompt_tokens(api: Api, request: &Value) -> usize {
+    fn text_bytes(value: &Value) -> usize {
+        match value {
+            Value::String(s) => s.len(),
+            // Content parts (`[{"type":"text","text":...}]`) or prompts.
+            Value::Array(items) => items
+                .iter()
+                .map(|item| match item {
+                    Value::Object(part) => part.get("text").map_or(0, text_bytes),
+                    other => text_bytes(other),
+                })
+                .sum(),
+            _ => 0,
+        }
+    }
+    let bytes = match api {
+        Api::Chat => request["messages"].as_array().map_or(0, |messages| {
+            messages.iter().map(|m| text_bytes(&m["content"])).sum()
+        }),
+        Api::Completions => text_bytes(&request["prompt"]),
+    };
+    bytes.div_ceil(4).max(1)
 }
 
 fn chunk(
