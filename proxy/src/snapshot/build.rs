@@ -4,7 +4,7 @@
 //! routes, the default rules of backends reached by address, and the
 //! listeners with their routers, policies and TLS.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -54,6 +54,7 @@ impl Snapshot {
                 }
             }
         }
+        let models = model_names(&config);
         Ok(Snapshot {
             version: config.version(),
             config: Arc::new(config),
@@ -61,8 +62,29 @@ impl Snapshot {
             listeners,
             backends,
             addresses,
+            models,
         })
     }
+}
+
+/// Every model name the config names: in route matches and fan-out
+/// branches.
+fn model_names(config: &Config) -> HashSet<Arc<str>> {
+    let mut names = HashSet::new();
+    for rule in config.routes.iter().flat_map(|r| &r.spec.rules) {
+        let matched = rule.matches.iter().filter_map(|m| m.model.as_deref());
+        let branches = rule
+            .fanout
+            .iter()
+            .flat_map(|f| &f.branches)
+            .filter_map(|b| b.model.as_deref());
+        for name in matched.chain(branches) {
+            if !names.contains(name) {
+                names.insert(Arc::from(name));
+            }
+        }
+    }
+    names
 }
 
 /// The backends: each taken from `previous` when its spec is unchanged,

@@ -12,7 +12,7 @@ mod build;
 pub(crate) mod metrics;
 pub(crate) mod router;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -64,6 +64,9 @@ pub(crate) struct Snapshot {
     backends: BTreeMap<String, Arc<Backend>>,
     /// The default rule of each backend, by the `addresses` that stand for it.
     addresses: HashMap<SocketAddr, Arc<RuleStack>>,
+    /// Every model name the config names (in route matches and fan-out
+    /// branches): the values a metric's `model` label may take.
+    models: HashSet<Arc<str>>,
 }
 
 /// What a listener serves.
@@ -119,5 +122,22 @@ impl Snapshot {
     /// The backends, by name.
     pub(crate) fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
         self.backends.values()
+    }
+
+    /// The `model` label of `request`, whose route match named `matched`
+    /// (if it did): that model, else the model the request names if the
+    /// config names it too, else none. Label values thus come from the
+    /// config, never from arbitrary client input. The body is not read
+    /// for it: a body's model is known only where a listener's rules
+    /// match on models (the path's, of KServe v2, always is).
+    pub(crate) fn model_label<B>(
+        &self,
+        matched: Option<Arc<str>>,
+        request: &http::Request<B>,
+    ) -> Option<Arc<str>> {
+        if matched.is_some() || self.models.is_empty() {
+            return matched;
+        }
+        crate::core::model::of(request).and_then(|name| self.models.get(name).cloned())
     }
 }

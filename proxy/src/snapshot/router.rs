@@ -7,6 +7,7 @@
 //! first), so matching is a single pass that stops at the first hit.
 
 use std::cmp::Reverse;
+use std::sync::Arc;
 
 use http::header::{HOST, HeaderName, HeaderValue};
 use http::{Method, Request};
@@ -23,7 +24,7 @@ pub struct Router<T> {
 struct Entry<T> {
     host: HostMatch,
     path: PathMatcher,
-    model: Option<String>,
+    model: Option<Arc<str>>,
     method: Option<Method>,
     headers: Vec<HeaderMatcher>,
     target: T,
@@ -139,7 +140,7 @@ impl<T: Clone> RouterBuilder<T> {
                     Entry {
                         host,
                         path,
-                        model: m.model.clone(),
+                        model: m.model.as_deref().map(Arc::from),
                         method,
                         headers,
                         target: target.clone(),
@@ -197,12 +198,21 @@ impl<T> Router<T> {
 
     /// The target of the most specific rule matching `request`.
     pub fn route<B>(&self, request: &Request<B>) -> Option<&T> {
+        self.route_with_model(request).map(|(target, _)| target)
+    }
+
+    /// The target of the most specific rule matching `request`, and the
+    /// model of the match that matched, if it names one.
+    pub(crate) fn route_with_model<B>(
+        &self,
+        request: &Request<B>,
+    ) -> Option<(&T, Option<&Arc<str>>)> {
         let host = request_host(request);
         let path = request.uri().path();
         self.entries
             .iter()
             .find(|e| e.matches(host, path, request))
-            .map(|e| &e.target)
+            .map(|e| (&e.target, e.model.as_ref()))
     }
 }
 
@@ -504,5 +514,26 @@ mod tests {
             None
         );
         assert_eq!(r.route(&req("GET", "h", "/", &[])), None);
+    }
+
+    #[test]
+    fn the_model_of_the_match_that_matched_is_told() {
+        let mut b = Router::builder();
+        let model = |name: &str| RouteMatch {
+            model: Some(name.into()),
+            ..RouteMatch::default()
+        };
+        b.add(&[], &[model("llama"), model("mistral")], "models")
+            .unwrap();
+        b.add(&[], &[], "any").unwrap();
+        let r = b.build();
+        let kserve = |name: &str| req("POST", "h", &format!("/v2/models/{name}/infer"), &[]);
+        let (target, matched) = r.route_with_model(&kserve("mistral")).unwrap();
+        assert_eq!(
+            (*target, matched.map(|m| &**m)),
+            ("models", Some("mistral"))
+        );
+        let (target, matched) = r.route_with_model(&kserve("qwen")).unwrap();
+        assert_eq!((*target, matched), ("any", None));
     }
 }
