@@ -27,6 +27,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
+use opentelemetry_sdk::trace::SdkTracer;
+
 use crate::client::ClientInfo;
 use crate::scope::{Prepared, ProxyMode, Pushed, View, Workload};
 
@@ -142,6 +146,12 @@ impl PushMetrics {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
         )?;
+        // Every answer counted from 0: a series that appears at 1 is no
+        // increase to Prometheus, and a replica's first NACK would not
+        // alert.
+        for result in ["ack", "nack", "none"] {
+            pushes.with_label_values(&[result]);
+        }
         registry.register(Box::new(connected.clone()))?;
         registry.register(Box::new(pushes.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
@@ -163,6 +173,7 @@ pub struct ConfigPush {
     metrics: PushMetrics,
     heartbeat: Duration,
     closing: watch::Receiver<bool>,
+    tracer: Option<SdkTracer>,
 }
 
 impl ConfigPush {
@@ -170,13 +181,14 @@ impl ConfigPush {
     /// `proxies`, until `closing` turns true: then every stream is ended
     /// with UNAVAILABLE, so that its proxy moves to another replica and
     /// the server's graceful shutdown does not wait on streams that never
-    /// end by themselves.
+    /// end by themselves. With `tracer`, every update sent is a span.
     pub fn new(
         prepared: watch::Receiver<Arc<Prepared>>,
         proxies: Arc<Proxies>,
         metrics: PushMetrics,
         heartbeat: Duration,
         closing: watch::Receiver<bool>,
+        tracer: Option<SdkTracer>,
     ) -> Self {
         ConfigPush {
             prepared,
@@ -184,6 +196,7 @@ impl ConfigPush {
             metrics,
             heartbeat,
             closing,
+            tracer,
         }
     }
 
@@ -274,6 +287,7 @@ impl ConfigService for ConfigPush {
             refused: None,
             first_sent: false,
             nonce: 0,
+            tracer: self.tracer.clone(),
             outbound,
             proxies: self.proxies.clone(),
             metrics: self.metrics.clone(),
@@ -289,6 +303,8 @@ struct InFlight {
     nonce: String,
     view: Arc<View>,
     seen: Instant,
+    /// Its span, when pushes are traced: it ends with the answer.
+    span: Option<opentelemetry_sdk::trace::Span>,
 }
 
 /// What a proxy holds.
@@ -334,6 +350,7 @@ struct Session {
     proxies: Arc<Proxies>,
     metrics: PushMetrics,
     heartbeat: Duration,
+    tracer: Option<SdkTracer>,
 }
 
 impl Session {
@@ -395,8 +412,12 @@ impl Session {
                 }
             }
         };
-        if self.in_flight.is_some() {
+        if let Some(in_flight) = self.in_flight.take() {
             self.metrics.pushes.with_label_values(&["none"]).inc();
+            if let Some(mut span) = in_flight.span {
+                span.set_attribute(KeyValue::new("infermesh.outcome", "unanswered"));
+                span.set_status(opentelemetry::trace::Status::error(ended));
+            }
         }
         self.proxies.lock().remove(&self.id);
         self.metrics.connected.dec();
@@ -437,6 +458,7 @@ impl Session {
         let heartbeat_seconds = u32::try_from(self.heartbeat.as_secs()).unwrap_or(u32::MAX);
         let parts = split(&changed);
         let last = parts.len() - 1;
+        let (span, traceparent) = self.push_span(view, changed.len(), removed.len(), parts.len());
         for (i, part) in parts.into_iter().enumerate() {
             let resources = part
                 .iter()
@@ -455,6 +477,7 @@ impl Session {
                     removed: if i == 0 { removed.clone() } else { Vec::new() },
                     heartbeat_seconds,
                     more: i < last,
+                    traceparent: traceparent.clone(),
                 })),
             };
             self.metrics
@@ -467,6 +490,7 @@ impl Session {
             nonce,
             view: view.clone(),
             seen,
+            span,
         });
         self.record(|status| status.state = SyncState::Stale);
         Ok(())
@@ -478,7 +502,12 @@ impl Session {
         };
         match message.message {
             Some(proxy_message::Message::Ack(ack)) if answered(&self.in_flight, &ack.nonce) => {
-                let InFlight { view, seen, .. } = self.in_flight.take().expect("answered");
+                let InFlight {
+                    view, seen, span, ..
+                } = self.in_flight.take().expect("answered");
+                if let Some(mut span) = span {
+                    span.set_attribute(KeyValue::new("infermesh.outcome", "ack"));
+                }
                 self.metrics.pushes.with_label_values(&["ack"]).inc();
                 self.metrics
                     .convergence
@@ -497,7 +526,12 @@ impl Session {
                 });
             }
             Some(proxy_message::Message::Nack(nack)) if answered(&self.in_flight, &nack.nonce) => {
-                let InFlight { view, .. } = self.in_flight.take().expect("answered");
+                let InFlight { view, span, .. } = self.in_flight.take().expect("answered");
+                if let Some(mut span) = span {
+                    span.set_attribute(KeyValue::new("infermesh.outcome", "nack"));
+                    span.set_attribute(KeyValue::new("error.type", "nack"));
+                    span.set_status(opentelemetry::trace::Status::error(nack.error.clone()));
+                }
                 self.metrics.pushes.with_label_values(&["nack"]).inc();
                 eprintln!(
                     "infermesh-control-plane: proxy {} refused version {}: {}",
@@ -515,6 +549,44 @@ impl Session {
             // waits for, only show the proxy is alive.
             _ => {}
         }
+    }
+
+    /// The span of an update about to be sent, and the `traceparent` that
+    /// tells the proxy (empty when pushes are not traced or this one is
+    /// not sampled).
+    fn push_span(
+        &self,
+        view: &View,
+        changed: usize,
+        removed: usize,
+        parts: usize,
+    ) -> (Option<opentelemetry_sdk::trace::Span>, String) {
+        let Some(tracer) = &self.tracer else {
+            return (None, String::new());
+        };
+        let span = tracer
+            .span_builder("push config")
+            .with_kind(SpanKind::Producer)
+            .with_attributes([
+                KeyValue::new("infermesh.proxy.node", self.workload.node.clone()),
+                KeyValue::new("infermesh.proxy.identity", self.workload.identity.clone()),
+                KeyValue::new("infermesh.version", view.version.clone()),
+                KeyValue::new("infermesh.resources.changed", changed as i64),
+                KeyValue::new("infermesh.resources.removed", removed as i64),
+                KeyValue::new("infermesh.parts", parts as i64),
+            ])
+            .start_with_context(tracer, &opentelemetry::Context::new());
+        let context = span.span_context();
+        if !context.is_sampled() {
+            return (None, String::new());
+        }
+        let traceparent = format!(
+            "00-{}-{}-{:02x}",
+            context.trace_id(),
+            context.span_id(),
+            context.trace_flags().to_u8()
+        );
+        (Some(span), traceparent)
     }
 
     fn record(&self, change: impl FnOnce(&mut ProxyStatus)) {

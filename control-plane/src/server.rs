@@ -137,6 +137,10 @@ pub struct ServeOptions {
     /// INJECTOR_SERVICE.NAMESPACE.svc:15012].
     #[arg(long, value_name = "ADDR", help_heading = "Sidecar injection")]
     pub injected_control_plane: Option<String>,
+    /// Tracing of the config pushes: a span per update sent to a proxy,
+    /// from sending to its answer, parent of the proxy's span applying it.
+    #[command(flatten)]
+    pub tracing: infermesh_telemetry::TraceArgs,
 }
 
 /// A duration flag: `30m`, `24h`, `365d`.
@@ -189,6 +193,14 @@ pub async fn serve(
     let own = certify_self(&ca, &identity, &dns_names, &store)?;
 
     let registry = prometheus::Registry::new();
+    let traces = match options.tracing.options("infermesh-control-plane") {
+        Some(trace_options) => Some(infermesh_telemetry::start(&trace_options, |collector| {
+            registry
+                .register(collector)
+                .expect("the exporter's metric names are unique");
+        })?),
+        None => None,
+    };
     let kubernetes = match options.kubernetes {
         true => Some(kubernetes::client().await?),
         false => None,
@@ -242,6 +254,7 @@ pub async fn serve(
                 metrics,
                 options.heartbeat,
                 closing.clone(),
+                traces.as_ref().map(|t| t.tracer.clone()),
             );
             (Some(push.into_service()), Some(prepared), Some(source))
         }
@@ -302,7 +315,7 @@ pub async fn serve(
             let _ = connections.send(Ok(ClientConnection(stream))).await;
         }
     }));
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         // A dead peer under a config stream is noticed by the heartbeats;
         // these catch a connection that stopped carrying anything at all.
         .http2_keepalive_interval(Some(options.heartbeat))
@@ -318,7 +331,12 @@ pub async fn serve(
             },
         )
         .await
-        .context("the gRPC server failed")
+        .context("the gRPC server failed");
+    if let Some(traces) = traces {
+        // The spans of the last pushes, before the process ends.
+        traces.shutdown(Duration::from_secs(5)).await;
+    }
+    served
 }
 
 /// Starts the injection webhook on `address`, presenting the control

@@ -48,6 +48,8 @@ pub use app::identity::IdentityFiles;
 pub use app::logging::{LogControl, LogFormat, init as init_logging};
 pub use app::run::{ConfigFrom, Mode, RunOptions, run};
 pub use app::sidecar::{BUILT_IN_NAME, CaptureAddresses, log_user as log_sidecar_user};
+pub use infermesh_telemetry::{TraceArgs, TraceOptions};
+pub use server::access_filter::AccessLogFilter;
 
 /// The per-request work the proxy adds, public for the hot-path
 /// benchmarks (`benches/hot_path.rs`) and the fuzz targets (`fuzz/`):

@@ -13,8 +13,8 @@ use infermesh_init::{
     self as intercept, CidrList, InterceptConfig, Iptables, Ipv4Cidr, PortList, Selection,
 };
 use infermesh_proxy::{
-    CaptureAddresses, ConfigFileError, ConfigFrom, ControlPlaneOptions, IdentityFiles, LogFormat,
-    Mode, RunOptions, TrustBundle,
+    AccessLogFilter, CaptureAddresses, ConfigFileError, ConfigFrom, ControlPlaneOptions,
+    IdentityFiles, LogFormat, Mode, RunOptions, TraceArgs, TrustBundle,
 };
 
 /// infermesh's proxy for model-serving traffic.
@@ -32,6 +32,24 @@ struct Cli {
     /// `info,infermesh::access=off` to silence the access log).
     #[arg(long, default_value = "info", env = "INFERMESH_LOG", global = true)]
     log_level: String,
+    /// Write access-log lines only for errors: requests the proxy failed
+    /// or cut short (499 included), statuses of 500 and more, and gRPC
+    /// statuses of a server's failure. With --access-log-slower-than, a
+    /// request either selects is written.
+    #[arg(long, env = "INFERMESH_ACCESS_LOG_ERRORS_ONLY", global = true)]
+    access_log_errors_only: bool,
+    /// Write access-log lines only for requests that took at least this
+    /// long (e.g. `500ms`, `2s`). With --access-log-errors-only, a request
+    /// either selects is written.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, env = "INFERMESH_ACCESS_LOG_SLOWER_THAN", global = true)]
+    access_log_slower_than: Option<std::time::Duration>,
+    /// The share of access-log lines written, from 0 to 1, picked at
+    /// random among those --access-log-errors-only and
+    /// --access-log-slower-than select; errors' lines are always written.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0, value_parser = AccessLogFilter::parse_sample, env = "INFERMESH_ACCESS_LOG_SAMPLE", global = true)]
+    access_log_sample: f64,
+    #[command(flatten)]
+    tracing: TraceArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -329,6 +347,8 @@ impl RunArgs {
                 .zip(self.trust_bundle)
                 .map(|((cert, key), bundle)| IdentityFiles { cert, key, bundle }),
             app_probes,
+            access_log: AccessLogFilter::default(),
+            tracing: None,
         }
     }
 }
@@ -336,6 +356,11 @@ impl RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let sidecar = matches!(cli.command, Command::Sidecar(_));
+    let access_log = AccessLogFilter {
+        errors_only: cli.access_log_errors_only,
+        slower_than: cli.access_log_slower_than,
+        sample: cli.access_log_sample,
+    };
     let options = match cli.command {
         Command::Check { config, sidecar } => {
             return check(
@@ -427,6 +452,12 @@ fn main() -> ExitCode {
             };
             run.into_options(Mode::Sidecar, config, capture, app_probes)
         }
+    };
+    let tracing = cli.tracing.options("infermesh-proxy");
+    let options = RunOptions {
+        access_log,
+        tracing,
+        ..options
     };
     let log = match infermesh_proxy::init_logging(cli.log_format, &cli.log_level) {
         Ok(log) => Arc::new(log),

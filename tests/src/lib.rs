@@ -12,6 +12,7 @@ pub mod kube_api;
 pub mod mesh;
 pub mod models;
 pub mod netns;
+pub mod otlp;
 pub mod process;
 
 use std::path::PathBuf;

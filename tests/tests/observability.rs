@@ -25,8 +25,10 @@ use hyper::body::Incoming;
 use infermesh_tests::backend::{self, MockBackend, Protocol};
 use infermesh_tests::client;
 use infermesh_tests::mesh::{ControlPlane, MeshFiles};
+use infermesh_tests::otlp::OtlpReceiver;
 use infermesh_tests::process::{Gateway, backend, config, listener, route_with};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PROMTOOL: &str = "promtool is installed (Debian package `prometheus`: `apt install prometheus`, or run ./test.sh, which installs it)";
 
@@ -744,7 +746,10 @@ fn the_dashboard_queries_parse_and_use_its_variables() {
         .iter()
         .map(|v| v["name"].as_str().expect("a name"))
         .collect();
-    assert_eq!(names, ["datasource", "namespace", "route", "backend"]);
+    assert_eq!(
+        names,
+        ["datasource", "namespace", "route", "backend", "model"]
+    );
     assert_eq!(variables[0]["type"], "datasource");
     assert_eq!(variables[0]["query"], "prometheus");
     let datasource = serde_json::json!({ "type": "prometheus", "uid": "${datasource}" });
@@ -754,7 +759,18 @@ fn the_dashboard_queries_parse_and_use_its_variables() {
         .filter(|p| p["type"] == "row")
         .map(|p| p["title"].as_str().expect("a title"))
         .collect();
-    assert_eq!(rows, ["Traffic", "Errors", "Latency", "Backends", "Mesh"]);
+    assert_eq!(
+        rows,
+        [
+            "Traffic",
+            "Errors",
+            "Latency",
+            "Models",
+            "Backends",
+            "Mesh",
+            "Telemetry"
+        ]
+    );
     let mut ids = BTreeSet::new();
     for panel in panels(&dashboard) {
         let title = panel["title"].as_str().expect("a title");
@@ -784,6 +800,7 @@ fn the_dashboard_queries_parse_and_use_its_variables() {
         "$namespace",
         "$route",
         "$backend",
+        "$model",
         "$__rate_interval",
         "$__range",
     ];
@@ -800,7 +817,8 @@ fn the_dashboard_queries_parse_and_use_its_variables() {
             .replace("$__range", "1h")
             .replace("$namespace", ".*")
             .replace("$route", ".*")
-            .replace("$backend", ".*");
+            .replace("$backend", ".*")
+            .replace("$model", ".*");
         file.push_str(&format!(
             "      - record: dashboard:query_{i}\n        expr: {}\n",
             serde_json::to_string(&promql).expect("JSON")
@@ -990,18 +1008,28 @@ fn all_strings<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
     }
 }
 
-/// Answers `/v1/stream` with a `text/event-stream`, anything else with
-/// JSON.
+/// Answers `/v1/stream` with a `text/event-stream` (its last chunk with
+/// OpenAI's token usage), `/v1/unavailable` with a 503 (which the proxy
+/// retries), anything else with JSON.
 fn model() -> backend::Handler {
     let echo = backend::echo("model");
     Arc::new(move |request: Request<Incoming>| {
-        if request.uri().path() == "/v1/stream" {
+        if request.uri().path() == "/v1/unavailable" {
+            Box::pin(async {
+                Response::builder()
+                    .status(503)
+                    .body(backend::full("busy"))
+                    .expect("a response")
+            })
+        } else if request.uri().path() == "/v1/stream" {
             Box::pin(async {
                 Response::builder()
                     .header("content-type", "text/event-stream")
-                    .body(backend::full(
-                        "data: {\"token\":\"hi\"}\n\ndata: [DONE]\n\n",
-                    ))
+                    .body(backend::full(concat!(
+                        "data: {\"token\":\"hi\"}\n\n",
+                        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+                        "data: [DONE]\n\n",
+                    )))
                     .expect("a response")
             })
         } else {
@@ -1010,8 +1038,9 @@ fn model() -> backend::Handler {
     })
 }
 
-/// The mesh of the control-plane-fed gateway: a model backend, and a
-/// listener whose route sends to it.
+/// The mesh of the control-plane-fed gateway: a model backend, a
+/// listener whose route sends to it, and a listener that takes only
+/// mutual TLS.
 fn mesh_documents(model: std::net::SocketAddr) -> String {
     format!(
         "apiVersion: infermesh.io/v1alpha1
@@ -1023,6 +1052,11 @@ apiVersion: infermesh.io/v1alpha1
 kind: Listener
 metadata: {{ name: public }}
 spec: {{ address: \"127.0.0.1:0\" }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: mtls }}
+spec: {{ address: \"127.0.0.1:0\", tls: {{ mode: strict }} }}
 ---
 apiVersion: infermesh.io/v1alpha1
 kind: Route
@@ -1039,17 +1073,31 @@ async fn every_metric_the_files_name_is_one_infermesh_exposes() {
     let model = MockBackend::start(Protocol::Http1, model()).await;
     let http = client::http1();
 
-    // A gateway from a file, with a rate-limited route, serving a whole
-    // answer and a stream.
-    let gateway = Gateway::start(&config(&[
-        &listener("web", "http"),
-        &backend("model", "http1", &[model.addr]),
-        &route_with("model", "rateLimit: { requestsPerSecond: 1000 }"),
-    ]));
+    // A gateway from a file, with a rate-limited and hedged route (hedges
+    // due after 10 s: none is sent), serving a whole answer, a stream and
+    // a 503 it retries and a path it refuses, tracing to a collector.
+    let collector = OtlpReceiver::start().await;
+    let collector_url = format!("http://{}", collector.http);
+    let gateway = Gateway::start_with_args(
+        &config(&[
+            &listener("web", "http"),
+            &backend("model", "http1", &[model.addr]),
+            &route_with(
+                "model",
+                "rateLimit: { requestsPerSecond: 1000 }\nhedge: { delay: 10s }",
+            ),
+        ]),
+        &["--trace-otlp-endpoint", &collector_url],
+    );
     for path in ["/v1/models", "/v1/stream", "/v1/models"] {
         let reply = client::get(&http, &gateway.url("web", path)).await;
         assert_eq!(reply.status, 200, "{path}");
     }
+    let reply = client::get(&http, &gateway.url("web", "/v1/unavailable")).await;
+    assert_eq!(reply.status, 503);
+    // A request the proxy refuses itself: an error with a reason.
+    let reply = client::get(&http, &gateway.url("web", "/v1/%zz")).await;
+    assert_eq!(reply.status, 400);
 
     // A control plane, a gateway it feeds, and a proxy it refuses a
     // certificate (an unknown join token).
@@ -1068,6 +1116,17 @@ async fn every_metric_the_files_name_is_one_infermesh_exposes() {
     control_plane.wait_synced(1, Duration::from_secs(15)).await;
     let reply = client::get(&http, &edge.url("public", "/v1/stream")).await;
     assert_eq!(reply.status, 200);
+    // Plaintext on the mutual TLS listener: a failed handshake, counted
+    // before the connection is closed.
+    let mut plaintext = tokio::net::TcpStream::connect(edge.listener("mtls"))
+        .await
+        .expect("connect to the mutual TLS listener");
+    plaintext
+        .write_all(b"GET /v1/models HTTP/1.1\r\nhost: edge\r\n\r\n")
+        .await
+        .expect("send a plaintext request");
+    let mut answer = Vec::new();
+    let _ = plaintext.read_to_end(&mut answer).await;
     let args = files.proxy_args(&[control_plane.grpc], "stranger-0", &unknown, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let stranger = Gateway::spawn_from_control_plane("sidecar", &args);
@@ -1141,6 +1200,12 @@ async fn every_metric_the_files_name_is_one_infermesh_exposes() {
         "infermesh_identity_cert_expiry_timestamp_seconds",
         "infermesh_config_last_reload_successful",
         "infermesh_log_lines_dropped_total",
+        "infermesh_tokens_total",
+        "infermesh_time_to_first_token_seconds_bucket",
+        "infermesh_retry_budget_exhausted_total",
+        "infermesh_hedges_total",
+        "infermesh_tls_handshakes_total",
+        "infermesh_trace_spans_dropped_total",
     ] {
         assert!(used.contains(name), "no file names {name}");
     }

@@ -104,6 +104,9 @@ pub struct Pushed {
     pub version: String,
     /// `Ok` once applied; the error that refused it otherwise.
     pub applied: oneshot::Sender<Result<(), String>>,
+    /// The W3C `traceparent` of the control plane's push span (empty when
+    /// it does not trace).
+    pub traceparent: String,
 }
 
 /// The running client: the store its certificates go to and the updates
@@ -625,6 +628,7 @@ impl Client {
             documents,
             version: update.version.clone(),
             applied,
+            traceparent: update.traceparent.clone(),
         };
         updates.send(pushed).await.ok()?;
         let message = match answer.await.ok()? {
@@ -739,6 +743,7 @@ mod tests {
             removed: Vec::new(),
             heartbeat_seconds: 5,
             more,
+            traceparent: String::new(),
         }
     }
 

@@ -35,10 +35,24 @@ const ECS_VERSION: &str = "8.11.0";
 pub(crate) const ECS_ACCESS_FIELDS: &[(&str, &str)] = &[
     ("method", "http.request.method"),
     ("status", "http.response.status_code"),
+    ("request_bytes", "http.request.body.bytes"),
     ("response_bytes", "http.response.body.bytes"),
     ("request_id", "http.request.id"),
     ("authority", "url.domain"),
     ("endpoint", "destination.address"),
+    // The request's span, when it is traced and sampled: ECS's tracing
+    // fields, which Kibana links to the APM trace.
+    ("trace_id", "trace.id"),
+    ("span_id", "span.id"),
+    // Token counts and the model go to ECS's `gen_ai` field set (beta),
+    // which carries OpenTelemetry's GenAI attribute names: the fields
+    // Elastic's LLM integrations and OTel-fed dashboards already query,
+    // and the names OpenTelemetry's GenAI spans use, so logs and traces
+    // agree. (The `model` is the model label: the route match's,
+    // or the request's when the config names it.)
+    ("input_tokens", "gen_ai.usage.input_tokens"),
+    ("output_tokens", "gen_ai.usage.output_tokens"),
+    ("model", "gen_ai.request.model"),
 ];
 
 /// The JSON shapes of `--log-format`.
@@ -263,6 +277,7 @@ mod tests {
             "status": 200,
             "duration_ms": 5312.407,
             "first_byte_ms": 41.207,
+            "request_bytes": 731,
             "response_bytes": 18422,
             "route": "chat",
             "backend": "llama",
@@ -271,6 +286,8 @@ mod tests {
             "client": "10.0.0.12:52114",
             "listener": "public",
             "request_id": "9f1c2b7e-3d4a-4c1e-8b0f-6a2d5e7c9b13",
+            "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+            "span_id": "00f067aa0ba902b7",
         }) else {
             unreachable!()
         };
@@ -301,6 +318,7 @@ mod tests {
             "9f1c2b7e-3d4a-4c1e-8b0f-6a2d5e7c9b13"
         );
         assert_eq!(line["http"]["response"]["status_code"], 200);
+        assert_eq!(line["http"]["request"]["body"]["bytes"], 731);
         assert_eq!(line["http"]["response"]["body"]["bytes"], 18422);
         assert_eq!(line["http"]["version"], "2");
         assert_eq!(line["url"]["path"], "/v1/chat/completions");
@@ -311,6 +329,8 @@ mod tests {
         assert_eq!(line["source"]["ip"], "10.0.0.12");
         assert_eq!(line["source"]["port"], 52114);
         assert_eq!(line["destination"]["address"], "10.0.3.7:8000");
+        assert_eq!(line["trace"]["id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(line["span"]["id"], "00f067aa0ba902b7");
         // What ECS has no field for stays, under one prefix.
         assert_eq!(line["infermesh"]["route"], "chat");
         assert_eq!(line["infermesh"]["backend"], "llama");
@@ -319,6 +339,22 @@ mod tests {
             line["infermesh"].get("method").is_none(),
             "moved, not copied"
         );
+    }
+
+    #[test]
+    fn the_ecs_access_line_has_token_counts_in_gen_ai() {
+        let mut fields = access_fields();
+        fields.insert("model".into(), "llama-3-8b".into());
+        fields.insert("input_tokens".into(), 17.into());
+        fields.insert("output_tokens".into(), 250.into());
+        let line = ecs_access_line(fields, "INFO");
+        assert_eq!(line["gen_ai"]["request"]["model"], "llama-3-8b");
+        assert_eq!(line["gen_ai"]["usage"]["input_tokens"], 17);
+        assert_eq!(line["gen_ai"]["usage"]["output_tokens"], 250);
+        let infermesh = line["infermesh"].as_object().unwrap();
+        for moved in ["model", "input_tokens", "output_tokens"] {
+            assert!(!infermesh.contains_key(moved), "{moved}");
+        }
     }
 
     #[test]

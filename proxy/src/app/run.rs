@@ -29,9 +29,13 @@ use crate::app::logging::LogControl;
 use crate::app::metrics::Metrics;
 use crate::app::sidecar::{self, CaptureAddresses};
 use crate::core::metrics::Registry;
+use crate::core::trace::Tracing;
+use crate::server::access_filter::AccessLogFilter;
 use crate::server::listener::{BindError, Listeners};
 use crate::server::shared::Shared;
 use crate::snapshot::{BuildError, Snapshot};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// What the proxy runs as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,9 +88,13 @@ pub struct RunOptions {
     pub identity: Option<IdentityFiles>,
     /// Where a sidecar's capture listeners bind.
     pub capture: CaptureAddresses,
+    /// Tracing: spans exported over OTLP; `None`, off.
+    pub tracing: Option<infermesh_telemetry::TraceOptions>,
     /// The app's HTTP probes, answered on the health server under
     /// `/app-health/` (`INFERMESH_APP_PROBES`, set by the injector).
     pub app_probes: AppProbes,
+    /// Which requests the access log writes a line for.
+    pub access_log: AccessLogFilter,
 }
 
 impl RunOptions {
@@ -196,7 +204,16 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
     )
     .await
     .map_err(|e| anyhow::anyhow!("refusing to start: {e}"))?;
-    let shared = Arc::new(Shared::new(snapshot, server_metrics));
+    let traces = match &options.tracing {
+        Some(trace_options) => Some(infermesh_telemetry::start(trace_options, |c| {
+            registry.register(c)
+        })?),
+        None => None,
+    };
+    let shared = Arc::new(
+        Shared::new(snapshot, server_metrics, options.access_log)
+            .with_tracing(traces.as_ref().map(|t| Tracing::new(t.tracer.clone()))),
+    );
     listeners.commit(plan, &shared);
     let lifecycle = Arc::new(Lifecycle::default());
 
@@ -231,8 +248,16 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
     } else {
         tracing::info!("waiting for a certificate and a config from the control plane");
     }
-    serving.serve_until_shutdown(signals, updates).await
+    let served = serving.serve_until_shutdown(signals, updates).await;
+    if let Some(traces) = traces {
+        // The spans of the last requests, before the process ends.
+        traces.shutdown(TRACE_FLUSH_LIMIT).await;
+    }
+    served
 }
+
+/// How long the spans still queued at shutdown may take to export.
+const TRACE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 /// The signals the gateway acts on.
 struct Signals {
@@ -333,7 +358,28 @@ impl Serving {
                     self.reload(Trigger::Signal).await
                 }
                 Some(pushed) = next_update(&mut updates) => {
+                    let span = self.shared.tracing.as_ref().and_then(|tracing| {
+                        tracing.continue_remote(
+                            &pushed.traceparent,
+                            "apply config",
+                            SpanKind::Consumer,
+                            vec![
+                                KeyValue::new("infermesh.version", pushed.version.clone()),
+                                KeyValue::new("infermesh.resources", pushed.documents.len() as i64),
+                            ],
+                        )
+                    });
                     let applied = self.apply_pushed(&pushed).await;
+                    if let Some(span) = span {
+                        match &applied {
+                            Ok(()) => span.end(vec![KeyValue::new("infermesh.outcome", "applied")], None),
+                            Err(e) => span.end_failed(
+                                vec![KeyValue::new("infermesh.outcome", "refused")],
+                                "refused",
+                                e.clone(),
+                            ),
+                        }
+                    }
                     let _ = pushed.applied.send(applied);
                 }
                 _ = self.lifecycle.drain_requested() => {

@@ -24,6 +24,7 @@ use crate::core::body::{BoxFuture, ProxyBody, boxed, holding};
 use crate::core::context::{Attempt, LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::retry_after;
+use crate::core::trace::{AttemptInfo, RequestTrace};
 
 /// A failed exchange counts as a response this slow in the latency
 /// estimate, so an endpoint that fails fast does not attract traffic.
@@ -51,7 +52,7 @@ impl Service<Request<ProxyBody>> for Balance {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<ProxyBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
         let backend = self.backend.clone();
         Box::pin(async move {
             let attempt = request.extensions().get::<Attempt>();
@@ -68,6 +69,7 @@ impl Service<Request<ProxyBody>> for Balance {
                     .at_backend(&backend.name)
                     .after_retries(retry));
             };
+            let hedge = attempt.is_some_and(|a| a.hedge);
             if let Some(last) = request.extensions().get::<LastAttempt>() {
                 last.note(Upstream {
                     backend: backend.name.clone(),
@@ -75,6 +77,18 @@ impl Service<Request<ProxyBody>> for Balance {
                     retries: retry,
                 });
             }
+            let mut span = match request.extensions().get::<RequestTrace>().cloned() {
+                Some(trace) => trace.attempt(
+                    &mut request,
+                    AttemptInfo {
+                        backend: &backend.name,
+                        endpoint: endpoint.addr,
+                        retry,
+                        hedge,
+                    },
+                ),
+                None => None,
+            };
             let probe = endpoint.health.on_send(now);
             endpoint.stats.requests.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight::start(endpoint.clone());
@@ -93,6 +107,9 @@ impl Service<Request<ProxyBody>> for Balance {
                 Ok(response) => {
                     let status = response.status();
                     backend.attempts.answered(status);
+                    if let Some(span) = &mut span {
+                        span.answered(status);
+                    }
                     if status.is_server_error() {
                         endpoint.latency.observe(done, rtt.max(FAILURE_PENALTY));
                         eject(&backend, &endpoint, done, probe);
@@ -114,11 +131,15 @@ impl Service<Request<ProxyBody>> for Balance {
                     });
                     Ok(Response::from_parts(
                         parts,
-                        holding(boxed(body), (in_flight, admission)),
+                        // The attempt's span ends with its body.
+                        holding(boxed(body), (in_flight, admission, span)),
                     ))
                 }
                 Err(kind) => {
                     backend.attempts.failed(kind.reason());
+                    if let Some(span) = span {
+                        span.failed(kind.reason());
+                    }
                     if kind.is_endpoint_fault() {
                         endpoint.stats.failures.fetch_add(1, Ordering::Relaxed);
                         endpoint.latency.observe(done, rtt.max(FAILURE_PENALTY));

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full};
 
+use crate::core::context::LastAttempt;
+
 /// The error type of every body and of hyper's service boundary.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -44,13 +46,16 @@ pub(crate) fn empty() -> ProxyBody {
 pub(crate) fn holding<H: Send + Unpin + 'static>(body: ProxyBody, held: H) -> ProxyBody {
     boxed(Holding {
         inner: body,
-        _held: held,
+        held: Some(held),
     })
 }
 
 struct Holding<H> {
     inner: ProxyBody,
-    _held: H,
+    /// Released as soon as the body ends, not when it is dropped: a
+    /// finished body may wait a while to be dropped, and what it holds
+    /// (an attempt's span, say) must end before what encloses it.
+    held: Option<H>,
 }
 
 impl<H: Unpin> Body for Holding<H> {
@@ -61,7 +66,61 @@ impl<H: Unpin> Body for Holding<H> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if ended {
+            this.held = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that adds the data bytes it passes to its request's
+/// count ([`LastAttempt::add_request_bytes`]), for the access log and
+/// `infermesh_request_size_bytes`. Put around the client's body, it counts
+/// what was read from the client once, however often a retry replays it.
+pub(crate) fn counting_request_bytes<B>(body: B, tally: LastAttempt) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    boxed(Counting { inner: body, tally })
+}
+
+struct Counting<B> {
+    inner: B,
+    tally: LastAttempt,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Counting<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.tally.add_request_bytes(data.len() as u64);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -168,5 +227,28 @@ impl Body for Prepended {
             hint.set_upper(upper + read);
         }
         hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_counted_body_adds_its_data_bytes_once() {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hello "))),
+            Ok(Frame::data(Bytes::from_static(b"world"))),
+            Ok(Frame::trailers(http::HeaderMap::new())),
+        ];
+        let tally = LastAttempt::default();
+        let body = counting_request_bytes(
+            http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
+            tally.clone(),
+        );
+        assert_eq!(tally.request_bytes(), 0);
+        let read = body.collect().await.unwrap().to_bytes();
+        assert_eq!(read, "hello world");
+        assert_eq!(tally.request_bytes(), 11);
     }
 }

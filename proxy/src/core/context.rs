@@ -8,6 +8,7 @@
 //! without depending on them.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,18 +55,43 @@ pub(crate) struct Upstream {
 /// waiting on, as Envoy logs the upstream host of a UT or a DC. One per
 /// request (the server makes it); every copy of the request (retries,
 /// hedges, fan-out branches) shares it, except a mirror's.
+///
+/// The same shared value counts the request body bytes read from the
+/// client, which the access log reads at the end as it reads the latest
+/// attempt: one allocation per request serves both.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct LastAttempt(Arc<Mutex<Option<Upstream>>>);
+pub(crate) struct LastAttempt(Arc<RequestTally>);
+
+/// What the server's request record and the layers below it both write.
+#[derive(Debug, Default)]
+struct RequestTally {
+    last: Mutex<Option<Upstream>>,
+    request_bytes: AtomicU64,
+}
 
 impl LastAttempt {
     /// Notes an attempt sent to `upstream`.
     pub(crate) fn note(&self, upstream: Upstream) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(upstream);
+        *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(upstream);
     }
 
     /// The latest attempt's backend and endpoint, if one was sent.
     pub(crate) fn get(&self) -> Option<Upstream> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Notes `bytes` more of the request body read from the client.
+    pub(crate) fn add_request_bytes(&self, bytes: u64) {
+        self.0.request_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The request body bytes read from the client so far.
+    pub(crate) fn request_bytes(&self) -> u64 {
+        self.0.request_bytes.load(Ordering::Relaxed)
     }
 }
 

@@ -15,3 +15,4 @@ pub(crate) mod headers;
 pub(crate) mod metrics;
 pub(crate) mod model;
 pub(crate) mod path;
+pub(crate) mod trace;

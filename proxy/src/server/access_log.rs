@@ -1,5 +1,9 @@
 //! Observing each request once its response has ended: one access-log line
-//! (target `infermesh::access`) and the request metrics.
+//! (target `infermesh::access`), unless the access log's filters leave it
+//! out ([`crate::server::access_filter`]), and the request metrics, which
+//! count every request: status, duration, body sizes, and the route's
+//! requests in flight (raised when the route is known, lowered once when
+//! the record is written).
 //!
 //! The response body is wrapped so that the record is written when the last
 //! frame goes out, when the body fails (a timeout or a backend reset
@@ -23,9 +27,13 @@ use crate::core::body::{BoxError, ProxyBody, boxed};
 use crate::core::context::{ConnectionInfo, LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::FANOUT_HEADER;
+use crate::core::trace::OpenSpan;
+use crate::server::access_filter::is_error;
 use crate::server::lifetime::{StreamGuard, Watched};
 use crate::server::respond::{Dialect, body_failure};
 use crate::server::shared::Shared;
+use crate::server::usage::{Dispatched, Scanner, Usage};
+use opentelemetry::KeyValue;
 
 /// What is known about one request, filled in as it goes through the
 /// phases and written out when its response ends.
@@ -48,8 +56,19 @@ pub(crate) struct RequestRecord {
     /// Whether the response is a stream of server-sent events.
     streamed: bool,
     first_event: Option<Duration>,
+    /// The `model` label: the route match's model, or the request's when
+    /// the config names it (bounded by the config).
+    model: Option<Arc<str>>,
+    /// The token counts the answer reported (OpenAI's `usage`).
+    usage: Option<Usage>,
+    /// The stream's `infermesh_time_between_events_seconds`, once it has
+    /// had an event.
+    between_events: Option<prometheus::Histogram>,
     /// A fan-out's report of its branches (`x-infermesh-fanout`).
     fanout: Option<http::HeaderValue>,
+    /// The route's `infermesh_requests_in_flight`, raised when the route
+    /// is known and lowered when the record is written.
+    in_flight: Option<prometheus::IntGauge>,
     status: StatusCode,
     /// The gRPC status of a gRPC response (trailers, or trailers-only
     /// headers), which an HTTP 200 does not tell.
@@ -59,6 +78,9 @@ pub(crate) struct RequestRecord {
     /// Where the latest attempt went, for a request that ends with no
     /// response from upstream.
     last_attempt: LastAttempt,
+    /// The request's server span, when it is traced: it ends with the
+    /// record.
+    span: Option<OpenSpan>,
     /// The record was written: it is written once.
     written: bool,
     shared: Arc<Shared>,
@@ -101,20 +123,48 @@ impl RequestRecord {
             first_byte: None,
             streamed: false,
             first_event: None,
+            model: None,
+            usage: None,
+            between_events: None,
             fanout: None,
+            in_flight: None,
             status: StatusCode::OK,
             grpc_status: None,
             error: None,
             detail: None,
             last_attempt,
+            span: None,
             written: false,
             shared,
         }
     }
 
+    /// Ends `span` with the record, attributed with what the record knows.
+    pub(crate) fn traced(&mut self, span: OpenSpan) {
+        self.span = Some(span);
+    }
+
     /// Notes the route that matched.
     pub(crate) fn set_route(&mut self, route: Arc<str>) {
+        if let Some(span) = &mut self.span {
+            span.rename(format!("{} {route}", self.method));
+        }
+        let in_flight = self
+            .shared
+            .metrics
+            .requests_in_flight
+            .with_label_values(&[&*route]);
+        in_flight.inc();
+        if let Some(previous) = self.in_flight.replace(in_flight) {
+            previous.dec();
+        }
         self.route = Some(route);
+    }
+
+    /// Notes the `model` label of the request
+    /// ([`crate::snapshot::Snapshot::model_label`]).
+    pub(crate) fn set_model(&mut self, model: Option<Arc<str>>) {
+        self.model = model;
     }
 
     /// Notes a response that came from a backend.
@@ -162,6 +212,15 @@ impl RequestRecord {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        // None (nothing allocated, nothing done per frame) unless the
+        // answer is an event stream or JSON that may carry token counts.
+        // A fan-out's combined JSON holds several models' answers, whose
+        // usages are not one answer's: it is not read (a `first` stream
+        // is the winner's, and is).
+        let combined = self.fanout.is_some() && !self.streamed;
+        let scanner = (!combined)
+            .then(|| Scanner::for_response(response.status(), response.headers(), self.uri.path()))
+            .flatten();
         response.map(|inner| {
             boxed(ObservedBody {
                 inner: stream.watch(inner),
@@ -169,6 +228,7 @@ impl RequestRecord {
                 bytes: 0,
                 dialect,
                 failed: false,
+                scanner,
             })
         })
     }
@@ -179,6 +239,41 @@ impl RequestRecord {
 
     fn backend_label(&self) -> &str {
         self.backend.as_deref().unwrap_or("")
+    }
+
+    fn model_label(&self) -> &str {
+        self.model.as_deref().unwrap_or("")
+    }
+
+    /// Notes server-sent events a frame completed: the stream's first
+    /// event is its time to first token, and each later one the gap since
+    /// the event before (events that came in one frame, 0).
+    fn events(&mut self, events: Dispatched) {
+        if self.between_events.is_none() {
+            // The stream's first events: the label values are looked up
+            // once.
+            let labels = [self.route_label(), self.backend_label(), self.model_label()];
+            let metrics = &self.shared.metrics;
+            if events.gap.is_none() {
+                let first = events.at.saturating_duration_since(self.started);
+                metrics
+                    .time_to_first_token
+                    .with_label_values(&labels)
+                    .observe(first.as_secs_f64());
+            }
+            let between = metrics.time_between_events.with_label_values(&labels);
+            self.between_events = Some(between);
+        }
+        let Some(between) = &self.between_events else {
+            return;
+        };
+        if let Some(gap) = events.gap {
+            between.observe(gap.as_secs_f64());
+        }
+        // The others came in the same frame as the event before them.
+        for _ in 1..events.count {
+            between.observe(0.0);
+        }
     }
 
     /// Notes the first response body bytes: for a stream, the time to its
@@ -219,6 +314,12 @@ impl RequestRecord {
             self.retries = last.retries;
         }
         let duration = self.started.elapsed();
+        let trace_ids = self.span.as_ref().and_then(OpenSpan::ids);
+        self.end_span(bytes);
+        if let Some(in_flight) = self.in_flight.take() {
+            in_flight.dec();
+        }
+        let request_bytes = self.last_attempt.request_bytes();
         let route = self.route_label();
         let backend = self.backend_label();
         let grpc_code = self.grpc_status.map(|s| s.to_string());
@@ -240,6 +341,34 @@ impl RequestRecord {
             .request_duration
             .with_label_values(&[route, backend])
             .observe(duration.as_secs_f64());
+        self.shared
+            .metrics
+            .request_size
+            .with_label_values(&[route, backend])
+            .observe(request_bytes as f64);
+        self.shared
+            .metrics
+            .response_size
+            .with_label_values(&[route, backend])
+            .observe(bytes as f64);
+        if let Some(usage) = self.usage {
+            let model = self.model_label();
+            for (kind, count) in [("input", usage.input), ("output", usage.output)] {
+                if let Some(count) = count {
+                    self.shared
+                        .metrics
+                        .tokens
+                        .with_label_values(&[route, backend, model, kind])
+                        .inc_by(count);
+                }
+            }
+        }
+        // Decided before the line is formatted: a line left out costs
+        // nothing more (the metrics above count every request).
+        let error = is_error(self.status.as_u16(), self.error, self.grpc_status);
+        if !self.shared.access_log.keeps(error, duration) {
+            return;
+        }
         tracing::info!(
             target: "infermesh::access",
             // The line is stamped with the request's start (as Envoy's and
@@ -263,6 +392,10 @@ impl RequestRecord {
             duration_ms = millis(duration),
             first_byte_ms = self.first_byte.map(millis),
             first_event_ms = self.first_event.map(millis),
+            model = self.model.as_deref(),
+            input_tokens = self.usage.and_then(|u| u.input),
+            output_tokens = self.usage.and_then(|u| u.output),
+            request_bytes,
             response_bytes = bytes,
             route,
             backend,
@@ -275,8 +408,79 @@ impl RequestRecord {
             listener = self.listener.as_deref().unwrap_or(""),
             request_id = self.request_id.to_str().unwrap_or(""),
             fanout = self.fanout.as_ref().and_then(|f| f.to_str().ok()),
+            trace_id = trace_ids.as_ref().map(|(trace, _)| trace.as_str()),
+            span_id = trace_ids.as_ref().map(|(_, span)| span.as_str()),
             "request"
         );
+    }
+
+    /// Ends the request's server span (if traced) with the attributes of
+    /// the OpenTelemetry HTTP conventions and infermesh's own.
+    fn end_span(&mut self, response_bytes: u64) {
+        let Some(span) = self.span.take() else {
+            return;
+        };
+        if !span.is_recording() {
+            return span.end(Vec::new(), None);
+        }
+        let mut attributes = Vec::with_capacity(12);
+        attributes.push(KeyValue::new(
+            "http.response.status_code",
+            i64::from(self.status.as_u16()),
+        ));
+        attributes.push(KeyValue::new(
+            "http.response.body.size",
+            i64::try_from(response_bytes).unwrap_or(i64::MAX),
+        ));
+        if let Some(route) = &self.route {
+            attributes.push(KeyValue::new("infermesh.route", route.to_string()));
+        }
+        if let Some(backend) = &self.backend {
+            attributes.push(KeyValue::new("infermesh.backend", backend.to_string()));
+        }
+        if let Some(endpoint) = self.endpoint {
+            attributes.push(KeyValue::new("infermesh.endpoint", endpoint.to_string()));
+        }
+        if self.retries > 0 {
+            attributes.push(KeyValue::new("infermesh.retries", i64::from(self.retries)));
+        }
+        if let Some(status) = self.grpc_status {
+            attributes.push(KeyValue::new("rpc.grpc.status_code", i64::from(status)));
+        }
+        if let Some(first_event) = self.first_event {
+            attributes.push(KeyValue::new(
+                "infermesh.time_to_first_token_ms",
+                millis(first_event),
+            ));
+        }
+        if let Some(fanout) = self.fanout.as_ref().and_then(|f| f.to_str().ok()) {
+            attributes.push(KeyValue::new("infermesh.fanout", fanout.to_owned()));
+        }
+        // The GenAI conventions, where the proxy knows them: the model
+        // (the model label), and the tokens the answer reported.
+        if let Some(model) = &self.model {
+            attributes.push(KeyValue::new("gen_ai.request.model", model.to_string()));
+        }
+        if let Some(usage) = self.usage {
+            if let Some(input) = usage.input {
+                attributes.push(KeyValue::new(
+                    "gen_ai.usage.input_tokens",
+                    i64::try_from(input).unwrap_or(i64::MAX),
+                ));
+            }
+            if let Some(output) = usage.output {
+                attributes.push(KeyValue::new(
+                    "gen_ai.usage.output_tokens",
+                    i64::try_from(output).unwrap_or(i64::MAX),
+                ));
+            }
+        }
+        // A server span is an error for a 5xx (a 4xx is the client's), or
+        // for the proxy's own failure (499 included).
+        let error = self
+            .error
+            .or_else(|| self.status.is_server_error().then(|| self.status.as_str()));
+        span.end(attributes, error);
     }
 }
 
@@ -315,11 +519,17 @@ struct ObservedBody {
     dialect: Dialect,
     /// The body failed and told its client so: it has ended.
     failed: bool,
+    /// Reads the events and token counts of a model's answer as it
+    /// passes ([`crate::server::usage`]); none for other bodies.
+    scanner: Option<Scanner>,
 }
 
 impl ObservedBody {
     fn finish(&mut self, error: Option<&'static str>) {
         if let Some(mut record) = self.record.take() {
+            if let Some(scanner) = &mut self.scanner {
+                record.usage = scanner.finish();
+            }
             record.finish(self.bytes, error);
         }
     }
@@ -347,6 +557,14 @@ impl Body for ObservedBody {
                         record.first_data();
                     }
                     self.bytes += data.len() as u64;
+                    // Read as the frame goes on: nothing waits for it.
+                    let this = &mut *self;
+                    if let Some(scanner) = &mut this.scanner
+                        && let Some(events) = scanner.feed(data, Instant::now)
+                        && let Some(record) = &mut this.record
+                    {
+                        record.events(events);
+                    }
                 }
                 if let Some(trailers) = frame.trailers_ref()
                     && let Some(record) = &mut self.record

@@ -28,6 +28,32 @@ pub(crate) struct Metrics {
     /// arrival to the first body bytes of a streamed (`text/event-stream`)
     /// response: the time to first token a client of a generation sees.
     pub stream_first_event: HistogramVec,
+    /// `infermesh_tokens_total{route,backend,model,type}`: the tokens
+    /// OpenAI-compatible answers reported in their `usage` (`type`:
+    /// `input` or `output`); OpenTelemetry's `gen_ai.client.token.usage`.
+    /// `model` is the model of the route match that matched, or the model
+    /// the request names when the config names it too, else empty.
+    pub tokens: IntCounterVec,
+    /// `infermesh_time_to_first_token_seconds{route,backend,model}`: from
+    /// request arrival to the first whole event of a streamed answer;
+    /// OpenTelemetry's `gen_ai.server.time_to_first_token`.
+    pub time_to_first_token: HistogramVec,
+    /// `infermesh_time_between_events_seconds{route,backend,model}`: the
+    /// gap between consecutive events of a streamed answer, the time per
+    /// output token a client sees; OpenTelemetry's
+    /// `gen_ai.server.time_per_output_token`.
+    pub time_between_events: HistogramVec,
+    /// `infermesh_request_size_bytes{route,backend}`: request body bytes
+    /// read from the client (Istio's `istio_request_bytes`).
+    pub request_size: HistogramVec,
+    /// `infermesh_response_size_bytes{route,backend}`: response body bytes
+    /// sent to the client (Istio's `istio_response_bytes`).
+    pub response_size: HistogramVec,
+    /// `infermesh_requests_in_flight{route}`: requests that matched the
+    /// route and have not finished, streamed response bodies included
+    /// (Envoy's `downstream_rq_active`, per route): what an autoscaler
+    /// (HPA, KEDA) reads.
+    pub requests_in_flight: IntGaugeVec,
     /// `infermesh_downstream_connections{listener}`: open client connections.
     pub downstream_connections: IntGaugeVec,
     /// `infermesh_outside_mesh_total{listener,protocol,action}`: traffic an
@@ -76,6 +102,36 @@ impl Metrics {
             stream_first_event: latency(
                 "infermesh_stream_first_event_seconds",
                 "Time from request arrival to the first body bytes of a streamed (text/event-stream) response.",
+            ),
+            tokens: registry.counter(
+                "infermesh_tokens_total",
+                "Tokens reported in the usage of OpenAI-compatible answers, by route, backend, model (of the matched route match, or the request's when the config names it; else empty) and type (input, output). OpenTelemetry: gen_ai.client.token.usage.",
+                &["route", "backend", "model", "type"],
+            ),
+            time_to_first_token: registry.model_latency(
+                "infermesh_time_to_first_token_seconds",
+                "Time from request arrival to the first server-sent event of a streamed answer, by route, backend and model. OpenTelemetry: gen_ai.server.time_to_first_token.",
+                &["route", "backend", "model"],
+            ),
+            time_between_events: registry.inter_event(
+                "infermesh_time_between_events_seconds",
+                "Time between consecutive server-sent events of a streamed answer (the time per output token), by route, backend and model. OpenTelemetry: gen_ai.server.time_per_output_token.",
+                &["route", "backend", "model"],
+            ),
+            request_size: registry.sizes(
+                "infermesh_request_size_bytes",
+                "Request body bytes read from the client, by route and backend.",
+                &["route", "backend"],
+            ),
+            response_size: registry.sizes(
+                "infermesh_response_size_bytes",
+                "Response body bytes sent to the client, by route and backend.",
+                &["route", "backend"],
+            ),
+            requests_in_flight: registry.gauge(
+                "infermesh_requests_in_flight",
+                "Requests that matched the route and have not finished (their response bodies included), by route.",
+                &["route"],
             ),
             downstream_connections: registry.gauge(
                 "infermesh_downstream_connections",

@@ -5,8 +5,11 @@
 //! request's phases ([`request`]: authorize, route, forward, respond,
 //! observe), turning the proxy's errors into responses ([`respond`]),
 //! forwarding a capture listener's unrouted requests to their original
-//! destination ([`original`]) and the access log ([`access_log`]).
+//! destination ([`original`]) and the access log ([`access_log`]), with the
+//! filters that decide which requests it writes ([`access_filter`]) and
+//! the reading of token counts and events in model answers ([`usage`]).
 
+pub(crate) mod access_filter;
 pub(crate) mod access_log;
 pub(crate) mod connection;
 pub(crate) mod lifetime;
@@ -16,5 +19,6 @@ pub(crate) mod original;
 pub(crate) mod request;
 pub(crate) mod respond;
 pub(crate) mod shared;
+pub(crate) mod usage;
 
 pub(crate) use metrics::Metrics;

@@ -35,7 +35,7 @@ use http::{Method, Request, Response, Uri};
 use hyper::body::Incoming;
 use infermesh_api::{EscapedSlashes, OutsideMesh};
 
-use crate::core::body::{BoxFuture, ProxyBody, boxed};
+use crate::core::body::{BoxFuture, ProxyBody, boxed, counting_request_bytes};
 use crate::core::context::{ConnectionInfo, LastAttempt};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::{X_REQUEST_ID, ensure_request_id};
@@ -60,8 +60,9 @@ pub(crate) struct RequestService {
 
 /// Where the route phase sends a request.
 enum Destination {
-    /// A route rule, or the default rule of a backend found by address.
-    Rule(Arc<RuleStack>),
+    /// A route rule, or the default rule of a backend found by address;
+    /// and the model of the route match that matched, if it names one.
+    Rule(Arc<RuleStack>, Option<Arc<str>>),
     /// The connection's original destination.
     Original(Arc<OriginalDestination>),
     /// Nowhere: the destination is outside the mesh, and blocked.
@@ -94,8 +95,8 @@ impl RequestService {
         snapshot: &Snapshot,
         listener: &ListenerEntry,
     ) -> Option<Destination> {
-        if let Some(rule) = listener.router.route(request) {
-            return Some(Destination::Rule(rule.clone()));
+        if let Some((rule, model)) = listener.router.route_with_model(request) {
+            return Some(Destination::Rule(rule.clone(), model.cloned()));
         }
         let destination = self.connection.original_destination?;
         let count = |action: &str| {
@@ -107,7 +108,7 @@ impl RequestService {
         };
         if listener.is_outbound_capture() {
             if let Some(backend) = snapshot.by_address(destination) {
-                return Some(Destination::Rule(backend.clone()));
+                return Some(Destination::Rule(backend.clone(), None));
             }
             // Decided per request, by the listener as configured now.
             if listener.outside_mesh == OutsideMesh::Blocked {
@@ -162,7 +163,17 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
             .lifetime
             .start_stream(request.version() == http::Version::HTTP_2);
         let snapshot = self.shared.snapshot.load_full();
-        let mut request = request.map(boxed);
+        let has_body = !http_body::Body::is_end_stream(request.body());
+        let last_attempt = LastAttempt::default();
+        // The body's bytes are counted as they are read from the client,
+        // for the access log and the size histogram; a request without a
+        // body is not wrapped.
+        let mut request = if has_body {
+            let tally = last_attempt.clone();
+            request.map(|body| counting_request_bytes(body, tally))
+        } else {
+            request.map(boxed)
+        };
         request.extensions_mut().insert(self.connection.clone());
         let listener = snapshot.listener(self.connection.listener);
         // Phase: check.
@@ -172,8 +183,6 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         // attempt carries the id.
         let request_id = ensure_request_id(request.headers_mut());
         let dialect = Dialect::of(&request);
-        let has_body = !http_body::Body::is_end_stream(request.body());
-        let last_attempt = LastAttempt::default();
         request.extensions_mut().insert(last_attempt.clone());
         let mut record = RequestRecord::start(
             &request,
@@ -184,6 +193,11 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
             last_attempt,
             self.shared.clone(),
         );
+        if let Some(tracing) = &self.shared.tracing {
+            let span = tracing.request_span(&request, started, &self.connection, &request_id);
+            request.extensions_mut().insert(span.request_trace());
+            record.traced(span);
+        }
 
         // Phase: authorize.
         let denied = refused.or_else(|| {
@@ -212,13 +226,15 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
             };
             // Phase: forward.
             let forwarded = match destination {
-                Some(Destination::Rule(stack)) => {
+                Some(Destination::Rule(stack, model)) => {
                     record.set_route(stack.route.clone());
+                    record.set_model(snapshot.model_label(model, &request));
                     Ok((stack.route.clone(), stack.send(request)))
                 }
                 Some(Destination::Original(original)) => {
                     let route = original.name().clone();
                     record.set_route(route.clone());
+                    record.set_model(snapshot.model_label(None, &request));
                     Ok((route, original.send(request)))
                 }
                 Some(Destination::Blocked(destination)) => Err(ErrorKind::OutsideMesh(destination)),

@@ -1,12 +1,14 @@
 //! What every connection of the proxy shares: the serving snapshot, read
-//! once per request, the metrics, and when the proxy last ran out of file
-//! descriptors.
+//! once per request, the metrics, the access log's filter, the tracer, and when the
+//! proxy last ran out of file descriptors.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use crate::core::trace::Tracing;
+use crate::server::access_filter::AccessLogFilter;
 use crate::server::metrics::Metrics;
 use crate::snapshot::Snapshot;
 
@@ -19,6 +21,10 @@ pub(crate) struct Shared {
     /// When a listener last could not accept for want of file
     /// descriptors.
     pub out_of_descriptors: Mutex<Option<Instant>>,
+    /// Which requests the access log writes a line for.
+    pub access_log: AccessLogFilter,
+    /// What requests are traced with, when tracing is on.
+    pub tracing: Option<Tracing>,
 }
 
 /// For how long after running out of file descriptors the proxy says it
@@ -26,13 +32,22 @@ pub(crate) struct Shared {
 const OUT_OF_DESCRIPTORS_UNREADY: Duration = Duration::from_secs(5);
 
 impl Shared {
-    /// Shares `snapshot` and `metrics` with every connection.
-    pub(crate) fn new(snapshot: Snapshot, metrics: Metrics) -> Self {
+    /// Shares `snapshot`, `metrics` and the access log's filter with
+    /// every connection.
+    pub(crate) fn new(snapshot: Snapshot, metrics: Metrics, access_log: AccessLogFilter) -> Self {
         Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             out_of_descriptors: Mutex::new(None),
+            access_log,
+            tracing: None,
         }
+    }
+
+    /// Traces every request with `tracing`.
+    pub(crate) fn with_tracing(mut self, tracing: Option<Tracing>) -> Self {
+        self.tracing = tracing;
+        self
     }
 
     /// Notes that a listener could not accept for want of file

@@ -16,6 +16,7 @@ use crate::core::body::{BoxFuture, ProxyBody, collect_limited, first_frame, full
 use crate::core::context::Upstream;
 use crate::core::error::ProxyError;
 use crate::core::model::{self, BodyFields};
+use crate::core::trace::RequestTrace;
 
 /// The service a branch's request goes through: its backend's balancer.
 pub(super) type BranchService =
@@ -204,6 +205,11 @@ impl Branch {
         *request.version_mut() = head.version;
         *request.headers_mut() = headers;
         *request.extensions_mut() = head.extensions.clone();
+        if let Some(trace) = request.extensions().get::<RequestTrace>() {
+            // The branch's attempts say which branch they are.
+            let branch = trace.in_branch(self.name.clone());
+            request.extensions_mut().insert(branch);
+        }
         Ok(request)
     }
 
