@@ -59,6 +59,20 @@ impl Tracing {
         connection: &ConnectionInfo,
         request_id: &http::HeaderValue,
     ) -> OpenSpan {
+        let start = SystemTime::now()
+            .checked_sub(started.elapsed())
+            .unwrap_or_else(SystemTime::now);
+        let mut open = self.server_span(
+            request.headers(),
+            start,
+            Vec::new(),
+            span_name(request.method()),
+        );
+        // Attributes are made only for a span that keeps them: an
+        // unsampled request (most, at a low ratio) allocates none.
+        if !open.span.is_recording() {
+            return open;
+        }
         let uri = request.uri();
         let mut attributes = Vec::with_capacity(12);
         attributes.push(KeyValue::new(
@@ -108,15 +122,8 @@ impl Tracing {
         if let Some(peer) = &connection.peer_identity {
             attributes.push(KeyValue::new("infermesh.peer_identity", peer.to_string()));
         }
-        let start = SystemTime::now()
-            .checked_sub(started.elapsed())
-            .unwrap_or_else(SystemTime::now);
-        self.server_span(
-            request.headers(),
-            start,
-            attributes,
-            span_name(request.method()),
-        )
+        open.span.set_attributes(attributes);
+        open
     }
 
     /// Starts a span continuing the trace of a W3C `traceparent` sent some

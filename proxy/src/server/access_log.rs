@@ -146,7 +146,9 @@ impl RequestRecord {
 
     /// Notes the route that matched.
     pub(crate) fn set_route(&mut self, route: Arc<str>) {
-        if let Some(span) = &mut self.span {
+        if let Some(span) = &mut self.span
+            && span.is_recording()
+        {
             span.rename(format!("{} {route}", self.method));
         }
         let in_flight = self
