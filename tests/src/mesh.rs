@@ -293,3 +293,35 @@ impl Drop for ControlPlane {
         self.kill();
     }
 }
+
+/// The documents of a one-model mesh for a gateway the control plane
+/// feeds: Backend `model` (namespace `models`) at `model`, Listener
+/// `public` on an ephemeral port, and Route `edge` on it sending to the
+/// backend, its rule's other fields `rule_extra` (YAML flow mapping
+/// entries, e.g. `timeouts: { responseHeaders: 30s }`; empty for none).
+pub fn gateway_mesh(model: SocketAddr, rule_extra: &str) -> String {
+    let extra = if rule_extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {rule_extra}")
+    };
+    format!(
+        "apiVersion: infermesh.io/v1alpha1
+kind: Backend
+metadata: {{ name: model, namespace: models }}
+spec: {{ endpoints: [{{ address: \"{model}\" }}] }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Listener
+metadata: {{ name: public }}
+spec: {{ address: \"127.0.0.1:0\" }}
+---
+apiVersion: infermesh.io/v1alpha1
+kind: Route
+metadata: {{ name: edge }}
+spec:
+  listeners: [public]
+  rules: [{{ backends: [{{ name: model.models }}]{extra} }}]
+"
+    )
+}

@@ -24,7 +24,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use infermesh_tests::backend::{self, MockBackend, Protocol};
 use infermesh_tests::client;
-use infermesh_tests::mesh::{ControlPlane, MeshFiles};
+use infermesh_tests::mesh::{ControlPlane, MeshFiles, gateway_mesh};
 use infermesh_tests::otlp::OtlpReceiver;
 use infermesh_tests::process::{Gateway, backend, config, listener, route_with};
 use serde_json::Value;
@@ -1042,30 +1042,13 @@ fn model() -> backend::Handler {
 /// listener whose route sends to it, and a listener that takes only
 /// mutual TLS.
 fn mesh_documents(model: std::net::SocketAddr) -> String {
-    format!(
-        "apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: {{ name: model, namespace: models }}
-spec: {{ endpoints: [{{ address: \"{model}\" }}] }}
----
+    gateway_mesh(model, "")
+        + "---
 apiVersion: infermesh.io/v1alpha1
 kind: Listener
-metadata: {{ name: public }}
-spec: {{ address: \"127.0.0.1:0\" }}
----
-apiVersion: infermesh.io/v1alpha1
-kind: Listener
-metadata: {{ name: mtls }}
-spec: {{ address: \"127.0.0.1:0\", tls: {{ mode: strict }} }}
----
-apiVersion: infermesh.io/v1alpha1
-kind: Route
-metadata: {{ name: edge }}
-spec:
-  listeners: [public]
-  rules: [{{ backends: [{{ name: model.models }}] }}]
+metadata: { name: mtls }
+spec: { address: \"127.0.0.1:0\", tls: { mode: strict } }
 "
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

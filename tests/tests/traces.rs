@@ -389,24 +389,9 @@ spec:
 /// A gateway's config, as the control plane's directory holds it, with
 /// the route's timeout `timeout` (changing it makes a new version).
 fn mesh_documents(model: std::net::SocketAddr, timeout: &str) -> String {
-    format!(
-        "apiVersion: infermesh.io/v1alpha1
-kind: Backend
-metadata: {{ name: llama, namespace: models }}
-spec: {{ endpoints: [{{ address: \"{model}\" }}] }}
----
-apiVersion: infermesh.io/v1alpha1
-kind: Listener
-metadata: {{ name: public }}
-spec: {{ address: \"127.0.0.1:0\" }}
----
-apiVersion: infermesh.io/v1alpha1
-kind: Route
-metadata: {{ name: edge }}
-spec:
-  listeners: [public]
-  rules: [{{ backends: [{{ name: llama.models }}], timeouts: {{ responseHeaders: {timeout} }} }}]
-"
+    infermesh_tests::mesh::gateway_mesh(
+        model,
+        &format!("timeouts: {{ responseHeaders: {timeout} }}"),
     )
 }
 
