@@ -157,3 +157,31 @@ pub fn full(bytes: impl Into<Bytes>) -> TestBody {
         .map_err(|never| match never {})
         .boxed()
 }
+
+/// A backend whose single response is a `text/event-stream` carrying
+/// exactly the frames the test sends on the returned channel, each as it
+/// is sent (the stream ends when the sender is dropped): for tests of
+/// what the proxy forwards, and when.
+pub fn scripted_stream() -> (Handler, tokio::sync::mpsc::Sender<Bytes>) {
+    let (frames, receiver) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let receiver = Arc::new(std::sync::Mutex::new(Some(receiver)));
+    let handler: Handler = Arc::new(move |_request: Request<Incoming>| {
+        let receiver = receiver
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .expect("one streaming request");
+        Box::pin(async move {
+            let stream = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(receiver),
+                |b| Ok(hyper::body::Frame::data(b)),
+            );
+            let body: TestBody = http_body_util::StreamBody::new(stream).boxed();
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .expect("a valid response")
+        })
+    });
+    (handler, frames)
+}

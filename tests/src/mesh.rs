@@ -79,6 +79,18 @@ impl MeshFiles {
         out
     }
 
+    /// A credential file holding a well-formed join token that this
+    /// mesh never issued: the certificate service refuses it.
+    pub fn unknown_credential(&self) -> PathBuf {
+        let path = self.path().join("unknown.token");
+        std::fs::write(
+            &path,
+            "imjt_0000000000000000_00000000000000000000000000000000\n",
+        )
+        .expect("write the token");
+        path
+    }
+
     /// The flags that start a proxy of this mesh as `node`, with
     /// `credential`, attached to the control planes at `addresses`.
     pub fn proxy_args(

@@ -4,15 +4,12 @@
 //! over HTTP/protobuf (`POST /v1/traces`), each on its own ephemeral
 //! loopback port.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::BodyExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -24,6 +21,8 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+
+use crate::backend::{MockBackend, Protocol};
 
 /// A span as received, with the `service.name` of its resource.
 #[derive(Clone, Debug)]
@@ -127,7 +126,8 @@ pub struct OtlpReceiver {
     /// The HTTP/protobuf endpoint's address.
     pub http: SocketAddr,
     received: Received,
-    _tasks: JoinSet<()>,
+    _grpc: JoinSet<()>,
+    _http: MockBackend,
 }
 
 impl OtlpReceiver {
@@ -145,61 +145,48 @@ impl OtlpReceiver {
                 .serve_with_incoming(incoming)
                 .await;
         });
-        let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let http = http_listener.local_addr().expect("bound");
+        // OTLP/HTTP: `POST /v1/traces` with a protobuf body, served by the
+        // harness's own mock backend.
         let on_http = received.clone();
-        tasks.spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = http_listener.accept().await else {
-                    continue;
-                };
+        let http = MockBackend::start(
+            Protocol::Http1,
+            Arc::new(move |request: http::Request<hyper::body::Incoming>| {
                 let received = on_http.clone();
-                let service = hyper::service::service_fn(
-                    move |request: http::Request<hyper::body::Incoming>| {
-                        let received = received.clone();
-                        async move {
-                            let right_path = request.uri().path() == "/v1/traces";
-                            let body = request
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
-                            let status = match ExportTraceServiceRequest::decode(body) {
-                                Ok(export) if right_path => {
-                                    received.add(export);
-                                    StatusCode::OK
-                                }
-                                Ok(_) => StatusCode::NOT_FOUND,
-                                Err(_) => StatusCode::BAD_REQUEST,
-                            };
-                            let answer = ExportTraceServiceResponse {
-                                partial_success: None,
-                            }
-                            .encode_to_vec();
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/x-protobuf")
-                                    .body(Full::new(Bytes::from(answer)))
-                                    .expect("a valid response"),
-                            )
+                Box::pin(async move {
+                    let right_path = request.uri().path() == "/v1/traces";
+                    let body = request
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let status = match ExportTraceServiceRequest::decode(body) {
+                        Ok(export) if right_path => {
+                            received.add(export);
+                            StatusCode::OK
                         }
-                    },
-                );
-                connections.spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+                        Ok(_) => StatusCode::NOT_FOUND,
+                        Err(_) => StatusCode::BAD_REQUEST,
+                    };
+                    let answer = ExportTraceServiceResponse {
+                        partial_success: None,
+                    }
+                    .encode_to_vec();
+                    Response::builder()
+                        .status(status)
+                        .header("content-type", "application/x-protobuf")
+                        .body(crate::backend::full(answer))
+                        .expect("a valid response")
+                })
+            }),
+        )
+        .await;
         OtlpReceiver {
             grpc,
-            http,
+            http: http.addr,
             received,
-            _tasks: tasks,
+            _grpc: tasks,
+            _http: http,
         }
     }
 

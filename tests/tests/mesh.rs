@@ -751,12 +751,7 @@ spec:
 async fn a_proxy_without_a_valid_credential_is_refused_with_its_reason_and_never_ready() {
     let v1 = MockBackend::echo("llama-v1", Protocol::Http1).await;
     let files = MeshFiles::new(&documents(v1.addr, v1.addr, &[], "llama-v1", "127.0.0.1:0"));
-    let unknown = files.path().join("unknown.token");
-    std::fs::write(
-        &unknown,
-        "imjt_0000000000000000_00000000000000000000000000000000\n",
-    )
-    .expect("write");
+    let unknown = files.unknown_credential();
     let expired = files.credential("apps", "old", "1s");
     let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s"]);
     tokio::time::sleep(Duration::from_millis(1_100)).await;

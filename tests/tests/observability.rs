@@ -1086,12 +1086,7 @@ async fn every_metric_the_files_name_is_one_infermesh_exposes() {
     // certificate (an unknown join token).
     let files = MeshFiles::new(&mesh_documents(model.addr));
     let credential = files.credential("edge", "gateway", "1h");
-    let unknown = files.path().join("unknown.token");
-    std::fs::write(
-        &unknown,
-        "imjt_0000000000000000_00000000000000000000000000000000\n",
-    )
-    .expect("write the token");
+    let unknown = files.unknown_credential();
     let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s"]);
     let args = files.proxy_args(&[control_plane.grpc], "edge-0", &credential, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

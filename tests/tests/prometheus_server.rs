@@ -923,12 +923,7 @@ async fn every_rule_alert_and_dashboard_query_returns_data_from_a_real_prometheu
         .expect("an address");
     let files = MeshFiles::new(&mesh_documents(&models.servers, grpc.addr, dead));
     let credential = files.credential("edge", "gateway", "1h");
-    let unknown = files.path().join("unknown.token");
-    std::fs::write(
-        &unknown,
-        "imjt_0000000000000000_00000000000000000000000000000000\n",
-    )
-    .expect("write the token");
+    let unknown = files.unknown_credential();
     let control_plane = ControlPlane::start(&files, None, &["--heartbeat", "1s"]);
     // A trace collector that takes connections and never answers: the
     // gateway's export waits, its queue fills and spans are dropped.

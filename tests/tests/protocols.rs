@@ -2,19 +2,17 @@
 //! gRPC with its status in trailers, server-sent events arriving one by
 //! one, and protocol upgrades tunnelled.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use infermesh_tests::backend::{Handler, MockBackend, Protocol, TestBody};
+use infermesh_tests::backend::{Handler, MockBackend, Protocol, TestBody, scripted_stream};
 use infermesh_tests::client;
 use infermesh_tests::process::{Gateway, backend, config, listener, route_by_prefix};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 fn one_route(backend_name: &str) -> String {
     format!(
@@ -203,29 +201,6 @@ async fn trailers_pass_through_unchanged() {
     // A failed call in an HTTP 200: its status is read from the trailers.
     let line = gateway.wait_for_log(|l| l["message"] == "request", Duration::from_secs(5));
     assert_eq!(line["grpc_status"], 13, "{line}");
-}
-
-/// A backend whose single response streams the events the test sends.
-fn scripted_stream() -> (Handler, mpsc::Sender<Bytes>) {
-    let (events, receiver) = mpsc::channel::<Bytes>(16);
-    let receiver = Arc::new(Mutex::new(Some(receiver)));
-    let handler: Handler = Arc::new(move |_req: Request<Incoming>| {
-        let receiver = receiver
-            .lock()
-            .unwrap()
-            .take()
-            .expect("one streaming request");
-        Box::pin(async move {
-            let stream =
-                tokio_stream::StreamExt::map(ReceiverStream::new(receiver), |b| Ok(Frame::data(b)));
-            let body: TestBody = StreamBody::new(stream).boxed();
-            Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(body)
-                .unwrap()
-        })
-    });
-    (handler, events)
 }
 
 #[tokio::test(flavor = "multi_thread")]

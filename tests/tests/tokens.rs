@@ -4,20 +4,17 @@
 //! a `model` label taken from the config only; a stream's events are
 //! timed; and reading them holds no frame back.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use infermesh_tests::backend::{Handler, MockBackend, Protocol, TestBody};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use infermesh_tests::backend::{MockBackend, Protocol, scripted_stream};
 use infermesh_tests::client;
 use infermesh_tests::models::MockModels;
 use infermesh_tests::process::{Gateway, backend, config, listener};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 /// Mock models answering with a few words, streamed a few milliseconds
 /// apart.
@@ -207,29 +204,6 @@ spec:
         Some((streamed_events - 1 + plain_events - 1) as f64),
         "{text}"
     );
-}
-
-/// A backend whose single response streams the frames the test sends.
-fn scripted_stream() -> (Handler, mpsc::Sender<Bytes>) {
-    let (frames, receiver) = mpsc::channel::<Bytes>(16);
-    let receiver = Arc::new(Mutex::new(Some(receiver)));
-    let handler: Handler = Arc::new(move |_req: Request<Incoming>| {
-        let receiver = receiver
-            .lock()
-            .unwrap()
-            .take()
-            .expect("one streaming request");
-        Box::pin(async move {
-            let stream =
-                tokio_stream::StreamExt::map(ReceiverStream::new(receiver), |b| Ok(Frame::data(b)));
-            let body: TestBody = StreamBody::new(stream).boxed();
-            Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(body)
-                .unwrap()
-        })
-    });
-    (handler, frames)
 }
 
 async fn next_data(body: &mut Incoming) -> String {
