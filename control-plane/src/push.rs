@@ -28,7 +28,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use opentelemetry::KeyValue;
-use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::{Span as _, SpanKind, TraceContextExt as _, Tracer as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracer;
 
 use crate::client::ClientInfo;
@@ -576,16 +578,15 @@ impl Session {
                 KeyValue::new("infermesh.parts", parts as i64),
             ])
             .start_with_context(tracer, &opentelemetry::Context::new());
-        let context = span.span_context();
-        if !context.is_sampled() {
+        if !span.span_context().is_sampled() {
             return (None, String::new());
         }
-        let traceparent = format!(
-            "00-{}-{}-{:02x}",
-            context.trace_id(),
-            context.span_id(),
-            context.trace_flags().to_u8()
+        let mut carrier = HashMap::new();
+        TraceContextPropagator::new().inject_context(
+            &opentelemetry::Context::new().with_remote_span_context(span.span_context().clone()),
+            &mut carrier,
         );
+        let traceparent = carrier.remove("traceparent").unwrap_or_default();
         (Some(span), traceparent)
     }
 

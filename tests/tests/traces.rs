@@ -234,13 +234,26 @@ async fn with_sampling_off_nothing_is_sent_and_the_context_still_goes_upstream()
             .to_owned();
         assert!(sent.starts_with("00-") && sent.ends_with("-00"), "{sent}");
     }
+    // Parent-based: a caller that sampled its trace is still recorded,
+    // which also shows this proxy's export works.
+    let sampled = Request::get(gateway.url("web", "/v1/models"))
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client::send(&client, sampled).await.unwrap().status, 200);
     let metrics = client::metrics(gateway.health).await;
     assert_eq!(
         client::metric_value(&metrics, "infermesh_trace_spans_dropped_total"),
         Some(0.0)
     );
     stop(gateway);
-    assert!(receiver.spans().is_empty(), "{:#?}", receiver.spans());
+    // Only the sampled caller's request: its server span and its attempt.
+    let spans = receiver.spans();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    assert!(
+        spans.iter().all(|s| s.trace_id() == CLIENT_TRACE),
+        "{spans:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
