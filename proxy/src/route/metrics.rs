@@ -1,13 +1,20 @@
 //! The route layer's metric families: what a rule's stack counts of its
-//! rate limit, retries, hedges, mirrored copies and fan-outs.
+//! requests in flight, rate limit, retries, hedges, mirrored copies and
+//! fan-outs.
 
-use prometheus::{HistogramVec, IntCounterVec};
+use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
 
 use crate::core::metrics::Registry;
 
 /// The route layer's metric families.
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
+    /// `infermesh_requests_in_flight{route}`: requests that matched the
+    /// route and have not finished, streamed response bodies included
+    /// (Envoy's `downstream_rq_active`, per route): what an autoscaler
+    /// (HPA, KEDA) reads. Each rule stack holds its route's gauge, resolved
+    /// when the stack is built, so a request pays no label lookup for it.
+    pub requests_in_flight: IntGaugeVec,
     /// `infermesh_rate_limited_total{route}`: requests refused by a rule's
     /// rate limit.
     pub rate_limited: IntCounterVec,
@@ -46,6 +53,11 @@ impl Metrics {
     /// Registers the route layer's families in `registry`.
     pub(crate) fn register(registry: &Registry) -> Self {
         Metrics {
+            requests_in_flight: registry.gauge(
+                "infermesh_requests_in_flight",
+                "Requests that matched the route and have not finished (their response bodies included), by route.",
+                &["route"],
+            ),
             rate_limited: registry.counter(
                 "infermesh_rate_limited_total",
                 "Requests refused by a route's local rate limit.",

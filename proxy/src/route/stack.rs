@@ -53,6 +53,8 @@ pub(crate) struct RuleStack {
     pub route: Arc<str>,
     /// The rule's service stack.
     pub service: RuleService,
+    /// The route's `infermesh_requests_in_flight`.
+    pub in_flight: prometheus::IntGauge,
 }
 
 impl RuleStack {
@@ -67,6 +69,7 @@ impl RuleStack {
         RuleStack {
             route: route.clone(),
             service: rule_service(rule, route, backends, metrics),
+            in_flight: metrics.requests_in_flight.with_label_values(&[&**route]),
         }
     }
 

@@ -144,18 +144,14 @@ impl RequestRecord {
         self.span = Some(span);
     }
 
-    /// Notes the route that matched.
-    pub(crate) fn set_route(&mut self, route: Arc<str>) {
+    /// Notes the route that matched, and counts the request in its
+    /// `in_flight` gauge until the record is written.
+    pub(crate) fn set_route(&mut self, route: Arc<str>, in_flight: prometheus::IntGauge) {
         if let Some(span) = &mut self.span
             && span.is_recording()
         {
             span.rename(format!("{} {route}", self.method));
         }
-        let in_flight = self
-            .shared
-            .metrics
-            .requests_in_flight
-            .with_label_values(&[&*route]);
         in_flight.inc();
         if let Some(previous) = self.in_flight.replace(in_flight) {
             previous.dec();

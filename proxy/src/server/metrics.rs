@@ -49,11 +49,6 @@ pub(crate) struct Metrics {
     /// `infermesh_response_size_bytes{route,backend}`: response body bytes
     /// sent to the client (Istio's `istio_response_bytes`).
     pub response_size: HistogramVec,
-    /// `infermesh_requests_in_flight{route}`: requests that matched the
-    /// route and have not finished, streamed response bodies included
-    /// (Envoy's `downstream_rq_active`, per route): what an autoscaler
-    /// (HPA, KEDA) reads.
-    pub requests_in_flight: IntGaugeVec,
     /// `infermesh_downstream_connections{listener}`: open client connections.
     pub downstream_connections: IntGaugeVec,
     /// `infermesh_outside_mesh_total{listener,protocol,action}`: traffic an
@@ -127,11 +122,6 @@ impl Metrics {
                 "infermesh_response_size_bytes",
                 "Response body bytes sent to the client, by route and backend.",
                 &["route", "backend"],
-            ),
-            requests_in_flight: registry.gauge(
-                "infermesh_requests_in_flight",
-                "Requests that matched the route and have not finished (their response bodies included), by route.",
-                &["route"],
             ),
             downstream_connections: registry.gauge(
                 "infermesh_downstream_connections",

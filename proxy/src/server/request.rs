@@ -227,13 +227,23 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
             // Phase: forward.
             let forwarded = match destination {
                 Some(Destination::Rule(stack, model)) => {
-                    record.set_route(stack.route.clone());
+                    record.set_route(stack.route.clone(), stack.in_flight.clone());
                     record.set_model(snapshot.model_label(model, &request));
                     Ok((stack.route.clone(), stack.send(request)))
                 }
                 Some(Destination::Original(original)) => {
                     let route = original.name().clone();
-                    record.set_route(route.clone());
+                    // The original destination's pseudo-route (a sidecar's
+                    // passthrough): looked up per request, as it has no
+                    // stack of its own.
+                    let in_flight = this
+                        .shared
+                        .metrics
+                        .snapshot
+                        .route
+                        .requests_in_flight
+                        .with_label_values(&[&*route]);
+                    record.set_route(route.clone(), in_flight);
                     record.set_model(snapshot.model_label(None, &request));
                     Ok((route, original.send(request)))
                 }
