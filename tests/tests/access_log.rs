@@ -207,21 +207,7 @@ async fn with_errors_only_and_slower_than_a_request_either_selects_is_logged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sampling_zero_logs_no_success_but_metrics_count_them_and_errors_are_kept() {
     let model = MockBackend::start(Protocol::Http1, model()).await;
-    let gateway = Gateway::start_with_args(
-        &config(&[
-            &listener("web", "http"),
-            &backend("model", "http1", &[model.addr]),
-            &backend("dead", "http1", &[dead_address()]),
-            r#"kind: Route
-metadata: { name: r }
-spec:
-  rules:
-    - matches: [{ path: { prefix: /dead } }]
-      backends: [{ name: dead }]
-    - backends: [{ name: model }]"#,
-        ]),
-        &["--access-log-sample", "0"],
-    );
+    let gateway = gateway(&model, &["--access-log-sample", "0"]);
     let http = client::http1();
     for _ in 0..5 {
         assert_eq!(get(&http, &gateway, "/v1/models").await, 200);
