@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::spec::{InfermeshSpec, TargetKind};
-use super::supervise::{self, Proxies, Started};
+use super::supervise::{self, Placement, Proxies, Started};
 
 /// The SPIFFE ID of the caller's proxy of the mTLS pair.
 const CALLER_IDENTITY: &str = "spiffe://bench.local/ns/bench/sa/caller";
@@ -43,12 +43,13 @@ impl<'a> Hop<'a> {
 /// Starts a target of one infermesh-proxy process (`infermesh`,
 /// `infermesh-baseline`, `infermesh-bare`, `infermesh-hedged`,
 /// `infermesh-fanout`, `infermesh-traced`, `infermesh-traced-sampled`,
-/// `infermesh-json-log`, `infermesh-ecs`) in front of the mock servers at
-/// `backends`.
+/// `infermesh-json-log`, `infermesh-ecs`) in front of the backends at
+/// `backends`, placed as `placement` says.
 pub(super) fn start_one(
     kind: TargetKind,
     backends: &[SocketAddr],
     infermesh: &InfermeshSpec,
+    placement: &Placement,
     work: &Path,
 ) -> anyhow::Result<Proxies> {
     check_settings(kind, infermesh)?;
@@ -59,6 +60,7 @@ pub(super) fn start_one(
         &Hop::to(backends),
         &args,
         infermesh,
+        placement,
         work,
     )?;
     Ok(Proxies {
@@ -84,12 +86,14 @@ fn check_settings(kind: TargetKind, infermesh: &InfermeshSpec) -> anyhow::Result
 }
 
 /// Starts a pair target (`infermesh-pair`, `infermesh-mtls-pair`): the
-/// model's proxy in front of the mock servers at `backends`, then the
-/// caller's proxy in front of it, which takes the load.
+/// model's proxy in front of the backends at `backends`, then the
+/// caller's proxy in front of it, which takes the load; both placed as
+/// `placement` says.
 pub(super) fn start_pair(
     kind: TargetKind,
     backends: &[SocketAddr],
     infermesh: &InfermeshSpec,
+    placement: &Placement,
     work: &Path,
 ) -> anyhow::Result<Proxies> {
     let mtls = kind == TargetKind::InfermeshMtlsPair;
@@ -108,6 +112,7 @@ pub(super) fn start_pair(
         &model_hop,
         &model_flags,
         infermesh,
+        placement,
         work,
     )?;
     let model_address = [SocketAddr::from(([127, 0, 0, 1], model_port))];
@@ -123,6 +128,7 @@ pub(super) fn start_pair(
         &caller_hop,
         &caller_flags,
         infermesh,
+        placement,
         work,
     )?;
     Ok(Proxies {
@@ -132,44 +138,22 @@ pub(super) fn start_pair(
 }
 
 /// Starts one infermesh-proxy process of target `kind` as `hop`, named
-/// `name` (its config and log files), with more `args`; returns it and
-/// the port it listens on.
+/// `name` (its config and log files), with more `args`, placed as
+/// `placement` says; returns it and the port it listens on.
 fn start_proxy(
     kind: TargetKind,
     name: &'static str,
     hop: &Hop<'_>,
     args: &[String],
     infermesh: &InfermeshSpec,
+    placement: &Placement,
     work: &Path,
 ) -> anyhow::Result<(Started, u16)> {
     let binary = proxy_binary(kind, infermesh)?;
     let port = supervise::free_port()?;
     let config = work.join(format!("{name}.yaml"));
     std::fs::write(&config, infermesh_config(kind, port, hop, infermesh))?;
-    let (log_format, log_level) = log_flags(kind, infermesh);
-    let mut command = Command::new(&binary);
-    // Tracing is on only where `args` say: not by an OTLP endpoint in the
-    // harness's environment.
-    for name in OTLP_ENDPOINT_VARIABLES {
-        command.env_remove(name);
-    }
-    command
-        .args([
-            "--log-format",
-            log_format,
-            "--log-level",
-            log_level,
-            "gateway",
-            "--config",
-        ])
-        .arg(&config)
-        .args([
-            "--admin-address",
-            "127.0.0.1:0",
-            "--health-address",
-            "127.0.0.1:0",
-        ])
-        .args(args);
+    let command = proxy_command(kind, &binary, &config, args, infermesh, placement);
     let program = if kind == TargetKind::InfermeshBaseline {
         "the baseline infermesh-proxy (infermesh.baselineBinary)"
     } else {
@@ -177,6 +161,42 @@ fn start_proxy(
     };
     let started = supervise::spawn(name, program, port, command, work)?;
     Ok((started, port))
+}
+
+/// The command line of one infermesh-proxy process of target `kind`: the
+/// `binary` as a gateway on `config`, with its logging flags, as many
+/// worker threads as `workers` asks (`--concurrency`, a global flag),
+/// more `args`, and under `taskset` when the proxies are pinned.
+fn proxy_command(
+    kind: TargetKind,
+    binary: &Path,
+    config: &Path,
+    args: &[String],
+    infermesh: &InfermeshSpec,
+    placement: &Placement,
+) -> Command {
+    let (log_format, log_level) = log_flags(kind, infermesh);
+    let mut command = placement.command(binary);
+    // Tracing is on only where `args` say: not by an OTLP endpoint in the
+    // harness's environment.
+    for name in OTLP_ENDPOINT_VARIABLES {
+        command.env_remove(name);
+    }
+    command.args(["--log-format", log_format, "--log-level", log_level]);
+    if let Some(workers) = placement.workers {
+        command.arg("--concurrency").arg(workers.to_string());
+    }
+    command
+        .args(["gateway", "--config"])
+        .arg(config)
+        .args([
+            "--admin-address",
+            "127.0.0.1:0",
+            "--health-address",
+            "127.0.0.1:0",
+        ])
+        .args(args);
+    command
 }
 
 /// The OpenTelemetry variables that would turn tracing on without
@@ -618,6 +638,65 @@ mod tests {
                 "infermesh-proxy takes --log-format {format}"
             );
         }
+    }
+
+    /// The program and arguments of `command`, as text.
+    fn command_line(command: &Command) -> (String, Vec<String>) {
+        (
+            command.get_program().to_string_lossy().into_owned(),
+            command
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn workers_and_pinning_reach_the_proxys_command_line() {
+        let binary = Path::new("/bin/infermesh-proxy");
+        let config = Path::new("work/infermesh.yaml");
+        let spec = InfermeshSpec::default();
+        let pinned = Placement {
+            cpus: Some(vec![0, 2]),
+            workers: Some(1),
+            default_workers: 2,
+        };
+        let (program, args) = command_line(&proxy_command(
+            TargetKind::Infermesh,
+            binary,
+            config,
+            &[],
+            &spec,
+            &pinned,
+        ));
+        assert_eq!(program, "taskset");
+        assert_eq!(args[..3], ["-c", "0,2", "/bin/infermesh-proxy"]);
+        let global = &args[3..args.iter().position(|a| a == "gateway").unwrap()];
+        assert!(
+            global.windows(2).any(|w| w == ["--concurrency", "1"]),
+            "--concurrency is a global flag, before the subcommand: {args:?}"
+        );
+
+        let unpinned = Placement {
+            cpus: None,
+            workers: None,
+            default_workers: 2,
+        };
+        let (program, args) = command_line(&proxy_command(
+            TargetKind::InfermeshJsonLog,
+            binary,
+            config,
+            &["--trace-sampling".to_owned(), "1".to_owned()],
+            &spec,
+            &unpinned,
+        ));
+        assert_eq!(program, "/bin/infermesh-proxy");
+        assert!(
+            !args.iter().any(|a| a == "--concurrency"),
+            "the proxy's own default without workers: {args:?}"
+        );
+        assert_eq!(args[..4], ["--log-format", "json", "--log-level", "info"]);
+        assert!(args.ends_with(&["--trace-sampling".to_owned(), "1".to_owned()]));
     }
 
     #[test]

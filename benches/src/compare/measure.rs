@@ -1,7 +1,9 @@
 //! One visit of one target: the load as the file asks for it (`LoadPlan`),
 //! a closed-loop phase for the highest throughput, then an open-loop phase
-//! at the fixed rate for latency, around which the proxy's CPU time and
-//! the requests the mock servers received are read.
+//! at the fixed rate for latency. The proxy's CPU time is read at the start
+//! and the end of each phase's measured window (so CPU per request at
+//! saturation and at the rate), and the requests the mock servers received
+//! around the open-loop phase.
 
 use std::net::SocketAddr;
 
@@ -65,58 +67,79 @@ impl<'a> LoadPlan<'a> {
 }
 
 /// Loads `target` once as `plan` says (the closed-loop phase when asked
-/// for, then the open-loop phase), with the mock servers at `backends`.
+/// for, then the open-loop phase). `mocks` are the mock servers whose
+/// request counts are read; `None` with a static backend, which counts
+/// nothing.
 pub(super) async fn visit(
     target: &Ready,
     plan: &LoadPlan<'_>,
-    backends: &[SocketAddr],
+    mocks: Option<&[SocketAddr]>,
 ) -> anyhow::Result<Measurement> {
     let url = format!("{}{}", target.url, plan.path);
-    let max_rps = if plan.spec.max_throughput {
+    let saturated = if plan.spec.max_throughput {
         Some(closed_loop(target, plan, &url).await?)
     } else {
         None
     };
-    let fixed = open_loop(target, plan, &url, backends).await?;
+    let fixed = open_loop(target, plan, &url, mocks).await?;
     Ok(Measurement {
-        max_rps,
+        max_rps: saturated.as_ref().map(|s| s.rps),
         fixed_rate: fixed.report,
+        saturated_cpu_seconds_per_request: saturated.and_then(|s| s.cpu_seconds_per_request),
         cpu_seconds_per_request: fixed.cpu_seconds_per_request,
         upstream_requests_per_request: fixed.upstream_requests_per_request,
     })
 }
 
+/// What the closed-loop phase measured.
+struct Saturated {
+    /// Requests per second.
+    rps: f64,
+    /// The proxy's CPU seconds per request over the measured window.
+    cpu_seconds_per_request: Option<f64>,
+}
+
 /// The closed-loop phase: requests per second, as fast as the target
-/// answers over the connections.
-async fn closed_loop(target: &Ready, plan: &LoadPlan<'_>, url: &str) -> anyhow::Result<f64> {
-    let report = load::run(plan.options(url, None, target.kind.name())).await?;
-    Ok(report.achieved_rate)
+/// answers over the connections, and what each cost the proxy then.
+async fn closed_loop(target: &Ready, plan: &LoadPlan<'_>, url: &str) -> anyhow::Result<Saturated> {
+    let (report, window) = load::run_observed(
+        plan.options(url, None, target.kind.name()),
+        target.usage_reader(),
+    )
+    .await?;
+    Ok(Saturated {
+        rps: report.achieved_rate,
+        cpu_seconds_per_request: window_cpu_per_request(window, report.requests),
+    })
 }
 
 /// What the open-loop phase measured.
 struct FixedRate {
     /// The load generator's report.
     report: LoadReport,
-    /// The proxy's CPU seconds per measured request.
+    /// The proxy's CPU seconds per request over the measured window.
     cpu_seconds_per_request: Option<f64>,
     /// Requests the mock servers received per request sent.
     upstream_requests_per_request: Option<f64>,
 }
 
-/// The open-loop phase at the file's rate, with the target's CPU time and
-/// the mock servers' request counts read before and after.
+/// The open-loop phase at the file's rate, with the target's CPU time read
+/// at the start and the end of the measured window, and the requests of
+/// the mock servers `mocks` (if any) counted before and after the phase.
 async fn open_loop(
     target: &Ready,
     plan: &LoadPlan<'_>,
     url: &str,
-    backends: &[SocketAddr],
+    mocks: Option<&[SocketAddr]>,
 ) -> anyhow::Result<FixedRate> {
     let rate = plan.spec.rate;
-    let before = target.usage();
-    let sent_before = mock_requests(backends).await;
-    let report = load::run(plan.options(url, Some(rate), target.kind.name())).await?;
-    let after = target.usage();
-    let sent_after = mock_requests(backends).await;
+    let sent_before = mock_requests(mocks).await;
+    let (report, window) = load::run_observed(
+        plan.options(url, Some(rate), target.kind.name()),
+        target.usage_reader(),
+    )
+    .await?;
+    let sent_after = mock_requests(mocks).await;
     // The open loop sends its warm-up on the same schedule (request n due
     // at n / rate), and the backends see those too.
     let sent = report.requests as f64 + (rate * report.warmup_seconds).floor();
@@ -124,12 +147,20 @@ async fn open_loop(
         (Some(b), Some(a)) if sent > 0.0 => Some((a - b) / sent),
         _ => None,
     };
-    let cpu_seconds_per_request = cpu_per_request(before, after, report.requests);
+    let cpu_seconds_per_request = window_cpu_per_request(window, report.requests);
     Ok(FixedRate {
         report,
         cpu_seconds_per_request,
         upstream_requests_per_request,
     })
+}
+
+/// CPU seconds spent over a measured window, read at its start and end
+/// (`window`), per request of the `requests` it counted; `None` without
+/// readings, processes or requests.
+fn window_cpu_per_request(window: Option<[Option<Usage>; 2]>, requests: u64) -> Option<f64> {
+    let [before, after] = window?;
+    cpu_per_request(before, after, requests)
 }
 
 /// CPU seconds spent between `before` and `after` per request of
@@ -154,11 +185,17 @@ pub(super) fn progress_line(
 ) -> String {
     let fixed = &measured.fixed_rate;
     format!(
-        "round {round}/{rounds} {:>10}: {} max; at {rate}/s p50 {} p99 {} ({} failed){}",
+        "round {round}/{rounds} {:>10}: {} max{}; at {rate}/s p50 {} p99 {} ({} failed){}",
         target.kind.name(),
         measured
             .max_rps
             .map_or("-".into(), |r| format!("{r:.0} req/s")),
+        measured
+            .saturated_cpu_seconds_per_request
+            .map_or(String::new(), |c| format!(
+                " (proxy CPU {:.1} µs/req)",
+                c * 1e6
+            )),
         load::ms(fixed.latency.p50),
         load::ms(fixed.latency.p99),
         fixed.errors.total(),
@@ -171,13 +208,13 @@ pub(super) fn progress_line(
     )
 }
 
-/// Requests the mock servers at `backends` received so far, from their
-/// `/metrics` pages (`infermesh_mock_requests_total`); `None` when a page
-/// cannot be read.
-async fn mock_requests(backends: &[SocketAddr]) -> Option<f64> {
+/// Requests the mock servers at `mocks` received so far, from their
+/// `/metrics` pages (`infermesh_mock_requests_total`); `None` without mock
+/// servers (a static backend) or when a page cannot be read.
+async fn mock_requests(mocks: Option<&[SocketAddr]>) -> Option<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut total = 0.0;
-    for backend in backends {
+    for backend in mocks? {
         let mut stream = tokio::net::TcpStream::connect(backend).await.ok()?;
         stream
             .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
@@ -272,5 +309,16 @@ mod tests {
         assert_eq!(cpu_per_request(at(1.0), at(3.0), 4), Some(0.5));
         assert_eq!(cpu_per_request(at(1.0), at(3.0), 0), None);
         assert_eq!(cpu_per_request(None, at(3.0), 4), None);
+        assert_eq!(
+            window_cpu_per_request(Some([at(1.0), at(3.0)]), 4),
+            Some(0.5)
+        );
+        assert_eq!(window_cpu_per_request(None, 4), None);
+    }
+
+    #[tokio::test]
+    async fn a_static_backend_counts_no_requests() {
+        assert_eq!(mock_requests(None).await, None);
+        assert_eq!(mock_requests(Some(&[])).await, Some(0.0));
     }
 }

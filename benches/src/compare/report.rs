@@ -18,7 +18,11 @@ pub struct Measurement {
     pub max_rps: Option<f64>,
     /// The open-loop phase.
     pub fixed_rate: LoadReport,
-    /// The proxy's CPU seconds per request during the open-loop phase.
+    /// The proxy's CPU seconds per request over the closed-loop phase's
+    /// measured window: the cost of a request when the proxy is saturated.
+    pub saturated_cpu_seconds_per_request: Option<f64>,
+    /// The proxy's CPU seconds per request over the open-loop phase's
+    /// measured window.
     pub cpu_seconds_per_request: Option<f64>,
     /// Requests the mock servers received per request sent during the
     /// open-loop phase: above 1 by the retries, hedges or mirrored copies.
@@ -39,10 +43,19 @@ pub struct Summary {
     pub p99: f64,
     /// p99.9.
     pub p999: f64,
-    /// Median proxy CPU microseconds per request.
+    /// Median proxy CPU microseconds per request in the closed-loop phase,
+    /// saturated.
+    pub saturated_cpu_micros_per_request: Option<f64>,
+    /// Median proxy CPU microseconds per request at the fixed rate.
     pub cpu_micros_per_request: Option<f64>,
     /// Median requests the backends received per request.
     pub upstream_requests_per_request: Option<f64>,
+    /// Resident memory of the proxy once started, before any load, in
+    /// bytes.
+    pub idle_rss_bytes: Option<u64>,
+    /// Resident memory of the proxy after every round, in bytes: what it
+    /// keeps after load (caches, pools) against what it started with.
+    pub rss_after_load_bytes: Option<u64>,
     /// Peak resident memory of the proxy, in bytes.
     pub peak_rss_bytes: Option<u64>,
     /// Failed requests over all rounds.
@@ -77,13 +90,22 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// The medians of `target`'s rounds, `measured`; `peak_rss_bytes` is its
-/// proxies' peak memory, read while they still run.
-pub(super) fn summarize(
-    target: TargetKind,
-    peak_rss_bytes: Option<u64>,
-    measured: &[Measurement],
-) -> Summary {
+/// The memory of a target's proxies, added up, in bytes: when they had
+/// started (`idle`), after the rounds (`after_load`) and at the highest
+/// (`peak`); `None` where there is no process or it could not be read.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(super) struct Memory {
+    /// Once started, before any load.
+    pub(super) idle: Option<u64>,
+    /// Now, after every round.
+    pub(super) after_load: Option<u64>,
+    /// The highest so far.
+    pub(super) peak: Option<u64>,
+}
+
+/// The medians of `target`'s rounds, `measured`, with its proxies'
+/// `memory`.
+pub(super) fn summarize(target: TargetKind, memory: Memory, measured: &[Measurement]) -> Summary {
     let of =
         |f: &dyn Fn(&Measurement) -> Option<f64>| median(measured.iter().filter_map(f).collect());
     Summary {
@@ -92,9 +114,14 @@ pub(super) fn summarize(
         p50: of(&|m| Some(m.fixed_rate.latency.p50)).unwrap_or_default(),
         p99: of(&|m| Some(m.fixed_rate.latency.p99)).unwrap_or_default(),
         p999: of(&|m| Some(m.fixed_rate.latency.p999)).unwrap_or_default(),
+        saturated_cpu_micros_per_request: of(&|m| {
+            m.saturated_cpu_seconds_per_request.map(|c| c * 1e6)
+        }),
         cpu_micros_per_request: of(&|m| m.cpu_seconds_per_request.map(|c| c * 1e6)),
         upstream_requests_per_request: of(&|m| m.upstream_requests_per_request),
-        peak_rss_bytes,
+        idle_rss_bytes: memory.idle,
+        rss_after_load_bytes: memory.after_load,
+        peak_rss_bytes: memory.peak,
         failed: measured.iter().map(|m| m.fixed_rate.errors.total()).sum(),
     }
 }
@@ -104,8 +131,8 @@ impl ComparisonReport {
     pub fn markdown(&self) -> String {
         let direct = self.summary.iter().find(|s| s.target == TargetKind::Direct);
         let mut out = format!("{}.\n\n", self.setup);
-        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req | proxy peak RSS MiB | backend req/req | failed |\n");
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req saturated | proxy CPU µs/req at rate | proxy RSS idle MiB | proxy RSS after load MiB | proxy peak RSS MiB | backend req/req | failed |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for s in &self.summary {
             out.push_str(&markdown_row(s, direct));
         }
@@ -150,8 +177,9 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
         _ => None,
     };
     let added = |mine: f64, theirs: fn(&Summary) -> f64| direct.map(|d| (mine - theirs(d)) * 1e3);
+    let mib = |bytes: Option<u64>| f(bytes.map(|b| b as f64 / 1_048_576.0), 1);
     format!(
-        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         s.target.name(),
         f(s.max_rps, 0),
         f(ratio, 2),
@@ -161,8 +189,11 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
         f(added(s.p99, |d| d.p99), 3),
         s.p999 * 1e3,
         f(added(s.p999, |d| d.p999), 3),
+        f(s.saturated_cpu_micros_per_request, 1),
         f(s.cpu_micros_per_request, 1),
-        f(s.peak_rss_bytes.map(|b| b as f64 / 1_048_576.0), 1),
+        mib(s.idle_rss_bytes),
+        mib(s.rss_after_load_bytes),
+        mib(s.peak_rss_bytes),
         f(s.upstream_requests_per_request, 4),
         s.failed,
     )
@@ -186,8 +217,11 @@ mod tests {
             p50,
             p99: 2.0 * p50,
             p999: 3.0 * p50,
+            saturated_cpu_micros_per_request: Some(31.3),
             cpu_micros_per_request: None,
             upstream_requests_per_request: Some(1.0),
+            idle_rss_bytes: Some(1_048_576),
+            rss_after_load_bytes: Some(3 * 1_048_576 / 2),
             peak_rss_bytes: Some(2 * 1_048_576),
             failed: 0,
         }
@@ -209,7 +243,7 @@ mod tests {
         assert!(table.starts_with("1 rounds.\n\n| target |"), "{table}");
         assert!(
             table.contains(
-                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | — | 2.0 | 1.0000 | 0 |\n"
+                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | 31.3 | — | 1.0 | 1.5 | 2.0 | 1.0000 | 0 |\n"
             ),
             "{table}"
         );

@@ -18,13 +18,70 @@ pub struct Comparison {
     /// The targets, in the order each round visits them.
     #[serde(default = "all_targets")]
     pub targets: Vec<TargetKind>,
-    /// The mock model servers to put behind every target.
-    pub backends: Scenario,
+    /// The mock model servers to put behind every target; give this or
+    /// `static_backend`, not both.
+    #[serde(default)]
+    pub backends: Option<Scenario>,
+    /// nginx answering every request with the same body, behind every
+    /// target instead of the mock servers: a backend that costs as little
+    /// as it can, so that what is measured is the proxies' own cost.
+    #[serde(default)]
+    pub static_backend: Option<StaticBackend>,
     /// The load each target gets.
     pub load: LoadSpec,
     /// How infermesh-proxy is run.
     #[serde(default)]
     pub infermesh: InfermeshSpec,
+    /// Worker threads or processes of every proxy (infermesh-proxy's
+    /// `--concurrency`, HAProxy's `nbthread`, nginx's `worker_processes`),
+    /// so that proxies built differently are compared at the same width;
+    /// default: each proxy's own (HAProxy and nginx a worker per core the
+    /// proxies may use).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// The CPUs the proxies run on and those the load generator and the
+    /// backends run on, kept apart so that neither side takes the other's
+    /// cores; default: unpinned, everything shares the machine.
+    #[serde(default)]
+    pub pinning: Option<Pinning>,
+}
+
+/// The backend of a comparison, as checked by `Comparison::backend`: one of
+/// `backends` and `staticBackend`.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Backend<'a> {
+    /// The mock model servers of `backends`.
+    Mock(&'a Scenario),
+    /// nginx with a fixed answer, `staticBackend`.
+    Static(&'a StaticBackend),
+}
+
+/// A backend of nginx answering every request at once with status 200 and
+/// the same body, so that a comparison measures the proxies and not a
+/// backend's work.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct StaticBackend {
+    /// The size of every answer's body, in bytes.
+    pub body_bytes: usize,
+}
+
+/// The longest body a static backend answers with: nginx refuses a config
+/// string (its `return` text) above 4094 bytes, and 4000 is a round figure
+/// below that.
+pub(super) const MAX_STATIC_BODY_BYTES: usize = 4000;
+
+/// Which CPUs the two sides of a comparison run on, by CPU number (as
+/// `taskset -c` and `/proc/cpuinfo` count them).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Pinning {
+    /// The CPUs every target process runs on (and its children, such as
+    /// nginx's workers).
+    pub proxy: Vec<usize>,
+    /// The CPUs the load generator (the `infermesh-bench` process itself)
+    /// and the backends run on.
+    pub load: Vec<usize>,
 }
 
 fn three() -> usize {
@@ -197,7 +254,9 @@ impl TargetKind {
 
 impl Comparison {
     /// Reads a comparison file and checks it: at least one round and one
-    /// target, mock servers that can run, and, when the target
+    /// target, exactly one backend (mock servers that can run, or a static
+    /// answer nginx can hold), at least one worker, CPUs that exist, and,
+    /// when the target
     /// `infermesh-baseline` is listed, an `infermesh.baselineBinary` that
     /// is a file (its path made absolute against the current directory).
     pub fn load(path: &Path) -> anyhow::Result<Comparison> {
@@ -205,20 +264,33 @@ impl Comparison {
             .with_context(|| format!("cannot read {}", path.display()))?;
         let in_file = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
         let mut comparison = Comparison::parse(&text).map_err(in_file)?;
+        if let Some(pinning) = &comparison.pinning {
+            pinning.check_cpus(available_cpus()).map_err(in_file)?;
+        }
         comparison.resolve_baseline_binary().map_err(in_file)?;
         Ok(comparison)
     }
 
     /// Parses the text of a comparison file and checks what can be checked
-    /// without looking at other files.
+    /// without looking at other files or at this machine (its CPUs).
     fn parse(text: &str) -> anyhow::Result<Comparison> {
         let comparison: Comparison =
             serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        comparison
-            .backends
-            .check()
-            .map_err(|e| anyhow::anyhow!("backends.{e}"))?;
+        match comparison.backend()? {
+            Backend::Mock(scenario) => scenario
+                .check()
+                .map_err(|e| anyhow::anyhow!("backends.{e}"))?,
+            Backend::Static(answer) => anyhow::ensure!(
+                answer.body_bytes <= MAX_STATIC_BODY_BYTES,
+                "staticBackend.bodyBytes: {} is above {MAX_STATIC_BODY_BYTES}, the longest body nginx's config can hold",
+                answer.body_bytes
+            ),
+        }
         anyhow::ensure!(comparison.rounds > 0, "rounds must be at least 1");
+        anyhow::ensure!(comparison.workers != Some(0), "workers must be at least 1");
+        if let Some(pinning) = &comparison.pinning {
+            pinning.check_lists()?;
+        }
         anyhow::ensure!(!comparison.targets.is_empty(), "give at least one target");
         if let Some(ratio) = comparison.infermesh.trace_sampling {
             anyhow::ensure!(
@@ -229,6 +301,22 @@ impl Comparison {
         Ok(comparison)
     }
 
+    /// The backend behind every target: the mock servers of `backends` or
+    /// the nginx of `staticBackend`; an error naming both fields unless
+    /// exactly one is given.
+    pub(super) fn backend(&self) -> anyhow::Result<Backend<'_>> {
+        match (&self.backends, &self.static_backend) {
+            (Some(scenario), None) => Ok(Backend::Mock(scenario)),
+            (None, Some(answer)) => Ok(Backend::Static(answer)),
+            (Some(_), Some(_)) => anyhow::bail!(
+                "give backends or staticBackend, not both: one backend stands behind every target"
+            ),
+            (None, None) => anyhow::bail!(
+                "give backends (mock model servers) or staticBackend (nginx with a fixed answer)"
+            ),
+        }
+    }
+
     /// When the target `infermesh-baseline` is listed, checks its binary
     /// and makes its path absolute, so the run does not depend on where it
     /// is started from.
@@ -237,6 +325,40 @@ impl Comparison {
             self.infermesh.baseline_binary = Some(self.infermesh.baseline_binary()?);
         }
         Ok(())
+    }
+}
+
+/// The CPUs of this machine that this process may use, which is how many
+/// CPU numbers `pinning` may give (from 0).
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+impl Pinning {
+    /// That both lists name at least one CPU; an error names the list.
+    fn check_lists(&self) -> anyhow::Result<()> {
+        for (field, list) in self.lists() {
+            anyhow::ensure!(!list.is_empty(), "pinning.{field}: give at least one CPU");
+        }
+        Ok(())
+    }
+
+    /// That every CPU of both lists is below `cpus`, the CPUs this
+    /// machine has; an error names the list and the CPU.
+    fn check_cpus(&self, cpus: usize) -> anyhow::Result<()> {
+        for (field, list) in self.lists() {
+            if let Some(cpu) = list.iter().find(|&&cpu| cpu >= cpus) {
+                anyhow::bail!(
+                    "pinning.{field}: CPU {cpu} does not exist (this machine has {cpus})"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Both lists, each with its field's name.
+    fn lists(&self) -> [(&'static str, &[usize]); 2] {
+        [("proxy", &self.proxy), ("load", &self.load)]
     }
 }
 
@@ -428,6 +550,118 @@ infermesh:
             error.starts_with(&format!("{}: infermesh.baselineBinary", file.display())),
             "{error}"
         );
+    }
+
+    /// The text of a comparison file with `backend` (one backend field,
+    /// both, or none) and `more` fields.
+    fn with(backend: &str, more: &str) -> String {
+        format!("targets: [direct, infermesh]\n{backend}load:\n  rate: 100\n{more}")
+    }
+
+    /// The mock servers' field.
+    const MOCK: &str =
+        "backends:\n  servers:\n    - listen: 127.0.0.1:0\n      models: [{ name: mock-llm }]\n";
+    /// The static backend's field.
+    const STATIC: &str = "staticBackend: { bodyBytes: 100 }\n";
+
+    #[test]
+    fn exactly_one_backend_is_given() {
+        let mock = Comparison::parse(&with(MOCK, "")).unwrap();
+        assert!(matches!(mock.backend().unwrap(), Backend::Mock(_)));
+        let answer = Comparison::parse(&with(STATIC, "")).unwrap();
+        match answer.backend().unwrap() {
+            Backend::Static(answer) => assert_eq!(answer.body_bytes, 100),
+            other => panic!("{other:?}"),
+        }
+
+        let both = Comparison::parse(&with(&format!("{MOCK}{STATIC}"), ""))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            both,
+            "give backends or staticBackend, not both: one backend stands behind every target"
+        );
+        let neither = Comparison::parse(&with("", "")).unwrap_err().to_string();
+        assert_eq!(
+            neither,
+            "give backends (mock model servers) or staticBackend (nginx with a fixed answer)"
+        );
+
+        let too_long = Comparison::parse(&with("staticBackend: { bodyBytes: 5000 }\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            too_long.starts_with("staticBackend.bodyBytes: 5000 is above 4000"),
+            "{too_long}"
+        );
+        assert!(Comparison::parse(&with("staticBackend: { bodyBytes: 0 }\n", "")).is_ok());
+        let unknown = Comparison::parse(&with("staticBackend: { bytes: 100 }\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("bytes"), "{unknown}");
+    }
+
+    #[test]
+    fn pinned_cpus_must_exist_and_workers_be_one_at_least() {
+        let pinned = Comparison::parse(&with(
+            STATIC,
+            "pinning: { proxy: [0], load: [1, 3] }\nworkers: 1\n",
+        ))
+        .unwrap();
+        assert_eq!(pinned.workers, Some(1));
+        let pinning = pinned.pinning.unwrap();
+        assert_eq!(
+            (&pinning.proxy[..], &pinning.load[..]),
+            (&[0][..], &[1, 3][..])
+        );
+        pinning.check_cpus(4).unwrap();
+        assert_eq!(
+            pinning.check_cpus(2).unwrap_err().to_string(),
+            "pinning.load: CPU 3 does not exist (this machine has 2)"
+        );
+        let proxy = Pinning {
+            proxy: vec![0, 2],
+            load: vec![1],
+        };
+        assert_eq!(
+            proxy.check_cpus(2).unwrap_err().to_string(),
+            "pinning.proxy: CPU 2 does not exist (this machine has 2)"
+        );
+
+        let empty = Comparison::parse(&with(STATIC, "pinning: { proxy: [], load: [1] }\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(empty, "pinning.proxy: give at least one CPU");
+        let missing = Comparison::parse(&with(STATIC, "pinning: { proxy: [0] }\n"));
+        assert!(missing.is_err(), "both lists are required");
+        let zero = Comparison::parse(&with(STATIC, "workers: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(zero, "workers must be at least 1");
+        let unpinned = Comparison::parse(&with(MOCK, "")).unwrap();
+        assert!(unpinned.pinning.is_none() && unpinned.workers.is_none());
+    }
+
+    #[test]
+    fn loading_a_file_checks_its_cpus_against_this_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pinned.yaml");
+        std::fs::write(
+            &file,
+            with(STATIC, "pinning: { proxy: [0], load: [4096] }\n"),
+        )
+        .unwrap();
+        let error = format!("{:#}", Comparison::load(&file).unwrap_err());
+        assert_eq!(
+            error,
+            format!(
+                "{}: pinning.load: CPU 4096 does not exist (this machine has {})",
+                file.display(),
+                available_cpus()
+            )
+        );
+        std::fs::write(&file, with(STATIC, "pinning: { proxy: [0], load: [0] }\n")).unwrap();
+        Comparison::load(&file).unwrap();
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The processes a comparison starts: spawning one with its output in a log
-//! file and waiting until it listens, the mock model servers' process,
-//! reading the CPU and memory of a target's processes, and stopping every
-//! process (its children too) when its handle is dropped.
+//! file and waiting until it listens, on the CPUs its side is pinned to
+//! (`Placement`), the mock model servers' process, pinning the generator's
+//! own threads, reading the CPU and memory of a target's processes, and
+//! stopping every process (its children too) when its handle is dropped.
 
+use std::collections::HashSet;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -25,6 +28,98 @@ pub(super) struct Proxies {
     pub(super) port: u16,
 }
 
+/// Where the processes of one side of a comparison run (the proxies, or
+/// the backends) and how many workers the proxies get.
+#[derive(Clone, Debug)]
+pub(super) struct Placement {
+    /// The CPUs its processes are started on, with `taskset -c`; `None`:
+    /// wherever the scheduler puts them.
+    pub(super) cpus: Option<Vec<usize>>,
+    /// The workers the comparison's `workers` field asks of every proxy;
+    /// `None`: each proxy's default.
+    pub(super) workers: Option<usize>,
+    /// HAProxy's threads and nginx's workers when `workers` is not given:
+    /// a worker per CPU the proxies may use.
+    pub(super) default_workers: usize,
+}
+
+impl Placement {
+    /// A command running `program` on this side's CPUs: under `taskset -c`
+    /// when pinned, which sets the affinity and then execs the program, so
+    /// the process ID is the program's (for its CPU readings and its stop)
+    /// and the processes it forks inherit the affinity.
+    pub(super) fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        match &self.cpus {
+            None => Command::new(program),
+            Some(cpus) => {
+                let mut command = Command::new("taskset");
+                command.arg("-c").arg(cpu_list(cpus)).arg(program);
+                command
+            }
+        }
+    }
+
+    /// The threads or worker processes of HAProxy and nginx.
+    pub(super) fn peer_workers(&self) -> usize {
+        self.workers.unwrap_or(self.default_workers)
+    }
+}
+
+/// `cpus` as `taskset -c` and reports write them: `0,2,3`.
+pub(super) fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Pins every thread of this process (the load generator's runtime among
+/// them) to `cpus`. Affinity belongs to each thread, so each thread listed
+/// in `/proc/self/task` is set; threads started later inherit it from the
+/// thread that starts them, and the listing is read again until it shows
+/// no thread left unpinned, in case one started meanwhile. Child processes
+/// started afterwards inherit it too.
+pub(super) fn pin_this_process(cpus: &[usize]) -> anyhow::Result<()> {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    let mut set = CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu)
+            .with_context(|| format!("CPU {cpu} is beyond what this system can pin to"))?;
+    }
+    let mut pinned = HashSet::new();
+    loop {
+        let threads: Vec<i32> = std::fs::read_dir("/proc/self/task")
+            .context("cannot list this process's threads")?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|tid| !pinned.contains(tid))
+            .collect();
+        if threads.is_empty() {
+            return Ok(());
+        }
+        for tid in threads {
+            match sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set) {
+                // A thread that ended between the listing and now.
+                Err(nix::errno::Errno::ESRCH) => {}
+                other => other.with_context(|| {
+                    format!("cannot pin thread {tid} to CPUs {}", cpu_list(cpus))
+                })?,
+            }
+            pinned.insert(tid);
+        }
+    }
+}
+
+/// The CPUs process (or thread) `pid` may run on, as the kernel lists them
+/// (`Cpus_allowed_list` in its status: `0`, `0-1`, `0,2`); `None` when it
+/// cannot be read.
+pub(super) fn allowed_cpus(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+}
+
 /// A process this comparison started; killed when dropped.
 pub(super) struct Started {
     child: Child,
@@ -35,6 +130,22 @@ impl Started {
     /// The process ID.
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The CPUs the process and each of its children may run on, in
+    /// words: `pid 12 on CPUs 0; children 13 on 0, 14 on 0`.
+    pub(super) fn cpus(&self) -> String {
+        let on = |pid: u32| allowed_cpus(pid).unwrap_or_else(|| "?".to_owned());
+        let pid = self.pid();
+        let children: Vec<String> = process::descendants(pid)
+            .into_iter()
+            .map(|child| format!("{child} on {}", on(child)))
+            .collect();
+        let mut words = format!("pid {pid} on CPUs {}", on(pid));
+        if !children.is_empty() {
+            words.push_str(&format!("; children {}", children.join(", ")));
+        }
+        words
     }
 }
 
@@ -69,7 +180,9 @@ fn signal(pid: u32, signal: Signal) -> nix::Result<()> {
 }
 
 /// Starts `command` (the `program` listening on `port`), logging to the
-/// file `name`, and waits until it listens.
+/// file `name`, and waits until it listens. When it was pinned, prints the
+/// CPUs it and its children may run on, as the kernel has them, so a run
+/// shows that pinning took.
 pub(super) fn spawn(
     name: &str,
     program: &'static str,
@@ -84,16 +197,22 @@ pub(super) fn spawn(
         .spawn()
         .with_context(|| format!("cannot start {program}"))?;
     wait_for_port(port, program, &mut child)?;
-    Ok(Started {
+    let started = Started {
         child,
         name: program,
-    })
+    };
+    if command.get_program() == OsStr::new("taskset") {
+        eprintln!("{name}: {}", started.cpus());
+    }
+    Ok(started)
 }
 
 /// Starts the mock servers as their own process, so that they do not share
-/// the generator's threads, and returns their addresses.
+/// the generator's threads, placed as `placement` says, and returns their
+/// addresses.
 pub(super) fn start_mock(
     scenario: &Scenario,
+    placement: &Placement,
     work: &Path,
 ) -> anyhow::Result<(Started, Vec<SocketAddr>)> {
     let file = work.join("backends.yaml");
@@ -102,7 +221,8 @@ pub(super) fn start_mock(
         serde_saphyr::to_string(scenario).context("cannot write the mock scenario")?,
     )?;
     let exe = std::env::current_exe().context("cannot find infermesh-bench itself")?;
-    let mut child = Command::new(exe)
+    let mut child = placement
+        .command(exe)
         .args(["serve", "--scenario"])
         .arg(&file)
         .stdout(Stdio::piped())
@@ -120,6 +240,9 @@ pub(super) fn start_mock(
         "the {} exited before listening",
         started.name
     );
+    if placement.cpus.is_some() {
+        eprintln!("mock: {}", started.cpus());
+    }
     Ok((started, addrs))
 }
 
@@ -146,9 +269,21 @@ fn listening_addresses(stdout: ChildStdout, servers: usize) -> anyhow::Result<Ve
 /// CPU seconds and memory of every process of `processes` (and their
 /// children), added up; `None` without any, or when one cannot be read.
 pub(super) fn usage(processes: &[Started]) -> Option<Usage> {
+    usage_of(&pids(processes))
+}
+
+/// The process IDs of `processes`, which can be read from another task
+/// while the handles stay where they are.
+pub(super) fn pids(processes: &[Started]) -> Vec<u32> {
+    processes.iter().map(Started::pid).collect()
+}
+
+/// CPU seconds and memory of the processes `pids` (and their children),
+/// added up; `None` without any, or when one cannot be read.
+pub(super) fn usage_of(pids: &[u32]) -> Option<Usage> {
     let mut total: Option<Usage> = None;
-    for started in processes {
-        let usage = process::tree(started.pid()).ok()?;
+    for &pid in pids {
+        let usage = process::tree(pid).ok()?;
         total = Some(match total {
             None => usage,
             Some(t) => Usage {
@@ -229,6 +364,27 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("children outlived their parent's handle: {children:?}");
+    }
+
+    #[test]
+    fn pinning_this_process_sets_every_thread() {
+        // Pinned to the CPUs it may use already, so the other tests
+        // running meanwhile keep theirs.
+        let pid = std::process::id();
+        let allowed = allowed_cpus(pid).unwrap();
+        let mut cpus = Vec::new();
+        for part in allowed.split(',') {
+            let (first, last) = part.split_once('-').unwrap_or((part, part));
+            cpus.extend(first.parse::<usize>().unwrap()..=last.parse().unwrap());
+        }
+        pin_this_process(&cpus).unwrap();
+        for task in std::fs::read_dir("/proc/self/task").unwrap() {
+            let tid: u32 = task.unwrap().file_name().to_str().unwrap().parse().unwrap();
+            if let Some(on) = allowed_cpus(tid) {
+                assert_eq!(on, allowed, "thread {tid}");
+            }
+        }
+        assert_eq!(cpu_list(&[0, 2, 3]), "0,2,3");
     }
 
     #[test]

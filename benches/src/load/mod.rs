@@ -113,6 +113,18 @@ struct Run {
 
 /// Runs a load and reports what it measured.
 pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
+    run_observed(options, || ()).await.map(|(report, _)| report)
+}
+
+/// Runs a load like [`run`], and calls `observe` when the measured window
+/// starts and when it ends (warm-up excluded), returning what it returned
+/// each time (`None` if it panicked): so that a caller reads something
+/// else (the CPU time of the server under load, say) over exactly the
+/// window the report's requests were counted in.
+pub async fn run_observed<T: Send + 'static>(
+    options: LoadOptions,
+    observe: impl Fn() -> T + Send + Sync + 'static,
+) -> anyhow::Result<(LoadReport, Option<[T; 2]>)> {
     anyhow::ensure!(options.connections > 0, "--connections must be at least 1");
     if let Some(rate) = options.rate {
         anyhow::ensure!(rate.is_finite() && rate > 0.0, "--rate must be above 0");
@@ -187,6 +199,12 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
     };
 
     let cpu = tokio::spawn(measure_cpu(measure_from, end));
+    let observed = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from).await;
+        let first = observe();
+        tokio::time::sleep_until(end).await;
+        [first, observe()]
+    });
     let progress = options
         .progress
         .then(|| tokio::spawn(report_progress(run.clone())));
@@ -206,11 +224,12 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         }
     }
     let generator_cpu = cpu.await.unwrap_or_default();
+    let observed = observed.await.ok();
     let protocol = match options.protocol {
         Protocol::Http1 => "HTTP/1.1",
         Protocol::Http2 => "HTTP/2",
     };
-    Ok(LoadReport::new(
+    let report = LoadReport::new(
         options.label.clone().unwrap_or_else(|| options.url.clone()),
         options.url.clone(),
         format!("{protocol}{}", if target.tls { " over TLS" } else { "" }),
@@ -221,7 +240,8 @@ pub async fn run(options: LoadOptions) -> anyhow::Result<LoadReport> {
         options.warmup,
         &records,
         generator_cpu,
-    ))
+    );
+    Ok((report, observed))
 }
 
 async fn measure_cpu(from: Instant, to: Instant) -> GeneratorCpu {
