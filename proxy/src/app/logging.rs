@@ -3,16 +3,17 @@
 //! or the Elastic Common Schema: `log_lines`), with a filter the admin
 //! `/log-level` endpoint changes at run time.
 //!
-//! Lines are written to standard output by a thread of their own, so a
-//! request never waits on the terminal or the log collector. If standard
-//! output stalls so long that the queue (128,000 lines) fills, further lines
-//! are dropped rather than traffic stopped, and counted in
-//! `infermesh_log_lines_dropped_total`.
+//! Lines are written to standard output in batches by a thread of their
+//! own (`log_writer`), so a request never waits on the terminal or the log
+//! collector, nor wakes a thread per line. If standard output stalls so
+//! long that the buffer (16 MiB) fills, further lines are dropped rather
+//! than traffic stopped, and counted in `infermesh_log_lines_dropped_total`.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use crate::app::log_lines::{JsonLines, JsonShape};
+use crate::app::log_writer::{self, BatchWriter, WriterGuard};
 
 use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::layer::SubscriberExt;
@@ -37,9 +38,9 @@ pub enum LogFormat {
 pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
     current: Mutex<String>,
-    dropped: tracing_appender::non_blocking::ErrorCounter,
-    /// Flushes the lines still queued when dropped, at exit.
-    _writer: tracing_appender::non_blocking::WorkerGuard,
+    dropped: BatchWriter,
+    /// Writes the lines still queued when dropped, at exit.
+    _writer: WriterGuard,
 }
 
 impl LogControl {
@@ -78,16 +79,8 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
     let filter = EnvFilter::try_new(directives)
         .map_err(|e| anyhow::anyhow!("invalid log filter {directives:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .thread_name("infermesh-log")
-        // Lines queued together go out in one write; the thread flushes
-        // whenever it has drained the queue.
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stdout(),
-        ));
-    let writer_errors = writer.error_counter();
+    let (writer, guard) = log_writer::start(std::io::stdout());
+    let writer_errors = writer.clone();
     let output = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
             .with_writer(writer)
@@ -124,7 +117,7 @@ const DROPPED_LINES_HELP: &str = "Log lines dropped because standard output coul
 /// Reports the log writer's count of dropped lines when scraped.
 struct DroppedLines {
     desc: prometheus::core::Desc,
-    counter: tracing_appender::non_blocking::ErrorCounter,
+    counter: BatchWriter,
 }
 
 impl prometheus::core::Collector for DroppedLines {
@@ -135,7 +128,7 @@ impl prometheus::core::Collector for DroppedLines {
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         let counter =
             prometheus::IntCounter::new(DROPPED_LINES, DROPPED_LINES_HELP).expect("valid counter");
-        counter.inc_by(self.counter.dropped_lines() as u64);
+        counter.inc_by(self.counter.dropped_lines());
         prometheus::core::Collector::collect(&counter)
     }
 }

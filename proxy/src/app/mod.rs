@@ -14,6 +14,7 @@ pub(crate) mod control_plane;
 pub(crate) mod identity;
 pub(crate) mod lifecycle;
 pub(crate) mod log_lines;
+pub(crate) mod log_writer;
 pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod run;
