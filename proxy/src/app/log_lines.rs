@@ -97,30 +97,207 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let access = event.metadata().target() == ACCESS_TARGET;
-        if self.shape == JsonShape::Infermesh && !access {
-            return self.plain.format_event(ctx, writer, event);
+        if self.shape == JsonShape::Infermesh {
+            if !access {
+                return self.plain.format_event(ctx, writer, event);
+            }
+            return write_access_line(&mut writer, event);
         }
         let mut fields = Fields::default();
         event.record(&mut fields);
         let level = event.metadata().level().as_str();
         let target = event.metadata().target();
-        let line = match self.shape {
-            JsonShape::Infermesh => infermesh_access_line(fields.0, level, target),
-            JsonShape::Ecs if access => ecs_access_line(fields.0, level),
-            JsonShape::Ecs => ecs_line(fields.0, level, target),
+        let line = if access {
+            ecs_access_line(fields.0, level)
+        } else {
+            ecs_line(fields.0, level, target)
         };
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
     }
 }
 
+/// Writes the `json` shape of an access line: tracing's layout (`timestamp`,
+/// `level`, the fields in their order, `target`), stamped with the
+/// request's start. Written straight from the event's fields, without an
+/// object of JSON values in between: an access line is written per
+/// request, and building one cost more than the rest of the line's way
+/// to standard output. [`infermesh_access_line`] is the same layout built
+/// as a value, which the tests hold this one to.
+fn write_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    thread_local! {
+        // The fields after the message, reused from line to line.
+        static FIELDS: std::cell::RefCell<StreamedFields> = Default::default();
+    }
+    FIELDS.with(|fields| {
+        let mut fields = fields.borrow_mut();
+        fields.clear();
+        event.record(&mut *fields);
+        writer.write_str("{\"timestamp\":")?;
+        match fields.start_time.is_empty() {
+            true => write_json_str(writer, &now_rfc3339())?,
+            false => write_json_str(writer, &fields.start_time)?,
+        }
+        writer.write_str(",\"level\":")?;
+        write_json_str(writer, event.metadata().level().as_str())?;
+        if fields.has_message {
+            writer.write_str(",\"message\":")?;
+            write_json_str(writer, &fields.message)?;
+        }
+        writer.write_str(&fields.rest)?;
+        writer.write_str(",\"target\":")?;
+        write_json_str(writer, event.metadata().target())?;
+        writer.write_str("}\n")
+    })
+}
+
+/// `value` as a JSON string, escaped as serde_json escapes it.
+fn write_json_str(writer: &mut impl fmt::Write, value: &str) -> fmt::Result {
+    writer.write_char('"')?;
+    // Nearly every value (paths, names, addresses, ids) needs no escape:
+    // one tight pass to know, then one copy.
+    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        writer.write_str(value)?;
+        return writer.write_char('"');
+    }
+    let mut start = 0;
+    for (i, byte) in value.bytes().enumerate() {
+        let escaped = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        writer.write_str(&value[start..i])?;
+        if escaped.is_empty() {
+            write!(writer, "\\u{byte:04x}")?;
+        } else {
+            writer.write_str(escaped)?;
+        }
+        start = i + 1;
+    }
+    writer.write_str(&value[start..])?;
+    writer.write_char('"')
+}
+
+/// An access event's fields as the `json` shape writes them: the start
+/// and the message kept apart (they lead the line), every other field
+/// already written as `,"name":value`.
+#[derive(Default)]
+struct StreamedFields {
+    start_time: String,
+    /// The message, when the event has one (`has_message`); its buffer
+    /// is kept from line to line.
+    message: String,
+    has_message: bool,
+    rest: String,
+    /// Where a `Debug` value is formatted before it is escaped.
+    scratch: String,
+}
+
+impl StreamedFields {
+    fn clear(&mut self) {
+        self.start_time.clear();
+        self.message.clear();
+        self.has_message = false;
+        self.rest.clear();
+    }
+
+    /// Writes `,"name":n` for an integer, without the formatting
+    /// machinery (an access line has a dozen of them).
+    fn integer(&mut self, name: &str, negative: bool, mut n: u64) {
+        self.key(name);
+        if negative {
+            self.rest.push('-');
+        }
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.rest
+            .push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+    }
+
+    /// Starts the field `name`: `,"name":`.
+    fn key(&mut self, name: &str) {
+        self.rest.push_str(",\"");
+        self.rest.push_str(name);
+        self.rest.push_str("\":");
+    }
+
+    /// Writes `,"name":value` for a value whose `Display` is its JSON.
+    fn display(&mut self, name: &str, value: impl fmt::Display) {
+        use fmt::Write as _;
+        self.key(name);
+        let _ = write!(self.rest, "{value}");
+    }
+}
+
+impl Visit for StreamedFields {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // serde_json's number (`1.0`, not `1`), and `null` for a number
+        // JSON cannot hold, as serde_json writes a NaN.
+        match serde_json::Number::from_f64(value) {
+            Some(number) => self.display(field.name(), number),
+            None => self.display(field.name(), "null"),
+        }
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.integer(field.name(), value < 0, value.unsigned_abs());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.integer(field.name(), false, value);
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.display(field.name(), value);
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            START_TIME => value.clone_into(&mut self.start_time),
+            "message" => {
+                value.clone_into(&mut self.message);
+                self.has_message = true;
+            }
+            name => {
+                self.key(name);
+                let _ = write_json_str(&mut self.rest, value);
+            }
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        use fmt::Write as _;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let _ = write!(scratch, "{value:?}");
+        self.record_str(field, &scratch);
+        self.scratch = scratch;
+    }
+}
+
+/// Now, as tracing stamps its lines.
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
+}
+
 /// The `json` shape of an access line: tracing's layout, stamped with the
-/// request's start.
+/// request's start, as a value (the layout [`write_access_line`] writes).
+#[cfg(test)]
 fn infermesh_access_line(mut fields: Map<String, Value>, level: &str, target: &str) -> Value {
     let mut line = Map::new();
     line.insert(
         "timestamp".into(),
-        fields.remove(START_TIME).unwrap_or_else(now),
+        fields.shift_remove(START_TIME).unwrap_or_else(now),
     );
     line.insert("level".into(), level.into());
     line.append(&mut fields);
@@ -228,11 +405,9 @@ fn insert(line: &mut Map<String, Value>, path: &str, value: Value) {
     }
 }
 
-/// Now, as tracing stamps its lines.
+/// Now, as tracing stamps its lines, as a JSON value.
 fn now() -> Value {
-    humantime::format_rfc3339_micros(std::time::SystemTime::now())
-        .to_string()
-        .into()
+    now_rfc3339().into()
 }
 
 /// An event's fields, as JSON values.
@@ -292,6 +467,69 @@ mod tests {
             unreachable!()
         };
         fields
+    }
+
+    /// Formats each event it sees as an access line twice, written
+    /// straight and built as a value, and keeps both.
+    #[derive(Clone, Default)]
+    struct BothWays(std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>);
+
+    impl<S: Subscriber> tracing_subscriber::Layer<S> for BothWays {
+        fn on_event(&self, event: &Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let mut written = String::new();
+            write_access_line(&mut Writer::new(&mut written), event).unwrap();
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            let built = infermesh_access_line(
+                fields.0,
+                event.metadata().level().as_str(),
+                event.metadata().target(),
+            );
+            let built = format!("{}\n", serde_json::to_string(&built).unwrap());
+            self.0.lock().unwrap().push((written, built));
+        }
+    }
+
+    #[test]
+    fn the_json_access_line_written_straight_is_the_line_built_as_a_value() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let lines = BothWays::default();
+        let subscriber = tracing_subscriber::registry().with(lines.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let none: Option<&str> = None;
+            tracing::info!(
+                target: "infermesh::access",
+                start_time = %"2026-12-05T09:14:07.512731Z",
+                method = %http::Method::POST,
+                path = "/v1/chat?q=\"quoted\"\\ and \u{1}",
+                protocol = ?http::Version::HTTP_2,
+                status = 200u16,
+                grpc_status = Some(14u16),
+                duration_ms = 5312.407,
+                first_byte_ms = 1.0,
+                first_event_ms = f64::NAN,
+                model = none,
+                retries = 0u32,
+                error = Some("upstream_reset"),
+                detail = "line one\nline two\tand ünïcödé",
+                signed = -3i64,
+                smallest = i64::MIN,
+                largest = u64::MAX,
+                cached = true,
+                "request"
+            );
+        });
+        let lines = lines.0.lock().unwrap();
+        assert_eq!(lines.len(), 1);
+        let (written, built) = &lines[0];
+        assert_eq!(written, built);
+        assert!(written.starts_with(
+            "{\"timestamp\":\"2026-12-05T09:14:07.512731Z\",\"level\":\"INFO\",\"message\":\"request\",\"method\":\"POST\""
+        ));
+        assert!(
+            !written.contains("\"model\""),
+            "a field without a value is left out"
+        );
     }
 
     #[test]

@@ -367,6 +367,7 @@ impl RequestRecord {
         if !self.shared.access_log.keeps(error, duration) {
             return;
         }
+        let endpoint = self.endpoint.map(AddressText::new);
         tracing::info!(
             target: "infermesh::access",
             // The line is stamped with the request's start (as Envoy's and
@@ -397,11 +398,11 @@ impl RequestRecord {
             response_bytes = bytes,
             route,
             backend,
-            endpoint = self.endpoint.map(|e| e.to_string()),
+            endpoint = endpoint.as_ref().map(AddressText::as_str),
             retries = self.retries,
             error = self.error,
             detail = self.detail.as_deref(),
-            client = %self.client,
+            client = AddressText::new(self.client).as_str(),
             peer_identity = self.peer_identity.as_deref(),
             listener = self.listener.as_deref().unwrap_or(""),
             request_id = self.request_id.to_str().unwrap_or(""),
@@ -503,6 +504,80 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
+}
+
+/// A socket address as text (`10.0.3.7:8000`, `[::1]:8000`), written
+/// without the formatting machinery or an allocation: an access line
+/// writes two of them, and `Display` made them a fifth of its cost.
+struct AddressText {
+    text: [u8; 64],
+    len: usize,
+}
+
+impl AddressText {
+    fn new(address: SocketAddr) -> Self {
+        let mut out = AddressText {
+            text: [0; 64],
+            len: 0,
+        };
+        match address {
+            SocketAddr::V4(v4) => {
+                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b".");
+                    }
+                    out.number(u32::from(octet));
+                }
+            }
+            SocketAddr::V6(v6) => {
+                // IPv6's compressed form (and scope) is not worth writing
+                // again: `Display` it is.
+                use std::fmt::Write as _;
+                let _ = write!(out, "{v6}");
+                return out;
+            }
+        }
+        out.push(b":");
+        out.number(u32::from(address.port()));
+        out
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.text[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// Writes `n` (at most 65,535) in decimal.
+    fn number(&mut self, n: u32) {
+        let mut digits = [0u8; 5];
+        let mut at = digits.len();
+        let mut n = n;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[at..]);
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.text[..self.len]).expect("an address is ASCII")
+    }
+}
+
+impl std::fmt::Write for AddressText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        // The longest socket address text, `[` 45 bytes of IPv6 `%` a
+        // 10-digit scope `]:` a 5-digit port, is 64 bytes.
+        if self.len + s.len() > self.text.len() {
+            return Err(std::fmt::Error);
+        }
+        self.push(s.as_bytes());
+        Ok(())
+    }
 }
 
 fn millis(d: Duration) -> f64 {
@@ -617,5 +692,35 @@ impl Drop for ObservedBody {
             (!self.inner.is_end_stream()).then_some("client_disconnected")
         };
         self.finish(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_written_as_display_writes_it() {
+        for address in [
+            "0.0.0.0:0",
+            "10.0.3.7:8000",
+            "255.255.255.255:65535",
+            "127.0.0.1:9",
+            "[::1]:8000",
+            "[fe80::1%2]:80",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535",
+        ] {
+            let parsed: SocketAddr = address.parse().unwrap();
+            assert_eq!(AddressText::new(parsed).as_str(), parsed.to_string());
+        }
+        let longest = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+                .parse()
+                .unwrap(),
+            65535,
+            0,
+            u32::MAX,
+        ));
+        assert_eq!(AddressText::new(longest).as_str(), longest.to_string());
     }
 }
