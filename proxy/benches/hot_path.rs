@@ -104,7 +104,7 @@ fn header_rewrite(c: &mut Criterion) {
             || template.headers().clone(),
             |headers: &mut HeaderMap| {
                 strip_hop_by_hop(headers, false);
-                add_forwarded(headers, client, "http");
+                add_forwarded(headers, &client, "http");
             },
             criterion::BatchSize::SmallInput,
         )

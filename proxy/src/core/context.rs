@@ -23,6 +23,9 @@ pub(crate) type ListenerId = u64;
 pub(crate) struct ConnectionInfo {
     /// The client's address.
     pub client: SocketAddr,
+    /// The client's IP as `X-Forwarded-For` writes it, formatted once per
+    /// connection rather than once per request.
+    pub client_ip: http::HeaderValue,
     /// The listener socket that accepted it.
     pub listener: ListenerId,
     /// The scheme the client used (`http`, or `https` over TLS).

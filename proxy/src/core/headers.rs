@@ -5,8 +5,6 @@
 //! the HTTP version of the app that made a request; every request has an
 //! `x-request-id`; and reading `Retry-After`.
 
-use std::fmt::Write;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
@@ -152,27 +150,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Appends the client's address to `x-forwarded-for` and sets
-/// `x-forwarded-proto` to the scheme the client used, overwriting what the
-/// client sent (it cannot be trusted at the edge).
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, scheme: &'static str) {
+/// Appends the client's IP (`client`, as a header value) to
+/// `x-forwarded-for` and sets `x-forwarded-proto` to the scheme the client
+/// used, overwriting what the client sent (it cannot be trusted at the
+/// edge).
+pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, scheme: &'static str) {
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
     // Earlier hops may have sent several header lines; keep them all.
-    let mut value = String::with_capacity(64);
-    for existing in headers
+    let earlier: Vec<&[u8]> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        if !existing.trim().is_empty() {
-            value.push_str(existing.trim());
-            value.push_str(", ");
-        }
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if earlier.is_empty() {
+        // The common case, a first hop: the connection's own value, no
+        // formatting.
+        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
+        return;
     }
-    let _ = write!(value, "{client}");
-    if let Ok(value) = HeaderValue::try_from(value) {
+    let mut value = Vec::with_capacity(64);
+    for existing in earlier {
+        value.extend_from_slice(existing);
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(client.as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
 }
 
 /// Applies this module's rules to a request going upstream: hop-by-hop
@@ -185,7 +190,7 @@ pub(crate) fn to_upstream(mut request: Request<ProxyBody>) -> Request<ProxyBody>
     if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned()
         && conn.capture.is_none()
     {
-        add_forwarded(request.headers_mut(), conn.client.ip(), conn.scheme);
+        add_forwarded(request.headers_mut(), &conn.client_ip, conn.scheme);
     }
     request
 }
@@ -354,21 +359,21 @@ mod tests {
             ("x-forwarded-for", "203.0.113.9"),
             ("x-forwarded-proto", "https"),
         ]);
-        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
+        add_forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), "http");
         assert_eq!(h[&X_FORWARDED_FOR], "203.0.113.9, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         let mut several = headers(&[
             ("x-forwarded-for", "203.0.113.9"),
             ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
         ]);
-        add_forwarded(&mut several, "127.0.0.1".parse().unwrap(), "http");
+        add_forwarded(&mut several, &HeaderValue::from_static("127.0.0.1"), "http");
         assert_eq!(several.get_all(&X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(
             several[&X_FORWARDED_FOR],
             "203.0.113.9, 10.0.0.1, 10.0.0.2, 127.0.0.1"
         );
         let mut fresh = HeaderMap::new();
-        add_forwarded(&mut fresh, "::1".parse().unwrap(), "http");
+        add_forwarded(&mut fresh, &HeaderValue::from_static("::1"), "http");
         assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
     }
 

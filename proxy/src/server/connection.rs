@@ -277,6 +277,8 @@ impl Connection {
         });
         let info = Arc::new(ConnectionInfo {
             client: self.client,
+            client_ip: http::HeaderValue::try_from(self.client.ip().to_string())
+                .expect("an IP address is a valid header value"),
             listener: self.listener.id,
             scheme: if tls.is_some() { "https" } else { "http" },
             peer_identity: tls.flatten(),
