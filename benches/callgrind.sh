@@ -11,17 +11,26 @@
 # OpenAI chat requests sent at a fixed rate (open loop, so each run sends
 # exactly rate × time requests); the difference of the two totals, divided
 # by the difference of the requests, is the cost of one request without
-# start-up and shutdown. Prints one line per build. Needs valgrind (Debian
+# start-up and shutdown. Prints one line per build. ACCESS_LOG=json (or
+# ecs, or human) runs the proxies with the access log on in that format,
+# to standard output (a file), to count what the log costs; by default it
+# is off. Needs valgrind (Debian
 # package `valgrind`) and infermesh-bench built next to the first build.
 # Every run is bounded in time and every process started is stopped.
 set -euo pipefail
 
-[ $# -ge 1 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,19p' "$0" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is not installed (apt install valgrind)" >&2; exit 1; }
 bench="$(dirname "$1")/infermesh-bench"
 [ -x "$bench" ] || { echo "callgrind.sh: $bench not found; build it with cargo build --release" >&2; exit 1; }
 
 RATE=${RATE:-100}            # requests per second; callgrind slows the proxy ~50x
+ACCESS_LOG=${ACCESS_LOG:-}   # empty: access log off; json, ecs or human: on
+case "$ACCESS_LOG" in
+  "") log_flags=(--log-level warn) ;;
+  json|ecs|human) log_flags=(--log-format "$ACCESS_LOG" --log-level info) ;;
+  *) echo "callgrind.sh: ACCESS_LOG must be json, ecs or human" >&2; exit 2 ;;
+esac
 SMALL=${SMALL:-3}            # seconds of load of the first run
 LARGE=${LARGE:-13}           # seconds of load of the second run
 work=$(mktemp -d)
@@ -60,7 +69,7 @@ spec: { rules: [{ backends: [{ name: mock }] }] }
 EOF
   out="$work/callgrind.$seconds.out"
   valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$proxy" --concurrency 1 --log-level warn gateway --config "$work/gateway.yaml" \
+    "$proxy" --concurrency 1 "${log_flags[@]}" gateway --config "$work/gateway.yaml" \
     --admin-address "127.0.0.1:$admin" --health-address "127.0.0.1:$health" \
     --shutdown-grace-period 5s >"$work/proxy.log" 2>&1 &
   local pid=$!
