@@ -210,23 +210,9 @@ impl StreamedFields {
 
     /// Writes `,"name":n` for an integer, without the formatting
     /// machinery (an access line has a dozen of them).
-    fn integer(&mut self, name: &str, negative: bool, mut n: u64) {
+    fn integer(&mut self, name: &str, n: impl itoa::Integer) {
         self.key(name);
-        if negative {
-            self.rest.push('-');
-        }
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.rest
-            .push_str(std::str::from_utf8(&digits[at..]).expect("ASCII digits"));
+        self.rest.push_str(itoa::Buffer::new().format(n));
     }
 
     /// Starts the field `name`: `,"name":`.
@@ -254,10 +240,10 @@ impl Visit for StreamedFields {
         }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.integer(field.name(), value < 0, value.unsigned_abs());
+        self.integer(field.name(), value);
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.integer(field.name(), false, value);
+        self.integer(field.name(), value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.display(field.name(), value);

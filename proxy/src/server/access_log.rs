@@ -526,7 +526,7 @@ impl AddressText {
                     if i > 0 {
                         out.push(b".");
                     }
-                    out.number(u32::from(octet));
+                    out.number(u16::from(octet));
                 }
             }
             SocketAddr::V6(v6) => {
@@ -538,7 +538,7 @@ impl AddressText {
             }
         }
         out.push(b":");
-        out.number(u32::from(address.port()));
+        out.number(address.port());
         out
     }
 
@@ -547,20 +547,9 @@ impl AddressText {
         self.len += bytes.len();
     }
 
-    /// Writes `n` (at most 65,535) in decimal.
-    fn number(&mut self, n: u32) {
-        let mut digits = [0u8; 5];
-        let mut at = digits.len();
-        let mut n = n;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[at..]);
+    /// Writes `n` in decimal.
+    fn number(&mut self, n: u16) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
     }
 
     fn as_str(&self) -> &str {
