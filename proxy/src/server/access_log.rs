@@ -30,6 +30,7 @@ use crate::core::headers::FANOUT_HEADER;
 use crate::core::trace::OpenSpan;
 use crate::server::access_filter::is_error;
 use crate::server::lifetime::{StreamGuard, Watched};
+use crate::server::metrics::PairSeries;
 use crate::server::respond::{Dialect, body_failure};
 use crate::server::shared::Shared;
 use crate::server::usage::{Dispatched, Scanner, Usage};
@@ -81,6 +82,8 @@ pub(crate) struct RequestRecord {
     /// The request's server span, when it is traced: it ends with the
     /// record.
     span: Option<OpenSpan>,
+    /// The series of the route and backend, once a response came.
+    pair: Option<Arc<PairSeries>>,
     /// The record was written: it is written once.
     written: bool,
     shared: Arc<Shared>,
@@ -134,6 +137,7 @@ impl RequestRecord {
             detail: None,
             last_attempt,
             span: None,
+            pair: None,
             written: false,
             shared,
         }
@@ -174,11 +178,13 @@ impl RequestRecord {
             self.endpoint = Some(upstream.endpoint);
             self.retries = upstream.retries;
         }
-        self.shared
+        let series = self
+            .shared
             .metrics
-            .response_first_byte
-            .with_label_values(&[self.route_label(), self.backend_label()])
-            .observe(first_byte.as_secs_f64());
+            .pair(self.route_label(), self.backend_label());
+        series.first_byte.observe(first_byte.as_secs_f64());
+        // The route and backend are known for good: kept for the end.
+        self.pair = Some(series);
     }
 
     /// Notes a failure the proxy answers itself.
@@ -318,15 +324,21 @@ impl RequestRecord {
             in_flight.dec();
         }
         let request_bytes = self.last_attempt.request_bytes();
+        let pair = self.pair.take();
         let route = self.route_label();
         let backend = self.backend_label();
-        let grpc_code = self.grpc_status.map(|s| s.to_string());
-        let grpc_label = grpc_code.as_deref().unwrap_or("");
-        self.shared
-            .metrics
-            .requests
-            .with_label_values(&[route, backend, self.status.as_str(), grpc_label])
-            .inc();
+        let series = pair.unwrap_or_else(|| self.shared.metrics.pair(route, backend));
+        if self.status == StatusCode::OK && self.grpc_status.is_none() {
+            series.ok.inc();
+        } else {
+            let grpc_code = self.grpc_status.map(|s| s.to_string());
+            let grpc_label = grpc_code.as_deref().unwrap_or("");
+            self.shared
+                .metrics
+                .requests
+                .with_label_values(&[route, backend, self.status.as_str(), grpc_label])
+                .inc();
+        }
         if let Some(reason) = self.error {
             self.shared
                 .metrics
@@ -334,21 +346,9 @@ impl RequestRecord {
                 .with_label_values(&[route, backend, reason])
                 .inc();
         }
-        self.shared
-            .metrics
-            .request_duration
-            .with_label_values(&[route, backend])
-            .observe(duration.as_secs_f64());
-        self.shared
-            .metrics
-            .request_size
-            .with_label_values(&[route, backend])
-            .observe(request_bytes as f64);
-        self.shared
-            .metrics
-            .response_size
-            .with_label_values(&[route, backend])
-            .observe(bytes as f64);
+        series.duration.observe(duration.as_secs_f64());
+        series.request_size.observe(request_bytes as f64);
+        series.response_size.observe(bytes as f64);
         if let Some(usage) = self.usage {
             let model = self.model_label();
             for (kind, count) in [("input", usage.input), ("output", usage.output)] {

@@ -3,7 +3,10 @@
 //! below, which what the server builds (a capture listener's forwarding
 //! to the original destination) counts in.
 
-use prometheus::{HistogramVec, IntCounterVec, IntGaugeVec};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec};
 
 use crate::core::metrics::Registry;
 
@@ -68,6 +71,63 @@ pub(crate) struct Metrics {
     pub connections_refused: IntCounterVec,
     /// The families of the snapshot layer and those below it.
     pub snapshot: crate::snapshot::Metrics,
+    /// The series of each route and backend met so far.
+    pub pairs: Arc<PairSeriesCache>,
+}
+
+/// The series every finished request of one route and backend counts in,
+/// resolved once per pair: a labelled lookup hashes every label and takes
+/// the family's lock, and a request made six of them.
+#[derive(Debug)]
+pub(crate) struct PairSeries {
+    /// `infermesh_requests_total` with code 200 and no gRPC status, the
+    /// answer nearly every request ends with (others are looked up).
+    pub ok: IntCounter,
+    /// `infermesh_response_first_byte_seconds`.
+    pub first_byte: Histogram,
+    /// `infermesh_request_duration_seconds`.
+    pub duration: Histogram,
+    /// `infermesh_request_size_bytes`.
+    pub request_size: Histogram,
+    /// `infermesh_response_size_bytes`.
+    pub response_size: Histogram,
+}
+
+/// [`PairSeries`] by route, then backend. The pairs are bounded by the
+/// config (and the families keep their series anyway, as nothing removes
+/// them), so the cache is not trimmed.
+#[derive(Debug, Default)]
+pub(crate) struct PairSeriesCache {
+    pairs: Mutex<HashMap<Arc<str>, SeriesByBackend>>,
+}
+
+/// One route's [`PairSeries`], by backend.
+type SeriesByBackend = HashMap<Arc<str>, Arc<PairSeries>>;
+
+impl Metrics {
+    /// The series of the requests of `route` answered by `backend` (either
+    /// empty when unknown).
+    pub(crate) fn pair(&self, route: &str, backend: &str) -> Arc<PairSeries> {
+        let mut pairs = self.pairs.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(series) = pairs.get(route).and_then(|backends| backends.get(backend)) {
+            return series.clone();
+        }
+        let labels = [route, backend];
+        let series = Arc::new(PairSeries {
+            ok: self
+                .requests
+                .with_label_values(&[route, backend, "200", ""]),
+            first_byte: self.response_first_byte.with_label_values(&labels),
+            duration: self.request_duration.with_label_values(&labels),
+            request_size: self.request_size.with_label_values(&labels),
+            response_size: self.response_size.with_label_values(&labels),
+        });
+        pairs
+            .entry(Arc::from(route))
+            .or_default()
+            .insert(Arc::from(backend), series.clone());
+        series
+    }
 }
 
 impl Metrics {
@@ -144,6 +204,45 @@ impl Metrics {
                 &["listener", "reason"],
             ),
             snapshot: crate::snapshot::Metrics::register(registry),
+            pairs: Arc::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pairs_series_are_the_families_series() {
+        let registry = Registry::new();
+        let metrics = Metrics::register(&registry);
+        let first = metrics.pair("chat", "llama");
+        first.ok.inc();
+        first.duration.observe(0.5);
+        metrics.pair("chat", "llama").ok.inc();
+        metrics.pair("chat", "mistral").response_size.observe(10.0);
+        assert!(Arc::ptr_eq(&first, &metrics.pair("chat", "llama")));
+        assert_eq!(
+            metrics
+                .requests
+                .with_label_values(&["chat", "llama", "200", ""])
+                .get(),
+            2
+        );
+        assert_eq!(
+            metrics
+                .request_duration
+                .with_label_values(&["chat", "llama"])
+                .get_sample_count(),
+            1
+        );
+        assert_eq!(
+            metrics
+                .response_size
+                .with_label_values(&["chat", "mistral"])
+                .get_sample_sum(),
+            10.0
+        );
     }
 }
