@@ -31,7 +31,7 @@ const ECS_VERSION: &str = "8.11.0";
 
 /// Access-log fields that have an ECS field, and its dotted path.
 /// (`duration_ms`, `client`, `path` and `protocol` are converted rather
-/// than renamed; see [`ecs_access_line`].)
+/// than renamed; see `EcsFields::take`.)
 pub(crate) const ECS_ACCESS_FIELDS: &[(&str, &str)] = &[
     ("method", "http.request.method"),
     ("status", "http.response.status_code"),
@@ -103,15 +103,14 @@ where
             }
             return write_access_line(&mut writer, event);
         }
+        if access {
+            return write_ecs_access_line(&mut writer, event);
+        }
         let mut fields = Fields::default();
         event.record(&mut fields);
         let level = event.metadata().level().as_str();
         let target = event.metadata().target();
-        let line = if access {
-            ecs_access_line(fields.0, level)
-        } else {
-            ecs_line(fields.0, level, target)
-        };
+        let line = ecs_line(fields.0, level, target);
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
     }
@@ -122,8 +121,8 @@ where
 /// request's start. Written straight from the event's fields, without an
 /// object of JSON values in between: an access line is written per
 /// request, and building one cost more than the rest of the line's way
-/// to standard output. [`infermesh_access_line`] is the same layout built
-/// as a value, which the tests hold this one to.
+/// to standard output. The tests hold it to `infermesh_access_line`, the
+/// same layout built as a value.
 fn write_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result {
     thread_local! {
         // The fields after the message, reused from line to line.
@@ -131,8 +130,11 @@ fn write_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result 
     }
     FIELDS.with(|fields| {
         let mut fields = fields.borrow_mut();
+        let fields = &mut *fields;
         fields.clear();
-        event.record(&mut *fields);
+        let mut scratch = std::mem::take(&mut fields.scratch);
+        visit_fields(event, &mut scratch, |name, value| fields.take(name, value));
+        fields.scratch = scratch;
         writer.write_str("{\"timestamp\":")?;
         match fields.start_time.is_empty() {
             true => write_json_str(writer, &now_rfc3339())?,
@@ -149,6 +151,256 @@ fn write_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result 
         write_json_str(writer, event.metadata().target())?;
         writer.write_str("}\n")
     })
+}
+
+/// Writes the `ecs` shape of an access line straight from the event's
+/// fields, as [`write_access_line`] writes the `json` one: the fields with
+/// an ECS field nested at their ECS paths, the others under `infermesh.`.
+/// The tests hold it to `ecs_access_line`, the same line built as a value
+/// (member order aside: JSON objects have none).
+fn write_ecs_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    thread_local! {
+        // The fields' buffers, reused from line to line.
+        static FIELDS: std::cell::RefCell<EcsFields> = Default::default();
+    }
+    FIELDS.with(|fields| {
+        let mut fields = fields.borrow_mut();
+        let fields = &mut *fields;
+        fields.clear();
+        let mut scratch = std::mem::take(&mut fields.plain.scratch);
+        visit_fields(event, &mut scratch, |name, value| fields.take(name, value));
+        fields.plain.scratch = scratch;
+        fields.write(writer, event.metadata().level())
+    })
+}
+
+/// An access event's fields as the `ecs` shape needs them.
+#[derive(Default)]
+struct EcsFields {
+    /// The start, the message, and the fields ECS has no field for
+    /// (written as `,"name":value`, for `infermesh.`).
+    plain: StreamedFields,
+    /// The JSON of each field of [`ECS_ACCESS_FIELDS`] the event has, by
+    /// its place in that table (empty when it has not).
+    mapped: Vec<String>,
+    /// The numeric status, for the outcome.
+    status: Option<u64>,
+    /// Whether the event has an `error`.
+    error: bool,
+    /// `duration_ms`, when finite: `event.duration` in nanoseconds.
+    duration_ms: Option<f64>,
+    /// The JSON of the fields converted from `path`, `protocol` and
+    /// `client` (empty when absent).
+    url_path: String,
+    url_query: String,
+    url_original: String,
+    http_version: String,
+    source_ip: String,
+    source_port: String,
+    source_address: String,
+}
+
+impl EcsFields {
+    fn clear(&mut self) {
+        self.plain.clear();
+        self.mapped
+            .resize_with(ECS_ACCESS_FIELDS.len(), String::new);
+        self.mapped.iter_mut().for_each(String::clear);
+        self.status = None;
+        self.error = false;
+        self.duration_ms = None;
+        for converted in [
+            &mut self.url_path,
+            &mut self.url_query,
+            &mut self.url_original,
+            &mut self.http_version,
+            &mut self.source_ip,
+            &mut self.source_port,
+            &mut self.source_address,
+        ] {
+            converted.clear();
+        }
+    }
+
+    /// Takes the field `name`, to its ECS field, converted, or aside for
+    /// `infermesh.`.
+    fn take(&mut self, name: &str, value: Visited<'_>) {
+        if let Some(at) = ECS_ACCESS_FIELDS.iter().position(|(from, _)| *from == name) {
+            if name == "status" {
+                self.status = match value {
+                    Visited::U64(n) => Some(n),
+                    Visited::I64(n) => u64::try_from(n).ok(),
+                    _ => None,
+                };
+            }
+            value.write_json(&mut self.mapped[at]);
+            return;
+        }
+        match (name, value) {
+            ("duration_ms", value) => {
+                self.duration_ms = match value {
+                    Visited::F64(ms) if ms.is_finite() => Some(ms),
+                    Visited::U64(ms) => Some(ms as f64),
+                    Visited::I64(ms) => Some(ms as f64),
+                    _ => None,
+                };
+            }
+            ("path", value) => {
+                if let Visited::Str(target) = value {
+                    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+                    Visited::Str(path).write_json(&mut self.url_path);
+                    if !query.is_empty() {
+                        Visited::Str(query).write_json(&mut self.url_query);
+                    }
+                    Visited::Str(target).write_json(&mut self.url_original);
+                }
+            }
+            ("protocol", value) => {
+                if let Visited::Str(protocol) = value {
+                    // `HTTP/1.1` -> `1.1`, `HTTP/2.0` -> `2`, as ECS
+                    // writes versions.
+                    let version = protocol.trim_start_matches("HTTP/");
+                    let version = version.strip_suffix(".0").unwrap_or(version);
+                    Visited::Str(version).write_json(&mut self.http_version);
+                }
+            }
+            ("client", value) => {
+                if let Visited::Str(client) = value {
+                    if let Ok(address) = client.parse::<std::net::SocketAddr>() {
+                        use fmt::Write as _;
+                        let _ = write!(self.source_ip, "\"{}\"", address.ip());
+                        Visited::U64(address.port().into()).write_json(&mut self.source_port);
+                    }
+                    Visited::Str(client).write_json(&mut self.source_address);
+                }
+            }
+            (name, value) => {
+                if name == "error" {
+                    self.error = true;
+                }
+                self.plain.take(name, value);
+            }
+        }
+    }
+
+    /// Writes the line.
+    fn write(&self, writer: &mut impl fmt::Write, level: &tracing::Level) -> fmt::Result {
+        writer.write_str("{\"@timestamp\":")?;
+        if self.plain.start_time.is_empty() {
+            write_json_str(writer, &now_rfc3339())?;
+        } else {
+            write_json_str(writer, &self.plain.start_time)?;
+        }
+        writer.write_str(",\"log.level\":")?;
+        writer.write_str(match *level {
+            tracing::Level::ERROR => "\"error\"",
+            tracing::Level::WARN => "\"warn\"",
+            tracing::Level::INFO => "\"info\"",
+            tracing::Level::DEBUG => "\"debug\"",
+            tracing::Level::TRACE => "\"trace\"",
+        })?;
+        writer.write_str(",\"message\":")?;
+        if self.plain.has_message {
+            write_json_str(writer, &self.plain.message)?;
+        } else {
+            writer.write_str("null")?;
+        }
+        write!(
+            writer,
+            ",\"ecs.version\":\"{ECS_VERSION}\",\"log.logger\":\"{ACCESS_TARGET}\""
+        )?;
+        let failed = self.error || self.status.is_some_and(|s| s >= 500);
+        let duration = self.duration_ms.map(|ms| {
+            itoa::Buffer::new()
+                .format((ms * 1e6).round() as u64)
+                .to_owned()
+        });
+        let mut nested: Vec<(&str, &str)> = Vec::with_capacity(32);
+        nested.extend([
+            ("event.kind", "\"event\""),
+            ("event.category", "[\"web\"]"),
+            ("event.dataset", "\"infermesh.access\""),
+            (
+                "event.outcome",
+                if failed { "\"failure\"" } else { "\"success\"" },
+            ),
+        ]);
+        if let Some(duration) = &duration {
+            nested.push(("event.duration", duration));
+        }
+        for ((_, to), value) in ECS_ACCESS_FIELDS.iter().zip(&self.mapped) {
+            if !value.is_empty() {
+                nested.push((to, value));
+            }
+        }
+        for (to, value) in [
+            ("url.path", &self.url_path),
+            ("url.query", &self.url_query),
+            ("url.original", &self.url_original),
+            ("http.version", &self.http_version),
+            ("source.ip", &self.source_ip),
+            ("source.port", &self.source_port),
+            ("source.address", &self.source_address),
+        ] {
+            if !value.is_empty() {
+                nested.push((to, value));
+            }
+        }
+        // Members of one object must be written together: sorted by path,
+        // they are next to each other.
+        nested.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        writer.write_char(',')?;
+        write_nested(writer, &nested, 0)?;
+        if let Some(rest) = self.plain.rest.strip_prefix(',') {
+            writer.write_str(",\"infermesh\":{")?;
+            writer.write_str(rest)?;
+            writer.write_char('}')?;
+        }
+        writer.write_str("}\n")
+    }
+}
+
+/// Writes `"a":{"b":value}` for each `("a.b", value)` of `members`
+/// (values already JSON), comma-separated, nesting at the dots, the first
+/// `skip` bytes of every path left out (the objects already open).
+/// Members of one object must be next to each other (sorted by path).
+fn write_nested(
+    writer: &mut impl fmt::Write,
+    members: &[(&str, &str)],
+    skip: usize,
+) -> fmt::Result {
+    let mut at = 0;
+    while at < members.len() {
+        if at > 0 {
+            writer.write_char(',')?;
+        }
+        let path = &members[at].0[skip..];
+        writer.write_char('"')?;
+        match path.split_once('.') {
+            None => {
+                writer.write_str(path)?;
+                writer.write_str("\":")?;
+                writer.write_str(members[at].1)?;
+                at += 1;
+            }
+            Some((object, _)) => {
+                let inside = members[at..]
+                    .iter()
+                    .take_while(|(path, _)| {
+                        path[skip..]
+                            .split_once('.')
+                            .is_some_and(|(head, _)| head == object)
+                    })
+                    .count();
+                writer.write_str(object)?;
+                writer.write_str("\":{")?;
+                write_nested(writer, &members[at..at + inside], skip + object.len() + 1)?;
+                writer.write_char('}')?;
+                at += inside;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `value` as a JSON string, escaped as serde_json escapes it.
@@ -208,67 +460,92 @@ impl StreamedFields {
         self.rest.clear();
     }
 
-    /// Writes `,"name":n` for an integer, without the formatting
-    /// machinery (an access line has a dozen of them).
-    fn integer(&mut self, name: &str, n: impl itoa::Integer) {
-        self.key(name);
-        self.rest.push_str(itoa::Buffer::new().format(n));
-    }
-
-    /// Starts the field `name`: `,"name":`.
-    fn key(&mut self, name: &str) {
-        self.rest.push_str(",\"");
-        self.rest.push_str(name);
-        self.rest.push_str("\":");
-    }
-
-    /// Writes `,"name":value` for a value whose `Display` is its JSON.
-    fn display(&mut self, name: &str, value: impl fmt::Display) {
-        use fmt::Write as _;
-        self.key(name);
-        let _ = write!(self.rest, "{value}");
+    /// Takes the field `name`: the start and the message apart, any other
+    /// written as `,"name":value`.
+    fn take(&mut self, name: &str, value: Visited<'_>) {
+        match (name, value) {
+            (START_TIME, Visited::Str(start)) => start.clone_into(&mut self.start_time),
+            ("message", Visited::Str(message)) => {
+                message.clone_into(&mut self.message);
+                self.has_message = true;
+            }
+            (name, value) => {
+                self.rest.push_str(",\"");
+                self.rest.push_str(name);
+                self.rest.push_str("\":");
+                value.write_json(&mut self.rest);
+            }
+        }
     }
 }
 
-impl Visit for StreamedFields {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        // serde_json's number (`1.0`, not `1`), and `null` for a number
-        // JSON cannot hold, as serde_json writes a NaN.
-        match serde_json::Number::from_f64(value) {
-            Some(number) => self.display(field.name(), number),
-            None => self.display(field.name(), "null"),
+/// One field's value, as a visitor of an event's fields is given it.
+#[derive(Clone, Copy)]
+enum Visited<'a> {
+    Str(&'a str),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+}
+
+impl Visited<'_> {
+    /// Writes the value as JSON, as serde_json writes it: a number as
+    /// `1.0`, not `1`; `null` for a number JSON cannot hold (a NaN).
+    /// Integers without the formatting machinery (a line has a dozen).
+    fn write_json(self, out: &mut String) {
+        use fmt::Write as _;
+        match self {
+            Visited::Str(value) => {
+                let _ = write_json_str(out, value);
+            }
+            Visited::U64(n) => out.push_str(itoa::Buffer::new().format(n)),
+            Visited::I64(n) => out.push_str(itoa::Buffer::new().format(n)),
+            Visited::F64(n) => match serde_json::Number::from_f64(n) {
+                Some(number) => {
+                    let _ = write!(out, "{number}");
+                }
+                None => out.push_str("null"),
+            },
+            Visited::Bool(b) => out.push_str(if b { "true" } else { "false" }),
         }
+    }
+}
+
+/// Hands every field of an event to `take` as a [`Visited`] value, a
+/// `Debug` one formatted first (into a buffer kept from event to event).
+struct VisitWith<'s, F> {
+    take: F,
+    scratch: &'s mut String,
+}
+
+impl<F: FnMut(&str, Visited<'_>)> Visit for VisitWith<'_, F> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        (self.take)(field.name(), Visited::F64(value));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.integer(field.name(), value);
+        (self.take)(field.name(), Visited::I64(value));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.integer(field.name(), value);
+        (self.take)(field.name(), Visited::U64(value));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.display(field.name(), value);
+        (self.take)(field.name(), Visited::Bool(value));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        match field.name() {
-            START_TIME => value.clone_into(&mut self.start_time),
-            "message" => {
-                value.clone_into(&mut self.message);
-                self.has_message = true;
-            }
-            name => {
-                self.key(name);
-                let _ = write_json_str(&mut self.rest, value);
-            }
-        }
+        (self.take)(field.name(), Visited::Str(value));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         use fmt::Write as _;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        let _ = write!(scratch, "{value:?}");
-        self.record_str(field, &scratch);
-        self.scratch = scratch;
+        self.scratch.clear();
+        let _ = write!(self.scratch, "{value:?}");
+        (self.take)(field.name(), Visited::Str(self.scratch));
     }
+}
+
+/// Hands every field of `event` to `take`.
+fn visit_fields(event: &Event<'_>, scratch: &mut String, take: impl FnMut(&str, Visited<'_>)) {
+    event.record(&mut VisitWith { take, scratch });
 }
 
 /// Now, as tracing stamps its lines.
@@ -302,7 +579,9 @@ fn ecs_line(mut fields: Map<String, Value>, level: &str, target: &str) -> Value 
     Value::Object(line)
 }
 
-/// The ECS line of an access-log record.
+/// The ECS line of an access-log record, as a value (the line
+/// [`write_ecs_access_line`] writes).
+#[cfg(test)]
 fn ecs_access_line(mut fields: Map<String, Value>, level: &str) -> Value {
     let start = fields.remove(START_TIME).unwrap_or_else(now);
     let mut line = ecs_head(start, level, fields.remove("message").unwrap_or_default());
@@ -372,7 +651,9 @@ fn ecs_head(timestamp: Value, level: &str, message: Value) -> Map<String, Value>
 
 /// Sets the field at a dotted ECS path in nested objects (`http.version`
 /// is `{"http": {"version": ...}}`); the `log.*` and `ecs.version` keys
-/// stay flat, as the ecs-logging libraries write them.
+/// stay flat, as the ecs-logging libraries write them. (For the reference
+/// line the tests build.)
+#[cfg(test)]
 fn insert(line: &mut Map<String, Value>, path: &str, value: Value) {
     let mut parts = path.split('.').peekable();
     let mut object = line;
@@ -516,6 +797,97 @@ mod tests {
             !written.contains("\"model\""),
             "a field without a value is left out"
         );
+    }
+
+    /// Formats each event it sees as an ECS access line twice, written
+    /// straight and built as a value, and keeps both, parsed.
+    #[derive(Clone, Default)]
+    struct BothEcs(std::sync::Arc<std::sync::Mutex<Vec<(Value, Value)>>>);
+
+    impl<S: Subscriber> tracing_subscriber::Layer<S> for BothEcs {
+        fn on_event(&self, event: &Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let mut written = String::new();
+            write_ecs_access_line(&mut Writer::new(&mut written), event).unwrap();
+            assert!(written.ends_with("}\n"), "{written}");
+            let written: Value = serde_json::from_str(&written)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {written}"));
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            let built = ecs_access_line(fields.0, event.metadata().level().as_str());
+            self.0.lock().unwrap().push((written, built));
+        }
+    }
+
+    #[test]
+    fn the_ecs_access_line_written_straight_is_the_line_built_as_a_value() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let lines = BothEcs::default();
+        let subscriber = tracing_subscriber::registry().with(lines.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let none: Option<&str> = None;
+            tracing::info!(
+                target: "infermesh::access",
+                start_time = %"2026-12-05T09:14:07.512731Z",
+                method = %http::Method::POST,
+                path = "/v1/chat/completions?stream=true",
+                authority = "llm.example.com",
+                protocol = ?http::Version::HTTP_2,
+                status = 200u16,
+                duration_ms = 5312.407,
+                first_byte_ms = 41.207,
+                model = "llama-3-8b",
+                input_tokens = 17u64,
+                output_tokens = 250u64,
+                request_bytes = 731u64,
+                response_bytes = 18422u64,
+                route = "chat",
+                backend = "llama",
+                endpoint = "10.0.3.7:8000",
+                retries = 0u32,
+                error = none,
+                client = "10.0.0.12:52114",
+                listener = "public",
+                request_id = "9f1c2b7e",
+                trace_id = "4bf92f3577b34da6a3ce929d0e0e4736",
+                span_id = "00f067aa0ba902b7",
+                "request"
+            );
+            tracing::info!(
+                target: "infermesh::access",
+                start_time = %"2026-12-05T09:14:08.000001Z",
+                method = %http::Method::GET,
+                path = "/v1/models",
+                protocol = ?http::Version::HTTP_11,
+                status = 504u16,
+                duration_ms = f64::NAN,
+                route = "",
+                backend = "",
+                error = "response_headers_timeout",
+                detail = "a \"quoted\"\nline",
+                client = "[::1]:40000",
+                "request"
+            );
+            tracing::info!(
+                target: "infermesh::access",
+                status = 502u16,
+                client = "not an address",
+                "request"
+            );
+        });
+        let lines = lines.0.lock().unwrap();
+        assert_eq!(lines.len(), 3);
+        for (written, built) in lines.iter().take(2) {
+            assert_eq!(written, built);
+        }
+        // Without a start the line is stamped with now: all else equal.
+        let (mut written, mut built) = lines[2].clone();
+        written.as_object_mut().unwrap().remove("@timestamp");
+        built.as_object_mut().unwrap().remove("@timestamp");
+        assert_eq!(written, built);
+        assert_eq!(lines[1].0["event"]["outcome"], "failure");
+        assert_eq!(lines[1].0["source"]["ip"], "::1");
+        assert!(lines[1].0["url"].get("query").is_none());
+        assert!(lines[1].0["event"].get("duration").is_none());
     }
 
     #[test]
