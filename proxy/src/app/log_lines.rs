@@ -736,33 +736,52 @@ mod tests {
         fields
     }
 
-    /// Formats each event it sees as an access line twice, written
-    /// straight and built as a value, and keeps both.
-    #[derive(Clone, Default)]
-    struct BothWays(std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>);
+    /// What `format` makes of each event `emit` sends, in order.
+    fn formatted<T: Send + 'static>(format: fn(&Event<'_>) -> T, emit: impl FnOnce()) -> Vec<T> {
+        use tracing_subscriber::layer::SubscriberExt as _;
 
-    impl<S: Subscriber> tracing_subscriber::Layer<S> for BothWays {
-        fn on_event(&self, event: &Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-            let mut written = String::new();
-            write_access_line(&mut Writer::new(&mut written), event).unwrap();
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            let built = infermesh_access_line(
-                fields.0,
-                event.metadata().level().as_str(),
-                event.metadata().target(),
-            );
-            let built = format!("{}\n", serde_json::to_string(&built).unwrap());
-            self.0.lock().unwrap().push((written, built));
+        /// Keeps what `format` makes of each event it sees.
+        struct Formatted<T> {
+            lines: std::sync::Arc<std::sync::Mutex<Vec<T>>>,
+            format: fn(&Event<'_>) -> T,
         }
+
+        impl<S: Subscriber, T: Send + 'static> tracing_subscriber::Layer<S> for Formatted<T> {
+            fn on_event(&self, event: &Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+                self.lines.lock().unwrap().push((self.format)(event));
+            }
+        }
+
+        let lines = std::sync::Arc::default();
+        let layer = Formatted {
+            lines: std::sync::Arc::clone(&lines),
+            format,
+        };
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(layer), emit);
+        std::mem::take(&mut *lines.lock().unwrap())
+    }
+
+    /// An event's `json` access line written straight and built as a
+    /// value.
+    fn json_both_ways(event: &Event<'_>) -> (String, String) {
+        let mut written = String::new();
+        write_access_line(&mut Writer::new(&mut written), event).unwrap();
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let built = infermesh_access_line(
+            fields.0,
+            event.metadata().level().as_str(),
+            event.metadata().target(),
+        );
+        (
+            written,
+            format!("{}\n", serde_json::to_string(&built).unwrap()),
+        )
     }
 
     #[test]
     fn the_json_access_line_written_straight_is_the_line_built_as_a_value() {
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let lines = BothWays::default();
-        let subscriber = tracing_subscriber::registry().with(lines.clone());
-        tracing::subscriber::with_default(subscriber, || {
+        let lines = formatted(json_both_ways, || {
             let none: Option<&str> = None;
             tracing::info!(
                 target: "infermesh::access",
@@ -786,7 +805,6 @@ mod tests {
                 "request"
             );
         });
-        let lines = lines.0.lock().unwrap();
         assert_eq!(lines.len(), 1);
         let (written, built) = &lines[0];
         assert_eq!(written, built);
@@ -799,31 +817,23 @@ mod tests {
         );
     }
 
-    /// Formats each event it sees as an ECS access line twice, written
-    /// straight and built as a value, and keeps both, parsed.
-    #[derive(Clone, Default)]
-    struct BothEcs(std::sync::Arc<std::sync::Mutex<Vec<(Value, Value)>>>);
-
-    impl<S: Subscriber> tracing_subscriber::Layer<S> for BothEcs {
-        fn on_event(&self, event: &Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-            let mut written = String::new();
-            write_ecs_access_line(&mut Writer::new(&mut written), event).unwrap();
-            assert!(written.ends_with("}\n"), "{written}");
-            let written: Value = serde_json::from_str(&written)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {written}"));
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            let built = ecs_access_line(fields.0, event.metadata().level().as_str());
-            self.0.lock().unwrap().push((written, built));
-        }
+    /// An event's `ecs` access line written straight and built as a
+    /// value, both parsed.
+    fn ecs_both_ways(event: &Event<'_>) -> (Value, Value) {
+        let mut written = String::new();
+        write_ecs_access_line(&mut Writer::new(&mut written), event).unwrap();
+        assert!(written.ends_with("}\n"), "{written}");
+        let written: Value =
+            serde_json::from_str(&written).unwrap_or_else(|e| panic!("not JSON ({e}): {written}"));
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let built = ecs_access_line(fields.0, event.metadata().level().as_str());
+        (written, built)
     }
 
     #[test]
     fn the_ecs_access_line_written_straight_is_the_line_built_as_a_value() {
-        use tracing_subscriber::layer::SubscriberExt as _;
-        let lines = BothEcs::default();
-        let subscriber = tracing_subscriber::registry().with(lines.clone());
-        tracing::subscriber::with_default(subscriber, || {
+        let lines = formatted(ecs_both_ways, || {
             let none: Option<&str> = None;
             tracing::info!(
                 target: "infermesh::access",
@@ -874,7 +884,6 @@ mod tests {
                 "request"
             );
         });
-        let lines = lines.0.lock().unwrap();
         assert_eq!(lines.len(), 3);
         for (written, built) in lines.iter().take(2) {
             assert_eq!(written, built);
