@@ -2,8 +2,10 @@
 //! threads that serve traffic to the one thread that writes standard
 //! output.
 //!
-//! A line is appended to a shared buffer under a short lock, and nothing
-//! else happens on the request's thread: no wake-up, no system call. The
+//! An access-log line is appended to a shared buffer under a short lock,
+//! and nothing else happens on the request's thread: no wake-up, no
+//! system call. (Other lines, few and read as things happen, wake the
+//! writer at once.) The
 //! writer thread sleeps until a first line arrives, lets the lines of the
 //! next [`FLUSH_INTERVAL`] gather (or fewer, once [`BATCH_BYTES`] are
 //! waiting) and writes them with one `write`. At thousands of requests a
@@ -44,6 +46,11 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(crate) struct BatchWriter {
     shared: Arc<Shared>,
+    /// Lines of this writer go out at once rather than with the next
+    /// batch: every line but the access log's, which are few, and which
+    /// people and tools read as things happen ("listening", a refused
+    /// config).
+    urgent: bool,
 }
 
 /// Stops the writer thread when dropped, after it wrote what was waiting.
@@ -73,6 +80,8 @@ struct State {
     waiting_for_lines: bool,
     /// The process is exiting: write what is left and stop.
     stopping: bool,
+    /// An urgent line is waiting: write without waiting out the interval.
+    flush_now: bool,
 }
 
 impl Shared {
@@ -102,6 +111,7 @@ pub(crate) fn start(output: impl Write + Send + 'static) -> (BatchWriter, Writer
     (
         BatchWriter {
             shared: shared.clone(),
+            urgent: false,
         },
         WriterGuard {
             shared,
@@ -128,7 +138,9 @@ impl BatchWriter {
         }
         let before = state.pending.len();
         state.pending.extend_from_slice(line);
+        state.flush_now |= self.urgent;
         let wake = std::mem::take(&mut state.waiting_for_lines)
+            || self.urgent
             || (before < BATCH_BYTES && state.pending.len() >= BATCH_BYTES);
         drop(state);
         if wake {
@@ -154,7 +166,19 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
     }
+
+    /// Access-log lines wait for their batch; any other line goes out at
+    /// once.
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        BatchWriter {
+            shared: self.shared.clone(),
+            urgent: meta.target() != ACCESS_TARGET,
+        }
+    }
 }
+
+/// The target of access-log lines, the ones batched.
+const ACCESS_TARGET: &str = "infermesh::access";
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {
@@ -177,16 +201,17 @@ fn write_batches(shared: &Shared, mut output: impl Write) {
             state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.waiting_for_lines = false;
-        if !state.stopping && state.pending.len() < BATCH_BYTES {
+        if !state.stopping && !state.flush_now && state.pending.len() < BATCH_BYTES {
             state = shared
                 .wake
                 .wait_timeout_while(state, FLUSH_INTERVAL, |s| {
-                    !s.stopping && s.pending.len() < BATCH_BYTES
+                    !s.stopping && !s.flush_now && s.pending.len() < BATCH_BYTES
                 })
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
         std::mem::swap(&mut state.pending, &mut batch);
+        state.flush_now = false;
         let stopping = state.stopping && state.pending.is_empty();
         drop(state);
         if output
