@@ -92,8 +92,12 @@ impl Shared {
     }
 }
 
-/// Starts the writer thread, writing to `output`.
-pub(crate) fn start(output: impl Write + Send + 'static) -> (BatchWriter, WriterGuard) {
+/// Starts the writer thread, writing to `output` batches of access lines
+/// gathered for `interval` ([`FLUSH_INTERVAL`]; tests give their own).
+pub(crate) fn start(
+    output: impl Write + Send + 'static,
+    interval: Duration,
+) -> (BatchWriter, WriterGuard) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         wake: Condvar::new(),
@@ -104,7 +108,7 @@ pub(crate) fn start(output: impl Write + Send + 'static) -> (BatchWriter, Writer
     std::thread::Builder::new()
         .name("infermesh-log".into())
         .spawn(move || {
-            write_batches(&thread_shared, output);
+            write_batches(&thread_shared, output, interval);
             let _ = done_tx.send(());
         })
         .expect("the log writer thread starts");
@@ -192,7 +196,7 @@ impl Drop for WriterGuard {
 
 /// The writer thread: waits for lines, lets a batch gather, writes it;
 /// until the exit, when it writes what is left.
-fn write_batches(shared: &Shared, mut output: impl Write) {
+fn write_batches(shared: &Shared, mut output: impl Write, interval: Duration) {
     let mut batch = Vec::new();
     loop {
         let mut state = shared.state();
@@ -204,7 +208,7 @@ fn write_batches(shared: &Shared, mut output: impl Write) {
         if !state.stopping && !state.flush_now && state.pending.len() < BATCH_BYTES {
             state = shared
                 .wake
-                .wait_timeout_while(state, FLUSH_INTERVAL, |s| {
+                .wait_timeout_while(state, interval, |s| {
                     !s.stopping && !s.flush_now && s.pending.len() < BATCH_BYTES
                 })
                 .unwrap_or_else(|e| e.into_inner())
@@ -281,37 +285,76 @@ mod tests {
         String::from_utf8(output.written.lock().unwrap().concat()).unwrap()
     }
 
+    /// An interval no test waits out: a line written before the guard is
+    /// dropped was written early, not by the timer.
+    const NEVER: Duration = Duration::from_secs(3600);
+
+    /// Waits until `output` holds something (an error after 10 s).
+    fn wait_for_output(output: &Output) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while text(output).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "nothing was written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn lines_written_together_go_out_in_one_write_in_order() {
         let output = Output::default();
-        let (mut writer, guard) = start(output.clone());
+        let (mut writer, guard) = start(output.clone(), NEVER);
         for i in 0..100 {
             writer.write_all(format!("line {i}\n").as_bytes()).unwrap();
         }
         drop(guard);
         let expected: String = (0..100).map(|i| format!("line {i}\n")).collect();
         assert_eq!(text(&output), expected);
-        assert!(
-            output.written.lock().unwrap().len() <= 2,
-            "100 lines queued within one interval take at most two writes, not one each: {}",
-            output.written.lock().unwrap().len()
+        assert_eq!(
+            output.written.lock().unwrap().len(),
+            1,
+            "100 lines within one interval are one write"
         );
         assert_eq!(writer.dropped_lines(), 0);
     }
 
     #[test]
+    fn access_lines_wait_for_their_batch_and_any_other_line_takes_them_out_at_once() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let output = Output::default();
+        let (writer, guard) = start(output.clone(), NEVER);
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_ansi(false)
+                .without_time(),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "infermesh::access", "request one");
+            tracing::info!(target: "infermesh::access", "request two");
+            assert!(text(&output).is_empty(), "an access line went out alone");
+            tracing::warn!("listening");
+        });
+        // The interval is an hour: only the urgent line can have sent them.
+        wait_for_output(&output);
+        let written = text(&output);
+        let order: Vec<usize> = ["request one", "request two", "listening"]
+            .iter()
+            .map(|line| {
+                written
+                    .find(line)
+                    .unwrap_or_else(|| panic!("{line}: {written}"))
+            })
+            .collect();
+        assert!(order.is_sorted(), "{written}");
+        assert_eq!(output.written.lock().unwrap().len(), 1, "one write");
+        drop(guard);
+    }
+
+    #[test]
     fn a_line_is_written_within_the_interval_without_more_lines() {
         let output = Output::default();
-        let (mut writer, _guard) = start(output.clone());
+        let (mut writer, _guard) = start(output.clone(), Duration::from_millis(10));
         writer.write_all(b"alone\n").unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while text(&output).is_empty() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "a single line was never written"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_output(&output);
         assert_eq!(text(&output), "alone\n");
     }
 
@@ -319,7 +362,7 @@ mod tests {
     fn lines_beyond_the_bound_are_dropped_and_counted_and_the_rest_kept() {
         let output = Output::default();
         output.hold(true);
-        let (writer, guard) = start(output.clone());
+        let (writer, guard) = start(output.clone(), NEVER);
         let mut line = vec![b'x'; 1023];
         line.push(b'\n');
         // The batch the writer took before it stalled holds at most the
@@ -345,7 +388,7 @@ mod tests {
     fn a_failed_write_counts_its_lines_as_dropped() {
         let output = Output::default();
         output.fail.store(true, Ordering::Relaxed);
-        let (mut writer, guard) = start(output.clone());
+        let (mut writer, guard) = start(output.clone(), NEVER);
         writer.write_all(b"one\ntwo\n").unwrap();
         drop(guard);
         assert_eq!(writer.dropped_lines(), 2);

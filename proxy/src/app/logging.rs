@@ -79,7 +79,7 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
     let filter = EnvFilter::try_new(directives)
         .map_err(|e| anyhow::anyhow!("invalid log filter {directives:?}: {e}"))?;
     let (filter, handle) = reload::Layer::new(filter);
-    let (writer, guard) = log_writer::start(std::io::stdout());
+    let (writer, guard) = log_writer::start(std::io::stdout(), log_writer::FLUSH_INTERVAL);
     let writer_errors = writer.clone();
     let output = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer()
