@@ -492,11 +492,11 @@ fn main() -> ExitCode {
     // on the thread that waits for I/O: no work-stealing bookkeeping, no
     // wake-ups across threads, one thread fewer. More: the work-stealing
     // runtime.
-    let mut runtime = match cli.concurrency {
+    let mut runtime = match cli.concurrency.map(|n| n.max(1)) {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut r = tokio::runtime::Builder::new_multi_thread();
-            r.worker_threads(n.max(1));
+            r.worker_threads(n);
             r
         }
         None => tokio::runtime::Builder::new_multi_thread(),
