@@ -106,11 +106,9 @@ where
         if access {
             return write_ecs_access_line(&mut writer, event);
         }
-        let mut fields = Fields::default();
-        event.record(&mut fields);
         let level = event.metadata().level().as_str();
         let target = event.metadata().target();
-        let line = ecs_line(fields.0, level, target);
+        let line = ecs_line(field_values(event), level, target);
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
         writeln!(writer, "{text}")
     }
@@ -132,9 +130,7 @@ fn write_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result 
         let mut fields = fields.borrow_mut();
         let fields = &mut *fields;
         fields.clear();
-        let mut scratch = std::mem::take(&mut fields.scratch);
-        visit_fields(event, &mut scratch, |name, value| fields.take(name, value));
-        fields.scratch = scratch;
+        visit_fields(event, |name, value| fields.take(name, value));
         writer.write_str("{\"timestamp\":")?;
         match fields.start_time.is_empty() {
             true => write_json_str(writer, &now_rfc3339())?,
@@ -167,9 +163,7 @@ fn write_ecs_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Res
         let mut fields = fields.borrow_mut();
         let fields = &mut *fields;
         fields.clear();
-        let mut scratch = std::mem::take(&mut fields.plain.scratch);
-        visit_fields(event, &mut scratch, |name, value| fields.take(name, value));
-        fields.plain.scratch = scratch;
+        visit_fields(event, |name, value| fields.take(name, value));
         fields.write(writer, event.metadata().level())
     })
 }
@@ -187,10 +181,9 @@ struct EcsFields {
     status: Option<u64>,
     /// Whether the event has an `error`.
     error: bool,
-    /// `duration_ms`, when finite: `event.duration` in nanoseconds.
-    duration_ms: Option<f64>,
-    /// The JSON of the fields converted from `path`, `protocol` and
-    /// `client` (empty when absent).
+    /// The JSON of the fields converted from `duration_ms` (to
+    /// nanoseconds), `path`, `protocol` and `client` (empty when absent).
+    event_duration: String,
     url_path: String,
     url_query: String,
     url_original: String,
@@ -208,8 +201,8 @@ impl EcsFields {
         self.mapped.iter_mut().for_each(String::clear);
         self.status = None;
         self.error = false;
-        self.duration_ms = None;
         for converted in [
+            &mut self.event_duration,
             &mut self.url_path,
             &mut self.url_query,
             &mut self.url_original,
@@ -238,12 +231,15 @@ impl EcsFields {
         }
         match (name, value) {
             ("duration_ms", value) => {
-                self.duration_ms = match value {
+                let ms = match value {
                     Visited::F64(ms) if ms.is_finite() => Some(ms),
                     Visited::U64(ms) => Some(ms as f64),
                     Visited::I64(ms) => Some(ms as f64),
                     _ => None,
                 };
+                if let Some(ms) = ms {
+                    Visited::U64((ms * 1e6).round() as u64).write_json(&mut self.event_duration);
+                }
             }
             ("path", value) => {
                 if let Visited::Str(target) = value {
@@ -310,11 +306,6 @@ impl EcsFields {
             ",\"ecs.version\":\"{ECS_VERSION}\",\"log.logger\":\"{ACCESS_TARGET}\""
         )?;
         let failed = self.error || self.status.is_some_and(|s| s >= 500);
-        let duration = self.duration_ms.map(|ms| {
-            itoa::Buffer::new()
-                .format((ms * 1e6).round() as u64)
-                .to_owned()
-        });
         let mut nested: Vec<(&str, &str)> = Vec::with_capacity(32);
         nested.extend([
             ("event.kind", "\"event\""),
@@ -325,15 +316,13 @@ impl EcsFields {
                 if failed { "\"failure\"" } else { "\"success\"" },
             ),
         ]);
-        if let Some(duration) = &duration {
-            nested.push(("event.duration", duration));
-        }
         for ((_, to), value) in ECS_ACCESS_FIELDS.iter().zip(&self.mapped) {
             if !value.is_empty() {
                 nested.push((to, value));
             }
         }
         for (to, value) in [
+            ("event.duration", &self.event_duration),
             ("url.path", &self.url_path),
             ("url.query", &self.url_query),
             ("url.original", &self.url_original),
@@ -448,8 +437,6 @@ struct StreamedFields {
     message: String,
     has_message: bool,
     rest: String,
-    /// Where a `Debug` value is formatted before it is escaped.
-    scratch: String,
 }
 
 impl StreamedFields {
@@ -513,7 +500,7 @@ impl Visited<'_> {
 }
 
 /// Hands every field of an event to `take` as a [`Visited`] value, a
-/// `Debug` one formatted first (into a buffer kept from event to event).
+/// `Debug` one formatted first (into `scratch`).
 struct VisitWith<'s, F> {
     take: F,
     scratch: &'s mut String,
@@ -544,8 +531,25 @@ impl<F: FnMut(&str, Visited<'_>)> Visit for VisitWith<'_, F> {
 }
 
 /// Hands every field of `event` to `take`.
-fn visit_fields(event: &Event<'_>, scratch: &mut String, take: impl FnMut(&str, Visited<'_>)) {
-    event.record(&mut VisitWith { take, scratch });
+fn visit_fields(event: &Event<'_>, take: impl FnMut(&str, Visited<'_>)) {
+    thread_local! {
+        // Where `Debug` values are formatted, kept from event to event.
+        static SCRATCH: std::cell::RefCell<String> = Default::default();
+    }
+    SCRATCH.with_borrow_mut(|scratch| event.record(&mut VisitWith { take, scratch }));
+}
+
+impl Visited<'_> {
+    /// The value as a JSON value.
+    fn to_value(self) -> Value {
+        match self {
+            Visited::Str(value) => value.into(),
+            Visited::U64(n) => n.into(),
+            Visited::I64(n) => n.into(),
+            Visited::F64(n) => n.into(),
+            Visited::Bool(b) => b.into(),
+        }
+    }
 }
 
 /// Now, as tracing stamps its lines.
@@ -678,29 +682,12 @@ fn now() -> Value {
 }
 
 /// An event's fields, as JSON values.
-#[derive(Default)]
-struct Fields(Map<String, Value>);
-
-impl Visit for Fields {
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), value.into());
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().into(), format!("{value:?}").into());
-    }
+fn field_values(event: &Event<'_>) -> Map<String, Value> {
+    let mut fields = Map::new();
+    visit_fields(event, |name, value| {
+        fields.insert(name.to_owned(), value.to_value());
+    });
+    fields
 }
 
 #[cfg(test)]
@@ -766,10 +753,8 @@ mod tests {
     fn json_both_ways(event: &Event<'_>) -> (String, String) {
         let mut written = String::new();
         write_access_line(&mut Writer::new(&mut written), event).unwrap();
-        let mut fields = Fields::default();
-        event.record(&mut fields);
         let built = infermesh_access_line(
-            fields.0,
+            field_values(event),
             event.metadata().level().as_str(),
             event.metadata().target(),
         );
@@ -815,6 +800,20 @@ mod tests {
             !written.contains("\"model\""),
             "a field without a value is left out"
         );
+        // Each kind of value, as a log reader gets it (the reference line
+        // above is fed by the same visitor, so it is checked here apart).
+        let line: Value = serde_json::from_str(written).unwrap();
+        assert_eq!(line["path"], "/v1/chat?q=\"quoted\"\\ and \u{1}");
+        assert_eq!(line["protocol"], "HTTP/2.0");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["grpc_status"], 14);
+        assert_eq!(line["duration_ms"], 5312.407);
+        assert_eq!(line["first_event_ms"], Value::Null);
+        assert_eq!(line["signed"], -3);
+        assert_eq!(line["smallest"], i64::MIN);
+        assert_eq!(line["largest"], u64::MAX);
+        assert_eq!(line["cached"], true);
+        assert_eq!(line["detail"], "line one\nline two\tand ünïcödé");
     }
 
     /// An event's `ecs` access line written straight and built as a
@@ -825,9 +824,7 @@ mod tests {
         assert!(written.ends_with("}\n"), "{written}");
         let written: Value =
             serde_json::from_str(&written).unwrap_or_else(|e| panic!("not JSON ({e}): {written}"));
-        let mut fields = Fields::default();
-        event.record(&mut fields);
-        let built = ecs_access_line(fields.0, event.metadata().level().as_str());
+        let built = ecs_access_line(field_values(event), event.metadata().level().as_str());
         (written, built)
     }
 
@@ -893,6 +890,15 @@ mod tests {
         written.as_object_mut().unwrap().remove("@timestamp");
         built.as_object_mut().unwrap().remove("@timestamp");
         assert_eq!(written, built);
+        let first = &lines[0].0;
+        assert_eq!(first["event"]["duration"], 5_312_407_000_u64);
+        assert_eq!(first["event"]["outcome"], "success");
+        assert_eq!(first["http"]["version"], "2");
+        assert_eq!(first["http"]["response"]["status_code"], 200);
+        assert_eq!(first["url"]["query"], "stream=true");
+        assert_eq!(first["source"]["port"], 52114);
+        assert_eq!(first["gen_ai"]["usage"]["output_tokens"], 250);
+        assert_eq!(first["infermesh"]["route"], "chat");
         assert_eq!(lines[1].0["event"]["outcome"], "failure");
         assert_eq!(lines[1].0["source"]["ip"], "::1");
         assert!(lines[1].0["url"].get("query").is_none());
