@@ -123,11 +123,7 @@ pub fn echo(name: &str) -> Handler {
         let name = name.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = body_bytes(body).await;
             let headers: serde_json::Map<String, serde_json::Value> = parts
                 .headers
                 .iter()
@@ -156,6 +152,15 @@ pub fn full(bytes: impl Into<Bytes>) -> TestBody {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// The whole of a request's body; empty if it failed midway (the test
+/// then sees a request without the body it expected).
+pub async fn body_bytes(body: Incoming) -> Bytes {
+    body.collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default()
 }
 
 /// A backend whose single response is a `text/event-stream` carrying

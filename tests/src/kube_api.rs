@@ -27,7 +27,6 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -397,12 +396,7 @@ impl Shared {
             }
         };
         let method = request.method().clone();
-        let body = request
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = crate::backend::body_bytes(request.into_body()).await;
         match (method, name.is_empty()) {
             (Method::GET, true) => {
                 let mut stalled = self.stalled.subscribe();

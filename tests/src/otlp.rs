@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{Response, StatusCode};
-use http_body_util::BodyExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -154,12 +153,7 @@ impl OtlpReceiver {
                 let received = on_http.clone();
                 Box::pin(async move {
                     let right_path = request.uri().path() == "/v1/traces";
-                    let body = request
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
+                    let body = crate::backend::body_bytes(request.into_body()).await;
                     let status = match ExportTraceServiceRequest::decode(body) {
                         Ok(export) if right_path => {
                             received.add(export);
