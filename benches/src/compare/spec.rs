@@ -265,7 +265,7 @@ impl Comparison {
         let in_file = |e: anyhow::Error| anyhow::anyhow!("{}: {e:#}", path.display());
         let mut comparison = Comparison::parse(&text).map_err(in_file)?;
         if let Some(pinning) = &comparison.pinning {
-            pinning.check_cpus(available_cpus()).map_err(in_file)?;
+            pinning.check_cpus(&allowed_cpus()).map_err(in_file)?;
         }
         comparison.resolve_baseline_binary().map_err(in_file)?;
         Ok(comparison)
@@ -328,10 +328,16 @@ impl Comparison {
     }
 }
 
-/// The CPUs of this machine that this process may use, which is how many
-/// CPU numbers `pinning` may give (from 0).
-fn available_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// The CPUs this process may run on, by number: the set `taskset` and
+/// `sched_setaffinity` accept (a container may be given CPUs 4-7, or a
+/// quota without fewer CPU numbers). Empty when it cannot be read.
+fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
 }
 
 impl Pinning {
@@ -343,13 +349,14 @@ impl Pinning {
         Ok(())
     }
 
-    /// That every CPU of both lists is below `cpus`, the CPUs this
-    /// machine has; an error names the list and the CPU.
-    fn check_cpus(&self, cpus: usize) -> anyhow::Result<()> {
+    /// That every CPU of both lists is one of `allowed`, the CPUs this
+    /// process may run on; an error names the list and the CPU.
+    fn check_cpus(&self, allowed: &[usize]) -> anyhow::Result<()> {
         for (field, list) in self.lists() {
-            if let Some(cpu) = list.iter().find(|&&cpu| cpu >= cpus) {
+            if let Some(cpu) = list.iter().find(|cpu| !allowed.contains(cpu)) {
                 anyhow::bail!(
-                    "pinning.{field}: CPU {cpu} does not exist (this machine has {cpus})"
+                    "pinning.{field}: CPU {cpu} is not one this process may run on (allowed: {})",
+                    crate::compare::supervise::cpu_list(allowed)
                 );
             }
         }
@@ -614,18 +621,19 @@ infermesh:
             (&pinning.proxy[..], &pinning.load[..]),
             (&[0][..], &[1, 3][..])
         );
-        pinning.check_cpus(4).unwrap();
+        pinning.check_cpus(&[0, 1, 2, 3]).unwrap();
         assert_eq!(
-            pinning.check_cpus(2).unwrap_err().to_string(),
-            "pinning.load: CPU 3 does not exist (this machine has 2)"
+            pinning.check_cpus(&[0, 1]).unwrap_err().to_string(),
+            "pinning.load: CPU 3 is not one this process may run on (allowed: 0,1)"
         );
+        // A container given CPUs 4-7: CPU 0 is refused though it exists.
         let proxy = Pinning {
-            proxy: vec![0, 2],
-            load: vec![1],
+            proxy: vec![0],
+            load: vec![5],
         };
         assert_eq!(
-            proxy.check_cpus(2).unwrap_err().to_string(),
-            "pinning.proxy: CPU 2 does not exist (this machine has 2)"
+            proxy.check_cpus(&[4, 5, 6, 7]).unwrap_err().to_string(),
+            "pinning.proxy: CPU 0 is not one this process may run on (allowed: 4,5,6,7)"
         );
 
         let empty = Comparison::parse(&with(STATIC, "pinning: { proxy: [], load: [1] }\n"))
@@ -643,7 +651,7 @@ infermesh:
     }
 
     #[test]
-    fn loading_a_file_checks_its_cpus_against_this_machine() {
+    fn loading_a_file_checks_its_cpus_against_those_this_process_may_use() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pinned.yaml");
         std::fs::write(
@@ -652,15 +660,24 @@ infermesh:
         )
         .unwrap();
         let error = format!("{:#}", Comparison::load(&file).unwrap_err());
+        let allowed = allowed_cpus();
         assert_eq!(
             error,
             format!(
-                "{}: pinning.load: CPU 4096 does not exist (this machine has {})",
+                "{}: pinning.load: CPU 4096 is not one this process may run on (allowed: {})",
                 file.display(),
-                available_cpus()
+                crate::compare::supervise::cpu_list(&allowed)
             )
         );
-        std::fs::write(&file, with(STATIC, "pinning: { proxy: [0], load: [0] }\n")).unwrap();
+        let cpu = allowed[0];
+        std::fs::write(
+            &file,
+            with(
+                STATIC,
+                &format!("pinning: {{ proxy: [{cpu}], load: [{cpu}] }}\n"),
+            ),
+        )
+        .unwrap();
         Comparison::load(&file).unwrap();
     }
 
