@@ -307,13 +307,14 @@ pub(super) fn free_port() -> anyhow::Result<u16> {
 /// if `child` (the `what`) exits first.
 fn wait_for_port(port: u16, what: &str, child: &mut Child) -> anyhow::Result<()> {
     for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
+        // Exited first: whatever listens on the port then is not it.
         if let Some(status) = child.try_wait()? {
             anyhow::bail!(
                 "{what} exited ({status}) before listening; see its log in the work directory"
             );
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
