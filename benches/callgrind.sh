@@ -27,7 +27,7 @@ bench="$(dirname "$1")/infermesh-bench"
 RATE=${RATE:-100}            # requests per second; callgrind slows the proxy ~50x
 ACCESS_LOG=${ACCESS_LOG:-}   # empty: access log off; json, ecs or human: on
 case "$ACCESS_LOG" in
-  "") log_flags=(--log-level warn) ;;
+  "") log_flags=(--log-level "info,infermesh::access=off") ;;
   json|ecs|human) log_flags=(--log-format "$ACCESS_LOG" --log-level info) ;;
   *) echo "callgrind.sh: ACCESS_LOG must be json, ecs or human" >&2; exit 2 ;;
 esac
