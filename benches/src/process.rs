@@ -19,6 +19,12 @@ pub struct Usage {
     pub peak_rss_bytes: u64,
 }
 
+/// The CPUs this process may use (at least 1): the default width of the
+/// proxies and of the generator, and what reports say was shared.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The usage of this process.
 pub fn own() -> std::io::Result<Usage> {
     read(Path::new("/proc/self"))

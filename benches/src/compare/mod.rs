@@ -202,7 +202,7 @@ pub async fn run(comparison: &Comparison, work: &Path) -> anyhow::Result<Compari
 /// `pinning.load`). Read before this process is pinned, since that
 /// changes how many CPUs it sees.
 fn placements(comparison: &Comparison) -> (Placement, Placement) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = crate::process::cores();
     let pinning = comparison.pinning.as_ref();
     let proxies = Placement {
         cpus: pinning.map(|p| p.proxy.clone()),
@@ -403,7 +403,7 @@ fn describe_setup(comparison: &Comparison, plan: &LoadPlan<'_>) -> String {
         ),
         None => format!(
             "{} cores shared by generator, {backend} and proxy",
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            crate::process::cores()
         ),
     };
     format!(
@@ -463,7 +463,7 @@ mod tests {
                 .replace("pinning: { proxy: [0], load: [1] }\n", ""),
         );
         let (proxies, load_side) = placements(&without);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = crate::process::cores();
         assert_eq!((&proxies.cpus, proxies.workers), (&None, None));
         assert_eq!(
             proxies.peer_workers(),

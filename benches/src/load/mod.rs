@@ -253,7 +253,7 @@ async fn measure_cpu(from: Instant, to: Instant) -> GeneratorCpu {
     GeneratorCpu {
         seconds,
         cores: seconds / to.duration_since(from).as_secs_f64().max(f64::MIN_POSITIVE),
-        available_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        available_cores: crate::process::cores(),
     }
 }
 
