@@ -196,3 +196,91 @@ fn column(report: &str, name: &str) -> usize {
         .position(|h| h == name)
         .unwrap_or_else(|| panic!("no column {name:?} in {header}"))
 }
+
+#[test]
+fn a_pinned_comparison_against_a_static_backend_measures_cpu_and_memory_of_each_proxy() {
+    let _one = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    // A CPU this process may run on (the first of its allowed list), for
+    // both sides: the run is then possible on any machine.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim();
+    let cpu: usize = allowed
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let scenario = dir.path().join("pinned.yaml");
+    std::fs::write(
+        &scenario,
+        format!(
+            "rounds: 1\ntargets: [direct, infermesh, nginx]\nstaticBackend: {{ bodyBytes: 100 }}\npinning: {{ proxy: [{cpu}], load: [{cpu}] }}\nworkers: 1\nload:\n  rate: 200\n  connections: 4\n  duration: 500ms\n  warmup: 200ms\n"
+        ),
+    )
+    .unwrap();
+    let before = started_by_compare();
+    let work = dir.path().join("work");
+    let out = Command::new(infermesh_tests::binary("infermesh-bench"))
+        .arg("compare")
+        .arg(&scenario)
+        .arg("--work")
+        .arg(&work)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("static nginx backend answering 100 bytes"),
+        "{stdout}"
+    );
+    for target in ["infermesh", "nginx"] {
+        assert!(
+            stderr.contains(&format!("{target}: pid ")),
+            "{target} not reported:\n{stderr}"
+        );
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("{target}: pid ")))
+            .unwrap();
+        assert!(
+            line.contains(&format!("on CPUs {cpu}")),
+            "{target} not pinned: {line}"
+        );
+    }
+    let column = |name: &str| column(&stdout, name);
+    for target in ["direct", "infermesh", "nginx"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {target} |")))
+            .unwrap_or_else(|| panic!("no row for {target}:\n{stdout}\n{stderr}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[column("failed")], "0", "{row}");
+        assert_eq!(cells[column("backend req/req")], "—", "{row}");
+        for measured in [
+            "proxy CPU µs/req saturated",
+            "proxy CPU µs/req at rate",
+            "proxy RSS idle MiB",
+            "proxy RSS after load MiB",
+        ] {
+            let cell = cells[column(measured)];
+            if target == "direct" {
+                assert_eq!(cell, "—", "{measured}: {row}");
+            } else {
+                assert!(
+                    cell.parse::<f64>().is_ok_and(|v| v > 0.0),
+                    "{target} {measured}: {row}"
+                );
+            }
+        }
+    }
+    let nginx = std::fs::read_to_string(work.join("nginx.conf")).unwrap();
+    assert!(nginx.contains("worker_processes 1;"), "{nginx}");
+    let left: Vec<u32> = started_by_compare().difference(&before).copied().collect();
+    assert!(left.is_empty(), "compare left processes running: {left:?}");
+}
