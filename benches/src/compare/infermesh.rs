@@ -660,6 +660,7 @@ mod tests {
             cpus: Some(vec![0, 2]),
             workers: Some(1),
             default_workers: 2,
+            connections: 32,
         };
         let (program, args) = command_line(&proxy_command(
             TargetKind::Infermesh,
@@ -681,6 +682,7 @@ mod tests {
             cpus: None,
             workers: None,
             default_workers: 2,
+            connections: 32,
         };
         let (program, args) = command_line(&proxy_command(
             TargetKind::InfermeshJsonLog,

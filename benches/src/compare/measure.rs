@@ -85,7 +85,10 @@ pub(super) async fn visit(
     Ok(Measurement {
         max_rps: saturated.as_ref().map(|s| s.rps),
         fixed_rate: fixed.report,
-        saturated_cpu_seconds_per_request: saturated.and_then(|s| s.cpu_seconds_per_request),
+        saturated_cpu_seconds_per_request: saturated
+            .as_ref()
+            .and_then(|s| s.cpu_seconds_per_request),
+        saturated_rss_bytes: saturated.and_then(|s| s.rss_bytes),
         cpu_seconds_per_request: fixed.cpu_seconds_per_request,
         upstream_requests_per_request: fixed.upstream_requests_per_request,
     })
@@ -97,6 +100,9 @@ struct Saturated {
     rps: f64,
     /// The proxy's CPU seconds per request over the measured window.
     cpu_seconds_per_request: Option<f64>,
+    /// The proxy's resident memory at the end of the measured window,
+    /// every connection still busy.
+    rss_bytes: Option<u64>,
 }
 
 /// The closed-loop phase: requests per second, as fast as the target
@@ -107,9 +113,14 @@ async fn closed_loop(target: &Ready, plan: &LoadPlan<'_>, url: &str) -> anyhow::
         target.usage_reader(),
     )
     .await?;
+    let rss_bytes = window
+        .as_ref()
+        .and_then(|[_, end]| end.as_ref())
+        .map(|u| u.rss_bytes);
     Ok(Saturated {
         rps: report.achieved_rate,
         cpu_seconds_per_request: window_cpu_per_request(window, report.requests),
+        rss_bytes,
     })
 }
 

@@ -185,7 +185,7 @@ pub async fn run(comparison: &Comparison, work: &Path) -> anyhow::Result<Compari
     let (targets, skipped) = start_targets(comparison, &backend.addresses, &proxies, work)?;
     let idle = idle_memory(&targets);
     let rounds = measure_rounds(comparison, &plan, &targets, backend.mocks()).await?;
-    let summary = summarize(&targets, &idle, &rounds);
+    let summary = summarize(&targets, &idle, &rounds, comparison.load.connections);
     drop(targets);
     drop(backend);
     Ok(ComparisonReport {
@@ -208,11 +208,13 @@ fn placements(comparison: &Comparison) -> (Placement, Placement) {
         cpus: pinning.map(|p| p.proxy.clone()),
         workers: comparison.workers,
         default_workers: pinning.map_or(cores, |p| p.proxy.len()),
+        connections: comparison.load.connections,
     };
     let load_side = Placement {
         cpus: pinning.map(|p| p.load.clone()),
         workers: None,
         default_workers: pinning.map_or(cores, |p| p.load.len()),
+        connections: comparison.load.connections,
     };
     (proxies, load_side)
 }
@@ -347,11 +349,12 @@ async fn measure_rounds(
 
 /// Each target's medians over `rounds`, with its memory when idle
 /// (`idle`, in `targets`' order), now after the load, and at its peak (so
-/// the targets must still run).
+/// the targets must still run); the closed loop ran over `connections`.
 fn summarize(
     targets: &[Ready],
     idle: &[Option<u64>],
     rounds: &[(TargetKind, Vec<Measurement>)],
+    connections: usize,
 ) -> Vec<Summary> {
     targets
         .iter()
@@ -364,7 +367,7 @@ fn summarize(
                 after_load: now.map(|u| u.rss_bytes),
                 peak: now.map(|u| u.peak_rss_bytes),
             };
-            report::summarize(target.kind, memory, measured)
+            report::summarize(target.kind, memory, measured, connections)
         })
         .collect()
 }

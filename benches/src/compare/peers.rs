@@ -25,7 +25,12 @@ pub(super) fn start_haproxy(
     let file = work.join("haproxy.cfg");
     std::fs::write(
         &file,
-        haproxy_config(port, backends, placement.peer_workers()),
+        haproxy_config(
+            port,
+            backends,
+            placement.peer_workers(),
+            placement.peer_connections(),
+        ),
     )?;
     let mut command = placement.command("haproxy");
     command.args(["-db", "-f"]).arg(&file);
@@ -48,6 +53,7 @@ pub(super) fn start_nginx(
     let config = nginx_config(
         name,
         placement.peer_workers(),
+        2 * placement.peer_connections(),
         work,
         &reverse_proxy_server(port, backends),
     );
@@ -68,7 +74,13 @@ pub(super) fn start_static_backend(
 ) -> anyhow::Result<(Started, SocketAddr)> {
     let name = "static-backend";
     let port = supervise::free_port()?;
-    let config = nginx_config(name, 1, work, &static_server(port, answer.body_bytes));
+    let config = nginx_config(
+        name,
+        1,
+        placement.peer_connections(),
+        work,
+        &static_server(port, answer.body_bytes),
+    );
     let started = spawn_nginx(name, port, &config, placement, work)
         .map_err(|e| anyhow::anyhow!("staticBackend: {e:#}"))?;
     Ok((started, SocketAddr::from(([127, 0, 0, 1], port))))
@@ -96,25 +108,32 @@ fn spawn_nginx(
 }
 
 /// HAProxy's config: HTTP mode with keep-alive, listening on `port`,
-/// `threads` threads, round robin over `backends`.
-fn haproxy_config(port: u16, backends: &[SocketAddr], threads: usize) -> String {
+/// `threads` threads, at most `connections` clients, round robin over
+/// `backends`.
+fn haproxy_config(
+    port: u16,
+    backends: &[SocketAddr],
+    threads: usize,
+    connections: usize,
+) -> String {
     let servers: String = backends
         .iter()
         .enumerate()
         .map(|(i, b)| format!("    server mock{i} {b}\n"))
         .collect();
     format!(
-        "global\n    maxconn 4096\n    nbthread {threads}\ndefaults\n    mode http\n    option http-keep-alive\n    timeout connect 5s\n    timeout client 300s\n    timeout server 300s\nfrontend bench\n    bind 127.0.0.1:{port}\n    default_backend mock\nbackend mock\n    balance roundrobin\n{servers}"
+        "global\n    maxconn {connections}\n    nbthread {threads}\ndefaults\n    mode http\n    option http-keep-alive\n    timeout connect 5s\n    timeout client 300s\n    timeout server 300s\nfrontend bench\n    bind 127.0.0.1:{port}\n    default_backend mock\nbackend mock\n    balance roundrobin\n{servers}"
     )
 }
 
 /// An nginx config around `http`, the inside of its `http` block: in the
-/// foreground with `workers` workers, its pid and temporary files in
+/// foreground with `workers` workers of `connections` connections each
+/// (clients and upstreams together), its pid and temporary files in
 /// `work` under `name` (so that the nginx target and the static backend,
 /// both running at once, keep apart), errors to its log, no access log.
-fn nginx_config(name: &str, workers: usize, work: &Path, http: &str) -> String {
+fn nginx_config(name: &str, workers: usize, connections: usize, work: &Path, http: &str) -> String {
     format!(
-        "daemon off;\nworker_processes {workers};\npid {work}/{name}.pid;\nerror_log stderr warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {work}/{name}-body;\n    proxy_temp_path {work}/{name}-proxy;\n{http}}}\n",
+        "daemon off;\nworker_processes {workers};\npid {work}/{name}.pid;\nerror_log stderr warn;\nevents {{ worker_connections {connections}; }}\nhttp {{\n    access_log off;\n    client_body_temp_path {work}/{name}-body;\n    proxy_temp_path {work}/{name}-proxy;\n{http}}}\n",
         work = work.display(),
     )
 }
@@ -155,7 +174,7 @@ mod tests {
 
     #[test]
     fn haproxy_balances_over_every_mock_server() {
-        let config = haproxy_config(8080, &backends(), 2);
+        let config = haproxy_config(8080, &backends(), 2, 4096);
         assert!(config.contains("nbthread 2\n"));
         assert!(config.contains("bind 127.0.0.1:8080\n"));
         assert!(config.ends_with(
@@ -168,6 +187,7 @@ mod tests {
         let config = nginx_config(
             "nginx",
             2,
+            8192,
             Path::new("work"),
             &reverse_proxy_server(8080, &backends()),
         );
@@ -186,6 +206,7 @@ mod tests {
         let config = nginx_config(
             "static-backend",
             1,
+            4096,
             Path::new("work"),
             &static_server(9000, 100),
         );
@@ -206,18 +227,41 @@ mod tests {
             cpus: None,
             workers,
             default_workers: 4,
+            connections: 32,
         };
         for (workers, expected) in [(Some(1), 1), (None, 4)] {
             let threads = placement(workers).peer_workers();
             assert_eq!(threads, expected);
             assert!(
-                haproxy_config(8080, &backends(), threads)
+                haproxy_config(8080, &backends(), threads, 4096)
                     .contains(&format!("nbthread {expected}\n"))
             );
             assert!(
-                nginx_config("nginx", threads, Path::new("work"), "")
+                nginx_config("nginx", threads, 8192, Path::new("work"), "")
                     .contains(&format!("worker_processes {expected};\n"))
             );
         }
+    }
+
+    #[test]
+    fn peers_hold_as_many_connections_as_the_load_opens() {
+        let placement = |connections| Placement {
+            cpus: None,
+            workers: Some(1),
+            default_workers: 1,
+            connections,
+        };
+        // A small load keeps the usual limits.
+        assert_eq!(placement(32).peer_connections(), 4096);
+        // Ten thousand streams are not refused by the harness's own limit.
+        let streams = placement(10_000).peer_connections();
+        assert!(streams > 10_000, "{streams}");
+        assert!(
+            haproxy_config(8080, &backends(), 1, streams).contains(&format!("maxconn {streams}\n"))
+        );
+        assert!(
+            nginx_config("nginx", 1, 2 * streams, Path::new("work"), "")
+                .contains(&format!("worker_connections {};", 2 * streams))
+        );
     }
 }

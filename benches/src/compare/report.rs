@@ -24,6 +24,10 @@ pub struct Measurement {
     /// The proxy's CPU seconds per request over the open-loop phase's
     /// measured window.
     pub cpu_seconds_per_request: Option<f64>,
+    /// The proxy's resident memory at the end of the closed-loop phase's
+    /// measured window, with every connection of the load busy: with
+    /// long streamed answers, the memory of that many open streams.
+    pub saturated_rss_bytes: Option<u64>,
     /// Requests the mock servers received per request sent during the
     /// open-loop phase: above 1 by the retries, hedges or mirrored copies.
     pub upstream_requests_per_request: Option<f64>,
@@ -58,6 +62,14 @@ pub struct Summary {
     pub rss_after_load_bytes: Option<u64>,
     /// Peak resident memory of the proxy, in bytes.
     pub peak_rss_bytes: Option<u64>,
+    /// Median resident memory of the proxy at the end of the closed-loop
+    /// window, every connection busy, in bytes.
+    pub saturated_rss_bytes: Option<u64>,
+    /// What each busy connection of the closed loop added to the proxy's
+    /// memory: the saturated memory less the idle one, divided by the
+    /// connections, in bytes (the memory of one open stream when the
+    /// answers are long streams).
+    pub rss_per_connection_bytes: Option<f64>,
     /// Failed requests over all rounds.
     pub failed: u64,
 }
@@ -104,10 +116,22 @@ pub(super) struct Memory {
 }
 
 /// The medians of `target`'s rounds, `measured`, with its proxies'
-/// `memory`.
-pub(super) fn summarize(target: TargetKind, memory: Memory, measured: &[Measurement]) -> Summary {
+/// `memory`; the closed loop ran over `connections`.
+pub(super) fn summarize(
+    target: TargetKind,
+    memory: Memory,
+    measured: &[Measurement],
+    connections: usize,
+) -> Summary {
     let of =
         |f: &dyn Fn(&Measurement) -> Option<f64>| median(measured.iter().filter_map(f).collect());
+    let saturated_rss = of(&|m| m.saturated_rss_bytes.map(|b| b as f64));
+    let rss_per_connection = match (saturated_rss, memory.idle) {
+        (Some(busy), Some(idle)) if connections > 0 => {
+            Some((busy - idle as f64) / connections as f64)
+        }
+        _ => None,
+    };
     Summary {
         target,
         max_rps: of(&|m| m.max_rps),
@@ -122,6 +146,8 @@ pub(super) fn summarize(target: TargetKind, memory: Memory, measured: &[Measurem
         idle_rss_bytes: memory.idle,
         rss_after_load_bytes: memory.after_load,
         peak_rss_bytes: memory.peak,
+        saturated_rss_bytes: saturated_rss.map(|b| b as u64),
+        rss_per_connection_bytes: rss_per_connection,
         failed: measured.iter().map(|m| m.fixed_rate.errors.total()).sum(),
     }
 }
@@ -131,8 +157,8 @@ impl ComparisonReport {
     pub fn markdown(&self) -> String {
         let direct = self.summary.iter().find(|s| s.target == TargetKind::Direct);
         let mut out = format!("{}.\n\n", self.setup);
-        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req saturated | proxy CPU µs/req at rate | proxy RSS idle MiB | proxy RSS after load MiB | proxy peak RSS MiB | backend req/req | failed |\n");
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req saturated | proxy CPU µs/req at rate | proxy RSS idle MiB | proxy RSS after load MiB | proxy peak RSS MiB | proxy RSS saturated MiB | proxy KiB per connection saturated | backend req/req | failed |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for s in &self.summary {
             out.push_str(&markdown_row(s, direct));
         }
@@ -179,7 +205,7 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
     let added = |mine: f64, theirs: fn(&Summary) -> f64| direct.map(|d| (mine - theirs(d)) * 1e3);
     let mib = |bytes: Option<u64>| f(bytes.map(|b| b as f64 / 1_048_576.0), 1);
     format!(
-        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         s.target.name(),
         f(s.max_rps, 0),
         f(ratio, 2),
@@ -194,6 +220,8 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
         mib(s.idle_rss_bytes),
         mib(s.rss_after_load_bytes),
         mib(s.peak_rss_bytes),
+        mib(s.saturated_rss_bytes),
+        f(s.rss_per_connection_bytes.map(|b| b / 1024.0), 1),
         f(s.upstream_requests_per_request, 4),
         s.failed,
     )
@@ -223,8 +251,44 @@ mod tests {
             idle_rss_bytes: Some(1_048_576),
             rss_after_load_bytes: Some(3 * 1_048_576 / 2),
             peak_rss_bytes: Some(2 * 1_048_576),
+            saturated_rss_bytes: Some(3 * 1_048_576),
+            rss_per_connection_bytes: Some(2.0 * 1_048_576.0 / 64.0),
             failed: 0,
         }
+    }
+
+    #[test]
+    fn memory_per_connection_is_the_saturated_growth_over_idle() {
+        let round = |rss: u64| Measurement {
+            max_rps: Some(10.0),
+            fixed_rate: LoadReport::default(),
+            saturated_cpu_seconds_per_request: None,
+            cpu_seconds_per_request: None,
+            saturated_rss_bytes: Some(rss),
+            upstream_requests_per_request: None,
+        };
+        let idle = 10 * 1_048_576;
+        let memory = Memory {
+            idle: Some(idle),
+            after_load: None,
+            peak: None,
+        };
+        // Medians: 1,000 connections holding 30 MiB more than idle.
+        let rounds = [
+            round(idle + 20 * 1_048_576),
+            round(idle + 30 * 1_048_576),
+            round(idle + 90 * 1_048_576),
+        ];
+        let summary = summarize(TargetKind::Infermesh, memory, &rounds, 1000);
+        assert_eq!(summary.saturated_rss_bytes, Some(idle + 30 * 1_048_576));
+        let per_connection = summary.rss_per_connection_bytes.unwrap();
+        assert!(
+            (per_connection - 30.0 * 1_048_576.0 / 1000.0).abs() < 1e-6,
+            "{per_connection}"
+        );
+        // Without the idle reading there is nothing to subtract from.
+        let unknown = summarize(TargetKind::Infermesh, Memory::default(), &rounds, 1000);
+        assert_eq!(unknown.rss_per_connection_bytes, None);
     }
 
     #[test]
@@ -243,7 +307,7 @@ mod tests {
         assert!(table.starts_with("1 rounds.\n\n| target |"), "{table}");
         assert!(
             table.contains(
-                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | 31.3 | — | 1.0 | 1.5 | 2.0 | 1.0000 | 0 |\n"
+                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | 31.3 | — | 1.0 | 1.5 | 2.0 | 3.0 | 32.0 | 1.0000 | 0 |\n"
             ),
             "{table}"
         );

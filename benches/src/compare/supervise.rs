@@ -41,6 +41,9 @@ pub(super) struct Placement {
     /// HAProxy's threads and nginx's workers when `workers` is not given:
     /// a worker per CPU the proxies may use.
     pub(super) default_workers: usize,
+    /// The connections the load keeps open at once, which the peers are
+    /// sized for.
+    pub(super) connections: usize,
 }
 
 impl Placement {
@@ -62,6 +65,15 @@ impl Placement {
     /// The threads or worker processes of HAProxy and nginx.
     pub(super) fn peer_workers(&self) -> usize {
         self.workers.unwrap_or(self.default_workers)
+    }
+
+    /// The client connections HAProxy and nginx are configured to hold
+    /// (HAProxy's `maxconn`; nginx's `worker_connections` is twice this,
+    /// as it counts its upstream connections too): the load's, with room
+    /// to spare, and never under their usual 4096, so a load of thousands
+    /// of long streams is not refused by a limit of the harness's making.
+    pub(super) fn peer_connections(&self) -> usize {
+        (self.connections + 64).max(4096)
     }
 }
 

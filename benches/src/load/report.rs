@@ -80,7 +80,7 @@ pub struct GeneratorCpu {
 }
 
 /// Everything a load run measured.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadReport {
     /// A name for charts and tables (default: the URL).
