@@ -10,8 +10,8 @@
 //! layer runs the race for each of its attempts: hedging sits inside
 //! retrying, never the other way round.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -44,10 +44,7 @@ const TOKEN: i64 = 1000;
 #[derive(Debug)]
 pub(crate) struct Hedging {
     policy: HedgePolicy,
-    observed: Option<Observed>,
-    /// Thousandths of a hedge that may be sent; each request adds
-    /// `budgetPercent` × 10, each hedge takes 1000.
-    tokens: AtomicI64,
+    state: Arc<HedgeState>,
     deposit: i64,
     sent: IntCounter,
     won: IntCounter,
@@ -56,13 +53,36 @@ pub(crate) struct Hedging {
     not_replayable: IntCounter,
 }
 
+/// What a rule's hedging has spent and learned: its budget and the
+/// latencies it observed. A config change builds every rule's stack
+/// again; the new stack of the same rule takes this over
+/// ([`Hedging::continue_from`]), so that a change (any, most of them to
+/// other routes) neither refills the budget to a full burst nor forgets
+/// the delay it had learned.
+#[derive(Debug)]
+pub(crate) struct HedgeState {
+    /// Thousandths of a hedge that may be sent; each request adds
+    /// `budgetPercent` × 10, each hedge takes 1000.
+    tokens: AtomicI64,
+    observed: Option<Observed>,
+}
+
+impl HedgeState {
+    /// A full burst, nothing observed yet.
+    fn new(percentile: Option<f64>) -> Self {
+        HedgeState {
+            tokens: AtomicI64::new(BURST * TOKEN),
+            observed: percentile.map(Observed::new),
+        }
+    }
+}
+
 impl Hedging {
     /// Hedging by `policy` on route `route`.
     pub(crate) fn new(policy: &HedgePolicy, route: &str, metrics: &Metrics) -> Self {
         let outcome = |o: &str| metrics.hedges.with_label_values(&[route, o]);
         Hedging {
-            observed: policy.percentile.map(Observed::new),
-            tokens: AtomicI64::new(BURST * TOKEN),
+            state: Arc::new(HedgeState::new(policy.percentile)),
             deposit: (policy.budget_percent * TOKEN as f64 / 100.0).round() as i64,
             policy: policy.clone(),
             sent: outcome("sent"),
@@ -73,9 +93,30 @@ impl Hedging {
         }
     }
 
+    /// What this rule's hedging has spent and learned so far.
+    pub(crate) fn state(&self) -> &Arc<HedgeState> {
+        &self.state
+    }
+
+    /// Goes on from `previous`, the state of the same rule under the
+    /// config before: its budget always, its observed latencies too when
+    /// the percentile they were kept for is still the one asked for.
+    pub(crate) fn continue_from(&mut self, previous: &Arc<HedgeState>) {
+        let percentile = self.state.observed.as_ref().map(|o| o.percentile);
+        self.state = if previous.observed.as_ref().map(|o| o.percentile) == percentile {
+            previous.clone()
+        } else {
+            Arc::new(HedgeState {
+                tokens: AtomicI64::new(previous.tokens.load(Ordering::Relaxed)),
+                observed: percentile.map(Observed::new),
+            })
+        };
+    }
+
     /// How long an attempt waits for response headers before a hedge.
     pub(crate) fn delay(&self) -> Duration {
-        self.observed
+        self.state
+            .observed
             .as_ref()
             .and_then(Observed::percentile)
             .unwrap_or(self.policy.delay.get())
@@ -83,7 +124,8 @@ impl Hedging {
 
     /// Takes one hedge from the budget, if it holds one.
     fn take(&self) -> bool {
-        self.tokens
+        self.state
+            .tokens
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                 (t >= TOKEN).then_some(t - TOKEN)
             })
@@ -98,6 +140,7 @@ impl Hedging {
     /// Adds `amount` to the budget, up to the burst.
     fn credit(&self, amount: i64) {
         let _ = self
+            .state
             .tokens
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                 Some((t + amount).min(BURST * TOKEN))
@@ -143,7 +186,7 @@ impl Hedging {
                     finished.push(index);
                     let usable = match &result {
                         Ok(response) if !response.status().is_server_error() => {
-                            if let Some(observed) = &self.observed {
+                            if let Some(observed) = &self.state.observed {
                                 observed.add(started[index].elapsed());
                             }
                             true
@@ -201,7 +244,7 @@ impl Hedging {
         }
         // The attempts still running are cancelled as they drop; they took
         // this long at least.
-        if let Some(observed) = &self.observed {
+        if let Some(observed) = &self.state.observed {
             drop(attempts);
             for (index, sent) in started.iter().enumerate() {
                 if !finished.contains(&index) {
@@ -360,6 +403,33 @@ mod tests {
         metrics.hedges.with_label_values(&["r", outcome]).get()
     }
 
+    #[test]
+    fn the_next_config_of_a_rule_goes_on_with_its_budget() {
+        let metrics = Metrics::register(&Registry::new());
+        let spent = Hedging::new(&policy(50), "r", &metrics);
+        while spent.take() {}
+        // A rebuilt rule holds no fresh burst.
+        let mut next = Hedging::new(&policy(50), "r", &metrics);
+        next.continue_from(spent.state());
+        assert!(!next.take(), "the config change refilled the budget");
+        next.request();
+        assert!(!next.take(), "a tenth of a hedge per request");
+        // A new percentile: the latencies start afresh, the budget goes on.
+        let observing = HedgePolicy {
+            percentile: Some(99.0),
+            ..policy(50)
+        };
+        let mut watching = Hedging::new(&observing, "r", &metrics);
+        watching.continue_from(next.state());
+        assert!(!Arc::ptr_eq(watching.state(), next.state()));
+        assert!(!watching.take(), "the budget went on");
+        assert!(watching.state().observed.is_some());
+        // Without a previous state a rule starts with a full burst.
+        let fresh = Hedging::new(&policy(50), "r", &metrics);
+        assert!((0..BURST).all(|_| fresh.take()));
+        assert!(!fresh.take());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_slow_attempt_is_hedged_after_the_delay_and_the_loser_is_cancelled() {
         let metrics = Metrics::register(&Registry::new());
@@ -426,7 +496,7 @@ mod tests {
         assert_eq!(seen.sent.load(Ordering::Relaxed), 1);
         assert_eq!(count(&metrics, "not_replayable"), 1);
         assert_eq!(
-            hedging.tokens.load(Ordering::Relaxed),
+            hedging.state.tokens.load(Ordering::Relaxed),
             BURST * TOKEN,
             "the token went back"
         );
@@ -471,7 +541,7 @@ mod tests {
             (count(&metrics, "sent"), count(&metrics, "refused")),
             (1, 1)
         );
-        assert_eq!(hedging.tokens.load(Ordering::Relaxed), BURST * TOKEN);
+        assert_eq!(hedging.state.tokens.load(Ordering::Relaxed), BURST * TOKEN);
     }
 
     #[tokio::test(start_paused = true)]
@@ -483,7 +553,14 @@ mod tests {
         };
         let hedging = Hedging::new(&policy, "r", &metrics);
         race(&hedging, vec![(1000, 200), (10, 200)]).await;
-        let samples = hedging.observed.as_ref().unwrap().samples.lock().unwrap();
+        let samples = hedging
+            .state
+            .observed
+            .as_ref()
+            .unwrap()
+            .samples
+            .lock()
+            .unwrap();
         assert_eq!(
             samples.ring,
             [Duration::from_millis(10), Duration::from_millis(60)],
@@ -499,7 +576,7 @@ mod tests {
             ..policy(200)
         };
         let hedging = Hedging::new(&policy, "r", &metrics);
-        let observed = hedging.observed.as_ref().unwrap();
+        let observed = hedging.state.observed.as_ref().unwrap();
         for ms in 1..=99 {
             observed.add(Duration::from_millis(ms));
         }

@@ -44,6 +44,13 @@ impl TokenBucket {
         }
     }
 
+    /// Whether this bucket refills at `rate` per second up to `burst`
+    /// tokens, as [`TokenBucket::new`] would make it.
+    pub(crate) fn has_limit(&self, rate: u32, burst: u32) -> bool {
+        let interval = 1_000_000_000 / u64::from(rate.max(1));
+        self.interval == interval && self.tolerance == interval * u64::from(burst.max(1) - 1)
+    }
+
     /// Takes a token at `now`, or says how long until one is free.
     pub(crate) fn take(&self, now: Instant) -> Result<(), Duration> {
         let now = u64::try_from(now.saturating_duration_since(self.epoch).as_nanos())
@@ -77,8 +84,8 @@ pub(crate) struct RateLimitLayer(Arc<TokenBucket>);
 
 impl RateLimitLayer {
     /// A layer taking a token of `bucket` for each request.
-    pub(crate) fn new(bucket: TokenBucket) -> Self {
-        RateLimitLayer(Arc::new(bucket))
+    pub(crate) fn new(bucket: Arc<TokenBucket>) -> Self {
+        RateLimitLayer(bucket)
     }
 }
 

@@ -31,7 +31,7 @@ use crate::core::context::{Attempt, Upstream};
 
 use crate::core::error::{ErrorKind, Limit, ProxyError, RetryClass};
 use crate::core::headers::retry_after;
-use crate::route::hedge::Hedging;
+use crate::route::hedge::{HedgeState, Hedging};
 use crate::route::metrics::Metrics;
 use crate::route::replay::ReplayBody;
 
@@ -161,6 +161,21 @@ impl Retries {
                 .retry_budget_exhausted
                 .with_label_values(&[&**route]),
         }
+    }
+
+    /// The rule's hedging goes on from `previous`, the state of the same
+    /// rule under the config before ([`Hedging::continue_from`]); nothing
+    /// changes for a rule that does not hedge.
+    pub(crate) fn continue_hedging_from(mut self, previous: Option<&Arc<HedgeState>>) -> Self {
+        if let (Some(hedging), Some(previous)) = (&mut self.hedging, previous) {
+            hedging.continue_from(previous);
+        }
+        self
+    }
+
+    /// What the rule's hedging has spent and learned, when it hedges.
+    pub(crate) fn hedge_state(&self) -> Option<&Arc<HedgeState>> {
+        self.hedging.as_ref().map(Hedging::state)
     }
 
     fn retries_on(&self, on: RetryOn) -> bool {

@@ -34,6 +34,7 @@ use crate::core::body::{BoxFuture, ProxyBody};
 use crate::core::error::ProxyError;
 use crate::core::headers;
 use crate::route::fanout::{Branch, Fanout};
+use crate::route::hedge::HedgeState;
 use crate::route::metrics::Metrics;
 use crate::route::mirror::MirrorLayer;
 use crate::route::rate_limit::{RateLimitLayer, TokenBucket};
@@ -55,21 +56,45 @@ pub(crate) struct RuleStack {
     pub service: RuleService,
     /// The route's `infermesh_requests_in_flight`.
     pub in_flight: prometheus::IntGauge,
+    /// What its policies have built up, for the next config's stack of the
+    /// same rule.
+    pub state: RuleState,
+}
+
+/// What a rule's stack carries from one config to the next: the state its
+/// policies build up as requests pass, the rate limit's bucket and the
+/// hedging's budget and observed latencies. Built afresh instead, every
+/// config change (any, most of them to other routes) would hand every
+/// client a full burst past the rate limit and every hedging rule a full
+/// budget of hedges. A policy whose settings changed starts afresh,
+/// except the hedging budget, which is kept (see
+/// [`crate::route::hedge::Hedging::continue_from`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RuleState {
+    /// The rate limit's bucket, when the rule has a rate limit.
+    pub rate_limit: Option<Arc<TokenBucket>>,
+    /// The hedging's budget and observations, when the rule hedges.
+    pub hedge: Option<Arc<HedgeState>>,
 }
 
 impl RuleStack {
-    /// Builds the stack of `rule`, a rule of `route`. Every backend it
-    /// names must be in `backends` (a validated config guarantees it).
+    /// Builds the stack of `rule`, a rule of `route`, going on from
+    /// `previous`, the state of the same rule under the config before (if
+    /// it had one). Every backend it names must be in `backends` (a
+    /// validated config guarantees it).
     pub(crate) fn build(
         rule: &RouteRule,
         route: &Arc<str>,
         backends: &BTreeMap<String, Arc<Backend>>,
         metrics: &Metrics,
+        previous: Option<&RuleState>,
     ) -> Self {
+        let (service, state) = rule_service(rule, route, backends, metrics, previous);
         RuleStack {
             route: route.clone(),
-            service: rule_service(rule, route, backends, metrics),
+            service,
             in_flight: metrics.requests_in_flight.with_label_values(&[&**route]),
+            state,
         }
     }
 
@@ -84,12 +109,15 @@ impl RuleStack {
     }
 }
 
+/// The service stack of `rule`, and the state it starts from: `previous`'s
+/// where the policy is the same.
 fn rule_service(
     rule: &RouteRule,
     route: &Arc<str>,
     backends: &BTreeMap<String, Arc<Backend>>,
     metrics: &Metrics,
-) -> RuleService {
+    previous: Option<&RuleState>,
+) -> (RuleService, RuleState) {
     let mut limits = Limits::from_config(&rule.timeouts);
     // A fan-out answers with what has arrived at its deadline, into which
     // the rule's limits on the time to the answer are folded: they must not
@@ -98,15 +126,23 @@ fn rule_service(
         limits.response_headers = None;
         limits.first_event = None;
     }
-    let rate_limit = rule.rate_limit.map(|limit| {
-        RateLimitLayer::new(TokenBucket::new(
-            limit.requests_per_second,
-            limit.burst(),
-            metrics.rate_limited.with_label_values(&[&**route]),
-        ))
+    let bucket = rule.rate_limit.map(|limit| {
+        let (rate, burst) = (limit.requests_per_second, limit.burst());
+        match previous.and_then(|p| p.rate_limit.as_ref()) {
+            Some(bucket) if bucket.has_limit(rate, burst) => bucket.clone(),
+            _ => Arc::new(TokenBucket::new(
+                rate,
+                burst,
+                metrics.rate_limited.with_label_values(&[&**route]),
+            )),
+        }
     });
+    let mut state = RuleState {
+        rate_limit: bucket.clone(),
+        hedge: None,
+    };
     let top = ServiceBuilder::new()
-        .option_layer(rate_limit)
+        .option_layer(bucket.map(RateLimitLayer::new))
         .layer(TimeoutLayer::new(limits))
         .map_request(headers::to_upstream)
         .map_response(headers::to_downstream);
@@ -124,13 +160,8 @@ fn rule_service(
                 weight: b.weight,
             })
             .collect();
-        return BoxCloneSyncService::new(top.service(Fanout::new(
-            fanout,
-            rule.fanout_deadline(),
-            branches,
-            route,
-            metrics,
-        )));
+        let fanout = Fanout::new(fanout, rule.fanout_deadline(), branches, route, metrics);
+        return (BoxCloneSyncService::new(top.service(fanout)), state);
     }
     let split = Split::new(
         rule.backends
@@ -149,17 +180,16 @@ fn rule_service(
             metrics,
         )
     });
-    BoxCloneSyncService::new(
+    let retries = Retries::new(&rule.retry, rule.hedge.as_ref(), route, metrics)
+        .continue_hedging_from(previous.and_then(|p| p.hedge.as_ref()));
+    state.hedge = retries.hedge_state().cloned();
+    let service = BoxCloneSyncService::new(
         top.layer(UpgradeLayer)
             .option_layer(mirror)
-            .layer(RetryLayer::new(Retries::new(
-                &rule.retry,
-                rule.hedge.as_ref(),
-                route,
-                metrics,
-            )))
+            .layer(RetryLayer::new(retries))
             .service(split),
-    )
+    );
+    (service, state)
 }
 
 /// A rule that sends every request to `backend`, with every default: what

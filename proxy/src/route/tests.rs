@@ -145,6 +145,7 @@ impl Mesh {
             &Arc::from(route.name.as_str()),
             &backends,
             &self.metrics,
+            None,
         )
     }
 

@@ -96,6 +96,7 @@ impl OriginalDestination {
                 &self.name,
                 &backends,
                 &metrics.route,
+                None,
             ))
         })
         .await

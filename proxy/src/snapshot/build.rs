@@ -14,7 +14,7 @@ use infermesh_certs::{CertStore, SpiffeId};
 
 use crate::backend::Backend;
 use crate::core::context::ListenerId;
-use crate::route::stack::{RuleStack, default_rule};
+use crate::route::stack::{RuleStack, RuleState, default_rule};
 use crate::snapshot::authorize::Authorization;
 use crate::snapshot::router::Router;
 use crate::snapshot::{BuildError, ListenerEntry, Metrics, Snapshot};
@@ -44,7 +44,7 @@ impl Snapshot {
         identity: Option<&Arc<CertStore>>,
     ) -> Result<Snapshot, BuildError> {
         let backends = build_backends(&config, previous, metrics, identity).await?;
-        let rules = build_rules(&config, &backends, metrics);
+        let rules = build_rules(&config, &backends, metrics, previous);
         let addresses = build_addresses(&config, &backends, metrics);
         let mut listeners = build_listeners(&config, &rules, listener_ids, metrics, identity)?;
         if let Some(previous) = previous {
@@ -55,6 +55,7 @@ impl Snapshot {
             }
         }
         let models = model_names(&config);
+        let rule_states = rule_states(&config, &rules);
         Ok(Snapshot {
             version: config.version(),
             config: Arc::new(config),
@@ -63,6 +64,7 @@ impl Snapshot {
             backends,
             addresses,
             models,
+            rule_states,
         })
     }
 }
@@ -132,23 +134,53 @@ fn connector(
     Ok(Arc::new(TcpConnector::new(tls)))
 }
 
-/// The stacks of every rule of every route, by route in config order.
+/// The stacks of every rule of every route, by route in config order,
+/// each going on from the state of the same rule (by route name and
+/// place) in `previous`.
 fn build_rules(
     config: &Config,
     backends: &BTreeMap<String, Arc<Backend>>,
     metrics: &Metrics,
+    previous: Option<&Snapshot>,
 ) -> Vec<Vec<Arc<RuleStack>>> {
     config
         .routes
         .iter()
         .map(|route| {
             let name: Arc<str> = Arc::from(route.name.as_str());
+            let before = previous.and_then(|p| p.rule_states.get(&name));
             route
                 .spec
                 .rules
                 .iter()
-                .map(|rule| Arc::new(RuleStack::build(rule, &name, backends, &metrics.route)))
+                .enumerate()
+                .map(|(index, rule)| {
+                    let state = before.and_then(|states| states.get(index));
+                    Arc::new(RuleStack::build(
+                        rule,
+                        &name,
+                        backends,
+                        &metrics.route,
+                        state,
+                    ))
+                })
                 .collect()
+        })
+        .collect()
+}
+
+/// The state of every rule, by route name, for the next config's build.
+fn rule_states(
+    config: &Config,
+    rules: &[Vec<Arc<RuleStack>>],
+) -> HashMap<Arc<str>, Vec<RuleState>> {
+    config
+        .routes
+        .iter()
+        .zip(rules)
+        .map(|(route, stacks)| {
+            let states = stacks.iter().map(|s| s.state.clone()).collect();
+            (Arc::from(route.name.as_str()), states)
         })
         .collect()
 }
@@ -171,6 +203,7 @@ fn build_addresses(
             &name,
             backends,
             &metrics.route,
+            None,
         ));
         for address in &resource.spec.addresses {
             addresses.insert(*address, stack.clone());
@@ -304,4 +337,63 @@ fn listener_tls(
         &metrics.transport,
     )
     .map_err(|e| tls_error(&what, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use infermesh_api::Source;
+    use crate::core::metrics::Registry;
+
+    /// A config of one backend and route `hedged`, whose one rule hedges
+    /// at `percentile` and allows `rate` requests per second.
+    fn config(percentile: u32, rate: u32) -> Config {
+        let text = format!(
+            "kind: Backend\napiVersion: infermesh.io/v1alpha1\nmetadata: {{ name: model }}\nspec: {{ endpoints: [{{ address: 127.0.0.1:9 }}] }}\n---\nkind: Route\napiVersion: infermesh.io/v1alpha1\nmetadata: {{ name: hedged }}\nspec:\n  rules:\n    - backends: [{{ name: model }}]\n      hedge: {{ percentile: {percentile}, budgetPercent: 10 }}\n      rateLimit: {{ requestsPerSecond: {rate} }}\n"
+        );
+        Config::load(&[Source {
+            name: "config.yaml",
+            text: &text,
+        }])
+        .expect("a valid config")
+    }
+
+    async fn build(config: Config, previous: Option<&Snapshot>, metrics: &Metrics) -> Snapshot {
+        Snapshot::build(config, &HashMap::new(), &[], previous, metrics, None)
+            .await
+            .expect("the snapshot builds")
+    }
+
+    fn state(snapshot: &Snapshot) -> RuleState {
+        snapshot.rule_states["hedged"][0].clone()
+    }
+
+    #[tokio::test]
+    async fn a_config_change_keeps_what_the_rules_built_up() {
+        let metrics = Metrics::register(&Registry::new());
+        let first = build(config(95, 100), None, &metrics).await;
+        let before = state(&first);
+        let (hedge, bucket) = (before.hedge.unwrap(), before.rate_limit.unwrap());
+
+        // A change elsewhere (here the backend's endpoints) keeps the
+        // rule's budget and bucket as they are: no fresh burst of hedges,
+        // no fresh burst past the limit.
+        let mut changed = config(95, 100);
+        changed.backends[0].spec.endpoints.clear();
+        let second = build(changed, Some(&first), &metrics).await;
+        let after = state(&second);
+        assert!(Arc::ptr_eq(&hedge, after.hedge.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(&bucket, after.rate_limit.as_ref().unwrap()));
+
+        // A new rate starts a new bucket, a new percentile new
+        // observations (the budget going on: see the hedging's tests).
+        let third = build(config(99, 50), Some(&second), &metrics).await;
+        let replaced = state(&third);
+        assert!(!Arc::ptr_eq(&bucket, replaced.rate_limit.as_ref().unwrap()));
+        assert!(!Arc::ptr_eq(&hedge, replaced.hedge.as_ref().unwrap()));
+
+        // Without a previous snapshot everything starts afresh.
+        let fresh = state(&build(config(95, 100), None, &metrics).await);
+        assert!(!Arc::ptr_eq(&hedge, fresh.hedge.as_ref().unwrap()));
+    }
 }

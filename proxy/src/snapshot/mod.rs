@@ -23,7 +23,7 @@ use infermesh_api::{
 
 use crate::backend::Backend;
 use crate::core::context::ListenerId;
-use crate::route::stack::RuleStack;
+use crate::route::stack::{RuleStack, RuleState};
 use crate::snapshot::authorize::Authorization;
 use crate::snapshot::router::{InvalidMatch, Router};
 use crate::transport::tls;
@@ -67,6 +67,9 @@ pub(crate) struct Snapshot {
     /// Every model name the config names (in route matches and fan-out
     /// branches): the values a metric's `model` label may take.
     models: HashSet<Arc<str>>,
+    /// What each route's rules have built up (rate-limit buckets, hedging
+    /// budgets), in rule order: the next config's rules go on from it.
+    rule_states: HashMap<Arc<str>, Vec<RuleState>>,
 }
 
 /// What a listener serves.
