@@ -312,6 +312,26 @@ async fn send_http1(
             },
         }
     }
+    // Boxed: waiting for a connection slot, connecting and a TLS handshake
+    // are kilobytes of state, which a request sent on a pooled connection
+    // (the usual case) would otherwise carry inline and copy around.
+    Box::pin(send_http1_on_new_connection(
+        connections,
+        addr,
+        settings,
+        request,
+    ))
+    .await
+}
+
+/// Sends `request` on a new HTTP/1.1 connection to `addr`, which joins the
+/// pool once the exchange is over.
+async fn send_http1_on_new_connection(
+    connections: &Arc<Connections>,
+    addr: SocketAddr,
+    settings: &Arc<PoolSettings>,
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, ErrorKind> {
     let permit = settings.connection_permit().await?;
     let io = connect(addr, settings).await?;
     let (mut sender, connection) = http1::Builder::new()
@@ -365,7 +385,8 @@ async fn send_http2(
             Some(s) if !s.is_closed() => s,
             _ => {
                 reconnected = true;
-                connect_http2(connections, addr, settings).await?
+                // Boxed, as for HTTP/1.1: rare, and kilobytes of state.
+                Box::pin(connect_http2(connections, addr, settings)).await?
             }
         };
         let mut sender = (*shared).clone();

@@ -26,6 +26,7 @@ use crate::server::shared::Shared;
 use crate::snapshot::ListenerEntry;
 use crate::transport::detect::{DETECT_TIMEOUT, MESH_DETECT_TIMEOUT, speaks_http};
 use crate::transport::original_dst::original_destination;
+use crate::transport::tls;
 use crate::transport::tunnel::tunnel;
 
 /// How long a client may take over its TLS handshake.
@@ -167,7 +168,6 @@ impl Connection {
     /// Peer authentication, by the port the client connected to, then HTTP
     /// over TLS or plaintext.
     async fn accept_tls(self, stream: TcpStream, original: Option<SocketAddr>) {
-        let (client, name) = (self.client, self.listener.name.clone());
         let port = match original {
             Some(destination) => destination.port(),
             None => stream.local_addr().map_or(0, |a| a.port()),
@@ -175,6 +175,24 @@ impl Connection {
         let Some(tls) = self.listener.tls.clone() else {
             return self.plaintext(stream, original).await;
         };
+        // Boxed: a TLS connection's state (the handshake, then rustls's
+        // session and buffers) is kilobytes larger than a plaintext one's,
+        // and held inline it would make every connection's task that
+        // large, plaintext ones included.
+        Box::pin(self.serve_tls(tls, stream, port, original)).await
+    }
+
+    /// A connection to a listener that takes TLS: the handshake when the
+    /// client starts one, then HTTP over TLS; plaintext HTTP otherwise
+    /// (which the listener's TLS mode may allow).
+    async fn serve_tls(
+        self,
+        tls: tls::Server,
+        stream: TcpStream,
+        port: u16,
+        original: Option<SocketAddr>,
+    ) {
+        let (client, name) = (self.client, self.listener.name.clone());
         // Telling plaintext from TLS waits for the client's first byte:
         // both that and the handshake are bounded.
         let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
