@@ -39,8 +39,10 @@ struct Cli {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, env = "INFERMESH_LOG_FORMAT", global = true)]
     log_format: LogFormat,
-    /// Worker threads serving traffic (default: one per CPU), like Envoy's
-    /// `--concurrency`.
+    /// Workers serving traffic (default: one per CPU the process may run
+    /// on), like Envoy's `--concurrency`: each a thread with its own event
+    /// loop, accepting on every listener and keeping the connections it
+    /// accepted and its own upstream connections.
     #[arg(long, env = "INFERMESH_CONCURRENCY", global = true)]
     concurrency: Option<usize>,
     /// Log filter, in RUST_LOG syntax (e.g. `info`, `debug,hyper=info`,
@@ -364,6 +366,7 @@ impl RunArgs {
             app_probes,
             access_log: AccessLogFilter::default(),
             tracing: None,
+            workers: 1,
         }
     }
 }
@@ -488,20 +491,17 @@ fn main() -> ExitCode {
     if sidecar {
         infermesh_proxy::log_sidecar_user();
     }
-    // One worker: tokio's single-threaded runtime, which runs every task
-    // on the thread that waits for I/O: no work-stealing bookkeeping, no
-    // wake-ups across threads, one thread fewer. More: the work-stealing
-    // runtime.
-    let mut runtime = match cli.concurrency.map(|n| n.max(1)) {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut r = tokio::runtime::Builder::new_multi_thread();
-            r.worker_threads(n);
-            r
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
+    // Thread per core: this thread is the first worker, on tokio's
+    // single-threaded runtime (no work-stealing bookkeeping, no wake-ups
+    // across threads); `run` starts the others.
+    let options = RunOptions {
+        workers: cli
+            .concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1),
+        ..options
     };
-    let runtime = runtime
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("the tokio runtime starts");

@@ -5,7 +5,8 @@
 //! admin and health servers ([`admin`]), the app's probes they answer
 //! ([`app_health`]), readiness and drain
 //! ([`lifecycle`]), logging ([`logging`]), the sidecar's built-in capture
-//! listeners ([`sidecar`]) and the config metrics ([`metrics`]).
+//! listeners ([`sidecar`]), the config metrics ([`metrics`]) and the
+//! worker threads that serve traffic ([`workers`]).
 
 pub(crate) mod admin;
 pub(crate) mod app_health;
@@ -19,3 +20,4 @@ pub(crate) mod logging;
 pub(crate) mod metrics;
 pub(crate) mod run;
 pub(crate) mod sidecar;
+pub(crate) mod workers;

@@ -28,6 +28,7 @@ use crate::app::lifecycle::Lifecycle;
 use crate::app::logging::LogControl;
 use crate::app::metrics::Metrics;
 use crate::app::sidecar::{self, CaptureAddresses};
+use crate::app::workers::Workers;
 use crate::core::metrics::Registry;
 use crate::core::trace::Tracing;
 use crate::server::access_filter::AccessLogFilter;
@@ -95,6 +96,11 @@ pub struct RunOptions {
     pub app_probes: AppProbes,
     /// Which requests the access log writes a line for.
     pub access_log: AccessLogFilter,
+    /// Workers serving traffic ([`crate::app::workers`]): threads with a
+    /// single-threaded runtime each, the calling thread the first; every
+    /// worker accepts on every listener. `run` must be called on a
+    /// single-threaded runtime for the calling thread to be one worker.
+    pub workers: usize,
 }
 
 impl RunOptions {
@@ -192,7 +198,8 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
         }
         ConfigFrom::File(_) => (identity.as_ref().map(|i| i.store().clone()), None),
     };
-    let mut listeners = Listeners::new();
+    let workers = Workers::start(options.workers)?;
+    let mut listeners = Listeners::new(workers.runtimes());
     let plan = listeners.prepare(&config).await?;
     let snapshot = Snapshot::build(
         config,
@@ -249,6 +256,9 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
         tracing::info!("waiting for a certificate and a config from the control plane");
     }
     let served = serving.serve_until_shutdown(signals, updates).await;
+    // Every connection has drained, or the grace period is over: what
+    // still runs on the other workers is dropped with them.
+    workers.stop();
     if let Some(traces) = traces {
         // The spans of the last requests, before the process ends.
         traces.shutdown(TRACE_FLUSH_LIMIT).await;

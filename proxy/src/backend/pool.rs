@@ -1,7 +1,7 @@
 //! Upstream connections to one endpoint: connect within the backend's
 //! connect timeout, then speak HTTP/1.1 (one exchange per connection at a
-//! time; idle connections kept for reuse, newest first) or HTTP/2 (one
-//! shared, multiplexed connection). Requests are adapted to the upstream's
+//! time; idle connections kept for reuse, newest first, by each worker for
+//! its own requests) or HTTP/2 (one shared, multiplexed connection). Requests are adapted to the upstream's
 //! HTTP version here, whatever version the client spoke.
 //!
 //! A request that a reused connection refused before sending a byte (the
@@ -38,6 +38,7 @@ use crate::backend::breaker::Breaker;
 use crate::core::body::ProxyBody;
 use crate::core::error::ErrorKind;
 use crate::core::headers::note_original_protocol;
+use crate::core::worker;
 use crate::transport::connect::{BoxedIo, Connector};
 
 /// How a backend's connections are made and kept.
@@ -48,7 +49,7 @@ pub(crate) struct PoolSettings {
     pub connect_timeout: Duration,
     /// Idle HTTP/1.1 connections older than this are closed.
     pub idle_timeout: Duration,
-    /// Idle HTTP/1.1 connections kept per endpoint.
+    /// Idle HTTP/1.1 connections kept per endpoint, by each worker.
     pub max_idle: usize,
     /// `infermesh_upstream_connections{backend}`.
     pub open_gauge: IntGauge,
@@ -114,9 +115,14 @@ const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(20);
 const HTTP2_PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One endpoint's connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Connections {
-    idle: Mutex<Vec<IdleConnection>>,
+    /// Idle HTTP/1.1 connections, a list per worker
+    /// ([`crate::core::worker`]): a connection's task runs on the worker
+    /// that opened it, and a request sent on it from another worker would
+    /// cross threads twice (the request over, the response back). Each
+    /// worker keeps its own, as Envoy and Pingora keep a pool per worker.
+    idle: Box<[Mutex<Vec<IdleConnection>>]>,
     shared: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     connecting: tokio::sync::Mutex<()>,
     /// Failed HTTP/2 connects so far, and the last one's cause: requests
@@ -170,25 +176,47 @@ pub(crate) struct UpstreamConnection {
     _open: Arc<OpenConnection>,
 }
 
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            idle: (0..worker::count()).map(|_| Mutex::default()).collect(),
+            shared: ArcSwapOption::default(),
+            connecting: tokio::sync::Mutex::default(),
+            connect_failures: std::sync::atomic::AtomicU64::default(),
+            last_connect_failure: Mutex::default(),
+            open: Arc::default(),
+        }
+    }
+}
+
 impl Connections {
+    /// The idle list of the worker this runs on.
+    fn idle_here(&self) -> &Mutex<Vec<IdleConnection>> {
+        &self.idle[worker::current().min(self.idle.len() - 1)]
+    }
+
     /// Connections currently open to this endpoint.
     pub fn open(&self) -> i64 {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// Idle HTTP/1.1 connections waiting for reuse.
+    /// Idle HTTP/1.1 connections waiting for reuse, on every worker.
     pub fn idle(&self) -> usize {
-        self.idle.lock().expect("idle list lock").len()
+        self.idle
+            .iter()
+            .map(|idle| idle.lock().expect("idle list lock").len())
+            .sum()
     }
 
     /// Closes idle connections that outlived `idle_timeout` or that the
     /// server has closed.
     pub fn close_expired(&self, idle_timeout: Duration) {
         let now = Instant::now();
-        self.idle
-            .lock()
-            .expect("idle list lock")
-            .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
+        for idle in &self.idle {
+            idle.lock()
+                .expect("idle list lock")
+                .retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
+        }
     }
 
     fn checkout(
@@ -196,7 +224,7 @@ impl Connections {
         idle_timeout: Duration,
     ) -> Option<(http1::SendRequest<ProxyBody>, UpstreamConnection)> {
         let now = Instant::now();
-        let mut idle = self.idle.lock().expect("idle list lock");
+        let mut idle = self.idle_here().lock().expect("idle list lock");
         while let Some(c) = idle.pop() {
             if c.sender.is_ready() && now.duration_since(c.since) < idle_timeout {
                 return Some((c.sender, c.held));
@@ -205,14 +233,19 @@ impl Connections {
         None
     }
 
-    /// Closes the longest-idle connection, if there is one.
+    /// Closes the longest-idle connection of one worker, if one is idle
+    /// (this worker's first).
     pub fn close_oldest_idle(&self) -> bool {
-        let mut idle = self.idle.lock().expect("idle list lock");
-        if idle.is_empty() {
-            return false;
+        let here = worker::current().min(self.idle.len() - 1);
+        let order = (here..self.idle.len()).chain(0..here);
+        for index in order {
+            let mut idle = self.idle[index].lock().expect("idle list lock");
+            if !idle.is_empty() {
+                idle.remove(0);
+                return true;
+            }
         }
-        idle.remove(0);
-        true
+        false
     }
 
     fn put_back(
@@ -224,7 +257,7 @@ impl Connections {
         if settings.breaker.has_waiters() {
             return; // Closing it hands its permit to a waiting request.
         }
-        let mut idle = self.idle.lock().expect("idle list lock");
+        let mut idle = self.idle_here().lock().expect("idle list lock");
         if idle.len() < settings.max_idle {
             idle.push(IdleConnection {
                 sender,

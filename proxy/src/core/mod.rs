@@ -4,8 +4,9 @@
 //! request carries in its extensions ([`context`]), header names and
 //! header rules ([`headers`]), a request's path normalised ([`path`]) and
 //! its host checked ([`authority`]), the model a request names
-//! ([`model`]) and the metrics registry every layer registers its
-//! families in ([`metrics`]).
+//! ([`model`]), the metrics registry every layer registers its
+//! families in ([`metrics`]) and which worker the code runs on
+//! ([`worker`]).
 
 pub(crate) mod authority;
 pub(crate) mod body;
@@ -16,3 +17,4 @@ pub(crate) mod metrics;
 pub(crate) mod model;
 pub(crate) mod path;
 pub(crate) mod trace;
+pub(crate) mod worker;

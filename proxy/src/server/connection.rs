@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use infermesh_api::{Capture, ListenerProtocol, OutsideMesh};
 use tokio::net::TcpStream;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::core::context::{ConnectionInfo, ListenerId};
@@ -70,14 +71,16 @@ impl Accepted {
     }
 }
 
-/// Starts serving an accepted connection on its own task, or closes it
-/// when its listener is at `maxConnections`.
+/// Starts serving an accepted connection on its own task, on the worker
+/// runtime `on` (this one when `None`), or closes it when its listener is
+/// at `maxConnections`.
 pub(crate) fn spawn(
     stream: TcpStream,
     client: SocketAddr,
     id: ListenerId,
     shared: &Arc<Shared>,
     accepted: &mut Accepted,
+    on: Option<&Handle>,
 ) {
     let _ = stream.set_nodelay(true);
     let Some(listener) = shared.snapshot.load().listener_entry(id) else {
@@ -101,6 +104,7 @@ pub(crate) fn spawn(
         .downstream_connections
         .with_label_values(&[&*listener.name]);
     gauge.inc();
+    let counted = Counted { gauge, open };
     let connection = Connection {
         client,
         builder: accepted.builder(&listener),
@@ -108,11 +112,44 @@ pub(crate) fn spawn(
         shared: shared.clone(),
         drain: accepted.drain.clone(),
     };
-    tokio::spawn(async move {
+    let serve = |stream| async move {
         connection.run(stream).await;
-        gauge.dec();
-        open.fetch_sub(1, Ordering::Relaxed);
-    });
+        drop(counted);
+    };
+    let Some(worker) = on else {
+        tokio::spawn(serve(stream));
+        return;
+    };
+    // The socket moves to the worker's reactor: taken out of this one,
+    // registered with the worker's as the task starts there.
+    match stream.into_std() {
+        Ok(stream) => {
+            worker.spawn(async move {
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve(stream).await,
+                    Err(e) => tracing::warn!(client = %client, error = %e, "a worker could not take a connection"),
+                }
+            });
+        }
+        Err(e) => {
+            tracing::warn!(client = %client, error = %e, "a connection could not be handed to a worker")
+        }
+    }
+}
+
+/// Keeps a connection counted (the listener's open connections, for its
+/// `maxConnections`, and the gauge) until dropped: when the connection
+/// ends, or if it never started.
+struct Counted {
+    gauge: prometheus::IntGauge,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge.dec();
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One accepted client connection, before its protocol is known.

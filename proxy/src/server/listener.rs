@@ -2,7 +2,17 @@
 //! of bound sockets in line with the config across reloads. A listener
 //! whose address did not change keeps its socket, so a reload never
 //! refuses a connection. Each accepted connection is served on its own
-//! task ([`crate::server::connection`]).
+//! task ([`crate::server::connection`]), on the workers in turn: this
+//! runtime's accept loop hands every other connection (with two workers)
+//! to another worker, where it stays.
+//!
+//! One accept loop handing connections over rather than a socket per
+//! worker (`SO_REUSEPORT`): the kernel would spread connections by a hash
+//! of their addresses, unevenly for the few long-lived connections a
+//! sidecar takes, and a second process could bind the same port without
+//! an error; a descriptor of one socket in every worker's reactor wakes
+//! them all, and the first awake takes every waiting connection. The
+//! hand-over costs a wake-up per connection, not per request.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +21,7 @@ use std::time::Duration;
 
 use infermesh_api::Config;
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -71,21 +82,20 @@ pub(crate) struct Listeners {
     /// Listeners no longer configured whose connections are finishing.
     draining: Vec<Running>,
     next_id: ListenerId,
-}
-
-impl Default for Listeners {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// The runtimes of the workers other than this one, which serve their
+    /// share of every listener's connections.
+    workers: Vec<Handle>,
 }
 
 impl Listeners {
-    /// No listeners yet.
-    pub(crate) fn new() -> Self {
+    /// No listeners yet. Their connections will be served on this runtime
+    /// and on `workers`, in turn.
+    pub(crate) fn new(workers: Vec<Handle>) -> Self {
         Listeners {
             running: Vec::new(),
             draining: Vec::new(),
             next_id: 1,
+            workers,
         }
     }
 
@@ -165,7 +175,8 @@ impl Listeners {
             let local = socket.local_addr().unwrap_or(configured);
             tracing::info!(listener = %name, address = %local, "listening");
             let (stop, stopped) = watch::channel(false);
-            let task = tokio::spawn(accept_loop(id, socket, shared.clone(), stopped));
+            let workers = self.workers.clone();
+            let task = tokio::spawn(accept_loop(id, socket, shared.clone(), stopped, workers));
             self.running.push(Running {
                 id,
                 name,
@@ -200,14 +211,19 @@ impl Listeners {
     }
 }
 
+/// Accepts on `socket` until `stop`, serving the connections on this
+/// runtime and on `workers` in turn, then waits for them all to close.
 async fn accept_loop(
     id: ListenerId,
     socket: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    workers: Vec<Handle>,
 ) {
     let (drain, drained) = watch::channel(());
     let mut accepted = Accepted::new(drained);
+    // This runtime's turn is 0, worker k's is k.
+    let mut turn: usize = 0;
     // A descriptor held in reserve: when the process runs out, it is
     // given back for a moment to accept one waiting connection and close
     // it, so that clients are refused at once instead of waiting in the
@@ -218,7 +234,11 @@ async fn accept_loop(
             biased;
             _ = stop.changed() => break,
             result = socket.accept() => match result {
-                Ok((stream, client)) => connection::spawn(stream, client, id, &shared, &mut accepted),
+                Ok((stream, client)) => {
+                    let on = turn.checked_sub(1).and_then(|k| workers.get(k));
+                    turn = (turn + 1) % (workers.len() + 1);
+                    connection::spawn(stream, client, id, &shared, &mut accepted, on);
+                }
                 Err(e) if is_out_of_descriptors(&e) => {
                     shared.ran_out_of_descriptors();
                     let listener = shared.snapshot.load().listener_entry(id).map(|l| l.name.clone());

@@ -342,8 +342,8 @@ fn listener_tls(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use infermesh_api::Source;
     use crate::core::metrics::Registry;
+    use infermesh_api::Source;
 
     /// A config of one backend and route `hedged`, whose one rule hedges
     /// at `percentile` and allows `rate` requests per second.
