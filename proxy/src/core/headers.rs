@@ -112,6 +112,12 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `Connection` header names. With `keep_upgrade`, `Upgrade` and
 /// `Connection: upgrade` survive, so a protocol switch can be forwarded.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none: one pass over the names costs less than
+    // the six lookups below (each hashes its name), on every request and
+    // every response.
+    if !keep_upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         // `Connection: TE` is how a client says it sent `TE` (RFC 9110
         // §10.1.4); `te: trailers` is handled below, not dropped here.
@@ -148,6 +154,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(TE);
         }
     }
+}
+
+/// Whether `strip_hop_by_hop` acts on a header named `name`.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION || name == UPGRADE || name == TE || HOP_BY_HOP.contains(name)
 }
 
 /// Appends the client's IP (`client`, as a header value) to
@@ -310,6 +321,27 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["content-type"]);
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed_and_others_are_kept() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+            "te",
+        ] {
+            let mut h = headers(&[(name, "x"), ("content-type", "text/plain")]);
+            strip_hop_by_hop(&mut h, false);
+            let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            assert_eq!(left, ["content-type"], "{name}");
+        }
+        let mut end_to_end = headers(&[("content-type", "text/plain"), ("x-request-id", "1")]);
+        let before = end_to_end.clone();
+        strip_hop_by_hop(&mut end_to_end, false);
+        assert_eq!(end_to_end, before);
     }
 
     #[test]
