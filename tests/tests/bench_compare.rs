@@ -216,10 +216,13 @@ fn a_pinned_comparison_against_a_static_backend_measures_cpu_and_memory_of_each_
         .parse()
         .unwrap();
     let scenario = dir.path().join("pinned.yaml");
+    // CPU time is read in ticks of 10 ms: the window's requests must take
+    // a proxy several (2,000 at ~30 µs each is 6 for nginx), or a proxy
+    // that was busy reads 0.
     std::fs::write(
         &scenario,
         format!(
-            "rounds: 1\ntargets: [direct, infermesh, nginx]\nstaticBackend: {{ bodyBytes: 100 }}\npinning: {{ proxy: [{cpu}], load: [{cpu}] }}\nworkers: 1\nload:\n  rate: 200\n  connections: 4\n  duration: 500ms\n  warmup: 200ms\n"
+            "rounds: 1\ntargets: [direct, infermesh, nginx]\nstaticBackend: {{ bodyBytes: 100 }}\npinning: {{ proxy: [{cpu}], load: [{cpu}] }}\nworkers: 1\nload:\n  rate: 2000\n  connections: 4\n  duration: 1s\n  warmup: 200ms\n"
         ),
     )
     .unwrap();
