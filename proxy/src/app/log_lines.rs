@@ -11,7 +11,9 @@
 //! mapping is [`ECS_ACCESS_FIELDS`]) or, when ECS has none, under
 //! `infermesh.`.
 
+use std::cell::RefCell;
 use std::fmt;
+use std::thread::LocalKey;
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -123,19 +125,11 @@ where
 /// same layout built as a value.
 fn write_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result {
     thread_local! {
-        // The fields after the message, reused from line to line.
-        static FIELDS: std::cell::RefCell<StreamedFields> = Default::default();
+        static FIELDS: RefCell<StreamedFields> = Default::default();
     }
-    FIELDS.with(|fields| {
-        let mut fields = fields.borrow_mut();
-        let fields = &mut *fields;
-        fields.clear();
-        visit_fields(event, |name, value| fields.take(name, value));
+    with_collected(&FIELDS, event, |fields| {
         writer.write_str("{\"timestamp\":")?;
-        match fields.start_time.is_empty() {
-            true => write_json_str(writer, &now_rfc3339())?,
-            false => write_json_str(writer, &fields.start_time)?,
-        }
+        fields.write_start(writer)?;
         writer.write_str(",\"level\":")?;
         write_json_str(writer, event.metadata().level().as_str())?;
         if fields.has_message {
@@ -156,15 +150,35 @@ fn write_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result 
 /// (member order aside: JSON objects have none).
 fn write_ecs_access_line(writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result {
     thread_local! {
-        // The fields' buffers, reused from line to line.
-        static FIELDS: std::cell::RefCell<EcsFields> = Default::default();
+        static FIELDS: RefCell<EcsFields> = Default::default();
     }
-    FIELDS.with(|fields| {
+    with_collected(&FIELDS, event, |fields| {
+        fields.write(writer, event.metadata().level())
+    })
+}
+
+/// The fields of an access event gathered into buffers that are kept from
+/// line to line (a thread's own, see [`with_collected`]).
+trait Collected: Default {
+    /// Empties the buffers, keeping their capacity.
+    fn clear(&mut self);
+    /// Takes the field `name`.
+    fn take(&mut self, name: &str, value: Visited<'_>);
+}
+
+/// Calls `write` with `event`'s fields collected into this thread's
+/// buffers of `fields`: no allocation per line once they have grown.
+fn with_collected<T: Collected + 'static>(
+    fields: &'static LocalKey<RefCell<T>>,
+    event: &Event<'_>,
+    write: impl FnOnce(&T) -> fmt::Result,
+) -> fmt::Result {
+    fields.with(|fields| {
         let mut fields = fields.borrow_mut();
         let fields = &mut *fields;
         fields.clear();
         visit_fields(event, |name, value| fields.take(name, value));
-        fields.write(writer, event.metadata().level())
+        write(fields)
     })
 }
 
@@ -193,7 +207,7 @@ struct EcsFields {
     source_address: String,
 }
 
-impl EcsFields {
+impl Collected for EcsFields {
     fn clear(&mut self) {
         self.plain.clear();
         self.mapped
@@ -278,15 +292,13 @@ impl EcsFields {
             }
         }
     }
+}
 
+impl EcsFields {
     /// Writes the line.
     fn write(&self, writer: &mut impl fmt::Write, level: &tracing::Level) -> fmt::Result {
         writer.write_str("{\"@timestamp\":")?;
-        if self.plain.start_time.is_empty() {
-            write_json_str(writer, &now_rfc3339())?;
-        } else {
-            write_json_str(writer, &self.plain.start_time)?;
-        }
+        self.plain.write_start(writer)?;
         writer.write_str(",\"log.level\":")?;
         writer.write_str(match *level {
             tracing::Level::ERROR => "\"error\"",
@@ -440,6 +452,17 @@ struct StreamedFields {
 }
 
 impl StreamedFields {
+    /// Writes the line's time as a JSON string: the request's start, or
+    /// now for an event without one.
+    fn write_start(&self, writer: &mut impl fmt::Write) -> fmt::Result {
+        match self.start_time.is_empty() {
+            true => write_json_str(writer, &now_rfc3339()),
+            false => write_json_str(writer, &self.start_time),
+        }
+    }
+}
+
+impl Collected for StreamedFields {
     fn clear(&mut self) {
         self.start_time.clear();
         self.message.clear();

@@ -190,9 +190,14 @@ impl Default for Connections {
 }
 
 impl Connections {
+    /// The index of the idle list of the worker this runs on.
+    fn here(&self) -> usize {
+        worker::current().min(self.idle.len() - 1)
+    }
+
     /// The idle list of the worker this runs on.
     fn idle_here(&self) -> &Mutex<Vec<IdleConnection>> {
-        &self.idle[worker::current().min(self.idle.len() - 1)]
+        &self.idle[self.here()]
     }
 
     /// Connections currently open to this endpoint.
@@ -236,7 +241,7 @@ impl Connections {
     /// Closes the longest-idle connection of one worker, if one is idle
     /// (this worker's first).
     pub fn close_oldest_idle(&self) -> bool {
-        let here = worker::current().min(self.idle.len() - 1);
+        let here = self.here();
         let order = (here..self.idle.len()).chain(0..here);
         for index in order {
             let mut idle = self.idle[index].lock().expect("idle list lock");
