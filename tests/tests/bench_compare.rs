@@ -3,7 +3,9 @@
 //! in turn, and reports a row per target.
 
 use std::collections::HashSet;
-use std::process::Command;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 
 /// The tests of this file count the proxies a comparison leaves running:
@@ -34,6 +36,16 @@ fn started_by_compare() -> HashSet<u32> {
         .collect()
 }
 
+/// Runs `infermesh-bench compare` on `scenario` with `args` after it.
+fn compare(scenario: &Path, args: &[&OsStr]) -> Output {
+    Command::new(infermesh_tests::binary("infermesh-bench"))
+        .arg("compare")
+        .arg(scenario)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn compare_measures_every_target_side_by_side() {
     let _one = one_at_a_time();
@@ -47,17 +59,18 @@ fn compare_measures_every_target_side_by_side() {
     let before = started_by_compare();
     let json = dir.path().join("result.json");
     let svg = dir.path().join("result.svg");
-    let out = Command::new(infermesh_tests::binary("infermesh-bench"))
-        .arg("compare")
-        .arg(&scenario)
-        .arg("--json")
-        .arg(&json)
-        .arg("--svg")
-        .arg(&svg)
-        .arg("--work")
-        .arg(dir.path().join("work"))
-        .output()
-        .unwrap();
+    let work = dir.path().join("work");
+    let out = compare(
+        &scenario,
+        &[
+            "--json".as_ref(),
+            json.as_ref(),
+            "--svg".as_ref(),
+            svg.as_ref(),
+            "--work".as_ref(),
+            work.as_ref(),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
@@ -228,13 +241,7 @@ fn a_pinned_comparison_against_a_static_backend_measures_cpu_and_memory_of_each_
     .unwrap();
     let before = started_by_compare();
     let work = dir.path().join("work");
-    let out = Command::new(infermesh_tests::binary("infermesh-bench"))
-        .arg("compare")
-        .arg(&scenario)
-        .arg("--work")
-        .arg(&work)
-        .output()
-        .unwrap();
+    let out = compare(&scenario, &["--work".as_ref(), work.as_ref()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
@@ -270,6 +277,7 @@ fn a_pinned_comparison_against_a_static_backend_measures_cpu_and_memory_of_each_
             "proxy CPU µs/req at rate",
             "proxy RSS idle MiB",
             "proxy RSS after load MiB",
+            "proxy RSS saturated MiB",
         ] {
             let cell = cells[column(measured)];
             if target == "direct" {
