@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use infermesh_api::{Capture, ListenerProtocol, OutsideMesh};
+use infermesh_api::{Capture, OutsideMesh};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -22,6 +20,7 @@ use tokio::sync::watch;
 use crate::core::context::{ConnectionInfo, ListenerId};
 use crate::server::lifetime::{ClientIo, Lifetime, Watchdog};
 use crate::server::original::OriginalDestination;
+use crate::server::protocol::{ClientStream, HttpSettings};
 use crate::server::request::RequestService;
 use crate::server::shared::Shared;
 use crate::snapshot::ListenerEntry;
@@ -42,7 +41,7 @@ const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// drain signal.
 pub(crate) struct Accepted {
     open: Arc<AtomicUsize>,
-    builder: Option<(Weak<ListenerEntry>, Arc<auto::Builder<TokioExecutor>>)>,
+    settings: Option<(Weak<ListenerEntry>, Arc<HttpSettings>)>,
     drain: watch::Receiver<()>,
 }
 
@@ -52,22 +51,22 @@ impl Accepted {
     pub(crate) fn new(drain: watch::Receiver<()>) -> Self {
         Accepted {
             open: Arc::new(AtomicUsize::new(0)),
-            builder: None,
+            settings: None,
             drain,
         }
     }
 
     /// The hyper settings of `listener`, built again only when a reload
     /// changed the listener.
-    fn builder(&mut self, listener: &Arc<ListenerEntry>) -> Arc<auto::Builder<TokioExecutor>> {
-        if let Some((entry, builder)) = &self.builder
+    fn settings(&mut self, listener: &Arc<ListenerEntry>) -> Arc<HttpSettings> {
+        if let Some((entry, settings)) = &self.settings
             && Weak::as_ptr(entry) == Arc::as_ptr(listener)
         {
-            return builder.clone();
+            return settings.clone();
         }
-        let builder = Arc::new(http_builder(listener));
-        self.builder = Some((Arc::downgrade(listener), builder.clone()));
-        builder
+        let settings = Arc::new(HttpSettings::new(listener));
+        self.settings = Some((Arc::downgrade(listener), settings.clone()));
+        settings
     }
 }
 
@@ -107,7 +106,7 @@ pub(crate) fn spawn(
     let counted = Counted { gauge, open };
     let connection = Connection {
         client,
-        builder: accepted.builder(&listener),
+        settings: accepted.settings(&listener),
         listener,
         shared: shared.clone(),
         drain: accepted.drain.clone(),
@@ -157,7 +156,7 @@ struct Connection {
     client: SocketAddr,
     listener: Arc<ListenerEntry>,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    settings: Arc<HttpSettings>,
     /// Changes when the listener drains; dropped when the connection ends
     /// (the drain waits for every receiver to go).
     drain: watch::Receiver<()>,
@@ -314,7 +313,7 @@ impl Connection {
         tls: Option<Option<Arc<str>>>,
         original_destination: Option<SocketAddr>,
     ) where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: ClientStream,
     {
         // Requests nothing else routes go to the original destination: the
         // app (inbound), or a server outside the mesh (outbound, unless
@@ -341,18 +340,14 @@ impl Connection {
             capture: self.listener.capture,
         });
         let lifetime = Lifetime::new(&self.listener.limits);
-        let io = TokioIo::new(ClientIo::new(io, &lifetime));
+        let io = ClientIo::new(io, &lifetime);
         let service = RequestService::new(
             self.shared.clone(),
             info,
             original_service,
             lifetime.clone(),
         );
-        let mut connection = pin!(
-            self.builder
-                .serve_connection_with_upgrades(io, service)
-                .into_owned()
-        );
+        let mut connection = pin!(self.settings.serve(io, service));
         let mut watchdog = Watchdog::new(lifetime);
         let mut drain = self.drain;
         let mut draining = false;
@@ -372,10 +367,7 @@ impl Connection {
                 ended = connection.as_mut() => {
                     if let Err(e) = ended {
                         // hyper's own limit: requestHeadersTimeout.
-                        let timed_out = e
-                            .downcast_ref::<hyper::Error>()
-                            .is_some_and(hyper::Error::is_timeout);
-                        if timed_out {
+                        if e.is_timeout() {
                             closed("request_headers_timeout");
                             tracing::info!(client = %self.client, listener = %self.listener.name, reason = "request_headers_timeout", "client connection closed");
                         } else {
@@ -419,48 +411,3 @@ async fn log_tunnel(
         }
     }
 }
-
-/// The hyper server settings of `listener`: its protocols and limits.
-/// Flow-control windows and send buffers are sized so that one stream
-/// holds tens of KiB, not MiB, whatever its client does.
-fn http_builder(listener: &ListenerEntry) -> auto::Builder<TokioExecutor> {
-    let limits = &listener.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    let mut http1 = builder.http1();
-    http1
-        .timer(TokioTimer::new())
-        .max_buf_size(limits.max_header_bytes.max(8192) as usize);
-    // hyper's header timer also runs while a keep-alive connection waits
-    // for its next request: an idle HTTP/1 connection is closed after the
-    // shorter of this and the idle timeout.
-    http1.header_read_timeout(limits.request_headers_timeout.non_zero());
-    let mut http2 = builder.http2();
-    http2
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_send_buf_size(STREAM_WINDOW as usize);
-    if let Some(interval) = limits.keep_alive_interval.non_zero() {
-        http2
-            .keep_alive_interval(interval)
-            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
-    }
-    match listener.protocol {
-        ListenerProtocol::Http => builder,
-        ListenerProtocol::Http1 => builder.http1_only(),
-        ListenerProtocol::Http2 => builder.http2_only(),
-    }
-}
-
-/// How much of one request body an HTTP/2 client may send ahead of the
-/// backend reading it, and how much of one response waits for the client
-/// to read it: Envoy's recommended edge setting.
-const STREAM_WINDOW: u32 = 64 * 1024;
-
-/// How much of all its request bodies one HTTP/2 client may send ahead.
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
-
-/// How long a client may take to answer a keep-alive PING.
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::core::body::{BoxError, ProxyBody};
 use crate::core::error::TimeoutError;
+use crate::transport::detect::H2_PREFACE;
 
 /// A stream reset by the client younger than this counts as premature
 /// (Envoy's `premature_reset_min_stream_lifetime_seconds`).
@@ -46,9 +47,6 @@ const PREMATURE_JUDGED_AFTER: u64 = 100;
 /// send a reset that can destroy the answer before the client reads it
 /// (nginx's `lingering_time`, shorter).
 const LINGER: Duration = Duration::from_secs(5);
-
-/// The HTTP/2 preface every client connection speaking HTTP/2 starts with.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Why the proxy ends a connection: the `reason` label of
 /// `infermesh_downstream_connections_closed_total`.
@@ -660,6 +658,11 @@ where
             lifetime: lifetime.clone(),
             detecting: lifetime.limits.first_byte.map(|_| 0),
         }
+    }
+
+    /// The stream under watch.
+    pub(crate) fn get_ref(&self) -> &I {
+        self.io.as_ref().expect("taken only on drop")
     }
 
     fn io(&mut self) -> Pin<&mut I> {

@@ -1,6 +1,7 @@
 //! The server layer: the proxy's edge towards clients. Binding and
 //! reloading listeners ([`listener`]), each accepted connection's phases
 //! ([`connection`]: original destination, protocol detection, TLS, HTTP),
+//! the HTTP/1 or HTTP/2 server a connection gets ([`protocol`]),
 //! how long a connection and its streams may live ([`lifetime`]), each
 //! request's phases ([`request`]: authorize, route, forward, respond,
 //! observe), turning the proxy's errors into responses ([`respond`]),
@@ -16,6 +17,7 @@ pub(crate) mod lifetime;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod original;
+pub(crate) mod protocol;
 pub(crate) mod request;
 pub(crate) mod respond;
 pub(crate) mod shared;

@@ -1,7 +1,7 @@
 //! Telling protocols apart by a connection's first bytes, looked at and
 //! left unread: whether a captured connection speaks HTTP (else it is
-//! passed through as TCP), and how long to wait for a client that says
-//! nothing.
+//! passed through as TCP) and how long to wait for a client that says
+//! nothing, and whether a plaintext HTTP client speaks HTTP/2.
 
 use std::io;
 use std::time::Duration;
@@ -23,6 +23,24 @@ pub(crate) const MESH_DETECT_TIMEOUT: Duration = Duration::from_secs(30);
 const METHODS: [&[u8]; 10] = [
     b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PRI",
 ];
+
+/// The preface every HTTP/2 connection starts with; a plaintext client
+/// speaking HTTP/2 with prior knowledge sends it first.
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether `start`, the first bytes of an HTTP connection, are the HTTP/2
+/// preface: `Some(true)` or `Some(false)` once it can tell, `None` while
+/// they are the preface's beginning.
+pub(crate) fn starts_http2(start: &[u8]) -> Option<bool> {
+    let told = start.len().min(H2_PREFACE.len());
+    if start[..told] != H2_PREFACE[..told] {
+        Some(false)
+    } else if told == H2_PREFACE.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
 
 /// Whether `start`, the first bytes of a connection, begin an HTTP request:
 /// `Some(true)` or `Some(false)` once it can tell, `None` while every byte
@@ -62,6 +80,25 @@ pub(crate) async fn speaks_http(stream: &TcpStream, wait: Duration) -> io::Resul
     decided.unwrap_or(Ok(false))
 }
 
+/// Whether the HTTP client on `stream` speaks HTTP/2 (with prior
+/// knowledge), by its first bytes, left unread. Waits for as long as the
+/// client sends nothing or only the preface's beginning: the caller bounds
+/// the wait. A client that closes first is taken for HTTP/1.
+pub(crate) async fn speaks_http2(stream: &TcpStream) -> io::Result<bool> {
+    let mut start = [0u8; H2_PREFACE.len()];
+    loop {
+        let read = stream.peek(&mut start).await?;
+        if read == 0 {
+            return Ok(false);
+        }
+        if let Some(told) = starts_http2(&start[..read]) {
+            return Ok(told);
+        }
+        // The preface split over segments: as in `speaks_http`.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +123,48 @@ mod tests {
         assert_eq!(looks_like_http(b"PO"), None);
         assert_eq!(looks_like_http(b"DELETE"), None);
         assert_eq!(looks_like_http(b"OPTIONS "), Some(true));
+    }
+
+    #[test]
+    fn http2_is_told_by_its_whole_preface() {
+        assert_eq!(starts_http2(b"GET / HTTP/1.1\r\n"), Some(false));
+        assert_eq!(starts_http2(b"POST"), Some(false));
+        assert_eq!(starts_http2(b"PRI * HTTP/1.1"), Some(false));
+        assert_eq!(starts_http2(b"P"), None);
+        assert_eq!(starts_http2(b"PRI * HTTP/2.0\r\n\r\nSM\r\n"), None);
+        assert_eq!(starts_http2(H2_PREFACE), Some(true));
+        assert_eq!(
+            starts_http2(&[H2_PREFACE, b"\0\0\x12\x04"].concat()),
+            Some(true)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_split_preface_is_awaited_and_left_unread() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(&H2_PREFACE[..5]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(&H2_PREFACE[5..]).await.unwrap();
+            s
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(speaks_http2(&server).await.unwrap());
+        let mut buf = [0u8; 24];
+        server.peek(&mut buf).await.unwrap();
+        assert_eq!(&buf, H2_PREFACE, "detection left the bytes unread");
+        let _client = client.await.unwrap();
+
+        let closed = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        drop(closed);
+        assert!(
+            !speaks_http2(&server).await.unwrap(),
+            "a client that closes is not HTTP/2"
+        );
     }
 
     #[tokio::test(start_paused = true)]
