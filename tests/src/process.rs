@@ -187,6 +187,40 @@ impl Gateway {
         self.exited = self.child.wait().ok();
     }
 
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time (user and system, in clock ticks) each of the proxy's
+    /// threads has used so far, by thread id, with the thread's name
+    /// (`/proc/PID/task/TID/stat`).
+    pub fn thread_cpu_ticks(&self) -> Vec<(u32, String, u64)> {
+        let tasks = format!("/proc/{}/task", self.pid());
+        let mut threads = Vec::new();
+        for task in std::fs::read_dir(&tasks).expect("read the proxy's threads") {
+            let task = task.expect("a thread entry");
+            // A thread that ended since the listing has no stat left.
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let tid = task
+                .file_name()
+                .to_string_lossy()
+                .parse()
+                .expect("a thread id");
+            // `TID (NAME) STATE ...`: the name may hold spaces, not `)`s
+            // after it; utime and stime are fields 14 and 15.
+            let (start, rest) = stat.rsplit_once(')').expect("a stat line");
+            let name = start.split_once('(').expect("a stat line").1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = fields[11].parse::<u64>().expect("utime")
+                + fields[12].parse::<u64>().expect("stime");
+            threads.push((tid, name, ticks));
+        }
+        threads
+    }
+
     /// Sends `signal` to the gateway.
     pub fn signal(&self, signal: Signal) {
         let pid = i32::try_from(self.child.id()).expect("pid fits i32");

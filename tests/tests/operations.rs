@@ -601,3 +601,58 @@ async fn reloads_add_and_remove_listeners_and_keep_unchanged_ones() {
 fn refused_bind(l: &Value) -> bool {
     refused(l) && l.get("error").is_some()
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_the_connections_and_each_serves_its_own() {
+    let model = MockBackend::echo("a", Protocol::Http1).await;
+    let gateway = Gateway::start_with_args(
+        &config(&[
+            &listener("web", "http"),
+            &backend("a", "http1", &[model.addr]),
+            &route_to("a"),
+        ]),
+        &["--concurrency", "2"],
+    );
+    let url = gateway.url("web", "/v1/models");
+    // Worker 0 is the proxy's first thread, worker 1 the thread it starts.
+    let pid = gateway.pid();
+    let workers = |threads: &[(u32, String, u64)]| -> [u64; 2] {
+        let ticks = |pick: &dyn Fn(u32, &str) -> bool| {
+            threads
+                .iter()
+                .filter(|(tid, name, _)| pick(*tid, name))
+                .map(|t| t.2)
+                .sum::<u64>()
+        };
+        [
+            ticks(&|tid, _| tid == pid),
+            // Thread names are cut at 15 bytes: `infermesh-worke`.
+            ticks(&|_, name| name.starts_with("infermesh-worke")),
+        ]
+    };
+    let before = workers(&gateway.thread_cpu_ticks());
+    // Two clients of one connection each, side by side: the connections
+    // are handed to the workers in turn.
+    let clients = (0..2).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let client = client::http1();
+            for _ in 0..1500 {
+                assert_eq!(client::get(&client, &url).await.status, 200);
+            }
+        })
+    });
+    for client in clients.collect::<Vec<_>>() {
+        client.await.unwrap();
+    }
+    let after = workers(&gateway.thread_cpu_ticks());
+    let used = [after[0] - before[0], after[1] - before[1]];
+    let total = used[0] + used[1];
+    assert!(total > 0, "the proxy used no CPU time: {used:?}");
+    // Each connection stays on its worker: each worker did about half the
+    // work (a quarter at least, leaving room for the clock tick).
+    assert!(
+        used.iter().all(|&u| u * 4 >= total),
+        "CPU ticks of worker 0 and worker 1 under two connections: {used:?}"
+    );
+}
