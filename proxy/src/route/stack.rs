@@ -26,7 +26,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 use infermesh_api::{BackendRef, RetryPolicy, RouteRule};
 use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder};
 
 use crate::backend::Backend;
 use crate::backend::balance::Balance;
@@ -98,14 +98,17 @@ impl RuleStack {
         }
     }
 
-    /// Sends `request` through the stack. (A plain function returning a
-    /// boxed future: the future's type does not name the service's, which
-    /// rustc cannot yet prove `Send` inside an async block.)
+    /// Sends `request` through the stack. Called without waiting for
+    /// readiness: every layer of a rule's stack is always ready, since
+    /// each decides on admission per request, in `call`, and answers a
+    /// refusal as an error (the rate limit, the circuit breaker); a layer
+    /// that had to wait would say so in `poll_ready`, which the tests
+    /// check (`every_layer_of_a_stack_is_always_ready`).
     pub(crate) fn send(
         &self,
         request: Request<ProxyBody>,
     ) -> BoxFuture<Result<Response<ProxyBody>, ProxyError>> {
-        Box::pin(self.service.clone().oneshot(request))
+        self.service.clone().call(request)
     }
 }
 

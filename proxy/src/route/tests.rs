@@ -351,3 +351,34 @@ async fn a_hedge_and_a_retry_together_use_three_different_endpoints() {
     assert_eq!((mesh.hedges("sent"), mesh.hedges("won")), (1, 0));
     assert_eq!(mesh.retries("gateway-error"), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_layer_of_a_stack_is_always_ready() {
+    use tower::Service;
+    let mesh = Mesh::new();
+    mesh.serve(endpoint(1), answers(200));
+    // Every policy a forwarding rule can stack, with the rate limit spent.
+    let forward = mesh
+        .stack(&config(
+            &[endpoint(1)],
+            "      rateLimit: { requestsPerSecond: 1, burst: 1 }\n      timeouts: { total: 10s, idle: 5s }\n      retry: { maxRetries: 2 }\n      hedge: { delay: 50ms }\n      mirror: { backend: models, percent: 100 }",
+        ))
+        .await;
+    assert!(forward.send(get("first")).await.is_ok());
+    assert!(forward.send(get("refused")).await.is_err());
+    // A fan-out rule instead of backends.
+    let fanout_rule = config(&[endpoint(1)], "").replace(
+        "    - backends: [{ name: models }]",
+        "    - fanout: { strategy: all, branches: [{ name: a, backend: models }, { name: b, backend: models }] }\n      rateLimit: { requestsPerSecond: 1 }",
+    );
+    let fanout = mesh.stack(&fanout_rule).await;
+    let waker = futures_util::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    for stack in [&forward, &fanout] {
+        let mut service = stack.service.clone();
+        assert!(
+            matches!(service.poll_ready(&mut cx), std::task::Poll::Ready(Ok(()))),
+            "RuleStack::send calls without waiting for readiness"
+        );
+    }
+}
