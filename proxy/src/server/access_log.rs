@@ -377,7 +377,7 @@ impl RequestRecord {
                     .checked_sub(duration)
                     .unwrap_or(std::time::UNIX_EPOCH)
             ),
-            method = %self.method,
+            method = self.method.as_str(),
             path = self.uri.path_and_query().map_or("/", |p| p.as_str()),
             authority = self
                 .uri
@@ -385,7 +385,7 @@ impl RequestRecord {
                 .map(|a| a.as_str())
                 .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
                 .unwrap_or(""),
-            protocol = ?self.version,
+            protocol = version_name(self.version),
             status = self.status.as_u16(),
             grpc_status = self.grpc_status,
             duration_ms = millis(duration),
@@ -569,6 +569,19 @@ impl std::fmt::Write for AddressText {
     }
 }
 
+/// The name of an HTTP version as `Debug` writes it (`HTTP/1.1`), without
+/// the formatting machinery: an access line is written per request.
+fn version_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
 fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
@@ -687,6 +700,19 @@ impl Drop for ObservedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_is_named_as_debug_names_it() {
+        for version in [
+            http::Version::HTTP_09,
+            http::Version::HTTP_10,
+            http::Version::HTTP_11,
+            http::Version::HTTP_2,
+            http::Version::HTTP_3,
+        ] {
+            assert_eq!(version_name(version), format!("{version:?}"));
+        }
+    }
 
     #[test]
     fn an_address_is_written_as_display_writes_it() {
