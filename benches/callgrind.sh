@@ -14,12 +14,13 @@
 # start-up and shutdown. Prints one line per build. ACCESS_LOG=json (or
 # ecs, or human) runs the proxies with the access log on in that format,
 # to standard output (a file), to count what the log costs; by default it
-# is off. Needs valgrind (Debian
+# is off. KEEP=DIR keeps each build's profile of the longer run in DIR
+# (NAME.callgrind.out), for callgrind_annotate. Needs valgrind (Debian
 # package `valgrind`) and infermesh-bench built next to the first build.
 # Every run is bounded in time and every process started is stopped.
 set -euo pipefail
 
-[ $# -ge 1 ] || { sed -n '2,19p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,20p' "$0" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "callgrind.sh: valgrind is not installed (apt install valgrind)" >&2; exit 1; }
 bench="$(dirname "$1")/infermesh-bench"
 [ -x "$bench" ] || { echo "callgrind.sh: $bench not found; build it with cargo build --release" >&2; exit 1; }
@@ -31,6 +32,7 @@ case "$ACCESS_LOG" in
   json|ecs|human) log_flags=(--log-format "$ACCESS_LOG" --log-level info) ;;
   *) echo "callgrind.sh: ACCESS_LOG must be json, ecs or human" >&2; exit 2 ;;
 esac
+KEEP=${KEEP:-}                # a directory to keep the longer runs' profiles in
 SMALL=${SMALL:-3}            # seconds of load of the first run
 LARGE=${LARGE:-13}           # seconds of load of the second run
 work=$(mktemp -d)
@@ -86,6 +88,7 @@ printf '%-50s %14s\n' "build" "instructions/request"
 for proxy in "$@"; do
   small=$(count "$proxy" "$SMALL")
   large=$(count "$proxy" "$LARGE")
+  if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && cp "$work/callgrind.$LARGE.out" "$KEEP/$(basename "$proxy").callgrind.out"; fi
   requests=$((RATE * (LARGE - SMALL)))
   printf '%-50s %14d\n' "$proxy" $(((large - small) / requests))
 done
