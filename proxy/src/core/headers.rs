@@ -17,18 +17,25 @@ use crate::core::context::ConnectionInfo;
 /// The header naming the reason of a proxy-made error response
 /// (`x-infermesh-error: <reason>`), so a proxy timeout is never mistaken
 /// for a model failure.
-pub(crate) const ERROR_HEADER: &str = "x-infermesh-error";
+pub(crate) static ERROR_HEADER: HeaderName = HeaderName::from_static("x-infermesh-error");
 
 /// The response header that reports a fan-out, one entry per branch in the
 /// order they are configured, as a structured-field list (RFC 8941):
 /// `llama;outcome=used;status=200;ms=41.2, qwen;outcome=deadline;ms=2000.0`.
-pub(crate) const FANOUT_HEADER: &str = "x-infermesh-fanout";
+pub(crate) static FANOUT_HEADER: HeaderName = HeaderName::from_static("x-infermesh-fanout");
 
 /// The header that carries, between sidecars, the HTTP version the app
 /// that made a request spoke, so that the sidecar in front of the app
 /// that answers speaks that version to it (HTTP/1.1 to a uvicorn server,
 /// HTTP/2 to a gRPC one) whatever version the two sidecars speak.
-pub(crate) const ORIGINAL_PROTOCOL: &str = "x-infermesh-original-protocol";
+pub(crate) static ORIGINAL_PROTOCOL: HeaderName =
+    HeaderName::from_static("x-infermesh-original-protocol");
+
+/// `grpc-status`: a gRPC call's outcome, in the response's headers (a
+/// call that fails at once) or its trailers. (The header names here are
+/// `HeaderName`s, not text: a lookup by text parses the name first, and
+/// several of these are looked up on every response.)
+pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// `x-request-id`: the id a request is known by in every log and
 /// response along its way (Envoy's and nginx's header; the OpenAI SDKs
@@ -217,7 +224,7 @@ pub(crate) fn to_downstream(mut response: Response<ProxyBody>) -> Response<Proxy
 /// Notes the version of `request` in [`ORIGINAL_PROTOCOL`], unless an
 /// earlier hop already did.
 pub(crate) fn note_original_protocol<B>(request: &mut Request<B>) {
-    if !request.headers().contains_key(ORIGINAL_PROTOCOL) {
+    if !request.headers().contains_key(&ORIGINAL_PROTOCOL) {
         let version = if request.version() == Version::HTTP_2 {
             "HTTP/2"
         } else {
@@ -225,14 +232,14 @@ pub(crate) fn note_original_protocol<B>(request: &mut Request<B>) {
         };
         request
             .headers_mut()
-            .insert(ORIGINAL_PROTOCOL, HeaderValue::from_static(version));
+            .insert(&ORIGINAL_PROTOCOL, HeaderValue::from_static(version));
     }
 }
 
 /// The version to speak to the app for `request`: the one its caller's app
 /// spoke (taking the header off), or the one it came in.
 pub(crate) fn take_original_protocol<B>(request: &mut Request<B>) -> UpstreamProtocol {
-    match request.headers_mut().remove(ORIGINAL_PROTOCOL) {
+    match request.headers_mut().remove(&ORIGINAL_PROTOCOL) {
         Some(v) if v == "HTTP/2" => UpstreamProtocol::Http2,
         Some(_) => UpstreamProtocol::Http1,
         None if request.version() == Version::HTTP_2 => UpstreamProtocol::Http2,

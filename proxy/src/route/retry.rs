@@ -30,7 +30,7 @@ use crate::core::body::{BoxFuture, ProxyBody, boxed, holding, prepend};
 use crate::core::context::{Attempt, Upstream};
 
 use crate::core::error::{ErrorKind, Limit, ProxyError, RetryClass};
-use crate::core::headers::retry_after;
+use crate::core::headers::{GRPC_STATUS, retry_after};
 use crate::route::hedge::{HedgeState, Hedging};
 use crate::route::metrics::Metrics;
 use crate::route::replay::ReplayBody;
@@ -289,7 +289,7 @@ impl Retries {
 
 /// The gRPC status code in `grpc-status`, if any.
 fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+    headers.get(&GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// Whether a method may be repeated without changing the outcome

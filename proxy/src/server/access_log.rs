@@ -26,7 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::core::body::{BoxError, ProxyBody, boxed};
 use crate::core::context::{ConnectionInfo, LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
-use crate::core::headers::FANOUT_HEADER;
+use crate::core::headers::{FANOUT_HEADER, GRPC_STATUS};
 use crate::core::trace::OpenSpan;
 use crate::server::access_filter::is_error;
 use crate::server::lifetime::{StreamGuard, Watched};
@@ -210,7 +210,7 @@ impl RequestRecord {
         self.status = response.status();
         // A trailers-only gRPC response has its status in the headers.
         self.grpc_status = grpc_status(response.headers());
-        self.fanout = response.headers().get(FANOUT_HEADER).cloned();
+        self.fanout = response.headers().get(&FANOUT_HEADER).cloned();
         self.streamed = response
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -501,7 +501,7 @@ impl Drop for RequestRecord {
 /// The `grpc-status` of gRPC trailers (or of trailers-only headers).
 fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
     headers
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }

@@ -18,12 +18,13 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body::Frame;
 
 use crate::core::body::{ProxyBody, full};
 use crate::core::error::{ErrorKind, Origin, ProxyError};
-use crate::core::headers::{ERROR_HEADER, FANOUT_HEADER, X_REQUEST_ID};
+use crate::core::headers::{ERROR_HEADER, FANOUT_HEADER, GRPC_STATUS, X_REQUEST_ID};
 
 /// The error shape a client's SDK understands, told from its request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,17 +107,17 @@ pub(crate) fn error_response(
         }
     };
     let headers = response.headers_mut();
-    headers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+    headers.insert(&ERROR_HEADER, HeaderValue::from_static(reason));
     if let Some(id) = request_id {
         headers.insert(X_REQUEST_ID.clone(), id.clone());
     }
     if !client_may_retry(kind) {
-        headers.insert(SHOULD_RETRY, HeaderValue::from_static("false"));
+        headers.insert(&SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     if let ErrorKind::Fanout(failed) = kind
         && let Some(report) = &failed.report
     {
-        headers.insert(FANOUT_HEADER, report.clone());
+        headers.insert(&FANOUT_HEADER, report.clone());
     }
     if let ErrorKind::MethodNotAllowed(_) = kind {
         // Every method but CONNECT, which no listener tunnels.
@@ -136,7 +137,7 @@ pub(crate) fn error_response(
 
 /// The header OpenAI's SDKs (and Stainless-generated SDKs) obey before
 /// their own retry rules.
-const SHOULD_RETRY: &str = "x-should-retry";
+static SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 /// Whether a client's own retry may help: only for the proxy's transient
 /// refusals (a rate limit, a backend at its limit or with no endpoint
@@ -196,7 +197,7 @@ fn grpc_code(kind: &ErrorKind) -> u8 {
 
 /// Sets `grpc-status` and `grpc-message` for `kind`.
 fn grpc_status(headers: &mut HeaderMap, kind: &ErrorKind, message: &str) {
-    headers.insert("grpc-status", HeaderValue::from(u16::from(grpc_code(kind))));
+    headers.insert(&GRPC_STATUS, HeaderValue::from(u16::from(grpc_code(kind))));
     if let Ok(value) = HeaderValue::from_str(&grpc_message(message)) {
         headers.insert("grpc-message", value);
     }
@@ -235,11 +236,11 @@ pub(crate) fn body_failure(
     if dialect == Dialect::Grpc {
         let mut trailers = HeaderMap::new();
         let code: u16 = if reason.ends_with("timeout") { 4 } else { 14 };
-        trailers.insert("grpc-status", HeaderValue::from(code));
+        trailers.insert(&GRPC_STATUS, HeaderValue::from(code));
         if let Ok(value) = HeaderValue::from_str(&grpc_message(&message)) {
             trailers.insert("grpc-message", value);
         }
-        trailers.insert(ERROR_HEADER, HeaderValue::from_static(reason));
+        trailers.insert(&ERROR_HEADER, HeaderValue::from_static(reason));
         return Some(Frame::trailers(trailers));
     }
     if !event_stream {
@@ -274,7 +275,7 @@ mod tests {
         let err = ProxyError::new(ErrorKind::NoEndpoint).at_backend(&Arc::from("llama"));
         let response = error_response(&err, Some("chat"), None, Dialect::Plain);
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()[ERROR_HEADER], "no_endpoint");
+        assert_eq!(response.headers()[&ERROR_HEADER], "no_endpoint");
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(json["reason"], "no_endpoint");
@@ -308,8 +309,8 @@ mod tests {
             Dialect::Plain,
         );
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(response.headers()[ERROR_HEADER], "fanout_branch_failed");
-        assert_eq!(response.headers()[FANOUT_HEADER], report);
+        assert_eq!(response.headers()[&ERROR_HEADER], "fanout_branch_failed");
+        assert_eq!(response.headers()[&FANOUT_HEADER], report);
     }
 
     fn refused_at(endpoint: &str) -> ProxyError {
@@ -333,8 +334,12 @@ mod tests {
             Dialect::OpenAi,
         );
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(response.headers()[ERROR_HEADER], "connect_failed");
-        assert_eq!(response.headers()[SHOULD_RETRY], "false", "already retried");
+        assert_eq!(response.headers()[&ERROR_HEADER], "connect_failed");
+        assert_eq!(
+            response.headers()[&SHOULD_RETRY],
+            "false",
+            "already retried"
+        );
         let json = json_of(response).await;
         assert_eq!(json["error"]["type"], "server_error");
         assert_eq!(json["error"]["code"], "connect_failed");
@@ -394,7 +399,7 @@ mod tests {
             assert_eq!(response.headers()["content-type"], "application/grpc");
             assert_eq!(response.headers()["grpc-status"], code, "{reason}");
             assert!(response.headers().contains_key("grpc-message"));
-            assert_eq!(response.headers()[ERROR_HEADER], reason);
+            assert_eq!(response.headers()[&ERROR_HEADER], reason);
         }
     }
 
@@ -409,7 +414,7 @@ mod tests {
         let retried = |kind| {
             error_response(&ProxyError::new(kind), None, None, Dialect::Plain)
                 .headers()
-                .get(SHOULD_RETRY)
+                .get(&SHOULD_RETRY)
                 .is_none()
         };
         assert!(retried(ErrorKind::RateLimited(Duration::from_secs(1))));

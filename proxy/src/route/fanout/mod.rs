@@ -646,7 +646,7 @@ impl Plan {
         };
         response
             .headers_mut()
-            .insert(FANOUT_HEADER, report.header_value());
+            .insert(&FANOUT_HEADER, report.header_value());
         response
     }
 
@@ -962,7 +962,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(30));
         assert_eq!(response.status(), 200);
         assert_eq!(
-            response.headers()[FANOUT_HEADER],
+            response.headers()[&FANOUT_HEADER],
             "a;outcome=used;status=200;ms=10.0, b;outcome=used;status=200;ms=30.0, c;outcome=used;status=200;ms=20.0"
         );
         let body = json_of(response).await;
@@ -996,7 +996,7 @@ mod tests {
         let response = service.oneshot(post("{}")).await.unwrap();
         assert_eq!(started.elapsed(), Duration::from_millis(40));
         assert!(
-            response.headers()[FANOUT_HEADER]
+            response.headers()[&FANOUT_HEADER]
                 .to_str()
                 .unwrap()
                 .contains("slow;outcome=cancelled;ms=40.0")
@@ -1220,7 +1220,7 @@ mod tests {
         let response = service.oneshot(post("{}")).await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
         assert_eq!(
-            response.headers()[FANOUT_HEADER],
+            response.headers()[&FANOUT_HEADER],
             "a;outcome=failed;status=400;ms=10.0, b;outcome=failed;status=422;ms=20.0"
         );
         assert_eq!(json_of(response).await, refusal);
@@ -1343,7 +1343,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(30));
         assert_eq!(response.headers()[CONTENT_TYPE], "text/event-stream");
         assert!(
-            response.headers()[FANOUT_HEADER]
+            response.headers()[&FANOUT_HEADER]
                 .to_str()
                 .unwrap()
                 .starts_with(
