@@ -61,23 +61,8 @@ fn looks_like_http(start: &[u8]) -> Option<bool> {
 /// (left unread). A client that sends nothing for `wait` is not taken for
 /// HTTP.
 pub(crate) async fn speaks_http(stream: &TcpStream, wait: Duration) -> io::Result<bool> {
-    let decided = tokio::time::timeout(wait, async {
-        let mut start = [0u8; 8];
-        loop {
-            let read = stream.peek(&mut start).await?;
-            if read == 0 {
-                return Ok(false);
-            }
-            if let Some(decided) = looks_like_http(&start[..read]) {
-                return Ok(decided);
-            }
-            // A request line split over segments: wait for the rest. (The
-            // socket stays readable while bytes are unread, so poll slowly.)
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    })
-    .await;
-    decided.unwrap_or(Ok(false))
+    let decided = tokio::time::timeout(wait, peek_until::<8>(stream, looks_like_http));
+    decided.await.unwrap_or(Ok(false))
 }
 
 /// Whether the HTTP client on `stream` speaks HTTP/2 (with prior
@@ -85,16 +70,26 @@ pub(crate) async fn speaks_http(stream: &TcpStream, wait: Duration) -> io::Resul
 /// client sends nothing or only the preface's beginning: the caller bounds
 /// the wait. A client that closes first is taken for HTTP/1.
 pub(crate) async fn speaks_http2(stream: &TcpStream) -> io::Result<bool> {
-    let mut start = [0u8; H2_PREFACE.len()];
+    peek_until::<{ H2_PREFACE.len() }>(stream, starts_http2).await
+}
+
+/// Looks at up to `N` first bytes of `stream`, left unread, until `decide`
+/// can tell from them; `false` when the client closes first.
+async fn peek_until<const N: usize>(
+    stream: &TcpStream,
+    decide: fn(&[u8]) -> Option<bool>,
+) -> io::Result<bool> {
+    let mut start = [0u8; N];
     loop {
         let read = stream.peek(&mut start).await?;
         if read == 0 {
             return Ok(false);
         }
-        if let Some(told) = starts_http2(&start[..read]) {
-            return Ok(told);
+        if let Some(decided) = decide(&start[..read]) {
+            return Ok(decided);
         }
-        // The preface split over segments: as in `speaks_http`.
+        // Split over segments: wait for the rest. (The socket stays
+        // readable while bytes are unread, so poll slowly.)
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
