@@ -28,7 +28,7 @@ use tokio::time::Instant;
 
 use crate::core::body::{BoxError, ProxyBody};
 use crate::core::error::TimeoutError;
-use crate::transport::detect::H2_PREFACE;
+use crate::transport::detect::http2_told;
 
 /// A stream reset by the client younger than this counts as premature
 /// (Envoy's `premature_reset_min_stream_lifetime_seconds`).
@@ -183,13 +183,7 @@ impl Lifetime {
     fn saw_first_bytes(&self, seen: &[u8], before: usize) {
         // HTTP/1 is known at its first byte that leaves the HTTP/2
         // preface; HTTP/2 once the whole preface is in.
-        if before >= H2_PREFACE.len() {
-            self.detected.store(true, Ordering::Relaxed);
-            return;
-        }
-        let end = (before + seen.len()).min(H2_PREFACE.len());
-        let offered = &seen[..end.saturating_sub(before)];
-        if offered != &H2_PREFACE[before..end] || end == H2_PREFACE.len() {
+        if http2_told(seen, before).is_some() {
             self.detected.store(true, Ordering::Relaxed);
         }
     }

@@ -32,10 +32,21 @@ pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// preface: `Some(true)` or `Some(false)` once it can tell, `None` while
 /// they are the preface's beginning.
 pub(crate) fn starts_http2(start: &[u8]) -> Option<bool> {
-    let told = start.len().min(H2_PREFACE.len());
-    if start[..told] != H2_PREFACE[..told] {
+    http2_told(start, 0)
+}
+
+/// [`starts_http2`] for bytes seen a piece at a time: `seen` are the
+/// connection's bytes from offset `at`, every byte before them having
+/// matched the preface.
+pub(crate) fn http2_told(seen: &[u8], at: usize) -> Option<bool> {
+    let end = (at + seen.len()).min(H2_PREFACE.len());
+    if at >= end {
+        // Past the whole preface (or nothing new): told, if anything.
+        return (at >= H2_PREFACE.len()).then_some(true);
+    }
+    if seen[..end - at] != H2_PREFACE[at..end] {
         Some(false)
-    } else if told == H2_PREFACE.len() {
+    } else if end == H2_PREFACE.len() {
         Some(true)
     } else {
         None
@@ -134,18 +145,40 @@ mod tests {
         );
     }
 
+    /// A client of `addr` that sends `first`, then `rest` 20 ms later.
+    fn split_client(
+        addr: std::net::SocketAddr,
+        first: &'static [u8],
+        rest: &'static [u8],
+    ) -> tokio::task::JoinHandle<TcpStream> {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(first).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(rest).await.unwrap();
+            s
+        })
+    }
+
+    #[test]
+    fn http2_is_told_from_pieces_as_from_the_whole() {
+        // The preface one piece at a time, as a connection's reads see it.
+        assert_eq!(http2_told(&H2_PREFACE[..5], 0), None);
+        assert_eq!(http2_told(&H2_PREFACE[5..20], 5), None);
+        assert_eq!(http2_told(&H2_PREFACE[20..], 20), Some(true));
+        assert_eq!(http2_told(b"\0\0\x12", 24), Some(true));
+        // A request line leaves the preface in a later piece.
+        assert_eq!(http2_told(b"PO", 0), Some(false));
+        assert_eq!(http2_told(b"T /v1 HTTP/1.1", 3), Some(false));
+        assert_eq!(http2_told(b"", 3), None);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_split_preface_is_awaited_and_left_unread() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let client = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(&H2_PREFACE[..5]).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            s.write_all(&H2_PREFACE[5..]).await.unwrap();
-            s
-        });
+        let client = split_client(addr, &H2_PREFACE[..5], &H2_PREFACE[5..]);
         let (server, _) = listener.accept().await.unwrap();
         assert!(speaks_http2(&server).await.unwrap());
         let mut buf = [0u8; 24];
@@ -166,14 +199,7 @@ mod tests {
     async fn detection_reads_nothing_and_gives_up_on_silence() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let client = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GE").await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            s.write_all(b"T / HTTP/1.1\r\n\r\n").await.unwrap();
-            s
-        });
+        let client = split_client(addr, b"GE", b"T / HTTP/1.1\r\n\r\n");
         let (server, _) = listener.accept().await.unwrap();
         assert!(speaks_http(&server, Duration::from_secs(5)).await.unwrap());
         let mut buf = [0u8; 3];
