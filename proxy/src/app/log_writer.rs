@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::server::access_entry::ACCESS_TARGET;
+
 /// How long lines may wait for the lines after them before they are
 /// written: what a line on the terminal or in a collector lags by, at
 /// most.
@@ -131,7 +133,7 @@ impl BatchWriter {
     }
 
     /// Queues `line` (one or more whole lines).
-    fn append(&self, line: &[u8]) {
+    pub(crate) fn append(&self, line: &[u8]) {
         let mut state = self.shared.state();
         if state.pending.len() + line.len() > MAX_PENDING_BYTES {
             drop(state);
@@ -180,9 +182,6 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
         }
     }
 }
-
-/// The target of access-log lines, the ones batched.
-const ACCESS_TARGET: &str = "infermesh::access";
 
 impl Drop for WriterGuard {
     fn drop(&mut self) {

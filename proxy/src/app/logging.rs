@@ -10,10 +10,11 @@
 //! than traffic stopped, and counted in `infermesh_log_lines_dropped_total`.
 
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use crate::app::log_lines::{JsonLines, JsonShape};
+use crate::app::log_lines::{JsonAccessLog, JsonLines, JsonShape};
 use crate::app::log_writer::{self, BatchWriter, WriterGuard};
+use crate::server::access_entry::{AccessLogWriter, TracingAccessLog};
 
 use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::layer::SubscriberExt;
@@ -39,6 +40,8 @@ pub struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
     current: Mutex<String>,
     dropped: BatchWriter,
+    /// Where access-log lines go in this format.
+    access_writer: Arc<dyn AccessLogWriter>,
     /// Writes the lines still queued when dropped, at exit.
     _writer: WriterGuard,
 }
@@ -64,6 +67,13 @@ impl LogControl {
         })
     }
 
+    /// The writer of access-log lines in the log's format: `tracing`
+    /// events for the human format, lines written straight for the JSON
+    /// ones.
+    pub(crate) fn access_writer(&self) -> Arc<dyn AccessLogWriter> {
+        self.access_writer.clone()
+    }
+
     /// Replaces the filter, e.g. `debug` or `info,infermesh::access=off`.
     pub fn set_filter(&self, directives: &str) -> Result<(), String> {
         let filter = EnvFilter::try_new(directives)
@@ -81,22 +91,27 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
     let (filter, handle) = reload::Layer::new(filter);
     let (writer, guard) = log_writer::start(std::io::stdout(), log_writer::FLUSH_INTERVAL);
     let writer_errors = writer.clone();
-    let output = match format {
-        LogFormat::Human => tracing_subscriber::fmt::layer()
-            .with_writer(writer)
-            .with_ansi(std::io::stdout().is_terminal())
-            .boxed(),
+    let (output, access_writer): (_, Arc<dyn AccessLogWriter>) = match format {
+        LogFormat::Human => (
+            tracing_subscriber::fmt::layer()
+                .with_writer(writer)
+                .with_ansi(std::io::stdout().is_terminal())
+                .boxed(),
+            Arc::new(TracingAccessLog),
+        ),
         LogFormat::Json | LogFormat::Ecs => {
             let shape = if format == LogFormat::Ecs {
                 JsonShape::Ecs
             } else {
                 JsonShape::Infermesh
             };
-            tracing_subscriber::fmt::layer()
+            let access = Arc::new(JsonAccessLog::new(shape, writer.clone()));
+            let layer = tracing_subscriber::fmt::layer()
                 .with_writer(writer)
                 .fmt_fields(JsonFields::new())
                 .event_format(JsonLines::new(shape))
-                .boxed()
+                .boxed();
+            (layer, access)
         }
     };
     tracing_subscriber::registry()
@@ -107,6 +122,7 @@ pub fn init(format: LogFormat, directives: &str) -> anyhow::Result<LogControl> {
         handle,
         current: Mutex::new(directives.to_owned()),
         dropped: writer_errors,
+        access_writer,
         _writer: guard,
     })
 }

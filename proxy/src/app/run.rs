@@ -219,6 +219,7 @@ pub async fn run(options: RunOptions, log: Arc<LogControl>) -> anyhow::Result<()
     };
     let shared = Arc::new(
         Shared::new(snapshot, server_metrics, options.access_log)
+            .with_access_writer(log.access_writer())
             .with_tracing(traces.as_ref().map(|t| Tracing::new(t.tracer.clone()))),
     );
     listeners.commit(plan, &shared);

@@ -1,6 +1,7 @@
 //! Observing each request once its response has ended: one access-log line
-//! (target `infermesh::access`), unless the access log's filters leave it
-//! out ([`crate::server::access_filter`]), and the request metrics, which
+//! ([`crate::server::access_entry`], handed to the proxy's access-log
+//! writer), unless the access log's filters leave it out
+//! ([`crate::server::access_filter`]), and the request metrics, which
 //! count every request: status, duration, body sizes, and the route's
 //! requests in flight (raised when the route is known, lowered once when
 //! the record is written).
@@ -28,6 +29,7 @@ use crate::core::context::{ConnectionInfo, LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::{FANOUT_HEADER, GRPC_STATUS};
 use crate::core::trace::OpenSpan;
+use crate::server::access_entry::{AccessEntry, millis, version_name};
 use crate::server::access_filter::is_error;
 use crate::server::lifetime::{StreamGuard, Watched};
 use crate::server::metrics::PairSeries;
@@ -367,50 +369,44 @@ impl RequestRecord {
         if !self.shared.access_log.keeps(error, duration) {
             return;
         }
-        let endpoint = self.endpoint.map(AddressText::new);
-        tracing::info!(
-            target: "infermesh::access",
-            // The line is stamped with the request's start (as Envoy's and
-            // ECS's are): the log formatter takes it as the timestamp.
-            start_time = %humantime::format_rfc3339_micros(
-                std::time::SystemTime::now()
-                    .checked_sub(duration)
-                    .unwrap_or(std::time::UNIX_EPOCH)
-            ),
-            method = self.method.as_str(),
-            path = self.uri.path_and_query().map_or("/", |p| p.as_str()),
-            authority = self
+        let entry = AccessEntry {
+            start: std::time::SystemTime::now()
+                .checked_sub(duration)
+                .unwrap_or(std::time::UNIX_EPOCH),
+            method: self.method.as_str(),
+            path: self.uri.path_and_query().map_or("/", |p| p.as_str()),
+            authority: self
                 .uri
                 .authority()
                 .map(|a| a.as_str())
                 .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
                 .unwrap_or(""),
-            protocol = version_name(self.version),
-            status = self.status.as_u16(),
-            grpc_status = self.grpc_status,
-            duration_ms = millis(duration),
-            first_byte_ms = self.first_byte.map(millis),
-            first_event_ms = self.first_event.map(millis),
-            model = self.model.as_deref(),
-            input_tokens = self.usage.and_then(|u| u.input),
-            output_tokens = self.usage.and_then(|u| u.output),
+            protocol: version_name(self.version),
+            status: self.status.as_u16(),
+            grpc_status: self.grpc_status,
+            duration,
+            first_byte: self.first_byte,
+            first_event: self.first_event,
+            model: self.model.as_deref(),
+            input_tokens: self.usage.and_then(|u| u.input),
+            output_tokens: self.usage.and_then(|u| u.output),
             request_bytes,
-            response_bytes = bytes,
+            response_bytes: bytes,
             route,
             backend,
-            endpoint = endpoint.as_ref().map(AddressText::as_str),
-            retries = self.retries,
-            error = self.error,
-            detail = self.detail.as_deref(),
-            client = AddressText::new(self.client).as_str(),
-            peer_identity = self.peer_identity.as_deref(),
-            listener = self.listener.as_deref().unwrap_or(""),
-            request_id = self.request_id.to_str().unwrap_or(""),
-            fanout = self.fanout.as_ref().and_then(|f| f.to_str().ok()),
-            trace_id = trace_ids.as_ref().map(|(trace, _)| trace.as_str()),
-            span_id = trace_ids.as_ref().map(|(_, span)| span.as_str()),
-            "request"
-        );
+            endpoint: self.endpoint,
+            retries: self.retries,
+            error: self.error,
+            detail: self.detail.as_deref(),
+            client: self.client,
+            peer_identity: self.peer_identity.as_deref(),
+            listener: self.listener.as_deref().unwrap_or(""),
+            request_id: self.request_id.to_str().unwrap_or(""),
+            fanout: self.fanout.as_ref().and_then(|f| f.to_str().ok()),
+            trace_id: trace_ids.as_ref().map(|(trace, _)| trace.as_str()),
+            span_id: trace_ids.as_ref().map(|(_, span)| span.as_str()),
+        };
+        self.shared.access_writer.write(&entry);
     }
 
     /// Ends the request's server span (if traced) with the attributes of
@@ -504,86 +500,6 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
         .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-}
-
-/// A socket address as text (`10.0.3.7:8000`, `[::1]:8000`), written
-/// without the formatting machinery or an allocation: an access line
-/// writes two of them, and `Display` made them a fifth of its cost.
-struct AddressText {
-    text: [u8; 64],
-    len: usize,
-}
-
-impl AddressText {
-    fn new(address: SocketAddr) -> Self {
-        let mut out = AddressText {
-            text: [0; 64],
-            len: 0,
-        };
-        match address {
-            SocketAddr::V4(v4) => {
-                for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b".");
-                    }
-                    out.number(u16::from(octet));
-                }
-            }
-            SocketAddr::V6(v6) => {
-                // IPv6's compressed form (and scope) is not worth writing
-                // again: `Display` it is.
-                use std::fmt::Write as _;
-                let _ = write!(out, "{v6}");
-                return out;
-            }
-        }
-        out.push(b":");
-        out.number(address.port());
-        out
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        self.text[self.len..self.len + bytes.len()].copy_from_slice(bytes);
-        self.len += bytes.len();
-    }
-
-    /// Writes `n` in decimal.
-    fn number(&mut self, n: u16) {
-        self.push(itoa::Buffer::new().format(n).as_bytes());
-    }
-
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.text[..self.len]).expect("an address is ASCII")
-    }
-}
-
-impl std::fmt::Write for AddressText {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        // The longest socket address text, `[` 45 bytes of IPv6 `%` a
-        // 10-digit scope `]:` a 5-digit port, is 64 bytes.
-        if self.len + s.len() > self.text.len() {
-            return Err(std::fmt::Error);
-        }
-        self.push(s.as_bytes());
-        Ok(())
-    }
-}
-
-/// The name of an HTTP version as `Debug` writes it (`HTTP/1.1`), without
-/// the formatting machinery: an access line is written per request.
-fn version_name(version: http::Version) -> &'static str {
-    match version {
-        http::Version::HTTP_09 => "HTTP/0.9",
-        http::Version::HTTP_10 => "HTTP/1.0",
-        http::Version::HTTP_11 => "HTTP/1.1",
-        http::Version::HTTP_2 => "HTTP/2.0",
-        http::Version::HTTP_3 => "HTTP/3.0",
-        _ => "HTTP/?",
-    }
-}
-
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// A response body that writes its request's record when it ends.
@@ -694,48 +610,5 @@ impl Drop for ObservedBody {
             (!self.inner.is_end_stream()).then_some("client_disconnected")
         };
         self.finish(error);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_version_is_named_as_debug_names_it() {
-        for version in [
-            http::Version::HTTP_09,
-            http::Version::HTTP_10,
-            http::Version::HTTP_11,
-            http::Version::HTTP_2,
-            http::Version::HTTP_3,
-        ] {
-            assert_eq!(version_name(version), format!("{version:?}"));
-        }
-    }
-
-    #[test]
-    fn an_address_is_written_as_display_writes_it() {
-        for address in [
-            "0.0.0.0:0",
-            "10.0.3.7:8000",
-            "255.255.255.255:65535",
-            "127.0.0.1:9",
-            "[::1]:8000",
-            "[fe80::1%2]:80",
-            "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535",
-        ] {
-            let parsed: SocketAddr = address.parse().unwrap();
-            assert_eq!(AddressText::new(parsed).as_str(), parsed.to_string());
-        }
-        let longest = SocketAddr::V6(std::net::SocketAddrV6::new(
-            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
-                .parse()
-                .unwrap(),
-            65535,
-            0,
-            u32::MAX,
-        ));
-        assert_eq!(AddressText::new(longest).as_str(), longest.to_string());
     }
 }

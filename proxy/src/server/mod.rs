@@ -6,10 +6,11 @@
 //! request's phases ([`request`]: authorize, route, forward, respond,
 //! observe), turning the proxy's errors into responses ([`respond`]),
 //! forwarding a capture listener's unrouted requests to their original
-//! destination ([`original`]) and the access log ([`access_log`]), with the
-//! filters that decide which requests it writes ([`access_filter`]) and
-//! the reading of token counts and events in model answers ([`usage`]).
+//! destination ([`original`]) and the access log ([`access_log`]), with
+//! what its line says and where it goes ([`access_entry`]), the filters
+//! that decide which requests it writes ([`access_filter`]) and the reading of token counts and events in model answers ([`usage`]).
 
+pub(crate) mod access_entry;
 pub(crate) mod access_filter;
 pub(crate) mod access_log;
 pub(crate) mod connection;

@@ -1,13 +1,14 @@
 //! What every connection of the proxy shares: the serving snapshot, read
-//! once per request, the metrics, the access log's filter, the tracer, and when the
-//! proxy last ran out of file descriptors.
+//! once per request, the metrics, the access log's filter and writer, the
+//! tracer, and when the proxy last ran out of file descriptors.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use crate::core::trace::Tracing;
+use crate::server::access_entry::{AccessLogWriter, TracingAccessLog};
 use crate::server::access_filter::AccessLogFilter;
 use crate::server::metrics::Metrics;
 use crate::snapshot::Snapshot;
@@ -23,6 +24,9 @@ pub(crate) struct Shared {
     pub out_of_descriptors: Mutex<Option<Instant>>,
     /// Which requests the access log writes a line for.
     pub access_log: AccessLogFilter,
+    /// Where the access log's lines go: a `tracing` event each, unless
+    /// the application installed a writer of its own.
+    pub access_writer: Arc<dyn AccessLogWriter>,
     /// What requests are traced with, when tracing is on.
     pub tracing: Option<Tracing>,
 }
@@ -40,8 +44,15 @@ impl Shared {
             metrics,
             out_of_descriptors: Mutex::new(None),
             access_log,
+            access_writer: Arc::new(TracingAccessLog),
             tracing: None,
         }
+    }
+
+    /// Writes the access log's lines with `writer`.
+    pub(crate) fn with_access_writer(mut self, writer: Arc<dyn AccessLogWriter>) -> Self {
+        self.access_writer = writer;
+        self
     }
 
     /// Traces every request with `tracing`.
