@@ -17,9 +17,10 @@
 //! once when none is left, since HTTP/2 connections are not given up
 //! while they work.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -163,7 +164,73 @@ impl ConnectFailure {
 struct IdleConnection {
     sender: http1::SendRequest<ProxyBody>,
     held: UpstreamConnection,
+    parking: Arc<Parking>,
     since: Instant,
+}
+
+/// Where an HTTP/1.1 connection's sender waits while an exchange is under
+/// way: a connection can take its next request once the response body has
+/// been read to its end, which its own task (the one that drives the
+/// connection) sees first. That task moves the sender to the idle list
+/// then; no task is spawned per request to wait for it.
+#[derive(Debug, Default)]
+struct Parking(Mutex<Option<Parked>>);
+
+/// A sender waiting for its exchange to end.
+#[derive(Debug)]
+struct Parked {
+    sender: http1::SendRequest<ProxyBody>,
+    held: UpstreamConnection,
+}
+
+impl Parking {
+    /// Leaves `sender` (its request sent, its response head received) to
+    /// be put back in the idle list when the exchange is over: at once if
+    /// it already is, else by the connection's task ([`Parking::poll`]).
+    fn leave(
+        self: &Arc<Self>,
+        sender: http1::SendRequest<ProxyBody>,
+        held: UpstreamConnection,
+        connections: &Connections,
+        settings: &PoolSettings,
+    ) {
+        // Checked and stored under the lock: the connection's task looks
+        // after its connection made progress, so an exchange that ends
+        // between the check and the store is seen there.
+        let mut parked = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if sender.is_ready() {
+            drop(parked);
+            connections.put_back(sender, held, self.clone(), settings);
+        } else {
+            *parked = Some(Parked { sender, held });
+        }
+    }
+
+    /// Called by the connection's task whenever its connection is
+    /// pending: puts the parked sender back in the idle list if its
+    /// exchange is over, drops it if the connection broke (or upgraded),
+    /// else leaves it, `cx` to be woken when it can go on.
+    fn poll(
+        self: &Arc<Self>,
+        cx: &mut std::task::Context<'_>,
+        connections: &Connections,
+        settings: &PoolSettings,
+    ) {
+        let mut parked = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(waiting) = parked.as_mut() else {
+            return;
+        };
+        match waiting.sender.poll_ready(cx) {
+            std::task::Poll::Pending => {}
+            std::task::Poll::Ready(ready) => {
+                let Parked { sender, held } = parked.take().expect("checked above");
+                drop(parked);
+                if ready.is_ok() {
+                    connections.put_back(sender, held, self.clone(), settings);
+                }
+            }
+        }
+    }
 }
 
 /// Keeps an HTTP/1.1 upstream connection counted (its `maxConnections`
@@ -224,15 +291,12 @@ impl Connections {
         }
     }
 
-    fn checkout(
-        &self,
-        idle_timeout: Duration,
-    ) -> Option<(http1::SendRequest<ProxyBody>, UpstreamConnection)> {
+    fn checkout(&self, idle_timeout: Duration) -> Option<IdleConnection> {
         let now = Instant::now();
         let mut idle = self.idle_here().lock().expect("idle list lock");
         while let Some(c) = idle.pop() {
             if c.sender.is_ready() && now.duration_since(c.since) < idle_timeout {
-                return Some((c.sender, c.held));
+                return Some(c);
             }
         }
         None
@@ -257,6 +321,7 @@ impl Connections {
         &self,
         sender: http1::SendRequest<ProxyBody>,
         held: UpstreamConnection,
+        parking: Arc<Parking>,
         settings: &PoolSettings,
     ) {
         if settings.breaker.has_waiters() {
@@ -267,6 +332,7 @@ impl Connections {
             idle.push(IdleConnection {
                 sender,
                 held,
+                parking,
                 since: Instant::now(),
             });
         }
@@ -337,11 +403,17 @@ async fn send_http1(
     settings: &Arc<PoolSettings>,
     mut request: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ErrorKind> {
-    while let Some((mut sender, held)) = connections.checkout(settings.idle_timeout) {
+    while let Some(idle) = connections.checkout(settings.idle_timeout) {
+        let IdleConnection {
+            mut sender,
+            held,
+            parking,
+            ..
+        } = idle;
         match sender.try_send_request(request).await {
             Ok(mut response) => {
                 response.extensions_mut().insert(held.clone());
-                return_when_ready(connections.clone(), settings.clone(), sender, held);
+                parking.leave(sender, held, connections, settings);
                 return Ok(response);
             }
             Err(mut e) => match e.take_message() {
@@ -379,36 +451,49 @@ async fn send_http1_on_new_connection(
     let held = UpstreamConnection {
         _open: Arc::new(OpenConnection::new(connections, settings, permit)),
     };
-    let guard = held.clone();
-    tokio::spawn(async move {
-        if let Err(e) = connection.with_upgrades().await {
-            tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
-        }
-        drop(guard);
-    });
+    let parking = Arc::new(Parking::default());
+    tokio::spawn(drive_http1(
+        connection,
+        held.clone(),
+        parking.clone(),
+        connections.clone(),
+        settings.clone(),
+        addr,
+    ));
     let mut response = sender
         .send_request(request)
         .await
         .map_err(ErrorKind::from_upstream)?;
     response.extensions_mut().insert(held.clone());
-    return_when_ready(connections.clone(), settings.clone(), sender, held);
+    parking.leave(sender, held, connections, settings);
     Ok(response)
 }
 
-/// An HTTP/1.1 connection can take the next request once the current
-/// response body has been read to its end; park it until then. It is
-/// dropped (and closed) instead if the exchange broke it or it upgraded.
-fn return_when_ready(
+/// The task of one HTTP/1.1 upstream connection: drives it until it
+/// closes (an upgraded one until its tunnel ends), keeping it counted
+/// (`held`) meanwhile, and each time it is pending lets `parking` return
+/// its sender to the idle list if the exchange is over.
+async fn drive_http1(
+    connection: http1::Connection<TokioIo<BoxedIo>, ProxyBody>,
+    held: UpstreamConnection,
+    parking: Arc<Parking>,
     connections: Arc<Connections>,
     settings: Arc<PoolSettings>,
-    mut sender: http1::SendRequest<ProxyBody>,
-    held: UpstreamConnection,
+    addr: SocketAddr,
 ) {
-    tokio::spawn(async move {
-        if sender.ready().await.is_ok() {
-            connections.put_back(sender, held, &settings);
+    let mut connection = std::pin::pin!(connection.with_upgrades());
+    let ended = std::future::poll_fn(|cx| {
+        let polled = connection.as_mut().poll(cx);
+        if polled.is_pending() {
+            parking.poll(cx, &connections, &settings);
         }
-    });
+        polled
+    })
+    .await;
+    if let Err(e) = ended {
+        tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
+    }
+    drop(held);
 }
 
 async fn send_http2(
