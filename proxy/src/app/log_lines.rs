@@ -26,7 +26,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::app::log_writer::BatchWriter;
 use crate::server::access_entry::{
-    ACCESS_MESSAGE, ACCESS_TARGET, AccessEntry, AccessLogWriter, AddressText,
+    ACCESS_TARGET, AccessEntry, AccessLogWriter, AddressText, access_lines_enabled,
 };
 
 /// A member's name as written, `"name":`: made at compile time, one copy
@@ -37,8 +37,22 @@ macro_rules! key {
     };
 }
 
+/// The same for a string member, its value's opening quote included.
+macro_rules! string_key {
+    ($name:literal) => {
+        concat!("\"", $name, "\":\"")
+    };
+}
+
+/// [`ECS_VERSION`], for the constant members written with `concat!`.
+macro_rules! ecs_version {
+    () => {
+        "8.11.0"
+    };
+}
+
 /// The version of the Elastic Common Schema the `ecs` lines follow.
-const ECS_VERSION: &str = "8.11.0";
+const ECS_VERSION: &str = ecs_version!();
 
 /// The JSON shapes of `--log-format`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,14 +106,13 @@ where
     }
 }
 
-/// `value` as a JSON string, escaped as serde_json escapes it.
-fn write_json_str(out: &mut String, value: &str) {
-    out.push('"');
+/// The inside of `value` as a JSON string (without its quotes), escaped
+/// as serde_json escapes it.
+fn write_json_str_contents(out: &mut String, value: &str) {
     // Nearly every value (paths, names, ids) needs no escape: one fast
     // pass to know, then one copy.
     if !needs_escape(value.as_bytes()) {
         out.push_str(value);
-        out.push('"');
         return;
     }
     let mut start = 0;
@@ -124,7 +137,6 @@ fn write_json_str(out: &mut String, value: &str) {
         start = i + 1;
     }
     out.push_str(&value[start..]);
-    out.push('"');
 }
 
 /// Whether `bytes` hold a byte JSON must escape (a control character, `"`
@@ -233,7 +245,7 @@ impl AccessLogWriter for JsonAccessLog {
         // The log filter decides as for the event the human format gets
         // (`--log-level info,infermesh::access=off`, and the admin
         // endpoint's changes, which rebuild tracing's interest cache).
-        if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
+        if !access_lines_enabled() {
             return;
         }
         thread_local! {
@@ -263,38 +275,37 @@ fn write_access_line(shape: JsonShape, entry: &AccessEntry<'_>, out: &mut String
 fn write_infermesh_access(entry: &AccessEntry<'_>, out: &mut String) {
     let mut line = Members::open(out);
     line.start_time(key!("timestamp"), entry);
-    line.raw(key!("level"), "\"INFO\"");
-    line.text(key!("message"), ACCESS_MESSAGE);
-    line.text(key!("method"), entry.method);
-    line.str(key!("path"), entry.path);
-    line.str(key!("authority"), entry.authority);
-    line.text(key!("protocol"), entry.protocol);
+    line.constant(r#""level":"INFO","message":"request""#);
+    line.text(string_key!("method"), entry.method);
+    line.str(string_key!("path"), entry.path);
+    line.str(string_key!("authority"), entry.authority);
+    line.text(string_key!("protocol"), entry.protocol);
     line.u64(key!("status"), entry.status);
     line.opt_u64(key!("grpc_status"), entry.grpc_status);
     line.ms(key!("duration_ms"), entry.duration);
     line.opt_ms(key!("first_byte_ms"), entry.first_byte);
     line.opt_ms(key!("first_event_ms"), entry.first_event);
-    line.opt_str(key!("model"), entry.model);
+    line.opt_str(string_key!("model"), entry.model);
     line.opt_u64(key!("input_tokens"), entry.input_tokens);
     line.opt_u64(key!("output_tokens"), entry.output_tokens);
     line.u64(key!("request_bytes"), entry.request_bytes);
     line.u64(key!("response_bytes"), entry.response_bytes);
-    line.str(key!("route"), entry.route);
-    line.str(key!("backend"), entry.backend);
+    line.str(string_key!("route"), entry.route);
+    line.str(string_key!("backend"), entry.backend);
     if let Some(endpoint) = entry.endpoint {
-        line.text(key!("endpoint"), AddressText::new(endpoint).as_str());
+        line.text(string_key!("endpoint"), AddressText::new(endpoint).as_str());
     }
     line.u64(key!("retries"), entry.retries);
-    line.opt_str(key!("error"), entry.error);
-    line.opt_str(key!("detail"), entry.detail);
-    line.text(key!("client"), AddressText::new(entry.client).as_str());
-    line.opt_str(key!("peer_identity"), entry.peer_identity);
-    line.str(key!("listener"), entry.listener);
-    line.str(key!("request_id"), entry.request_id);
-    line.opt_str(key!("fanout"), entry.fanout);
-    line.opt_str(key!("trace_id"), entry.trace_id);
-    line.opt_str(key!("span_id"), entry.span_id);
-    line.text(key!("target"), ACCESS_TARGET);
+    line.opt_str(string_key!("error"), entry.error);
+    line.opt_str(string_key!("detail"), entry.detail);
+    line.text(string_key!("client"), entry.client_address);
+    line.opt_str(string_key!("peer_identity"), entry.peer_identity);
+    line.str(string_key!("listener"), entry.listener);
+    line.str(string_key!("request_id"), entry.request_id);
+    line.opt_str(string_key!("fanout"), entry.fanout);
+    line.opt_str(string_key!("trace_id"), entry.trace_id);
+    line.opt_str(string_key!("span_id"), entry.span_id);
+    line.text(string_key!("target"), ACCESS_TARGET);
     line.close();
 }
 
@@ -304,21 +315,20 @@ fn write_infermesh_access(entry: &AccessEntry<'_>, out: &mut String) {
 fn write_ecs_access(entry: &AccessEntry<'_>, out: &mut String) {
     let mut line = Members::open(out);
     line.start_time(key!("@timestamp"), entry);
-    line.raw(key!("log.level"), "\"info\"");
-    line.text(key!("message"), ACCESS_MESSAGE);
-    line.text(key!("ecs.version"), ECS_VERSION);
-    line.text(key!("log.logger"), ACCESS_TARGET);
+    line.constant(concat!(
+        r#""log.level":"info","message":"request","ecs.version":""#,
+        ecs_version!(),
+        r#"","log.logger":"infermesh::access""#
+    ));
     if let Some(endpoint) = entry.endpoint {
         line.object(key!("destination"), |destination| {
-            destination.text(key!("address"), AddressText::new(endpoint).as_str());
+            destination.text(string_key!("address"), AddressText::new(endpoint).as_str());
         });
     }
     line.object(key!("event"), |event| {
-        event.raw(key!("category"), "[\"web\"]");
-        event.raw(key!("dataset"), "\"infermesh.access\"");
+        event.constant(r#""category":["web"],"dataset":"infermesh.access","kind":"event""#);
         // Nanoseconds, to the microsecond the line's times have.
         event.u64(key!("duration"), micros(entry.duration) * 1000);
-        event.raw(key!("kind"), "\"event\"");
         let failed = entry.error.is_some() || entry.status >= 500;
         event.raw(
             key!("outcome"),
@@ -333,7 +343,9 @@ fn write_ecs_access(entry: &AccessEntry<'_>, out: &mut String) {
     if entry.model.is_some() || tokens {
         line.object(key!("gen_ai"), |gen_ai| {
             if let Some(model) = entry.model {
-                gen_ai.object(key!("request"), |request| request.str(key!("model"), model));
+                gen_ai.object(key!("request"), |request| {
+                    request.str(string_key!("model"), model)
+                });
             }
             if tokens {
                 gen_ai.object(key!("usage"), |usage| {
@@ -348,8 +360,8 @@ fn write_ecs_access(entry: &AccessEntry<'_>, out: &mut String) {
             request.object(key!("body"), |body| {
                 body.u64(key!("bytes"), entry.request_bytes)
             });
-            request.str(key!("id"), entry.request_id);
-            request.text(key!("method"), entry.method);
+            request.str(string_key!("id"), entry.request_id);
+            request.text(string_key!("method"), entry.method);
         });
         http.object(key!("response"), |response| {
             response.object(key!("body"), |body| {
@@ -360,42 +372,44 @@ fn write_ecs_access(entry: &AccessEntry<'_>, out: &mut String) {
         // `HTTP/1.1` -> `1.1`, `HTTP/2.0` -> `2`, as ECS writes versions.
         let version = entry.protocol.trim_start_matches("HTTP/");
         http.text(
-            key!("version"),
+            string_key!("version"),
             version.strip_suffix(".0").unwrap_or(version),
         );
     });
     line.object(key!("source"), |source| {
-        source.text(key!("address"), AddressText::new(entry.client).as_str());
-        source.text(key!("ip"), AddressText::ip(entry.client.ip()).as_str());
+        source.text(string_key!("address"), entry.client_address);
+        source.text(string_key!("ip"), ip_of(entry.client_address));
         source.u64(key!("port"), entry.client.port());
     });
     if let Some(span_id) = entry.span_id {
-        line.object(key!("span"), |span| span.str(key!("id"), span_id));
+        line.object(key!("span"), |span| span.str(string_key!("id"), span_id));
     }
     if let Some(trace_id) = entry.trace_id {
-        line.object(key!("trace"), |trace| trace.str(key!("id"), trace_id));
+        line.object(key!("trace"), |trace| {
+            trace.str(string_key!("id"), trace_id)
+        });
     }
     line.object(key!("url"), |url| {
         let (path, query) = entry.path.split_once('?').unwrap_or((entry.path, ""));
-        url.str(key!("domain"), entry.authority);
-        url.str(key!("original"), entry.path);
-        url.str(key!("path"), path);
+        url.str(string_key!("domain"), entry.authority);
+        url.str(string_key!("original"), entry.path);
+        url.str(string_key!("path"), path);
         if !query.is_empty() {
-            url.str(key!("query"), query);
+            url.str(string_key!("query"), query);
         }
     });
     line.object(key!("infermesh"), |own| {
         own.opt_u64(key!("grpc_status"), entry.grpc_status);
         own.opt_ms(key!("first_byte_ms"), entry.first_byte);
         own.opt_ms(key!("first_event_ms"), entry.first_event);
-        own.str(key!("route"), entry.route);
-        own.str(key!("backend"), entry.backend);
+        own.str(string_key!("route"), entry.route);
+        own.str(string_key!("backend"), entry.backend);
         own.u64(key!("retries"), entry.retries);
-        own.opt_str(key!("error"), entry.error);
-        own.opt_str(key!("detail"), entry.detail);
-        own.opt_str(key!("peer_identity"), entry.peer_identity);
-        own.str(key!("listener"), entry.listener);
-        own.opt_str(key!("fanout"), entry.fanout);
+        own.opt_str(string_key!("error"), entry.error);
+        own.opt_str(string_key!("detail"), entry.detail);
+        own.opt_str(string_key!("peer_identity"), entry.peer_identity);
+        own.str(string_key!("listener"), entry.listener);
+        own.opt_str(string_key!("fanout"), entry.fanout);
     });
     line.close();
 }
@@ -419,6 +433,7 @@ impl<'a> Members<'a> {
         self.out.push('}');
     }
 
+    /// Starts a member: its comma when it is not the first, and `key`.
     fn key(&mut self, key: &str) {
         if !std::mem::take(&mut self.first) {
             self.out.push(',');
@@ -432,10 +447,18 @@ impl<'a> Members<'a> {
         self.out.push_str(json);
     }
 
-    /// A string, escaped.
+    /// Members written whole, `"a":1,"b":"c"`: the ones whose values never
+    /// change, in one copy.
+    fn constant(&mut self, members: &str) {
+        self.key(members);
+    }
+
+    /// A string, escaped; `key` as [`string_key!`] makes it.
     fn str(&mut self, key: &str, value: &str) {
+        debug_assert!(key.ends_with(":\""), "{key}");
         self.key(key);
-        write_json_str(self.out, value);
+        write_json_str_contents(self.out, value);
+        self.out.push('"');
     }
 
     fn opt_str(&mut self, key: &str, value: Option<&str>) {
@@ -445,11 +468,10 @@ impl<'a> Members<'a> {
     }
 
     /// A string that needs no escape: the proxy's own text, a method (an
-    /// HTTP token), an address, a time.
+    /// HTTP token), an address, a time; `key` as [`string_key!`] makes it.
     fn text(&mut self, key: &str, value: &str) {
-        debug_assert!(!needs_escape(value.as_bytes()), "{value:?}");
+        debug_assert!(key.ends_with(":\"") && !needs_escape(value.as_bytes()));
         self.key(key);
-        self.out.push('"');
         self.out.push_str(value);
         self.out.push('"');
     }
@@ -497,10 +519,26 @@ impl<'a> Members<'a> {
     }
 }
 
+/// The IP of a socket address's text (`10.0.0.12:52114`: `10.0.0.12`;
+/// `[fe80::1%2]:80`: `fe80::1`), as `IpAddr` writes it.
+fn ip_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    host.split_once('%').map_or(host, |(ip, _)| ip)
+}
+
 /// `duration` in whole microseconds, rounded as
 /// [`millis`](crate::server::access_entry::millis) rounds.
 fn micros(duration: Duration) -> u64 {
-    u64::try_from((duration.as_nanos() + 500) / 1000).unwrap_or(u64::MAX)
+    // In 64 bits: 128-bit division is a call and dozens of instructions.
+    let rounded = (u64::from(duration.subsec_nanos()) + 500) / 1000;
+    duration
+        .as_secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(rounded)
 }
 
 /// Writes `duration` in milliseconds to the microsecond, as serde_json
@@ -741,6 +779,21 @@ mod tests {
     }
 
     #[test]
+    fn the_ip_of_an_address_is_written_as_display_writes_it() {
+        for address in [
+            "0.0.0.0:0",
+            "10.0.3.7:8000",
+            "[::1]:8000",
+            "[fe80::1%2]:80",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535",
+        ] {
+            let parsed: std::net::SocketAddr = address.parse().unwrap();
+            let text = AddressText::new(parsed);
+            assert_eq!(ip_of(text.as_str()), parsed.ip().to_string());
+        }
+    }
+
+    #[test]
     fn milliseconds_are_written_as_serde_json_writes_the_number() {
         let every_microsecond = (0..=100_000).map(|us| us * 1000);
         let rounding = [499, 500, 999_499, 999_500, 1_000_499_999];
@@ -770,14 +823,20 @@ mod tests {
                 let must = byte < 0x20 || byte == b'"' || byte == b'\\';
                 assert_eq!(needs_escape(text.as_bytes()), must, "{byte:#x} at {at}");
                 let mut written = String::new();
-                write_json_str(&mut written, &text);
-                assert_eq!(written, serde_json::to_string(&text).unwrap());
+                write_json_str_contents(&mut written, &text);
+                assert_eq!(
+                    format!("\"{written}\""),
+                    serde_json::to_string(&text).unwrap()
+                );
             }
         }
         for text in ["", "ünïcödé and 日本語", "tab\there", "\u{7f}\u{1f}\u{0}"] {
             let mut written = String::new();
-            write_json_str(&mut written, text);
-            assert_eq!(written, serde_json::to_string(text).unwrap());
+            write_json_str_contents(&mut written, text);
+            assert_eq!(
+                format!("\"{written}\""),
+                serde_json::to_string(text).unwrap()
+            );
         }
     }
 

@@ -26,6 +26,9 @@ pub(crate) struct ConnectionInfo {
     /// The client's IP as `X-Forwarded-For` writes it, formatted once per
     /// connection rather than once per request.
     pub client_ip: http::HeaderValue,
+    /// The client's address as text (`10.0.0.12:52114`), as the access
+    /// log writes it: formatted once per connection too.
+    pub client_address: Box<str>,
     /// The listener socket that accepted it.
     pub listener: ListenerId,
     /// The scheme the client used (`http`, or `https` over TLS).

@@ -10,12 +10,19 @@
 //! from its fields instead: handing two dozen fields one by one through
 //! tracing's visitor to a formatter cost more than writing the line.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 /// The target of access-log lines: `--log-level info,infermesh::access=off`
 /// silences them, whatever the format.
 pub(crate) const ACCESS_TARGET: &str = "infermesh::access";
+
+/// Whether the log filter lets access lines through
+/// (`--log-level info,infermesh::access=off` does not): asked as for a
+/// `tracing` event of [`ACCESS_TARGET`] at INFO, whatever writes the line.
+pub(crate) fn access_lines_enabled() -> bool {
+    tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
+}
 
 /// One access-log line: what the proxy knows of a request once its
 /// response has ended. Field names are the line's (docs/operations.md, "The
@@ -52,6 +59,8 @@ pub(crate) struct AccessEntry<'a> {
     pub error: Option<&'a str>,
     pub detail: Option<&'a str>,
     pub client: SocketAddr,
+    /// `client` as text ([`AddressText`]), made once per connection.
+    pub client_address: &'a str,
     /// The client's SPIFFE ID, over mutual TLS.
     pub peer_identity: Option<&'a str>,
     pub listener: &'a str,
@@ -62,14 +71,12 @@ pub(crate) struct AccessEntry<'a> {
     pub span_id: Option<&'a str>,
 }
 
-/// The message of every access-log line.
-pub(crate) const ACCESS_MESSAGE: &str = "request";
-
 /// Writes access-log lines. Called on the request's thread as its response
 /// ends, once the access log's filters kept the line: it must not block.
 pub(crate) trait AccessLogWriter: Send + Sync {
     /// Writes the line of `entry`, unless the log filter silences
-    /// [`ACCESS_TARGET`].
+    /// [`ACCESS_TARGET`] ([`access_lines_enabled`]: the record asks
+    /// first, before it makes the entry).
     fn write(&self, entry: &AccessEntry<'_>);
 }
 
@@ -104,7 +111,7 @@ impl AccessLogWriter for TracingAccessLog {
             retries = entry.retries,
             error = entry.error,
             detail = entry.detail,
-            client = AddressText::new(entry.client).as_str(),
+            client = entry.client_address,
             peer_identity = entry.peer_identity,
             listener = entry.listener,
             request_id = entry.request_id,
@@ -122,7 +129,7 @@ pub(crate) fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
-/// A socket address (or an IP address) as text (`10.0.3.7:8000`,
+/// A socket address as text (`10.0.3.7:8000`,
 /// `[::1]:8000`), written without the formatting machinery or an
 /// allocation: an access line writes two of them, and `Display` made them
 /// a fifth of its cost.
@@ -151,19 +158,6 @@ impl AddressText {
         out
     }
 
-    /// `ip` as `Display` writes it.
-    pub(crate) fn ip(ip: IpAddr) -> Self {
-        let mut out = AddressText::empty();
-        match ip {
-            IpAddr::V4(v4) => out.ipv4(v4),
-            IpAddr::V6(v6) => {
-                use std::fmt::Write as _;
-                let _ = write!(out, "{v6}");
-            }
-        }
-        out
-    }
-
     fn empty() -> Self {
         AddressText {
             text: [0; 64],
@@ -174,10 +168,15 @@ impl AddressText {
     fn ipv4(&mut self, ip: std::net::Ipv4Addr) {
         for (i, octet) in ip.octets().into_iter().enumerate() {
             if i > 0 {
-                self.push(b".");
+                self.byte(b'.');
             }
             self.number(u16::from(octet));
         }
+    }
+
+    fn byte(&mut self, byte: u8) {
+        self.text[self.len] = byte;
+        self.len += 1;
     }
 
     fn push(&mut self, bytes: &[u8]) {
@@ -185,20 +184,17 @@ impl AddressText {
         self.len += bytes.len();
     }
 
-    /// Writes `n` in decimal, digit by digit: five numbers an address.
+    /// Writes `n` in decimal, a byte at a time: five numbers an address,
+    /// each too short to be worth a copy.
     fn number(&mut self, n: u16) {
-        let mut digits = [0u8; 5];
-        let mut start = digits.len();
-        let mut rest = n;
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
+        let mut power = 1;
+        while power <= n / 10 {
+            power *= 10;
         }
-        self.push(&digits[start..]);
+        while power > 0 {
+            self.byte(b'0' + (n / power % 10) as u8);
+            power /= 10;
+        }
     }
 
     /// The text.
@@ -263,6 +259,7 @@ pub(crate) mod tests {
             error: Some("upstream_reset"),
             detail: Some("line one\nline \"two\"\tand ünïcödé \u{1}"),
             client: "10.0.0.12:52114".parse().unwrap(),
+            client_address: "10.0.0.12:52114",
             peer_identity: Some("spiffe://mesh.local/ns/default/sa/web"),
             listener: "public",
             request_id: "9f1c2b7e-3d4a-4c1e-8b0f-6a2d5e7c9b13",
@@ -298,6 +295,7 @@ pub(crate) mod tests {
             error: None,
             detail: None,
             client: "[::1]:40000".parse().unwrap(),
+            client_address: "[::1]:40000",
             peer_identity: None,
             listener: "public",
             request_id: "r-1",
@@ -333,10 +331,6 @@ pub(crate) mod tests {
         ] {
             let parsed: SocketAddr = address.parse().unwrap();
             assert_eq!(AddressText::new(parsed).as_str(), parsed.to_string());
-            assert_eq!(
-                AddressText::ip(parsed.ip()).as_str(),
-                parsed.ip().to_string()
-            );
         }
         let longest = SocketAddr::V6(std::net::SocketAddrV6::new(
             "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"

@@ -29,7 +29,7 @@ use crate::core::context::{ConnectionInfo, LastAttempt, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::{FANOUT_HEADER, GRPC_STATUS};
 use crate::core::trace::OpenSpan;
-use crate::server::access_entry::{AccessEntry, millis, version_name};
+use crate::server::access_entry::{AccessEntry, access_lines_enabled, millis, version_name};
 use crate::server::access_filter::is_error;
 use crate::server::lifetime::{StreamGuard, Watched};
 use crate::server::metrics::PairSeries;
@@ -46,8 +46,8 @@ pub(crate) struct RequestRecord {
     uri: http::Uri,
     host: Option<http::HeaderValue>,
     version: Version,
-    client: SocketAddr,
-    peer_identity: Option<Arc<str>>,
+    /// The connection's client, SPIFFE ID and address text.
+    connection: Arc<ConnectionInfo>,
     listener: Option<Arc<str>>,
     /// `x-request-id`, the client's or the proxy's.
     request_id: http::HeaderValue,
@@ -103,7 +103,7 @@ impl RequestRecord {
     pub(crate) fn start<B>(
         request: &Request<B>,
         started: Instant,
-        connection: &ConnectionInfo,
+        connection: &Arc<ConnectionInfo>,
         listener: Option<Arc<str>>,
         request_id: http::HeaderValue,
         last_attempt: LastAttempt,
@@ -117,8 +117,7 @@ impl RequestRecord {
             uri: request.uri().clone(),
             host: request.headers().get(http::header::HOST).cloned(),
             version: request.version(),
-            client: connection.client,
-            peer_identity: connection.peer_identity.clone(),
+            connection: connection.clone(),
             listener,
             request_id,
             route: None,
@@ -363,8 +362,11 @@ impl RequestRecord {
                 }
             }
         }
-        // Decided before the line is formatted: a line left out costs
-        // nothing more (the metrics above count every request).
+        // Decided before the line is made: a line left out costs nothing
+        // more (the metrics above count every request).
+        if !access_lines_enabled() {
+            return;
+        }
         let error = is_error(self.status.as_u16(), self.error, self.grpc_status);
         if !self.shared.access_log.keeps(error, duration) {
             return;
@@ -398,8 +400,9 @@ impl RequestRecord {
             retries: self.retries,
             error: self.error,
             detail: self.detail.as_deref(),
-            client: self.client,
-            peer_identity: self.peer_identity.as_deref(),
+            client: self.connection.client,
+            client_address: &self.connection.client_address,
+            peer_identity: self.connection.peer_identity.as_deref(),
             listener: self.listener.as_deref().unwrap_or(""),
             request_id: self.request_id.to_str().unwrap_or(""),
             fanout: self.fanout.as_ref().and_then(|f| f.to_str().ok()),

@@ -18,6 +18,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::core::context::{ConnectionInfo, ListenerId};
+use crate::server::access_entry::AddressText;
 use crate::server::lifetime::{ClientIo, Lifetime, Watchdog};
 use crate::server::original::OriginalDestination;
 use crate::server::protocol::{ClientStream, HttpSettings};
@@ -333,6 +334,7 @@ impl Connection {
             client: self.client,
             client_ip: http::HeaderValue::try_from(self.client.ip().to_string())
                 .expect("an IP address is a valid header value"),
+            client_address: AddressText::new(self.client).as_str().into(),
             listener: self.listener.id,
             scheme: if tls.is_some() { "https" } else { "http" },
             peer_identity: tls.flatten(),
