@@ -13,6 +13,9 @@ const TICKS_PER_SECOND: f64 = 100.0;
 pub struct Usage {
     /// User plus system CPU time, in seconds.
     pub cpu_seconds: f64,
+    /// Of which system CPU time (the kernel working for the process:
+    /// sockets, wake-ups), in seconds.
+    pub system_seconds: f64,
     /// Resident memory now, in bytes.
     pub rss_bytes: u64,
     /// The highest resident memory so far, in bytes.
@@ -36,6 +39,7 @@ pub fn tree(pid: u32) -> std::io::Result<Usage> {
     for child in descendants(pid) {
         if let Ok(u) = read(&Path::new("/proc").join(child.to_string())) {
             total.cpu_seconds += u.cpu_seconds;
+            total.system_seconds += u.system_seconds;
             total.rss_bytes += u.rss_bytes;
             total.peak_rss_bytes += u.peak_rss_bytes;
         }
@@ -59,6 +63,7 @@ fn read(dir: &Path) -> std::io::Result<Usage> {
             .unwrap_or(0.0)
     };
     let cpu_seconds = (ticks(11) + ticks(12)) / TICKS_PER_SECOND;
+    let system_seconds = ticks(12) / TICKS_PER_SECOND;
     let status = std::fs::read_to_string(dir.join("status"))?;
     let kib = |field: &str| {
         status
@@ -71,6 +76,7 @@ fn read(dir: &Path) -> std::io::Result<Usage> {
     };
     Ok(Usage {
         cpu_seconds,
+        system_seconds,
         rss_bytes: kib("VmRSS:"),
         peak_rss_bytes: kib("VmHWM:"),
     })

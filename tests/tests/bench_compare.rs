@@ -272,6 +272,21 @@ fn a_pinned_comparison_against_a_static_backend_measures_cpu_and_memory_of_each_
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         assert_eq!(cells[column("failed")], "0", "{row}");
         assert_eq!(cells[column("backend req/req")], "—", "{row}");
+        let kernel = cells[column("of which kernel µs/req")];
+        if target == "direct" {
+            assert_eq!(kernel, "—", "{row}");
+        } else {
+            // Part of the CPU time: none of it, in a short run, or some.
+            let total: f64 = cells[column("proxy CPU µs/req saturated")]
+                .parse()
+                .unwrap_or(f64::NAN);
+            assert!(
+                kernel
+                    .parse::<f64>()
+                    .is_ok_and(|k| (0.0..=total).contains(&k)),
+                "{target} kernel share: {row}"
+            );
+        }
         for measured in [
             "proxy CPU µs/req saturated",
             "proxy CPU µs/req at rate",

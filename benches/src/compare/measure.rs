@@ -88,6 +88,9 @@ pub(super) async fn visit(
         saturated_cpu_seconds_per_request: saturated
             .as_ref()
             .and_then(|s| s.cpu_seconds_per_request),
+        saturated_system_seconds_per_request: saturated
+            .as_ref()
+            .and_then(|s| s.system_seconds_per_request),
         saturated_rss_bytes: saturated.and_then(|s| s.rss_bytes),
         cpu_seconds_per_request: fixed.cpu_seconds_per_request,
         upstream_requests_per_request: fixed.upstream_requests_per_request,
@@ -100,6 +103,8 @@ struct Saturated {
     rps: f64,
     /// The proxy's CPU seconds per request over the measured window.
     cpu_seconds_per_request: Option<f64>,
+    /// Of which system (kernel) CPU seconds.
+    system_seconds_per_request: Option<f64>,
     /// The proxy's resident memory at the end of the measured window,
     /// every connection still busy.
     rss_bytes: Option<u64>,
@@ -119,7 +124,8 @@ async fn closed_loop(target: &Ready, plan: &LoadPlan<'_>, url: &str) -> anyhow::
         .map(|u| u.rss_bytes);
     Ok(Saturated {
         rps: report.achieved_rate,
-        cpu_seconds_per_request: window_cpu_per_request(window, report.requests),
+        cpu_seconds_per_request: window_cpu_per_request(window, report.requests, Cpu::All),
+        system_seconds_per_request: window_cpu_per_request(window, report.requests, Cpu::System),
         rss_bytes,
     })
 }
@@ -158,7 +164,7 @@ async fn open_loop(
         (Some(b), Some(a)) if sent > 0.0 => Some((a - b) / sent),
         _ => None,
     };
-    let cpu_seconds_per_request = window_cpu_per_request(window, report.requests);
+    let cpu_seconds_per_request = window_cpu_per_request(window, report.requests, Cpu::All);
     Ok(FixedRate {
         report,
         cpu_seconds_per_request,
@@ -166,20 +172,47 @@ async fn open_loop(
     })
 }
 
-/// CPU seconds spent over a measured window, read at its start and end
-/// (`window`), per request of the `requests` it counted; `None` without
-/// readings, processes or requests.
-fn window_cpu_per_request(window: Option<[Option<Usage>; 2]>, requests: u64) -> Option<f64> {
-    let [before, after] = window?;
-    cpu_per_request(before, after, requests)
+/// Which CPU time is counted.
+#[derive(Clone, Copy)]
+enum Cpu {
+    /// User and system.
+    All,
+    /// System only: the kernel's work for the process.
+    System,
 }
 
-/// CPU seconds spent between `before` and `after` per request of
+impl Cpu {
+    fn seconds(self, usage: &Usage) -> f64 {
+        match self {
+            Cpu::All => usage.cpu_seconds,
+            Cpu::System => usage.system_seconds,
+        }
+    }
+}
+
+/// `cpu` seconds spent over a measured window, read at its start and end
+/// (`window`), per request of the `requests` it counted; `None` without
+/// readings, processes or requests.
+fn window_cpu_per_request(
+    window: Option<[Option<Usage>; 2]>,
+    requests: u64,
+    cpu: Cpu,
+) -> Option<f64> {
+    let [before, after] = window?;
+    cpu_per_request(before, after, requests, cpu)
+}
+
+/// `cpu` seconds spent between `before` and `after` per request of
 /// `requests`; `None` without processes or requests.
-fn cpu_per_request(before: Option<Usage>, after: Option<Usage>, requests: u64) -> Option<f64> {
+fn cpu_per_request(
+    before: Option<Usage>,
+    after: Option<Usage>,
+    requests: u64,
+    cpu: Cpu,
+) -> Option<f64> {
     match (before, after) {
         (Some(b), Some(a)) if requests > 0 => {
-            Some((a.cpu_seconds - b.cpu_seconds) / requests as f64)
+            Some((cpu.seconds(&a) - cpu.seconds(&b)) / requests as f64)
         }
         _ => None,
     }
@@ -314,17 +347,22 @@ mod tests {
         let at = |cpu_seconds| {
             Some(Usage {
                 cpu_seconds,
+                system_seconds: cpu_seconds / 4.0,
                 ..Usage::default()
             })
         };
-        assert_eq!(cpu_per_request(at(1.0), at(3.0), 4), Some(0.5));
-        assert_eq!(cpu_per_request(at(1.0), at(3.0), 0), None);
-        assert_eq!(cpu_per_request(None, at(3.0), 4), None);
+        assert_eq!(cpu_per_request(at(1.0), at(3.0), 4, Cpu::All), Some(0.5));
         assert_eq!(
-            window_cpu_per_request(Some([at(1.0), at(3.0)]), 4),
+            cpu_per_request(at(1.0), at(3.0), 4, Cpu::System),
+            Some(0.125)
+        );
+        assert_eq!(cpu_per_request(at(1.0), at(3.0), 0, Cpu::All), None);
+        assert_eq!(cpu_per_request(None, at(3.0), 4, Cpu::All), None);
+        assert_eq!(
+            window_cpu_per_request(Some([at(1.0), at(3.0)]), 4, Cpu::All),
             Some(0.5)
         );
-        assert_eq!(window_cpu_per_request(None, 4), None);
+        assert_eq!(window_cpu_per_request(None, 4, Cpu::System), None);
     }
 
     #[tokio::test]

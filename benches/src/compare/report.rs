@@ -21,6 +21,10 @@ pub struct Measurement {
     /// The proxy's CPU seconds per request over the closed-loop phase's
     /// measured window: the cost of a request when the proxy is saturated.
     pub saturated_cpu_seconds_per_request: Option<f64>,
+    /// Of those, the system CPU seconds: the kernel's share (sockets,
+    /// wake-ups), which a proxy's own code can shrink only by making fewer
+    /// system calls.
+    pub saturated_system_seconds_per_request: Option<f64>,
     /// The proxy's CPU seconds per request over the open-loop phase's
     /// measured window.
     pub cpu_seconds_per_request: Option<f64>,
@@ -50,6 +54,8 @@ pub struct Summary {
     /// Median proxy CPU microseconds per request in the closed-loop phase,
     /// saturated.
     pub saturated_cpu_micros_per_request: Option<f64>,
+    /// Median system (kernel) CPU microseconds per request of those.
+    pub saturated_system_micros_per_request: Option<f64>,
     /// Median proxy CPU microseconds per request at the fixed rate.
     pub cpu_micros_per_request: Option<f64>,
     /// Median requests the backends received per request.
@@ -141,6 +147,9 @@ pub(super) fn summarize(
         saturated_cpu_micros_per_request: of(&|m| {
             m.saturated_cpu_seconds_per_request.map(|c| c * 1e6)
         }),
+        saturated_system_micros_per_request: of(&|m| {
+            m.saturated_system_seconds_per_request.map(|c| c * 1e6)
+        }),
         cpu_micros_per_request: of(&|m| m.cpu_seconds_per_request.map(|c| c * 1e6)),
         upstream_requests_per_request: of(&|m| m.upstream_requests_per_request),
         idle_rss_bytes: memory.idle,
@@ -157,8 +166,8 @@ impl ComparisonReport {
     pub fn markdown(&self) -> String {
         let direct = self.summary.iter().find(|s| s.target == TargetKind::Direct);
         let mut out = format!("{}.\n\n", self.setup);
-        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req saturated | proxy CPU µs/req at rate | proxy RSS idle MiB | proxy RSS after load MiB | proxy peak RSS MiB | proxy RSS saturated MiB | proxy KiB per connection saturated | backend req/req | failed |\n");
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req saturated | of which kernel µs/req | proxy CPU µs/req at rate | proxy RSS idle MiB | proxy RSS after load MiB | proxy peak RSS MiB | proxy RSS saturated MiB | proxy KiB per connection saturated | backend req/req | failed |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for s in &self.summary {
             out.push_str(&markdown_row(s, direct));
         }
@@ -205,7 +214,7 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
     let added = |mine: f64, theirs: fn(&Summary) -> f64| direct.map(|d| (mine - theirs(d)) * 1e3);
     let mib = |bytes: Option<u64>| f(bytes.map(|b| b as f64 / 1_048_576.0), 1);
     format!(
-        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         s.target.name(),
         f(s.max_rps, 0),
         f(ratio, 2),
@@ -216,6 +225,7 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
         s.p999 * 1e3,
         f(added(s.p999, |d| d.p999), 3),
         f(s.saturated_cpu_micros_per_request, 1),
+        f(s.saturated_system_micros_per_request, 1),
         f(s.cpu_micros_per_request, 1),
         mib(s.idle_rss_bytes),
         mib(s.rss_after_load_bytes),
@@ -246,6 +256,7 @@ mod tests {
             p99: 2.0 * p50,
             p999: 3.0 * p50,
             saturated_cpu_micros_per_request: Some(31.3),
+            saturated_system_micros_per_request: Some(20.1),
             cpu_micros_per_request: None,
             upstream_requests_per_request: Some(1.0),
             idle_rss_bytes: Some(1_048_576),
@@ -263,6 +274,7 @@ mod tests {
             max_rps: Some(10.0),
             fixed_rate: LoadReport::default(),
             saturated_cpu_seconds_per_request: None,
+            saturated_system_seconds_per_request: None,
             cpu_seconds_per_request: None,
             saturated_rss_bytes: Some(rss),
             upstream_requests_per_request: None,
@@ -307,7 +319,7 @@ mod tests {
         assert!(table.starts_with("1 rounds.\n\n| target |"), "{table}");
         assert!(
             table.contains(
-                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | 31.3 | — | 1.0 | 1.5 | 2.0 | 3.0 | 32.0 | 1.0000 | 0 |\n"
+                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | 31.3 | 20.1 | — | 1.0 | 1.5 | 2.0 | 3.0 | 32.0 | 1.0000 | 0 |\n"
             ),
             "{table}"
         );
