@@ -20,7 +20,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -208,12 +208,13 @@ impl Parking {
 
     /// Called by the connection's task whenever its connection is
     /// pending: puts the parked sender back in the idle list if its
-    /// exchange is over, drops it if the connection broke (or upgraded),
-    /// else leaves it, `cx` to be woken when it can go on.
+    /// exchange is over, drops it (closing the connection) if it can take
+    /// no more requests or its pool is gone, else leaves it, `cx` to be
+    /// woken when it can go on.
     fn poll(
         self: &Arc<Self>,
         cx: &mut std::task::Context<'_>,
-        connections: &Connections,
+        connections: &Weak<Connections>,
         settings: &PoolSettings,
     ) {
         let mut parked = self.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -225,7 +226,7 @@ impl Parking {
             std::task::Poll::Ready(ready) => {
                 let Parked { sender, held } = parked.take().expect("checked above");
                 drop(parked);
-                if ready.is_ok() {
+                if let (Ok(()), Some(connections)) = (ready, connections.upgrade()) {
                     connections.put_back(sender, held, self.clone(), settings);
                 }
             }
@@ -456,7 +457,7 @@ async fn send_http1_on_new_connection(
         connection,
         held.clone(),
         parking.clone(),
-        connections.clone(),
+        Arc::downgrade(connections),
         settings.clone(),
         addr,
     ));
@@ -470,14 +471,20 @@ async fn send_http1_on_new_connection(
 }
 
 /// The task of one HTTP/1.1 upstream connection: drives it until it
-/// closes (an upgraded one until its tunnel ends), keeping it counted
-/// (`held`) meanwhile, and each time it is pending lets `parking` return
-/// its sender to the idle list if the exchange is over.
+/// closes or is handed over to an upgrade's tunnel (whose response holds
+/// its own `held`), keeping it counted (`held`) meanwhile, and each time
+/// it is pending lets `parking` return its sender to the idle list if the
+/// exchange is over.
+///
+/// The pool is only `Weak` here: the pool keeps idle connections' senders,
+/// a sender keeps its connection's task running, and a task that kept the
+/// pool would keep a replaced backend's pool, and its idle connections
+/// and their permits, for ever.
 async fn drive_http1(
     connection: http1::Connection<TokioIo<BoxedIo>, ProxyBody>,
     held: UpstreamConnection,
     parking: Arc<Parking>,
-    connections: Arc<Connections>,
+    connections: Weak<Connections>,
     settings: Arc<PoolSettings>,
     addr: SocketAddr,
 ) {

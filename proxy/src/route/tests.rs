@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
 use infermesh_api::{Config, Source};
 use tokio::time::Instant;
 
@@ -251,6 +252,28 @@ async fn the_rate_limit_is_taken_once_per_request_and_refuses_before_anything_is
     // A second later there is a token again.
     tokio::time::advance(Duration::from_secs(1)).await;
     assert!(stack.send(get("third")).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replaced_backend_closes_its_idle_connections() {
+    let mesh = Mesh::new();
+    mesh.serve(endpoint(1), answers(200));
+    let stack = mesh.stack(&config(&[endpoint(1)], "")).await;
+    let open = mesh
+        .backend_metrics
+        .upstream_connections
+        .with_label_values(&["models"]);
+    for n in 0..3 {
+        let response = stack.send(get(&format!("r{n}"))).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        settle().await;
+    }
+    assert_eq!(open.get(), 1, "one connection, kept idle and reused");
+    // A reload drops the old backend with the stack that held it: its idle
+    // connection closes and gives its permit back.
+    drop(stack);
+    settle().await;
+    assert_eq!(open.get(), 0);
 }
 
 #[tokio::test(start_paused = true)]
