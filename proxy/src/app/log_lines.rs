@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -26,7 +26,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::app::log_writer::BatchWriter;
 use crate::server::access_entry::{
-    ACCESS_TARGET, AccessEntry, AccessLogWriter, AddressText, access_lines_enabled,
+    ACCESS_TARGET, AccessEntry, AccessLogWriter, AddressText, access_lines_enabled, micros,
 };
 
 /// A member's name as written, `"name":`: made at compile time, one copy
@@ -309,9 +309,8 @@ fn write_infermesh_access(entry: &AccessEntry<'_>, out: &mut String) {
     line.close();
 }
 
-/// The `ecs` shape: the ecs-logging head, then ECS's fields (objects and
-/// members in name order), then what ECS has no field for under
-/// `infermesh`.
+/// The `ecs` shape: the ecs-logging head, then ECS's fields (objects in
+/// name order), then what ECS has no field for under `infermesh`.
 fn write_ecs_access(entry: &AccessEntry<'_>, out: &mut String) {
     let mut line = Members::open(out);
     line.start_time(key!("@timestamp"), entry);
@@ -503,11 +502,9 @@ impl<'a> Members<'a> {
     /// The request's start, RFC 3339 to the microsecond.
     fn start_time(&mut self, key: &str, entry: &AccessEntry<'_>) {
         self.key(key);
-        let _ = write!(
-            self.out,
-            "\"{}\"",
-            humantime::format_rfc3339_micros(entry.start)
-        );
+        self.out.push('"');
+        write_timestamp(self.out, entry.start);
+        self.out.push('"');
     }
 
     /// A member that is an object, its members written by `members`.
@@ -530,15 +527,38 @@ fn ip_of(address: &str) -> &str {
     host.split_once('%').map_or(host, |(ip, _)| ip)
 }
 
-/// `duration` in whole microseconds, rounded as
-/// [`millis`](crate::server::access_entry::millis) rounds.
-fn micros(duration: Duration) -> u64 {
-    // In 64 bits: 128-bit division is a call and dozens of instructions.
-    let rounded = (u64::from(duration.subsec_nanos()) + 500) / 1000;
-    duration
-        .as_secs()
-        .saturating_mul(1_000_000)
-        .saturating_add(rounded)
+/// Writes `at` in RFC 3339 to the microsecond
+/// (`2026-12-05T09:14:07.512731Z`), as `humantime::format_rfc3339_micros`
+/// does, making the date and time of day only when the second changes
+/// (each thread keeps its last): the lines of one second share them, and
+/// making them was the dearest part of a line.
+fn write_timestamp(out: &mut String, at: SystemTime) {
+    thread_local! {
+        /// A second since the epoch, and its text up to the fraction.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    // A clock set before 1970 writes the epoch (humantime would panic).
+    let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let second = since_epoch.as_secs();
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != second || text.is_empty() {
+            text.clear();
+            let whole = UNIX_EPOCH + Duration::from_secs(second);
+            let _ = write!(text, "{}", humantime::format_rfc3339_seconds(whole));
+            // Without its `Z`: the fraction comes first.
+            text.pop();
+            *cached = second;
+        }
+        out.push_str(text);
+    });
+    let micros = since_epoch.subsec_micros();
+    let digits = itoa::Buffer::new().format(micros).len();
+    out.push('.');
+    for _ in digits..6 {
+        out.push('0');
+    }
+    out.push_str(itoa::Buffer::new().format(micros));
+    out.push('Z');
 }
 
 /// Writes `duration` in milliseconds to the microsecond, as serde_json
@@ -794,15 +814,49 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_are_written_as_humantime_writes_them() {
+        let second = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let mut times = vec![
+            UNIX_EPOCH,
+            second(1_796_462_047) + Duration::from_nanos(512_731_999),
+            // The last microsecond of a year, then the next second.
+            second(1_798_761_599) + Duration::from_micros(999_999),
+            second(1_798_761_600),
+            second(1_798_761_600) + Duration::from_nanos(999),
+            second(1_798_761_600) + Duration::from_micros(10),
+        ];
+        // The same second again after another one: the kept text is
+        // that second's.
+        times.push(times[1]);
+        for at in times {
+            let mut written = String::new();
+            write_timestamp(&mut written, at);
+            assert_eq!(
+                written,
+                humantime::format_rfc3339_micros(at).to_string(),
+                "{at:?}"
+            );
+        }
+        let mut before_1970 = String::new();
+        write_timestamp(&mut before_1970, UNIX_EPOCH - Duration::from_secs(1));
+        assert_eq!(before_1970, "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
     fn milliseconds_are_written_as_serde_json_writes_the_number() {
         let every_microsecond = (0..=100_000).map(|us| us * 1000);
+        let every_half = (0..=100_000).map(|us| us * 1000 + 500);
         let rounding = [499, 500, 999_499, 999_500, 1_000_499_999];
         let long = [
             3_600_000_000_000,
             86_400_123_456_789,
             u64::from(u32::MAX) * 1000,
         ];
-        for nanos in every_microsecond.chain(rounding).chain(long) {
+        for nanos in every_microsecond
+            .chain(every_half)
+            .chain(rounding)
+            .chain(long)
+        {
             let duration = Duration::from_nanos(nanos);
             let mut written = String::new();
             write_millis(&mut written, duration);

@@ -44,7 +44,8 @@ pub(crate) const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 /// The writing end: cheap to clone, handed to the log formatter, which
-/// writes each formatted line with one `write` call.
+/// writes each formatted line with one `write` call, and to the JSON
+/// access-log writer, which queues each line with [`BatchWriter::append`].
 #[derive(Clone)]
 pub(crate) struct BatchWriter {
     shared: Arc<Shared>,

@@ -1,7 +1,10 @@
 //! Logs through `tracing`: human-readable lines by default, or one JSON
 //! object per line (fields at the top level, as ELK and Loki ingest them;
 //! or the Elastic Common Schema: `log_lines`), with a filter the admin
-//! `/log-level` endpoint changes at run time.
+//! `/log-level` endpoint changes at run time. In the JSON formats the
+//! access log's lines are written from the request's record directly
+//! (`log_lines::JsonAccessLog`), not as `tracing` events; the same filter
+//! decides for them.
 //!
 //! Lines are written to standard output in batches by a thread of their
 //! own (`log_writer`), so a request never waits on the terminal or the log
