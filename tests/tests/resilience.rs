@@ -630,15 +630,19 @@ async fn no_idempotent_request_fails_while_backends_die_and_recover() {
     let clients = 8;
     let gateway = Gateway::start(&config(&[
         &listener("web", "http"),
+        // Every client may be retrying at the moment an endpoint dies: the
+        // backend's concurrent retries (3 by default, as Envoy's) and the
+        // route's budget as large as the client count make them no limit
+        // here (each is tested on its own). With the default, four
+        // requests on the endpoint that dies fail one of them.
         &backend_with(
             "models",
             "http1",
             &[steady.addr, warming.addr, doomed.addr],
-            "outlierDetection: { baseEjectionTime: 1s }",
+            &format!(
+                "outlierDetection: {{ baseEjectionTime: 1s }}\ncircuitBreaker: {{ maxRetries: {clients} }}"
+            ),
         ),
-        // Every client may be retrying at the moment an endpoint dies: a
-        // budget as large as the client count makes it no limit here (the
-        // budget is tested on its own).
         &route_with(
             "models",
             &format!("retry: {{ budget: {{ minRetryConcurrency: {clients} }} }}"),
