@@ -26,7 +26,7 @@ use tracing_subscriber::registry::LookupSpan;
 
 use crate::app::log_writer::BatchWriter;
 use crate::server::access_entry::{
-    ACCESS_TARGET, AccessEntry, AccessLogWriter, AddressText, access_lines_enabled, micros,
+    ACCESS_TARGET, AccessEntry, AccessLogWriter, AddressText, micros,
 };
 
 /// A member's name as written, `"name":`: made at compile time, one copy
@@ -242,12 +242,8 @@ impl JsonAccessLog {
 
 impl AccessLogWriter for JsonAccessLog {
     fn write(&self, entry: &AccessEntry<'_>) {
-        // The log filter decides as for the event the human format gets
-        // (`--log-level info,infermesh::access=off`, and the admin
-        // endpoint's changes, which rebuild tracing's interest cache).
-        if !access_lines_enabled() {
-            return;
-        }
+        // The log filter has decided already: the record asks
+        // `access_lines_enabled` before it makes the entry.
         thread_local! {
             // Where lines are written, kept from line to line.
             static LINE: RefCell<String> = const { RefCell::new(String::new()) };
@@ -596,7 +592,7 @@ mod tests {
     use super::*;
     use crate::app::log_writer;
     use crate::server::access_entry::tests::{bare_entry, full_entry};
-    use crate::server::access_entry::{TracingAccessLog, millis};
+    use crate::server::access_entry::{TracingAccessLog, access_lines_enabled, millis};
     use serde_json::json;
     use tracing_subscriber::layer::SubscriberExt as _;
 
@@ -779,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn the_log_filter_decides_for_access_lines_written_straight() {
+    fn the_log_filter_decides_which_access_lines_are_written() {
         let output = Output::default();
         let (writer, guard) = log_writer::start(output.clone(), Duration::from_secs(60));
         let access = JsonAccessLog::new(JsonShape::Infermesh, writer);
@@ -790,7 +786,12 @@ mod tests {
         ] {
             let subscriber =
                 tracing_subscriber::registry().with(tracing_subscriber::EnvFilter::new(filter));
-            tracing::subscriber::with_default(subscriber, || access.write(&entry));
+            // As the request's record does: the filter first, then the line.
+            tracing::subscriber::with_default(subscriber, || {
+                if access_lines_enabled() {
+                    access.write(&entry);
+                }
+            });
         }
         // Stopping the writer writes what waits.
         drop(guard);

@@ -74,9 +74,9 @@ pub(crate) struct AccessEntry<'a> {
 /// Writes access-log lines. Called on the request's thread as its response
 /// ends, once the access log's filters kept the line: it must not block.
 pub(crate) trait AccessLogWriter: Send + Sync {
-    /// Writes the line of `entry`, unless the log filter silences
-    /// [`ACCESS_TARGET`] ([`access_lines_enabled`]: the record asks
-    /// first, before it makes the entry).
+    /// Writes the line of `entry`. Called only when the log filter lets
+    /// access lines through ([`access_lines_enabled`]: the record asks
+    /// before it makes the entry).
     fn write(&self, entry: &AccessEntry<'_>);
 }
 
