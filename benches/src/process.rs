@@ -20,6 +20,23 @@ pub struct Usage {
     pub rss_bytes: u64,
     /// The highest resident memory so far, in bytes.
     pub peak_rss_bytes: u64,
+    /// Of the resident memory now, the anonymous part (`RssAnon`): what
+    /// the process allocated for itself (heap, stacks, its data), in
+    /// bytes. The rest is mapped files, mostly the program's own code,
+    /// which the page cache holds once for every process of the same
+    /// binary (every sidecar of a node).
+    pub anon_bytes: u64,
+}
+
+/// Usages of several processes, added up.
+impl std::ops::AddAssign for Usage {
+    fn add_assign(&mut self, other: Usage) {
+        self.cpu_seconds += other.cpu_seconds;
+        self.system_seconds += other.system_seconds;
+        self.rss_bytes += other.rss_bytes;
+        self.peak_rss_bytes += other.peak_rss_bytes;
+        self.anon_bytes += other.anon_bytes;
+    }
 }
 
 /// The CPUs this process may use (at least 1): the default width of the
@@ -38,10 +55,7 @@ pub fn tree(pid: u32) -> std::io::Result<Usage> {
     let mut total = read(&Path::new("/proc").join(pid.to_string()))?;
     for child in descendants(pid) {
         if let Ok(u) = read(&Path::new("/proc").join(child.to_string())) {
-            total.cpu_seconds += u.cpu_seconds;
-            total.system_seconds += u.system_seconds;
-            total.rss_bytes += u.rss_bytes;
-            total.peak_rss_bytes += u.peak_rss_bytes;
+            total += u;
         }
     }
     Ok(total)
@@ -79,6 +93,7 @@ fn read(dir: &Path) -> std::io::Result<Usage> {
         system_seconds,
         rss_bytes: kib("VmRSS:"),
         peak_rss_bytes: kib("VmHWM:"),
+        anon_bytes: kib("RssAnon:"),
     })
 }
 
@@ -144,6 +159,8 @@ mod tests {
         let end = own().unwrap();
         assert!(end.cpu_seconds >= start.cpu_seconds);
         assert!(end.rss_bytes > 0 && end.peak_rss_bytes >= end.rss_bytes);
+        // A heap is anonymous memory, and part of the resident memory.
+        assert!(end.anon_bytes > 0 && end.anon_bytes <= end.rss_bytes);
     }
 
     #[test]

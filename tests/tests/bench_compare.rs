@@ -287,10 +287,21 @@ fn a_pinned_comparison_against_a_static_backend_measures_cpu_and_memory_of_each_
                 "{target} kernel share: {row}"
             );
         }
+        if target != "direct" {
+            // The proxy's own memory is part of its resident memory.
+            let idle: f64 = cells[column("proxy RSS idle MiB")]
+                .parse()
+                .unwrap_or(f64::NAN);
+            let anonymous: f64 = cells[column("of which anonymous MiB")]
+                .parse()
+                .unwrap_or(f64::NAN);
+            assert!(anonymous <= idle, "{target} anonymous memory: {row}");
+        }
         for measured in [
             "proxy CPU µs/req saturated",
             "proxy CPU µs/req at rate",
             "proxy RSS idle MiB",
+            "of which anonymous MiB",
             "proxy RSS after load MiB",
             "proxy RSS saturated MiB",
         ] {

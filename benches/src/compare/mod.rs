@@ -308,12 +308,12 @@ fn start_targets(
     Ok((targets, skipped))
 }
 
-/// Each target's resident memory once every target has started and
-/// before any load, in `targets`' order.
-fn idle_memory(targets: &[Ready]) -> Vec<Option<u64>> {
+/// Each target's resident memory (all, and anonymous) once every target
+/// has started and before any load, in `targets`' order.
+fn idle_memory(targets: &[Ready]) -> Vec<Option<(u64, u64)>> {
     targets
         .iter()
-        .map(|t| t.usage().map(|u| u.rss_bytes))
+        .map(|t| t.usage().map(|u| (u.rss_bytes, u.anon_bytes)))
         .collect()
 }
 
@@ -352,7 +352,7 @@ async fn measure_rounds(
 /// the targets must still run); the closed loop ran over `connections`.
 fn summarize(
     targets: &[Ready],
-    idle: &[Option<u64>],
+    idle: &[Option<(u64, u64)>],
     rounds: &[(TargetKind, Vec<Measurement>)],
     connections: usize,
 ) -> Vec<Summary> {
@@ -363,7 +363,8 @@ fn summarize(
         .map(|((target, idle), (_, measured))| {
             let now = target.usage();
             let memory = Memory {
-                idle: *idle,
+                idle: idle.map(|(rss, _)| rss),
+                idle_anon: idle.map(|(_, anon)| anon),
                 after_load: now.map(|u| u.rss_bytes),
                 peak: now.map(|u| u.peak_rss_bytes),
             };

@@ -63,6 +63,10 @@ pub struct Summary {
     /// Resident memory of the proxy once started, before any load, in
     /// bytes.
     pub idle_rss_bytes: Option<u64>,
+    /// Of that, the anonymous memory (heap, stacks, data): the proxy's
+    /// own, where the rest is its program file's pages, which the page
+    /// cache shares between every process running the same binary.
+    pub idle_anon_bytes: Option<u64>,
     /// Resident memory of the proxy after every round, in bytes: what it
     /// keeps after load (caches, pools) against what it started with.
     pub rss_after_load_bytes: Option<u64>,
@@ -115,6 +119,10 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
 pub(super) struct Memory {
     /// Once started, before any load.
     pub(super) idle: Option<u64>,
+    /// Of `idle`, the anonymous memory: the proxies' own, not the pages
+    /// of their program files that every process of the same binary
+    /// shares ([`crate::process::Usage::anon_bytes`]).
+    pub(super) idle_anon: Option<u64>,
     /// Now, after every round.
     pub(super) after_load: Option<u64>,
     /// The highest so far.
@@ -153,6 +161,7 @@ pub(super) fn summarize(
         cpu_micros_per_request: of(&|m| m.cpu_seconds_per_request.map(|c| c * 1e6)),
         upstream_requests_per_request: of(&|m| m.upstream_requests_per_request),
         idle_rss_bytes: memory.idle,
+        idle_anon_bytes: memory.idle_anon,
         rss_after_load_bytes: memory.after_load,
         peak_rss_bytes: memory.peak,
         saturated_rss_bytes: saturated_rss.map(|b| b as u64),
@@ -166,8 +175,8 @@ impl ComparisonReport {
     pub fn markdown(&self) -> String {
         let direct = self.summary.iter().find(|s| s.target == TargetKind::Direct);
         let mut out = format!("{}.\n\n", self.setup);
-        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req saturated | of which kernel µs/req | proxy CPU µs/req at rate | proxy RSS idle MiB | proxy RSS after load MiB | proxy peak RSS MiB | proxy RSS saturated MiB | proxy KiB per connection saturated | backend req/req | failed |\n");
-        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+        out.push_str("| target | max req/s | vs direct | p50 ms | added p50 ms | p99 ms | added p99 ms | p99.9 ms | added p99.9 ms | proxy CPU µs/req saturated | of which kernel µs/req | proxy CPU µs/req at rate | proxy RSS idle MiB | of which anonymous MiB | proxy RSS after load MiB | proxy peak RSS MiB | proxy RSS saturated MiB | proxy KiB per connection saturated | backend req/req | failed |\n");
+        out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for s in &self.summary {
             out.push_str(&markdown_row(s, direct));
         }
@@ -214,7 +223,7 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
     let added = |mine: f64, theirs: fn(&Summary) -> f64| direct.map(|d| (mine - theirs(d)) * 1e3);
     let mib = |bytes: Option<u64>| f(bytes.map(|b| b as f64 / 1_048_576.0), 1);
     format!(
-        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         s.target.name(),
         f(s.max_rps, 0),
         f(ratio, 2),
@@ -228,6 +237,7 @@ fn markdown_row(s: &Summary, direct: Option<&Summary>) -> String {
         f(s.saturated_system_micros_per_request, 1),
         f(s.cpu_micros_per_request, 1),
         mib(s.idle_rss_bytes),
+        mib(s.idle_anon_bytes),
         mib(s.rss_after_load_bytes),
         mib(s.peak_rss_bytes),
         mib(s.saturated_rss_bytes),
@@ -260,6 +270,7 @@ mod tests {
             cpu_micros_per_request: None,
             upstream_requests_per_request: Some(1.0),
             idle_rss_bytes: Some(1_048_576),
+            idle_anon_bytes: Some(1_048_576 / 2),
             rss_after_load_bytes: Some(3 * 1_048_576 / 2),
             peak_rss_bytes: Some(2 * 1_048_576),
             saturated_rss_bytes: Some(3 * 1_048_576),
@@ -282,6 +293,7 @@ mod tests {
         let idle = 10 * 1_048_576;
         let memory = Memory {
             idle: Some(idle),
+            idle_anon: None,
             after_load: None,
             peak: None,
         };
@@ -319,7 +331,7 @@ mod tests {
         assert!(table.starts_with("1 rounds.\n\n| target |"), "{table}");
         assert!(
             table.contains(
-                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | 31.3 | 20.1 | — | 1.0 | 1.5 | 2.0 | 3.0 | 32.0 | 1.0000 | 0 |\n"
+                "| infermesh | 800 | 0.80 | 1.500 | 0.500 | 3.000 | 1.000 | 4.500 | 1.500 | 31.3 | 20.1 | — | 1.0 | 0.5 | 1.5 | 2.0 | 3.0 | 32.0 | 1.0000 | 0 |\n"
             ),
             "{table}"
         );

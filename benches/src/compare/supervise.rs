@@ -296,15 +296,7 @@ pub(super) fn usage_of(pids: &[u32]) -> Option<Usage> {
     let mut total: Option<Usage> = None;
     for &pid in pids {
         let usage = process::tree(pid).ok()?;
-        total = Some(match total {
-            None => usage,
-            Some(t) => Usage {
-                cpu_seconds: t.cpu_seconds + usage.cpu_seconds,
-                system_seconds: t.system_seconds + usage.system_seconds,
-                rss_bytes: t.rss_bytes + usage.rss_bytes,
-                peak_rss_bytes: t.peak_rss_bytes + usage.peak_rss_bytes,
-            },
-        });
+        *total.get_or_insert_default() += usage;
     }
     total
 }
