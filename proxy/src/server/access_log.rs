@@ -351,14 +351,10 @@ impl RequestRecord {
         series.request_size.observe(request_bytes as f64);
         series.response_size.observe(bytes as f64);
         if let Some(usage) = self.usage {
-            let model = self.model_label();
-            for (kind, count) in [("input", usage.input), ("output", usage.output)] {
+            let tokens = series.tokens(self.model_label());
+            for (series, count) in [(tokens.input, usage.input), (tokens.output, usage.output)] {
                 if let Some(count) = count {
-                    self.shared
-                        .metrics
-                        .tokens
-                        .with_label_values(&[route, backend, model, kind])
-                        .inc_by(count);
+                    series.inc_by(count);
                 }
             }
         }

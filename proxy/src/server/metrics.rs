@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use foldhash::fast::RandomState;
+
 use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec};
 
 use crate::core::metrics::Registry;
@@ -91,18 +93,56 @@ pub(crate) struct PairSeries {
     pub request_size: Histogram,
     /// `infermesh_response_size_bytes`.
     pub response_size: Histogram,
+    /// `infermesh_tokens_total` of the pair, by model label, as met. The
+    /// model labels come from the config ([`crate::snapshot::Snapshot::model_label`]),
+    /// so the list stays short and is searched in order.
+    tokens: Mutex<Vec<(Arc<str>, TokenSeries)>>,
+    route: Arc<str>,
+    backend: Arc<str>,
+    family: IntCounterVec,
+}
+
+/// `infermesh_tokens_total` of one route, backend and model: the input and
+/// the output tokens.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenSeries {
+    /// `type="input"`.
+    pub input: IntCounter,
+    /// `type="output"`.
+    pub output: IntCounter,
+}
+
+impl PairSeries {
+    /// The token counts of the pair's answers for `model` (a model label,
+    /// empty for none).
+    pub(crate) fn tokens(&self, model: &str) -> TokenSeries {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, series)) = tokens.iter().find(|(m, _)| **m == *model) {
+            return series.clone();
+        }
+        let labels = |kind| [&*self.route, &*self.backend, model, kind];
+        let series = TokenSeries {
+            input: self.family.with_label_values(&labels("input")),
+            output: self.family.with_label_values(&labels("output")),
+        };
+        tokens.push((Arc::from(model), series.clone()));
+        series
+    }
 }
 
 /// [`PairSeries`] by route, then backend. The pairs are bounded by the
 /// config (and the families keep their series anyway, as nothing removes
-/// them), so the cache is not trimmed.
+/// them), so the cache is not trimmed. Its keys are names from the
+/// config, never client input, so they are hashed with foldhash's fast
+/// hasher rather than the default DoS-resistant one, at a quarter of the
+/// cost on every response.
 #[derive(Debug, Default)]
 pub(crate) struct PairSeriesCache {
-    pairs: Mutex<HashMap<Arc<str>, SeriesByBackend>>,
+    pairs: Mutex<HashMap<Arc<str>, SeriesByBackend, RandomState>>,
 }
 
 /// One route's [`PairSeries`], by backend.
-type SeriesByBackend = HashMap<Arc<str>, Arc<PairSeries>>;
+type SeriesByBackend = HashMap<Arc<str>, Arc<PairSeries>, RandomState>;
 
 impl Metrics {
     /// The series of the requests of `route` answered by `backend` (either
@@ -113,19 +153,24 @@ impl Metrics {
             return series.clone();
         }
         let labels = [route, backend];
+        let (route, backend) = (Arc::<str>::from(route), Arc::<str>::from(backend));
         let series = Arc::new(PairSeries {
             ok: self
                 .requests
-                .with_label_values(&[route, backend, "200", ""]),
+                .with_label_values(&[&*route, &*backend, "200", ""]),
             first_byte: self.response_first_byte.with_label_values(&labels),
             duration: self.request_duration.with_label_values(&labels),
             request_size: self.request_size.with_label_values(&labels),
             response_size: self.response_size.with_label_values(&labels),
+            tokens: Mutex::default(),
+            route: route.clone(),
+            backend: backend.clone(),
+            family: self.tokens.clone(),
         });
         pairs
-            .entry(Arc::from(route))
+            .entry(route)
             .or_default()
-            .insert(Arc::from(backend), series.clone());
+            .insert(backend, series.clone());
         series
     }
 }
@@ -222,6 +267,15 @@ mod tests {
         first.duration.observe(0.5);
         metrics.pair("chat", "llama").ok.inc();
         metrics.pair("chat", "mistral").response_size.observe(10.0);
+        let tokens = first.tokens("llama-3");
+        tokens.input.inc_by(7);
+        first.tokens("llama-3").output.inc_by(3);
+        first.tokens("").input.inc_by(1);
+        metrics
+            .pair("chat", "mistral")
+            .tokens("llama-3")
+            .input
+            .inc_by(11);
         assert!(Arc::ptr_eq(&first, &metrics.pair("chat", "llama")));
         assert_eq!(
             metrics
@@ -244,5 +298,15 @@ mod tests {
                 .get_sample_sum(),
             10.0
         );
+        let tokens = |backend, model, kind| {
+            metrics
+                .tokens
+                .with_label_values(&["chat", backend, model, kind])
+                .get()
+        };
+        assert_eq!(tokens("llama", "llama-3", "input"), 7);
+        assert_eq!(tokens("llama", "llama-3", "output"), 3);
+        assert_eq!(tokens("llama", "", "input"), 1);
+        assert_eq!(tokens("mistral", "llama-3", "input"), 11);
     }
 }
