@@ -36,22 +36,27 @@ impl Default for PeakEwma {
 }
 
 impl PeakEwma {
-    fn decayed(estimate: &Estimate, now: Instant) -> f64 {
+    /// The weight the estimate made at `estimate.at` keeps at `now`.
+    fn kept(estimate: &Estimate, now: Instant) -> f64 {
         let age = now.saturating_duration_since(estimate.at).as_secs_f64();
-        estimate.nanos * (-age / EWMA_DECAY.as_secs_f64()).exp()
+        (-age / EWMA_DECAY.as_secs_f64()).exp()
     }
 
-    /// Adds a sample taken at `now`.
+    fn decayed(estimate: &Estimate, now: Instant) -> f64 {
+        estimate.nanos * Self::kept(estimate, now)
+    }
+
+    /// Adds a sample taken at `now`. (The decay is worked out once: it is
+    /// both the estimate now and the weight of the old one.)
     pub fn observe(&self, now: Instant, rtt: Duration) {
         let mut estimate = self.0.lock().expect("ewma lock");
         let rtt = rtt.as_nanos() as f64;
-        let current = Self::decayed(&estimate, now);
+        let keep = Self::kept(&estimate, now);
+        let current = estimate.nanos * keep;
         estimate.nanos = if rtt > current {
             rtt
         } else {
-            let age = now.saturating_duration_since(estimate.at).as_secs_f64();
-            let keep = (-age / EWMA_DECAY.as_secs_f64()).exp();
-            estimate.nanos * keep + rtt * (1.0 - keep)
+            current + rtt * (1.0 - keep)
         };
         estimate.at = now;
     }

@@ -663,44 +663,58 @@ pub fn adapt_request<B>(
     protocol: UpstreamProtocol,
     endpoint: SocketAddr,
 ) {
-    let from_uri = request.uri().authority().cloned();
-    let authority = from_uri
-        .clone()
-        .or_else(|| {
-            request
-                .headers()
-                .get(HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
-        })
-        .unwrap_or_else(|| {
-            Authority::try_from(endpoint.to_string()).expect("a socket address is an authority")
-        });
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     match protocol {
         UpstreamProtocol::Http1 => {
             *request.version_mut() = Version::HTTP_11;
-            if (from_uri.is_some() || !request.headers().contains_key(HOST))
+            // Nearly every request is in origin form with a `Host`: it
+            // goes as it is, with no authority parsed or URI rebuilt.
+            if request.uri().scheme().is_none() && request.uri().authority().is_none() {
+                if !request.headers().contains_key(HOST) {
+                    let host = HeaderValue::try_from(endpoint.to_string())
+                        .expect("a socket address is a header value");
+                    request.headers_mut().insert(HOST, host);
+                }
+                return;
+            }
+            if let Some(authority) = request.uri().authority()
                 && let Ok(host) = HeaderValue::from_str(authority.as_str())
             {
                 request.headers_mut().insert(HOST, host);
             }
-            *request.uri_mut() = Uri::from(path);
+            *request.uri_mut() = Uri::from(path_of(request.uri()));
         }
         UpstreamProtocol::Http2 => {
+            let authority = request
+                .uri()
+                .authority()
+                .cloned()
+                .or_else(|| {
+                    request
+                        .headers()
+                        .get(HOST)
+                        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                })
+                .unwrap_or_else(|| {
+                    Authority::try_from(endpoint.to_string())
+                        .expect("a socket address is an authority")
+                });
             *request.version_mut() = Version::HTTP_2;
             request.headers_mut().remove(HOST);
             let mut parts = http::uri::Parts::default();
             parts.scheme = Some(Scheme::HTTP);
             parts.authority = Some(authority);
-            parts.path_and_query = Some(path);
+            parts.path_and_query = Some(path_of(request.uri()));
             *request.uri_mut() =
                 Uri::from_parts(parts).expect("scheme, authority and path make a URI");
         }
     }
+}
+
+/// The path and query of `uri`, `/` when it has none.
+fn path_of(uri: &Uri) -> PathAndQuery {
+    uri.path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 #[cfg(test)]
@@ -763,5 +777,26 @@ mod tests {
             .unwrap();
         adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
         assert_eq!(req.headers()[HOST], "10.0.0.1:8000");
+        assert_eq!(req.version(), Version::HTTP_11);
+    }
+
+    #[test]
+    fn an_origin_form_request_with_a_host_goes_as_it_came() {
+        let mut req = Request::builder()
+            .uri("/v1/chat/completions?stream=true")
+            .header(HOST, "models.example.com")
+            .body(())
+            .unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http1, endpoint());
+        assert_eq!(req.uri(), "/v1/chat/completions?stream=true");
+        assert_eq!(req.headers()[HOST], "models.example.com");
+        assert_eq!(req.headers().get_all(HOST).iter().count(), 1);
+        // Without a path, an HTTP/2 upstream gets `/`.
+        let mut req = Request::builder()
+            .uri("http://models.example.com")
+            .body(())
+            .unwrap();
+        adapt_request(&mut req, UpstreamProtocol::Http2, endpoint());
+        assert_eq!(req.uri(), "http://models.example.com/");
     }
 }
