@@ -235,10 +235,11 @@ impl Parking {
 }
 
 /// Keeps an HTTP/1.1 upstream connection counted (its `maxConnections`
-/// permit and the open-connections gauge) while held. Every response from
-/// such a connection carries one in its extensions: a connection that
-/// switched protocols lives on in the tunnel, which holds it until it
-/// closes.
+/// permit and the open-connections gauge) while held. A response that
+/// switches protocols carries one in its extensions: its connection lives
+/// on in the tunnel, which holds it until it closes. (Others do not: the
+/// connection's own task holds it while the exchange runs, and an
+/// extension costs every response an allocation.)
 #[derive(Clone, Debug)]
 pub(crate) struct UpstreamConnection {
     _open: Arc<OpenConnection>,
@@ -413,7 +414,7 @@ async fn send_http1(
         } = idle;
         match sender.try_send_request(request).await {
             Ok(mut response) => {
-                response.extensions_mut().insert(held.clone());
+                hold_if_upgraded(&mut response, &held);
                 parking.leave(sender, held, connections, settings);
                 return Ok(response);
             }
@@ -433,6 +434,14 @@ async fn send_http1(
         request,
     ))
     .await
+}
+
+/// Puts `held` in the extensions of a `response` that switches protocols,
+/// for the tunnel ([`UpstreamConnection`]).
+fn hold_if_upgraded(response: &mut Response<Incoming>, held: &UpstreamConnection) {
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        response.extensions_mut().insert(held.clone());
+    }
 }
 
 /// Sends `request` on a new HTTP/1.1 connection to `addr`, which joins the
@@ -465,7 +474,7 @@ async fn send_http1_on_new_connection(
         .send_request(request)
         .await
         .map_err(ErrorKind::from_upstream)?;
-    response.extensions_mut().insert(held.clone());
+    hold_if_upgraded(&mut response, &held);
     parking.leave(sender, held, connections, settings);
     Ok(response)
 }
