@@ -157,13 +157,19 @@ where
 
 /// A body that fails with a [`TimeoutError`] when its sender goes quiet for
 /// too long or its deadline passes.
+///
+/// The timers are made and the clock read only when the reader finds
+/// nothing to read: most bodies of model calls (a request, a short
+/// answer) are read without ever waiting, and pay for no timer.
 pub(crate) struct TimedBody {
     inner: ProxyBody,
-    idle: Option<(TimeoutError, Pin<Box<Sleep>>)>,
-    /// Whether the idle clock is running: it starts when the reader asks for
-    /// a frame, and stops when one is handed over.
+    /// The idle limit's error, and its timer once made.
+    idle: Option<(TimeoutError, Option<Pin<Box<Sleep>>>)>,
+    /// Whether the idle clock is running: it starts when the reader finds
+    /// no frame ready, and stops when one is handed over.
     waiting: bool,
-    deadline: Option<(TimeoutError, Pin<Box<Sleep>>)>,
+    /// The total limit's error and deadline, and its timer once made.
+    deadline: Option<(TimeoutError, Instant, Option<Pin<Box<Sleep>>>)>,
 }
 
 impl TimedBody {
@@ -177,16 +183,19 @@ impl TimedBody {
     ) -> Self {
         TimedBody {
             inner,
-            idle: idle.map(|error| (error, Box::pin(tokio::time::sleep(error.limit())))),
+            idle: idle.map(|error| (error, None)),
             waiting: false,
-            deadline: deadline.map(|(at, total)| {
-                (
-                    TimeoutError::Total(total),
-                    Box::pin(tokio::time::sleep_until(at)),
-                )
-            }),
+            deadline: deadline.map(|(at, total)| (TimeoutError::Total(total), at, None)),
         }
     }
+}
+
+/// Polls the timer in `slot` set for `at`, made on first use.
+fn expired(slot: &mut Option<Pin<Box<Sleep>>>, at: Instant, cx: &mut Context<'_>) -> bool {
+    slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
+        .as_mut()
+        .poll(cx)
+        .is_ready()
 }
 
 impl Body for TimedBody {
@@ -198,18 +207,29 @@ impl Body for TimedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if !this.waiting {
-            this.waiting = true;
-            if let Some((error, sleep)) = &mut this.idle {
-                sleep.as_mut().reset(Instant::now() + error.limit());
-            }
-        }
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.waiting = false;
             return Poll::Ready(frame);
         }
-        for (error, sleep) in [&mut this.deadline, &mut this.idle].into_iter().flatten() {
-            if sleep.as_mut().poll(cx).is_ready() {
+        if let Some((error, at, timer)) = &mut this.deadline
+            && expired(timer, *at, cx)
+        {
+            return Poll::Ready(Some(Err(Box::new(*error))));
+        }
+        if let Some((error, timer)) = &mut this.idle {
+            let waiting = std::mem::replace(&mut this.waiting, true);
+            if !waiting {
+                // The sender has gone quiet from now on.
+                let at = Instant::now() + error.limit();
+                if let Some(timer) = timer {
+                    timer.as_mut().reset(at);
+                } else {
+                    *timer = Some(Box::pin(tokio::time::sleep_until(at)));
+                }
+            }
+            if let Some(timer) = timer
+                && timer.as_mut().poll(cx).is_ready()
+            {
                 return Poll::Ready(Some(Err(Box::new(*error))));
             }
         }
