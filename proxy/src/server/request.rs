@@ -175,7 +175,10 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
             request.map(boxed)
         };
         request.extensions_mut().insert(self.connection.clone());
-        let listener = snapshot.listener(self.connection.listener);
+        // Held by the request's future, so the routing phase finds it
+        // without a second lookup.
+        let listener_entry = snapshot.listener_entry(self.connection.listener);
+        let listener = listener_entry.as_deref();
         // Phase: check.
         let escaped_slashes = listener.map_or(EscapedSlashes::default(), |l| l.escaped_slashes);
         let refused = check(&mut request, escaped_slashes).err();
@@ -220,7 +223,7 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
                 request
             };
             // Phase: route.
-            let destination = match snapshot.listener(this.connection.listener) {
+            let destination = match listener_entry.as_deref() {
                 Some(listener) if denied.is_none() => this.route(&request, &snapshot, listener),
                 _ => None,
             };

@@ -17,7 +17,7 @@ use crate::core::context::ListenerId;
 use crate::route::stack::{RuleStack, RuleState, default_rule};
 use crate::snapshot::authorize::Authorization;
 use crate::snapshot::router::Router;
-use crate::snapshot::{BuildError, ListenerEntry, Metrics, Snapshot};
+use crate::snapshot::{BuildError, ListenerEntry, ListenerIdHasher, Metrics, Snapshot};
 use crate::transport::connect::{Connector, TcpConnector};
 use crate::transport::tls;
 
@@ -220,8 +220,8 @@ fn build_listeners(
     listener_ids: &HashMap<String, ListenerId>,
     metrics: &Metrics,
     identity: Option<&Arc<CertStore>>,
-) -> Result<HashMap<ListenerId, Arc<ListenerEntry>>, BuildError> {
-    let mut listeners = HashMap::new();
+) -> Result<HashMap<ListenerId, Arc<ListenerEntry>, ListenerIdHasher>, BuildError> {
+    let mut listeners = HashMap::default();
     for listener in &config.listeners {
         let id = listener_ids[&listener.name];
         let entry = ListenerEntry {
