@@ -21,7 +21,7 @@ use crate::backend::endpoint::Endpoint;
 use crate::backend::outlier::Probe;
 use crate::backend::pool;
 use crate::core::body::{BoxFuture, ProxyBody, boxed, holding};
-use crate::core::context::{Attempt, LastAttempt, Upstream};
+use crate::core::context::{Attempt, RequestContext, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::retry_after;
 use crate::core::trace::{AttemptInfo, RequestTrace};
@@ -70,8 +70,8 @@ impl Service<Request<ProxyBody>> for Balance {
                     .after_retries(retry));
             };
             let hedge = attempt.is_some_and(|a| a.hedge);
-            if let Some(last) = request.extensions().get::<LastAttempt>() {
-                last.note(Upstream {
+            if let Some(context) = request.extensions().get::<RequestContext>() {
+                context.note_attempt(Upstream {
                     backend: backend.name.clone(),
                     endpoint: endpoint.addr,
                     retries: retry,

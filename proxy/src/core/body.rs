@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty, Full};
 
-use crate::core::context::LastAttempt;
+use crate::core::context::RequestContext;
 
 /// The error type of every body and of hyper's service boundary.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -89,10 +89,10 @@ impl<H: Unpin> Body for Holding<H> {
 }
 
 /// A request body that adds the data bytes it passes to its request's
-/// count ([`LastAttempt::add_request_bytes`]), for the access log and
+/// count ([`RequestContext::add_request_bytes`]), for the access log and
 /// `infermesh_request_size_bytes`. Put around the client's body, it counts
 /// what was read from the client once, however often a retry replays it.
-pub(crate) fn counting_request_bytes<B>(body: B, tally: LastAttempt) -> ProxyBody
+pub(crate) fn counting_request_bytes<B>(body: B, tally: RequestContext) -> ProxyBody
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -102,7 +102,7 @@ where
 
 struct Counting<B> {
     inner: B,
-    tally: LastAttempt,
+    tally: RequestContext,
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Counting<B> {
@@ -232,7 +232,10 @@ impl Body for Prepended {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::core::context::ConnectionInfo;
 
     #[tokio::test]
     async fn a_counted_body_adds_its_data_bytes_once() {
@@ -241,7 +244,7 @@ mod tests {
             Ok(Frame::data(Bytes::from_static(b"world"))),
             Ok(Frame::trailers(http::HeaderMap::new())),
         ];
-        let tally = LastAttempt::default();
+        let tally = RequestContext::new(Arc::new(ConnectionInfo::for_test()));
         let body = counting_request_bytes(
             http_body_util::StreamBody::new(futures_util::stream::iter(frames)),
             tally.clone(),

@@ -42,6 +42,24 @@ pub(crate) struct ConnectionInfo {
     pub capture: Option<Capture>,
 }
 
+#[cfg(test)]
+impl ConnectionInfo {
+    /// A plaintext connection from `127.0.0.1:40000` to listener 0.
+    pub(crate) fn for_test() -> Self {
+        let client = SocketAddr::from(([127, 0, 0, 1], 40000));
+        ConnectionInfo {
+            client,
+            client_ip: http::HeaderValue::from_static("127.0.0.1"),
+            client_address: client.to_string().into(),
+            listener: 0,
+            scheme: "http",
+            peer_identity: None,
+            original_destination: None,
+            capture: None,
+        }
+    }
+}
+
 /// Which backend and endpoint answered; found in the extensions of every
 /// response that came from upstream.
 #[derive(Clone, Debug)]
@@ -54,35 +72,57 @@ pub(crate) struct Upstream {
     pub retries: u32,
 }
 
-/// The backend and endpoint a request's latest attempt was sent to, noted
-/// by the balancer as it sends and read by the access log: a request that
-/// ends with no response from upstream (a route timeout fired, the client
-/// went away) is still attributed to the backend and endpoint it was
-/// waiting on, as Envoy logs the upstream host of a UT or a DC. One per
-/// request (the server makes it); every copy of the request (retries,
-/// hedges, fan-out branches) shares it, except a mirror's.
+/// What the layers serving a request share of it: the connection it came
+/// on, and what they note for the access log. One per request (the server
+/// makes it: one allocation), in its extensions; every copy of the request
+/// (retries, hedges, fan-out branches) shares it, except a mirror's
+/// ([`RequestContext::for_mirror`]).
 ///
-/// The same shared value counts the request body bytes read from the
-/// client, which the access log reads at the end as it reads the latest
-/// attempt: one allocation per request serves both.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct LastAttempt(Arc<RequestTally>);
+/// The balancer notes the backend and endpoint each attempt is sent to,
+/// so that a request that ends with no response from upstream (a route
+/// timeout fired, the client went away) is still attributed to the
+/// backend and endpoint it was waiting on, as Envoy logs the upstream host
+/// of a UT or a DC; the request body's bytes are counted as they are read
+/// from the client.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestContext(Arc<RequestShared>);
 
-/// What the server's request record and the layers below it both write.
-#[derive(Debug, Default)]
-struct RequestTally {
+#[derive(Debug)]
+struct RequestShared {
+    connection: Arc<ConnectionInfo>,
     last: Mutex<Option<Upstream>>,
     request_bytes: AtomicU64,
 }
 
-impl LastAttempt {
+impl RequestContext {
+    /// The context of a request that came on `connection`.
+    pub(crate) fn new(connection: Arc<ConnectionInfo>) -> Self {
+        RequestContext(Arc::new(RequestShared {
+            connection,
+            last: Mutex::default(),
+            request_bytes: AtomicU64::default(),
+        }))
+    }
+
+    /// The context of a mirrored copy of the request: the same connection,
+    /// and attempts and bytes of its own, which are not the request's (the
+    /// access log names the backend the client waited on).
+    pub(crate) fn for_mirror(&self) -> Self {
+        RequestContext::new(self.0.connection.clone())
+    }
+
+    /// The connection the request came on.
+    pub(crate) fn connection(&self) -> &Arc<ConnectionInfo> {
+        &self.0.connection
+    }
+
     /// Notes an attempt sent to `upstream`.
-    pub(crate) fn note(&self, upstream: Upstream) {
+    pub(crate) fn note_attempt(&self, upstream: Upstream) {
         *self.0.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(upstream);
     }
 
     /// The latest attempt's backend and endpoint, if one was sent.
-    pub(crate) fn get(&self) -> Option<Upstream> {
+    pub(crate) fn last_attempt(&self) -> Option<Upstream> {
         self.0
             .last
             .lock()

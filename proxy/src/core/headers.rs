@@ -5,14 +5,12 @@
 //! the HTTP version of the app that made a request; every request has an
 //! `x-request-id`; and reading `Retry-After`.
 
-use std::sync::Arc;
-
 use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use infermesh_api::UpstreamProtocol;
 
 use crate::core::body::ProxyBody;
-use crate::core::context::ConnectionInfo;
+use crate::core::context::RequestContext;
 
 /// The header naming the reason of a proxy-made error response
 /// (`x-infermesh-error: <reason>`), so a proxy timeout is never mistaken
@@ -205,7 +203,10 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, scheme: &'st
 pub(crate) fn to_upstream(mut request: Request<ProxyBody>) -> Request<ProxyBody> {
     let upgrade = is_upgrade(&request);
     strip_hop_by_hop(request.headers_mut(), upgrade);
-    if let Some(conn) = request.extensions().get::<Arc<ConnectionInfo>>().cloned()
+    if let Some(conn) = request
+        .extensions()
+        .get::<RequestContext>()
+        .map(|context| context.connection().clone())
         && conn.capture.is_none()
     {
         add_forwarded(request.headers_mut(), &conn.client_ip, conn.scheme);

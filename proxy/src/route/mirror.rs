@@ -21,7 +21,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::core::body::{BoxError, BoxFuture, ProxyBody, boxed, empty};
-use crate::core::context::LastAttempt;
+use crate::core::context::RequestContext;
 use crate::core::error::{ProxyError, find_source};
 use crate::route::metrics::Metrics;
 
@@ -118,7 +118,9 @@ where
         *copy.extensions_mut() = parts.extensions.clone();
         // The mirror's attempt is not the request's: the access log names
         // the backend the client waited on.
-        copy.extensions_mut().remove::<LastAttempt>();
+        if let Some(context) = copy.extensions_mut().remove::<RequestContext>() {
+            copy.extensions_mut().insert(context.for_mirror());
+        }
         mark_as_shadow(&mut copy);
         let body = if body.is_end_stream() {
             body

@@ -25,7 +25,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::core::body::{BoxError, ProxyBody, boxed};
-use crate::core::context::{ConnectionInfo, LastAttempt, Upstream};
+use crate::core::context::{RequestContext, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::{FANOUT_HEADER, GRPC_STATUS};
 use crate::core::trace::OpenSpan;
@@ -46,8 +46,6 @@ pub(crate) struct RequestRecord {
     uri: http::Uri,
     host: Option<http::HeaderValue>,
     version: Version,
-    /// The connection's client, SPIFFE ID and address text.
-    connection: Arc<ConnectionInfo>,
     listener: Option<Arc<str>>,
     /// `x-request-id`, the client's or the proxy's.
     request_id: http::HeaderValue,
@@ -80,7 +78,7 @@ pub(crate) struct RequestRecord {
     detail: Option<String>,
     /// Where the latest attempt went, for a request that ends with no
     /// response from upstream.
-    last_attempt: LastAttempt,
+    context: RequestContext,
     /// The request's server span, when it is traced: it ends with the
     /// record.
     span: Option<OpenSpan>,
@@ -96,17 +94,16 @@ pub(crate) struct RequestRecord {
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 impl RequestRecord {
-    /// Starts the record of `request`, which arrived at `started` on
-    /// `connection` (its client, and its SPIFFE ID over mutual TLS) at
-    /// `listener`, known by `request_id`; `last_attempt` is the request's
-    /// (in its extensions).
+    /// Starts the record of `request`, which arrived at `started` at
+    /// `listener`, known by `request_id`; `context` is the request's (in
+    /// its extensions), which says the connection it came on (its client,
+    /// and its SPIFFE ID over mutual TLS).
     pub(crate) fn start<B>(
         request: &Request<B>,
         started: Instant,
-        connection: &Arc<ConnectionInfo>,
         listener: Option<Arc<str>>,
         request_id: http::HeaderValue,
-        last_attempt: LastAttempt,
+        context: RequestContext,
         shared: Arc<Shared>,
     ) -> Self {
         RequestRecord {
@@ -117,7 +114,6 @@ impl RequestRecord {
             uri: request.uri().clone(),
             host: request.headers().get(http::header::HOST).cloned(),
             version: request.version(),
-            connection: connection.clone(),
             listener,
             request_id,
             route: None,
@@ -136,7 +132,7 @@ impl RequestRecord {
             grpc_status: None,
             error: None,
             detail: None,
-            last_attempt,
+            context,
             span: None,
             pair: None,
             written: false,
@@ -310,7 +306,7 @@ impl RequestRecord {
             self.error = body_error;
         }
         if self.backend.is_none()
-            && let Some(last) = self.last_attempt.get()
+            && let Some(last) = self.context.last_attempt()
         {
             // No response came from upstream (a route timeout, the
             // client gone): the attempt it was waiting on.
@@ -324,7 +320,7 @@ impl RequestRecord {
         if let Some(in_flight) = self.in_flight.take() {
             in_flight.dec();
         }
-        let request_bytes = self.last_attempt.request_bytes();
+        let request_bytes = self.context.request_bytes();
         let pair = self.pair.take();
         let route = self.route_label();
         let backend = self.backend_label();
@@ -396,9 +392,9 @@ impl RequestRecord {
             retries: self.retries,
             error: self.error,
             detail: self.detail.as_deref(),
-            client: self.connection.client,
-            client_address: &self.connection.client_address,
-            peer_identity: self.connection.peer_identity.as_deref(),
+            client: self.context.connection().client,
+            client_address: &self.context.connection().client_address,
+            peer_identity: self.context.connection().peer_identity.as_deref(),
             listener: self.listener.as_deref().unwrap_or(""),
             request_id: self.request_id.to_str().unwrap_or(""),
             fanout: self.fanout.as_ref().and_then(|f| f.to_str().ok()),

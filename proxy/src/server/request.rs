@@ -36,7 +36,7 @@ use hyper::body::Incoming;
 use infermesh_api::{EscapedSlashes, OutsideMesh};
 
 use crate::core::body::{BoxFuture, ProxyBody, boxed, counting_request_bytes};
-use crate::core::context::{ConnectionInfo, LastAttempt};
+use crate::core::context::{ConnectionInfo, RequestContext};
 use crate::core::error::{ErrorKind, ProxyError};
 use crate::core::headers::{X_REQUEST_ID, ensure_request_id};
 use crate::core::{authority, model, path};
@@ -164,17 +164,16 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
             .start_stream(request.version() == http::Version::HTTP_2);
         let snapshot = self.shared.snapshot.load_full();
         let has_body = !http_body::Body::is_end_stream(request.body());
-        let last_attempt = LastAttempt::default();
+        let context = RequestContext::new(self.connection.clone());
         // The body's bytes are counted as they are read from the client,
         // for the access log and the size histogram; a request without a
         // body is not wrapped.
         let mut request = if has_body {
-            let tally = last_attempt.clone();
+            let tally = context.clone();
             request.map(|body| counting_request_bytes(body, tally))
         } else {
             request.map(boxed)
         };
-        request.extensions_mut().insert(self.connection.clone());
         // Held by the request's future, so the routing phase finds it
         // without a second lookup.
         let listener_entry = snapshot.listener_entry(self.connection.listener);
@@ -186,14 +185,13 @@ impl hyper::service::Service<Request<Incoming>> for RequestService {
         // attempt carries the id.
         let request_id = ensure_request_id(request.headers_mut());
         let dialect = Dialect::of(&request);
-        request.extensions_mut().insert(last_attempt.clone());
+        request.extensions_mut().insert(context.clone());
         let mut record = RequestRecord::start(
             &request,
             started,
-            &self.connection,
             listener.map(|l| l.name.clone()),
             request_id.clone(),
-            last_attempt,
+            context,
             self.shared.clone(),
         );
         if let Some(tracing) = &self.shared.tracing {
