@@ -394,15 +394,31 @@ fn find_usage(bytes: &[u8]) -> Option<Usage> {
     None
 }
 
-/// Where the last `"usage"` in `bytes` starts. (memchr's vectorised
-/// search: it runs on every JSON answer, and a byte-by-byte scan for
-/// quotes cost a thousand instructions on a short one. The searcher is
-/// made once: `memmem::rfind` makes one per call, which cost another 650
-/// instructions per answer.)
+/// Where the last `"usage"` in `bytes` starts.
+///
+/// The last few `u`s are tried first: an answer ends with its usage, and
+/// the keys after it in OpenAI's shape hold no `u`, so the first `u` from
+/// the end is nearly always the key's; memchr finds a byte from the end
+/// with vector instructions, where its reverse substring search goes byte
+/// by byte (it cost ~370 instructions per answer). Past those tries, the
+/// substring search looks at what is left before them (made once:
+/// `memmem::rfind` makes one per call, another 650 instructions).
 fn rfind_key(bytes: &[u8]) -> Option<usize> {
+    /// How many `u`s are tried before the substring search.
+    const QUICK_TRIES: usize = 4;
     static FINDER: LazyLock<memchr::memmem::FinderRev<'static>> =
         LazyLock::new(|| memchr::memmem::FinderRev::new(KEY));
-    FINDER.rfind(bytes)
+    let mut end = bytes.len();
+    for _ in 0..QUICK_TRIES {
+        // No `u` left: no key either.
+        let u = memchr::memrchr(b'u', &bytes[..end])?;
+        if u > 0 && bytes[u - 1..].starts_with(KEY) {
+            return Some(u - 1);
+        }
+        // A key that reaches past `u` would have its `u` there: none does.
+        end = u;
+    }
+    FINDER.rfind(&bytes[..end])
 }
 
 /// The counts in OpenAI's and Anthropic's `usage` objects; other fields
@@ -692,6 +708,40 @@ mod tests {
                 output: Some(15)
             })
         );
+    }
+
+    #[test]
+    fn the_last_usage_key_is_found_wherever_it_is() {
+        let naive = |bytes: &[u8]| bytes.windows(KEY.len()).rposition(|w| w == KEY);
+        // Keys among many `u`s (more than the quick tries), at the very
+        // start and end, overlapping text, or none at all.
+        let pieces: [&[u8]; 7] = [
+            br#""usage""#,
+            b"uuuuuu",
+            br#""output_tokens":1"#,
+            b"\"usag",
+            b"e\"",
+            b"x",
+            br#"{"input_tokens":2}"#,
+        ];
+        let mut cases = 0;
+        for a in 0..pieces.len() {
+            for b in 0..pieces.len() {
+                for c in 0..pieces.len() {
+                    for d in 0..pieces.len() {
+                        let text = [pieces[a], pieces[b], pieces[c], pieces[d]].concat();
+                        assert_eq!(
+                            rfind_key(&text),
+                            naive(&text),
+                            "{}",
+                            String::from_utf8_lossy(&text)
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 7 * 7 * 7 * 7);
     }
 
     #[test]
