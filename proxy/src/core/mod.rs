@@ -5,8 +5,8 @@
 //! header rules ([`headers`]), a request's path normalised ([`path`]) and
 //! its host checked ([`authority`]), the model a request names
 //! ([`model`]), the metrics registry every layer registers its
-//! families in ([`metrics`]) and which worker the code runs on
-//! ([`worker`]).
+//! families in ([`metrics`]), which worker the code runs on
+//! ([`worker`]) and a future polled only when woken ([`woken`]).
 
 pub(crate) mod authority;
 pub(crate) mod body;
@@ -17,4 +17,5 @@ pub(crate) mod metrics;
 pub(crate) mod model;
 pub(crate) mod path;
 pub(crate) mod trace;
+pub(crate) mod woken;
 pub(crate) mod worker;

@@ -18,6 +18,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::core::context::{ConnectionInfo, ListenerId};
+use crate::core::woken::PollWhenWoken;
 use crate::server::access_entry::AddressText;
 use crate::server::lifetime::{ClientIo, Lifetime, Watchdog};
 use crate::server::original::OriginalDestination;
@@ -378,12 +379,12 @@ impl Connection {
                     }
                     return;
                 }
-                _ = drain.changed(), if !draining => {
+                _ = PollWhenWoken::new(drain.changed()), if !draining => {
                     draining = true;
                     watchdog.closing();
                     connection.as_mut().graceful_shutdown();
                 }
-                ending = watchdog.next() => {
+                ending = PollWhenWoken::new(watchdog.next()) => {
                     closed(ending.as_str());
                     if !ending.is_graceful() {
                         tracing::info!(client = %self.client, listener = %self.listener.name, reason = ending.as_str(), "client connection closed");
