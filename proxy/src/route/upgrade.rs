@@ -46,14 +46,16 @@ where
     }
 
     fn call(&mut self, mut request: Request<ProxyBody>) -> Self::Future {
-        let client_side = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        if !is_upgrade(&request) {
+            // Nearly every request: nothing to watch for.
+            return Box::pin(self.inner.call(request));
+        }
+        let client_side = hyper::upgrade::on(&mut request);
         let response: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
             Box::pin(self.inner.call(request));
         Box::pin(async move {
             let mut response = response.await?;
-            if let Some(client_side) = client_side
-                && response.status() == StatusCode::SWITCHING_PROTOCOLS
-            {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let backend_side = hyper::upgrade::on(&mut response);
                 // The tunnel keeps the upstream connection counted.
                 let held = response.extensions_mut().remove::<UpstreamConnection>();
