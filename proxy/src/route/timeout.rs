@@ -164,13 +164,16 @@ where
 pub(crate) struct TimedBody {
     inner: ProxyBody,
     /// The idle limit's error, and its timer once made.
-    idle: Option<(TimeoutError, Option<Pin<Box<Sleep>>>)>,
+    idle: Option<(TimeoutError, LazyTimer)>,
     /// Whether the idle clock is running: it starts when the reader finds
     /// no frame ready, and stops when one is handed over.
     waiting: bool,
     /// The total limit's error and deadline, and its timer once made.
-    deadline: Option<(TimeoutError, Instant, Option<Pin<Box<Sleep>>>)>,
+    deadline: Option<(TimeoutError, Instant, LazyTimer)>,
 }
+
+/// A timer made on first use.
+type LazyTimer = Option<Pin<Box<Sleep>>>;
 
 impl TimedBody {
     /// Wraps `inner`. `idle` is the error raised after its limit passes
@@ -191,7 +194,7 @@ impl TimedBody {
 }
 
 /// Polls the timer in `slot` set for `at`, made on first use.
-fn expired(slot: &mut Option<Pin<Box<Sleep>>>, at: Instant, cx: &mut Context<'_>) -> bool {
+fn expired(slot: &mut LazyTimer, at: Instant, cx: &mut Context<'_>) -> bool {
     slot.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)))
         .as_mut()
         .poll(cx)
