@@ -372,6 +372,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_copys_attempts_are_not_the_requests() {
+        use crate::core::context::{ConnectionInfo, Upstream};
+        use crate::core::error::ErrorKind;
+
+        let metrics = Metrics::register(&crate::core::metrics::Registry::new());
+        let (seen, mut copies) = mpsc::channel(1);
+        let shadow =
+            BoxCloneSyncService::new(tower::service_fn(move |copy: Request<ProxyBody>| {
+                let seen = seen.clone();
+                async move {
+                    let _ = seen
+                        .send(copy.extensions().get::<RequestContext>().cloned())
+                        .await;
+                    Err::<Response<ProxyBody>, _>(ProxyError::new(ErrorKind::NoEndpoint))
+                }
+            }));
+        let primary =
+            tower::service_fn(|_: Request<ProxyBody>| async { Ok(Response::new(empty())) });
+        let mut service = MirrorLayer::new(shadow, "shadow", 100, &metrics).layer(primary);
+        let context = RequestContext::new(Arc::new(ConnectionInfo::for_test()));
+        let mut request = Request::new(empty());
+        request.extensions_mut().insert(context.clone());
+        service.call(request).await.unwrap();
+        let copy = copies
+            .recv()
+            .await
+            .unwrap()
+            .expect("the copy knows its connection");
+        assert!(Arc::ptr_eq(copy.connection(), context.connection()));
+        // The shadow's balancer notes its attempt: the access log must
+        // still name the backend the client waited on.
+        copy.note_attempt(Upstream {
+            backend: Arc::from("shadow"),
+            endpoint: "127.0.0.1:9".parse().unwrap(),
+            retries: 0,
+        });
+        assert!(context.last_attempt().is_none());
+    }
+
+    #[tokio::test]
     async fn the_copy_gets_every_frame_and_its_end_when_it_keeps_up() {
         let seen = tee(3, 4).await;
         assert_eq!(seen.len(), 3);
