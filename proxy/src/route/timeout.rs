@@ -220,18 +220,17 @@ impl Body for TimedBody {
             return Poll::Ready(Some(Err(Box::new(*error))));
         }
         if let Some((error, timer)) = &mut this.idle {
-            let waiting = std::mem::replace(&mut this.waiting, true);
-            if !waiting {
+            if !std::mem::replace(&mut this.waiting, true) {
                 // The sender has gone quiet from now on.
                 let at = Instant::now() + error.limit();
-                if let Some(timer) = timer {
-                    timer.as_mut().reset(at);
-                } else {
-                    *timer = Some(Box::pin(tokio::time::sleep_until(at)));
+                match timer {
+                    Some(timer) => timer.as_mut().reset(at),
+                    None => *timer = Some(Box::pin(tokio::time::sleep_until(at))),
                 }
             }
-            if let Some(timer) = timer
-                && timer.as_mut().poll(cx).is_ready()
+            if timer
+                .as_mut()
+                .is_some_and(|t| t.as_mut().poll(cx).is_ready())
             {
                 return Poll::Ready(Some(Err(Box::new(*error))));
             }

@@ -76,8 +76,9 @@ pub(crate) struct RequestRecord {
     grpc_status: Option<u16>,
     error: Option<&'static str>,
     detail: Option<String>,
-    /// Where the latest attempt went, for a request that ends with no
-    /// response from upstream.
+    /// The request's context: its connection, where its latest attempt
+    /// went (for a request that ends with no response from upstream) and
+    /// the body bytes read from the client.
     context: RequestContext,
     /// The request's server span, when it is traced: it ends with the
     /// record.
