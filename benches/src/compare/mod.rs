@@ -166,6 +166,7 @@ use std::path::Path;
 pub use report::{ComparisonReport, Measurement, Summary};
 pub use spec::{Comparison, InfermeshSpec, LoadSpec, Pinning, StaticBackend, TargetKind};
 
+use crate::process::Usage;
 use measure::LoadPlan;
 use report::Memory;
 use spec::Backend;
@@ -308,13 +309,10 @@ fn start_targets(
     Ok((targets, skipped))
 }
 
-/// Each target's resident memory (all, and anonymous) once every target
-/// has started and before any load, in `targets`' order.
-fn idle_memory(targets: &[Ready]) -> Vec<Option<(u64, u64)>> {
-    targets
-        .iter()
-        .map(|t| t.usage().map(|u| (u.rss_bytes, u.anon_bytes)))
-        .collect()
+/// Each target's usage (its memory) once every target has started and
+/// before any load, in `targets`' order.
+fn idle_memory(targets: &[Ready]) -> Vec<Option<Usage>> {
+    targets.iter().map(Ready::usage).collect()
 }
 
 /// Visits every target in turn, round after round, printing a progress
@@ -352,7 +350,7 @@ async fn measure_rounds(
 /// the targets must still run); the closed loop ran over `connections`.
 fn summarize(
     targets: &[Ready],
-    idle: &[Option<(u64, u64)>],
+    idle: &[Option<Usage>],
     rounds: &[(TargetKind, Vec<Measurement>)],
     connections: usize,
 ) -> Vec<Summary> {
@@ -363,8 +361,8 @@ fn summarize(
         .map(|((target, idle), (_, measured))| {
             let now = target.usage();
             let memory = Memory {
-                idle: idle.map(|(rss, _)| rss),
-                idle_anon: idle.map(|(_, anon)| anon),
+                idle: idle.map(|u| u.rss_bytes),
+                idle_anon: idle.map(|u| u.anon_bytes),
                 after_load: now.map(|u| u.rss_bytes),
                 peak: now.map(|u| u.peak_rss_bytes),
             };
