@@ -97,7 +97,7 @@ impl Service<Request<ProxyBody>> for Balance {
             let result = match timeout {
                 Some(limit) => tokio::time::timeout(limit, exchange)
                     .await
-                    .unwrap_or(Err(ErrorKind::AttemptTimeout(limit))),
+                    .unwrap_or_else(|_| Err(ErrorKind::AttemptTimeout(limit).into())),
                 None => exchange.await,
             };
             unanswered.0 = None;
@@ -135,7 +135,7 @@ impl Service<Request<ProxyBody>> for Balance {
                         holding(boxed(body), (in_flight, admission, span)),
                     ))
                 }
-                Err(kind) => {
+                Err(pool::SendError { kind, unsent }) => {
                     backend.attempts.failed(kind.reason());
                     if let Some(span) = span {
                         span.failed(kind.reason());
@@ -145,10 +145,14 @@ impl Service<Request<ProxyBody>> for Balance {
                         endpoint.latency.observe(done, rtt.max(FAILURE_PENALTY));
                         eject(&backend, &endpoint, done, probe);
                     }
-                    Err(ProxyError::new(kind)
+                    let error = ProxyError::new(kind)
                         .at_backend(&backend.name)
                         .at_endpoint(endpoint.addr)
-                        .after_retries(retry))
+                        .after_retries(retry);
+                    Err(match unsent {
+                        Some(head) => error.with_unsent(head),
+                        None => error,
+                    })
                 }
             }
         })

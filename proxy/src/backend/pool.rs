@@ -6,7 +6,10 @@
 //!
 //! A request that a reused connection refused before sending a byte (the
 //! server closed it while idle) is sent again on another connection; this is
-//! safe for any method, as nothing reached the server.
+//! safe for any method, as nothing reached the server. A request that fails
+//! before any connection had it (no connection slot, a failed connect or
+//! handshake) is given back with the failure, as it came, so that a retry
+//! above can send it elsewhere without having kept a copy of its own.
 //!
 //! Every open connection holds a permit of the backend's `maxConnections`.
 //! An HTTP/1.1 request that needs a new connection when none is left waits
@@ -341,23 +344,93 @@ impl Connections {
     }
 }
 
+/// A failed exchange: why, and the request when no connection ever had it.
+#[derive(Debug)]
+pub(crate) struct SendError {
+    /// Why it failed.
+    pub kind: ErrorKind,
+    /// The request's head as it came, when it failed before it was
+    /// adapted to a connection (waiting for a connection slot, connecting,
+    /// the handshake), so that a retry can send it elsewhere.
+    pub unsent: Option<Box<http::request::Parts>>,
+}
+
+impl From<ErrorKind> for SendError {
+    fn from(kind: ErrorKind) -> Self {
+        SendError { kind, unsent: None }
+    }
+}
+
+/// A request on its way to a connection of the endpoint at `addr`, adapted
+/// to the upstream only once a connection is in hand: until then it is
+/// the request as it came, which a failure gives back.
+struct Outgoing<'a> {
+    request: Request<ProxyBody>,
+    adapted: bool,
+    addr: SocketAddr,
+    settings: &'a PoolSettings,
+}
+
+impl<'a> Outgoing<'a> {
+    fn new(request: Request<ProxyBody>, addr: SocketAddr, settings: &'a PoolSettings) -> Self {
+        Outgoing {
+            request,
+            adapted: false,
+            addr,
+            settings,
+        }
+    }
+
+    /// The request, adapted to the upstream, for a connection to send.
+    fn adapted(mut self) -> Request<ProxyBody> {
+        if !self.adapted {
+            if self.settings.connector.is_mesh_peer() {
+                // A mesh peer: its inbound sidecar speaks to its app in the
+                // version the app's caller spoke, whatever this hop speaks.
+                note_original_protocol(&mut self.request);
+            }
+            adapt_request(&mut self.request, self.settings.protocol, self.addr);
+        }
+        self.request
+    }
+
+    /// A request a connection gave back unsent: already adapted, and
+    /// adapted the same way again for another connection of the endpoint.
+    fn given_back(
+        request: Request<ProxyBody>,
+        addr: SocketAddr,
+        settings: &'a PoolSettings,
+    ) -> Self {
+        Outgoing {
+            request,
+            adapted: true,
+            addr,
+            settings,
+        }
+    }
+
+    /// Fails the exchange with `kind`, giving the request back if no
+    /// connection had it yet.
+    fn failed(self, kind: ErrorKind) -> SendError {
+        SendError {
+            kind,
+            unsent: (!self.adapted).then(|| Box::new(self.request.into_parts().0)),
+        }
+    }
+}
+
 /// Sends `request` to the endpoint at `addr` and returns its response head
 /// (the body streams on).
 pub(crate) async fn send(
     connections: &Arc<Connections>,
     addr: SocketAddr,
     settings: &Arc<PoolSettings>,
-    mut request: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ErrorKind> {
-    if settings.connector.is_mesh_peer() {
-        // A mesh peer: its inbound sidecar speaks to its app in the
-        // version the app's caller spoke, whatever this hop speaks.
-        note_original_protocol(&mut request);
-    }
-    adapt_request(&mut request, settings.protocol, addr);
+    request: Request<ProxyBody>,
+) -> Result<Response<Incoming>, SendError> {
+    let outgoing = Outgoing::new(request, addr, settings);
     let mut response = match settings.protocol {
-        UpstreamProtocol::Http1 => send_http1(connections, addr, settings, request).await,
-        UpstreamProtocol::Http2 => send_http2(connections, addr, settings, request).await,
+        UpstreamProtocol::Http1 => send_http1(connections, settings, outgoing).await,
+        UpstreamProtocol::Http2 => send_http2(connections, settings, outgoing).await,
     }?;
     // The version belongs to the upstream hop; the client's connection
     // answers in its own (an HTTP/1.0 server must not make it HTTP/1.0).
@@ -401,10 +474,9 @@ pub(crate) async fn send_alone(
 
 async fn send_http1(
     connections: &Arc<Connections>,
-    addr: SocketAddr,
     settings: &Arc<PoolSettings>,
-    mut request: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ErrorKind> {
+    mut outgoing: Outgoing<'_>,
+) -> Result<Response<Incoming>, SendError> {
     while let Some(idle) = connections.checkout(settings.idle_timeout) {
         let IdleConnection {
             mut sender,
@@ -412,15 +484,16 @@ async fn send_http1(
             parking,
             ..
         } = idle;
-        match sender.try_send_request(request).await {
+        let addr = outgoing.addr;
+        match sender.try_send_request(outgoing.adapted()).await {
             Ok(mut response) => {
                 hold_if_upgraded(&mut response, &held);
                 parking.leave(sender, held, connections, settings);
                 return Ok(response);
             }
             Err(mut e) => match e.take_message() {
-                Some(unsent) => request = unsent,
-                None => return Err(ErrorKind::from_upstream(e.into_error())),
+                Some(unsent) => outgoing = Outgoing::given_back(unsent, addr, settings),
+                None => return Err(ErrorKind::from_upstream(e.into_error()).into()),
             },
         }
     }
@@ -429,9 +502,8 @@ async fn send_http1(
     // (the usual case) would otherwise carry inline and copy around.
     Box::pin(send_http1_on_new_connection(
         connections,
-        addr,
         settings,
-        request,
+        outgoing,
     ))
     .await
 }
@@ -444,20 +516,26 @@ fn hold_if_upgraded(response: &mut Response<Incoming>, held: &UpstreamConnection
     }
 }
 
-/// Sends `request` on a new HTTP/1.1 connection to `addr`, which joins the
-/// pool once the exchange is over.
+/// Sends a request on a new HTTP/1.1 connection to its endpoint, which
+/// joins the pool once the exchange is over.
 async fn send_http1_on_new_connection(
     connections: &Arc<Connections>,
-    addr: SocketAddr,
     settings: &Arc<PoolSettings>,
-    request: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ErrorKind> {
-    let permit = settings.connection_permit().await?;
-    let io = connect(addr, settings).await?;
-    let (mut sender, connection) = http1::Builder::new()
-        .handshake::<_, ProxyBody>(io)
-        .await
-        .map_err(ErrorKind::UpstreamReset)?;
+    outgoing: Outgoing<'_>,
+) -> Result<Response<Incoming>, SendError> {
+    let addr = outgoing.addr;
+    let permit = match settings.connection_permit().await {
+        Ok(permit) => permit,
+        Err(kind) => return Err(outgoing.failed(kind)),
+    };
+    let io = match connect(addr, settings).await {
+        Ok(io) => io,
+        Err(kind) => return Err(outgoing.failed(kind)),
+    };
+    let (mut sender, connection) = match http1::Builder::new().handshake::<_, ProxyBody>(io).await {
+        Ok(handshaken) => handshaken,
+        Err(e) => return Err(outgoing.failed(ErrorKind::UpstreamReset(e))),
+    };
     let held = UpstreamConnection {
         _open: Arc::new(OpenConnection::new(connections, settings, permit)),
     };
@@ -471,7 +549,7 @@ async fn send_http1_on_new_connection(
         addr,
     ));
     let mut response = sender
-        .send_request(request)
+        .send_request(outgoing.adapted())
         .await
         .map_err(ErrorKind::from_upstream)?;
     hold_if_upgraded(&mut response, &held);
@@ -514,10 +592,10 @@ async fn drive_http1(
 
 async fn send_http2(
     connections: &Arc<Connections>,
-    addr: SocketAddr,
     settings: &Arc<PoolSettings>,
-    mut request: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ErrorKind> {
+    mut outgoing: Outgoing<'_>,
+) -> Result<Response<Incoming>, SendError> {
+    let addr = outgoing.addr;
     let mut reconnected = false;
     loop {
         let shared = match connections.shared.load_full() {
@@ -525,11 +603,14 @@ async fn send_http2(
             _ => {
                 reconnected = true;
                 // Boxed, as for HTTP/1.1: rare, and kilobytes of state.
-                Box::pin(connect_http2(connections, addr, settings)).await?
+                match Box::pin(connect_http2(connections, addr, settings)).await {
+                    Ok(shared) => shared,
+                    Err(kind) => return Err(outgoing.failed(kind)),
+                }
             }
         };
         let mut sender = (*shared).clone();
-        match sender.try_send_request(request).await {
+        match sender.try_send_request(outgoing.adapted()).await {
             Ok(response) => return Ok(response),
             Err(mut e) => match e.take_message() {
                 // The shared connection was closing (GOAWAY): forget it,
@@ -537,9 +618,9 @@ async fn send_http2(
                 // one fresh try.
                 Some(unsent) if !reconnected => {
                     connections.shared.compare_and_swap(&shared, None);
-                    request = unsent;
+                    outgoing = Outgoing::given_back(unsent, addr, settings);
                 }
-                _ => return Err(ErrorKind::from_upstream(e.into_error())),
+                _ => return Err(ErrorKind::from_upstream(e.into_error()).into()),
             },
         }
     }

@@ -476,13 +476,17 @@ pub(crate) struct FanoutFailed {
 }
 
 /// A failure made by the proxy, with the backend and endpoint it happened
-/// at when known.
+/// at when known, and the request's head when the request was never sent.
 #[derive(Debug)]
 pub(crate) struct ProxyError {
     kind: ErrorKind,
     backend: Option<Arc<str>>,
     endpoint: Option<SocketAddr>,
     retries: u32,
+    /// The head of a request that never left the proxy (its connect
+    /// failed), given back so that a retry can send it again without
+    /// having kept a copy of its own.
+    unsent: Option<Box<http::request::Parts>>,
 }
 
 impl ProxyError {
@@ -493,6 +497,7 @@ impl ProxyError {
             backend: None,
             endpoint: None,
             retries: 0,
+            unsent: None,
         }
     }
 
@@ -517,6 +522,20 @@ impl ProxyError {
     pub(crate) fn at_endpoint(mut self, endpoint: SocketAddr) -> Self {
         self.endpoint.get_or_insert(endpoint);
         self
+    }
+
+    /// Gives back the head of the request that failed, when it was never
+    /// sent: see [`ProxyError::take_unsent`].
+    pub(crate) fn with_unsent(mut self, head: Box<http::request::Parts>) -> Self {
+        self.unsent = Some(head);
+        self
+    }
+
+    /// The head of the request that failed, when the request never left
+    /// the proxy and the layer that failed it gave the head back: what a
+    /// retry sends again when it kept no copy.
+    pub(crate) fn take_unsent(&mut self) -> Option<http::request::Parts> {
+        self.unsent.take().map(|head| *head)
     }
 
     /// What went wrong.

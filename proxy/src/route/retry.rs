@@ -7,7 +7,10 @@
 //! trailers that come before any data), before anything reaches the
 //! client: once a response is returned from here it is final. The request
 //! body is kept by [`ReplayBody`] up to the policy's cap; a larger request
-//! is not retried.
+//! is not retried. The request head is copied for each attempt only when a
+//! sent attempt may be retried; a request retried only when it was never
+//! sent (a `POST` under the default policy, to HTTP/1.1 backends) lends its
+//! head to the attempt, and the pool gives it back with a failed connect.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -18,7 +21,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Extensions, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::request::Parts;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use infermesh_api::{HedgePolicy, RetryOn, RetryPolicy};
@@ -140,17 +144,23 @@ pub(crate) struct Retries {
     budget_exhausted: IntCounter,
     /// Hedging of each attempt, when the rule asks for it.
     hedging: Option<Hedging>,
+    /// Whether one of the rule's backends speaks HTTP/2 upstream, where a
+    /// stream the server refused was sent but not processed.
+    refused_streams: bool,
 }
 
 impl Retries {
-    /// The retry policy and hedging of a rule of `route`.
+    /// The retry policy and hedging of a rule of `route`; `refused_streams`
+    /// says whether one of its backends speaks HTTP/2 upstream.
     pub(crate) fn new(
         policy: &RetryPolicy,
         hedge: Option<&HedgePolicy>,
         route: &Arc<str>,
         metrics: &Metrics,
+        refused_streams: bool,
     ) -> Self {
         Retries {
+            refused_streams,
             hedging: hedge.map(|hedge| Hedging::new(hedge, route, metrics)),
             per_try_timeout: policy.per_try_timeout.non_zero(),
             budget: Budget::new(policy.budget.percent, policy.budget.min_retry_concurrency),
@@ -180,6 +190,19 @@ impl Retries {
 
     fn retries_on(&self, on: RetryOn) -> bool {
         self.policy.on.contains(&on)
+    }
+
+    /// Whether a request may be retried after an attempt that sent it: then
+    /// each attempt is sent a copy of a head kept here. Otherwise only an
+    /// attempt that never left the proxy is retried, and it gives the head
+    /// back ([`ProxyError::take_unsent`]): a `POST` under the default
+    /// policy to HTTP/1.1 backends costs no copy.
+    fn keeps_head(&self, idempotent: bool) -> bool {
+        idempotent
+            || self.policy.non_idempotent
+            || self.hedging.is_some()
+            || (self.refused_streams
+                && (self.retries_on(RetryOn::RefusedStream) || self.retries_on(RetryOn::Reset)))
     }
 
     /// Whether `error` is worth another attempt, and why: the error
@@ -329,26 +352,36 @@ pub(crate) struct Retry<S> {
     retries: Arc<Retries>,
 }
 
-/// What every attempt of a request is made of, besides its body.
+/// Where each attempt's request head comes from: a copy of the head kept
+/// here when a sent attempt may be retried ([`Retries::keeps_head`]);
+/// else the head is lent to the attempt, which gives it back only if it
+/// never left the proxy, the only kind of attempt then retried.
 struct Head {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    extensions: Extensions,
+    kept: Option<Parts>,
 }
 
 impl Head {
-    fn request(&self, body: ProxyBody, attempt: &Attempt) -> Request<ProxyBody> {
-        let mut request = Request::new(body);
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        *request.extensions_mut() = self.extensions.clone();
-        request.extensions_mut().insert(attempt.clone());
-        request
+    /// A copy of the head for a hedge, when one is kept.
+    fn copy(&self, body: ProxyBody, attempt: &Attempt) -> Option<Request<ProxyBody>> {
+        let kept = self.kept.clone()?;
+        Some(attempt_request(kept, body, attempt))
     }
+
+    /// The head for the next attempt after `result`: a copy of the kept
+    /// one, or the lent one given back; `None` when it was not given back.
+    fn next(&self, result: &mut Result<Response<ProxyBody>, ProxyError>) -> Option<Parts> {
+        match &self.kept {
+            Some(kept) => Some(kept.clone()),
+            None => result.as_mut().err()?.take_unsent(),
+        }
+    }
+}
+
+/// An attempt's request: `head` and `body`, marked with `attempt` (for the
+/// endpoint pick below).
+fn attempt_request(mut head: Parts, body: ProxyBody, attempt: &Attempt) -> Request<ProxyBody> {
+    head.extensions.insert(attempt.clone());
+    Request::from_parts(head, body)
 }
 
 impl<S> Service<Request<ProxyBody>> for Retry<S>
@@ -409,28 +442,24 @@ where
     let (parts, body) = request.into_parts();
     let first = ReplayBody::new(body, retries.policy.max_replay_bytes as usize);
     let replay = first.handle();
+    let idempotent = is_idempotent(&parts.method);
     let head = Head {
-        method: parts.method,
-        uri: parts.uri,
-        version: parts.version,
-        headers: parts.headers,
-        extensions: parts.extensions,
+        kept: retries.keeps_head(idempotent).then(|| parts.clone()),
     };
-    let idempotent = is_idempotent(&head.method);
-    let mut body = boxed(first);
     if let Some(hedging) = &retries.hedging {
         hedging.request();
+        // Each race's attempts note the endpoints they use here.
+        attempt.siblings = Some(Arc::default());
     }
+    let mut request = attempt_request(parts, boxed(first), &attempt);
     // What the client gets if a retry is refused by the backend's retry
     // limit: the failure that caused it, and why it was retried.
     let mut previous: Option<(Result<Response<ProxyBody>, ProxyError>, Reason)> = None;
     let mut retry_slot: Option<InFlight> = None;
     loop {
         let result = match &retries.hedging {
-            None => send(inner.clone(), head.request(body, &attempt)).await,
+            None => send(inner.clone(), request).await,
             Some(hedging) => {
-                let siblings = Arc::default();
-                attempt.siblings = Some(Arc::clone(&siblings));
                 let hedge = Attempt {
                     hedge: true,
                     ..attempt.clone()
@@ -442,16 +471,18 @@ where
                         return None;
                     }
                     let body = replay.replay()?;
-                    Some(head.request(boxed(body), &hedge))
+                    head.copy(boxed(body), &hedge)
                 };
-                let first = head.request(body, &attempt);
                 let result = hedging
-                    .race(first, next, |request| send(inner.clone(), request))
+                    .race(request, next, |request| send(inner.clone(), request))
                     .await;
-                attempt.siblings = None;
-                // A retry avoids every endpoint the race used.
-                let used = siblings.lock().map(|s| s.clone()).unwrap_or_default();
-                attempt.avoid.extend(used);
+                // A retry avoids every endpoint the race used, and races
+                // with siblings of its own.
+                if let Some(used) = attempt.siblings.replace(Arc::default()) {
+                    attempt
+                        .avoid
+                        .extend(used.lock().map(|s| s.clone()).unwrap_or_default());
+                }
                 result
             }
         };
@@ -466,7 +497,7 @@ where
                 .with_label_values(&[&*retries.route, reason.as_str()])
                 .inc();
         }
-        let (result, reason) = retries.classify(result, idempotent).await;
+        let (mut result, reason) = retries.classify(result, idempotent).await;
         let Some(reason) = reason else {
             return result;
         };
@@ -476,6 +507,9 @@ where
             return result;
         }
         let Some(next) = replay.replay() else {
+            return result;
+        };
+        let Some(next_head) = head.next(&mut result) else {
             return result;
         };
         let asked = match &result {
@@ -502,7 +536,7 @@ where
         // connection and circuit-breaker slots are free for the retry.
         let (kept, ()) = tokio::join!(keep(result, wait.max(KEEP_WAIT)), tokio::time::sleep(wait));
         previous = kept.map(|kept| (kept, reason));
-        body = boxed(next);
+        request = attempt_request(next_head, boxed(next), &attempt);
     }
 }
 
@@ -613,7 +647,8 @@ mod tests {
             let answer = answer.clone();
             let fut: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(async move {
                 let attempt = request.extensions().get::<Attempt>().cloned().unwrap();
-                let body = request.into_body().collect().await.unwrap().to_bytes();
+                let (head, body) = request.into_parts();
+                let body = body.collect().await.unwrap().to_bytes();
                 let n = attempt.retry;
                 seen.lock()
                     .unwrap()
@@ -628,6 +663,12 @@ mod tests {
                             retries: n,
                         });
                         Ok(response)
+                    }
+                    // A failed connect gives the head back, as the pool does.
+                    Err(kind) if kind.retry_class() == Some(RetryClass::ConnectFailure) => {
+                        Err(ProxyError::new(kind)
+                            .at_endpoint(endpoint)
+                            .with_unsent(Box::new(head)))
                     }
                     Err(kind) => Err(ProxyError::new(kind).at_endpoint(endpoint)),
                 }
@@ -660,6 +701,7 @@ mod tests {
             None,
             &Arc::from("r"),
             &Metrics::register(&Registry::new()),
+            false,
         ))
     }
 
@@ -780,6 +822,90 @@ mod tests {
         assert_eq!(result.unwrap().status(), 200, "PUT is idempotent");
     }
 
+    #[test]
+    fn a_head_is_kept_only_when_a_sent_attempt_may_be_retried() {
+        let metrics = Metrics::register(&Registry::new());
+        let keeps = |policy: RetryPolicy, hedge: Option<&HedgePolicy>, http2: bool| {
+            let retries = Retries::new(&policy, hedge, &Arc::from("r"), &metrics, http2);
+            (retries.keeps_head(true), retries.keeps_head(false))
+        };
+        let default = RetryPolicy::default;
+        assert_eq!(
+            keeps(default(), None, false),
+            (true, false),
+            "HTTP/1.1 backends: a POST is retried only unsent"
+        );
+        assert_eq!(
+            keeps(default(), None, true),
+            (true, true),
+            "an HTTP/2 backend's refused stream was sent"
+        );
+        let only_connects = RetryPolicy {
+            on: vec![RetryOn::ConnectFailure, RetryOn::GatewayError],
+            ..default()
+        };
+        assert_eq!(keeps(only_connects, None, true), (true, false));
+        let non_idempotent = RetryPolicy {
+            non_idempotent: true,
+            ..default()
+        };
+        assert_eq!(keeps(non_idempotent, None, false), (true, true));
+        let hedge = HedgePolicy::default();
+        assert_eq!(keeps(default(), Some(&hedge), false), (true, true));
+    }
+
+    /// Sends a `POST` carrying `x-prompt-id` through the default policy to
+    /// an upstream whose first connect fails, giving the head back or not,
+    /// and returns the status and the heads the upstream was sent.
+    async fn post_after_a_failed_connect(give_back: bool) -> (StatusCode, Vec<HeaderMap>) {
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let upstream = {
+            let heads = heads.clone();
+            service_fn(move |request: Request<ProxyBody>| {
+                let (head, _) = request.into_parts();
+                let mut heads = heads.lock().unwrap();
+                heads.push(head.headers.clone());
+                let result = if heads.len() > 1 {
+                    Ok(status(200))
+                } else if give_back {
+                    Err(ProxyError::new(refused()).with_unsent(Box::new(head)))
+                } else {
+                    Err(ProxyError::new(refused()))
+                };
+                std::future::ready(result)
+            })
+        };
+        let mut request = request(Method::POST, "prompt");
+        request
+            .headers_mut()
+            .insert("x-prompt-id", http::HeaderValue::from_static("42"));
+        let result = retry_layer(RetryPolicy::default())
+            .layer(upstream)
+            .oneshot(request)
+            .await;
+        let status = match result {
+            Ok(response) => response.status(),
+            Err(error) => error.kind().status(),
+        };
+        let heads = std::mem::take(&mut *heads.lock().unwrap());
+        (status, heads)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unsent_post_is_retried_with_the_head_it_gave_back() {
+        let (status, heads) = post_after_a_failed_connect(true).await;
+        assert_eq!(status, 200);
+        assert_eq!(heads.len(), 2);
+        assert_eq!(heads[1]["x-prompt-id"], "42", "the same head, sent again");
+
+        let (status, heads) = post_after_a_failed_connect(false).await;
+        assert_eq!(
+            status, 502,
+            "no head came back: the failure is the answer, not a headless retry"
+        );
+        assert_eq!(heads.len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn attempts_stop_at_max_retries_and_the_last_answer_is_returned() {
         let policy = RetryPolicy {
@@ -831,6 +957,7 @@ mod tests {
             None,
             &Arc::from("r"),
             &Metrics::register(&Registry::new()),
+            false,
         );
         for (retry, ceiling_ms) in [(0, 25), (1, 50), (2, 100), (3, 200), (4, 250), (9, 250)] {
             let waits: Vec<std::time::Duration> =
@@ -907,8 +1034,14 @@ mod tests {
         };
         let seen = Arc::new(Mutex::new(Seen::default()));
         let metrics = Metrics::register(&Registry::new());
-        let service = RetryLayer::new(Retries::new(&policy, None, &Arc::from("r"), &metrics))
-            .layer(upstream(seen.clone(), |_| Ok(status(503))));
+        let service = RetryLayer::new(Retries::new(
+            &policy,
+            None,
+            &Arc::from("r"),
+            &metrics,
+            false,
+        ))
+        .layer(upstream(seen.clone(), |_| Ok(status(503))));
         let requests = 50;
         let calls: Vec<_> = (0..requests)
             .map(|_| tokio::spawn(service.clone().oneshot(request(Method::GET, ""))))
@@ -939,6 +1072,7 @@ mod tests {
             None,
             &Arc::from("r"),
             &metrics,
+            false,
         ))
         .layer(upstream(seen.clone(), |n| {
             if n == 0 {
@@ -1069,6 +1203,7 @@ mod tests {
             Some(&hedge),
             &Arc::from("r"),
             &Metrics::register(&Registry::new()),
+            false,
         ));
         let seen = Arc::new(Mutex::new(Vec::new()));
         // The first attempt stalls; a hedge answers at once.

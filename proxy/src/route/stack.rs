@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::{Request, Response};
-use infermesh_api::{BackendRef, RetryPolicy, RouteRule};
+use infermesh_api::{BackendRef, RetryPolicy, RouteRule, UpstreamProtocol};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
@@ -183,8 +183,18 @@ fn rule_service(
             metrics,
         )
     });
-    let retries = Retries::new(&rule.retry, rule.hedge.as_ref(), route, metrics)
-        .continue_hedging_from(previous.and_then(|p| p.hedge.as_ref()));
+    let http2_upstream = rule
+        .backends
+        .iter()
+        .any(|r| backends[&r.name].pool.protocol == UpstreamProtocol::Http2);
+    let retries = Retries::new(
+        &rule.retry,
+        rule.hedge.as_ref(),
+        route,
+        metrics,
+        http2_upstream,
+    )
+    .continue_hedging_from(previous.and_then(|p| p.hedge.as_ref()));
     state.hedge = retries.hedge_state().cloned();
     let service = BoxCloneSyncService::new(
         top.layer(UpgradeLayer)

@@ -308,6 +308,29 @@ async fn every_retry_picks_an_endpoint_the_request_has_not_failed_on() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_post_whose_connect_failed_is_sent_again_with_its_head() {
+    let mesh = Mesh::new();
+    // Endpoint 1 refuses connections: nothing serves it.
+    mesh.serve(endpoint(2), answers(200));
+    let stack = mesh.stack(&config(&[endpoint(1), endpoint(2)], "")).await;
+    for n in 0..2 {
+        let id = format!("post{n}");
+        let post = Request::post("http://models.test/v1/chat/completions")
+            .header("x-request", &id)
+            .body(full("{\"model\":\"m\"}"))
+            .unwrap();
+        let result = stack.send(post).await;
+        assert_eq!(answered_by(&result), Some("10.0.0.2:8000"), "{id}");
+        // Round robin gives each POST endpoint 1 first (its retry took
+        // endpoint 2): the connect failed, and the POST reached endpoint 2
+        // with the head it came with.
+        assert_eq!(mesh.retries("connect-failure"), n + 1, "{id}");
+    }
+    let seen: Vec<String> = mesh.seen().into_iter().map(|s| s.request).collect();
+    assert_eq!(seen, ["post0", "post1"]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_rules_total_timeout_bounds_every_attempt_and_backoff() {
     let mesh = Mesh::new();
     mesh.serve(endpoint(1), answers_after(400, 503));
