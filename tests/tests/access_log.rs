@@ -21,7 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const SLOW: Duration = Duration::from_millis(700);
 
 /// The model: `/slow` answers after [`SLOW`], `/hang` after 30 s,
-/// `/notfound` is its own 404, anything else is echoed.
+/// `/notfound` is its own 404, `/v1/stream` is an event stream, anything
+/// else is echoed.
 fn model() -> backend::Handler {
     let echo = backend::echo("model");
     Arc::new(move |request: Request<Incoming>| {
@@ -37,6 +38,10 @@ fn model() -> backend::Handler {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     Response::new(backend::full("late"))
                 }
+                "/v1/stream" => Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(backend::full("data: {}\n\ndata: [DONE]\n\n"))
+                    .expect("a response"),
                 "/notfound" => Response::builder()
                     .status(StatusCode::NOT_FOUND)
                     .body(backend::full("no such model"))
@@ -157,6 +162,30 @@ async fn errors_only_logs_the_proxys_errors_and_5xx_but_not_successes() {
     assert_eq!(requests_counted(&metrics, "model", 404), 1.0, "{metrics}");
     assert_eq!(requests_counted(&metrics, "dead", 502), 1.0, "{metrics}");
     assert_eq!(requests_counted(&metrics, "model", 504), 1.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_streamed_answers_line_names_the_request_as_it_came() {
+    // A stream's record lets go of the bytes its request was parsed from
+    // (the connection's read buffer) and keeps copies: they must be the
+    // same text.
+    let model = MockBackend::start(Protocol::Http1, model()).await;
+    let gateway = gateway(&model, &[]);
+    let reply = client::send(
+        &client::http1(),
+        Request::get(gateway.url("web", "/v1/stream?n=1"))
+            .header("host", "llm.example.com")
+            .header("x-request-id", "stream-1")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 200);
+    let line = &access_lines(&gateway, 1).await[0];
+    assert_eq!(line["path"], "/v1/stream?n=1");
+    assert_eq!(line["authority"], "llm.example.com");
+    assert_eq!(line["request_id"], "stream-1");
 }
 
 #[tokio::test(flavor = "multi_thread")]

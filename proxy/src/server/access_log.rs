@@ -185,6 +185,27 @@ impl RequestRecord {
         self.pair = Some(series);
     }
 
+    /// Copies the request's URI, `Host` and id out of the bytes they were
+    /// parsed from. hyper parses an HTTP/1 head in place: what is kept of
+    /// it points into the client connection's read buffer (8 KiB), which
+    /// has moved on to a buffer of its own by now, and a stream held the
+    /// old one for as long as it lasts. Done for streams only: a short
+    /// answer lets the buffer go soon anyway, and copying costs.
+    fn own_request_bytes(&mut self) {
+        if let Ok(uri) = http::Uri::try_from(self.uri.to_string()) {
+            self.uri = uri;
+        }
+        let copy = |value: &http::HeaderValue| {
+            let mut copy =
+                http::HeaderValue::from_maybe_shared(Bytes::copy_from_slice(value.as_bytes()))
+                    .expect("the bytes of a header value");
+            copy.set_sensitive(value.is_sensitive());
+            copy
+        };
+        self.host = self.host.as_ref().map(copy);
+        self.request_id = copy(&self.request_id);
+    }
+
     /// Notes a failure the proxy answers itself.
     pub(crate) fn failed(&mut self, error: &ProxyError) {
         self.backend = error.backend().cloned();
@@ -214,6 +235,9 @@ impl RequestRecord {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+        if self.streamed {
+            self.own_request_bytes();
+        }
         // None (nothing allocated, nothing done per frame) unless the
         // answer is an event stream or JSON that may carry token counts.
         // A fan-out's combined JSON holds several models' answers, whose
