@@ -239,8 +239,10 @@ impl Retries {
     }
 
     fn retries_grpc(&self, headers: &HeaderMap) -> bool {
-        grpc_status(headers)
-            .is_some_and(|code| self.policy.grpc_statuses.iter().any(|s| s.code() == code))
+        // Most policies list no gRPC status: no header lookup then.
+        !self.policy.grpc_statuses.is_empty()
+            && grpc_status(headers)
+                .is_some_and(|code| self.policy.grpc_statuses.iter().any(|s| s.code() == code))
     }
 
     /// Whether a successful gRPC response must be looked into: its status
