@@ -54,10 +54,9 @@ pub fn normalize(path: &str, escaped_slashes: EscapedSlashes) -> Result<Cow<'_, 
 /// segment that starts with a dot (a dot segment, or a name like
 /// `.well-known`, which the slow path keeps as it is).
 fn is_normal(path: &[u8]) -> bool {
-    !path.contains(&b'%')
-        && path
-            .windows(2)
-            .all(|pair| !(pair[0] == b'/' && (pair[1] == b'/' || pair[1] == b'.')))
+    // Found with memchr: a path has a few slashes among many letters.
+    memchr::memchr(b'%', path).is_none()
+        && memchr::memchr_iter(b'/', path).all(|at| !matches!(path.get(at + 1), Some(b'/' | b'.')))
 }
 
 /// Step 1 and 2: percent-encodings checked, unreserved ones decoded,
