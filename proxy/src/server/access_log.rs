@@ -227,14 +227,16 @@ impl RequestRecord {
         dialect: Dialect,
     ) -> Response<ProxyBody> {
         self.status = response.status();
-        // A trailers-only gRPC response has its status in the headers.
-        self.grpc_status = grpc_status(response.headers());
-        self.fanout = response.headers().get(&FANOUT_HEADER).cloned();
-        self.streamed = response
+        let content_type = response
             .headers()
             .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+            .map_or(&b""[..], |v| v.as_bytes());
+        // A trailers-only gRPC response has its status in the headers.
+        if content_type.starts_with(b"application/grpc") {
+            self.grpc_status = grpc_status(response.headers());
+        }
+        self.fanout = response.headers().get(&FANOUT_HEADER).cloned();
+        self.streamed = content_type.starts_with(b"text/event-stream");
         if self.streamed {
             self.own_request_bytes();
         }
