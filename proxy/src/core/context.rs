@@ -141,7 +141,8 @@ impl RequestContext {
     }
 }
 
-/// What the retry layer tells the endpoint pick about one attempt.
+/// What the retry layer tells the endpoint pick about one attempt. A
+/// request without one is a plain first attempt ([`Attempt::is_plain`]).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Attempt {
     /// 0 for the first attempt, then 1, 2, ... for retries.
@@ -156,6 +157,28 @@ pub(crate) struct Attempt {
     /// Endpoints the request's other attempts in flight use (when it is
     /// hedged): each attempt adds its pick and avoids the others'.
     pub siblings: Option<Arc<Mutex<Vec<SocketAddr>>>>,
+}
+
+impl Attempt {
+    /// Whether the attempt says nothing that a request without one does
+    /// not: a first attempt, neither hedged nor under a limit of its own.
+    /// Such an attempt is not put in the request's extensions (an
+    /// allocation per request, on the path every request takes).
+    pub(crate) fn is_plain(&self) -> bool {
+        self.retry == 0
+            && self.avoid.is_empty()
+            && self.timeout.is_none()
+            && !self.hedge
+            && self.siblings.is_none()
+    }
+
+    /// Marks `extensions` (a request's) with the attempt, unless it is
+    /// [plain](Attempt::is_plain).
+    pub(crate) fn mark(&self, extensions: &mut http::Extensions) {
+        if !self.is_plain() {
+            extensions.insert(self.clone());
+        }
+    }
 }
 
 /// The model named in a request's body, once read.

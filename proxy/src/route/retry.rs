@@ -382,7 +382,7 @@ impl Head {
 /// An attempt's request: `head` and `body`, marked with `attempt` (for the
 /// endpoint pick below).
 fn attempt_request(mut head: Parts, body: ProxyBody, attempt: &Attempt) -> Request<ProxyBody> {
-    head.extensions.insert(attempt.clone());
+    attempt.mark(&mut head.extensions);
     Request::from_parts(head, body)
 }
 
@@ -414,7 +414,7 @@ where
             siblings: None,
         };
         if retries.policy.max_retries == 0 && retries.hedging.is_none() {
-            request.extensions_mut().insert(attempt);
+            attempt.mark(request.extensions_mut());
             return Box::pin(inner.oneshot(request));
         }
         Box::pin(async move {
@@ -648,7 +648,11 @@ mod tests {
             let seen = seen.clone();
             let answer = answer.clone();
             let fut: BoxFuture<Result<Response<ProxyBody>, ProxyError>> = Box::pin(async move {
-                let attempt = request.extensions().get::<Attempt>().cloned().unwrap();
+                let attempt = request
+                    .extensions()
+                    .get::<Attempt>()
+                    .cloned()
+                    .unwrap_or_default();
                 let (head, body) = request.into_parts();
                 let body = body.collect().await.unwrap().to_bytes();
                 let n = attempt.retry;
@@ -1215,7 +1219,11 @@ mod tests {
                 let seen = seen.clone();
                 let fut: BoxFuture<Result<Response<ProxyBody>, ProxyError>> =
                     Box::pin(async move {
-                        let attempt = request.extensions().get::<Attempt>().cloned().unwrap();
+                        let attempt = request
+                            .extensions()
+                            .get::<Attempt>()
+                            .cloned()
+                            .unwrap_or_default();
                         let body = request.into_body().collect().await.unwrap().to_bytes();
                         seen.lock().unwrap().push((attempt.hedge, body));
                         if !attempt.hedge {
