@@ -5,7 +5,7 @@
 //! the HTTP version of the app that made a request; every request has an
 //! `x-request-id`; and reading `Retry-After`.
 
-use http::header::{CONNECTION, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, Entry, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use infermesh_api::UpstreamProtocol;
 
@@ -47,17 +47,23 @@ const MAX_REQUEST_ID_LEN: usize = 200;
 /// (visible ASCII, at most 200 bytes), else a new random (version 4) UUID
 /// set on the request, so that it goes upstream with every attempt.
 pub(crate) fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    let mut sent = headers.get_all(&X_REQUEST_ID).iter();
-    if let (Some(id), None) = (sent.next(), sent.next())
-        && !id.is_empty()
-        && id.len() <= MAX_REQUEST_ID_LEN
-        && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
-    {
-        return id.clone();
+    // One entry: the name is hashed once, whether the id is kept or set.
+    match headers.entry(&X_REQUEST_ID) {
+        Entry::Occupied(mut sent) => {
+            let mut values = sent.iter();
+            if let (Some(id), None) = (values.next(), values.next())
+                && !id.is_empty()
+                && id.len() <= MAX_REQUEST_ID_LEN
+                && id.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            {
+                return id.clone();
+            }
+            let id = new_request_id();
+            sent.insert(id.clone());
+            id
+        }
+        Entry::Vacant(unsent) => unsent.insert(new_request_id()).clone(),
     }
-    let id = new_request_id();
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
 }
 
 /// A random UUID (RFC 9562 version 4), as text. Made for every request
@@ -172,27 +178,27 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// edge).
 pub fn add_forwarded(headers: &mut HeaderMap, client: &HeaderValue, scheme: &'static str) {
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
-    // Earlier hops may have sent several header lines; keep them all.
-    let earlier: Vec<&[u8]> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(|v| v.as_bytes().trim_ascii())
-        .filter(|v| !v.is_empty())
-        .collect();
-    if earlier.is_empty() {
+    let mut earlier = match headers.entry(&X_FORWARDED_FOR) {
         // The common case, a first hop: the connection's own value, no
         // formatting.
-        headers.insert(X_FORWARDED_FOR.clone(), client.clone());
-        return;
-    }
+        Entry::Vacant(first) => {
+            first.insert(client.clone());
+            return;
+        }
+        Entry::Occupied(earlier) => earlier,
+    };
+    // Earlier hops may have sent several header lines; keep them all.
     let mut value = Vec::with_capacity(64);
-    for existing in earlier {
-        value.extend_from_slice(existing);
-        value.extend_from_slice(b", ");
+    for existing in earlier.iter() {
+        let existing = existing.as_bytes().trim_ascii();
+        if !existing.is_empty() {
+            value.extend_from_slice(existing);
+            value.extend_from_slice(b", ");
+        }
     }
     value.extend_from_slice(client.as_bytes());
     if let Ok(value) = HeaderValue::from_bytes(&value) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+        earlier.insert(value);
     }
 }
 
@@ -415,6 +421,32 @@ mod tests {
         let mut fresh = HeaderMap::new();
         add_forwarded(&mut fresh, &HeaderValue::from_static("::1"), "http");
         assert_eq!(fresh[&X_FORWARDED_FOR], "::1");
+    }
+
+    #[test]
+    fn a_usable_request_id_is_kept_and_any_other_replaced_by_one() {
+        let mut sent = headers(&[("x-request-id", "trace-me-42")]);
+        assert_eq!(ensure_request_id(&mut sent), "trace-me-42");
+        assert_eq!(sent[&X_REQUEST_ID], "trace-me-42");
+        let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
+        let unusable: [&[(&str, &str)]; 4] = [
+            &[],
+            &[("x-request-id", "")],
+            &[("x-request-id", "has space")],
+            &[("x-request-id", "one"), ("x-request-id", "two")],
+        ];
+        for sent in unusable
+            .iter()
+            .copied()
+            .chain([&[("x-request-id", &*long)][..]])
+        {
+            let mut h = headers(sent);
+            let id = ensure_request_id(&mut h);
+            assert_eq!(id.len(), 36, "{sent:?}: a UUID");
+            assert_eq!(id.as_bytes()[14], b'4', "{sent:?}: version 4");
+            let set: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
+            assert_eq!(set, [&id], "{sent:?}: the one id goes upstream");
+        }
     }
 
     #[test]
