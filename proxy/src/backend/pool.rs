@@ -394,8 +394,9 @@ impl<'a> Outgoing<'a> {
         self.request
     }
 
-    /// A request a connection gave back unsent: already adapted, and
-    /// adapted the same way again for another connection of the endpoint.
+    /// A request a connection gave back unsent: already adapted, as it
+    /// would be for any other connection of the endpoint, so not again;
+    /// and no longer as it came, so a later failure keeps it.
     fn given_back(
         request: Request<ProxyBody>,
         addr: SocketAddr,

@@ -186,10 +186,11 @@ impl RequestRecord {
     }
 
     /// Copies the request's URI, `Host` and id out of the bytes they were
-    /// parsed from. hyper parses an HTTP/1 head in place: what is kept of
-    /// it points into the client connection's read buffer (8 KiB), which
-    /// has moved on to a buffer of its own by now, and a stream held the
-    /// old one for as long as it lasts. Done for streams only: a short
+    /// parsed from. hyper parses an HTTP/1 head in place: what the record
+    /// keeps of it points into the client connection's first read buffer
+    /// (8 KiB). The connection reads into a new buffer while the request
+    /// is in flight, and a stream's record alone would keep the first one
+    /// for as long as the stream lasts. Done for streams only: a short
     /// answer lets the buffer go soon anyway, and copying costs.
     fn own_request_bytes(&mut self) {
         if let Ok(uri) = http::Uri::try_from(self.uri.to_string()) {
