@@ -82,7 +82,10 @@ pub(crate) struct RequestRecord {
     context: RequestContext,
     /// The request's server span, when it is traced: it ends with the
     /// record.
-    span: Option<OpenSpan>,
+    /// Boxed: a span is 400 bytes, which every record of a request not
+    /// traced (most, and every one without tracing) would carry, and an
+    /// open stream keeps its record to the end.
+    span: Option<Box<OpenSpan>>,
     /// The series of the route and backend, once a response came.
     pair: Option<Arc<PairSeries>>,
     /// The record was written: it is written once.
@@ -143,7 +146,7 @@ impl RequestRecord {
 
     /// Ends `span` with the record, attributed with what the record knows.
     pub(crate) fn traced(&mut self, span: OpenSpan) {
-        self.span = Some(span);
+        self.span = Some(Box::new(span));
     }
 
     /// Notes the route that matched, and counts the request in its
@@ -343,7 +346,7 @@ impl RequestRecord {
             self.retries = last.retries;
         }
         let duration = self.started.elapsed();
-        let trace_ids = self.span.as_ref().and_then(OpenSpan::ids);
+        let trace_ids = self.span.as_deref().and_then(OpenSpan::ids);
         self.end_span(bytes);
         if let Some(in_flight) = self.in_flight.take() {
             in_flight.dec();
