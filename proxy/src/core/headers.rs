@@ -40,6 +40,12 @@ pub(crate) static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status
 /// show it as an error's `request_id`).
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// Whether a `content-type` value (its bytes) names gRPC
+/// (`application/grpc`, `application/grpc+proto`, ...).
+pub(crate) fn is_grpc(content_type: &[u8]) -> bool {
+    content_type.starts_with(b"application/grpc")
+}
+
 /// The longest client-sent request id kept; a longer one is replaced.
 const MAX_REQUEST_ID_LEN: usize = 200;
 

@@ -34,7 +34,7 @@ use crate::core::body::{BoxFuture, ProxyBody, boxed, holding, prepend};
 use crate::core::context::{Attempt, Upstream};
 
 use crate::core::error::{ErrorKind, Limit, ProxyError, RetryClass};
-use crate::core::headers::{GRPC_STATUS, retry_after};
+use crate::core::headers::{GRPC_STATUS, is_grpc, retry_after};
 use crate::route::hedge::{HedgeState, Hedging};
 use crate::route::metrics::Metrics;
 use crate::route::replay::ReplayBody;
@@ -254,7 +254,7 @@ impl Retries {
             && response
                 .headers()
                 .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+                .is_some_and(|v| is_grpc(v.as_bytes()))
     }
 
     /// Classifies an attempt's outcome. When a gRPC status could be

@@ -27,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use crate::core::body::{BoxError, ProxyBody, boxed};
 use crate::core::context::{RequestContext, Upstream};
 use crate::core::error::{ErrorKind, ProxyError};
-use crate::core::headers::{FANOUT_HEADER, GRPC_STATUS};
+use crate::core::headers::{FANOUT_HEADER, GRPC_STATUS, is_grpc};
 use crate::core::trace::OpenSpan;
 use crate::server::access_entry::{AccessEntry, access_lines_enabled, millis, version_name};
 use crate::server::access_filter::is_error;
@@ -236,7 +236,7 @@ impl RequestRecord {
             .get(http::header::CONTENT_TYPE)
             .map_or(&b""[..], |v| v.as_bytes());
         // A trailers-only gRPC response has its status in the headers.
-        if content_type.starts_with(b"application/grpc") {
+        if is_grpc(content_type) {
             self.grpc_status = grpc_status(response.headers());
         }
         self.fanout = response.headers().get(&FANOUT_HEADER).cloned();

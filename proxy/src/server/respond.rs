@@ -24,7 +24,7 @@ use http_body::Frame;
 
 use crate::core::body::{ProxyBody, full};
 use crate::core::error::{ErrorKind, Origin, ProxyError};
-use crate::core::headers::{ERROR_HEADER, FANOUT_HEADER, GRPC_STATUS, X_REQUEST_ID};
+use crate::core::headers::{ERROR_HEADER, FANOUT_HEADER, GRPC_STATUS, X_REQUEST_ID, is_grpc};
 
 /// The error shape a client's SDK understands, told from its request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl Dialect {
         let grpc = request
             .headers()
             .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            .is_some_and(|v| is_grpc(v.as_bytes()));
         if grpc {
             Dialect::Grpc
         } else if request.uri().path().starts_with("/v1/") {
