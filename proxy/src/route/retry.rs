@@ -144,9 +144,10 @@ pub(crate) struct Retries {
     budget_exhausted: IntCounter,
     /// Hedging of each attempt, when the rule asks for it.
     hedging: Option<Hedging>,
-    /// Whether one of the rule's backends speaks HTTP/2 upstream, where a
-    /// stream the server refused was sent but not processed.
-    refused_streams: bool,
+    /// Whether a non-idempotent request may be retried after an attempt
+    /// that sent it: decided once from the policy and the backends (see
+    /// [`Retries::keeps_head`]).
+    sent_non_idempotent_retried: bool,
 }
 
 impl Retries {
@@ -159,8 +160,13 @@ impl Retries {
         metrics: &Metrics,
         refused_streams: bool,
     ) -> Self {
+        let on = |condition| policy.on.contains(&condition);
         Retries {
-            refused_streams,
+            // An HTTP/2 stream the server refused was sent but not
+            // processed: retried under `refusedStream` (or `reset`).
+            sent_non_idempotent_retried: policy.non_idempotent
+                || hedge.is_some()
+                || (refused_streams && (on(RetryOn::RefusedStream) || on(RetryOn::Reset))),
             hedging: hedge.map(|hedge| Hedging::new(hedge, route, metrics)),
             per_try_timeout: policy.per_try_timeout.non_zero(),
             budget: Budget::new(policy.budget.percent, policy.budget.min_retry_concurrency),
@@ -198,11 +204,7 @@ impl Retries {
     /// back ([`ProxyError::take_unsent`]): a `POST` under the default
     /// policy to HTTP/1.1 backends costs no copy.
     fn keeps_head(&self, idempotent: bool) -> bool {
-        idempotent
-            || self.policy.non_idempotent
-            || self.hedging.is_some()
-            || (self.refused_streams
-                && (self.retries_on(RetryOn::RefusedStream) || self.retries_on(RetryOn::Reset)))
+        idempotent || self.sent_non_idempotent_retried
     }
 
     /// Whether `error` is worth another attempt, and why: the error
