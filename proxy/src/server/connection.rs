@@ -369,13 +369,7 @@ impl Connection {
             tokio::select! {
                 ended = connection.as_mut() => {
                     if let Err(e) = ended {
-                        // hyper's own limit: requestHeadersTimeout.
-                        if e.is_timeout() {
-                            closed("request_headers_timeout");
-                            tracing::info!(client = %self.client, listener = %self.listener.name, reason = "request_headers_timeout", "client connection closed");
-                        } else {
-                            tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
-                        }
+                        tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
                     }
                     return;
                 }

@@ -1,7 +1,7 @@
 //! How long a client connection and each of its streams may live, and when
 //! the proxy ends them: the first-bytes timeout (a connection must say
-//! enough for its protocol to be told), the idle timeout, the maximum age
-//! and request count, the stream idle timeout (which also cuts clients
+//! enough for its protocol to be told), the HTTP/1 request headers timeout,
+//! the idle timeout, the maximum age and request count, the stream idle timeout (which also cuts clients
 //! that stop reading), and HTTP/2 premature-reset accounting (Envoy's
 //! answer to streams opened and reset before they are answered).
 //!
@@ -54,6 +54,10 @@ const LINGER: Duration = Duration::from_secs(5);
 pub(crate) enum Ending {
     /// It sent too little, too slowly, for its protocol to be told.
     FirstByteTimeout,
+    /// An HTTP/1 client took longer than the request headers timeout to
+    /// send a request's head (or its next one, on a keep-alive
+    /// connection).
+    RequestHeaders,
     /// No request in flight for the idle timeout.
     Idle,
     /// It reached the listener's maximum connection age.
@@ -79,6 +83,7 @@ impl Ending {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Ending::FirstByteTimeout => "first_byte_timeout",
+            Ending::RequestHeaders => "request_headers_timeout",
             Ending::Idle => "idle_timeout",
             Ending::MaxAge => "max_connection_age",
             Ending::MaxRequests => "max_requests",
@@ -101,6 +106,7 @@ impl Ending {
 #[derive(Clone, Copy, Debug)]
 struct Limits {
     first_byte: Option<Duration>,
+    request_headers: Option<Duration>,
     idle: Option<Duration>,
     max_age: Option<Duration>,
     max_requests: Option<u64>,
@@ -115,6 +121,8 @@ pub(crate) struct Lifetime {
     detected: AtomicBool,
     /// The connection speaks HTTP/2 (known from its first request).
     http2: AtomicBool,
+    /// The connection is served as HTTP/1: its request heads are timed.
+    http1: AtomicBool,
     requests: AtomicU64,
     in_flight: AtomicUsize,
     /// When the last request in flight ended, in milliseconds since
@@ -144,6 +152,7 @@ impl Lifetime {
             opened: Instant::now(),
             limits: Limits {
                 first_byte: limits.first_byte_timeout.non_zero(),
+                request_headers: limits.request_headers_timeout.non_zero(),
                 idle: limits.idle_timeout.non_zero(),
                 max_age: limits.max_connection_age.non_zero(),
                 max_requests: limits.max_requests_per_connection.map(u64::from),
@@ -151,6 +160,7 @@ impl Lifetime {
             },
             detected: AtomicBool::new(false),
             http2: AtomicBool::new(false),
+            http1: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
@@ -186,6 +196,29 @@ impl Lifetime {
         if http2_told(seen, before).is_some() {
             self.detected.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Notes that the connection is served as HTTP/1, whose request heads
+    /// the request headers timeout bounds.
+    fn serving_http1(&self) {
+        self.http1.store(true, Ordering::Relaxed);
+        // The watchdog's sleep was set before the version was told.
+        self.wake.notify_one();
+    }
+
+    /// When an HTTP/1 connection waiting for a request's head runs out of
+    /// its request headers timeout, counted from the end of the last
+    /// request in flight, or from its opening. `None` while a request is
+    /// in flight, on HTTP/2, and without the timeout.
+    fn head_due(&self) -> Option<Instant> {
+        // The wait includes a keep-alive connection's idle time before
+        // the next head's first byte, as hyper's header timer counts it:
+        // an idle HTTP/1 connection ends after the shorter of this and the
+        // idle timeout. One timer per connection, the watchdog's, instead
+        // of hyper's, armed and disarmed for every request.
+        let limit = self.limits.request_headers?;
+        (self.http1.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0)
+            .then(|| self.instant(self.idle_since.load(Ordering::Relaxed)) + limit)
     }
 
     /// Notes that a request was answered before its body was read: the
@@ -576,6 +609,11 @@ impl Watchdog {
         {
             return Some(Ending::FirstByteTimeout);
         }
+        if let Some(due) = lifetime.head_due()
+            && now >= due
+        {
+            return Some(Ending::RequestHeaders);
+        }
         if self.closing {
             return None;
         }
@@ -603,6 +641,13 @@ impl Watchdog {
             && !lifetime.detected.load(Ordering::Relaxed)
         {
             consider(lifetime.opened + limit);
+        }
+        if let Some(limit) = limits.request_headers
+            && lifetime.http1.load(Ordering::Relaxed)
+        {
+            // Busy now: look again one timeout later at the latest (as
+            // for the idle timeout below).
+            consider(lifetime.head_due().unwrap_or(now + limit));
         }
         if let Some(limit) = limits.stream_idle {
             consider(self.stream_due.unwrap_or(now + limit));
@@ -652,6 +697,12 @@ where
             lifetime: lifetime.clone(),
             detecting: lifetime.limits.first_byte.map(|_| 0),
         }
+    }
+
+    /// Notes that the stream is served as HTTP/1: the watchdog times its
+    /// request heads.
+    pub(crate) fn serving_http1(&self) {
+        self.lifetime.serving_http1();
     }
 
     /// The stream under watch.
@@ -807,6 +858,55 @@ mod tests {
         let ended_at = Instant::now();
         assert_eq!(watching.await.unwrap(), Ending::Idle);
         assert_eq!(ended_at.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_head_is_timed_from_the_last_request_and_cut_at_once() {
+        // requestHeadersTimeout 30 s, idle timeout 60 s.
+        // No other limit wakes the watchdog before the idle timeout.
+        let lifetime = Lifetime::new(&ListenerLimits {
+            first_byte_timeout: infermesh_api::Duration::from_secs(0),
+            stream_idle_timeout: infermesh_api::Duration::from_secs(0),
+            ..limits()
+        });
+        let mut watchdog = Watchdog::new(lifetime.clone());
+        let started = Instant::now();
+        let watching = tokio::spawn(async move { watchdog.next().await });
+        // Told HTTP/1 while the watchdog waits: a first head that never
+        // ends (a slow client).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lifetime.saw_first_bytes(b"GET / HT", 0);
+        lifetime.serving_http1();
+        assert_eq!(watching.await.unwrap(), Ending::RequestHeaders);
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert!(!Ending::RequestHeaders.is_graceful());
+        assert_eq!(Ending::RequestHeaders.as_str(), "request_headers_timeout");
+        // A request in flight stops the clock; its end starts it again.
+        let lifetime = Lifetime::new(&limits());
+        lifetime.serving_http1();
+        lifetime.saw_first_bytes(b"GET", 0);
+        let stream = lifetime.start_stream(false);
+        let mut watchdog = Watchdog::new(lifetime.clone());
+        let watching = tokio::spawn(async move { watchdog.next().await });
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert!(!watching.is_finished(), "a request is in flight");
+        drop(stream);
+        let ended_at = Instant::now();
+        assert_eq!(watching.await.unwrap(), Ending::RequestHeaders);
+        assert_eq!(ended_at.elapsed(), Duration::from_secs(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_connections_have_no_head_timer() {
+        let lifetime = Lifetime::new(&limits());
+        lifetime.saw_first_bytes(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 0);
+        let started = Instant::now();
+        assert_eq!(
+            Watchdog::new(lifetime.clone()).next().await,
+            Ending::Idle,
+            "idle past the request headers timeout, ended by the idle timeout"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(60));
     }
 
     #[tokio::test(start_paused = true)]

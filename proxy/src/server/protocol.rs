@@ -88,10 +88,11 @@ impl HttpSettings {
             // is incomplete: one that arrived whole in one read passed).
             .max_header_size(limits.max_header_bytes as usize)
             .max_buf_size(limits.max_header_bytes.max(8192) as usize)
-            // hyper's header timer also runs while a keep-alive connection
-            // waits for its next request: an idle HTTP/1 connection is
-            // closed after the shorter of this and the idle timeout.
-            .header_read_timeout(limits.request_headers_timeout.non_zero());
+            // The connection's watchdog times request heads (the
+            // listener's requestHeadersTimeout, see
+            // `crate::server::lifetime`): hyper's own timer would be armed
+            // and disarmed for every request.
+            .header_read_timeout(None);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -138,6 +139,7 @@ impl HttpSettings {
         io: ClientIo<I>,
         service: RequestService,
     ) -> HttpConnection<I> {
+        io.serving_http1();
         let connection = self
             .http1
             .serve_connection(TokioIo::new(io), service)
