@@ -16,6 +16,7 @@ use infermesh_api::{Capture, OutsideMesh};
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 
 use crate::core::context::{ConnectionInfo, ListenerId};
 use crate::core::woken::PollWhenWoken;
@@ -28,7 +29,6 @@ use crate::server::shared::Shared;
 use crate::snapshot::ListenerEntry;
 use crate::transport::detect::{DETECT_TIMEOUT, MESH_DETECT_TIMEOUT, speaks_http};
 use crate::transport::original_dst::original_destination;
-use crate::transport::tls;
 use crate::transport::tunnel::tunnel;
 
 /// How long a client may take over its TLS handshake.
@@ -105,37 +105,38 @@ pub(crate) fn spawn(
         .downstream_connections
         .with_label_values(&[&*listener.name]);
     gauge.inc();
-    let counted = Counted { gauge, open };
     let connection = Connection {
         client,
         settings: accepted.settings(&listener),
         listener,
         shared: shared.clone(),
         drain: accepted.drain.clone(),
-    };
-    let serve = |stream| async move {
-        connection.run(stream).await;
-        drop(counted);
+        counted: Counted { gauge, open },
     };
     let Some(worker) = on else {
-        tokio::spawn(serve(stream));
+        tokio::spawn(connection.run(Socket::Registered(stream)));
         return;
     };
     // The socket moves to the worker's reactor: taken out of this one,
     // registered with the worker's as the task starts there.
     match stream.into_std() {
         Ok(stream) => {
-            worker.spawn(async move {
-                match TcpStream::from_std(stream) {
-                    Ok(stream) => serve(stream).await,
-                    Err(e) => tracing::warn!(client = %client, error = %e, "a worker could not take a connection"),
-                }
-            });
+            worker.spawn(connection.run(Socket::Unregistered(stream)));
         }
         Err(e) => {
             tracing::warn!(client = %client, error = %e, "a connection could not be handed to a worker")
         }
     }
+}
+
+/// An accepted socket, and whether the reactor of the runtime serving it
+/// has it yet.
+enum Socket {
+    /// Accepted by the runtime that serves it.
+    Registered(TcpStream),
+    /// Handed from the accepting runtime to a worker's: registered with
+    /// the worker's reactor as its task starts there.
+    Unregistered(std::net::TcpStream),
 }
 
 /// Keeps a connection counted (the listener's open connections, for its
@@ -162,24 +163,76 @@ struct Connection {
     /// Changes when the listener drains; dropped when the connection ends
     /// (the drain waits for every receiver to go).
     drain: watch::Receiver<()>,
+    /// Keeps the connection counted until it ends.
+    counted: Counted,
+}
+
+/// What a connection turned out to be once its first phases (capture,
+/// detection) are done, and so what is left to do with it.
+enum Next {
+    /// Plaintext HTTP; the original destination of a captured connection.
+    Http(TcpStream, Option<SocketAddr>),
+    /// A listener that takes TLS: the handshake, if the client starts one,
+    /// then HTTP. The port the client connected to picks the TLS mode.
+    Tls(TcpStream, u16, Option<SocketAddr>),
+    /// Not HTTP: passed through as TCP to the destination.
+    Tunnel(TcpStream, SocketAddr),
+    /// Closed (refused or blocked).
+    Closed,
 }
 
 impl Connection {
+    /// The connection's task: its first phases, then HTTP (or a tunnel)
+    /// until it ends.
+    ///
+    /// The phases resolve to what is left to do ([`Next`]) rather than
+    /// each calling the next: an async function keeps its arguments for
+    /// its whole life, and a chain of them, each holding its own copy of
+    /// the connection and the socket beside the next one's state, made
+    /// every connection's task hundreds of bytes larger for as long as it
+    /// was served.
+    async fn run(self, socket: Socket) {
+        let stream = match socket {
+            Socket::Registered(stream) => stream,
+            Socket::Unregistered(stream) => match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(client = %self.client, error = %e, "a worker could not take a connection");
+                    return;
+                }
+            },
+        };
+        // Taken apart before HTTP is served: the value would stay beside
+        // the connection's state for its whole life.
+        let (stream, original) = match self.phases(stream).await {
+            Next::Http(stream, original) => (stream, original),
+            // Boxed: a TLS connection's state (the handshake, then
+            // rustls's session and buffers) is kilobytes larger than a
+            // plaintext one's, and held inline it would make every
+            // connection's task that large, plaintext ones included.
+            Next::Tls(stream, port, original) => {
+                return Box::pin(self.serve_tls(stream, port, original)).await;
+            }
+            Next::Tunnel(stream, destination) => return self.tunnel(stream, destination).await,
+            Next::Closed => return,
+        };
+        self.serve(stream, None, original).await
+    }
+
     /// Phases of a connection: where it was going (capture listeners),
-    /// whether it is HTTP (outbound capture), TLS, whether it is HTTP
-    /// (plaintext on inbound capture), then HTTP.
-    async fn run(self, stream: TcpStream) {
-        let (client, name) = (self.client, self.listener.name.clone());
+    /// whether it is HTTP (outbound capture), whether it takes TLS,
+    /// whether it is HTTP (plaintext on inbound capture).
+    async fn phases(&self, stream: TcpStream) -> Next {
         let original = self
             .listener
             .capture
             .and_then(|_| original_destination(&stream));
         let Some(destination) = original else {
             if self.listener.capture == Some(Capture::Inbound) {
-                tracing::warn!(client = %client, listener = %name, "connection made straight to an inbound capture listener, not redirected to it by iptables: closing it (it has no original destination to forward to)");
-                return;
+                tracing::warn!(client = %self.client, listener = %self.listener.name, "connection made straight to an inbound capture listener, not redirected to it by iptables: closing it (it has no original destination to forward to)");
+                return Next::Closed;
             }
-            return self.accept_tls(stream, None).await;
+            return self.tls_or_plaintext(stream, None).await;
         };
         if self.listener.capture == Some(Capture::Outbound) {
             // Only HTTP can be routed: other protocols (TLS, databases)
@@ -197,40 +250,53 @@ impl Connection {
                 DETECT_TIMEOUT
             };
             if !speaks_http(&stream, wait).await.unwrap_or(false) {
-                return self.outside_mesh(stream, destination).await;
+                return self.outside_mesh(stream, destination);
             }
         }
-        self.accept_tls(stream, Some(destination)).await
+        self.tls_or_plaintext(stream, Some(destination)).await
     }
 
-    /// Peer authentication, by the port the client connected to, then HTTP
-    /// over TLS or plaintext.
-    async fn accept_tls(self, stream: TcpStream, original: Option<SocketAddr>) {
+    /// Peer authentication, by the port the client connected to: TLS when
+    /// the listener takes it, plaintext otherwise.
+    async fn tls_or_plaintext(&self, stream: TcpStream, original: Option<SocketAddr>) -> Next {
+        if self.listener.tls.is_none() {
+            return self.plaintext(stream, original).await;
+        }
         let port = match original {
             Some(destination) => destination.port(),
             None => stream.local_addr().map_or(0, |a| a.port()),
         };
-        let Some(tls) = self.listener.tls.clone() else {
-            return self.plaintext(stream, original).await;
-        };
-        // Boxed: a TLS connection's state (the handshake, then rustls's
-        // session and buffers) is kilobytes larger than a plaintext one's,
-        // and held inline it would make every connection's task that
-        // large, plaintext ones included.
-        Box::pin(self.serve_tls(tls, stream, port, original)).await
+        Next::Tls(stream, port, original)
     }
 
     /// A connection to a listener that takes TLS: the handshake when the
     /// client starts one, then HTTP over TLS; plaintext HTTP otherwise
     /// (which the listener's TLS mode may allow).
-    async fn serve_tls(
-        self,
-        tls: tls::Server,
+    async fn serve_tls(self, stream: TcpStream, port: u16, original: Option<SocketAddr>) {
+        match self.handshake(stream, port).await {
+            Some(Ok((stream, peer))) => self.serve(stream, Some(peer), original).await,
+            Some(Err(plaintext)) => match self.plaintext(plaintext, original).await {
+                Next::Http(stream, original) => self.serve(stream, None, original).await,
+                Next::Tunnel(stream, destination) => self.tunnel(stream, destination).await,
+                Next::Tls(..) | Next::Closed => {}
+            },
+            None => {}
+        }
+    }
+
+    /// The TLS handshake when the client starts one, with the client's
+    /// SPIFFE ID if it presented one; the stream back, for plaintext,
+    /// when it does not (or the listener takes no TLS); `None` when the
+    /// handshake failed.
+    async fn handshake(
+        &self,
         stream: TcpStream,
         port: u16,
-        original: Option<SocketAddr>,
-    ) {
-        let (client, name) = (self.client, self.listener.name.clone());
+    ) -> Option<Result<(TlsStream<TcpStream>, Option<Arc<str>>), TcpStream>> {
+        let Some(tls) = &self.listener.tls else {
+            return Some(Err(stream));
+        };
+        let (client, name) = (self.client, &*self.listener.name);
         // Telling plaintext from TLS waits for the client's first byte:
         // both that and the handshake are bounded.
         let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
@@ -243,17 +309,36 @@ impl Connection {
         .await;
         match accepted {
             Ok(Ok(Ok((stream, peer)))) => {
-                let peer = peer.map(|p| Arc::from(p.to_string()));
-                self.serve(stream, Some(peer), original).await
+                Some(Ok((stream, peer.map(|p| Arc::from(p.to_string())))))
             }
-            Ok(Ok(Err(plaintext))) => self.plaintext(plaintext, original).await,
+            Ok(Ok(Err(plaintext))) => Some(Err(plaintext)),
             Ok(Err(e)) => {
-                tracing::info!(client = %client, listener = %name, error = %e, "client TLS handshake failed")
+                tracing::info!(client = %client, listener = name, error = %e, "client TLS handshake failed");
+                None
             }
             Err(_) => {
-                tracing::info!(client = %client, listener = %name, "client TLS handshake timed out")
+                tracing::info!(client = %client, listener = name, "client TLS handshake timed out");
+                None
             }
         }
+    }
+
+    /// Passes a connection that is not HTTP through to `destination` as
+    /// TCP, keeping it counted until it ends.
+    async fn tunnel(self, stream: TcpStream, destination: SocketAddr) {
+        let Connection {
+            client,
+            listener,
+            drain,
+            counted,
+            ..
+        } = self;
+        // A tunnel is not an HTTP connection: a drain does not wait for it.
+        drop(drain);
+        // Boxed: a tunnel's state, held inline, would make every HTTP
+        // connection's task larger too.
+        Box::pin(log_tunnel(client, &listener.name, destination, stream)).await;
+        drop(counted);
     }
 
     /// A plaintext connection. On an inbound capture listener it may be
@@ -261,50 +346,39 @@ impl Connection {
     /// database, a collective-communication library): passed through as
     /// TCP to the original destination, unless authorization policies
     /// guard the listener (they can judge only HTTP requests).
-    async fn plaintext(self, stream: TcpStream, original: Option<SocketAddr>) {
+    async fn plaintext(&self, stream: TcpStream, original: Option<SocketAddr>) -> Next {
         let inbound = self.listener.capture == Some(Capture::Inbound);
         if let (true, Some(destination)) = (inbound, original)
             && !speaks_http(&stream, DETECT_TIMEOUT).await.unwrap_or(false)
         {
-            let listener = &*self.listener.name;
             if self.listener.authorization.is_some() {
-                tracing::info!(client = %self.client, listener, destination = %destination, "connection refused: it does not speak HTTP, and the authorization policies of this listener can judge only HTTP requests");
-                return;
+                tracing::info!(client = %self.client, listener = %self.listener.name, destination = %destination, "connection refused: it does not speak HTTP, and the authorization policies of this listener can judge only HTTP requests");
+                return Next::Closed;
             }
-            let Connection { client, drain, .. } = self;
-            drop(drain);
-            return log_tunnel(client, listener, destination, stream).await;
+            return Next::Tunnel(stream, destination);
         }
-        self.serve(stream, None, original).await
+        Next::Http(stream, original)
     }
 
     /// A connection that is not HTTP, to a destination outside the mesh:
     /// passed through as a TCP stream, or closed.
-    async fn outside_mesh(self, stream: TcpStream, destination: SocketAddr) {
-        let Connection {
-            client,
-            listener,
-            shared,
-            drain,
-            ..
-        } = self;
-        // A tunnel is not an HTTP connection: a drain does not wait for it.
-        drop(drain);
+    fn outside_mesh(&self, stream: TcpStream, destination: SocketAddr) -> Next {
+        let listener = &self.listener;
         let action = match listener.outside_mesh {
             OutsideMesh::Passthrough => "passthrough",
             OutsideMesh::Blocked => "blocked",
         };
         let name = &*listener.name;
-        shared
+        self.shared
             .metrics
             .outside_mesh
             .with_label_values(&[name, "tcp", action])
             .inc();
         if listener.outside_mesh == OutsideMesh::Blocked {
-            tracing::info!(client = %client, listener = name, destination = %destination, "connection to a destination outside the mesh blocked (outsideMesh: blocked)");
-            return;
+            tracing::info!(client = %self.client, listener = name, destination = %destination, "connection to a destination outside the mesh blocked (outsideMesh: blocked)");
+            return Next::Closed;
         }
-        log_tunnel(client, name, destination, stream).await
+        Next::Tunnel(stream, destination)
     }
 
     /// Serves HTTP on `io`; `tls` holds the client's SPIFFE ID (if it
