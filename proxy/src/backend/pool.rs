@@ -22,8 +22,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -568,27 +570,32 @@ async fn send_http1_on_new_connection(
 /// a sender keeps its connection's task running, and a task that kept the
 /// pool would keep a replaced backend's pool, and its idle connections
 /// and their permits, for ever.
-async fn drive_http1(
+///
+/// A future made by hand rather than an async function, which would hold
+/// hyper's connection twice for the connection's whole life: once as its
+/// argument, once wrapped for upgrades (hundreds of bytes, for every open
+/// connection).
+fn drive_http1(
     connection: http1::Connection<TokioIo<BoxedIo>, ProxyBody>,
     held: UpstreamConnection,
     parking: Arc<Parking>,
     connections: Weak<Connections>,
     settings: Arc<PoolSettings>,
     addr: SocketAddr,
-) {
-    let mut connection = std::pin::pin!(connection.with_upgrades());
-    let ended = std::future::poll_fn(|cx| {
-        let polled = connection.as_mut().poll(cx);
-        if polled.is_pending() {
+) -> impl Future<Output = ()> + Send {
+    let mut connection = connection.with_upgrades();
+    let mut held = Some(held);
+    std::future::poll_fn(move |cx| {
+        let Poll::Ready(ended) = Pin::new(&mut connection).poll(cx) else {
             parking.poll(cx, &connections, &settings);
+            return Poll::Pending;
+        };
+        if let Err(e) = ended {
+            tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
         }
-        polled
+        drop(held.take());
+        Poll::Ready(())
     })
-    .await;
-    if let Err(e) = ended {
-        tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended with an error");
-    }
-    drop(held);
 }
 
 async fn send_http2(
