@@ -12,6 +12,7 @@
 //! connection's byte stream, reports its first bytes, and closes lingering
 //! when the proxy answered before reading a request's body.
 
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -105,12 +106,32 @@ impl Ending {
 /// The limits of one connection, read once from its listener.
 #[derive(Clone, Copy, Debug)]
 struct Limits {
-    first_byte: Option<Duration>,
-    request_headers: Option<Duration>,
-    idle: Option<Duration>,
-    max_age: Option<Duration>,
-    max_requests: Option<u64>,
-    stream_idle: Option<Duration>,
+    first_byte: Limit,
+    request_headers: Limit,
+    idle: Limit,
+    max_age: Limit,
+    max_requests: Option<NonZeroU64>,
+    stream_idle: Limit,
+}
+
+/// A time limit in whole milliseconds (rounded up), or none: half the
+/// size of an `Option<Duration>`, in the lifetime every open connection
+/// carries.
+#[derive(Clone, Copy, Debug)]
+struct Limit(Option<NonZeroU64>);
+
+impl Limit {
+    /// `limit`, where `0s` is none.
+    fn new(limit: infermesh_api::Duration) -> Self {
+        Limit(limit.non_zero().and_then(|limit| {
+            let millis = limit.as_millis().max(1);
+            NonZeroU64::new(u64::try_from(millis).unwrap_or(u64::MAX))
+        }))
+    }
+
+    fn get(self) -> Option<Duration> {
+        self.0.map(|millis| Duration::from_millis(millis.get()))
+    }
 }
 
 /// What a connection's requests and its watchdog share.
@@ -151,12 +172,14 @@ impl Lifetime {
         Arc::new(Lifetime {
             opened: Instant::now(),
             limits: Limits {
-                first_byte: limits.first_byte_timeout.non_zero(),
-                request_headers: limits.request_headers_timeout.non_zero(),
-                idle: limits.idle_timeout.non_zero(),
-                max_age: limits.max_connection_age.non_zero(),
-                max_requests: limits.max_requests_per_connection.map(u64::from),
-                stream_idle: limits.stream_idle_timeout.non_zero(),
+                first_byte: Limit::new(limits.first_byte_timeout),
+                request_headers: Limit::new(limits.request_headers_timeout),
+                idle: Limit::new(limits.idle_timeout),
+                max_age: Limit::new(limits.max_connection_age),
+                max_requests: limits
+                    .max_requests_per_connection
+                    .and_then(|max| NonZeroU64::new(max.into())),
+                stream_idle: Limit::new(limits.stream_idle_timeout),
             },
             detected: AtomicBool::new(false),
             http2: AtomicBool::new(false),
@@ -216,7 +239,7 @@ impl Lifetime {
         // an idle HTTP/1 connection ends after the shorter of this and the
         // idle timeout. One timer per connection, the watchdog's, instead
         // of hyper's, armed and disarmed for every request.
-        let limit = self.limits.request_headers?;
+        let limit = self.limits.request_headers.get()?;
         (self.http1.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0)
             .then(|| self.instant(self.idle_since.load(Ordering::Relaxed)) + limit)
     }
@@ -235,7 +258,7 @@ impl Lifetime {
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let requests = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.limits.max_requests == Some(requests) {
+        if self.limits.max_requests.map(NonZeroU64::get) == Some(requests) {
             self.decide(Ending::MaxRequests);
         }
         StreamGuard {
@@ -340,7 +363,7 @@ impl StreamGuard {
     /// ends or is dropped.
     pub(crate) fn watch(self, body: ProxyBody) -> Watched {
         let lifetime = &self.lifetime;
-        let inner = match lifetime.limits.stream_idle {
+        let inner = match lifetime.limits.stream_idle.get() {
             None => Inner::Plain(body),
             Some(_) => {
                 let end_stream = body.is_end_stream();
@@ -445,7 +468,13 @@ impl Body for Watched {
                 let Some(body) = guard.as_mut() else {
                     this.guard.finished = true;
                     // Only the listener's stream idle timeout empties a slot.
-                    let after = this.guard.lifetime.limits.stream_idle.unwrap_or_default();
+                    let after = this
+                        .guard
+                        .lifetime
+                        .limits
+                        .stream_idle
+                        .get()
+                        .unwrap_or_default();
                     return Poll::Ready(Some(Err(TimeoutError::StreamIdle(after).into())));
                 };
                 let polled = Pin::new(&mut *body).poll_frame(cx);
@@ -586,7 +615,7 @@ impl Watchdog {
         {
             return Some(ending);
         }
-        if let Some(limit) = lifetime.limits.stream_idle {
+        if let Some(limit) = lifetime.limits.stream_idle.get() {
             let (_, due) = lifetime.expire_streams(now, limit);
             self.stream_due = due;
         }
@@ -603,7 +632,7 @@ impl Watchdog {
             }
         }
         let elapsed = now.saturating_duration_since(lifetime.opened);
-        if let Some(limit) = lifetime.limits.first_byte
+        if let Some(limit) = lifetime.limits.first_byte.get()
             && !lifetime.detected.load(Ordering::Relaxed)
             && elapsed >= limit
         {
@@ -617,12 +646,12 @@ impl Watchdog {
         if self.closing {
             return None;
         }
-        if let Some(limit) = lifetime.limits.max_age
+        if let Some(limit) = lifetime.limits.max_age.get()
             && elapsed >= limit
         {
             return Some(Ending::MaxAge);
         }
-        if let Some(limit) = lifetime.limits.idle
+        if let Some(limit) = lifetime.limits.idle.get()
             && lifetime.in_flight.load(Ordering::Relaxed) == 0
             && now >= lifetime.instant(lifetime.idle_since.load(Ordering::Relaxed)) + limit
         {
@@ -637,26 +666,26 @@ impl Watchdog {
         let limits = &lifetime.limits;
         let mut next: Option<Instant> = None;
         let mut consider = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
-        if let Some(limit) = limits.first_byte
+        if let Some(limit) = limits.first_byte.get()
             && !lifetime.detected.load(Ordering::Relaxed)
         {
             consider(lifetime.opened + limit);
         }
-        if let Some(limit) = limits.request_headers
+        if let Some(limit) = limits.request_headers.get()
             && lifetime.http1.load(Ordering::Relaxed)
         {
             // Busy now: look again one timeout later at the latest (as
             // for the idle timeout below).
             consider(lifetime.head_due().unwrap_or(now + limit));
         }
-        if let Some(limit) = limits.stream_idle {
+        if let Some(limit) = limits.stream_idle.get() {
             consider(self.stream_due.unwrap_or(now + limit));
         }
         if !self.closing {
-            if let Some(limit) = limits.max_age {
+            if let Some(limit) = limits.max_age.get() {
                 consider(lifetime.opened + limit);
             }
-            if let Some(limit) = limits.idle {
+            if let Some(limit) = limits.idle.get() {
                 // Busy now: look again one idle timeout later at the
                 // latest; the last request's end moves the deadline on.
                 let idle_since = lifetime.instant(lifetime.idle_since.load(Ordering::Relaxed));
@@ -695,7 +724,7 @@ where
         ClientIo {
             io: Some(io),
             lifetime: lifetime.clone(),
-            detecting: lifetime.limits.first_byte.map(|_| 0),
+            detecting: lifetime.limits.first_byte.get().map(|_| 0),
         }
     }
 
