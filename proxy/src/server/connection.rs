@@ -6,6 +6,7 @@
 //! through as TCP, or closed. While HTTP is served, the connection's
 //! [`Watchdog`] says when it must end ([`crate::server::lifetime`]).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -168,15 +169,16 @@ struct Connection {
 }
 
 /// What a connection turned out to be once its first phases (capture,
-/// detection) are done, and so what is left to do with it.
+/// detection) are done, and so what is left to do with its stream.
+#[derive(Clone, Copy)]
 enum Next {
     /// Plaintext HTTP; the original destination of a captured connection.
-    Http(TcpStream, Option<SocketAddr>),
+    Http(Option<SocketAddr>),
     /// A listener that takes TLS: the handshake, if the client starts one,
     /// then HTTP. The port the client connected to picks the TLS mode.
-    Tls(TcpStream, u16, Option<SocketAddr>),
+    Tls(u16, Option<SocketAddr>),
     /// Not HTTP: passed through as TCP to the destination.
-    Tunnel(TcpStream, SocketAddr),
+    Tunnel(SocketAddr),
     /// Closed (refused or blocked).
     Closed,
 }
@@ -185,44 +187,52 @@ impl Connection {
     /// The connection's task: its first phases, then HTTP (or a tunnel)
     /// until it ends.
     ///
-    /// The phases resolve to what is left to do ([`Next`]) rather than
-    /// each calling the next: an async function keeps its arguments for
-    /// its whole life, and a chain of them, each holding its own copy of
-    /// the connection and the socket beside the next one's state, made
-    /// every connection's task hundreds of bytes larger for as long as it
-    /// was served.
-    async fn run(self, socket: Socket) {
-        let stream = match socket {
-            Socket::Registered(stream) => stream,
-            Socket::Unregistered(stream) => match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!(client = %self.client, error = %e, "a worker could not take a connection");
-                    return;
+    /// Written for the size of the task, which an open connection keeps
+    /// for its whole life: an async function keeps a second copy of its
+    /// arguments beside its state (hence async blocks, here and in
+    /// `serve`); the phases resolve to what is left to do ([`Next`])
+    /// rather than each calling the next, which kept a copy of the
+    /// connection and the socket per level; and what they await is boxed
+    /// for the moment it takes, instead of sized into every task.
+    // Not an async fn: see above.
+    #[allow(clippy::manual_async_fn)]
+    fn run(self, socket: Socket) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let stream = match socket {
+                Socket::Registered(stream) => stream,
+                Socket::Unregistered(stream) => match TcpStream::from_std(stream) {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(client = %self.client, error = %e, "a worker could not take a connection");
+                        return;
+                    }
+                },
+            };
+            let (stream, next) = Box::pin(self.phases(stream)).await;
+            let original = match next {
+                Next::Http(original) => original,
+                // Boxed: a TLS connection's state (the handshake, then
+                // rustls's session and buffers) is kilobytes larger than a
+                // plaintext one's, and held inline it would make every
+                // connection's task that large, plaintext ones included.
+                Next::Tls(port, original) => {
+                    return Box::pin(self.serve_tls(stream, port, original)).await;
                 }
-            },
-        };
-        // Taken apart before HTTP is served: the value would stay beside
-        // the connection's state for its whole life.
-        let (stream, original) = match self.phases(stream).await {
-            Next::Http(stream, original) => (stream, original),
-            // Boxed: a TLS connection's state (the handshake, then
-            // rustls's session and buffers) is kilobytes larger than a
-            // plaintext one's, and held inline it would make every
-            // connection's task that large, plaintext ones included.
-            Next::Tls(stream, port, original) => {
-                return Box::pin(self.serve_tls(stream, port, original)).await;
-            }
-            Next::Tunnel(stream, destination) => return self.tunnel(stream, destination).await,
-            Next::Closed => return,
-        };
-        self.serve(stream, None, original).await
+                // Boxed too: rare, and a tunnel's state held inline would
+                // make every HTTP connection's task larger.
+                Next::Tunnel(destination) => {
+                    return Box::pin(self.tunnel(stream, destination)).await;
+                }
+                Next::Closed => return,
+            };
+            self.serve(stream, None, original).await
+        }
     }
 
     /// Phases of a connection: where it was going (capture listeners),
     /// whether it is HTTP (outbound capture), whether it takes TLS,
     /// whether it is HTTP (plaintext on inbound capture).
-    async fn phases(&self, stream: TcpStream) -> Next {
+    async fn phases(&self, stream: TcpStream) -> (TcpStream, Next) {
         let original = self
             .listener
             .capture
@@ -230,7 +240,7 @@ impl Connection {
         let Some(destination) = original else {
             if self.listener.capture == Some(Capture::Inbound) {
                 tracing::warn!(client = %self.client, listener = %self.listener.name, "connection made straight to an inbound capture listener, not redirected to it by iptables: closing it (it has no original destination to forward to)");
-                return Next::Closed;
+                return (stream, Next::Closed);
             }
             return self.tls_or_plaintext(stream, None).await;
         };
@@ -258,7 +268,11 @@ impl Connection {
 
     /// Peer authentication, by the port the client connected to: TLS when
     /// the listener takes it, plaintext otherwise.
-    async fn tls_or_plaintext(&self, stream: TcpStream, original: Option<SocketAddr>) -> Next {
+    async fn tls_or_plaintext(
+        &self,
+        stream: TcpStream,
+        original: Option<SocketAddr>,
+    ) -> (TcpStream, Next) {
         if self.listener.tls.is_none() {
             return self.plaintext(stream, original).await;
         }
@@ -266,7 +280,7 @@ impl Connection {
             Some(destination) => destination.port(),
             None => stream.local_addr().map_or(0, |a| a.port()),
         };
-        Next::Tls(stream, port, original)
+        (stream, Next::Tls(port, original))
     }
 
     /// A connection to a listener that takes TLS: the handshake when the
@@ -276,9 +290,9 @@ impl Connection {
         match self.handshake(stream, port).await {
             Some(Ok((stream, peer))) => self.serve(stream, Some(peer), original).await,
             Some(Err(plaintext)) => match self.plaintext(plaintext, original).await {
-                Next::Http(stream, original) => self.serve(stream, None, original).await,
-                Next::Tunnel(stream, destination) => self.tunnel(stream, destination).await,
-                Next::Tls(..) | Next::Closed => {}
+                (stream, Next::Http(original)) => self.serve(stream, None, original).await,
+                (stream, Next::Tunnel(destination)) => self.tunnel(stream, destination).await,
+                (_, Next::Tls(..) | Next::Closed) => {}
             },
             None => {}
         }
@@ -335,9 +349,7 @@ impl Connection {
         } = self;
         // A tunnel is not an HTTP connection: a drain does not wait for it.
         drop(drain);
-        // Boxed: a tunnel's state, held inline, would make every HTTP
-        // connection's task larger too.
-        Box::pin(log_tunnel(client, &listener.name, destination, stream)).await;
+        log_tunnel(client, &listener.name, destination, stream).await;
         drop(counted);
     }
 
@@ -346,23 +358,27 @@ impl Connection {
     /// database, a collective-communication library): passed through as
     /// TCP to the original destination, unless authorization policies
     /// guard the listener (they can judge only HTTP requests).
-    async fn plaintext(&self, stream: TcpStream, original: Option<SocketAddr>) -> Next {
+    async fn plaintext(
+        &self,
+        stream: TcpStream,
+        original: Option<SocketAddr>,
+    ) -> (TcpStream, Next) {
         let inbound = self.listener.capture == Some(Capture::Inbound);
         if let (true, Some(destination)) = (inbound, original)
             && !speaks_http(&stream, DETECT_TIMEOUT).await.unwrap_or(false)
         {
             if self.listener.authorization.is_some() {
                 tracing::info!(client = %self.client, listener = %self.listener.name, destination = %destination, "connection refused: it does not speak HTTP, and the authorization policies of this listener can judge only HTTP requests");
-                return Next::Closed;
+                return (stream, Next::Closed);
             }
-            return Next::Tunnel(stream, destination);
+            return (stream, Next::Tunnel(destination));
         }
-        Next::Http(stream, original)
+        (stream, Next::Http(original))
     }
 
     /// A connection that is not HTTP, to a destination outside the mesh:
     /// passed through as a TCP stream, or closed.
-    fn outside_mesh(&self, stream: TcpStream, destination: SocketAddr) -> Next {
+    fn outside_mesh(&self, stream: TcpStream, destination: SocketAddr) -> (TcpStream, Next) {
         let listener = &self.listener;
         let action = match listener.outside_mesh {
             OutsideMesh::Passthrough => "passthrough",
@@ -376,90 +392,98 @@ impl Connection {
             .inc();
         if listener.outside_mesh == OutsideMesh::Blocked {
             tracing::info!(client = %self.client, listener = name, destination = %destination, "connection to a destination outside the mesh blocked (outsideMesh: blocked)");
-            return Next::Closed;
+            return (stream, Next::Closed);
         }
-        Next::Tunnel(stream, destination)
+        (stream, Next::Tunnel(destination))
     }
 
     /// Serves HTTP on `io`; `tls` holds the client's SPIFFE ID (if it
     /// presented one) when the connection is TLS.
-    async fn serve<I>(
+    // Not an async fn: see `run`.
+    #[allow(clippy::manual_async_fn)]
+    fn serve<I>(
         self,
         io: I,
         tls: Option<Option<Arc<str>>>,
         original_destination: Option<SocketAddr>,
-    ) where
+    ) -> impl Future<Output = ()> + Send + use<I>
+    where
         I: ClientStream,
     {
-        // Requests nothing else routes go to the original destination: the
-        // app (inbound), or a server outside the mesh (outbound, unless
-        // the listener blocks those when the request comes).
-        let original_service = original_destination.map(|destination| {
-            let name = match self.listener.capture {
-                Some(Capture::Inbound) => "inbound",
-                _ => "passthrough",
-            };
-            Arc::new(OriginalDestination::new(
-                destination,
-                name,
+        async move {
+            // An async block takes only the fields it uses: named here,
+            // the count goes with the block and ends with the connection.
+            let _counted = &self.counted;
+            // Requests nothing else routes go to the original destination: the
+            // app (inbound), or a server outside the mesh (outbound, unless
+            // the listener blocks those when the request comes).
+            let original_service = original_destination.map(|destination| {
+                let name = match self.listener.capture {
+                    Some(Capture::Inbound) => "inbound",
+                    _ => "passthrough",
+                };
+                Arc::new(OriginalDestination::new(
+                    destination,
+                    name,
+                    self.shared.clone(),
+                ))
+            });
+            let info = Arc::new(ConnectionInfo {
+                client: self.client,
+                client_ip: http::HeaderValue::try_from(self.client.ip().to_string())
+                    .expect("an IP address is a valid header value"),
+                client_address: AddressText::new(self.client).as_str().into(),
+                listener: self.listener.id,
+                scheme: if tls.is_some() { "https" } else { "http" },
+                peer_identity: tls.flatten(),
+                original_destination,
+                capture: self.listener.capture,
+            });
+            let lifetime = Lifetime::new(&self.listener.limits);
+            let io = ClientIo::new(io, &lifetime);
+            let service = RequestService::new(
                 self.shared.clone(),
-            ))
-        });
-        let info = Arc::new(ConnectionInfo {
-            client: self.client,
-            client_ip: http::HeaderValue::try_from(self.client.ip().to_string())
-                .expect("an IP address is a valid header value"),
-            client_address: AddressText::new(self.client).as_str().into(),
-            listener: self.listener.id,
-            scheme: if tls.is_some() { "https" } else { "http" },
-            peer_identity: tls.flatten(),
-            original_destination,
-            capture: self.listener.capture,
-        });
-        let lifetime = Lifetime::new(&self.listener.limits);
-        let io = ClientIo::new(io, &lifetime);
-        let service = RequestService::new(
-            self.shared.clone(),
-            info,
-            original_service,
-            lifetime.clone(),
-        );
-        let mut connection = pin!(self.settings.serve(io, service));
-        let mut watchdog = Watchdog::new(lifetime);
-        let mut drain = self.drain;
-        let mut draining = false;
-        // Counted once, by the first reason the proxy found to end it.
-        let mut counted = false;
-        let mut closed = |ending: &str| {
-            if !std::mem::replace(&mut counted, true) {
-                self.shared
-                    .metrics
-                    .connections_closed
-                    .with_label_values(&[&*self.listener.name, ending])
-                    .inc();
-            }
-        };
-        loop {
-            tokio::select! {
-                ended = connection.as_mut() => {
-                    if let Err(e) = ended {
-                        tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
-                    }
-                    return;
+                info,
+                original_service,
+                lifetime.clone(),
+            );
+            let mut connection = pin!(self.settings.serve(io, service));
+            let mut watchdog = Watchdog::new(lifetime);
+            let mut drain = self.drain;
+            let mut draining = false;
+            // Counted once, by the first reason the proxy found to end it.
+            let mut counted = false;
+            let mut closed = |ending: &str| {
+                if !std::mem::replace(&mut counted, true) {
+                    self.shared
+                        .metrics
+                        .connections_closed
+                        .with_label_values(&[&*self.listener.name, ending])
+                        .inc();
                 }
-                _ = PollWhenWoken::new(drain.changed()), if !draining => {
-                    draining = true;
-                    watchdog.closing();
-                    connection.as_mut().graceful_shutdown();
-                }
-                ending = PollWhenWoken::new(watchdog.next()) => {
-                    closed(ending.as_str());
-                    if !ending.is_graceful() {
-                        tracing::info!(client = %self.client, listener = %self.listener.name, reason = ending.as_str(), "client connection closed");
+            };
+            loop {
+                tokio::select! {
+                    ended = connection.as_mut() => {
+                        if let Err(e) = ended {
+                            tracing::debug!(client = %self.client, error = %e, "client connection ended with an error");
+                        }
                         return;
                     }
-                    tracing::debug!(client = %self.client, listener = %self.listener.name, reason = ending.as_str(), "closing client connection gracefully");
-                    connection.as_mut().graceful_shutdown();
+                    _ = PollWhenWoken::new(drain.changed()), if !draining => {
+                        draining = true;
+                        watchdog.closing();
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    ending = PollWhenWoken::new(watchdog.next()) => {
+                        closed(ending.as_str());
+                        if !ending.is_graceful() {
+                            tracing::info!(client = %self.client, listener = %self.listener.name, reason = ending.as_str(), "client connection closed");
+                            return;
+                        }
+                        tracing::debug!(client = %self.client, listener = %self.listener.name, reason = ending.as_str(), "closing client connection gracefully");
+                        connection.as_mut().graceful_shutdown();
+                    }
                 }
             }
         }
