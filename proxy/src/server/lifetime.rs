@@ -874,19 +874,27 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_idle_connection_ends_one_idle_timeout_after_its_last_request() {
-        let lifetime = Lifetime::new(&limits());
-        lifetime.saw_first_bytes(b"GET", 0);
+    /// How `lifetime`'s connection ends after one request in flight for
+    /// 100 s, and how long after that request's end.
+    async fn ending_after_a_long_request(lifetime: Arc<Lifetime>) -> (Ending, Duration) {
         let mut watchdog = Watchdog::new(lifetime.clone());
         let stream = lifetime.start_stream(false);
         let watching = tokio::spawn(async move { watchdog.next().await });
         tokio::time::sleep(Duration::from_secs(100)).await;
-        assert!(!watching.is_finished(), "busy connections are not idle");
+        assert!(!watching.is_finished(), "a request is in flight");
         drop(stream);
         let ended_at = Instant::now();
-        assert_eq!(watching.await.unwrap(), Ending::Idle);
-        assert_eq!(ended_at.elapsed(), Duration::from_secs(60));
+        (watching.await.unwrap(), ended_at.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_ends_one_idle_timeout_after_its_last_request() {
+        let lifetime = Lifetime::new(&limits());
+        lifetime.saw_first_bytes(b"GET", 0);
+        assert_eq!(
+            ending_after_a_long_request(lifetime).await,
+            (Ending::Idle, Duration::from_secs(60))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -914,15 +922,10 @@ mod tests {
         let lifetime = Lifetime::new(&limits());
         lifetime.serving_http1();
         lifetime.saw_first_bytes(b"GET", 0);
-        let stream = lifetime.start_stream(false);
-        let mut watchdog = Watchdog::new(lifetime.clone());
-        let watching = tokio::spawn(async move { watchdog.next().await });
-        tokio::time::sleep(Duration::from_secs(100)).await;
-        assert!(!watching.is_finished(), "a request is in flight");
-        drop(stream);
-        let ended_at = Instant::now();
-        assert_eq!(watching.await.unwrap(), Ending::RequestHeaders);
-        assert_eq!(ended_at.elapsed(), Duration::from_secs(30));
+        assert_eq!(
+            ending_after_a_long_request(lifetime).await,
+            (Ending::RequestHeaders, Duration::from_secs(30))
+        );
     }
 
     #[tokio::test(start_paused = true)]
