@@ -1,9 +1,10 @@
 //! How long a client connection and each of its streams may live, and when
 //! the proxy ends them: the first-bytes timeout (a connection must say
-//! enough for its protocol to be told), the HTTP/1 request headers timeout,
-//! the idle timeout, the maximum age and request count, the stream idle timeout (which also cuts clients
-//! that stop reading), and HTTP/2 premature-reset accounting (Envoy's
-//! answer to streams opened and reset before they are answered).
+//! enough for its protocol to be told), the HTTP/1 request headers
+//! timeout, the idle timeout, the maximum age and request count, the
+//! stream idle timeout (which also cuts clients that stop reading), and
+//! HTTP/2 premature-reset accounting (Envoy's answer to streams opened and
+//! reset before they are answered).
 //!
 //! A connection's [`Lifetime`] is shared by its requests, which report to
 //! it ([`Lifetime::start_stream`], [`Watched`]), and by its [`Watchdog`],
@@ -229,19 +230,25 @@ impl Lifetime {
         self.wake.notify_one();
     }
 
-    /// When an HTTP/1 connection waiting for a request's head runs out of
-    /// its request headers timeout, counted from the end of the last
-    /// request in flight, or from its opening. `None` while a request is
-    /// in flight, on HTTP/2, and without the timeout.
-    fn head_due(&self) -> Option<Instant> {
-        // The wait includes a keep-alive connection's idle time before
-        // the next head's first byte, as hyper's header timer counts it:
-        // an idle HTTP/1 connection ends after the shorter of this and the
-        // idle timeout. One timer per connection, the watchdog's, instead
-        // of hyper's, armed and disarmed for every request.
-        let limit = self.limits.request_headers.get()?;
-        (self.http1.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0)
+    /// When the connection has had no request in flight for `limit`,
+    /// counted from the end of the last one, or from its opening; `None`
+    /// while a request is in flight. The idle timeout's deadline, and the
+    /// request headers timeout's: that one also runs while a keep-alive
+    /// connection waits for its next head's first byte, as hyper's header
+    /// timer counted it (an idle HTTP/1 connection ends after the shorter
+    /// of the two), with one timer per connection, the watchdog's,
+    /// instead of hyper's, armed and disarmed for every request.
+    fn quiet_for(&self, limit: Duration) -> Option<Instant> {
+        (self.in_flight.load(Ordering::Relaxed) == 0)
             .then(|| self.instant(self.idle_since.load(Ordering::Relaxed)) + limit)
+    }
+
+    /// The request headers timeout, on a connection served as HTTP/1.
+    fn head_limit(&self) -> Option<Duration> {
+        self.limits
+            .request_headers
+            .get()
+            .filter(|_| self.http1.load(Ordering::Relaxed))
     }
 
     /// Notes that a request was answered before its body was read: the
@@ -638,7 +645,7 @@ impl Watchdog {
         {
             return Some(Ending::FirstByteTimeout);
         }
-        if let Some(due) = lifetime.head_due()
+        if let Some(due) = lifetime.head_limit().and_then(|l| lifetime.quiet_for(l))
             && now >= due
         {
             return Some(Ending::RequestHeaders);
@@ -651,9 +658,12 @@ impl Watchdog {
         {
             return Some(Ending::MaxAge);
         }
-        if let Some(limit) = lifetime.limits.idle.get()
-            && lifetime.in_flight.load(Ordering::Relaxed) == 0
-            && now >= lifetime.instant(lifetime.idle_since.load(Ordering::Relaxed)) + limit
+        if let Some(due) = lifetime
+            .limits
+            .idle
+            .get()
+            .and_then(|l| lifetime.quiet_for(l))
+            && now >= due
         {
             return Some(Ending::Idle);
         }
@@ -671,12 +681,11 @@ impl Watchdog {
         {
             consider(lifetime.opened + limit);
         }
-        if let Some(limit) = limits.request_headers.get()
-            && lifetime.http1.load(Ordering::Relaxed)
-        {
-            // Busy now: look again one timeout later at the latest (as
-            // for the idle timeout below).
-            consider(lifetime.head_due().unwrap_or(now + limit));
+        // Busy now: look again one timeout later at the latest; the last
+        // request's end moves the deadline on.
+        let quiet = |limit| lifetime.quiet_for(limit).unwrap_or(now + limit);
+        if let Some(limit) = lifetime.head_limit() {
+            consider(quiet(limit));
         }
         if let Some(limit) = limits.stream_idle.get() {
             consider(self.stream_due.unwrap_or(now + limit));
@@ -686,15 +695,7 @@ impl Watchdog {
                 consider(lifetime.opened + limit);
             }
             if let Some(limit) = limits.idle.get() {
-                // Busy now: look again one idle timeout later at the
-                // latest; the last request's end moves the deadline on.
-                let idle_since = lifetime.instant(lifetime.idle_since.load(Ordering::Relaxed));
-                let busy = lifetime.in_flight.load(Ordering::Relaxed) > 0;
-                consider(if busy {
-                    now + limit
-                } else {
-                    idle_since + limit
-                });
+                consider(quiet(limit));
             }
         }
         next
